@@ -1,0 +1,168 @@
+"""Atomic file output and a streaming safetensors writer (one tensor in memory at a time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SAFETENSORS_DTYPES",
+    "StreamingSafetensorsWriter",
+    "atomic_open",
+    "atomic_write_json",
+    "atomic_write_text",
+    "save_safetensors",
+]
+
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb"):
+    """Open a temporary file next to ``path`` and move it into place only if the block succeeds.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
+        >>> with atomic_open(p, "w") as f:
+        ...     _ = f.write("hi")
+        >>> p.read_text()
+        'hi'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write text atomically."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write JSON (indented, keys in insertion order) atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+class StreamingSafetensorsWriter:
+    """Write a safetensors file tensor by tensor, with shapes and dtypes declared up front.
+
+    The header is computed from the declared ``(name, dtype, shape)`` list, so each tensor can be produced,
+    written and freed before the next one is computed: peak memory is one tensor, not a model. The file appears
+    at ``path`` atomically when every declared tensor has been written.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from safetensors.torch import load_file
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.safetensors"
+        >>> with StreamingSafetensorsWriter(p, [("a", torch.float32, (2,))]) as w:
+        ...     w.write("a", torch.ones(2))
+        >>> load_file(p)["a"]
+        tensor([1., 1.])
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._specs = list(specs)
+        header: dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        self._expected: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        for name, dtype, shape in self._specs:
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+            if name in self._expected:
+                raise ValueError(f"tensor {name!r} declared twice")
+            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self._expected[name] = (dtype, tuple(shape), nbytes)
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._header = raw
+        self._order = [s[0] for s in self._specs]
+        self._next = 0
+        self._ctx = None
+        self._file: BinaryIO | None = None
+
+    def __enter__(self) -> StreamingSafetensorsWriter:
+        self._ctx = atomic_open(self.path, "wb")
+        self._file = self._ctx.__enter__()
+        self._file.write(len(self._header).to_bytes(8, "little"))
+        self._file.write(self._header)
+        return self
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        """Write the next tensor; tensors must come in the declared order with the declared dtype and shape."""
+        if self._file is None:
+            raise RuntimeError("use StreamingSafetensorsWriter as a context manager")
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            want = self._order[self._next] if self._next < len(self._order) else "nothing more"
+            raise ValueError(f"expected tensor {want!r} next, got {name!r}")
+        dtype, shape, nbytes = self._expected[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name!r}: declared {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        assert data.nbytes == nbytes
+        self._file.write(memoryview(data))
+        self._next += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self._ctx is not None
+        if exc_type is None and self._next != len(self._order):
+            missing = self._order[self._next]
+            err = ValueError(f"safetensors file closed before tensor {missing!r} was written")
+            self._ctx.__exit__(type(err), err, None)
+            raise err
+        self._ctx.__exit__(exc_type, exc, tb)
+        self._file = None
+
+
+def save_safetensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Save a state dict to safetensors atomically (tensors sharing storage are written as separate copies)."""
+    specs = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    with StreamingSafetensorsWriter(path, specs, metadata) as w:
+        for k, t in tensors.items():
+            w.write(k, t)

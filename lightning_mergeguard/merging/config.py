@@ -1,0 +1,349 @@
+"""Merge configurations, read from and written to mergekit's YAML.
+
+A :class:`MergeConfig` holds exactly what a mergekit YAML holds for the methods this engine runs
+(``merge_method``, ``base_model``, ``models[].parameters``, ``parameters``, ``dtype``, ``out_dtype``), plus an
+optional ``seed`` for randomized methods. Parameters are scalars or mergekit's filtered lists
+(``[{filter: self_attn, value: 0.5}, {value: 0.3}]``); validation names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lightning_mergeguard.merging.registry import get_method
+from lightning_mergeguard.merging.spec import REQUIRED, MethodSpec
+
+__all__ = ["DTYPES", "MergeConfig", "ModelEntry", "resolve_param"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+_TOP_LEVEL = {
+    "merge_method",
+    "models",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "seed",
+    "name",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+}
+_PASSTHROUGH = ("name", "tokenizer_source", "tokenizer", "chat_template")
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def resolve_param(value: Any, tensor_name: str) -> Any:
+    """Evaluate a parameter setting for one tensor: a scalar, or a mergekit filtered list.
+
+    The first entry whose ``filter`` is missing, ``"*"``, or a substring of ``tensor_name`` wins.
+
+    Example:
+        >>> resolve_param([{"filter": "mlp", "value": 0.2}, {"value": 0.7}], "layers.0.mlp.up_proj.weight")
+        0.2
+    """
+    if isinstance(value, Mapping):
+        value = [value]
+    if isinstance(value, list):
+        for cond in value:
+            filt = cond.get("filter")
+            if filt is None or filt == "*" or filt in tensor_name:
+                return resolve_param(cond["value"], tensor_name)
+        return None
+    return value
+
+
+def _scalar_values(value: Any) -> list[Any]:
+    if isinstance(value, Mapping):
+        value = [value]
+    if isinstance(value, list):
+        return [v for cond in value for v in _scalar_values(cond["value"])]
+    return [value]
+
+
+def _check_setting(where: str, name: str, value: Any) -> None:
+    if isinstance(value, Mapping):
+        value = [value]
+    if isinstance(value, list):
+        if value and all(not isinstance(v, Mapping) for v in value):
+            raise NotImplementedError(
+                f"{where}: parameter {name!r} is a gradient list {value}; per-layer gradients are not supported, "
+                "use a scalar or a list of {filter, value} entries"
+            )
+        for cond in value:
+            if not isinstance(cond, Mapping) or "value" not in cond:
+                raise ValueError(f"{where}: parameter {name!r} entries must be mappings with a 'value' key")
+            extra = set(cond) - {"filter", "value"}
+            if extra:
+                raise ValueError(f"{where}: parameter {name!r} entry has unknown keys {sorted(extra)}")
+            _check_setting(where, name, cond["value"])
+        return
+    if name in {"weight", "density", "gamma", "epsilon", "lambda", "t"}:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: parameter {name!r} must be a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{where}: parameter {name!r} must be finite, got {value!r}")
+    if name == "density" and not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{where}: density must be in (0, 1], got {value}")
+    if name == "gamma" and not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{where}: gamma must be in [0, 1), got {value}")
+    if name in {"normalize", "int8_mask", "rescale"} and not isinstance(value, bool):
+        raise ValueError(f"{where}: parameter {name!r} must be true or false, got {value!r}")
+
+
+@dataclass
+class ModelEntry:
+    """One ``models:`` entry: a model reference (path or name) and its parameters."""
+
+    model: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeConfig:
+    """A merge, as mergekit's YAML describes it.
+
+    Attributes:
+        merge_method: mergekit method name (``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``,
+            ``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``, ``slerp``).
+        models: Models to merge. An entry whose ``model`` equals ``base_model`` is the base, not a donor.
+        base_model: Reference of the base model (required by all methods but ``linear``).
+        parameters: Method-level parameters (``normalize``, ``lambda``, ``rescale``, ``t``...).
+        dtype: Compute dtype (default ``float32``).
+        out_dtype: Output dtype (default: ``dtype``).
+        seed: Seed for randomized methods (DARE); not part of mergekit's YAML (mergekit takes
+            ``--random-seed`` on its command line).
+        extra: Keys kept for a faithful round trip (``tokenizer_source``, ``chat_template``...).
+
+    Example:
+        >>> cfg = MergeConfig.from_yaml('''
+        ... merge_method: ties
+        ... base_model: base
+        ... models:
+        ...   - model: a
+        ...     parameters: {weight: 0.6, density: 0.4}
+        ...   - model: b
+        ...     parameters: {weight: 0.4, density: 0.4}
+        ... parameters: {normalize: true}
+        ... ''')
+        >>> cfg.shared_params()["lambda"], [m.model for m in cfg.donors]
+        (1.0, ['a', 'b'])
+    """
+
+    merge_method: str
+    models: list[ModelEntry]
+    base_model: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    out_dtype: str | None = None
+    seed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.models = [m if isinstance(m, ModelEntry) else ModelEntry(**m) for m in self.models]
+        self.validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MergeConfig:
+        """Build from a parsed mergekit YAML mapping, rejecting keys this engine does not understand."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a merge config must be a mapping, got {type(data).__name__}")
+        if "slices" in data:
+            raise NotImplementedError("mergekit 'slices' are not supported; list whole models under 'models'")
+        unknown = set(data) - _TOP_LEVEL
+        if unknown:
+            name = sorted(unknown)[0]
+            raise ValueError(f"unknown merge config key {name!r}{_suggest(name, sorted(_TOP_LEVEL))}")
+        if "merge_method" not in data:
+            raise ValueError("merge config has no 'merge_method'")
+        models = []
+        for i, m in enumerate(data.get("models") or []):
+            if isinstance(m, str):
+                m = {"model": m}
+            if not isinstance(m, Mapping) or "model" not in m:
+                raise ValueError(f"models[{i}] must be a mapping with a 'model' key, got {m!r}")
+            bad = set(m) - {"model", "parameters"}
+            if bad:
+                raise ValueError(f"models[{i}] has unknown keys {sorted(bad)}")
+            ref = str(m["model"])
+            if "+" in ref and not os.path.exists(ref):
+                raise NotImplementedError(f"models[{i}]: LoRA references ('model+lora') are not supported: {ref!r}")
+            models.append(ModelEntry(ref, dict(m.get("parameters") or {})))
+        return cls(
+            merge_method=str(data["merge_method"]),
+            models=models,
+            base_model=None if data.get("base_model") is None else str(data["base_model"]),
+            parameters=dict(data.get("parameters") or {}),
+            dtype=str(data.get("dtype") or "float32"),
+            out_dtype=None if data.get("out_dtype") is None else str(data["out_dtype"]),
+            seed=data.get("seed"),
+            extra={k: copy.deepcopy(data[k]) for k in _PASSTHROUGH if k in data},
+        )
+
+    @classmethod
+    def from_yaml(cls, source: str | os.PathLike[str]) -> MergeConfig:
+        """Read a mergekit YAML file (a path) or YAML text."""
+        text = str(source)
+        if isinstance(source, os.PathLike) or ("\n" not in text and Path(text).is_file()):
+            text = Path(source).read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"merge config is not valid YAML: {err}") from err
+        return cls.from_dict(data)
+
+    @classmethod
+    def coerce(cls, config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]) -> MergeConfig:
+        """Accept a config object, a mapping, a YAML path or YAML text."""
+        if isinstance(config, MergeConfig):
+            return config
+        if isinstance(config, Mapping):
+            return cls.from_dict(config)
+        return cls.from_yaml(config)
+
+    # ------------------------------------------------------------------ validation and lookup
+    @property
+    def method(self) -> MethodSpec:
+        """The method's spec."""
+        return get_method(self.merge_method)
+
+    @property
+    def donors(self) -> list[ModelEntry]:
+        """The models merged into the base (entries equal to ``base_model`` excluded)."""
+        return [m for m in self.models if m.model != self.base_model]
+
+    def validate(self) -> MethodSpec:
+        """Check method, parameter names and values, and model counts; raise a ``ValueError`` naming the problem."""
+        spec = self.method
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.out_dtype is not None and self.out_dtype not in DTYPES:
+            raise ValueError(f"unknown out_dtype {self.out_dtype!r}; expected one of {', '.join(DTYPES)}")
+        if spec.needs_base and not self.base_model:
+            raise ValueError(f"merge_method {spec.name!r} needs a base_model")
+        shared = spec.all_shared_params
+        for name, value in self.parameters.items():
+            if name not in shared:
+                if name in spec.model_params:
+                    continue  # mergekit allows model parameters at the top level as defaults
+                raise ValueError(
+                    f"unknown parameter {name!r} for merge_method {spec.name!r}{_suggest(name, list(shared))}; "
+                    f"known: {', '.join(sorted(set(shared) | set(spec.model_params)))}"
+                )
+            _check_setting("parameters", name, value)
+        for name, default in shared.items():
+            if default is REQUIRED and name not in self.parameters:
+                raise ValueError(f"merge_method {spec.name!r} needs parameter {name!r}")
+        donors = self.donors
+        if len(donors) < spec.min_models:
+            raise ValueError(f"merge_method {spec.name!r} needs at least {spec.min_models} model(s) besides the base")
+        if spec.max_models is not None and len(donors) > spec.max_models:
+            raise ValueError(
+                f"merge_method {spec.name!r} takes at most {spec.max_models} model(s) besides the base, "
+                f"got {len(donors)}"
+            )
+        for i, m in enumerate(self.models):
+            for name, value in m.parameters.items():
+                if name not in spec.model_params:
+                    raise ValueError(
+                        f"models[{i}] ({m.model}): unknown parameter {name!r} for {spec.name!r}"
+                        f"{_suggest(name, list(spec.model_params))}; known: {', '.join(spec.model_params) or 'none'}"
+                    )
+                _check_setting(f"models[{i}] ({m.model})", name, value)
+            if m.model == self.base_model:
+                continue
+            for name, default in spec.model_params.items():
+                if default is REQUIRED and name not in m.parameters and name not in self.parameters:
+                    raise ValueError(f"models[{i}] ({m.model}): parameter {name!r} is required by {spec.name!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        return spec
+
+    def shared_params(self, tensor_name: str = "") -> dict[str, Any]:
+        """Method-level parameters for one tensor, defaults filled in."""
+        spec = self.method
+        out = {}
+        for name, default in spec.all_shared_params.items():
+            value = resolve_param(self.parameters[name], tensor_name) if name in self.parameters else None
+            out[name] = default if value is None else value
+        return out
+
+    def model_params(self, entry: ModelEntry, tensor_name: str = "") -> dict[str, Any]:
+        """One donor's parameters for one tensor: its own, else the top-level default, else the method's."""
+        spec = self.method
+        out = {}
+        for name, default in spec.model_params.items():
+            value = None
+            if name in entry.parameters:
+                value = resolve_param(entry.parameters[name], tensor_name)
+            if value is None and name in self.parameters:
+                value = resolve_param(self.parameters[name], tensor_name)
+            if value is None:
+                if default is REQUIRED:
+                    raise ValueError(f"model {entry.model!r}: no {name!r} applies to tensor {tensor_name!r}")
+                value = default
+            out[name] = value
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def to_dict(self, *, mergekit: bool = True) -> dict[str, Any]:
+        """A plain mapping. With ``mergekit=True`` it is a config ``mergekit-yaml`` accepts.
+
+        Raises:
+            ValueError: If ``mergekit=True`` and the config sets an extension mergekit cannot replay.
+        """
+        spec = self.method
+        if mergekit:
+            for name, default in spec.extensions.items():
+                if name in self.parameters and self.parameters[name] != default:
+                    raise ValueError(
+                        f"parameter {name}={self.parameters[name]!r} is an extension of this engine; "
+                        "mergekit cannot replay it"
+                    )
+        params = {k: v for k, v in self.parameters.items() if not (mergekit and k in spec.extensions)}
+        out: dict[str, Any] = {"merge_method": spec.name}
+        if self.base_model is not None:
+            out["base_model"] = self.base_model
+        out["models"] = [
+            {"model": m.model, **({"parameters": copy.deepcopy(m.parameters)} if m.parameters else {})}
+            for m in self.models
+        ]
+        if params:
+            out["parameters"] = copy.deepcopy(params)
+        out["dtype"] = self.dtype
+        if self.out_dtype is not None:
+            out["out_dtype"] = self.out_dtype
+        if self.seed is not None and not mergekit:
+            out["seed"] = self.seed
+        out.update(copy.deepcopy(self.extra))
+        return out
+
+    def to_yaml(self, path: str | os.PathLike[str] | None = None, *, mergekit: bool = True) -> str:
+        """Serialise to YAML; write it atomically to ``path`` if given. A seed is kept as a comment for mergekit."""
+        text = yaml.safe_dump(self.to_dict(mergekit=mergekit), sort_keys=False)
+        if mergekit and self.seed is not None:
+            text = f"# replay with: mergekit-yaml THIS_FILE OUT --random-seed {self.seed}\n" + text
+        if path is not None:
+            from lightning_mergeguard.io import atomic_write_text
+
+            atomic_write_text(path, text)
+        return text

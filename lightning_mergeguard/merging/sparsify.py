@@ -1,0 +1,192 @@
+"""Sparsification of task vectors: magnitude trimming (TIES), outlier trimming (breadcrumbs), random drop (DARE).
+
+Every function here maps one tensor to one tensor and never touches global state: the random drop takes an
+explicit :class:`torch.Generator` so merges repeat exactly for a given seed.
+
+Semantics follow mergekit: ``density`` is the fraction of entries kept, ``k = max(1, int(density * numel))``
+entries survive magnitude trimming, and ``rescale_norm`` rescales the kept entries so that the chosen norm of the
+result matches the norm of the input (mergekit's DARE default is ``"l1"``). ``"density"`` gives the textbook
+DARE rescale by ``1 / density`` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+RescaleNorm = Literal["l1", "l2", "linf", "density"]
+
+__all__ = [
+    "RescaleNorm",
+    "magnitude_outliers_prune",
+    "magnitude_prune",
+    "random_prune",
+    "rank_window_mask",
+    "rescale_masked",
+]
+
+
+def _check_density(density: float) -> None:
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+
+
+def rescale_masked(tensor: Tensor, mask: Tensor, norm: RescaleNorm | None, density: float = 1.0) -> Tensor:
+    """Apply ``mask`` to ``tensor`` and optionally rescale the result.
+
+    Args:
+        tensor: The dense tensor.
+        mask: A mask of the same shape (bool or 0/1 values).
+        norm: ``None`` (no rescale), ``"l1"``, ``"l2"`` or ``"linf"`` (match that norm of ``tensor``), or
+            ``"density"`` (divide by ``density``, the textbook DARE rescale).
+        density: Only used when ``norm == "density"``.
+
+    Returns:
+        The masked (and rescaled) tensor.
+
+    Example:
+        >>> t = torch.tensor([1.0, -2.0, 3.0])
+        >>> rescale_masked(t, torch.tensor([0, 1, 1]), "l1")
+        tensor([ 0.0000, -2.4000,  3.6000])
+    """
+    masked = tensor * mask.to(tensor.dtype)
+    if norm is None:
+        return masked
+    if norm == "density":
+        return masked / density
+    eps = 1e-7
+    if norm == "l1":
+        before, after = tensor.abs().sum(), masked.abs().sum()
+    elif norm == "l2":
+        before, after = tensor.norm(), masked.norm()
+    elif norm == "linf":
+        before, after = tensor.abs().max(), masked.abs().max()
+    else:
+        raise ValueError(f"unknown rescale norm {norm!r}; expected one of l1, l2, linf, density or None")
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def rank_window_mask(values: Tensor, lo: int, hi: int) -> Tensor:
+    """Boolean mask of the entries whose ascending rank lies in ``[lo, hi)``.
+
+    Ties are broken by flat index (earlier index, lower rank), so the result is deterministic and keeps exactly
+    ``hi - lo`` entries. Runs in O(n) with two selections instead of a full sort.
+
+    Args:
+        values: Any tensor (ranked on its flattened values).
+        lo: First rank kept (inclusive).
+        hi: Last rank kept (exclusive).
+
+    Returns:
+        A bool tensor shaped like ``values``.
+
+    Example:
+        >>> rank_window_mask(torch.tensor([3.0, 1.0, 2.0, 1.0]), 2, 4)
+        tensor([ True, False,  True, False])
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    lo, hi = max(0, lo), min(n, hi)
+    if hi <= lo:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if lo == 0 and hi == n:
+        return torch.ones_like(values, dtype=torch.bool)
+    a = flat.kthvalue(lo + 1).values
+    b = flat.kthvalue(hi).values
+    keep = (flat > a) & (flat < b)
+    for v in (a, b) if bool(a != b) else (a,):
+        eq = flat == v
+        rank = (flat < v).sum() + torch.cumsum(eq, 0) - 1
+        keep |= eq & (rank >= lo) & (rank < hi)
+    return keep.reshape(values.shape)
+
+
+def magnitude_prune(tensor: Tensor, density: float, rescale_norm: RescaleNorm | None = None) -> Tensor:
+    """Keep the ``density`` fraction of entries with the largest magnitude (TIES trimming), zero the rest.
+
+    Args:
+        tensor: A task-vector tensor.
+        density: Fraction kept, in (0, 1]. ``k = max(1, int(density * numel))`` as in mergekit.
+        rescale_norm: Optional rescale of the kept entries (see :func:`rescale_masked`).
+
+    Returns:
+        The trimmed tensor.
+
+    Example:
+        >>> magnitude_prune(torch.tensor([0.1, -3.0, 2.0, 0.5]), density=0.5)
+        tensor([ 0., -3.,  2.,  0.])
+    """
+    _check_density(density)
+    if density >= 1 or tensor.numel() == 0:
+        return tensor
+    n = tensor.numel()
+    k = max(1, int(density * n))
+    mask = rank_window_mask(tensor.abs().float(), n - k, n)
+    return rescale_masked(tensor, mask, rescale_norm, density)
+
+
+def magnitude_outliers_prune(
+    tensor: Tensor, density: float, gamma: float = 0.01, rescale_norm: RescaleNorm | None = None
+) -> Tensor:
+    """Model Breadcrumbs trimming: drop the ``gamma`` largest outliers, then the smallest, keeping ``density``.
+
+    Args:
+        tensor: A task-vector tensor.
+        density: Fraction kept, in (0, 1].
+        gamma: Fraction of the largest-magnitude entries removed first (reduced if needed to keep ``density``).
+        rescale_norm: Optional rescale of the kept entries.
+
+    Returns:
+        The trimmed tensor.
+
+    Example:
+        >>> magnitude_outliers_prune(torch.tensor([0.1, -3.0, 2.0, 0.5]), density=0.5, gamma=0.25)
+        tensor([0.0000, -0.0000, 2.0000, 0.5000])
+    """
+    _check_density(density)
+    if not 0.0 <= gamma < 1.0:
+        raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    mask = rank_window_mask(tensor.abs().float(), n_bot, n_bot + target)
+    return rescale_masked(tensor, mask, rescale_norm, density)
+
+
+def random_prune(
+    tensor: Tensor,
+    density: float,
+    rescale_norm: RescaleNorm | None = "l1",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DARE: keep each entry independently with probability ``density``, then rescale.
+
+    Args:
+        tensor: A task-vector tensor.
+        density: Keep probability, in (0, 1].
+        rescale_norm: ``"l1"`` (mergekit's default: match the L1 norm), ``"density"`` (the paper's
+            ``1 / density``), another norm, or ``None``.
+        generator: Random generator; pass a seeded one for repeatable merges.
+
+    Returns:
+        The sparsified tensor, in the input dtype.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> random_prune(torch.ones(4), density=1.0, generator=g)
+        tensor([1., 1., 1., 1.])
+    """
+    _check_density(density)
+    if density >= 1:
+        return tensor
+    work = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+    probs = torch.full_like(work, density)
+    mask = torch.bernoulli(probs, generator=generator)
+    return rescale_masked(work, mask, rescale_norm, density).to(tensor.dtype)

@@ -1,0 +1,91 @@
+"""Task vectors ``tau = theta - theta_base`` and the small algebra on them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_mergeguard.merging.engine import check_compatible
+from lightning_mergeguard.merging.sources import open_source
+
+__all__ = ["add_task_vector", "task_vector", "task_vector_cosine", "task_vector_norm"]
+
+
+def task_vector(
+    model: Any, base: Any, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> dict[str, Tensor]:
+    """``model - base`` for every floating-point tensor.
+
+    Args:
+        model: Fine-tuned weights: state dict, module, safetensors file or Hugging Face directory.
+        base: The base weights, in any of the same forms.
+        dtype: Dtype of the result (``torch.bfloat16`` halves the memory of stored task vectors).
+        device: Device of the result.
+
+    Returns:
+        The task vector as a state dict (integer buffers are left out).
+
+    Raises:
+        ValueError: If keys or shapes differ, or a tensor is not finite.
+
+    Example:
+        >>> task_vector({"w": torch.ones(2)}, {"w": torch.zeros(2)})
+        {'w': tensor([1., 1.])}
+    """
+    m, b = open_source(model, "model"), open_source(base, "base")
+    check_compatible(b, [m])
+    out = {}
+    for k in b.keys():
+        bt = b.get(k)
+        if not bt.is_floating_point():
+            continue
+        mt = m.get(k)
+        d = mt.to(device=device, dtype=torch.float32) - bt.to(device=device, dtype=torch.float32)
+        if not bool(torch.isfinite(d).all()):
+            raise ValueError(f"tensor {k!r}: the task vector has NaN/Inf values")
+        out[k] = d.to(dtype)
+    return out
+
+
+def add_task_vector(base: Mapping[str, Tensor], tau: Mapping[str, Tensor], scale: float = 1.0) -> dict[str, Tensor]:
+    """``base + scale * tau`` (tensors missing from ``tau`` are copied from ``base``).
+
+    Example:
+        >>> add_task_vector({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.3)
+        {'w': tensor([0.3000, 0.3000])}
+    """
+    out = {}
+    for k, b in base.items():
+        out[k] = (b + scale * tau[k].to(b.dtype)) if k in tau else b.clone()
+    return out
+
+
+def task_vector_norm(tau: Mapping[str, Tensor]) -> float:
+    """Global L2 norm of a task vector.
+
+    Example:
+        >>> task_vector_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
+        5.0
+    """
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tau.values())))
+
+
+def task_vector_cosine(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    """Cosine similarity of two task vectors over their shared tensors (0.0 if either is zero).
+
+    Example:
+        >>> task_vector_cosine({"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([1.0, 1.0])})
+        0.7071067811865475
+    """
+    keys = [k for k in a if k in b]
+    if not keys:
+        raise ValueError("task vectors share no tensors")
+    dot = sum((a[k].double() * b[k].double()).sum() for k in keys)
+    na = torch.sqrt(sum((a[k].double() ** 2).sum() for k in keys))
+    nb = torch.sqrt(sum((b[k].double() ** 2).sum() for k in keys))
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(dot / (na * nb))

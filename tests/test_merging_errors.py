@@ -1,0 +1,132 @@
+"""Bad input gives a clear error that names the problem, never a silently wrong model."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from lightning_mergeguard.merging import MergeConfig, merge, open_source
+
+
+def ta(**params):
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": {"weight": 1.0, **params}}],
+    }
+
+
+BASE = {"x.weight": torch.zeros(2, 2), "y.weight": torch.zeros(3)}
+
+
+def test_missing_and_extra_keys_are_named():
+    with pytest.raises(ValueError, match=r"missing 1 tensor\(s\): 'y.weight'"):
+        merge(ta(), {"a": {"x.weight": torch.ones(2, 2)}}, BASE)
+    with pytest.raises(ValueError, match=r"unexpected tensor\(s\): 'z'"):
+        merge(ta(), {"a": {**BASE, "z": torch.ones(1)}}, BASE)
+
+
+def test_shape_mismatch_is_named():
+    with pytest.raises(ValueError, match=r"tensor 'y.weight': shape \(4,\) in model 'a' but \(3,\)"):
+        merge(ta(), {"a": {"x.weight": torch.ones(2, 2), "y.weight": torch.ones(4)}}, BASE)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named(bad):
+    a = {"x.weight": torch.ones(2, 2), "y.weight": torch.tensor([0.0, bad, 1.0])}
+    with pytest.raises(ValueError, match=r"tensor 'y.weight' of model 'a' has 1 NaN/Inf"):
+        merge(ta(), {"a": a}, BASE)
+
+
+def test_other_architecture_by_config(llama_dirs, tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(llama_dirs["a"], other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["model_type"] = "mistral"
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model_type='mistral' but base"):
+        merge(ta(), {"a": other}, llama_dirs["base"])
+
+
+def test_unknown_method_suggests():
+    with pytest.raises(ValueError, match=r"unknown merge_method 'tie'.*'ties'"):
+        MergeConfig.from_dict({**ta(), "merge_method": "tie"})
+
+
+def test_unknown_parameter_suggests():
+    with pytest.raises(ValueError, match=r"unknown parameter 'lamda'.*did you mean 'lambda'"):
+        MergeConfig.from_dict({**ta(), "parameters": {"lamda": 0.3}})
+    with pytest.raises(ValueError, match=r"models\[0\] \(a\): unknown parameter 'wieght'.*'weight'"):
+        MergeConfig.from_dict({**ta(), "models": [{"model": "a", "parameters": {"wieght": 1.0}}]})
+
+
+def test_unknown_top_level_key_suggests():
+    with pytest.raises(ValueError, match=r"unknown merge config key 'base_modle'.*'base_model'"):
+        MergeConfig.from_dict({**ta(), "base_modle": "x"})
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
+def test_density_out_of_range(density):
+    cfg = {**ta(), "merge_method": "ties"}
+    cfg["models"] = [{"model": "a", "parameters": {"weight": 1.0, "density": density}}]
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+        MergeConfig.from_dict(cfg)
+
+
+def test_required_weight_and_base():
+    with pytest.raises(ValueError, match="parameter 'weight' is required"):
+        MergeConfig.from_dict({**ta(), "models": [{"model": "a"}]})
+    with pytest.raises(ValueError, match="needs a base_model"):
+        MergeConfig.from_dict({k: v for k, v in ta().items() if k != "base_model"})
+    with pytest.raises(ValueError, match="needs parameter 't'"):
+        MergeConfig.from_dict({"merge_method": "slerp", "base_model": "b", "models": [{"model": "a"}]})
+
+
+def test_gradients_and_slices_refused_clearly():
+    with pytest.raises(NotImplementedError, match="gradient list"):
+        MergeConfig.from_dict(ta(weight=[0.0, 1.0]))
+    with pytest.raises(NotImplementedError, match="slices"):
+        MergeConfig.from_dict({"merge_method": "linear", "slices": []})
+
+
+def test_models_not_matching_config():
+    with pytest.raises(ValueError, match=r"no weights given for model\(s\) \['a'\]"):
+        merge(ta(), {}, BASE)
+    with pytest.raises(ValueError, match=r"\['zz'\] are not in the merge config"):
+        merge(ta(), {"a": BASE, "zz": BASE}, BASE)
+
+
+def test_untrusted_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.bin"
+    with open(path, "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        open_source(path)
+
+
+def test_missing_path_and_empty_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        open_source(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="holds no model weights"):
+        open_source(tmp_path)
+
+
+def test_lightning_checkpoint_and_torch_file_load(tmp_path):
+    torch.save({"state_dict": BASE, "epoch": 3}, tmp_path / "x.ckpt")
+    assert set(open_source(tmp_path / "x.ckpt").keys()) == set(BASE)
+
+
+def test_extension_cannot_be_written_for_mergekit():
+    cfg = MergeConfig.from_dict({**ta(), "merge_method": "ties", "parameters": {"trim_scope": "model"}})
+    with pytest.raises(ValueError, match="mergekit cannot replay"):
+        cfg.to_yaml()
+    assert "trim_scope" in cfg.to_yaml(mergekit=False)
