@@ -1,0 +1,58 @@
+"""Helpers shared by the callbacks: strategy checks, logging outside ``self.log``, batch budgets."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+_SHARDED = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"}
+
+
+def refuse_sharded(trainer: pl.Trainer, who: str) -> None:
+    """Raise for strategies that shard parameters: the callbacks need every rank to hold full weights."""
+    names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+    if names & _SHARDED:
+        raise MisconfigurationException(
+            f"{who} does not support the sharded strategy {type(trainer.strategy).__name__} yet: it reads and "
+            "writes full weights on every rank. Use DDP or a single device."
+        )
+
+
+def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
+    """Log from hooks where ``LightningModule.log`` is refused (as ``LearningRateMonitor`` does), on rank zero."""
+    if not trainer.is_global_zero or not trainer.loggers:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
+        logger.save()
+
+
+def first_loader(loaders: Any) -> Any:
+    """The first dataloader of what Lightning holds (a loader, a list, a dict, or a CombinedLoader)."""
+    if loaders is None:
+        return None
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders
+
+
+def take(loader: Any, n: int | None) -> list[Any]:
+    """The first ``n`` batches of a loader (all when ``n`` is ``None``)."""
+    return list(itertools.islice(iter(loader), n))
+
+
+def repeat(loader: Any) -> Iterator[Any]:
+    """Iterate a loader forever (a fresh epoch each pass)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("dataloader yielded no batches")

@@ -1,0 +1,455 @@
+"""MergeGuardCallback: fine-tune with protection against unauthorized model merging."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_mergeguard.callbacks._common import first_loader, log_to_loggers, refuse_sharded, repeat, take
+from lightning_mergeguard.io import atomic_write_json, save_safetensors
+from lightning_mergeguard.merging.sources import open_source
+from lightning_mergeguard.protection.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
+from lightning_mergeguard.protection.importance import layer_importance
+from lightning_mergeguard.protection.negation import apply_negation_, critical_layers, negation_mask
+from lightning_mergeguard.protection.params import DEFAULT_STAGE2_EXCLUDE, group_layers, select_parameters, snapshot
+from lightning_mergeguard.protection.redistribution import add_redistribution_grad_
+from lightning_mergeguard.protection.scale_adversarial import scale_adversarial_
+
+Stage2 = Literal["scale_adversarial", "negation", "none"]
+
+
+class MergeGuardCallback(Callback):
+    r"""Dual-stage protection: a model that keeps its accuracy while merges that include it collapse.
+
+    **Stage 1** (during fit) adds the L2 redistribution term ``alpha * sum_l c_l ||x_l||^2`` to the objective, with
+    ``x_l = theta_l - theta_pre_l`` (``target="task_vector"``) or ``theta_l`` (``target="weights"``) and
+    ``c_l = 1/numel`` when ``normalize``. A callback cannot change the loss Lightning backpropagates, so the term's
+    exact gradient is added to ``.grad`` in ``on_before_optimizer_step``: after AMP unscaling, before gradient
+    clipping, once per optimizer step (so gradient accumulation is handled). Under DDP the term is a function of
+    replicated weights, hence identical on every rank, and needs no all-reduce. Its value is logged as
+    ``mergeguard/l2_term``.
+
+    **Stage 2** (in ``on_train_end``) perturbs the trained weights:
+
+    - ``"scale_adversarial"`` (default): a short optimisation on the owner's training batches that keeps the own
+      loss low and raises the loss of ``theta_pre + s * tau`` for the merge scales ``s`` (see
+      :func:`~lightning_mergeguard.protection.scale_adversarial.scale_adversarial_`).
+    - ``"negation"``: the paper summary's ``theta_hat = theta' - beta * M * tau'``, with layer importance scored on
+      validation batches (critical layers and the smallest entries masked out).
+
+    A guard rail measures the monitored score on up to ``eval_batches`` validation batches before and after
+    stage 2; if it falls by more than ``tolerance`` points, stage 2 backs off (halving ``beta`` or interpolating
+    towards the stage-1 weights) until it fits, and the report says so. Stage 2 runs once: the callback's state
+    records it, so a resumed or repeated fit never perturbs twice. The report (settings, per-layer scores, metric
+    deltas, back-off) is written as JSON to ``report_path``; ``save_path`` receives the protected weights
+    (safetensors). Checkpoints written by ``ModelCheckpoint`` during fit hold pre-stage-2 weights.
+
+    Args:
+        alpha: Strength of the stage-1 term (0 disables stage 1).
+        target: ``"task_vector"`` (L2-SP style) or ``"weights"`` (plain weight decay).
+        normalize: Divide each tensor's squared norm by its size.
+        include: Regexes of parameter names protected (default: all trainable).
+        exclude: Regexes of parameter names left out of both stages.
+        reference: Path (safetensors, HF directory, ``.bin``/``.ckpt``) of the pretrained weights; default: a
+            snapshot of the weights at fit start.
+        stage2: ``"scale_adversarial"``, ``"negation"`` or ``"none"``.
+        stage2_exclude: Regexes left out of stage 2 (default: embeddings, final norms, LM/task heads).
+        score_fn: ``(module, batch) -> (score_sum, count)``; default: accuracy for ``(x, y)`` and HF LM batches.
+        loss_fn: ``(module, batch) -> loss``; default: cross-entropy / HF ``loss``.
+        eval_batches: Budget of validation batches for scoring (guard rail and layer importance).
+        tolerance: Largest allowed drop of the score, in points (percent).
+        beta: Negation strength.
+        critical_fraction: Fraction of layers spared as critical (negation).
+        small_fraction: Fraction of smallest entries spared per tensor (negation).
+        granularity: What a "layer" is: ``"block"``, ``"module"`` or ``"tensor"``.
+        steps: Optimisation steps (scale-adversarial).
+        scales: Merge scales sabotaged (scale-adversarial).
+        clip: Loss ceiling at the scaled copies (scale-adversarial).
+        lr: Adam learning rate (scale-adversarial).
+        report_path: Where to write the protection report (JSON).
+        save_path: Where to save the protected weights (``.safetensors``).
+        progress: Show progress bars during stage 2.
+
+    Example:
+        >>> from lightning_mergeguard import MergeGuardCallback
+        >>> guard = MergeGuardCallback(alpha=0.01, stage2="scale_adversarial", steps=100)
+        >>> # trainer = pl.Trainer(callbacks=[guard]); trainer.fit(model, datamodule)
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.01,
+        target: Literal["task_vector", "weights"] = "task_vector",
+        normalize: bool = False,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        reference: str | None = None,
+        stage2: Stage2 = "scale_adversarial",
+        stage2_exclude: Sequence[str] = DEFAULT_STAGE2_EXCLUDE,
+        score_fn: ScoreFn | None = None,
+        loss_fn: LossFn | None = None,
+        eval_batches: int = 8,
+        tolerance: float = 1.5,
+        beta: float = 1.0,
+        critical_fraction: float = 0.1,
+        small_fraction: float = 0.1,
+        granularity: Literal["block", "module", "tensor"] = "block",
+        steps: int = 300,
+        scales: Sequence[float] = (0.2, 0.3, 0.5),
+        clip: float = 5.0,
+        lr: float = 1e-3,
+        report_path: str | None = None,
+        save_path: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if target not in ("task_vector", "weights"):
+            raise ValueError(f"target must be 'task_vector' or 'weights', got {target!r}")
+        if stage2 not in ("scale_adversarial", "negation", "none"):
+            raise ValueError(f"stage2 must be 'scale_adversarial', 'negation' or 'none', got {stage2!r}")
+        if granularity not in ("block", "module", "tensor"):
+            raise ValueError(f"granularity must be 'block', 'module' or 'tensor', got {granularity!r}")
+        if not (isinstance(eval_batches, int) and eval_batches >= 1):
+            raise ValueError(f"eval_batches must be a positive integer, got {eval_batches!r}")
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0 points, got {tolerance!r}")
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta!r}")
+        for name, frac in (("critical_fraction", critical_fraction), ("small_fraction", small_fraction)):
+            if not 0.0 <= frac < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {frac!r}")
+        if not (isinstance(steps, int) and steps >= 0):
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        if not scales or any(not 0.0 < s < 1.0 for s in scales):
+            raise ValueError(f"scales must be a non-empty list of merge scales in (0, 1), got {scales!r}")
+        if not (clip > 0 and lr > 0):
+            raise ValueError(f"clip and lr must be > 0, got clip={clip!r}, lr={lr!r}")
+        for pattern in [*(include or []), *exclude, *stage2_exclude]:
+            import re
+
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"invalid parameter-name regex {pattern!r}: {err}") from err
+        self.alpha = float(alpha)
+        self.target = target
+        self.normalize = normalize
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude)
+        self.reference_path = reference
+        self.stage2 = stage2
+        self.stage2_exclude = list(stage2_exclude)
+        self.score_fn = score_fn or default_score
+        self.loss_fn = loss_fn or default_loss
+        self.eval_batches = eval_batches
+        self.tolerance = float(tolerance)
+        self.beta = float(beta)
+        self.critical_fraction = critical_fraction
+        self.small_fraction = small_fraction
+        self.granularity = granularity
+        self.steps = steps
+        self.scales = tuple(float(s) for s in scales)
+        self.clip = float(clip)
+        self.lr = float(lr)
+        self.report_path = report_path
+        self.save_path = save_path
+        self.progress = progress
+        # state
+        self.stage2_done = False
+        self.report: dict[str, Any] | None = None
+        self._params: dict[str, nn.Parameter] = {}
+        self._reference: dict[str, Tensor] | None = None
+        self._loaded_reference: dict[str, Tensor] | None = None
+
+    # ------------------------------------------------------------------ setup
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(alpha=self.alpha, target=self.target)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_sharded(trainer, "MergeGuardCallback")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._params = select_parameters(pl_module, self.include, self.exclude)
+        if not self._params:
+            raise ValueError("MergeGuardCallback: no trainable parameters match include/exclude")
+        if self._loaded_reference is not None:
+            ref = self._loaded_reference
+        elif self.reference_path is not None:
+            ref = self._load_reference(self.reference_path)
+        else:
+            ref = snapshot(self._params)
+        missing = [n for n in self._params if n not in ref]
+        if missing:
+            raise ValueError(f"MergeGuardCallback: reference has no tensor for parameter(s) {missing[:5]}")
+        for n, p in self._params.items():
+            if tuple(ref[n].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"MergeGuardCallback: reference tensor {n!r} has shape {tuple(ref[n].shape)}, "
+                    f"parameter has {tuple(p.shape)}"
+                )
+        self._reference = {n: ref[n].to(device=p.device, dtype=p.dtype) for n, p in self._params.items()}
+
+    def _load_reference(self, path: str) -> dict[str, Tensor]:
+        src = open_source(path, name="reference")
+        keys = set(src.keys())
+        out = {}
+        for name in self._params:
+            parts = name.split(".")
+            match = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in keys), None)
+            if match is None:
+                raise ValueError(f"MergeGuardCallback: reference {path} has no tensor for parameter {name!r}")
+            out[name] = src.get(match)
+        return out
+
+    # ------------------------------------------------------------------ stage 1
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.alpha == 0:
+            return
+        for p in self._params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        reference = self._reference if self.target == "task_vector" else None
+        value = add_redistribution_grad_(self._params, reference, alpha=self.alpha, normalize=self.normalize)
+        pl_module.log("mergeguard/l2_term", value, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ stage 2
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stage2 == "none":
+            return
+        if self.stage2_done:
+            rank_zero_warn("MergeGuardCallback: stage 2 was already applied to this model; not applying it again.")
+            return
+        assert self._reference is not None
+        start = time.perf_counter()
+        params = {
+            n: p
+            for n, p in select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude]).items()
+            if n in self._reference
+        }
+        if not params:
+            raise ValueError("MergeGuardCallback: stage 2 excludes every parameter; loosen stage2_exclude")
+        eval_loader = first_loader(trainer.val_dataloaders)
+        if eval_loader is None:
+            rank_zero_warn("MergeGuardCallback: no validation dataloader; scoring stage 2 on training batches.")
+            eval_loader = first_loader(trainer.train_dataloader)
+        eval_data = take(eval_loader, self.eval_batches)
+        strategy = trainer.strategy
+
+        def metric() -> float:
+            return 100.0 * evaluate(
+                pl_module, eval_data, self.score_fn, reduce=lambda t: strategy.reduce(t, reduce_op="sum")
+            )
+
+        with torch.no_grad():
+            stage1 = {n: p.detach().clone() for n, p in params.items()}
+        before = metric()
+        report: dict[str, Any] = {
+            "method": self.stage2,
+            "settings": self._settings(),
+            "parameters_perturbed": len(params),
+            "score_before": before,
+        }
+        if self.stage2 == "negation":
+            after, extra = self._negation(params, metric, before)
+        else:
+            after, extra = self._scale_adversarial(trainer, pl_module, params, stage1, metric, before)
+        report.update(extra)
+        with torch.no_grad():
+            tau_before = math.sqrt(sum(float((stage1[n] - self._reference[n]).double().pow(2).sum()) for n in params))
+            moved = math.sqrt(sum(float((p - stage1[n]).double().pow(2).sum()) for n, p in params.items()))
+        report.update(
+            score_after=after,
+            score_delta=after - before,
+            relative_perturbation=moved / tau_before if tau_before > 0 else float("nan"),
+            seconds=time.perf_counter() - start,
+        )
+        self.stage2_done = True
+        self.report = report
+        log_to_loggers(
+            trainer,
+            {
+                "mergeguard/score_before": before,
+                "mergeguard/score_after": after,
+                "mergeguard/relative_perturbation": report["relative_perturbation"],
+            },
+        )
+        rank_zero_info(
+            f"MergeGuard stage 2 ({self.stage2}): score {before:.2f} -> {after:.2f} "
+            f"({after - before:+.2f} points) in {report['seconds']:.1f} s"
+        )
+        if trainer.is_global_zero:
+            if self.report_path:
+                atomic_write_json(self.report_path, report)
+            if self.save_path:
+                save_safetensors(
+                    self.save_path,
+                    {k: v.detach().cpu().contiguous() for k, v in pl_module.state_dict().items()},
+                    metadata={"mergeguard": self.stage2},
+                )
+        strategy.barrier("mergeguard_stage2")
+
+    def _negation(self, params: dict[str, nn.Parameter], metric, before: float) -> tuple[float, dict[str, Any]]:
+        assert self._reference is not None
+        layers = group_layers(params, self.granularity)
+        _, scores = layer_importance(params, self._reference, layers, metric, progress=self.progress)
+        critical = set(critical_layers(scores, self.critical_fraction))
+        masks = {}
+        for layer, names in layers.items():
+            for n in names:
+                tau = params[n].detach() - self._reference[n]
+                masks[n] = negation_mask(tau, critical=layer in critical, small_fraction=self.small_fraction)
+        with torch.no_grad():
+            saved = {n: p.detach().clone() for n, p in params.items()}
+        tried = []
+        beta = self.beta
+        after = before
+        for beta in (self.beta / 2**i for i in range(4)):
+            apply_negation_(params, self._reference, masks, beta)
+            after = metric()
+            tried.append({"beta": beta, "score": after})
+            if before - after <= self.tolerance:
+                break
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+        else:
+            beta, after = 0.0, before
+        if beta != self.beta:
+            rank_zero_warn(
+                f"MergeGuardCallback: beta={self.beta} cost more than {self.tolerance} points; used beta={beta}."
+            )
+        extra = {
+            "layer_scores": scores,
+            "critical_layers": sorted(critical),
+            "beta_used": beta,
+            "backoff": tried,
+        }
+        return after, extra
+
+    def _scale_adversarial(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        params: dict[str, nn.Parameter],
+        stage1: dict[str, Tensor],
+        metric,
+        before: float,
+    ) -> tuple[float, dict[str, Any]]:
+        train_loader = first_loader(trainer.train_dataloader)
+        if train_loader is None:
+            raise ValueError("MergeGuardCallback: scale-adversarial stage 2 needs the training dataloader")
+        strategy = trainer.strategy
+        world = strategy.world_size
+        assert self._reference is not None
+
+        def proxy() -> float:
+            # Score of the scaled copies theta_pre + s * tau that merges apply (mean over the sabotaged scales).
+            with torch.no_grad():
+                live = {n: p.detach().clone() for n, p in params.items()}
+            scores = []
+            try:
+                for s in self.scales:
+                    with torch.no_grad():
+                        for n, p in params.items():
+                            p.copy_(self._reference[n] + s * (live[n] - self._reference[n]))
+                    scores.append(metric())
+            finally:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(live[n])
+            return sum(scores) / len(scores)
+
+        checks: list[dict[str, float]] = [{"step": 0, "score": before, "merge_proxy": proxy()}]
+        best = dict(checks[0])
+        best_weights = {n: t.clone() for n, t in stage1.items()}
+
+        def check(step: int) -> None:
+            entry = {"step": step, "score": metric(), "merge_proxy": proxy()}
+            checks.append(entry)
+            if before - entry["score"] <= self.tolerance and entry["merge_proxy"] < best["merge_proxy"]:
+                best.update(entry)
+                with torch.no_grad():
+                    for n, p in params.items():
+                        best_weights[n].copy_(p)
+
+        every = max(1, self.steps // 10)
+        history = scale_adversarial_(
+            pl_module,
+            params,
+            self._reference,
+            itertools.islice(repeat(train_loader), self.steps),
+            self.loss_fn,
+            steps=self.steps,
+            scales=self.scales,
+            clip=self.clip,
+            lr=self.lr,
+            grad_reduce=(lambda g: strategy.reduce(g, reduce_op="sum") / world) if world > 1 else None,
+            check_every=every,
+            check=check,
+            progress=self.progress and trainer.is_global_zero,
+        )
+        if checks[-1]["step"] != self.steps:
+            check(self.steps)
+        # Keep the checked weights with the lowest merge proxy among those within tolerance of the own score.
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(best_weights[n])
+        after, steps_used = float(best["score"]), int(best["step"])
+        if steps_used == 0:
+            rank_zero_warn(
+                f"MergeGuardCallback: no stage-2 weights stayed within {self.tolerance} points while lowering the "
+                "merge proxy; kept the stage-1 weights. Try more steps, a lower lr or a larger tolerance."
+            )
+        first, last = history[0] if history else {}, history[-1] if history else {}
+        extra = {
+            "steps_used": steps_used,
+            "merge_proxy_before": checks[0]["merge_proxy"],
+            "merge_proxy_after": best["merge_proxy"],
+            "checks": checks,
+            "own_loss_first": first.get("own_loss"),
+            "own_loss_last": last.get("own_loss"),
+            "scaled_loss_first": first.get("scaled_loss"),
+            "scaled_loss_last": last.get("scaled_loss"),
+        }
+        return after, extra
+
+    def _settings(self) -> dict[str, Any]:
+        keys = (
+            "alpha target normalize include exclude stage2 stage2_exclude eval_batches tolerance beta "
+            "critical_fraction small_fraction granularity steps scales clip lr"
+        ).split()
+        return {k: getattr(self, k) for k in keys} | {"reference": self.reference_path}
+
+    # ------------------------------------------------------------------ resume
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"stage2_done": self.stage2_done, "report": self.report}
+        if self.reference_path is None and self._reference is not None:
+            state["reference"] = {n: t.detach().cpu() for n, t in self._reference.items()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stage2_done = bool(state_dict.get("stage2_done", False))
+        self.report = state_dict.get("report")
+        self._loaded_reference = state_dict.get("reference")

@@ -1,0 +1,1 @@
+"""Protection maths: pure functions over parameters, used by :class:`MergeGuardCallback`."""

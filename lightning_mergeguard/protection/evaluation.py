@@ -1,0 +1,122 @@
+"""How the defense and the probe measure a model: a score function and a loss function over batches.
+
+Defaults cover the common batch shapes: ``(inputs, targets)`` tuples for classifiers and
+``{"input_ids", "labels", ...}`` dicts for Hugging Face causal LMs (next-token accuracy on labels != -100).
+Pass your own ``score_fn(module, batch) -> (sum_of_scores, count)`` and ``loss_fn(module, batch) -> loss`` for
+anything else (exact-match generation, retrieval, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LossFn", "ScoreFn", "default_loss", "default_score", "evaluate"]
+
+ScoreFn = Callable[[nn.Module, Any], tuple[Tensor | float, int]]
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+def _forward(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor | None, Any]:
+    if isinstance(batch, dict):
+        out = module(**batch)
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits, batch.get("labels"), out
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        out = module(batch[0])
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits, batch[1], out
+    raise TypeError(
+        f"cannot infer inputs and targets from a batch of type {type(batch).__name__}; pass score_fn/loss_fn"
+    )
+
+
+def default_score(module: nn.Module, batch: Any) -> tuple[Tensor, int]:
+    """Accuracy numerator and denominator for one batch.
+
+    Classification (logits ``[B, C]``, targets ``[B]``) counts correct argmax predictions; language modelling
+    (logits ``[B, T, V]``, labels ``[B, T]``) counts correct next-token predictions where ``labels != -100``.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.copy_(torch.eye(2)); _ = net.bias.zero_()
+        >>> default_score(net, (torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])))
+        (tensor(1), 2)
+    """
+    logits, target, _ = _forward(module, batch)
+    if target is None:
+        raise ValueError("batch has no targets/labels; pass score_fn")
+    if logits.dim() == 3:  # causal LM: predict token t+1 from position t
+        pred = logits[:, :-1].argmax(-1)
+        tgt = target[:, 1:]
+        valid = tgt != -100
+        return (pred.eq(tgt) & valid).sum(), int(valid.sum())
+    return logits.argmax(-1).eq(target).sum(), int(target.numel())
+
+
+def default_loss(module: nn.Module, batch: Any) -> Tensor:
+    """Cross-entropy for ``(x, y)`` batches; the model's own ``loss`` for Hugging Face dict batches."""
+    logits, target, out = _forward(module, batch)
+    if getattr(out, "loss", None) is not None:
+        return out.loss
+    if target is None:
+        raise ValueError("batch has no targets/labels; pass loss_fn")
+    if logits.dim() == 3:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten(), ignore_index=-100)
+    return F.cross_entropy(logits, target)
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """Move tensors of a (nested) batch to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+@torch.no_grad()
+def evaluate(
+    module: nn.Module,
+    batches: Iterable[Any],
+    score_fn: ScoreFn = default_score,
+    *,
+    device: torch.device | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> float:
+    """Mean score over batches, as a fraction (0..1).
+
+    Args:
+        module: The model (switched to eval mode for the call, then restored).
+        batches: An iterable of batches (a list, to evaluate several weight settings on the same data).
+        score_fn: ``(module, batch) -> (sum_of_scores, count)``.
+        device: Where to move batches (default: the module's first parameter's device).
+        reduce: Optional cross-process sum (for DDP); applied to ``[sum, count]``.
+
+    Returns:
+        ``sum / count``.
+    """
+    was_training = module.training
+    module.eval()
+    if device is None:
+        device = next(module.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    try:
+        for batch in batches:
+            s, n = score_fn(module, move_batch(batch, device))
+            total[0] += float(s)
+            total[1] += n
+    finally:
+        module.train(was_training)
+    if reduce is not None:
+        total = reduce(total)
+    if total[1] == 0:
+        raise ValueError("evaluation saw no examples")
+    return float(total[0] / total[1])

@@ -1,0 +1,84 @@
+"""Stage 1: the L2 redistribution term and its exact gradient.
+
+``R(theta) = alpha * sum_l c_l * ||x_l||^2`` with ``x_l = theta_l - theta_pre_l`` (``target="task_vector"``,
+L2-SP style: spreads the task vector) or ``x_l = theta_l`` (``target="weights"``: plain weight decay), and
+``c_l = 1 / numel(theta_l)`` when ``normalize=True`` (each layer counts equally whatever its size), else 1.
+The gradient is ``2 * alpha * c_l * x_l``, added to ``.grad`` after the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["add_redistribution_grad_", "redistribution_term"]
+
+
+def _coef(p: Tensor, normalize: bool) -> float:
+    return 1.0 / p.numel() if normalize else 1.0
+
+
+def redistribution_term(
+    params: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor] | None,
+    *,
+    alpha: float,
+    normalize: bool = False,
+) -> Tensor:
+    """Value of the L2 redistribution term (differentiable).
+
+    Args:
+        params: Name -> parameter.
+        reference: Name -> pretrained tensor for ``target="task_vector"``; ``None`` penalises raw weights.
+        alpha: Strength.
+        normalize: Divide each layer's squared norm by its number of entries.
+
+    Returns:
+        A scalar tensor.
+
+    Example:
+        >>> p = {"w": torch.tensor([3.0, 4.0])}
+        >>> redistribution_term(p, {"w": torch.zeros(2)}, alpha=0.01)
+        tensor(0.2500)
+    """
+    total = None
+    for name, p in params.items():
+        x = p - reference[name] if reference is not None else p
+        term = _coef(p, normalize) * x.pow(2).sum()
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return alpha * total
+
+
+@torch.no_grad()
+def add_redistribution_grad_(
+    params: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor] | None,
+    *,
+    alpha: float,
+    normalize: bool = False,
+) -> float:
+    """Add the term's gradient ``2 * alpha * c_l * x_l`` to each parameter's ``.grad``; return the term's value.
+
+    Parameters without a gradient (frozen, or unused this step) are skipped.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+        >>> w.grad = torch.zeros(2)
+        >>> add_redistribution_grad_({"w": w}, {"w": torch.zeros(2)}, alpha=0.5)
+        1.0
+        >>> w.grad
+        tensor([ 1., -1.])
+    """
+    value = 0.0
+    for name, p in params.items():
+        if p.grad is None:
+            continue
+        x = p - reference[name].to(p.device, p.dtype) if reference is not None else p
+        c = _coef(p, normalize)
+        value += float(alpha * c * x.double().pow(2).sum())
+        p.grad.add_(x.to(p.grad.dtype), alpha=2.0 * alpha * c)
+    return value

@@ -1,0 +1,116 @@
+"""Stage 2 as an optimisation: keep the model good, make scaled-down copies of its task vector bad.
+
+Every merge applies a scaled copy of the protected task vector, ``theta_pre + s * tau`` with ``s`` around the merge
+coefficient (0.3 for 8-task arithmetic, 0.5 for a two-model average). This stage minimises, over the owner's data,
+
+``L(theta) - mean_s min(L(theta_pre + s * (theta - theta_pre)), clip)``
+
+for a few Adam steps: the owner's own loss stays low while the loss along the merge path rises until the clip.
+This is the curvature-incompatibility idea of the method made operational (close to TRAP²); it needs no second
+model and no change to the architecture. The gradient of the scaled term is exact:
+``d/dtheta L(theta_pre + s * tau) = s * grad L`` at the scaled point, computed with in-place weight swaps.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lightning_mergeguard.protection.evaluation import LossFn, move_batch
+
+__all__ = ["scale_adversarial_"]
+
+
+def scale_adversarial_(
+    module: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    reference: Mapping[str, Tensor],
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    steps: int = 150,
+    scales: Sequence[float] = (0.2, 0.3, 0.5),
+    clip: float = 5.0,
+    lr: float = 1e-3,
+    device: torch.device | None = None,
+    grad_reduce: Callable[[Tensor], Tensor] | None = None,
+    check_every: int = 0,
+    check: Callable[[int], None] | None = None,
+    progress: bool = False,
+) -> list[dict[str, float]]:
+    """Run the optimisation in place on ``params``.
+
+    Args:
+        module: The model; it runs in eval mode (no dropout, frozen batch-norm statistics) during this stage.
+        params: The parameters optimised (the others stay fixed).
+        reference: Pretrained tensors for the same names.
+        batches: The owner's training batches, cycled.
+        loss_fn: ``(module, batch) -> loss``.
+        steps: Number of Adam steps.
+        scales: The merge scales ``s`` to sabotage.
+        clip: Loss at a scaled copy above which it is not pushed further.
+        lr: Adam learning rate.
+        device: Device for batches (default: the parameters').
+        grad_reduce: Mean across processes (DDP) applied to each gradient, so replicas stay identical.
+        check_every: Call ``check(step)`` every this many steps (0: never); the callback uses it to keep the
+            latest weights that still meet its tolerance.
+        check: The function called (with the module in eval mode and the weights as they are after that step).
+        progress: Show a progress bar.
+
+    Returns:
+        Per-step history: ``own_loss`` and ``scaled_loss`` (mean over scales).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if not scales:
+        raise ValueError("scales must not be empty")
+    names = list(params)
+    device = device or next(iter(params.values())).device
+    frozen = [p for p in module.parameters() if p.requires_grad and all(p is not q for q in params.values())]
+    for p in frozen:
+        p.requires_grad_(False)
+    was_training = module.training
+    module.eval()
+    opt = torch.optim.Adam([params[n] for n in names], lr=lr)
+    history: list[dict[str, float]] = []
+    it = itertools.cycle(batches)
+    try:
+        for _ in tqdm(range(steps), desc="stage 2: scale-adversarial", disable=not progress, leave=False):
+            batch = move_batch(next(it), device)
+            opt.zero_grad(set_to_none=True)
+            own = loss_fn(module, batch)
+            own.backward()
+            with torch.no_grad():
+                live = {n: params[n].detach().clone() for n in names}
+            scaled_total = 0.0
+            for s in scales:
+                with torch.no_grad():
+                    for n in names:
+                        params[n].copy_(reference[n] + s * (live[n] - reference[n]))
+                loss_s = loss_fn(module, batch)
+                scaled_total += float(loss_s)
+                if float(loss_s) < clip:
+                    (-(s / len(scales)) * loss_s).backward()
+            with torch.no_grad():
+                for n in names:
+                    params[n].copy_(live[n])
+                if grad_reduce is not None:
+                    for n in names:
+                        if params[n].grad is not None:
+                            params[n].grad.copy_(grad_reduce(params[n].grad))
+            opt.step()
+            history.append({"own_loss": float(own), "scaled_loss": scaled_total / len(scales)})
+            if check is not None and check_every > 0 and len(history) % check_every == 0:
+                check(len(history))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for n in names:
+            params[n].grad = None
+        module.train(was_training)
+    return history

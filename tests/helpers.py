@@ -1,0 +1,76 @@
+"""Small LightningModules and callbacks for tests (module-level so they pickle for ddp_spawn)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def blobs(n: int = 256, seed: int = 0, dim: int = 8, classes: int = 3) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * 2
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = centers[y] + torch.randn(n, dim, generator=g)
+    return TensorDataset(x, y)
+
+
+class TinyClassifier(pl.LightningModule):
+    def __init__(self, dim: int = 8, width: int = 16, classes: int = 3, lr: float = 0.05):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        self.head = nn.Linear(width, classes)
+        self.lr = lr
+
+    def forward(self, x):
+        return self.head(self.net(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self):
+        return DataLoader(blobs(256, 0), batch_size=32, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(blobs(128, 1), batch_size=64)
+
+
+class SaveWeightsOnTrainEnd(pl.Callback):
+    """Writes each rank's final weights to ``{directory}/rank{r}.pt`` (after the callbacks before it ran)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(
+            {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+            f"{self.directory}/rank{trainer.global_rank}.pt",
+        )
+
+
+def trainer(tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)

@@ -1,0 +1,38 @@
+"""Callbacks declared in a LightningCLI YAML config."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import TinyClassifier
+
+pytest.importorskip("jsonargparse")
+
+
+def test_merge_guard_from_lightning_cli_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+trainer:
+  max_epochs: 1
+  limit_train_batches: 2
+  limit_val_batches: 1
+  accelerator: cpu
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  default_root_dir: {tmp_path}
+  callbacks:
+    - class_path: lightning_mergeguard.MergeGuardCallback
+      init_args:
+        alpha: 0.05
+        stage2: negation
+        tolerance: 100.0
+        report_path: {tmp_path / "report.json"}
+"""
+    )
+    cli = LightningCLI(TinyClassifier, args=["fit", "--config", str(config)], save_config_callback=None)
+    guards = [c for c in cli.trainer.callbacks if type(c).__name__ == "MergeGuardCallback"]
+    assert len(guards) == 1 and guards[0].alpha == 0.05 and guards[0].stage2_done
+    assert (tmp_path / "report.json").is_file()

@@ -1,0 +1,262 @@
+"""MergeGuardCallback: the stage-1 gradient, stage 2 once, resume, DDP, guard rails, bad arguments."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import SaveWeightsOnTrainEnd, TinyClassifier, blobs, trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
+
+from lightning_mergeguard import MergeGuardCallback
+from lightning_mergeguard.protection.redistribution import add_redistribution_grad_, redistribution_term
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_redistribution_grad_equals_autograd(normalize, with_reference):
+    torch.manual_seed(0)
+    params = {"a": torch.nn.Parameter(torch.randn(3, 4)), "b": torch.nn.Parameter(torch.randn(5))}
+    ref = {k: torch.randn_like(v) for k, v in params.items()} if with_reference else None
+    term = redistribution_term(params, ref, alpha=0.03, normalize=normalize)
+    expected = torch.autograd.grad(term, list(params.values()))
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    value = add_redistribution_grad_(params, ref, alpha=0.03, normalize=normalize)
+    assert value == pytest.approx(float(term), rel=1e-6)
+    for p, g in zip(params.values(), expected):
+        torch.testing.assert_close(p.grad, g)
+
+
+class GradProbe(pl.Callback):
+    """Placed around the guard: records grads before and after it, and the weights at that moment."""
+
+    def __init__(self, store, key):
+        self.store, self.key = store, key
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.store.setdefault(self.key, []).append(
+            {n: (p.grad.detach().clone(), p.detach().clone()) for n, p in pl_module.named_parameters()}
+        )
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_stage1_injects_exact_gradient_once_per_optimizer_step(tmp_path, accumulate):
+    store = {}
+    guard = MergeGuardCallback(alpha=0.1, stage2="none")
+    model = TinyClassifier()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t = trainer(
+        tmp_path,
+        max_epochs=1,
+        limit_train_batches=4,
+        accumulate_grad_batches=accumulate,
+        callbacks=[GradProbe(store, "before"), guard, GradProbe(store, "after")],
+    )
+    t.fit(model)
+    assert len(store["before"]) == 4 // accumulate == len(store["after"])
+    for before, after in zip(store["before"], store["after"]):
+        for n in before:
+            grad_before, weight = before[n]
+            expected = 2 * 0.1 * (weight - initial[n])
+            torch.testing.assert_close(after[n][0] - grad_before, expected)
+    assert "mergeguard/l2_term" in t.callback_metrics
+
+
+def test_raw_weight_target_and_filters(tmp_path):
+    store = {}
+    guard = MergeGuardCallback(alpha=0.1, target="weights", exclude=[r"bias"], stage2="none")
+    t = trainer(
+        tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[GradProbe(store, "b"), guard, GradProbe(store, "a")]
+    )
+    t.fit(TinyClassifier())
+    b, a = store["b"][0], store["a"][0]
+    for n in b:
+        diff = a[n][0] - b[n][0]
+        if n.endswith("bias"):
+            assert torch.equal(diff, torch.zeros_like(diff))
+        else:
+            torch.testing.assert_close(diff, 2 * 0.1 * b[n][1])
+
+
+def fit_with_guard(tmp_path, **guard_kwargs):
+    pl.seed_everything(0)
+    guard = MergeGuardCallback(progress=False, **guard_kwargs)
+    model = TinyClassifier()
+    trainer(tmp_path, max_epochs=3, callbacks=[guard]).fit(model)
+    return guard, model
+
+
+def test_scale_adversarial_stage2_report_and_tolerance(tmp_path):
+    report = tmp_path / "report.json"
+    save = tmp_path / "protected.safetensors"
+    guard, model = fit_with_guard(
+        tmp_path, stage2="scale_adversarial", steps=40, lr=0.01, report_path=str(report), save_path=str(save)
+    )
+    data = json.loads(report.read_text())
+    assert guard.stage2_done and data["method"] == "scale_adversarial"
+    assert data["score_before"] - data["score_after"] <= 1.5
+    assert data["merge_proxy_after"] <= data["merge_proxy_before"]
+    assert data["settings"]["steps"] == 40 and len(data["checks"]) >= 2
+    from safetensors.torch import load_file
+
+    saved = load_file(save)
+    for k, v in model.state_dict().items():
+        assert torch.equal(saved[k], v.cpu())
+
+
+def test_negation_backs_off_beta_to_meet_tolerance(tmp_path):
+    guard, _ = fit_with_guard(tmp_path, stage2="negation", beta=8.0, tolerance=0.5, granularity="module")
+    r = guard.report
+    assert r["backoff"][0]["beta"] == 8.0
+    assert r["score_before"] - r["score_after"] <= 0.5
+    assert r["beta_used"] < 8.0  # beta=8 flips the task vector hard enough to cost more than 0.5 points
+    assert set(r["layer_scores"]) == {"net.0", "net.2"}  # the head is excluded from stage 2 by default
+
+
+def test_negation_formula_on_non_critical_layers(tmp_path):
+    pl.seed_everything(0)
+    captured = {}
+
+    class Capture(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            captured["stage1"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    guard = MergeGuardCallback(
+        alpha=0.0,
+        stage2="negation",
+        beta=0.5,
+        tolerance=100.0,
+        critical_fraction=0.0,
+        small_fraction=0.0,
+        progress=False,
+    )
+    model = TinyClassifier()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer(tmp_path, max_epochs=1, callbacks=[guard, Capture()]).fit(model)
+    for n, p in model.named_parameters():
+        s1 = captured["stage1"][n]
+        if n.startswith("head"):
+            assert torch.equal(p, s1)
+        else:
+            torch.testing.assert_close(p.detach(), s1 - 0.5 * (s1 - initial[n]))
+
+
+def test_stage2_applied_exactly_once_across_refit(tmp_path):
+    pl.seed_everything(0)
+    guard = MergeGuardCallback(stage2="negation", tolerance=100.0, progress=False)
+    model = TinyClassifier()
+    t = trainer(tmp_path, max_epochs=1, callbacks=[guard])
+    t.fit(model)
+    ckpt = tmp_path / "after.ckpt"
+    t.save_checkpoint(ckpt)
+    assert torch.load(ckpt, weights_only=False)["callbacks"][guard.state_key]["stage2_done"] is True
+    guard2 = MergeGuardCallback(stage2="negation", tolerance=100.0, progress=False)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("stage 2 ran twice")
+
+    guard2._negation = fail
+    with pytest.warns(UserWarning, match="already applied"):
+        trainer(tmp_path, max_epochs=2, callbacks=[guard2]).fit(model, ckpt_path=ckpt)
+    assert guard2.stage2_done
+
+
+class OrderedTinyClassifier(TinyClassifier):
+    """Same data order in every epoch, so an uninterrupted and a resumed run see the same batches."""
+
+    def train_dataloader(self):
+        return DataLoader(blobs(256, 0), batch_size=32, shuffle=False)
+
+
+@pytest.mark.parametrize("crash_epoch", [1, 2])
+def test_resume_matches_uninterrupted(tmp_path, crash_epoch):
+    kwargs = dict(alpha=0.5, stage2="scale_adversarial", steps=10, lr=0.01, progress=False)
+    pl.seed_everything(0)
+    full = OrderedTinyClassifier()
+    trainer(tmp_path / "full", max_epochs=3, callbacks=[MergeGuardCallback(**kwargs)]).fit(full)
+
+    pl.seed_everything(0)
+    part = OrderedTinyClassifier()
+    t = trainer(
+        tmp_path / "part", max_epochs=crash_epoch, callbacks=[MergeGuardCallback(**{**kwargs, "stage2": "none"})]
+    )
+    t.fit(part)
+    ckpt = tmp_path / "mid.ckpt"
+    t.save_checkpoint(ckpt)
+
+    resumed = OrderedTinyClassifier()  # fresh weights: the reference must come from the checkpoint, not a new snapshot
+    guard = MergeGuardCallback(**kwargs)
+    t2 = trainer(tmp_path / "part", max_epochs=3, callbacks=[guard])
+    t2.fit(resumed, ckpt_path=ckpt)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_end_with_identical_weights(tmp_path):
+    pl.seed_everything(0)
+    guard = MergeGuardCallback(alpha=0.1, stage2="scale_adversarial", steps=8, lr=0.01, progress=False)
+    t = trainer(
+        tmp_path,
+        max_epochs=1,
+        strategy="ddp_spawn",
+        devices=2,
+        callbacks=[guard, SaveWeightsOnTrainEnd(str(tmp_path))],
+    )
+    t.fit(TinyClassifier())
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    initial = TinyClassifier().state_dict()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    assert any(not torch.equal(r0[k], initial[k]) for k in r0)
+
+
+def test_refuses_sharded_strategy():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class FakeTrainer:
+        strategy = FSDPStrategy()
+
+    with pytest.raises(MisconfigurationException, match="does not support the sharded strategy FSDPStrategy"):
+        MergeGuardCallback().setup(FakeTrainer(), TinyClassifier(), "fit")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(alpha=-1), "alpha must be"),
+        (dict(alpha=float("nan")), "alpha must be"),
+        (dict(target="theta"), "target must be"),
+        (dict(stage2="negate"), "stage2 must be"),
+        (dict(beta=0), "beta must be"),
+        (dict(scales=(0.3, 1.5)), "scales must be"),
+        (dict(critical_fraction=1.0), "critical_fraction must be"),
+        (dict(eval_batches=0), "eval_batches must be"),
+        (dict(exclude=["("]), "invalid parameter-name regex"),
+        (dict(granularity="layer"), "granularity must be"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MergeGuardCallback(**kwargs)
+
+
+def test_reference_from_path_and_mismatch(tmp_path):
+    from lightning_mergeguard.io import save_safetensors
+
+    model = TinyClassifier()
+    save_safetensors(tmp_path / "ref.safetensors", {k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+    guard = MergeGuardCallback(alpha=0.1, stage2="none", reference=str(tmp_path / "ref.safetensors"))
+    trainer(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[guard]).fit(model)
+    assert all(float(t.abs().sum()) == 0 for t in guard._reference.values())
+
+    bad = {k: torch.zeros(2) for k in model.state_dict()}
+    save_safetensors(tmp_path / "bad.safetensors", bad)
+    guard = MergeGuardCallback(stage2="none", reference=str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=r"reference tensor 'net.0.weight' has shape \(2,\)"):
+        trainer(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[guard]).fit(TinyClassifier())
