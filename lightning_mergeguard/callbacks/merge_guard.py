@@ -434,10 +434,25 @@ class MergeGuardCallback(Callback):
         return after, extra
 
     def _settings(self) -> dict[str, Any]:
-        keys = (
-            "alpha target normalize include exclude stage2 stage2_exclude eval_batches tolerance beta "
-            "critical_fraction small_fraction granularity steps scales clip lr"
-        ).split()
+        keys = [
+            "alpha",
+            "target",
+            "normalize",
+            "include",
+            "exclude",
+            "stage2",
+            "stage2_exclude",
+            "eval_batches",
+            "tolerance",
+            "beta",
+            "critical_fraction",
+            "small_fraction",
+            "granularity",
+            "steps",
+            "scales",
+            "clip",
+            "lr",
+        ]
         return {k: getattr(self, k) for k in keys} | {"reference": self.reference_path}
 
     # ------------------------------------------------------------------ resume
