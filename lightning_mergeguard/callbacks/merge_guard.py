@@ -21,7 +21,13 @@ from lightning_mergeguard.merging.sources import open_source
 from lightning_mergeguard.protection.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
 from lightning_mergeguard.protection.importance import layer_importance
 from lightning_mergeguard.protection.negation import apply_negation_, critical_layers, negation_mask
-from lightning_mergeguard.protection.params import DEFAULT_STAGE2_EXCLUDE, group_layers, select_parameters, snapshot
+from lightning_mergeguard.protection.params import (
+    DEFAULT_STAGE2_EXCLUDE,
+    group_layers,
+    match_names,
+    select_parameters,
+    snapshot,
+)
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_
 from lightning_mergeguard.protection.scale_adversarial import scale_adversarial_
 
@@ -207,15 +213,8 @@ class MergeGuardCallback(Callback):
 
     def _load_reference(self, path: str) -> dict[str, Tensor]:
         src = open_source(path, name="reference")
-        keys = set(src.keys())
-        out = {}
-        for name in self._params:
-            parts = name.split(".")
-            match = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in keys), None)
-            if match is None:
-                raise ValueError(f"MergeGuardCallback: reference {path} has no tensor for parameter {name!r}")
-            out[name] = src.get(match)
-        return out
+        names = match_names(self._params, src.keys(), what=f"MergeGuardCallback: reference {path}")
+        return {name: src.get(key) for name, key in names.items()}
 
     # ------------------------------------------------------------------ stage 1
     @override

@@ -86,3 +86,27 @@ def group_layers(names: Iterable[str], granularity: str = "block") -> dict[str, 
 def snapshot(params: dict[str, Tensor], device: str | None = None) -> dict[str, Tensor]:
     """Detached copies of parameters (optionally on another device)."""
     return {n: p.detach().to(device or p.device, copy=True) for n, p in params.items()}
+
+
+def match_names(names: Iterable[str], available: Iterable[str], what: str = "source") -> dict[str, str]:
+    """Map module parameter names to keys of another state dict, stripping leading components as needed.
+
+    A LightningModule's ``backbone.0.weight`` matches ``backbone.0.weight`` or ``0.weight`` in a checkpoint of the
+    bare network (a ``model.`` or ``backbone.`` prefix is the usual difference).
+
+    Raises:
+        ValueError: Naming the first parameter that has no counterpart.
+
+    Example:
+        >>> match_names(["backbone.0.weight"], ["0.weight", "0.bias"])
+        {'backbone.0.weight': '0.weight'}
+    """
+    keys = set(available)
+    out = {}
+    for name in names:
+        parts = name.split(".")
+        match = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in keys), None)
+        if match is None:
+            raise ValueError(f"{what} has no tensor for parameter {name!r}")
+        out[name] = match
+    return out

@@ -1,0 +1,395 @@
+"""MergeProbe: simulate merges of the model being trained and log how they fare, as ordinary Lightning metrics."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics.aggregation import SumMetric
+from tqdm.auto import tqdm
+from typing_extensions import override
+
+from lightning_mergeguard.callbacks._common import log_to_loggers, refuse_sharded, take
+from lightning_mergeguard.merging.engine import iter_merge
+from lightning_mergeguard.merging.sources import StateDictSource, WeightSource, open_source
+from lightning_mergeguard.merging.task_vectors import task_vector_cosine
+from lightning_mergeguard.protection.evaluation import ScoreFn, default_score, move_batch
+from lightning_mergeguard.protection.params import match_names, select_parameters, snapshot
+from lightning_mergeguard.protection.probe_math import (
+    BASE,
+    LIVE,
+    ProbeSpec,
+    TaskVectorSource,
+    build_probe_specs,
+    merge_metrics,
+)
+
+OWN = "own"
+
+
+class MergeProbe(Callback):
+    """Periodically merge the live model with other fine-tunes of the same base, evaluate, restore, and log.
+
+    At each probe the live weights are backed up once into a buffer that is reused across probes; every
+    (method, coefficient) merge is written tensor by tensor into the live parameters, evaluated, and the live
+    weights are restored bit for bit from the buffer at the end. Logged per merge label (``ties@0.3``...) and task
+    (``own`` for the model being trained, then each donor that has an evaluation loader):
+
+    - ``mergeprobe/<label>/<task>/acc``: score of the merged model (percent),
+    - ``mergeprobe/<label>/<task>/normalized_acc``: merged / individual,
+    - ``mergeprobe/<label>/<task>/interference``: individual - merged (points),
+    - ``mergeprobe/<task>/individual_acc`` and ``mergeprobe/cosine/<donor>`` (live task vector vs the donor's).
+
+    Under DDP every rank evaluates 1/world of the batches and the sums are reduced with torchmetrics, so the
+    logged numbers equal a single-process run's; only rank zero writes logs. Metrics go through
+    ``trainer.loggers`` (any logger) so the probe also runs in ``on_train_end``: put it *after*
+    :class:`~lightning_mergeguard.MergeGuardCallback` in ``callbacks`` to see the protected weights there.
+
+    Args:
+        donors: Name -> fine-tune of the same base (state dict, module, safetensors file, HF directory), or a list
+            (named ``donor0``...). Held as task vectors in ``donor_dtype`` on ``donor_device``.
+        methods: Merge methods: names, mappings ``{merge_method, parameters, model_parameters, label}``, or mergekit
+            YAML paths whose models are ``live``, ``base`` and donor names.
+        coefficients: Grid of merge coefficients (``lambda``; the live weight for ``linear``; ``t`` for ``slerp``).
+        eval_dataloaders: A loader for the protected task, or name -> loader (``"own"`` for the protected task,
+            donor names for theirs). A value may be ``(loader, score_fn)`` for a task scored differently.
+        every_n_steps: Probe every this many optimizer steps.
+        every_n_epochs: Probe at the end of every this many training epochs (default 1 when no step cadence).
+        probe_on_train_end: Probe once more when training ends (after stage 2 of a guard placed before).
+        score_fn: ``(module, batch) -> (score_sum, count)``; default accuracy.
+        eval_batches: Batches per loader per probe (cached once, so every probe sees the same data).
+        include: Regexes of parameter names merged (default: all trainable).
+        exclude: Regexes of parameter names kept from the live model (e.g. task heads).
+        reference: Path of the pretrained weights; default: the guard's reference if a
+            :class:`~lightning_mergeguard.MergeGuardCallback` runs, else a snapshot at fit start.
+        donor_dtype: ``"float32"`` or ``"bfloat16"`` for the stored donor task vectors.
+        donor_device: Where donor task vectors live (``"cpu"`` saves accelerator memory).
+        max_relative_distance: A donor farther than this from the base (``||tau|| / ||theta_pre||``) is taken for a
+            fine-tune of another base model and refused.
+        seed: Seed of randomized merges (DARE), so probes repeat.
+        strict: Raise on a failed probe instead of warning and skipping it.
+        progress: Show a progress bar while a probe runs.
+
+    Example:
+        >>> from lightning_mergeguard import MergeProbe
+        >>> probe = MergeProbe(donors={"math": "ft/math"}, methods=["task_arithmetic", "ties"],
+        ...                    coefficients=[0.3, 0.5], every_n_epochs=1)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        donors: Mapping[str, Any] | Sequence[Any],
+        methods: Sequence[str | Mapping[str, Any] | os.PathLike[str]] = ("task_arithmetic",),
+        coefficients: Sequence[float] | None = (0.3,),
+        eval_dataloaders: Any = None,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        probe_on_train_end: bool = True,
+        score_fn: ScoreFn | None = None,
+        eval_batches: int | None = 8,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        reference: str | None = None,
+        donor_dtype: str = "float32",
+        donor_device: str = "cpu",
+        max_relative_distance: float = 1.0,
+        seed: int = 0,
+        strict: bool = False,
+        progress: bool = True,
+    ) -> None:
+        if isinstance(donors, Mapping):
+            self.donor_inputs = dict(donors)
+        elif isinstance(donors, (list, tuple)):
+            self.donor_inputs = {f"donor{i}": d for i, d in enumerate(donors)}
+        else:
+            raise TypeError(f"donors must be a mapping or a list, got {type(donors).__name__}")
+        if not self.donor_inputs:
+            raise ValueError("MergeProbe needs at least one donor")
+        bad = [n for n in self.donor_inputs if n in (LIVE, BASE, OWN) or "/" in n]
+        if bad:
+            raise ValueError(f"donor names {bad} are reserved or contain '/'")
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if every_n_steps is None and every_n_epochs is None:
+            every_n_epochs = 1
+        if eval_batches is not None and (not isinstance(eval_batches, int) or eval_batches < 1):
+            raise ValueError(f"eval_batches must be a positive integer or None, got {eval_batches!r}")
+        if donor_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"donor_dtype must be 'float32' or 'bfloat16', got {donor_dtype!r}")
+        if coefficients is not None and (not coefficients or any(not math.isfinite(c) for c in coefficients)):
+            raise ValueError(f"coefficients must be a non-empty list of finite numbers or None, got {coefficients!r}")
+        # Validate the methods now (typos fail at construction, not mid-training).
+        self.specs: list[ProbeSpec] = build_probe_specs(list(methods), list(self.donor_inputs), coefficients)
+        self.methods = list(methods)
+        self.coefficients = list(coefficients) if coefficients is not None else None
+        self.eval_dataloaders = eval_dataloaders
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.probe_on_train_end = probe_on_train_end
+        self.score_fn = score_fn or default_score
+        self.eval_batches = eval_batches
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude)
+        self.reference_path = reference
+        self.donor_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[donor_dtype]
+        self.donor_device = donor_device
+        self.max_relative_distance = float(max_relative_distance)
+        self.seed = seed
+        self.strict = strict
+        self.progress = progress
+        # state
+        self.last_probe_step = -1
+        self.results: list[dict[str, float]] = []
+        self._params: dict[str, nn.Parameter] = {}
+        self._reference: dict[str, Tensor] | None = None
+        self._loaded_reference: dict[str, Tensor] | None = None
+        self._donor_tau: dict[str, dict[str, Tensor]] = {}
+        self._backup: dict[str, Tensor] | None = None
+        self._tasks: dict[str, tuple[list[Any] | Any, ScoreFn]] = {}
+        self._donor_individual: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ setup
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(donors=sorted(self.donor_inputs), labels=[s.label for s in self.specs])
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_sharded(trainer, "MergeProbe")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._params = select_parameters(pl_module, self.include, self.exclude)
+        if not self._params:
+            raise ValueError("MergeProbe: no trainable parameters match include/exclude")
+        if self._loaded_reference is not None:
+            missing = [n for n in self._params if n not in self._loaded_reference]
+            if missing:
+                raise ValueError(f"MergeProbe: the checkpoint's reference lacks parameters {missing[:5]}")
+            self._reference = {n: self._loaded_reference[n].to(p.device, p.dtype) for n, p in self._params.items()}
+        elif self.reference_path is not None:
+            src = open_source(self.reference_path, name="reference")
+            names = match_names(self._params, src.keys(), what=f"MergeProbe: reference {self.reference_path}")
+            self._reference = {
+                n: src.get(k).to(self._params[n].device, self._params[n].dtype) for n, k in names.items()
+            }
+        else:
+            self._reference = None  # resolved at the first probe (a guard's reference, else this snapshot)
+            self._snapshot = snapshot(self._params)
+        self._load_donors()
+        self._tasks = self._resolve_tasks(trainer)
+
+    def _ref(self, trainer: pl.Trainer) -> dict[str, Tensor]:
+        if self._reference is None:
+            guard = next((c for c in trainer.callbacks if type(c).__name__ == "MergeGuardCallback"), None)
+            guard_ref = getattr(guard, "_reference", None)
+            if guard_ref is not None and all(n in guard_ref for n in self._params):
+                self._reference = {n: guard_ref[n] for n in self._params}
+            else:
+                self._reference = self._snapshot
+        return self._reference
+
+    def _load_donors(self) -> None:
+        self._donor_tau = {}
+        for name, obj in self.donor_inputs.items():
+            src = open_source(obj, name=name)
+            names = match_names(self._params, src.keys(), what=f"MergeProbe: donor {name!r}")
+            tau = {}
+            for pname, key in names.items():
+                p = self._params[pname]
+                t = src.get(key)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"MergeProbe: donor {name!r} tensor {key!r} has shape {tuple(t.shape)}, "
+                        f"the model's {pname!r} has {tuple(p.shape)}"
+                    )
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"MergeProbe: donor {name!r} tensor {key!r} has NaN/Inf values")
+                tau[pname] = t  # full weights for now; turned into a task vector against the reference later
+            self._donor_tau[name] = tau
+        self._donors_are_weights = True
+
+    def _finalize_donors(self, ref: Mapping[str, Tensor]) -> None:
+        if not self._donors_are_weights:
+            return
+        ref_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in ref.values()))
+        for name, weights in self._donor_tau.items():
+            tau = {n: (w.to(ref[n].device, torch.float32) - ref[n].float()) for n, w in weights.items()}
+            dist = math.sqrt(sum(float(t.double().pow(2).sum()) for t in tau.values()))
+            if ref_norm > 0 and dist / ref_norm > self.max_relative_distance:
+                raise ValueError(
+                    f"MergeProbe: donor {name!r} is {dist / ref_norm:.2f} x ||theta_pre|| away from the base "
+                    f"(limit {self.max_relative_distance}); is it a fine-tune of another base model?"
+                )
+            self._donor_tau[name] = {n: t.to(self.donor_device, self.donor_dtype) for n, t in tau.items()}
+        self._donors_are_weights = False
+
+    def _resolve_tasks(self, trainer: pl.Trainer) -> dict[str, tuple[Any, ScoreFn]]:
+        loaders = self.eval_dataloaders
+        if loaders is None:
+            loaders = trainer.val_dataloaders
+            if isinstance(loaders, (list, tuple)):
+                loaders = loaders[0] if loaders else None
+            if loaders is None:
+                raise ValueError("MergeProbe needs eval_dataloaders (or a validation dataloader on the trainer)")
+        if not isinstance(loaders, Mapping):
+            loaders = {OWN: loaders}
+        unknown = [k for k in loaders if k != OWN and k not in self.donor_inputs]
+        if unknown:
+            raise ValueError(f"MergeProbe: eval_dataloaders keys {unknown} are neither 'own' nor donor names")
+        if OWN not in loaders:
+            raise ValueError("MergeProbe: eval_dataloaders needs an 'own' entry for the protected task")
+        tasks = {}
+        for name, value in loaders.items():
+            loader, fn = value if isinstance(value, tuple) else (value, self.score_fn)
+            batches = take(loader, self.eval_batches) if self.eval_batches is not None else loader
+            tasks[name] = (batches, fn)
+        return tasks
+
+    # ------------------------------------------------------------------ cadence
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.last_probe_step:
+            self.probe(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        due = self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if due and trainer.global_step != self.last_probe_step:
+            self.probe(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe_on_train_end:
+            self.probe(trainer, pl_module, force=True)
+
+    # ------------------------------------------------------------------ probing
+    def _evaluate(self, pl_module: pl.LightningModule, task: str, trainer: pl.Trainer) -> float:
+        batches, fn = self._tasks[task]
+        device = pl_module.device
+        total, count = SumMetric().to(device), SumMetric().to(device)
+        rank, world = trainer.global_rank, trainer.world_size
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(batches):
+                    if i % world != rank:
+                        continue
+                    s, n = fn(pl_module, move_batch(batch, device))
+                    total.update(torch.as_tensor(s, dtype=torch.float64, device=device))
+                    count.update(torch.as_tensor(float(n), dtype=torch.float64, device=device))
+        finally:
+            pl_module.train(was_training)
+        n = float(count.compute())
+        if n == 0:
+            raise ValueError(f"MergeProbe: the {task!r} evaluation saw no examples")
+        return 100.0 * float(total.compute()) / n
+
+    @torch.no_grad()
+    def _write(self, merged: Mapping[str, Tensor] | None, donor: str | None = None) -> None:
+        """Write merged weights (or ``base + donor tau``, or the backup when both are None) into the live model."""
+        assert self._backup is not None and self._reference is not None
+        for n, p in self._params.items():
+            if merged is not None:
+                p.copy_(merged[n])
+            elif donor is not None:
+                p.copy_(self._reference[n] + self._donor_tau[donor][n].to(p.device, p.dtype))
+            else:
+                p.copy_(self._backup[n])
+
+    def probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, force: bool = False) -> dict[str, float]:
+        """Run every configured merge now and log the results (also callable by hand)."""
+        if not force and trainer.global_step == self.last_probe_step:
+            return {}
+        ref = self._ref(trainer)
+        self._finalize_donors(ref)
+        start = time.perf_counter()
+        if self._backup is None:
+            self._backup = {n: torch.empty_like(p) for n, p in self._params.items()}
+        for n, p in self._params.items():
+            self._backup[n].copy_(p.detach())
+        metrics: dict[str, float] = {}
+        try:
+            individual = {OWN: self._evaluate(pl_module, OWN, trainer)}
+            for task in self._tasks:
+                if task == OWN:
+                    continue
+                if task not in self._donor_individual:
+                    self._write(None, donor=task)
+                    self._donor_individual[task] = self._evaluate(pl_module, task, trainer)
+                    self._write(None)
+                individual[task] = self._donor_individual[task]
+            for task, acc in individual.items():
+                metrics[f"mergeprobe/{task}/individual_acc"] = acc
+            live_tau = {n: self._backup[n].float() - ref[n].float() for n in self._params}
+            for name, tau in self._donor_tau.items():
+                metrics[f"mergeprobe/cosine/{name}"] = task_vector_cosine(live_tau, tau)
+            del live_tau
+            live_src = StateDictSource(self._backup, name=LIVE)
+            base_src = StateDictSource(ref, name=BASE)
+            sources: dict[str, WeightSource] = {LIVE: live_src, BASE: base_src}
+            sources.update({d: TaskVectorSource(ref, tau, d) for d, tau in self._donor_tau.items()})
+            bar = tqdm(
+                self.specs, desc="MergeProbe", leave=False, disable=not (self.progress and trainer.is_global_zero)
+            )
+            for spec in bar:
+                try:
+                    self._merge_into_live(spec, sources)
+                    scores = {task: self._evaluate(pl_module, task, trainer) for task in self._tasks}
+                    metrics.update(merge_metrics(spec.label, scores, individual))
+                except Exception as err:  # a bad merge skips this probe entry unless strict
+                    if self.strict:
+                        raise
+                    rank_zero_warn(f"MergeProbe: merge {spec.label!r} failed and was skipped: {err}")
+                finally:
+                    self._write(None)
+        except Exception as err:
+            self._write(None)
+            if self.strict:
+                raise
+            rank_zero_warn(f"MergeProbe: probe at step {trainer.global_step} failed and was skipped: {err}")
+            return {}
+        metrics["mergeprobe/seconds"] = time.perf_counter() - start
+        self.last_probe_step = trainer.global_step
+        self.results.append({"step": float(trainer.global_step), **metrics})
+        log_to_loggers(trainer, metrics)
+        return metrics
+
+    def _merge_into_live(self, spec: ProbeSpec, sources: Mapping[str, WeightSource]) -> None:
+        cfg = spec.config
+        models = {m.model: sources[m.model] for m in cfg.models if m.model != cfg.base_model}
+        base = sources[cfg.base_model] if cfg.base_model is not None else None
+        with torch.no_grad():
+            for key, tensor in iter_merge(
+                cfg, models, base, device=next(iter(self._params.values())).device, seed=self.seed
+            ):
+                self._params[key].copy_(tensor)
+
+    # ------------------------------------------------------------------ resume
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"last_probe_step": self.last_probe_step, "results": self.results}
+        if self.reference_path is None and self._reference is not None:
+            state["reference"] = {n: t.detach().cpu() for n, t in self._reference.items()}
+        elif self.reference_path is None and getattr(self, "_snapshot", None) is not None:
+            state["reference"] = {n: t.detach().cpu() for n, t in self._snapshot.items()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_probe_step = int(state_dict.get("last_probe_step", -1))
+        self.results = list(state_dict.get("results", []))
+        self._loaded_reference = state_dict.get("reference")

@@ -1,0 +1,82 @@
+"""Turn a run's CSV log (Lightning ``CSVLogger``'s ``metrics.csv``) into a PNG of merge resistance over training."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["plot_merge_resistance", "read_probe_log"]
+
+
+def read_probe_log(metrics_csv: str | os.PathLike[str]) -> dict[str, list[tuple[int, float]]]:
+    """``metric name -> [(step, value), ...]`` for every ``mergeprobe/`` column of a CSV log."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            step = row.get("step")
+            if step in (None, ""):
+                continue
+            for key, value in row.items():
+                if key.startswith("mergeprobe/") and value not in (None, ""):
+                    v = float(value)
+                    if math.isfinite(v):
+                        series[key].append((int(float(step)), v))
+    if not series:
+        raise ValueError(f"{metrics_csv} has no mergeprobe/ metrics; was a MergeProbe in the callbacks?")
+    return dict(series)
+
+
+def plot_merge_resistance(
+    metrics_csv: str | os.PathLike[str], out_png: str | os.PathLike[str], task: str = "own", title: str | None = None
+) -> Path:
+    """Plot the merged accuracy of ``task`` for every probed merge, with the unmerged model's for reference.
+
+    Args:
+        metrics_csv: Path of ``metrics.csv``.
+        out_png: Where to write the PNG (atomically).
+        task: ``"own"`` or a donor name.
+        title: Figure title.
+
+    Returns:
+        The PNG path.
+
+    Example:
+        >>> plot_merge_resistance("logs/version_0/metrics.csv", "merge_resistance.png")  # doctest: +SKIP
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_mergeguard.io import atomic_open
+
+    series = read_probe_log(metrics_csv)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    individual = series.get(f"mergeprobe/{task}/individual_acc")
+    if individual:
+        xs, ys = zip(*individual)
+        ax.plot(xs, ys, color="black", linewidth=2.2, label=f"{task}: model alone")
+    suffix = f"/{task}/acc"
+    for key in sorted(k for k in series if k.endswith(suffix)):
+        xs, ys = zip(*series[key])
+        ax.plot(xs, ys, marker="o", markersize=3, label=key[len("mergeprobe/") : -len(suffix)])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"accuracy on {task!r} (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(title or f"Merge resistance over training ({task})")
+    fig.tight_layout()
+    out = Path(out_png)
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":  # python -m lightning_mergeguard.plotting metrics.csv out.png [task]
+    plot_merge_resistance(*sys.argv[1:4])

@@ -1,0 +1,159 @@
+"""Pure pieces of the merge probe: donor task vectors as lazy weight sources, probe grids, result metrics."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_mergeguard.merging.config import MergeConfig
+from lightning_mergeguard.merging.sources import WeightSource
+
+__all__ = ["ProbeSpec", "TaskVectorSource", "build_probe_specs", "merge_metrics"]
+
+LIVE = "live"
+BASE = "base"
+_TRIM_DEFAULT_DENSITY = {"ties": 0.5, "dare_linear": 0.5, "dare_ties": 0.5, "breadcrumbs": 0.9, "breadcrumbs_ties": 0.9}
+
+
+class TaskVectorSource(WeightSource):
+    """Weights ``base + tau`` produced one tensor at a time (the stored task vector may be bf16 on the CPU)."""
+
+    def __init__(self, base: Mapping[str, Tensor], tau: Mapping[str, Tensor], name: str) -> None:
+        self._base, self._tau, self.name = base, tau, name
+
+    @override
+    def keys(self) -> list[str]:
+        return list(self._base)
+
+    @override
+    def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        t = self._base[key]
+        return tuple(t.shape), t.dtype
+
+    @override
+    def get(self, key: str) -> Tensor:
+        b = self._base[key]
+        return b + self._tau[key].to(device=b.device, dtype=b.dtype)
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One simulated merge: a label for the logs and the config to run (models named ``live`` and donors)."""
+
+    label: str
+    config: MergeConfig
+
+
+def _spec_from_mapping(method: Mapping[str, Any], donors: Sequence[str], coefficient: float | None) -> ProbeSpec:
+    data = dict(method)
+    name = data.pop("merge_method", None)
+    if name is None:
+        raise ValueError(f"probe method {method!r} has no 'merge_method'")
+    label = data.pop("label", None)
+    shared = dict(data.pop("parameters", {}) or {})
+    per_model = dict(data.pop("model_parameters", {}) or {})
+    if data:
+        raise ValueError(f"probe method {name!r}: unknown keys {sorted(data)} (use parameters / model_parameters)")
+    from lightning_mergeguard.merging.registry import get_method
+
+    spec = get_method(name)
+    models = [LIVE, *donors]
+    if spec.name == "linear":
+        c = 1.0 / len(models) if coefficient is None else coefficient
+        rest = (1.0 - c) / max(1, len(donors))
+        entries = [{"model": LIVE, "parameters": {**per_model, "weight": c}}] + [
+            {"model": d, "parameters": {**per_model, "weight": rest}} for d in donors
+        ]
+        label = label or (f"linear@{c:g}" if coefficient is not None else "linear")
+        cfg = {"merge_method": "linear", "models": entries, "parameters": shared}
+    elif spec.name == "slerp":
+        if len(donors) != 1:
+            raise ValueError("a slerp probe needs exactly one donor")
+        t = shared.get("t", 0.5) if coefficient is None else coefficient
+        cfg = {
+            "merge_method": "slerp",
+            "base_model": LIVE,
+            "models": [{"model": LIVE}, {"model": donors[0]}],
+            "parameters": {**shared, "t": t},
+        }
+        label = label or f"slerp@{t:g}"
+    else:
+        params = {"weight": 1.0, **per_model}
+        if "density" in spec.model_params and "density" not in params and spec.name in _TRIM_DEFAULT_DENSITY:
+            params["density"] = _TRIM_DEFAULT_DENSITY[spec.name]
+        if coefficient is not None:
+            shared = {**shared, "lambda": coefficient}
+        lam = shared.get("lambda", 1.0)
+        label = label or f"{spec.name}@{lam:g}"
+        cfg = {
+            "merge_method": spec.name,
+            "base_model": BASE,
+            "models": [{"model": m, "parameters": dict(params)} for m in models],
+            "parameters": shared,
+        }
+    return ProbeSpec(label=label, config=MergeConfig.from_dict(cfg))
+
+
+def build_probe_specs(
+    methods: Sequence[str | Mapping[str, Any] | os.PathLike[str]],
+    donors: Sequence[str],
+    coefficients: Sequence[float] | None,
+) -> list[ProbeSpec]:
+    """Expand methods x coefficients into probe specs.
+
+    A method is a name (``"ties"``, mergekit defaults, ``weight: 1`` per model and a density of 0.5 for trimming
+    methods), a mapping ``{merge_method, parameters, model_parameters, label}``, or a path to a mergekit YAML whose
+    ``models`` name the donors and ``live`` (used as is, without the coefficient grid). The coefficient is
+    ``lambda`` for task-vector methods, the live model's weight for ``linear`` and ``t`` for ``slerp``.
+
+    Example:
+        >>> [s.label for s in build_probe_specs(["task_arithmetic", "ties"], ["d1"], [0.3, 0.5])]
+        ['task_arithmetic@0.3', 'task_arithmetic@0.5', 'ties@0.3', 'ties@0.5']
+    """
+    if not donors:
+        raise ValueError("the probe needs at least one donor")
+    out: list[ProbeSpec] = []
+    for method in methods:
+        if isinstance(method, os.PathLike) or (isinstance(method, str) and method.endswith((".yml", ".yaml"))):
+            cfg = MergeConfig.from_yaml(method)
+            names = {m.model for m in cfg.models} | ({cfg.base_model} if cfg.base_model else set())
+            unknown = names - {LIVE, BASE, *donors}
+            if unknown:
+                raise ValueError(
+                    f"probe config {method}: models {sorted(unknown)} are neither 'live', 'base' nor donors"
+                )
+            out.append(ProbeSpec(label=os.path.splitext(os.path.basename(str(method)))[0], config=cfg))
+            continue
+        m = {"merge_method": method} if isinstance(method, str) else method
+        for c in coefficients or [None]:
+            out.append(_spec_from_mapping(m, donors, c))
+    labels = [s.label for s in out]
+    dupes = {x for x in labels if labels.count(x) > 1}
+    if dupes:
+        raise ValueError(f"probe labels must be unique; repeated: {sorted(dupes)} (set 'label' on the methods)")
+    return out
+
+
+def merge_metrics(label: str, merged: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, float]:
+    """Metric names and values for one merge: accuracy, normalized accuracy and interference per task.
+
+    Example:
+        >>> m = merge_metrics("ta@0.3", {"own": 40.0}, {"own": 80.0})
+        >>> m["mergeprobe/ta@0.3/own/normalized_acc"], m["mergeprobe/ta@0.3/own/interference"]
+        (0.5, 40.0)
+    """
+    out = {}
+    for task, acc in merged.items():
+        ind = individual.get(task)
+        out[f"mergeprobe/{label}/{task}/acc"] = acc
+        if ind is not None:
+            out[f"mergeprobe/{label}/{task}/normalized_acc"] = acc / ind if ind > 0 else math.nan
+            out[f"mergeprobe/{label}/{task}/interference"] = ind - acc
+    return out

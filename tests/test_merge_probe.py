@@ -1,0 +1,257 @@
+"""MergeProbe: numbers equal an offline merge, live weights untouched, DDP equals single process, bad donors."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import TinyClassifier, blobs, trainer
+from torch.utils.data import DataLoader
+
+from lightning_mergeguard import MergeProbe
+from lightning_mergeguard.merging import merge
+from lightning_mergeguard.protection.evaluation import evaluate
+
+
+def base_state():
+    torch.manual_seed(1234)
+    return TinyClassifier().state_dict()
+
+
+def fresh_model(cls=TinyClassifier):
+    """The model every test fine-tunes: always the same initial weights, so donors share its base."""
+    model = cls()
+    model.load_state_dict(base_state())
+    return model
+
+
+def donor_states(n=2, scale=0.05):
+    base = base_state()
+    out = {}
+    for i in range(n):
+        g = torch.Generator().manual_seed(100 + i)
+        out[f"d{i}"] = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    return out
+
+
+def val_loader():
+    return DataLoader(blobs(128, 1), batch_size=32)
+
+
+class Snapshot(pl.Callback):
+    """Records the weights right before and right after the probe's epoch-end hook (placed around the probe)."""
+
+    def __init__(self, store, key):
+        self.store, self.key = store, key
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.store[self.key] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_probe_equals_offline_merge_and_leaves_weights_bit_identical(tmp_path):
+    pl.seed_everything(0)
+    donors = donor_states()
+    probe = MergeProbe(
+        donors=donors,
+        methods=[
+            "task_arithmetic",
+            {"merge_method": "ties", "model_parameters": {"density": 0.5}},
+            "dare_ties",
+            "linear",
+        ],
+        coefficients=[0.3, 0.7],
+        eval_dataloaders=val_loader(),
+        eval_batches=None,
+        probe_on_train_end=False,
+        progress=False,
+    )
+    store = {}
+    model = fresh_model()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer(tmp_path, max_epochs=1, callbacks=[Snapshot(store, "before"), probe, Snapshot(store, "after")]).fit(model)
+    for k in store["before"]:
+        assert torch.equal(store["before"][k], store["after"][k]), k
+    live = store["before"]
+    result = probe.results[-1]
+    offline_model = TinyClassifier()
+    for spec in probe.specs:
+        models = {"live": live, **donors}
+        cfg = spec.config
+        merged = merge(cfg, {m.model: models[m.model] for m in cfg.models if m.model != cfg.base_model}, base, seed=0)
+        offline_model.load_state_dict(merged)
+        want = 100 * evaluate(offline_model, val_loader())
+        assert result[f"mergeprobe/{spec.label}/own/acc"] == pytest.approx(want, abs=1e-9), spec.label
+    offline_model.load_state_dict(live)
+    assert result["mergeprobe/own/individual_acc"] == pytest.approx(100 * evaluate(offline_model, val_loader()))
+    labels = {s.label for s in probe.specs}
+    assert labels == {
+        "task_arithmetic@0.3",
+        "task_arithmetic@0.7",
+        "ties@0.3",
+        "ties@0.7",
+        "dare_ties@0.3",
+        "dare_ties@0.7",
+        "linear@0.3",
+        "linear@0.7",
+    }
+    assert -1 <= result["mergeprobe/cosine/d0"] <= 1
+
+
+def test_probe_logs_through_csv_logger_and_plots(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_mergeguard.plotting import plot_merge_resistance
+
+    pl.seed_everything(0)
+    probe = MergeProbe(
+        donors=donor_states(1), coefficients=[0.3, 0.5], every_n_steps=4, eval_dataloaders=val_loader(), progress=False
+    )
+    logger = CSVLogger(tmp_path, name="run")
+    trainer(tmp_path, max_epochs=2, logger=logger, callbacks=[probe]).fit(fresh_model())
+    csv_path = tmp_path / "run" / "version_0" / "metrics.csv"
+    text = csv_path.read_text()
+    assert "mergeprobe/task_arithmetic@0.3/own/acc" in text and "mergeprobe/cosine/d0" in text
+    steps = [r["step"] for r in probe.results]
+    assert steps[:4] == [4.0, 8.0, 12.0, 16.0] and steps[-1] == 16.0  # 8 steps/epoch; end-of-fit probe forced
+    png = plot_merge_resistance(csv_path, tmp_path / "resistance.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_donor_tasks_with_their_own_score_fn(tmp_path):
+    pl.seed_everything(0)
+
+    def always_half(module, batch):
+        return torch.tensor(len(batch[1]) / 2), len(batch[1])
+
+    probe = MergeProbe(
+        donors=donor_states(1),
+        eval_dataloaders={"own": val_loader(), "d0": (val_loader(), always_half)},
+        probe_on_train_end=False,
+        progress=False,
+    )
+    trainer(tmp_path, max_epochs=1, callbacks=[probe]).fit(fresh_model())
+    r = probe.results[-1]
+    assert r["mergeprobe/d0/individual_acc"] == 50.0
+    assert r["mergeprobe/task_arithmetic@0.3/d0/acc"] == 50.0
+    assert r["mergeprobe/task_arithmetic@0.3/d0/interference"] == 0.0
+
+
+class WriteProbeResults(pl.Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        probe = next(c for c in trainer.callbacks if isinstance(c, MergeProbe))
+        if trainer.is_global_zero:
+            with open(self.path, "w") as f:
+                json.dump(probe.results, f)
+
+
+class FixedWeights(TinyClassifier):
+    """No training (lr 0), so the single- and two-process runs probe the same weights."""
+
+    def __init__(self):
+        super().__init__(lr=0.0)
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_log_the_same_numbers_as_one(tmp_path):
+    def run(path, **kw):
+        pl.seed_everything(0)
+        probe = MergeProbe(
+            donors=donor_states(),
+            methods=["task_arithmetic", "ties"],
+            coefficients=[0.3],
+            eval_dataloaders=val_loader(),
+            eval_batches=None,
+            progress=False,
+        )
+        path.mkdir()
+        out = path / "results.json"
+        trainer(path, max_epochs=1, limit_train_batches=2, callbacks=[probe, WriteProbeResults(str(out))], **kw).fit(
+            fresh_model(FixedWeights)
+        )
+        return json.loads(out.read_text())
+
+    single = run(tmp_path / "one")
+    double = run(tmp_path / "two", strategy="ddp_spawn", devices=2)
+    assert len(single) == len(double) == 2
+    for a, b in zip(single, double):
+        for k, v in a.items():
+            if k not in ("mergeprobe/seconds", "step"):
+                assert b[k] == pytest.approx(v, abs=1e-9), k
+
+
+def test_bad_donors_raise_clear_errors(tmp_path):
+    good = donor_states(1)["d0"]
+    wrong_shape = {**good, "net.0.weight": torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=r"donor 'bad' tensor 'net.0.weight' has shape \(3, 3\)"):
+        trainer(
+            tmp_path, max_epochs=1, callbacks=[MergeProbe(donors={"bad": wrong_shape}, eval_dataloaders=val_loader())]
+        ).fit(TinyClassifier())
+    nan = {**good, "head.bias": torch.tensor([0.0, float("nan"), 0.0])}
+    with pytest.raises(ValueError, match=r"donor 'nan' tensor 'head.bias' has NaN/Inf"):
+        trainer(tmp_path, max_epochs=1, callbacks=[MergeProbe(donors={"nan": nan}, eval_dataloaders=val_loader())]).fit(
+            TinyClassifier()
+        )
+    missing = {k: v for k, v in good.items() if k != "head.bias"}
+    with pytest.raises(ValueError, match=r"donor 'miss' has no tensor for parameter 'head.bias'"):
+        trainer(
+            tmp_path, max_epochs=1, callbacks=[MergeProbe(donors={"miss": missing}, eval_dataloaders=val_loader())]
+        ).fit(TinyClassifier())
+
+
+def test_donor_from_another_base_is_refused(tmp_path):
+    other = {k: v + 10 * torch.randn_like(v) for k, v in base_state().items()}
+    probe = MergeProbe(donors={"other": other}, eval_dataloaders=val_loader(), strict=True, progress=False)
+    with pytest.raises(ValueError, match="is a fine-tune of another base model|fine-tune of another base"):
+        trainer(tmp_path, max_epochs=1, callbacks=[probe]).fit(fresh_model())
+
+
+def test_failed_probe_warns_unless_strict(tmp_path):
+    def broken(module, batch):
+        raise RuntimeError("eval exploded")
+
+    probe = MergeProbe(donors=donor_states(1), eval_dataloaders=val_loader(), score_fn=broken, progress=False)
+    with pytest.warns(UserWarning, match="eval exploded"):
+        trainer(tmp_path, max_epochs=1, callbacks=[probe]).fit(fresh_model())
+    assert probe.results == []
+    strict = MergeProbe(donors=donor_states(1), eval_dataloaders=val_loader(), score_fn=broken, strict=True)
+    with pytest.raises(RuntimeError, match="eval exploded"):
+        trainer(tmp_path, max_epochs=1, callbacks=[strict]).fit(fresh_model())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(donors={}), "at least one donor"),
+        (dict(donors={"live": {}}), "reserved"),
+        (dict(methods=["tie"]), "unknown merge_method 'tie'"),
+        (dict(methods=[{"merge_method": "ties", "parameters": {"lamda": 1}}]), "did you mean 'lambda'"),
+        (dict(every_n_steps=0), "every_n_steps must be"),
+        (dict(coefficients=[]), "coefficients must be"),
+        (dict(donor_dtype="fp8"), "donor_dtype must be"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    args = {"donors": {"d": {}}, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        MergeProbe(**args)
+
+
+def test_bf16_donors_and_resume_keeps_reference(tmp_path):
+    pl.seed_everything(0)
+    probe = MergeProbe(donors=donor_states(1), donor_dtype="bfloat16", eval_dataloaders=val_loader(), progress=False)
+    model = fresh_model()
+    t = trainer(tmp_path, max_epochs=1, callbacks=[probe])
+    t.fit(model)
+    assert all(v.dtype == torch.bfloat16 for v in probe._donor_tau["d0"].values())
+    ckpt = tmp_path / "p.ckpt"
+    t.save_checkpoint(ckpt)
+    probe2 = MergeProbe(donors=donor_states(1), donor_dtype="bfloat16", eval_dataloaders=val_loader(), progress=False)
+    trainer(tmp_path, max_epochs=2, callbacks=[probe2]).fit(fresh_model(), ckpt_path=ckpt)
+    for n, t_ref in probe._reference.items():
+        assert torch.equal(probe2._reference[n], t_ref)
+    assert probe2.results[0]["step"] == probe.results[0]["step"]
