@@ -1,13 +1,36 @@
 """Lightning MergeGuard: fine-tune with protection against unauthorized model merging, and watch merge resistance.
 
+The package imports lazily: ``lightning_mergeguard.merging`` (the merge engine and the ``mergeguard-merge``
+command) needs only torch, safetensors and PyYAML; Lightning is imported when a callback is first used.
+
 Example:
     >>> from lightning_mergeguard import MergeGuardCallback, MergeProbe
     >>> callbacks = [MergeGuardCallback(alpha=0.01)]  # add MergeProbe(donors=...) to monitor merges
 """
 
-from lightning_mergeguard.callbacks.merge_guard import MergeGuardCallback
-from lightning_mergeguard.callbacks.merge_probe import MergeProbe
-from lightning_mergeguard.merging import MergeConfig, merge
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["MergeConfig", "MergeGuardCallback", "MergeProbe", "merge"]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "MergeGuardCallback": "lightning_mergeguard.callbacks.merge_guard",
+    "MergeProbe": "lightning_mergeguard.callbacks.merge_probe",
+    "MergeConfig": "lightning_mergeguard.merging.config",
+    "merge": "lightning_mergeguard.merging.engine",
+}
+
+if TYPE_CHECKING:
+    from lightning_mergeguard.callbacks.merge_guard import MergeGuardCallback
+    from lightning_mergeguard.callbacks.merge_probe import MergeProbe
+    from lightning_mergeguard.merging.config import MergeConfig
+    from lightning_mergeguard.merging.engine import merge
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_mergeguard' has no attribute {name!r}")

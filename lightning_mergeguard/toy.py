@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["TASKS", "DigitsTaskModule", "MLPBackbone", "digits_task_data", "pretrain_backbone"]
+__all__ = ["TASKS", "DigitsTaskModule", "HeadScore", "MLPBackbone", "digits_task_data", "pretrain_backbone"]
 
 TASKS: dict[str, Callable[[Tensor], Tensor]] = {
     "plain": lambda x: x,
@@ -119,3 +119,16 @@ def pretrain_backbone(epochs: int = 3, seed: int = 0, width: int = 128, depth: i
     )
     trainer.fit(module, CombinedLoader(loaders, "max_size_cycle"))
     return backbone, heads
+
+
+class HeadScore:
+    """Score function for the probe: accuracy of ``task``'s head on the shared backbone (picklable)."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+
+    def __call__(self, module: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
+        """``(correct, count)`` for one batch."""
+        x, y = batch
+        logits = module.heads[self.task](module.backbone(x))
+        return (logits.argmax(-1) == y).sum(), len(y)

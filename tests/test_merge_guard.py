@@ -23,12 +23,16 @@ def test_redistribution_grad_equals_autograd(normalize, with_reference):
     ref = {k: torch.randn_like(v) for k, v in params.items()} if with_reference else None
     term = redistribution_term(params, ref, alpha=0.03, normalize=normalize)
     expected = torch.autograd.grad(term, list(params.values()))
-    for p in params.values():
-        p.grad = torch.zeros_like(p)
-    value = add_redistribution_grad_(params, ref, alpha=0.03, normalize=normalize)
-    assert value == pytest.approx(float(term), rel=1e-6)
-    for p, g in zip(params.values(), expected):
-        torch.testing.assert_close(p.grad, g)
+    for compute_value in (True, False):
+        for p in params.values():
+            p.grad = torch.zeros_like(p)
+        value = add_redistribution_grad_(params, ref, alpha=0.03, normalize=normalize, compute_value=compute_value)
+        if compute_value:
+            assert value == pytest.approx(float(term.detach()), rel=1e-6)
+        else:
+            assert value is None
+        for p, g in zip(params.values(), expected):
+            torch.testing.assert_close(p.grad, g)
 
 
 class GradProbe(pl.Callback):

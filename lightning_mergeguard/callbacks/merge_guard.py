@@ -227,8 +227,13 @@ class MergeGuardCallback(Callback):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         reference = self._reference if self.target == "task_vector" else None
-        value = add_redistribution_grad_(self._params, reference, alpha=self.alpha, normalize=self.normalize)
-        pl_module.log("mergeguard/l2_term", value, on_step=True, on_epoch=False)
+        # The term's value costs an extra pass over the weights: compute it only when the trainer logs.
+        logging_step = (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.global_step == 0
+        value = add_redistribution_grad_(
+            self._params, reference, alpha=self.alpha, normalize=self.normalize, compute_value=logging_step
+        )
+        if value is not None:
+            pl_module.log("mergeguard/l2_term", value, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ stage 2
     @override

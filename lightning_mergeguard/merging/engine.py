@@ -7,7 +7,9 @@ sources (memory-mapped safetensors stream from disk), merged, written or stored,
 from __future__ import annotations
 
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,9 +89,12 @@ def _checked(src: WeightSource, key: str, dtype: torch.dtype, device: torch.devi
     t = src.get(key)
     if t.is_floating_point():
         t = t.to(device=device, dtype=dtype)
-        if not bool(torch.isfinite(t).all()):
+        # A sum is a cheap reduction that is NaN/Inf whenever an entry is; only then pay for the exact count
+        # (a float32 overflow of the sum alone is not an error).
+        if not bool(torch.isfinite(t.sum(dtype=torch.float64) if t.dtype != torch.float64 else t.sum())):
             bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"tensor {key!r} of model {src.name!r} has {bad} NaN/Inf value(s)")
+            if bad:
+                raise ValueError(f"tensor {key!r} of model {src.name!r} has {bad} NaN/Inf value(s)")
     else:
         t = t.to(device)
     return t
@@ -197,6 +202,37 @@ def iter_merge(
         del tensors, merged, ref_t
 
 
+def _write_overlapped(writer: StreamingSafetensorsWriter, stream: Iterator[tuple[str, Tensor]]) -> None:
+    """Write tensors on a background thread while the next ones are merged (both release the GIL).
+
+    The queue holds at most two tensors, so memory stays bounded; an error on either side stops both.
+    """
+    q: queue.Queue[tuple[str, Tensor] | None] = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            while (item := q.get()) is not None:
+                writer.write(*item)
+        except BaseException as err:  # re-raised on the main thread
+            failure.append(err)
+            while q.get() is not None:  # drain so the producer never blocks
+                pass
+
+    thread = threading.Thread(target=work, name="mergeguard-writer", daemon=True)
+    thread.start()
+    try:
+        for item in stream:
+            if failure:
+                break
+            q.put(item)
+    finally:
+        q.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
+
+
 def merge(
     config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
     models: Mapping[str, Any] | Sequence[Any] | None = None,
@@ -246,8 +282,7 @@ def merge(
     target = out if out.suffix == ".safetensors" else out / "model.safetensors"
     stream = iter_merge(cfg, donors, base_src, device=device, seed=seed, progress=progress)
     with StreamingSafetensorsWriter(target, specs, metadata={"format": "pt", "merge_method": cfg.merge_method}) as w:
-        for k, t in stream:
-            w.write(k, t)
+        _write_overlapped(w, stream)
     if out.suffix != ".safetensors":
         if reference.directory is not None:
             for name in _COPY_FILES:

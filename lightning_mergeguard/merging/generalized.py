@@ -54,6 +54,20 @@ def generalized_task_arithmetic(
         raise ValueError(f"got {len(tensors)} tensors but {len(weights)} weights")
     if not tensors:
         return base
+    if sparsify is None and consensus is None:
+        # Plain weighted sum: two buffers instead of a stack of task vectors (same sums, mergekit's order).
+        mixed = torch.zeros_like(base)
+        tmp = torch.empty_like(base)
+        for t, w in zip(tensors, weights):
+            torch.sub(t, base, out=tmp)
+            mixed.add_(tmp, alpha=float(w))
+        del tmp
+        if normalize:
+            total = sum(float(w) for w in weights)
+            mixed /= total if abs(total) >= 1e-8 else 1.0
+        if lambda_ != 1:
+            mixed *= lambda_
+        return mixed.add_(base).to(base.dtype)
     deltas = base.new_empty((len(tensors), *base.shape))
     for i, t in enumerate(tensors):
         delta = t - base

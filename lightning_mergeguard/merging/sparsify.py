@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,6 +71,14 @@ def rescale_masked(tensor: Tensor, mask: Tensor, norm: RescaleNorm | None, densi
     return masked * (before / after)
 
 
+def _select(flat: Tensor, i: int, j: int) -> tuple[Tensor, Tensor]:
+    """Values of ascending rank ``i`` and ``j`` (an O(n) selection; numpy's introselect is ~10x torch's on CPU)."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        part = np.partition(flat.numpy(), (i, j) if i != j else i)
+        return torch.as_tensor(part[i]), torch.as_tensor(part[j])
+    return flat.kthvalue(i + 1).values, flat.kthvalue(j + 1).values
+
+
 def rank_window_mask(values: Tensor, lo: int, hi: int) -> Tensor:
     """Boolean mask of the entries whose ascending rank lies in ``[lo, hi)``.
 
@@ -95,13 +104,13 @@ def rank_window_mask(values: Tensor, lo: int, hi: int) -> Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     if lo == 0 and hi == n:
         return torch.ones_like(values, dtype=torch.bool)
-    a = flat.kthvalue(lo + 1).values
-    b = flat.kthvalue(hi).values
+    a, b = _select(flat, lo, hi - 1)
     keep = (flat > a) & (flat < b)
     for v in (a, b) if bool(a != b) else (a,):
-        eq = flat == v
-        rank = (flat < v).sum() + torch.cumsum(eq, 0) - 1
-        keep |= eq & (rank >= lo) & (rank < hi)
+        # Entries equal to a boundary value: rank them by index and keep those inside the window.
+        idx = (flat == v).nonzero().squeeze(1)
+        ranks = int((flat < v).sum()) + torch.arange(len(idx), device=flat.device)
+        keep[idx[(ranks >= lo) & (ranks < hi)]] = True
     return keep.reshape(values.shape)
 
 

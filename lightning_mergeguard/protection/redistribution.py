@@ -60,10 +60,13 @@ def add_redistribution_grad_(
     *,
     alpha: float,
     normalize: bool = False,
-) -> float:
+    compute_value: bool = True,
+) -> float | None:
     """Add the term's gradient ``2 * alpha * c_l * x_l`` to each parameter's ``.grad``; return the term's value.
 
-    Parameters without a gradient (frozen, or unused this step) are skipped.
+    The gradient is added as ``grad += k * theta - k * theta_pre`` with fused multi-tensor ops and no temporary
+    copy of the model; the value (which needs one) is computed only when ``compute_value`` is true, so a
+    callback can pay for it on logging steps only. Parameters without a gradient are skipped.
 
     Example:
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
@@ -73,12 +76,27 @@ def add_redistribution_grad_(
         >>> w.grad
         tensor([ 1., -1.])
     """
-    value = 0.0
-    for name, p in params.items():
-        if p.grad is None:
-            continue
-        x = p - reference[name].to(p.device, p.dtype) if reference is not None else p
-        c = _coef(p, normalize)
-        value += float(alpha * c * x.double().pow(2).sum())
-        p.grad.add_(x.to(p.grad.dtype), alpha=2.0 * alpha * c)
+    names = [n for n, p in params.items() if p.grad is not None]
+    if not names:
+        return 0.0 if compute_value else None
+    ps = [params[n] for n in names]
+    grads = [p.grad for p in ps]
+    refs = [reference[n] for n in names] if reference is not None else None
+    value = None
+    if compute_value:
+        xs = torch._foreach_sub(ps, refs) if refs is not None else ps
+        norms = torch._foreach_norm(xs)
+        value = sum(alpha * _coef(p, normalize) * float(nrm) ** 2 for p, nrm in zip(ps, norms))
+        del xs
+    if normalize:
+        for p, g, i in zip(ps, grads, range(len(ps))):
+            k = 2.0 * alpha * _coef(p, normalize)
+            g.add_(p, alpha=k)
+            if refs is not None:
+                g.add_(refs[i], alpha=-k)
+    else:
+        k = 2.0 * alpha
+        torch._foreach_add_(grads, ps, alpha=k)
+        if refs is not None:
+            torch._foreach_add_(grads, refs, alpha=-k)
     return value

@@ -1,0 +1,118 @@
+"""Shared by the benchmarks: environment facts, results files, cached SmolLM2 fine-tunes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = ROOT / ".cache"
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import lightning
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def write_results(name: str, data: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/<name>.json`` atomically, with the command and environment."""
+    from lightning_mergeguard.io import atomic_write_json
+
+    data = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "environment": environment(), **data}
+    path = RESULTS / f"{name}.json"
+    atomic_write_json(path, data)
+    return path
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table (floats with 3 significant decimals)."""
+
+    def fmt(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+_LAUNCHER = """
+import json, os, sys, time
+start = time.perf_counter()
+pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
+                  "exit": os.waitstatus_to_exitcode(status)}))
+"""
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+    """Run a command; return its wall time (s) and peak RSS (MiB).
+
+    A tiny launcher process (python -S, a few MiB) spawns the command and reads its ``wait4`` usage: on Linux a
+    child's ``ru_maxrss`` also counts the memory of the process it was forked from, so measuring from this
+    (large) benchmark process directly would report this process's size.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", _LAUNCHER, *cmd], capture_output=True, text=True, env=env, check=False
+    )
+    lines = proc.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError) as err:
+        raise RuntimeError(f"launcher failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}") from err
+    if result["exit"] != 0:
+        raise RuntimeError(f"{cmd[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return {"seconds": result["seconds"], "peak_rss_mib": result["peak_rss_mib"]}
+
+
+def smollm2_finetunes(tasks: tuple[str, ...] = ("add", "reverse"), steps: int = 20, seed: int = 0) -> dict[str, Path]:
+    """The SmolLM2 base directory and short full fine-tunes on generated tasks (cached under .cache/)."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset, generate_task, load_smollm2, smollm2_dir
+
+    paths = {"base": smollm2_dir(CACHE / "smollm2-135m")}
+    for task in tasks:
+        out = CACHE / f"smollm2-ft-{task}-{steps}"
+        paths[task] = out
+        if (out / "model.safetensors").is_file():
+            continue
+        pl.seed_everything(seed, verbose=False)
+        model, tok = load_smollm2(CACHE / "smollm2-135m")
+        data = DataLoader(LMTaskDataset(tok, generate_task(task, 8 * steps, seed)), batch_size=8, shuffle=True)
+        trainer = pl.Trainer(
+            max_steps=steps,
+            accelerator="auto",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=True,
+        )
+        trainer.fit(CausalLMModule(model, lr=1e-4), data)
+        tmp = out.with_name(out.name + ".tmp")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    return paths

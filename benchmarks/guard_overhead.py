@@ -1,0 +1,143 @@
+"""Cost of MergeGuard: stage-1 step time against plain fine-tuning, and stage-2 wall time against a validation pass.
+
+    python benchmarks/guard_overhead.py [--model smollm2|digits] [--steps 12] [--rounds 3]
+
+Plain fine-tuning and fine-tuning with ``MergeGuardCallback(stage2="none")`` alternate in the same process
+(``rounds`` times each, after a warm-up) on the same data; the headline is the ratio of median optimizer-step
+times. Stage 2 (scale-adversarial, default settings but ``steps``) is then timed against one validation pass of
+the same ``eval_batches``. Writes benchmarks/results/guard_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import lightning.pytorch as pl
+from _common import CACHE, markdown_table, write_results
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lightning_mergeguard import MergeGuardCallback
+from lightning_mergeguard.protection.evaluation import evaluate
+
+
+class StepTimer(pl.Callback):
+    """Wall time of each training batch (forward, backward, callbacks' gradient work and optimizer step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self._t)
+
+
+def setting(name: str):
+    if name == "smollm2":
+        from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset, generate_task, load_smollm2
+
+        model, tok = load_smollm2(CACHE / "smollm2-135m")
+        train = DataLoader(LMTaskDataset(tok, generate_task("add", 256)), batch_size=8, shuffle=False)
+        val = DataLoader(LMTaskDataset(tok, generate_task("add", 64, seed=1)), batch_size=8)
+        return (lambda: CausalLMModule(copy.deepcopy(model), lr=1e-4)), train, val, "SmolLM2-135M, batch 8x32 tokens"
+    from lightning_mergeguard.toy import DigitsTaskModule, digits_task_data, pretrain_backbone
+
+    backbone, heads = pretrain_backbone(epochs=2)
+    train = DataLoader(digits_task_data("plain", "train"), batch_size=32)
+    val = DataLoader(digits_task_data("plain", "val"), batch_size=64)
+    return (lambda: DigitsTaskModule(copy.deepcopy(backbone), heads, "plain")), train, val, "digits MLP (5x128)"
+
+
+def run(make_module, train, callbacks, steps):
+    timer = StepTimer()
+    pl.seed_everything(0, verbose=False)
+    module = make_module()
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, timer],
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train)
+    return timer.times[1:], module  # first step includes lazy initialisation
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["smollm2", "digits"], default="smollm2")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stage2-steps", type=int, default=20)
+    args = parser.parse_args()
+    make_module, train, val, desc = setting(args.model)
+    plain, guarded = [], []
+    for _ in tqdm(range(args.rounds), desc="stage 1 rounds (plain, guarded)"):
+        plain += run(make_module, train, [], args.steps)[0]
+        guarded += run(make_module, train, [MergeGuardCallback(alpha=0.01, stage2="none")], args.steps)[0]
+    ratio = statistics.median(guarded) / statistics.median(plain)
+
+    # Stage 2 against one validation pass over the same batches it scores with.
+    eval_batches = 8
+    _, module = run(make_module, train, [], 2)
+    batches = [b for _, b in zip(range(eval_batches), val)]
+    start = time.perf_counter()
+    evaluate(module, batches)
+    val_pass = time.perf_counter() - start
+    guard = MergeGuardCallback(alpha=0.01, steps=args.stage2_steps, eval_batches=eval_batches, progress=False)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[guard],
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+    )
+    trainer.fit(make_module(), train, val)
+    stage2 = guard.report["seconds"]
+    rows = [
+        ["plain fine-tuning step (median s)", statistics.median(plain)],
+        ["with MergeGuard stage 1 (median s)", statistics.median(guarded)],
+        ["stage-1 step-time ratio", ratio],
+        ["one validation pass, 8 batches (s)", val_pass],
+        [f"stage 2, {args.stage2_steps} steps + guard-rail checks (s)", stage2],
+        ["stage 2 / validation pass", stage2 / val_pass],
+    ]
+    table = markdown_table(["measure", "value"], rows)
+    path = write_results(
+        f"guard_overhead_{args.model}",
+        {
+            "setting": desc,
+            "baseline": "plain fine-tuning (same module, data and optimizer), alternating in the same process",
+            "steps_per_run": args.steps,
+            "rounds": args.rounds,
+            "plain_step_seconds": plain,
+            "guarded_step_seconds": guarded,
+            "stage1_step_time_ratio": ratio,
+            "validation_pass_seconds": val_pass,
+            "stage2_seconds": stage2,
+            "stage2_steps": args.stage2_steps,
+            "stage2_over_validation_pass": stage2 / val_pass,
+            "table": table,
+        },
+    )
+    print(table)
+    print(f"HEADLINE stage 1: {ratio:.3f}x the step time of plain fine-tuning ({desc})")
+    print(f"HEADLINE stage 2: {stage2 / val_pass:.1f}x one validation pass ({stage2:.1f} s)")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

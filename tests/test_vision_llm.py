@@ -1,0 +1,85 @@
+"""open_clip and transformers integration: local checkpoints, the guard on a ViT tower and on a tiny Llama."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import trainer
+from torch.utils.data import DataLoader
+
+from lightning_mergeguard import MergeGuardCallback
+from lightning_mergeguard.toy import digits_task_data
+
+open_clip = pytest.importorskip("open_clip")
+
+
+def test_open_clip_local_checkpoint_roundtrip(tmp_path):
+    from lightning_mergeguard.vision import build_open_clip
+
+    torch.manual_seed(0)
+    clip = build_open_clip("tiny")
+    path = tmp_path / "clip.pt"
+    torch.save(clip.state_dict(), path)
+    again = build_open_clip("tiny", checkpoint=path)
+    for (k, a), b in zip(clip.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        build_open_clip("tiny", checkpoint=tmp_path / "missing.pt")
+
+
+def test_guard_on_open_clip_tower_excludes_embeddings_and_norms(tmp_path):
+    from lightning_mergeguard.vision import ClipImageClassifier, build_open_clip
+
+    pl.seed_everything(0)
+    clip = build_open_clip("tiny")
+    module = ClipImageClassifier(clip.visual, clip.visual.output_dim)
+    guard = MergeGuardCallback(
+        include=[r"^visual\."],
+        stage2="negation",
+        critical_fraction=0.0,
+        small_fraction=0.0,
+        tolerance=100.0,
+        progress=False,
+    )
+    train = DataLoader(digits_task_data("plain", "train"), batch_size=64, shuffle=True)
+    val = DataLoader(digits_task_data("plain", "val"), batch_size=128)
+    before = {}
+
+    class Keep(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            before.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    trainer(tmp_path, max_epochs=1, limit_train_batches=4, callbacks=[guard, Keep()]).fit(module, train, val)
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    left_out = {
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "visual.proj",
+        "visual.ln_post.weight",
+        "visual.ln_post.bias",
+    }
+    assert changed == {n for n in before if n.startswith("visual.")} - left_out
+    assert guard.report["parameters_perturbed"] == len(changed)
+
+
+def test_guard_on_tiny_llama_leaves_embeddings_norm_and_head(tmp_path):
+    from conftest import tiny_llama
+
+    from lightning_mergeguard.llm import CausalLMModule
+
+    pl.seed_everything(0)
+    ids = torch.randint(0, 64, (32, 12))
+    data = [
+        {"input_ids": ids[i : i + 8], "attention_mask": torch.ones(8, 12, dtype=torch.long), "labels": ids[i : i + 8]}
+        for i in range(0, 32, 8)
+    ]
+    module = CausalLMModule(tiny_llama(), lr=1e-3)
+    initial = {n: p.detach().clone() for n, p in module.named_parameters()}
+    guard = MergeGuardCallback(alpha=0.01, steps=4, eval_batches=2, tolerance=100.0, progress=False)
+    loader = DataLoader(data, batch_size=None)
+    trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(module, loader, loader)
+    r = guard.report
+    stage2_names = {n for n, _ in module.named_parameters() if n.startswith("model.model.layers.")}
+    assert r["parameters_perturbed"] == len(stage2_names)
+    assert all(not torch.equal(p, initial[n]) for n, p in module.named_parameters())  # stage 1 trains everything
