@@ -11,8 +11,10 @@ once more at the end, and logs the results to a CSV log. The demo prints a table
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -67,8 +69,13 @@ def probe(donors):
     )
 
 
-def main() -> None:
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=None, help="also write the summary JSON here")
+    parser.add_argument("--plots", default=str(OUT), help="directory for the PNGs")
+    args = parser.parse_args(argv)
+    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*log_every_n_steps.*", ".*val_dataloader.*"):
+        warnings.filterwarnings("ignore", pattern)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     OUT.mkdir(parents=True, exist_ok=True)
     print("1/4 joint pre-training of the shared backbone (theta_pre) ...")
@@ -89,24 +96,49 @@ def main() -> None:
 
     before, after = plain_probe.results[-1], guarded_probe.results[-1]
     labels = [s.label for s in guarded_probe.specs]
-    print()
-    print(f"Owner's task ({OWNER!r}) test accuracy, merged with the three donors (coefficient 0.3):")
-    print(f"| {'':18} | {'unprotected':>11} | {'protected':>9} | {'change':>7} |")
-    print(f"|{'-' * 20}|{'-' * 13}|{'-' * 11}|{'-' * 9}|")
-    own_b, own_a = before["mergeprobe/own/individual_acc"], after["mergeprobe/own/individual_acc"]
-    print(f"| {'model alone':18} | {own_b:11.1f} | {own_a:9.1f} | {own_a - own_b:+7.1f} |")
+    rows = [["model alone", before["mergeprobe/own/individual_acc"], after["mergeprobe/own/individual_acc"]]]
+    rows += [[label, before[f"mergeprobe/{label}/own/acc"], after[f"mergeprobe/{label}/own/acc"]] for label in labels]
+    donor_rows = []
     for label in labels:
-        b, a = before[f"mergeprobe/{label}/own/acc"], after[f"mergeprobe/{label}/own/acc"]
-        print(f"| {label:18} | {b:11.1f} | {a:9.1f} | {a - b:+7.1f} |")
-    print("(chance is 10%; donors' own tasks in the merged model are logged under mergeprobe/<merge>/<task>/acc)")
+        for t in donors:
+            key = f"mergeprobe/{label}/{t}/acc"
+            donor_rows.append([label, t, before[key], after[key]])
+    table = "\n".join(
+        [
+            "| owner's task, test accuracy (%) | unprotected | protected | change |",
+            "|---|---|---|---|",
+            *[f"| {name} | {b:.1f} | {a:.1f} | {a - b:+.1f} |" for name, b, a in rows],
+        ]
+    )
+    print()
+    print("Owner's task ('plain') merged with the three donors (coefficient 0.3; chance is 10%):")
+    print(table)
+    print("(the donors' own tasks in the merged models are in the CSV logs and the summary JSON)")
+    plots = Path(args.plots)
     for name, lg in (("unprotected", plain_logger), ("protected", guarded_logger)):
         png = plot_merge_resistance(
             Path(lg.log_dir) / "metrics.csv",
-            OUT / f"merge_resistance_{name}.png",
+            plots / f"merge_resistance_{name}.png",
             title=f"Owner's task accuracy in merges during fine-tuning ({name})",
         )
         print(f"plot: {png}")
+    summary = {
+        "command": " ".join(["python", *sys.argv]),
+        "setting": "sklearn digits, 4 tasks (plain, rot90, transpose, invert) sharing a 5x128 MLP backbone with "
+        "frozen per-task heads; 10-epoch joint pre-training; 5-epoch fine-tunes; merges of the backbone with the "
+        "three donors at coefficient 0.3; test split (360 images per task).",
+        "table": table,
+        "owner": [dict(zip(["merge", "unprotected", "protected"], r)) for r in rows],
+        "donors_in_merge": [dict(zip(["merge", "task", "unprotected", "protected"], r)) for r in donor_rows],
+        "protection_report": guard.report,
+    }
+    if args.results:
+        from lightning_mergeguard.io import atomic_write_json
+
+        atomic_write_json(args.results, summary)
+        print(f"summary: {args.results}")
     print(f"protection report: {OUT / 'protection_report.json'}; CSV logs under {OUT}/")
+    return summary
 
 
 if __name__ == "__main__":

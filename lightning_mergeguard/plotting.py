@@ -56,14 +56,38 @@ def plot_merge_resistance(
 
     series = read_probe_log(metrics_csv)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    all_steps = [s for points in series.values() for s, _ in points]
+    span = max(1, max(all_steps) - min(all_steps))
+    end_of_fit = False
+
+    def spread(points: list[tuple[int, float]]) -> tuple[list[float], list[float]]:
+        # A probe at the end of fit shares the last epoch's step; draw it just to the right ("after stage 2").
+        nonlocal end_of_fit
+        xs = [float(s) for s, _ in points]
+        if len(xs) >= 2 and xs[-1] == xs[-2]:
+            xs[-1] += 0.04 * span
+            end_of_fit = True
+        return xs, [v for _, v in points]
+
     individual = series.get(f"mergeprobe/{task}/individual_acc")
     if individual:
-        xs, ys = zip(*individual)
+        xs, ys = spread(individual)
         ax.plot(xs, ys, color="black", linewidth=2.2, label=f"{task}: model alone")
     suffix = f"/{task}/acc"
     for key in sorted(k for k in series if k.endswith(suffix)):
-        xs, ys = zip(*series[key])
+        xs, ys = spread(series[key])
         ax.plot(xs, ys, marker="o", markersize=3, label=key[len("mergeprobe/") : -len(suffix)])
+    if end_of_fit:
+        ax.axvline(max(all_steps) + 0.02 * span, color="grey", linestyle=":", linewidth=1)
+        ax.text(
+            max(all_steps) + 0.025 * span,
+            50,
+            "end of fit\n(after stage 2)",
+            fontsize=7,
+            color="grey",
+            rotation=90,
+            va="center",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"accuracy on {task!r} (%)")
     ax.set_ylim(0, 100)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_mergeguard.classifier import ClassifierModule
+
 __all__ = ["TASKS", "DigitsTaskModule", "HeadScore", "MLPBackbone", "digits_task_data", "pretrain_backbone"]
 
 TASKS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -59,7 +61,7 @@ class MLPBackbone(nn.Sequential):
         super().__init__(*layers)
 
 
-class DigitsTaskModule(pl.LightningModule):
+class DigitsTaskModule(ClassifierModule):
     """Backbone + a frozen task head, fine-tuned on one digits task (or pre-trained jointly when ``task=None``).
 
     Args:
@@ -83,21 +85,11 @@ class DigitsTaskModule(pl.LightningModule):
         """Logits of the fine-tuned task."""
         return self.heads[self.task or "plain"](self.backbone(x))
 
-    def training_step(self, batch, batch_idx):  # noqa: D102
+    def loss(self, batch) -> Tensor:
+        """One task's cross-entropy, or the sum over tasks of a joint (pre-training) batch."""
         if self.task is None:
-            loss = sum(F.cross_entropy(self.heads[t](self.backbone(x)), y) for t, (x, y) in batch.items())
-        else:
-            x, y = batch
-            loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):  # noqa: D102
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True)
-
-    def configure_optimizers(self):  # noqa: D102
-        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+            return sum(F.cross_entropy(self.heads[t](self.backbone(x)), y) for t, (x, y) in batch.items())
+        return super().loss(batch)
 
 
 def pretrain_backbone(epochs: int = 3, seed: int = 0, width: int = 128, depth: int = 5):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_mergeguard.classifier import ClassifierModule
 
 __all__ = ["TINY_VIT", "ClipImageClassifier", "build_open_clip", "digits_as_images"]
 
@@ -59,7 +60,7 @@ def digits_as_images(x: Tensor, size: int = 32) -> Tensor:
     return ((img - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
 
 
-class ClipImageClassifier(pl.LightningModule):
+class ClipImageClassifier(ClassifierModule):
     """An open_clip image tower with a linear head, fine-tuned on flattened digit images.
 
     Args:
@@ -77,6 +78,7 @@ class ClipImageClassifier(pl.LightningModule):
         self.visual = visual
         self.head = nn.Linear(embed_dim, num_classes)
         self.lr = lr
+        self.optimizer_cls = torch.optim.AdamW
         if freeze_head:
             self.head.requires_grad_(False)
 
@@ -85,16 +87,3 @@ class ClipImageClassifier(pl.LightningModule):
         if x.dim() == 2:
             x = digits_as_images(x)
         return self.head(self.visual(x))
-
-    def training_step(self, batch, batch_idx):  # noqa: D102
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):  # noqa: D102
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True)
-
-    def configure_optimizers(self):  # noqa: D102
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)

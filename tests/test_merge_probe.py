@@ -255,3 +255,27 @@ def test_bf16_donors_and_resume_keeps_reference(tmp_path):
     for n, t_ref in probe._reference.items():
         assert torch.equal(probe2._reference[n], t_ref)
     assert probe2.results[0]["step"] == probe.results[0]["step"]
+
+
+def test_overhead_budget_skips_probes(tmp_path):
+    import time as _time
+
+    def slow_score(module, batch):
+        _time.sleep(0.05)
+        x, y = batch
+        return (module(x).argmax(-1) == y).sum(), len(y)
+
+    pl.seed_everything(0)
+    probe = MergeProbe(
+        donors=donor_states(1),
+        eval_dataloaders=val_loader(),
+        score_fn=slow_score,
+        every_n_steps=1,
+        max_overhead=0.05,
+        progress=False,
+    )
+    trainer(tmp_path, max_epochs=1, callbacks=[probe]).fit(fresh_model())
+    assert probe.skipped_for_budget > 0
+    assert 2 <= len(probe.results) < 8  # 8 steps were due; the first and the end-of-fit probe always run
+    with pytest.raises(ValueError, match="max_overhead must be"):
+        MergeProbe(donors={"d": {}}, max_overhead=0)

@@ -77,6 +77,9 @@ class MergeProbe(Callback):
         seed: Seed of randomized merges (DARE), so probes repeat.
         strict: Raise on a failed probe instead of warning and skipping it.
         progress: Show a progress bar while a probe runs.
+        max_overhead: If set (e.g. ``0.05``), a scheduled probe is skipped while the time spent probing would
+            exceed this fraction of the training time so far; the decision is rank zero's, broadcast to all ranks.
+            The probe at the end of fit always runs.
 
     Example:
         >>> from lightning_mergeguard import MergeProbe
@@ -104,6 +107,7 @@ class MergeProbe(Callback):
         seed: int = 0,
         strict: bool = False,
         progress: bool = True,
+        max_overhead: float | None = None,
     ) -> None:
         if isinstance(donors, Mapping):
             self.donor_inputs = dict(donors)
@@ -125,6 +129,8 @@ class MergeProbe(Callback):
             raise ValueError(f"eval_batches must be a positive integer or None, got {eval_batches!r}")
         if donor_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"donor_dtype must be 'float32' or 'bfloat16', got {donor_dtype!r}")
+        if max_overhead is not None and not (isinstance(max_overhead, (int, float)) and max_overhead > 0):
+            raise ValueError(f"max_overhead must be a positive fraction or None, got {max_overhead!r}")
         if coefficients is not None and (not coefficients or any(not math.isfinite(c) for c in coefficients)):
             raise ValueError(f"coefficients must be a non-empty list of finite numbers or None, got {coefficients!r}")
         # Validate the methods now (typos fail at construction, not mid-training).
@@ -146,6 +152,10 @@ class MergeProbe(Callback):
         self.seed = seed
         self.strict = strict
         self.progress = progress
+        self.max_overhead = max_overhead
+        self.skipped_for_budget = 0
+        self._probe_time = 0.0
+        self._train_start: float | None = None
         # state
         self.last_probe_step = -1
         self.results: list[dict[str, float]] = []
@@ -259,15 +269,30 @@ class MergeProbe(Callback):
 
     # ------------------------------------------------------------------ cadence
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_start = time.perf_counter()
+
+    def _within_budget(self, trainer: pl.Trainer) -> bool:
+        if self.max_overhead is None or self._train_start is None:
+            return True
+        elapsed = time.perf_counter() - self._train_start - self._probe_time
+        ok = self._probe_time <= self.max_overhead * max(elapsed, 1e-9)
+        ok = bool(trainer.strategy.broadcast(ok, src=0))
+        if not ok:
+            self.skipped_for_budget += 1
+        return ok
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.last_probe_step:
+        due = self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.last_probe_step
+        if due and self._within_budget(trainer):
             self.probe(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         due = self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        if due and trainer.global_step != self.last_probe_step:
+        if due and trainer.global_step != self.last_probe_step and self._within_budget(trainer):
             self.probe(trainer, pl_module)
 
     @override
@@ -363,6 +388,7 @@ class MergeProbe(Callback):
             rank_zero_warn(f"MergeProbe: probe at step {trainer.global_step} failed and was skipped: {err}")
             return {}
         metrics["mergeprobe/seconds"] = time.perf_counter() - start
+        self._probe_time += metrics["mergeprobe/seconds"]
         self.last_probe_step = trainer.global_step
         self.results.append({"step": float(trainer.global_step), **metrics})
         log_to_loggers(trainer, metrics)

@@ -93,8 +93,8 @@ def scale_adversarial_(
                     for n in names:
                         params[n].copy_(reference[n] + s * (live[n] - reference[n]))
                 loss_s = loss_fn(module, batch)
-                scaled_total += float(loss_s)
-                if float(loss_s) < clip:
+                scaled_total += float(loss_s.detach())
+                if float(loss_s.detach()) < clip:
                     (-(s / len(scales)) * loss_s).backward()
             with torch.no_grad():
                 for n in names:
@@ -104,7 +104,7 @@ def scale_adversarial_(
                         if params[n].grad is not None:
                             params[n].grad.copy_(grad_reduce(params[n].grad))
             opt.step()
-            history.append({"own_loss": float(own), "scaled_loss": scaled_total / len(scales)})
+            history.append({"own_loss": float(own.detach()), "scaled_loss": scaled_total / len(scales)})
             if check is not None and check_every > 0 and len(history) % check_every == 0:
                 check(len(history))
     finally:
