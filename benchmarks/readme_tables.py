@@ -30,6 +30,16 @@ def main() -> None:
             "![merge resistance during fine-tuning](docs/merge_resistance_protected.png)",
             "",
         ]
+    choice = load("stage2_choice")
+    if choice:
+        out += [
+            "### Which stage 2, and what stage 1 adds (`benchmarks/stage2_choice.py`)",
+            "",
+            f"Command: `{choice['command']}`. {choice['setting']}; baseline: {choice['baseline']}.",
+            "",
+            choice["table"],
+            "",
+        ]
     speed = load("merge_speed")
     if speed:
         out += [

@@ -17,7 +17,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mergeguard.classifier import ClassifierModule
 
-__all__ = ["TASKS", "DigitsTaskModule", "HeadScore", "MLPBackbone", "digits_task_data", "pretrain_backbone"]
+__all__ = [
+    "TASKS",
+    "DigitsTaskModule",
+    "HeadScore",
+    "MLPBackbone",
+    "digits_task_data",
+    "finetune_task",
+    "pretrain_backbone",
+    "task_accuracy",
+]
 
 TASKS: dict[str, Callable[[Tensor], Tensor]] = {
     "plain": lambda x: x,
@@ -124,3 +133,39 @@ class HeadScore:
         x, y = batch
         logits = module.heads[self.task](module.backbone(x))
         return (logits.argmax(-1) == y).sum(), len(y)
+
+
+def finetune_task(
+    backbone: nn.Module, heads: nn.ModuleDict, task: str, callbacks: list | None = None, epochs: int = 5, seed: int = 1
+) -> dict[str, Tensor]:
+    """Fine-tune a copy of ``backbone`` on ``task`` (its head frozen); return the backbone's state dict."""
+    import copy
+
+    pl.seed_everything(seed, verbose=False)
+    module = DigitsTaskModule(copy.deepcopy(backbone), heads, task)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks or []),
+    )
+    trainer.fit(
+        module,
+        DataLoader(digits_task_data(task, "train"), batch_size=32, shuffle=True),
+        DataLoader(digits_task_data(task, "val"), batch_size=256),
+    )
+    return {k: v.detach().clone() for k, v in module.backbone.state_dict().items()}
+
+
+def task_accuracy(backbone: nn.Module, heads: nn.ModuleDict, state: dict[str, Tensor], task: str) -> float:
+    """Test accuracy (percent) of ``task``'s head on a backbone with weights ``state``."""
+    import copy
+
+    from lightning_mergeguard.protection.evaluation import evaluate
+
+    module = DigitsTaskModule(copy.deepcopy(backbone), heads, task)
+    module.backbone.load_state_dict(state)
+    return 100 * evaluate(module, DataLoader(digits_task_data(task, "test"), batch_size=512))

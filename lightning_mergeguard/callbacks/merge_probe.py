@@ -49,8 +49,9 @@ class MergeProbe(Callback):
     - ``mergeprobe/<task>/individual_acc`` and ``mergeprobe/cosine/<donor>`` (live task vector vs the donor's).
 
     Under DDP every rank evaluates 1/world of the batches and the sums are reduced with torchmetrics, so the
-    logged numbers equal a single-process run's; only rank zero writes logs. Metrics go through
-    ``trainer.loggers`` (any logger) so the probe also runs in ``on_train_end``: put it *after*
+    logged numbers equal a single-process run's; only rank zero writes logs. A failure that hits only some ranks
+    cannot be skipped consistently: use ``strict=True`` under DDP when donors or score functions may fail.
+    Metrics go through ``trainer.loggers`` (any logger) so the probe also runs in ``on_train_end``: put it *after*
     :class:`~lightning_mergeguard.MergeGuardCallback` in ``callbacks`` to see the protected weights there.
 
     Args:
@@ -202,7 +203,9 @@ class MergeProbe(Callback):
 
     def _ref(self, trainer: pl.Trainer) -> dict[str, Tensor]:
         if self._reference is None:
-            guard = next((c for c in trainer.callbacks if type(c).__name__ == "MergeGuardCallback"), None)
+            from lightning_mergeguard.callbacks.merge_guard import MergeGuardCallback
+
+            guard = next((c for c in trainer.callbacks if isinstance(c, MergeGuardCallback)), None)
             guard_ref = getattr(guard, "_reference", None)
             if guard_ref is not None and all(n in guard_ref for n in self._params):
                 self._reference = {n: guard_ref[n] for n in self._params}
