@@ -34,7 +34,11 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(PY) examples/demo.py --results benchmarks/results/demo.json --plots docs
+	$(PY) benchmarks/stage2_choice.py
 	$(PY) benchmarks/merge_speed.py
+	$(PY) benchmarks/guard_overhead.py
+	$(PY) benchmarks/probe_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

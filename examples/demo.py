@@ -12,19 +12,17 @@ once more at the end, and logs the results to a CSV log. The demo prints a table
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import sys
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeGuardCallback, MergeProbe
 from lightning_mergeguard.plotting import plot_merge_resistance
-from lightning_mergeguard.toy import TASKS, DigitsTaskModule, HeadScore, digits_task_data, pretrain_backbone
+from lightning_mergeguard.toy import TASKS, HeadScore, digits_task_data, finetune_task, pretrain_backbone
 
 OUT = Path("runs/demo")
 OWNER = "plain"
@@ -38,22 +36,6 @@ METHODS = [
 
 def loader(task: str, split: str, shuffle: bool = False) -> DataLoader:
     return DataLoader(digits_task_data(task, split), batch_size=32 if split == "train" else 512, shuffle=shuffle)
-
-
-def fit(backbone, heads, task, callbacks=(), logger=False, epochs=5):
-    pl.seed_everything(1, verbose=False)
-    module = DigitsTaskModule(copy.deepcopy(backbone), heads, task)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=logger,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        callbacks=list(callbacks),
-    )
-    trainer.fit(module, loader(task, "train", shuffle=True), loader(task, "val"))
-    return module
 
 
 def probe(donors):
@@ -81,18 +63,20 @@ def main(argv: list[str] | None = None) -> dict:
     print("1/4 joint pre-training of the shared backbone (theta_pre) ...")
     backbone, heads = pretrain_backbone(epochs=10)
     print("2/4 fine-tuning three donors (rot90, transpose, invert) ...")
-    donors = {t: fit(backbone, heads, t).backbone.state_dict() for t in TASKS if t != OWNER}
+    donors = {t: finetune_task(backbone, heads, t) for t in TASKS if t != OWNER}
     print("3/4 fine-tuning the owner's task without protection, probing merges every epoch ...")
     plain_probe = probe(donors)
     plain_logger = CSVLogger(OUT, name="unprotected", version=0)
-    fit(backbone, heads, OWNER, [plain_probe], plain_logger)
+    finetune_task(backbone, heads, OWNER, [plain_probe], logger=plain_logger)
     print("4/4 fine-tuning the owner's task with MergeGuardCallback (stage 2 at the end), probing merges ...")
     guard = MergeGuardCallback(
         include=[r"^backbone\."], report_path=str(OUT / "protection_report.json"), progress=False
     )
     guarded_probe = probe(donors)
     guarded_logger = CSVLogger(OUT, name="protected", version=0)
-    fit(backbone, heads, OWNER, [guard, guarded_probe], guarded_logger)  # the probe runs after the guard
+    finetune_task(
+        backbone, heads, OWNER, [guard, guarded_probe], logger=guarded_logger
+    )  # the probe runs after the guard
 
     before, after = plain_probe.results[-1], guarded_probe.results[-1]
     labels = [s.label for s in guarded_probe.specs]

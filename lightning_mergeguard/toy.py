@@ -8,6 +8,7 @@ A light joint pre-training gives ``theta_pre`` and one frozen head per task; eac
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -136,7 +137,13 @@ class HeadScore:
 
 
 def finetune_task(
-    backbone: nn.Module, heads: nn.ModuleDict, task: str, callbacks: list | None = None, epochs: int = 5, seed: int = 1
+    backbone: nn.Module,
+    heads: nn.ModuleDict,
+    task: str,
+    callbacks: list | None = None,
+    epochs: int = 5,
+    seed: int = 1,
+    logger: Any = False,
 ) -> dict[str, Tensor]:
     """Fine-tune a copy of ``backbone`` on ``task`` (its head frozen); return the backbone's state dict."""
     import copy
@@ -146,7 +153,7 @@ def finetune_task(
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
