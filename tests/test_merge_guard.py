@@ -47,8 +47,8 @@ class GradProbe(pl.Callback):
         )
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_stage1_injects_exact_gradient_once_per_optimizer_step(tmp_path, accumulate):
+@pytest.mark.parametrize(("accumulate", "precision"), [(1, "32-true"), (2, "32-true"), (2, "bf16-mixed")])
+def test_stage1_injects_exact_gradient_once_per_optimizer_step(tmp_path, accumulate, precision):
     store = {}
     guard = MergeGuardCallback(alpha=0.1, stage2="none")
     model = TinyClassifier()
@@ -58,6 +58,7 @@ def test_stage1_injects_exact_gradient_once_per_optimizer_step(tmp_path, accumul
         max_epochs=1,
         limit_train_batches=4,
         accumulate_grad_batches=accumulate,
+        precision=precision,
         callbacks=[GradProbe(store, "before"), guard, GradProbe(store, "after")],
     )
     t.fit(model)
