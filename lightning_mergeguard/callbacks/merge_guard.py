@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -142,8 +143,6 @@ class MergeGuardCallback(Callback):
         if not (clip > 0 and lr > 0):
             raise ValueError(f"clip and lr must be > 0, got clip={clip!r}, lr={lr!r}")
         for pattern in [*(include or []), *exclude, *stage2_exclude]:
-            import re
-
             try:
                 re.compile(pattern)
             except re.error as err:
