@@ -18,16 +18,16 @@ from typing_extensions import override
 
 from lightning_mergeguard.callbacks._common import first_loader, log_to_loggers, refuse_sharded, repeat, take
 from lightning_mergeguard.io import atomic_write_json, save_safetensors
-from lightning_mergeguard.merging.sources import open_source
 from lightning_mergeguard.protection.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
 from lightning_mergeguard.protection.importance import layer_importance
 from lightning_mergeguard.protection.negation import apply_negation_, critical_layers, negation_mask
 from lightning_mergeguard.protection.params import (
     DEFAULT_STAGE2_EXCLUDE,
     group_layers,
-    match_names,
+    load_matching,
     select_parameters,
     snapshot,
+    write_scaled_,
 )
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_
 from lightning_mergeguard.protection.scale_adversarial import scale_adversarial_
@@ -196,7 +196,7 @@ class MergeGuardCallback(Callback):
         if self._loaded_reference is not None:
             ref = self._loaded_reference
         elif self.reference_path is not None:
-            ref = self._load_reference(self.reference_path)
+            ref = load_matching(self.reference_path, self._params, "MergeGuardCallback: reference")
         else:
             ref = snapshot(self._params)
         missing = [n for n in self._params if n not in ref]
@@ -209,11 +209,6 @@ class MergeGuardCallback(Callback):
                     f"parameter has {tuple(p.shape)}"
                 )
         self._reference = {n: ref[n].to(device=p.device, dtype=p.dtype) for n, p in self._params.items()}
-
-    def _load_reference(self, path: str) -> dict[str, Tensor]:
-        src = open_source(path, name="reference")
-        names = match_names(self._params, src.keys(), what=f"MergeGuardCallback: reference {path}")
-        return {name: src.get(key) for name, key in names.items()}
 
     # ------------------------------------------------------------------ stage 1
     @override
@@ -372,14 +367,10 @@ class MergeGuardCallback(Callback):
             scores = []
             try:
                 for s in self.scales:
-                    with torch.no_grad():
-                        for n, p in params.items():
-                            p.copy_(self._reference[n] + s * (live[n] - self._reference[n]))
+                    write_scaled_(params, self._reference, live, s)
                     scores.append(metric())
             finally:
-                with torch.no_grad():
-                    for n, p in params.items():
-                        p.copy_(live[n])
+                write_scaled_(params, self._reference, live, 1.0)
             return sum(scores) / len(scores)
 
         checks: list[dict[str, float]] = [{"step": 0, "score": before, "merge_proxy": proxy()}]

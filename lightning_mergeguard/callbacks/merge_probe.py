@@ -22,7 +22,7 @@ from lightning_mergeguard.merging.engine import iter_merge
 from lightning_mergeguard.merging.sources import StateDictSource, WeightSource, open_source
 from lightning_mergeguard.merging.task_vectors import task_vector_cosine
 from lightning_mergeguard.protection.evaluation import ScoreFn, default_score, move_batch
-from lightning_mergeguard.protection.params import match_names, select_parameters, snapshot
+from lightning_mergeguard.protection.params import load_matching, match_names, select_parameters, snapshot
 from lightning_mergeguard.protection.probe_math import (
     BASE,
     LIVE,
@@ -190,11 +190,8 @@ class MergeProbe(Callback):
                 raise ValueError(f"MergeProbe: the checkpoint's reference lacks parameters {missing[:5]}")
             self._reference = {n: self._loaded_reference[n].to(p.device, p.dtype) for n, p in self._params.items()}
         elif self.reference_path is not None:
-            src = open_source(self.reference_path, name="reference")
-            names = match_names(self._params, src.keys(), what=f"MergeProbe: reference {self.reference_path}")
-            self._reference = {
-                n: src.get(k).to(self._params[n].device, self._params[n].dtype) for n, k in names.items()
-            }
+            ref = load_matching(self.reference_path, self._params, "MergeProbe: reference")
+            self._reference = {n: t.to(self._params[n].device, self._params[n].dtype) for n, t in ref.items()}
         else:
             self._reference = None  # resolved at the first probe (a guard's reference, else this snapshot)
             self._snapshot = snapshot(self._params)

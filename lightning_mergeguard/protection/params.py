@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["DEFAULT_STAGE2_EXCLUDE", "group_layers", "select_parameters"]
+__all__ = [
+    "DEFAULT_STAGE2_EXCLUDE",
+    "group_layers",
+    "load_matching",
+    "match_names",
+    "select_parameters",
+    "snapshot",
+    "write_scaled_",
+]
 
 DEFAULT_STAGE2_EXCLUDE: tuple[str, ...] = (
     r"embed",  # token / position embeddings (LLMs), open_clip token_embedding
@@ -110,3 +120,38 @@ def match_names(names: Iterable[str], available: Iterable[str], what: str = "sou
             raise ValueError(f"{what} has no tensor for parameter {name!r}")
         out[name] = match
     return out
+
+
+def load_matching(path: str | os.PathLike[str], names: Iterable[str], what: str) -> dict[str, Tensor]:
+    """Load the tensors of a checkpoint (any form :func:`open_source` reads) that match parameter ``names``.
+
+    Names are matched with :func:`match_names`, so a checkpoint of the bare network serves a LightningModule.
+
+    Raises:
+        ValueError: Naming the first parameter that has no counterpart.
+    """
+    from lightning_mergeguard.merging.sources import open_source
+
+    src = open_source(path, name=what)
+    return {name: src.get(key) for name, key in match_names(names, src.keys(), what=f"{what} {path}").items()}
+
+
+@torch.no_grad()
+def write_scaled_(
+    params: Mapping[str, Tensor], reference: Mapping[str, Tensor], live: Mapping[str, Tensor], scale: float
+) -> None:
+    """In place: ``p = reference + scale * (live - reference)``, the scaled task vector every merge applies.
+
+    ``scale=1`` restores ``live`` exactly.
+
+    Example:
+        >>> p = {"w": torch.zeros(2)}
+        >>> write_scaled_(p, {"w": torch.ones(2)}, {"w": torch.tensor([3.0, 5.0])}, 0.5)
+        >>> p["w"]
+        tensor([2., 3.])
+    """
+    for n, p in params.items():
+        if scale == 1:
+            p.copy_(live[n])
+        else:
+            p.copy_(reference[n] + scale * (live[n] - reference[n]))

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.protection.evaluation import LossFn, move_batch
+from lightning_mergeguard.protection.params import write_scaled_
 
 __all__ = ["scale_adversarial_"]
 
@@ -89,16 +90,13 @@ def scale_adversarial_(
                 live = {n: params[n].detach().clone() for n in names}
             scaled_total = 0.0
             for s in scales:
-                with torch.no_grad():
-                    for n in names:
-                        params[n].copy_(reference[n] + s * (live[n] - reference[n]))
+                write_scaled_(params, reference, live, s)
                 loss_s = loss_fn(module, batch)
                 scaled_total += float(loss_s.detach())
                 if float(loss_s.detach()) < clip:
                     (-(s / len(scales)) * loss_s).backward()
+            write_scaled_(params, reference, live, 1.0)
             with torch.no_grad():
-                for n in names:
-                    params[n].copy_(live[n])
                 if grad_reduce is not None:
                     for n in names:
                         if params[n].grad is not None:
