@@ -99,7 +99,7 @@ def generate_task(name: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
 
     Example:
         >>> generate_task("add", 1, seed=1)
-        [('Add: 17+72=', '89')]
+        [('Add: 27+99=', '126')]
     """
     rng = random.Random(f"{name}:{seed}")
     capitals = {

@@ -71,7 +71,7 @@ def add_redistribution_grad_(
     Example:
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
         >>> w.grad = torch.zeros(2)
-        >>> add_redistribution_grad_({"w": w}, {"w": torch.zeros(2)}, alpha=0.5)
+        >>> round(add_redistribution_grad_({"w": w}, {"w": torch.zeros(2)}, alpha=0.5), 6)
         1.0
         >>> w.grad
         tensor([ 1., -1.])
