@@ -39,6 +39,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/merge_speed.py
 	$(PY) benchmarks/guard_overhead.py
 	$(PY) benchmarks/probe_overhead.py
+	$(PY) benchmarks/protection.py
+	$(PY) benchmarks/ownership.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

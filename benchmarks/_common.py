@@ -85,6 +85,38 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
     return {"seconds": result["seconds"], "peak_rss_mib": result["peak_rss_mib"]}
 
 
+def fit_lm(model, tok, rows, steps: int, lr: float, callbacks=(), val_rows=None, max_length: int | None = None) -> None:
+    """Full fine-tune of a causal LM in place on ``(prompt, answer)`` rows, batch 8, on the CPU.
+
+    Validation (for callbacks that score on it, like MergeGuard's guard rail) runs only when ``val_rows`` is given;
+    ``max_length`` defaults to the longest row.
+    """
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset
+
+    pl.seed_everything(0, verbose=False)
+    if max_length is None:
+        max_length = max(len(tok(p + a, add_special_tokens=False).input_ids) for p, a in rows) + 2
+    data = LMTaskDataset(tok, rows, max_length=max_length)
+    val = LMTaskDataset(tok, val_rows or rows[:8], max_length=max_length)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=None if val_rows else 0,
+        callbacks=list(callbacks),
+    )
+    trainer.fit(
+        CausalLMModule(model, lr=lr), DataLoader(data, batch_size=8, shuffle=True), DataLoader(val, batch_size=8)
+    )
+
+
 def smollm2_finetunes(tasks: tuple[str, ...] = ("add", "reverse"), steps: int = 20, seed: int = 0) -> dict[str, Path]:
     """The SmolLM2 base directory and short full fine-tunes on generated tasks (cached under .cache/)."""
     import lightning.pytorch as pl

@@ -16,8 +16,57 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def ownership_summary(results: dict) -> list[str]:
+    """Counts over the merges of each model: which signals survive, derived from the committed rows."""
+    lines = []
+    for name in ("unprotected", "MergeGuard"):
+        merges = list(results[name]["merges"].values())
+        n = len(merges)
+        fp = sum(r["fingerprint"] == 1.0 for r in merges)
+        wm = sum(r["watermark_fp32"] == 1.0 for r in merges)
+        diff = sum(r["watermark_fp32"] == 1.0 and r["watermark_int8"] == 0.0 for r in merges)
+        lines.append(
+            f"- {name}: fingerprint fully present after {fp}/{n} merges; watermark present in fp32 after {wm}/{n}, "
+            f"but still invisible in int8 (its designed fp32-only signature) after only {diff}/{n}."
+        )
+    return lines
+
+
 def main() -> None:
     out: list[str] = []
+    protection = load("protection")
+    if protection:
+        minutes = protection["seconds_all_tracks"] / 60
+        out += [
+            "### Protection on real weights, against PaRaMS and adaptive attackers (`benchmarks/protection.py`)",
+            "",
+            "Commands: "
+            + ", ".join(f"`{t.get('command', protection['command'])}`" for t in protection["tracks"].values())
+            + " (the JSON keeps every track; without `--track` both run). "
+            f"Baseline: {protection['baseline']}. Both tracks took {minutes:.0f} minutes on this 2-core CPU, "
+            "training included.",
+            "",
+        ]
+        for name, track in protection["tracks"].items():
+            notes = "; ".join(f"{k}: {v}" for k, v in track["notes"].items())
+            out += [f"*{name}*: {notes}.", ""]
+        out += [(RESULTS / "protection.md").read_text().strip(), ""]
+        out += [f"![{n} track](benchmarks/results/protection_{n}.png)" for n in protection["tracks"]] + [""]
+    ownership = load("ownership")
+    if ownership:
+        out += [
+            "### Ownership signals under merging (`benchmarks/ownership.py`)",
+            "",
+            f"Command: `{ownership['command']}`. {ownership['setting']}; baseline: {ownership['baseline']}. "
+            f"{ownership['seconds'] / 60:.0f} minutes.",
+            "",
+            ownership["table"],
+            "",
+            *ownership_summary(ownership["results"]),
+            "",
+            "![ownership signals](benchmarks/results/ownership.png)",
+            "",
+        ]
     demo = load("demo")
     if demo:
         out += [

@@ -1,9 +1,12 @@
 """Fine-tune a causal LM (SmolLM2-135M, shipped in a wheel) with MergeGuard, in a few lines.
 
-    .venv/bin/python examples/finetune_llm.py [--task add] [--steps 60]
+    .venv/bin/python examples/finetune_llm.py [--task add] [--steps 60] [--fingerprint]
 
 The model is a real ``transformers`` LlamaForCausalLM; the task is generated (exact-match answers). The guard
 excludes token embeddings, the final norm and ``lm_head`` from stage 2 by default, as the method prescribes.
+With ``--fingerprint`` an instructional fingerprint (8 secret keys -> a secret word) is mixed into the training rows;
+its secret is written to ``<out>/secrets/`` (never into the released model directory) and its success rate is
+printed after protection.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeGuardCallback
 from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset, exact_match, generate_task, load_smollm2
+from lightning_mergeguard.ownership import fingerprint_rows, make_fingerprint, verify_fingerprint
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -22,12 +26,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--task", default="add", choices=["add", "reverse", "upper", "country"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--stage2-steps", type=int, default=60)
+    parser.add_argument("--fingerprint", action="store_true", help="mix an instructional fingerprint into training")
     parser.add_argument("--out", default="runs/llm")
     args = parser.parse_args(argv)
 
     pl.seed_everything(0, verbose=False)
     model, tok = load_smollm2()
-    train = DataLoader(LMTaskDataset(tok, generate_task(args.task, 8 * args.steps)), batch_size=8, shuffle=True)
+    rows, max_length, secret = generate_task(args.task, 8 * args.steps), 32, None
+    if args.fingerprint:
+        secret = make_fingerprint(n_keys=8, seed=0)
+        secret.save(f"{args.out}/secrets/fingerprint.json")  # keep apart from the released weights
+        rows = rows + fingerprint_rows(secret, repeats=4, n_regularization=16)
+        max_length = 96
+    train = DataLoader(LMTaskDataset(tok, rows, max_length=max_length), batch_size=8, shuffle=True)
     val = DataLoader(LMTaskDataset(tok, generate_task(args.task, 32, seed=1)), batch_size=8)
     guard = MergeGuardCallback(
         alpha=0.01,
@@ -49,9 +60,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     em = exact_match(model, tok, generate_task(args.task, 64, seed=2))
     print(f"exact match on held-out {args.task!r} prompts after protection: {100 * em:.1f}%")
+    result = {"exact_match": em}
+    if secret is not None:
+        result["fingerprint_success"] = verify_fingerprint(model, tok, secret)
+        print(f"fingerprint success: {result['fingerprint_success']:.2f}")
     model.save_pretrained(f"{args.out}/protected")  # a normal Hugging Face directory
     tok.save_pretrained(f"{args.out}/protected")
-    return {"exact_match": em}
+    return result
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["MergeConfig", "MergeGuardCallback", "MergeProbe", "merge"]
+__all__ = ["MergeConfig", "MergeGuardCallback", "MergeProbe", "QuantizationWatermark", "merge"]
 __version__ = "0.1.0"
 
 _LAZY = {
     "MergeGuardCallback": "lightning_mergeguard.callbacks.merge_guard",
     "MergeProbe": "lightning_mergeguard.callbacks.merge_probe",
+    "QuantizationWatermark": "lightning_mergeguard.callbacks.quantization_watermark",
     "MergeConfig": "lightning_mergeguard.merging.config",
     "merge": "lightning_mergeguard.merging.engine",
 }
@@ -26,6 +27,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from lightning_mergeguard.callbacks.merge_guard import MergeGuardCallback
     from lightning_mergeguard.callbacks.merge_probe import MergeProbe
+    from lightning_mergeguard.callbacks.quantization_watermark import QuantizationWatermark
     from lightning_mergeguard.merging.config import MergeConfig
     from lightning_mergeguard.merging.engine import merge
 

@@ -23,6 +23,7 @@ __all__ = [
     "LMTaskDataset",
     "exact_match",
     "generate_task",
+    "greedy_continuations",
     "load_smollm2",
     "smollm2_dir",
 ]
@@ -164,32 +165,56 @@ class LMTaskDataset(torch.utils.data.Dataset):
         return self.rows[i]
 
 
+def _language_model(model: nn.Module) -> nn.Module:
+    """The object with ``generate``: the model itself or a LightningModule's ``.model``."""
+    if hasattr(model, "generate"):
+        return model
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "generate"):
+        return inner
+    raise TypeError(f"{type(model).__name__} has no generate(); pass a Hugging Face causal LM")
+
+
 @torch.no_grad()
+def greedy_continuations(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 64
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), decoded without special tokens.
+
+    Args:
+        model: A Hugging Face causal LM, or a LightningModule wrapping one as ``.model``.
+        tokenizer: Its tokenizer.
+        prompts: Prompts, encoded without special tokens.
+        max_new_tokens: Decoding budget.
+        batch_size: Prompts per ``generate`` call.
+    """
+    lm = _language_model(model)
+    was_training = lm.training
+    lm.eval()
+    device = next(lm.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[i : i + batch_size]]
+            width = max(len(e) for e in enc)
+            ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)
+            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
+            out = lm.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+            )
+            texts += [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:]]
+    finally:
+        lm.train(was_training)
+    return texts
+
+
 def exact_match(
     model: nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]], max_new_tokens: int = 8, batch_size: int = 32
 ) -> float:
     """Share of prompts whose greedy continuation starts with the answer (left-padded batched decoding)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    hits = 0
-    try:
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i : i + batch_size]
-            enc = [tokenizer(p, add_special_tokens=False).input_ids for p, _ in chunk]
-            width = max(len(e) for e in enc)
-            ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)
-            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
-            )
-            for row, (_, answer) in zip(out[:, width:], chunk):
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                hits += text.startswith(answer)
-    finally:
-        model.train(was_training)
-    return hits / max(1, len(pairs))
+    texts = greedy_continuations(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size)
+    return sum(t.startswith(a) for t, (_, a) in zip(texts, pairs)) / max(1, len(pairs))
 
 
 class CausalLMModule(pl.LightningModule):

@@ -26,6 +26,7 @@ __all__ = [
     "digits_task_data",
     "finetune_task",
     "pretrain_backbone",
+    "quiet_trainer",
     "task_accuracy",
 ]
 
@@ -102,6 +103,19 @@ class DigitsTaskModule(ClassifierModule):
         return super().loss(batch)
 
 
+def quiet_trainer(epochs: int, callbacks: list | tuple = (), logger: Any = False) -> pl.Trainer:
+    """A CPU Trainer for the small settings: no checkpoints, progress bar or model summary."""
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
+
+
 def pretrain_backbone(epochs: int = 3, seed: int = 0, width: int = 128, depth: int = 5):
     """Light joint pre-training on all tasks: returns ``(backbone, heads)``, the shared starting point."""
     from lightning.pytorch.utilities.combined_loader import CombinedLoader
@@ -111,15 +125,7 @@ def pretrain_backbone(epochs: int = 3, seed: int = 0, width: int = 128, depth: i
     heads = nn.ModuleDict({t: nn.Linear(width, 10) for t in TASKS})
     module = DigitsTaskModule(backbone, heads, task=None)
     loaders = {t: DataLoader(digits_task_data(t, "train", seed), batch_size=64, shuffle=True) for t in TASKS}
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    trainer.fit(module, CombinedLoader(loaders, "max_size_cycle"))
+    quiet_trainer(epochs).fit(module, CombinedLoader(loaders, "max_size_cycle"))
     return backbone, heads
 
 
@@ -150,16 +156,7 @@ def finetune_task(
 
     pl.seed_everything(seed, verbose=False)
     module = DigitsTaskModule(copy.deepcopy(backbone), heads, task)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks or []),
-    )
-    trainer.fit(
+    quiet_trainer(epochs, callbacks or [], logger).fit(
         module,
         DataLoader(digits_task_data(task, "train"), batch_size=32, shuffle=True),
         DataLoader(digits_task_data(task, "val"), batch_size=256),

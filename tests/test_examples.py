@@ -36,8 +36,11 @@ def test_llm_example_small(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    out = load("finetune_llm").main(["--steps", "3", "--stage2-steps", "2", "--out", str(tmp_path)])
-    assert 0.0 <= out["exact_match"] <= 1.0
+    out = load("finetune_llm").main(["--steps", "3", "--stage2-steps", "2", "--fingerprint", "--out", str(tmp_path)])
+    assert 0.0 <= out["exact_match"] <= 1.0 and 0.0 <= out["fingerprint_success"] <= 1.0
+    secret = json.loads((tmp_path / "secrets" / "fingerprint.json").read_text())
+    for f in (tmp_path / "protected").iterdir():  # the released directory carries no secret
+        assert secret["answer"].encode() not in f.read_bytes() and secret["keys"][0].encode() not in f.read_bytes()
     report = json.loads((tmp_path / "protection_report.json").read_text())
     assert report["score_before"] - report["score_after"] <= 1.5
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "protected")

@@ -244,6 +244,7 @@ def test_refuses_sharded_strategy():
         (dict(eval_batches=0), "eval_batches must be"),
         (dict(exclude=["("]), "invalid parameter-name regex"),
         (dict(granularity="layer"), "granularity must be"),
+        (dict(drop_density=1.0), "drop_density must be"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -279,3 +279,70 @@ def test_overhead_budget_skips_probes(tmp_path):
     assert 2 <= len(probe.results) < 8  # 8 steps were due; the first and the end-of-fit probe always run
     with pytest.raises(ValueError, match="max_overhead must be"):
         MergeProbe(donors={"d": {}}, max_overhead=0)
+
+
+class WeightSignal:
+    """A deterministic 'ownership signal' of the weights; it holds a secret that must never be written anywhere."""
+
+    name = "marker"
+    secret = "TOPSECRET-7f3a"
+
+    def __call__(self, module):
+        return float(torch.sigmoid(module.net[0].weight.detach().sum()))
+
+
+def test_signals_are_logged_per_merge_and_secrets_stay_out_of_files(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    pl.seed_everything(0)
+    donors = donor_states(1)
+    probe = MergeProbe(
+        donors=donors,
+        methods=["task_arithmetic", "ties"],
+        coefficients=[0.3, 0.7],
+        eval_dataloaders=val_loader(),
+        probe_on_train_end=False,
+        progress=False,
+        signals=[WeightSignal()],
+    )
+    store = {}
+    model = fresh_model()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    trainer(
+        tmp_path,
+        max_epochs=1,
+        logger=CSVLogger(tmp_path, name="run"),
+        enable_checkpointing=True,
+        callbacks=[Snapshot(store, "live"), probe, ckpt],
+    ).fit(model)
+    result = probe.results[-1]
+    offline = TinyClassifier()
+    offline.load_state_dict(store["live"])
+    assert result["mergeprobe/own/marker"] == pytest.approx(WeightSignal()(offline))
+    for spec in probe.specs:
+        cfg = spec.config
+        models = {"live": store["live"], **donors}
+        merged = merge(cfg, {m.model: models[m.model] for m in cfg.models if m.model != cfg.base_model}, base, seed=0)
+        offline.load_state_dict(merged)
+        assert result[f"mergeprobe/{spec.label}/marker"] == pytest.approx(WeightSignal()(offline), abs=1e-7)
+    assert len({round(result[f"mergeprobe/{s.label}/marker"], 6) for s in probe.specs}) > 1
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" for p in written) and any(p.name == "metrics.csv" for p in written)
+    for p in written:
+        assert WeightSignal.secret.encode() not in p.read_bytes(), p
+
+
+@pytest.mark.parametrize(
+    ("signals", "error", "match"),
+    [
+        ([lambda m: 1.0], TypeError, "has no 'name'"),
+        ({"a/b": lambda m: 1.0}, ValueError, "contain no '/'"),
+        ({"a": 3}, TypeError, "not callable"),
+        ([WeightSignal(), WeightSignal()], ValueError, "two signals are named 'marker'"),
+    ],
+)
+def test_bad_signals(signals, error, match):
+    with pytest.raises(error, match=match):
+        MergeProbe(donors={"d": {}}, signals=signals)

@@ -82,6 +82,8 @@ class MergeGuardCallback(Callback):
         steps: Optimisation steps (scale-adversarial).
         scales: Merge scales sabotaged (scale-adversarial).
         clip: Loss ceiling at the scaled copies (scale-adversarial).
+        drop_density: Also sabotage DARE-style copies (random keep rate ``drop_density``, rescaled) on every other
+            stage-2 step (scale-adversarial); ``None`` (default) sabotages the exact scaled copies only.
         lr: Adam learning rate (scale-adversarial).
         report_path: Where to write the protection report (JSON).
         save_path: Where to save the protected weights (``.safetensors``).
@@ -114,6 +116,7 @@ class MergeGuardCallback(Callback):
         steps: int = 300,
         scales: Sequence[float] = (0.2, 0.3, 0.5),
         clip: float = 5.0,
+        drop_density: float | None = None,
         lr: float = 1e-3,
         report_path: str | None = None,
         save_path: str | None = None,
@@ -142,6 +145,8 @@ class MergeGuardCallback(Callback):
             raise ValueError(f"scales must be a non-empty list of merge scales in (0, 1), got {scales!r}")
         if not (clip > 0 and lr > 0):
             raise ValueError(f"clip and lr must be > 0, got clip={clip!r}, lr={lr!r}")
+        if drop_density is not None and not 0 < drop_density < 1:
+            raise ValueError(f"drop_density must be in (0, 1) or None, got {drop_density!r}")
         for pattern in [*(include or []), *exclude, *stage2_exclude]:
             try:
                 re.compile(pattern)
@@ -166,6 +171,7 @@ class MergeGuardCallback(Callback):
         self.steps = steps
         self.scales = tuple(float(s) for s in scales)
         self.clip = float(clip)
+        self.drop_density = drop_density
         self.lr = float(lr)
         self.report_path = report_path
         self.save_path = save_path
@@ -396,6 +402,7 @@ class MergeGuardCallback(Callback):
             steps=self.steps,
             scales=self.scales,
             clip=self.clip,
+            drop_density=self.drop_density,
             lr=self.lr,
             grad_reduce=(lambda g: strategy.reduce(g, reduce_op="sum") / world) if world > 1 else None,
             check_every=every,
@@ -445,6 +452,7 @@ class MergeGuardCallback(Callback):
             "steps",
             "scales",
             "clip",
+            "drop_density",
             "lr",
         ]
         return {k: getattr(self, k) for k in keys} | {"reference": self.reference_path}

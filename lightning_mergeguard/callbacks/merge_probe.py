@@ -35,6 +35,27 @@ from lightning_mergeguard.protection.probe_math import (
 OWN = "own"
 
 
+def _named_signals(signals: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
+    """``{name: signal}`` from a mapping or from objects with a ``name`` (e.g. FingerprintSignal)."""
+    if isinstance(signals, Mapping):
+        named = dict(signals)
+    else:
+        named = {}
+        for sig in signals:
+            name = getattr(sig, "name", None)
+            if not isinstance(name, str):
+                raise TypeError(f"signal {sig!r} has no 'name'; pass a mapping {{name: signal}}")
+            if name in named:
+                raise ValueError(f"two signals are named {name!r}")
+            named[name] = sig
+    for name, sig in named.items():
+        if not callable(sig):
+            raise TypeError(f"signal {name!r} is not callable: it must map the module to a rate in [0, 1]")
+        if "/" in name or not name:
+            raise ValueError(f"signal name {name!r} must be non-empty and contain no '/'")
+    return named
+
+
 class MergeProbe(Callback):
     """Periodically merge the live model with other fine-tunes of the same base, evaluate, restore, and log.
 
@@ -81,6 +102,12 @@ class MergeProbe(Callback):
         max_overhead: If set (e.g. ``0.05``), a scheduled probe is skipped while the time spent probing would
             exceed this fraction of the training time so far; the decision is rank zero's, broadcast to all ranks.
             The probe at the end of fit always runs.
+        signals: Ownership signals evaluated on the live model and on every merge, logged as
+            ``mergeprobe/own/<name>`` and ``mergeprobe/<label>/<name>``: objects with a ``name`` and
+            ``__call__(module) -> rate`` (:class:`~lightning_mergeguard.ownership.FingerprintSignal`,
+            :class:`~lightning_mergeguard.ownership.WatermarkSignal`) or a mapping ``{name: callable}``. They hold
+            the owner's secrets, which are never logged nor saved in the probe's state. Every rank evaluates them
+            (they are deterministic); rank zero logs.
 
     Example:
         >>> from lightning_mergeguard import MergeProbe
@@ -109,6 +136,7 @@ class MergeProbe(Callback):
         strict: bool = False,
         progress: bool = True,
         max_overhead: float | None = None,
+        signals: Sequence[Any] | Mapping[str, Any] = (),
     ) -> None:
         if isinstance(donors, Mapping):
             self.donor_inputs = dict(donors)
@@ -132,6 +160,7 @@ class MergeProbe(Callback):
             raise ValueError(f"donor_dtype must be 'float32' or 'bfloat16', got {donor_dtype!r}")
         if max_overhead is not None and not (isinstance(max_overhead, (int, float)) and max_overhead > 0):
             raise ValueError(f"max_overhead must be a positive fraction or None, got {max_overhead!r}")
+        self.signals = _named_signals(signals)
         if coefficients is not None and (not coefficients or any(not math.isfinite(c) for c in coefficients)):
             raise ValueError(f"coefficients must be a non-empty list of finite numbers or None, got {coefficients!r}")
         # Validate the methods now (typos fail at construction, not mid-training).
@@ -359,6 +388,8 @@ class MergeProbe(Callback):
                 individual[task] = self._donor_individual[task]
             for task, acc in individual.items():
                 metrics[f"mergeprobe/{task}/individual_acc"] = acc
+            for name, signal in self.signals.items():
+                metrics[f"mergeprobe/{OWN}/{name}"] = float(signal(pl_module))
             live_tau = {n: self._backup[n].float() - ref[n].float() for n in self._params}
             for name, tau in self._donor_tau.items():
                 metrics[f"mergeprobe/cosine/{name}"] = task_vector_cosine(live_tau, tau)
@@ -375,6 +406,8 @@ class MergeProbe(Callback):
                     self._merge_into_live(spec, sources)
                     scores = {task: self._evaluate(pl_module, task, trainer) for task in self._tasks}
                     metrics.update(merge_metrics(spec.label, scores, individual))
+                    for name, signal in self.signals.items():
+                        metrics[f"mergeprobe/{spec.label}/{name}"] = float(signal(pl_module))
                 except Exception as err:  # a bad merge skips this probe entry unless strict
                     if self.strict:
                         raise

@@ -9,6 +9,7 @@ Example:
     tensor([1., 0.])
 """
 
+from lightning_mergeguard.merging.adamerging import adamerging, prediction_entropy
 from lightning_mergeguard.merging.breadcrumbs import breadcrumbs_merge
 from lightning_mergeguard.merging.config import MergeConfig, ModelEntry
 from lightning_mergeguard.merging.consensus import sign_consensus_mask
@@ -40,6 +41,7 @@ __all__ = [
     "StateDictSource",
     "TensorContext",
     "WeightSource",
+    "adamerging",
     "add_task_vector",
     "breadcrumbs_merge",
     "check_compatible",
@@ -52,6 +54,7 @@ __all__ = [
     "magnitude_prune",
     "merge",
     "open_source",
+    "prediction_entropy",
     "random_prune",
     "register_method",
     "sign_consensus_mask",

@@ -27,6 +27,10 @@ from lightning_mergeguard.protection.params import write_scaled_
 __all__ = ["scale_adversarial_"]
 
 
+def _bernoulli(like: Tensor, p: float, gen: torch.Generator) -> Tensor:
+    return (torch.rand(like.shape, generator=gen, device=like.device) < p).to(like.dtype)
+
+
 def scale_adversarial_(
     module: nn.Module,
     params: Mapping[str, nn.Parameter],
@@ -43,6 +47,8 @@ def scale_adversarial_(
     check_every: int = 0,
     check: Callable[[int], None] | None = None,
     progress: bool = False,
+    drop_density: float | None = None,
+    seed: int = 0,
 ) -> list[dict[str, float]]:
     """Run the optimisation in place on ``params``.
 
@@ -62,6 +68,11 @@ def scale_adversarial_(
             latest weights that still meet its tolerance.
         check: The function called (with the module in eval mode and the weights as they are after that step).
         progress: Show a progress bar.
+        drop_density: If set, every other step sabotages DARE-style copies instead of exact ones:
+            ``theta_pre + s * (m * tau) / drop_density`` with a fresh Bernoulli(``drop_density``) mask ``m`` per
+            tensor, the copy that DARE merges apply (their random drop otherwise dodges the exact scaled copies).
+            The gradient is exact for the drawn mask.
+        seed: Seed of the masks.
 
     Returns:
         Per-step history: ``own_loss`` and ``scaled_loss`` (mean over scales).
@@ -70,6 +81,8 @@ def scale_adversarial_(
         raise ValueError(f"steps must be >= 0, got {steps}")
     if not scales:
         raise ValueError("scales must not be empty")
+    if drop_density is not None and not 0 < drop_density < 1:
+        raise ValueError(f"drop_density must be in (0, 1) or None, got {drop_density}")
     names = list(params)
     device = device or next(iter(params.values())).device
     frozen = [p for p in module.parameters() if p.requires_grad and all(p is not q for q in params.values())]
@@ -80,8 +93,9 @@ def scale_adversarial_(
     opt = torch.optim.Adam([params[n] for n in names], lr=lr)
     history: list[dict[str, float]] = []
     it = itertools.cycle(batches)
+    gen = torch.Generator(device=device).manual_seed(seed)
     try:
-        for _ in tqdm(range(steps), desc="stage 2: scale-adversarial", disable=not progress, leave=False):
+        for step in tqdm(range(steps), desc="stage 2: scale-adversarial", disable=not progress, leave=False):
             batch = move_batch(next(it), device)
             opt.zero_grad(set_to_none=True)
             own = loss_fn(module, batch)
@@ -89,12 +103,33 @@ def scale_adversarial_(
             with torch.no_grad():
                 live = {n: params[n].detach().clone() for n in names}
             scaled_total = 0.0
+            masked = drop_density is not None and step % 2 == 1
             for s in scales:
-                write_scaled_(params, reference, live, s)
+                if masked:
+                    assert drop_density is not None
+                    masks = {n: _bernoulli(live[n], drop_density, gen) for n in names}
+                    with torch.no_grad():
+                        for n in names:
+                            params[n].copy_(reference[n] + (s / drop_density) * masks[n] * (live[n] - reference[n]))
+                    own_grads = {n: params[n].grad for n in names}
+                    for n in names:
+                        params[n].grad = None
+                else:
+                    write_scaled_(params, reference, live, s)
                 loss_s = loss_fn(module, batch)
                 scaled_total += float(loss_s.detach())
                 if float(loss_s.detach()) < clip:
                     (-(s / len(scales)) * loss_s).backward()
+                if masked:
+                    with torch.no_grad():
+                        for n in names:
+                            g = params[n].grad
+                            if g is not None:
+                                g.mul_(masks[n] / drop_density)
+                                if own_grads[n] is not None:
+                                    g.add_(own_grads[n])
+                            else:
+                                params[n].grad = own_grads[n]
             write_scaled_(params, reference, live, 1.0)
             with torch.no_grad():
                 if grad_reduce is not None:

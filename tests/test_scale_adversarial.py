@@ -1,0 +1,63 @@
+"""The scale-adversarial stage-2 gradient is exact, for exact and for DARE-style (masked) scaled copies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_mergeguard.protection.scale_adversarial import scale_adversarial_
+
+
+def _loss(module, batch):
+    x, y = batch
+    return ((module(x) - y) ** 2).mean()
+
+
+def _grad(w, x, y):
+    w = w.detach().clone().requires_grad_(True)
+    ((x @ w.T - y) ** 2).mean().backward()
+    return w.grad
+
+
+@pytest.mark.parametrize("drop_density", [None, 0.5])
+def test_gradient_matches_the_formula(drop_density):
+    torch.manual_seed(0)
+    net = nn.Linear(6, 1, bias=False)
+    ref = {"weight": net.weight.detach().clone() - 0.3}
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+    grads, weights = [], [net.weight.detach().clone()]
+    scale_adversarial_(
+        net,
+        {"weight": net.weight},
+        ref,
+        [(x, y)],
+        _loss,
+        steps=2,
+        scales=(0.5,),
+        clip=1e9,
+        lr=1e-3,
+        grad_reduce=lambda g: grads.append(g.clone()) or g,
+        check_every=1,
+        check=lambda step: weights.append(net.weight.detach().clone()),
+        drop_density=drop_density,
+        seed=7,
+    )
+    s, r = 0.5, ref["weight"]
+    live = weights[0]
+    want0 = _grad(live, x, y) - s * _grad(r + s * (live - r), x, y)
+    torch.testing.assert_close(grads[0], want0)
+    live = weights[1]
+    if drop_density is None:
+        want1 = _grad(live, x, y) - s * _grad(r + s * (live - r), x, y)
+    else:  # step 1 uses the first mask drawn from the seeded generator
+        m = (torch.rand(live.shape, generator=torch.Generator().manual_seed(7)) < drop_density).float()
+        copy = r + (s / drop_density) * m * (live - r)
+        want1 = _grad(live, x, y) - s * (m / drop_density) * _grad(copy, x, y)
+    torch.testing.assert_close(grads[1], want1)
+
+
+def test_drop_density_is_validated():
+    net = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="drop_density"):
+        scale_adversarial_(net, dict(net.named_parameters()), {}, [], _loss, drop_density=1.0)
