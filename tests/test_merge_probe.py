@@ -167,6 +167,7 @@ def test_ddp_two_processes_log_the_same_numbers_as_one(tmp_path):
             eval_dataloaders=val_loader(),
             eval_batches=None,
             progress=False,
+            signals=[WeightSignal()],
         )
         path.mkdir()
         out = path / "results.json"
@@ -178,6 +179,7 @@ def test_ddp_two_processes_log_the_same_numbers_as_one(tmp_path):
     single = run(tmp_path / "one")
     double = run(tmp_path / "two", strategy="ddp_spawn", devices=2)
     assert len(single) == len(double) == 2
+    assert "mergeprobe/ties@0.3/marker" in double[0]
     for a, b in zip(single, double):
         for k, v in a.items():
             if k not in ("mergeprobe/seconds", "step"):

@@ -13,7 +13,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics.aggregation import SumMetric
 from tqdm.auto import tqdm
 from typing_extensions import override
 
@@ -21,7 +20,7 @@ from lightning_mergeguard.callbacks._common import log_to_loggers, refuse_sharde
 from lightning_mergeguard.merging.engine import iter_merge
 from lightning_mergeguard.merging.sources import StateDictSource, WeightSource, open_source
 from lightning_mergeguard.merging.task_vectors import task_vector_cosine
-from lightning_mergeguard.protection.evaluation import ScoreFn, default_score, move_batch
+from lightning_mergeguard.protection.evaluation import ScoreFn, default_score, evaluate
 from lightning_mergeguard.protection.params import load_matching, match_names, select_parameters, snapshot
 from lightning_mergeguard.protection.probe_math import (
     BASE,
@@ -69,7 +68,7 @@ class MergeProbe(Callback):
     - ``mergeprobe/<label>/<task>/interference``: individual - merged (points),
     - ``mergeprobe/<task>/individual_acc`` and ``mergeprobe/cosine/<donor>`` (live task vector vs the donor's).
 
-    Under DDP every rank evaluates 1/world of the batches and the sums are reduced with torchmetrics, so the
+    Under DDP every rank evaluates 1/world of the batches and the sums are reduced across ranks, so the
     logged numbers equal a single-process run's; only rank zero writes logs. A failure that hits only some ranks
     cannot be skipped consistently: use ``strict=True`` under DDP when donors or score functions may fail.
     Metrics go through ``trainer.loggers`` (any logger) so the probe also runs in ``on_train_end``: put it *after*
@@ -332,25 +331,18 @@ class MergeProbe(Callback):
     # ------------------------------------------------------------------ probing
     def _evaluate(self, pl_module: pl.LightningModule, task: str, trainer: pl.Trainer) -> float:
         batches, fn = self._tasks[task]
-        device = pl_module.device
-        total, count = SumMetric().to(device), SumMetric().to(device)
-        rank, world = trainer.global_rank, trainer.world_size
-        was_training = pl_module.training
-        pl_module.eval()
+        strategy, world = trainer.strategy, trainer.world_size
         try:
-            with torch.no_grad():
-                for i, batch in enumerate(batches):
-                    if i % world != rank:
-                        continue
-                    s, n = fn(pl_module, move_batch(batch, device))
-                    total.update(torch.as_tensor(s, dtype=torch.float64, device=device))
-                    count.update(torch.as_tensor(float(n), dtype=torch.float64, device=device))
-        finally:
-            pl_module.train(was_training)
-        n = float(count.compute())
-        if n == 0:
-            raise ValueError(f"MergeProbe: the {task!r} evaluation saw no examples")
-        return 100.0 * float(total.compute()) / n
+            return 100.0 * evaluate(
+                pl_module,
+                batches,
+                fn,
+                device=pl_module.device,
+                shard=(trainer.global_rank, world),
+                reduce=(lambda t: strategy.reduce(t, reduce_op="sum")) if world > 1 else None,
+            )
+        except ValueError as err:
+            raise ValueError(f"MergeProbe: the {task!r} evaluation saw no examples") from err
 
     @torch.no_grad()
     def _write(self, merged: Mapping[str, Tensor] | None, donor: str | None = None) -> None:

@@ -90,6 +90,7 @@ def evaluate(
     *,
     device: torch.device | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> float:
     """Mean score over batches, as a fraction (0..1).
 
@@ -99,6 +100,8 @@ def evaluate(
         score_fn: ``(module, batch) -> (sum_of_scores, count)``.
         device: Where to move batches (default: the module's first parameter's device).
         reduce: Optional cross-process sum (for DDP); applied to ``[sum, count]``.
+        shard: ``(rank, world_size)``: score only batches ``i`` with ``i % world_size == rank`` (each process a
+            disjoint share; ``reduce`` then sums the shares).
 
     Returns:
         ``sum / count``.
@@ -109,7 +112,9 @@ def evaluate(
         device = next(module.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            if shard is not None and i % shard[1] != shard[0]:
+                continue
             s, n = score_fn(module, move_batch(batch, device))
             total[0] += float(s)
             total[1] += n
