@@ -285,7 +285,7 @@ def _report_summary(report: dict[str, Any] | None) -> dict[str, Any]:
 def llm_track(size: dict[str, Any]) -> Track:
     """The SmolLM2-135M track."""
     from lightning_mergeguard.baselines import params_llama, realign_llama
-    from lightning_mergeguard.llm import exact_match, generate_task, load_smollm2
+    from lightning_mergeguard.llm import exact_match, generate_task, left_pad, load_smollm2
     from lightning_mergeguard.merging import adamerging, prediction_entropy
 
     tasks, owner = ["add", "reverse", "upper", "country"], "upper"
@@ -325,16 +325,7 @@ def llm_track(size: dict[str, Any]) -> Track:
         live.load_state_dict(state, strict=False)
         return {t: 100.0 * exact_match(live, tok, eval_sets[t], max_new_tokens=6, batch_size=64) for t in which}
 
-    def left_padded(prompts: list[str]) -> dict[str, Tensor]:
-        enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
-        width = max(len(e) for e in enc)
-        pad = tok.pad_token_id
-        return {
-            "input_ids": torch.tensor([[pad] * (width - len(e)) + e for e in enc]),
-            "attention_mask": torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc]),
-        }
-
-    unlabeled = [left_padded([p for p, _ in generate_task(t, 16, seed=99)]) for t in tasks]
+    unlabeled = [left_pad(tok, [p for p, _ in generate_task(t, 16, seed=99)]) for t in tasks]
 
     def entropy(forward, batch):
         # Entropy of the first answer token's distribution (the last prompt position).

@@ -24,6 +24,7 @@ __all__ = [
     "exact_match",
     "generate_task",
     "greedy_continuations",
+    "left_pad",
     "load_smollm2",
     "smollm2_dir",
 ]
@@ -175,6 +176,28 @@ def _language_model(model: nn.Module) -> nn.Module:
     raise TypeError(f"{type(model).__name__} has no generate(); pass a Hugging Face causal LM")
 
 
+def left_pad(tokenizer: Any, prompts: Sequence[str], device: torch.device | str | None = None) -> dict[str, Tensor]:
+    """``input_ids`` and ``attention_mask`` of prompts encoded without special tokens, left-padded to the longest.
+
+    Left padding puts every prompt's last token in the last column (generation, last-token logits).
+
+    Example:
+        >>> class Tok:
+        ...     pad_token_id, eos_token_id = 0, 0
+        ...     def __call__(self, text, add_special_tokens=False):
+        ...         return type("Enc", (), {"input_ids": [ord(c) for c in text]})()
+        >>> left_pad(Tok(), ["ab", "c"])["input_ids"].tolist()
+        [[97, 98], [0, 99]]
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    enc = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    width = max(len(e) for e in enc)
+    return {
+        "input_ids": torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device),
+        "attention_mask": torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device),
+    }
+
+
 @torch.no_grad()
 def greedy_continuations(
     model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 64
@@ -196,13 +219,9 @@ def greedy_continuations(
     texts: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[i : i + batch_size]]
-            width = max(len(e) for e in enc)
-            ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)
-            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
-            out = lm.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
-            )
+            batch = left_pad(tokenizer, prompts[i : i + batch_size], device)
+            out = lm.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            width = batch["input_ids"].shape[1]
             texts += [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:]]
     finally:
         lm.train(was_training)
