@@ -138,20 +138,31 @@ def load_matching(path: str | os.PathLike[str], names: Iterable[str], what: str)
 
 @torch.no_grad()
 def write_scaled_(
-    params: Mapping[str, Tensor], reference: Mapping[str, Tensor], live: Mapping[str, Tensor], scale: float
+    params: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor],
+    live: Mapping[str, Tensor],
+    scale: float,
+    mask: Mapping[str, Tensor] | None = None,
 ) -> None:
     """In place: ``p = reference + scale * (live - reference)``, the scaled task vector every merge applies.
 
-    ``scale=1`` restores ``live`` exactly.
+    ``scale=1`` (without a mask) restores ``live`` exactly. With ``mask``, the task vector is multiplied by it
+    elementwise first (a DARE-style copy when the mask is a random keep mask and ``scale`` includes ``1/density``).
 
     Example:
         >>> p = {"w": torch.zeros(2)}
         >>> write_scaled_(p, {"w": torch.ones(2)}, {"w": torch.tensor([3.0, 5.0])}, 0.5)
         >>> p["w"]
         tensor([2., 3.])
+        >>> keep = {"w": torch.tensor([1.0, 0.0])}
+        >>> write_scaled_(p, {"w": torch.ones(2)}, {"w": torch.tensor([3.0, 5.0])}, 2.0, keep)
+        >>> p["w"]
+        tensor([5., 1.])
     """
     for n, p in params.items():
-        if scale == 1:
+        if mask is not None:
+            p.copy_(reference[n] + scale * mask[n] * (live[n] - reference[n]))
+        elif scale == 1:
             p.copy_(live[n])
         else:
             p.copy_(reference[n] + scale * (live[n] - reference[n]))

@@ -84,6 +84,7 @@ def scale_adversarial_(
     if drop_density is not None and not 0 < drop_density < 1:
         raise ValueError(f"drop_density must be in (0, 1) or None, got {drop_density}")
     names = list(params)
+    tensors = [params[n] for n in names]
     device = device or next(iter(params.values())).device
     frozen = [p for p in module.parameters() if p.requires_grad and all(p is not q for q in params.values())]
     for p in frozen:
@@ -105,31 +106,26 @@ def scale_adversarial_(
             scaled_total = 0.0
             masked = drop_density is not None and step % 2 == 1
             for s in scales:
-                if masked:
-                    assert drop_density is not None
-                    masks = {n: _bernoulli(live[n], drop_density, gen) for n in names}
-                    with torch.no_grad():
-                        for n in names:
-                            params[n].copy_(reference[n] + (s / drop_density) * masks[n] * (live[n] - reference[n]))
-                    own_grads = {n: params[n].grad for n in names}
-                    for n in names:
-                        params[n].grad = None
-                else:
-                    write_scaled_(params, reference, live, s)
+                # Exact copy theta_pre + s * tau, or (every other step with drop_density) a DARE-style copy
+                # theta_pre + (s / d) * m * tau, whose gradient w.r.t. theta is (s / d) * m * grad.
+                masks = {n: _bernoulli(live[n], drop_density, gen) for n in names} if masked else None
+                factor = s / drop_density if masked else s
+                write_scaled_(params, reference, live, factor, masks)
                 loss_s = loss_fn(module, batch)
                 scaled_total += float(loss_s.detach())
-                if float(loss_s.detach()) < clip:
-                    (-(s / len(scales)) * loss_s).backward()
-                if masked:
-                    with torch.no_grad():
-                        for n in names:
-                            g = params[n].grad
-                            if g is not None:
-                                g.mul_(masks[n] / drop_density)
-                                if own_grads[n] is not None:
-                                    g.add_(own_grads[n])
-                            else:
-                                params[n].grad = own_grads[n]
+                if float(loss_s.detach()) >= clip:
+                    continue
+                grads = torch.autograd.grad(-(factor / len(scales)) * loss_s, tensors, allow_unused=True)
+                with torch.no_grad():
+                    for n, g in zip(names, grads):
+                        if g is None:
+                            continue
+                        if masks is not None:
+                            g = g * masks[n]
+                        if params[n].grad is None:
+                            params[n].grad = g
+                        else:
+                            params[n].grad.add_(g)
             write_scaled_(params, reference, live, 1.0)
             with torch.no_grad():
                 if grad_reduce is not None:
