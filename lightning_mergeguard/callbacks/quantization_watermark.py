@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_mergeguard.callbacks._common import refuse_sharded
-from lightning_mergeguard.ownership.watermark import int8_scales, is_quantized
+from lightning_mergeguard.ownership.watermark import int8_codes, is_quantized
 
 
 class QuantizationWatermark(Callback):
@@ -58,8 +58,7 @@ class QuantizationWatermark(Callback):
                 if not p.requires_grad:
                     continue
                 if is_quantized(name, p, self.exclude):
-                    s = int8_scales(p, self.granularity).to(p.dtype)
-                    q0 = torch.round(p.reshape(p.shape[0], -1) / s).clamp(-127, 127)
+                    q0, s = int8_codes(p, self.granularity)
                     self._bounds[name] = (q0.to(torch.int8), s, (q0.abs() == 127))
                 else:
                     self._fixed[name] = p.detach().clone()

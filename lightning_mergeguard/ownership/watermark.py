@@ -25,6 +25,7 @@ from lightning_mergeguard.llm import greedy_continuations
 
 __all__ = [
     "Watermark",
+    "int8_codes",
     "int8_roundtrip",
     "int8_scales",
     "is_quantized",
@@ -114,6 +115,18 @@ def is_quantized(name: str, t: Tensor, exclude: Sequence[str]) -> bool:
     return t.is_floating_point() and t.dim() >= 2 and not any(re.search(p, name) for p in exclude)
 
 
+def int8_codes(t: Tensor, granularity: str = "row") -> tuple[Tensor, Tensor]:
+    """``(q, s)``: int8 codes (as floats in ``[-127, 127]``, shape ``[rows, cols]``) and scales of a tensor.
+
+    Example:
+        >>> q, s = int8_codes(torch.tensor([[1.27, 0.004]]))
+        >>> q.tolist(), round(float(s), 4)
+        ([[127.0, 0.0]], 0.01)
+    """
+    s = int8_scales(t, granularity).to(t.dtype)
+    return torch.round(t.detach().reshape(t.shape[0], -1) / s).clamp(-127, 127), s
+
+
 def int8_roundtrip(
     state: Mapping[str, Tensor], exclude: Sequence[str] = (), granularity: str = "row"
 ) -> dict[str, Tensor]:
@@ -126,9 +139,8 @@ def int8_roundtrip(
     out = {}
     for name, t in state.items():
         if is_quantized(name, t, exclude):
-            s = int8_scales(t, granularity).to(t.dtype)
-            flat = t.detach().reshape(t.shape[0], -1)
-            out[name] = (torch.round(flat / s).clamp(-127, 127) * s).reshape(t.shape)
+            q, s = int8_codes(t, granularity)
+            out[name] = (q * s).reshape(t.shape)
         else:
             out[name] = t.detach()
     return out
