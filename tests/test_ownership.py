@@ -10,6 +10,7 @@ from lightning_mergeguard.ownership import (
     FingerprintSecret,
     FingerprintSignal,
     Watermark,
+    WatermarkSignal,
     fingerprint_rows,
     int8_roundtrip,
     make_fingerprint,
@@ -131,5 +132,8 @@ def test_quantization_watermark_exists_in_full_precision_only(byte_tokenizer):
     assert moved > 0
     assert verify_watermark(model, byte_tokenizer, wm, max_new_tokens=8, granularity="tensor") == 1.0
     assert verify_watermark(model, byte_tokenizer, wm, int8=True, max_new_tokens=8, granularity="tensor") == 0.0
+    # The probe's signals verify with the same scheme.
+    assert WatermarkSignal(wm, byte_tokenizer, max_new_tokens=8, granularity="tensor")(model) == 1.0
+    assert WatermarkSignal(wm, byte_tokenizer, int8=True, max_new_tokens=8, granularity="tensor")(model) == 0.0
     with pytest.raises(ValueError, match="margin"):
         QuantizationWatermark(margin=0.5)

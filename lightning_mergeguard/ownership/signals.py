@@ -46,7 +46,8 @@ class FingerprintSignal:
 class WatermarkSignal:
     """Quantization-watermark success rate (full precision, or after int8 rounding with ``int8=True``).
 
-    Logged as ``.../watermark_success`` (``.../watermark_int8_success`` with ``int8=True``).
+    Logged as ``.../watermark_success`` (``.../watermark_int8_success`` with ``int8=True``). ``granularity`` must be
+    the int8 scheme the watermark was trained with (:class:`~lightning_mergeguard.QuantizationWatermark`).
 
     Example:
         >>> from lightning_mergeguard.ownership import make_watermark
@@ -54,9 +55,19 @@ class WatermarkSignal:
         'watermark_int8_success'
     """
 
-    def __init__(self, watermark: Watermark, tokenizer: Any, int8: bool = False, max_new_tokens: int = 24) -> None:
+    def __init__(
+        self,
+        watermark: Watermark,
+        tokenizer: Any,
+        int8: bool = False,
+        max_new_tokens: int = 24,
+        granularity: str = "row",
+    ) -> None:
         if not isinstance(watermark, Watermark):
             raise TypeError(f"watermark must be a Watermark, got {type(watermark).__name__}")
+        if granularity not in ("row", "tensor"):
+            raise ValueError(f"granularity must be 'row' or 'tensor' (as trained), got {granularity!r}")
+        self.granularity = granularity
         self.watermark = watermark
         self.tokenizer = tokenizer
         self.int8 = int8
@@ -65,7 +76,9 @@ class WatermarkSignal:
 
     def __call__(self, module: nn.Module) -> float:
         """Success rate in ``[0, 1]``."""
-        return verify_watermark(module, self.tokenizer, self.watermark, self.int8, self.max_new_tokens)
+        return verify_watermark(
+            module, self.tokenizer, self.watermark, self.int8, self.max_new_tokens, granularity=self.granularity
+        )
 
     def __repr__(self) -> str:
         return f"WatermarkSignal({self.watermark!r}, int8={self.int8})"
