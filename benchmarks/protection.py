@@ -44,7 +44,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_mergeguard import MergeGuardCallback
-from lightning_mergeguard.merging import merge
+from lightning_mergeguard.merging import merge, task_vector
 
 State = dict[str, Tensor]
 
@@ -107,7 +107,7 @@ def run_merges(track: Track, states: dict[str, State], labels: Sequence[str] | N
     out: dict[str, dict[str, float]] = {}
     for label in labels if labels is not None else [*cfgs, "AdaMerging"]:
         if label == "AdaMerging":
-            tvs = {n: {k: s[k] - track.pre[k] for k in track.pre} for n, s in states.items()}
+            tvs = {n: task_vector(s, track.pre) for n, s in states.items()}
             merged = track.adamerge(tvs)
         else:
             merged = merge(cfgs[label], states, track.pre, seed=0)
