@@ -122,7 +122,7 @@ def main() -> None:
     budgeted = fit([budgeted_probe])
     model_bytes = tensor_bytes(model.parameters())
     held = tensor_bytes(probe._backup.values()) + sum(tensor_bytes(t.values()) for t in probe._donor_tau.values())
-    held += tensor_bytes(probe._reference.values())
+    held += tensor_bytes(probe.reference.as_dict().values())
     ratio = probed / plain
     rows = [
         ["training without probe (s)", plain],

@@ -46,3 +46,24 @@ def llama_dirs(tmp_path_factory) -> dict[str, Path]:
         m.save_pretrained(root / name)
         paths[name] = root / name
     return paths
+
+
+_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("cpu", id="cpu"),
+        pytest.param(
+            "cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _CUDA, reason="no CUDA device")]
+        ),
+    ]
+)
+def device(request) -> torch.device:
+    """Every available device: the CPU always, CUDA when present (marked ``gpu``)."""
+    return torch.device(request.param)
+
+
+def accelerator(device: torch.device) -> str:
+    """The Lightning accelerator name for a torch device."""
+    return "gpu" if device.type == "cuda" else "cpu"

@@ -259,7 +259,7 @@ def test_reference_from_path_and_mismatch(tmp_path):
     save_safetensors(tmp_path / "ref.safetensors", {k: torch.zeros_like(v) for k, v in model.state_dict().items()})
     guard = MergeGuardCallback(alpha=0.1, stage2="none", reference=str(tmp_path / "ref.safetensors"))
     trainer(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[guard]).fit(model)
-    assert all(float(t.abs().sum()) == 0 for t in guard._reference.values())
+    assert all(float(t.abs().sum()) == 0 for t in guard.reference.as_dict().values())
 
     bad = {k: torch.zeros(2) for k in model.state_dict()}
     save_safetensors(tmp_path / "bad.safetensors", bad)

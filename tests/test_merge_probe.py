@@ -7,10 +7,12 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import perturbed_state_dict
 from helpers import TinyClassifier, blobs, trainer
 from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeProbe
+from lightning_mergeguard.errors import ForeignBaseError
 from lightning_mergeguard.merging import merge
 from lightning_mergeguard.protection.evaluation import evaluate
 
@@ -205,11 +207,46 @@ def test_bad_donors_raise_clear_errors(tmp_path):
         ).fit(TinyClassifier())
 
 
-def test_donor_from_another_base_is_refused(tmp_path):
-    other = {k: v + 10 * torch.randn_like(v) for k, v in base_state().items()}
-    probe = MergeProbe(donors={"other": other}, eval_dataloaders=val_loader(), strict=True, progress=False)
-    with pytest.raises(ValueError, match="fine-tune of another base model"):
-        trainer(tmp_path, max_epochs=1, callbacks=[probe]).fit(fresh_model())
+class CountSteps(pl.Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_end(self, *args):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_donor_from_another_base_is_refused_before_training(tmp_path, strict):
+    torch.manual_seed(99)  # the same architecture from another random init: not a fine-tune of this base
+    other = TinyClassifier().state_dict()
+    counter = CountSteps()
+    probe = MergeProbe(donors={"other": other}, eval_dataloaders=val_loader(), strict=strict, progress=False)
+    with pytest.raises(ForeignBaseError, match=r"'other' is not a fine-tune of the model's reference weights"):
+        trainer(tmp_path, max_epochs=1, callbacks=[counter, probe]).fit(fresh_model())
+    assert counter.steps == 0
+    # The explicit opt-out accepts it.
+    ok = MergeProbe(donors={"other": other}, eval_dataloaders=val_loader(), max_relative_distance=None, progress=False)
+    trainer(tmp_path, max_epochs=1, callbacks=[ok]).fit(fresh_model())
+    assert ok.results and ok.donor_distance["other"] > 1.0
+
+
+def test_llama_donor_from_another_init_is_refused_despite_norm_weights(tmp_path):
+    """RMSNorm weights of 1.0 dominate ||theta_pre||; the per-matrix median still sees the foreign donor."""
+    from conftest import tiny_llama
+
+    from lightning_mergeguard.llm import CausalLMModule
+
+    base = tiny_llama(seed=0)
+    foreign = tiny_llama(seed=1).state_dict()
+    finetune = perturbed_state_dict(base.state_dict(), seed=3, scale=0.002)
+    batch = {"input_ids": torch.randint(0, 64, (4, 8)), "labels": torch.randint(0, 64, (4, 8))}
+    loader = DataLoader([{k: v[i] for k, v in batch.items()} for i in range(4)], batch_size=2)
+    good = MergeProbe(donors={"ft": finetune}, eval_dataloaders=loader, progress=False)
+    trainer(tmp_path, max_steps=1, callbacks=[good]).fit(CausalLMModule(base, lr=1e-4), loader)
+    assert good.donor_distance["ft"] < 0.2
+    bad = MergeProbe(donors={"foreign": foreign}, eval_dataloaders=loader, progress=False)
+    with pytest.raises(ForeignBaseError, match="'foreign' is not a fine-tune"):
+        trainer(tmp_path, max_steps=1, callbacks=[bad]).fit(CausalLMModule(tiny_llama(seed=0), lr=1e-4), loader)
 
 
 def test_failed_probe_warns_unless_strict(tmp_path):
@@ -254,8 +291,8 @@ def test_bf16_donors_and_resume_keeps_reference(tmp_path):
     t.save_checkpoint(ckpt)
     probe2 = MergeProbe(donors=donor_states(1), donor_dtype="bfloat16", eval_dataloaders=val_loader(), progress=False)
     trainer(tmp_path, max_epochs=2, callbacks=[probe2]).fit(fresh_model(), ckpt_path=ckpt)
-    for n, t_ref in probe._reference.items():
-        assert torch.equal(probe2._reference[n], t_ref)
+    for n, t_ref in probe.reference.as_dict().items():
+        assert torch.equal(probe2.reference[n], t_ref)
     assert probe2.results[0]["step"] == probe.results[0]["step"]
 
 

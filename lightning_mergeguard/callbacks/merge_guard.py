@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import re
@@ -24,13 +25,12 @@ from lightning_mergeguard.protection.negation import apply_negation_, critical_l
 from lightning_mergeguard.protection.params import (
     DEFAULT_STAGE2_EXCLUDE,
     group_layers,
-    load_matching,
     select_parameters,
-    snapshot,
     write_scaled_,
 )
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_
 from lightning_mergeguard.protection.scale_adversarial import scale_adversarial_
+from lightning_mergeguard.reference import ReferenceWeights
 
 Stage2 = Literal["scale_adversarial", "negation", "none"]
 
@@ -55,8 +55,13 @@ class MergeGuardCallback(Callback):
       validation batches (critical layers and the smallest entries masked out).
 
     A guard rail measures the monitored score on up to ``eval_batches`` validation batches before and after
-    stage 2; if it falls by more than ``tolerance`` points, stage 2 backs off (halving ``beta`` or interpolating
-    towards the stage-1 weights) until it fits, and the report says so. Stage 2 runs once: the callback's state
+    stage 2; if it falls by more than ``tolerance`` points, stage 2 backs off (halving ``beta``, or keeping the
+    checked weights within tolerance with the lowest merge proxy) until it fits, and the report says so.
+    Scale-adversarial stage 2 checks 8 times; a check scores the model and its scaled copy at the sabotaged scale
+    nearest the scales' mean, so stage 2 costs 18 validation passes whatever ``steps`` is (the report counts them).
+    Validation
+    passes run under the trainer's precision context (autocast for ``*-mixed``); the optimisation does too, except
+    with ``16-mixed``, whose gradients would need loss scaling. Stage 2 runs once: the callback's state
     records it, so a resumed or repeated fit never perturbs twice. The report (settings, per-layer scores, metric
     deltas, back-off) is written as JSON to ``report_path``; ``save_path`` receives the protected weights
     (safetensors). Checkpoints written by ``ModelCheckpoint`` during fit hold pre-stage-2 weights.
@@ -68,7 +73,12 @@ class MergeGuardCallback(Callback):
         include: Regexes of parameter names protected (default: all trainable).
         exclude: Regexes of parameter names left out of both stages.
         reference: Path (safetensors, HF directory, ``.bin``/``.ckpt``) of the pretrained weights; default: a
-            snapshot of the weights at fit start.
+            snapshot of the weights at fit start. Shared with a :class:`~lightning_mergeguard.MergeProbe` attached
+            to the same trainer (see :attr:`reference`).
+        reference_dtype: Storage dtype of the reference (``"bfloat16"`` halves its memory; stage 1 then
+            penalises the distance to the rounded weights). Default: the parameters' dtype.
+        reference_device: Where the reference is kept (``"cpu"`` frees accelerator memory at the cost of one
+            host-to-device copy of it per optimizer step). Default: the parameters' device.
         stage2: ``"scale_adversarial"``, ``"negation"`` or ``"none"``.
         stage2_exclude: Regexes left out of stage 2 (default: embeddings, final norms, LM/task heads).
         score_fn: ``(module, batch) -> (score_sum, count)``; default: accuracy for ``(x, y)`` and HF LM batches.
@@ -103,6 +113,8 @@ class MergeGuardCallback(Callback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         reference: str | None = None,
+        reference_dtype: str | None = None,
+        reference_device: str | None = None,
         stage2: Stage2 = "scale_adversarial",
         stage2_exclude: Sequence[str] = DEFAULT_STAGE2_EXCLUDE,
         score_fn: ScoreFn | None = None,
@@ -158,6 +170,7 @@ class MergeGuardCallback(Callback):
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude)
         self.reference_path = reference
+        self.reference = ReferenceWeights(reference, dtype=reference_dtype, device=reference_device)
         self.stage2 = stage2
         self.stage2_exclude = list(stage2_exclude)
         self.score_fn = score_fn or default_score
@@ -180,8 +193,6 @@ class MergeGuardCallback(Callback):
         self.stage2_done = False
         self.report: dict[str, Any] | None = None
         self._params: dict[str, nn.Parameter] = {}
-        self._reference: dict[str, Tensor] | None = None
-        self._loaded_reference: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -199,22 +210,7 @@ class MergeGuardCallback(Callback):
         self._params = select_parameters(pl_module, self.include, self.exclude)
         if not self._params:
             raise ValueError("MergeGuardCallback: no trainable parameters match include/exclude")
-        if self._loaded_reference is not None:
-            ref = self._loaded_reference
-        elif self.reference_path is not None:
-            ref = load_matching(self.reference_path, self._params, "MergeGuardCallback: reference")
-        else:
-            ref = snapshot(self._params)
-        missing = [n for n in self._params if n not in ref]
-        if missing:
-            raise ValueError(f"MergeGuardCallback: reference has no tensor for parameter(s) {missing[:5]}")
-        for n, p in self._params.items():
-            if tuple(ref[n].shape) != tuple(p.shape):
-                raise ValueError(
-                    f"MergeGuardCallback: reference tensor {n!r} has shape {tuple(ref[n].shape)}, "
-                    f"parameter has {tuple(p.shape)}"
-                )
-        self._reference = {n: ref[n].to(device=p.device, dtype=p.dtype) for n, p in self._params.items()}
+        self.reference.resolve(self._params)
 
     # ------------------------------------------------------------------ stage 1
     @override
@@ -226,7 +222,7 @@ class MergeGuardCallback(Callback):
         for p in self._params.values():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        reference = self._reference if self.target == "task_vector" else None
+        reference = self.reference.on_device(self._params) if self.target == "task_vector" else None
         # The term's value costs an extra pass over the weights: compute it only when the trainer logs.
         logging_step = (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.global_step == 0
         value = add_redistribution_grad_(
@@ -243,12 +239,11 @@ class MergeGuardCallback(Callback):
         if self.stage2_done:
             rank_zero_warn("MergeGuardCallback: stage 2 was already applied to this model; not applying it again.")
             return
-        assert self._reference is not None
         start = time.perf_counter()
         params = {
             n: p
             for n, p in select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude]).items()
-            if n in self._reference
+            if n in self.reference
         }
         if not params:
             raise ValueError("MergeGuardCallback: stage 2 excludes every parameter; loosen stage2_exclude")
@@ -258,11 +253,15 @@ class MergeGuardCallback(Callback):
             eval_loader = first_loader(trainer.train_dataloader)
         eval_data = take(eval_loader, self.eval_batches)
         strategy = trainer.strategy
+        ref = self.reference.as_dict(params, like=params)  # on the parameters' device and dtype during stage 2
+        passes = [0]
 
         def metric() -> float:
-            return 100.0 * evaluate(
-                pl_module, eval_data, self.score_fn, reduce=lambda t: strategy.reduce(t, reduce_op="sum")
-            )
+            passes[0] += 1
+            with trainer.precision_plugin.forward_context():
+                return 100.0 * evaluate(
+                    pl_module, eval_data, self.score_fn, reduce=lambda t: strategy.reduce(t, reduce_op="sum")
+                )
 
         with torch.no_grad():
             stage1 = {n: p.detach().clone() for n, p in params.items()}
@@ -274,17 +273,18 @@ class MergeGuardCallback(Callback):
             "score_before": before,
         }
         if self.stage2 == "negation":
-            after, extra = self._negation(params, metric, before)
+            after, extra = self._negation(params, ref, metric, before)
         else:
-            after, extra = self._scale_adversarial(trainer, pl_module, params, stage1, metric, before)
+            after, extra = self._scale_adversarial(trainer, pl_module, params, ref, stage1, metric, before)
         report.update(extra)
         with torch.no_grad():
-            tau_before = math.sqrt(sum(float((stage1[n] - self._reference[n]).double().pow(2).sum()) for n in params))
+            tau_before = math.sqrt(sum(float((stage1[n] - ref[n]).double().pow(2).sum()) for n in params))
             moved = math.sqrt(sum(float((p - stage1[n]).double().pow(2).sum()) for n, p in params.items()))
         report.update(
             score_after=after,
             score_delta=after - before,
             relative_perturbation=moved / tau_before if tau_before > 0 else float("nan"),
+            validation_passes=passes[0],
             seconds=time.perf_counter() - start,
         )
         self.stage2_done = True
@@ -312,15 +312,16 @@ class MergeGuardCallback(Callback):
                 )
         strategy.barrier("mergeguard_stage2")
 
-    def _negation(self, params: dict[str, nn.Parameter], metric, before: float) -> tuple[float, dict[str, Any]]:
-        assert self._reference is not None
+    def _negation(
+        self, params: dict[str, nn.Parameter], ref: dict[str, Tensor], metric, before: float
+    ) -> tuple[float, dict[str, Any]]:
         layers = group_layers(params, self.granularity)
-        _, scores = layer_importance(params, self._reference, layers, metric, progress=self.progress)
+        _, scores = layer_importance(params, ref, layers, metric, progress=self.progress)
         critical = set(critical_layers(scores, self.critical_fraction))
         masks = {}
         for layer, names in layers.items():
             for n in names:
-                tau = params[n].detach() - self._reference[n]
+                tau = params[n].detach() - ref[n]
                 masks[n] = negation_mask(tau, critical=layer in critical, small_fraction=self.small_fraction)
         with torch.no_grad():
             saved = {n: p.detach().clone() for n, p in params.items()}
@@ -328,7 +329,7 @@ class MergeGuardCallback(Callback):
         beta = self.beta
         after = before
         for beta in (self.beta / 2**i for i in range(4)):
-            apply_negation_(params, self._reference, masks, beta)
+            apply_negation_(params, ref, masks, beta)
             after = metric()
             tried.append({"beta": beta, "score": after})
             if before - after <= self.tolerance:
@@ -355,6 +356,7 @@ class MergeGuardCallback(Callback):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         params: dict[str, nn.Parameter],
+        ref: dict[str, Tensor],
         stage1: dict[str, Tensor],
         metric,
         before: float,
@@ -364,23 +366,24 @@ class MergeGuardCallback(Callback):
             raise ValueError("MergeGuardCallback: scale-adversarial stage 2 needs the training dataloader")
         strategy = trainer.strategy
         world = strategy.world_size
-        assert self._reference is not None
+
+        # The guard rail: 8 checks, each the own score and the merge proxy (the score of the scaled copy
+        # theta_pre + s * tau at the sabotaged scale nearest their mean): 1 + 1 + 8 * 2 = 18 validation passes.
+        mean_scale = sum(self.scales) / len(self.scales)
+        proxy_scale = min(self.scales, key=lambda s: abs(s - mean_scale))
 
         def proxy() -> float:
-            # Score of the scaled copies theta_pre + s * tau that merges apply (mean over the sabotaged scales).
             with torch.no_grad():
                 live = {n: p.detach().clone() for n, p in params.items()}
-            scores = []
             try:
-                for s in self.scales:
-                    write_scaled_(params, self._reference, live, s)
-                    scores.append(metric())
+                write_scaled_(params, ref, live, proxy_scale)
+                return metric()
             finally:
-                write_scaled_(params, self._reference, live, 1.0)
-            return sum(scores) / len(scores)
+                write_scaled_(params, ref, live, 1.0)
 
-        checks: list[dict[str, float]] = [{"step": 0, "score": before, "merge_proxy": proxy()}]
-        best = dict(checks[0])
+        history: list[dict[str, float]] = []
+        checks: list[dict[str, float]] = []
+        best: dict[str, float] = {"step": 0, "score": before}
         best_weights = {n: t.clone() for n, t in stage1.items()}
 
         def check(step: int) -> None:
@@ -392,11 +395,14 @@ class MergeGuardCallback(Callback):
                     for n, p in params.items():
                         best_weights[n].copy_(p)
 
-        every = max(1, self.steps // 10)
-        history = scale_adversarial_(
+        best["merge_proxy"] = proxy_before = proxy()
+        # Mixed precision: the optimisation runs under autocast too, except fp16, which would need loss scaling.
+        precision = str(trainer.precision)
+        autocast = trainer.precision_plugin.forward_context if precision != "16-mixed" else contextlib.nullcontext
+        scale_adversarial_(
             pl_module,
             params,
-            self._reference,
+            ref,
             itertools.islice(repeat(train_loader), self.steps),
             self.loss_fn,
             steps=self.steps,
@@ -405,9 +411,11 @@ class MergeGuardCallback(Callback):
             drop_density=self.drop_density,
             lr=self.lr,
             grad_reduce=(lambda g: strategy.reduce(g, reduce_op="sum") / world) if world > 1 else None,
-            check_every=every,
+            check_every=max(1, math.ceil(self.steps / 8)),
             check=check,
             progress=self.progress and trainer.is_global_zero,
+            forward_context=autocast,
+            history=history,
         )
         if checks[-1]["step"] != self.steps:
             check(self.steps)
@@ -424,7 +432,8 @@ class MergeGuardCallback(Callback):
         first, last = history[0] if history else {}, history[-1] if history else {}
         extra = {
             "steps_used": steps_used,
-            "merge_proxy_before": checks[0]["merge_proxy"],
+            "merge_proxy_scale": proxy_scale,
+            "merge_proxy_before": proxy_before,
             "merge_proxy_after": best["merge_proxy"],
             "checks": checks,
             "own_loss_first": first.get("own_loss"),
@@ -460,13 +469,13 @@ class MergeGuardCallback(Callback):
     # ------------------------------------------------------------------ resume
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"stage2_done": self.stage2_done, "report": self.report}
-        if self.reference_path is None and self._reference is not None:
-            state["reference"] = {n: t.detach().cpu() for n, t in self._reference.items()}
-        return state
+        return {"stage2_done": self.stage2_done, "report": self.report, "reference": self.reference.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stage2_done = bool(state_dict.get("stage2_done", False))
         self.report = state_dict.get("report")
-        self._loaded_reference = state_dict.get("reference")
+        ref = state_dict.get("reference")
+        if ref:
+            # Checkpoints before the shared reference held a plain name -> tensor mapping.
+            self.reference.load_state_dict(ref if "tensors" in ref else {"tensors": ref})

@@ -16,12 +16,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from typing_extensions import override
 
-from lightning_mergeguard.callbacks._common import log_to_loggers, refuse_sharded, take
+from lightning_mergeguard.callbacks._common import first_loader, log_to_loggers, refuse_sharded, take
+from lightning_mergeguard.errors import IncompatibleModelsError, NonFiniteError
+from lightning_mergeguard.merging.base_check import (
+    DEFAULT_MAX_RELATIVE_DISTANCE,
+    check_same_base,
+    relative_distance,
+    tensors_to_compare,
+)
 from lightning_mergeguard.merging.engine import iter_merge
 from lightning_mergeguard.merging.sources import StateDictSource, WeightSource, open_source
-from lightning_mergeguard.merging.task_vectors import task_vector_cosine
+from lightning_mergeguard.merging.task_vectors import task_vector_cosines
 from lightning_mergeguard.protection.evaluation import ScoreFn, default_score, evaluate
-from lightning_mergeguard.protection.params import load_matching, match_names, select_parameters, snapshot
+from lightning_mergeguard.protection.params import match_names, select_parameters
 from lightning_mergeguard.protection.probe_math import (
     BASE,
     LIVE,
@@ -30,6 +37,7 @@ from lightning_mergeguard.protection.probe_math import (
     build_probe_specs,
     merge_metrics,
 )
+from lightning_mergeguard.reference import ReferenceWeights, parse_dtype
 
 OWN = "own"
 
@@ -58,7 +66,9 @@ def _named_signals(signals: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]
 class MergeProbe(Callback):
     """Periodically merge the live model with other fine-tunes of the same base, evaluate, restore, and log.
 
-    At each probe the live weights are backed up once into a buffer that is reused across probes; every
+    Donors are read and checked when fit starts (names, shapes, NaN/Inf, and that each is a fine-tune of the same
+    base), before any training step. At each probe the live weights are backed up once into a buffer that is reused
+    across probes; every
     (method, coefficient) merge is written tensor by tensor into the live parameters, evaluated, and the live
     weights are restored bit for bit from the buffer at the end. Logged per merge label (``ties@0.3``...) and task
     (``own`` for the model being trained, then each donor that has an evaluation loader):
@@ -76,12 +86,14 @@ class MergeProbe(Callback):
 
     Args:
         donors: Name -> fine-tune of the same base (state dict, module, safetensors file, HF directory), or a list
-            (named ``donor0``...). Held as task vectors in ``donor_dtype`` on ``donor_device``.
+            (named ``donor0``...). Held as task vectors in ``donor_dtype`` on ``donor_device``; each tensor is copied
+            to the model's device (pinned, non-blocking) only when a merge uses it.
         methods: Merge methods: names, mappings ``{merge_method, parameters, model_parameters, label}``, or mergekit
             YAML paths whose models are ``live``, ``base`` and donor names.
         coefficients: Grid of merge coefficients (``lambda``; the live weight for ``linear``; ``t`` for ``slerp``).
         eval_dataloaders: A loader for the protected task, or name -> loader (``"own"`` for the protected task,
             donor names for theirs). A value may be ``(loader, score_fn)`` for a task scored differently.
+            Default: the trainer's (first) validation loader, resolved at the first probe.
         every_n_steps: Probe every this many optimizer steps.
         every_n_epochs: Probe at the end of every this many training epochs (default 1 when no step cadence).
         probe_on_train_end: Probe once more when training ends (after stage 2 of a guard placed before).
@@ -89,12 +101,18 @@ class MergeProbe(Callback):
         eval_batches: Batches per loader per probe (cached once, so every probe sees the same data).
         include: Regexes of parameter names merged (default: all trainable).
         exclude: Regexes of parameter names kept from the live model (e.g. task heads).
-        reference: Path of the pretrained weights; default: the guard's reference if a
-            :class:`~lightning_mergeguard.MergeGuardCallback` runs, else a snapshot at fit start.
+        reference: Path of the pretrained weights; default: the guard's reference object if a
+            :class:`~lightning_mergeguard.MergeGuardCallback` is attached (held once for both), else a snapshot at
+            fit start.
+        reference_dtype: Storage dtype of this probe's own reference (``"bfloat16"`` halves it); default: the
+            parameters' dtype. Ignored when the guard's reference is shared.
         donor_dtype: ``"float32"`` or ``"bfloat16"`` for the stored donor task vectors.
-        donor_device: Where donor task vectors live (``"cpu"`` saves accelerator memory).
-        max_relative_distance: A donor farther than this from the base (``||tau|| / ||theta_pre||``) is taken for a
-            fine-tune of another base model and refused.
+        donor_device: Where donor task vectors live (``"cpu"``, the default, keeps them off the accelerator).
+        backup_device: Where the live weights are kept while merges are evaluated (default: the model's device;
+            ``"cpu"`` saves one model copy of accelerator memory at the cost of two transfers per probe).
+        max_relative_distance: A donor whose weight matrices are a median of more than this times their own norm
+            away from the base's is refused as a model of another base (see
+            :mod:`~lightning_mergeguard.merging.base_check`); ``None`` turns the check off.
         seed: Seed of randomized merges (DARE), so probes repeat.
         strict: Raise on a failed probe instead of warning and skipping it.
         progress: Show a progress bar while a probe runs.
@@ -128,9 +146,11 @@ class MergeProbe(Callback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         reference: str | None = None,
+        reference_dtype: str | None = None,
         donor_dtype: str = "float32",
         donor_device: str = "cpu",
-        max_relative_distance: float = 1.0,
+        backup_device: str | None = None,
+        max_relative_distance: float | None = DEFAULT_MAX_RELATIVE_DISTANCE,
         seed: int = 0,
         strict: bool = False,
         progress: bool = True,
@@ -157,6 +177,16 @@ class MergeProbe(Callback):
             raise ValueError(f"eval_batches must be a positive integer or None, got {eval_batches!r}")
         if donor_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"donor_dtype must be 'float32' or 'bfloat16', got {donor_dtype!r}")
+        for what, dev in (("donor_device", donor_device), ("backup_device", backup_device)):
+            try:
+                if dev is not None:
+                    torch.device(dev)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"{what} {dev!r} is not a device: {err}") from err
+        if max_relative_distance is not None and not (
+            isinstance(max_relative_distance, (int, float)) and max_relative_distance > 0
+        ):
+            raise ValueError(f"max_relative_distance must be a positive number or None, got {max_relative_distance!r}")
         if max_overhead is not None and not (isinstance(max_overhead, (int, float)) and max_overhead > 0):
             raise ValueError(f"max_overhead must be a positive fraction or None, got {max_overhead!r}")
         self.signals = _named_signals(signals)
@@ -175,9 +205,11 @@ class MergeProbe(Callback):
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude)
         self.reference_path = reference
+        self.reference_dtype = parse_dtype(reference_dtype, "reference_dtype")
         self.donor_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[donor_dtype]
-        self.donor_device = donor_device
-        self.max_relative_distance = float(max_relative_distance)
+        self.donor_device = torch.device(donor_device)
+        self.backup_device = torch.device(backup_device) if backup_device is not None else None
+        self.max_relative_distance = None if max_relative_distance is None else float(max_relative_distance)
         self.seed = seed
         self.strict = strict
         self.progress = progress
@@ -189,11 +221,12 @@ class MergeProbe(Callback):
         self.last_probe_step = -1
         self.results: list[dict[str, float]] = []
         self._params: dict[str, nn.Parameter] = {}
-        self._reference: dict[str, Tensor] | None = None
-        self._loaded_reference: dict[str, Tensor] | None = None
+        self._own_reference = ReferenceWeights(reference, dtype=self.reference_dtype)
+        self._reference: ReferenceWeights = self._own_reference
         self._donor_tau: dict[str, dict[str, Tensor]] = {}
+        self.donor_distance: dict[str, float] = {}
         self._backup: dict[str, Tensor] | None = None
-        self._tasks: dict[str, tuple[list[Any] | Any, ScoreFn]] = {}
+        self._tasks: dict[str, tuple[list[Any] | Any, ScoreFn]] | None = None
         self._donor_individual: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
@@ -212,75 +245,77 @@ class MergeProbe(Callback):
         self._params = select_parameters(pl_module, self.include, self.exclude)
         if not self._params:
             raise ValueError("MergeProbe: no trainable parameters match include/exclude")
-        if self._loaded_reference is not None:
-            missing = [n for n in self._params if n not in self._loaded_reference]
-            if missing:
-                raise ValueError(f"MergeProbe: the checkpoint's reference lacks parameters {missing[:5]}")
-            self._reference = {n: self._loaded_reference[n].to(p.device, p.dtype) for n, p in self._params.items()}
-        elif self.reference_path is not None:
-            ref = load_matching(self.reference_path, self._params, "MergeProbe: reference")
-            self._reference = {n: t.to(self._params[n].device, self._params[n].dtype) for n, t in ref.items()}
-        else:
-            self._reference = None  # resolved at the first probe (a guard's reference, else this snapshot)
-            self._snapshot = snapshot(self._params)
+        self._reference = self._shared_reference(trainer)
+        self._reference.resolve(self._params)
         self._load_donors()
-        self._tasks = self._resolve_tasks(trainer)
+        self._tasks = None  # resolved at the first probe (the trainer's validation loader may load late)
+        self._backup = None
+        self._donor_individual = {}
 
-    def _ref(self, trainer: pl.Trainer) -> dict[str, Tensor]:
-        if self._reference is None:
+    def _shared_reference(self, trainer: pl.Trainer) -> ReferenceWeights:
+        """The guard's reference when a guard is attached and this probe has no reference of its own."""
+        if self.reference_path is None:
             from lightning_mergeguard.callbacks.merge_guard import MergeGuardCallback
 
             guard = next((c for c in trainer.callbacks if isinstance(c, MergeGuardCallback)), None)
-            guard_ref = getattr(guard, "_reference", None)
-            if guard_ref is not None and all(n in guard_ref for n in self._params):
-                self._reference = {n: guard_ref[n] for n in self._params}
-            else:
-                self._reference = self._snapshot
+            if guard is not None:
+                return guard.reference
+        return self._own_reference
+
+    @property
+    def reference(self) -> ReferenceWeights:
+        """The reference weights in use (the guard's object when shared)."""
         return self._reference
 
     def _load_donors(self) -> None:
+        """Read every donor now, check it against the base tensor by tensor, and keep its task vector."""
         self._donor_tau = {}
+        self.donor_distance = {}
+        compare = set(tensors_to_compare({n: (tuple(p.shape), p.dtype) for n, p in self._params.items()}))
+        pin = self.donor_device.type == "cpu" and any(p.is_cuda for p in self._params.values())
         for name, obj in self.donor_inputs.items():
             src = open_source(obj, name=name)
             names = match_names(self._params, src.keys(), what=f"MergeProbe: donor {name!r}")
-            tau = {}
+            tau, distances = {}, []
             for pname, key in names.items():
                 p = self._params[pname]
                 t = src.get(key)
                 if tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(
+                    raise IncompatibleModelsError(
                         f"MergeProbe: donor {name!r} tensor {key!r} has shape {tuple(t.shape)}, "
                         f"the model's {pname!r} has {tuple(p.shape)}"
                     )
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"MergeProbe: donor {name!r} tensor {key!r} has NaN/Inf values")
-                tau[pname] = t  # full weights for now; turned into a task vector against the reference later
+                ref = self._reference.get(pname, like=p)
+                d = t.to(p.device, torch.float32) - ref.float()
+                if not bool(torch.isfinite(d).all()):
+                    raise NonFiniteError(f"MergeProbe: donor {name!r} tensor {key!r} has NaN/Inf values")
+                if pname in compare:
+                    distances.append((pname, relative_distance(t, ref)))
+                d = d.to(self.donor_device, self.donor_dtype)
+                tau[pname] = d.pin_memory() if pin else d
+            self.donor_distance[name] = check_same_base(
+                distances,
+                donor=name,
+                base="the model's reference weights (MergeProbe donor check)",
+                max_relative_distance=self.max_relative_distance,
+            )
             self._donor_tau[name] = tau
-        self._donors_are_weights = True
-
-    def _finalize_donors(self, ref: Mapping[str, Tensor]) -> None:
-        if not self._donors_are_weights:
-            return
-        ref_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in ref.values()))
-        for name, weights in self._donor_tau.items():
-            tau = {n: (w.to(ref[n].device, torch.float32) - ref[n].float()) for n, w in weights.items()}
-            dist = math.sqrt(sum(float(t.double().pow(2).sum()) for t in tau.values()))
-            if ref_norm > 0 and dist / ref_norm > self.max_relative_distance:
-                raise ValueError(
-                    f"MergeProbe: donor {name!r} is {dist / ref_norm:.2f} x ||theta_pre|| away from the base "
-                    f"(limit {self.max_relative_distance}); is it a fine-tune of another base model?"
-                )
-            self._donor_tau[name] = {n: t.to(self.donor_device, self.donor_dtype) for n, t in tau.items()}
-        self._donors_are_weights = False
 
     def _resolve_tasks(self, trainer: pl.Trainer) -> dict[str, tuple[Any, ScoreFn]]:
         loaders = self.eval_dataloaders
         if loaders is None:
-            loaders = trainer.val_dataloaders
-            if isinstance(loaders, (list, tuple)):
-                loaders = loaders[0] if loaders else None
+            val_loop = trainer.fit_loop.epoch_loop.val_loop
+            source = getattr(val_loop, "_data_source", None)
+            if trainer.val_dataloaders is None and source is not None and source.is_defined():
+                # Lightning loads the validation loader when validation first runs; load it now if a probe comes
+                # first (for example every_n_steps before the first validation, or num_sanity_val_steps=0).
+                val_loop.setup_data()
+            loaders = first_loader(trainer.val_dataloaders)
             if loaders is None:
-                raise ValueError("MergeProbe needs eval_dataloaders (or a validation dataloader on the trainer)")
+                raise ValueError(
+                    "MergeProbe needs eval_dataloaders, or a validation dataloader given to trainer.fit "
+                    "(val_dataloaders=...) or defined by the LightningModule"
+                )
         if not isinstance(loaders, Mapping):
             loaders = {OWN: loaders}
         unknown = [k for k in loaders if k != OWN and k not in self.donor_inputs]
@@ -347,26 +382,38 @@ class MergeProbe(Callback):
     @torch.no_grad()
     def _write(self, merged: Mapping[str, Tensor] | None, donor: str | None = None) -> None:
         """Write merged weights (or ``base + donor tau``, or the backup when both are None) into the live model."""
-        assert self._backup is not None and self._reference is not None
+        assert self._backup is not None
         for n, p in self._params.items():
             if merged is not None:
                 p.copy_(merged[n])
             elif donor is not None:
-                p.copy_(self._reference[n] + self._donor_tau[donor][n].to(p.device, p.dtype))
+                tau = self._donor_tau[donor][n].to(p.device, p.dtype, non_blocking=True)
+                p.copy_(self._reference.get(n, like=p) + tau)
             else:
-                p.copy_(self._backup[n])
+                p.copy_(self._backup[n], non_blocking=True)
+
+    def _backup_live(self) -> None:
+        if self._backup is None:
+            pin = self.backup_device is not None and self.backup_device.type == "cpu"
+            self._backup = {}
+            for n, p in self._params.items():
+                b = torch.empty_like(p, device=self.backup_device or p.device)
+                self._backup[n] = b.pin_memory() if pin and p.is_cuda else b
+        with torch.no_grad():
+            for n, p in self._params.items():
+                self._backup[n].copy_(p.detach())  # blocking: the backup must hold these values before merges
 
     def probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, force: bool = False) -> dict[str, float]:
         """Run every configured merge now and log the results (also callable by hand)."""
         if not force and trainer.global_step == self.last_probe_step:
             return {}
-        ref = self._ref(trainer)
-        self._finalize_donors(ref)
         start = time.perf_counter()
-        if self._backup is None:
-            self._backup = {n: torch.empty_like(p) for n, p in self._params.items()}
-        for n, p in self._params.items():
-            self._backup[n].copy_(p.detach())
+        if self._tasks is None:
+            self._tasks = self._resolve_tasks(trainer)
+        self._backup_live()
+        assert self._backup is not None
+        device = next(iter(self._params.values())).device
+        ref = self._reference.as_dict(self._params)
         metrics: dict[str, float] = {}
         try:
             individual = {OWN: self._evaluate(pl_module, OWN, trainer)}
@@ -382,14 +429,13 @@ class MergeProbe(Callback):
                 metrics[f"mergeprobe/{task}/individual_acc"] = acc
             for name, signal in self.signals.items():
                 metrics[f"mergeprobe/{OWN}/{name}"] = float(signal(pl_module))
-            live_tau = {n: self._backup[n].float() - ref[n].float() for n in self._params}
-            for name, tau in self._donor_tau.items():
-                metrics[f"mergeprobe/cosine/{name}"] = task_vector_cosine(live_tau, tau)
-            del live_tau
-            live_src = StateDictSource(self._backup, name=LIVE)
-            base_src = StateDictSource(ref, name=BASE)
-            sources: dict[str, WeightSource] = {LIVE: live_src, BASE: base_src}
-            sources.update({d: TaskVectorSource(ref, tau, d) for d, tau in self._donor_tau.items()})
+            for name, cos in task_vector_cosines(self._backup, ref, self._donor_tau, device).items():
+                metrics[f"mergeprobe/cosine/{name}"] = cos
+            sources: dict[str, WeightSource] = {
+                LIVE: StateDictSource(self._backup, name=LIVE),
+                BASE: StateDictSource(ref, name=BASE),
+            }
+            sources.update({d: TaskVectorSource(ref, tau, d, device) for d, tau in self._donor_tau.items()})
             bar = tqdm(
                 self.specs, desc="MergeProbe", leave=False, disable=not (self.progress and trainer.is_global_zero)
             )
@@ -433,14 +479,15 @@ class MergeProbe(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"last_probe_step": self.last_probe_step, "results": self.results}
-        if self.reference_path is None and self._reference is not None:
-            state["reference"] = {n: t.detach().cpu() for n, t in self._reference.items()}
-        elif self.reference_path is None and getattr(self, "_snapshot", None) is not None:
-            state["reference"] = {n: t.detach().cpu() for n, t in self._snapshot.items()}
+        if self._reference is self._own_reference:  # a shared reference is saved by the guard that owns it
+            state["reference"] = self._own_reference.state_dict()
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_probe_step = int(state_dict.get("last_probe_step", -1))
         self.results = list(state_dict.get("results", []))
-        self._loaded_reference = state_dict.get("reference")
+        ref = state_dict.get("reference")
+        if ref:
+            # Checkpoints before the shared reference held a plain name -> tensor mapping.
+            self._own_reference.load_state_dict(ref if "tensors" in ref else {"tensors": ref})

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from lightning_mergeguard.io import StreamingSafetensorsWriter, atomic_write_json
 from lightning_mergeguard.merging.config import DTYPES, MergeConfig
 from lightning_mergeguard.merging.sources import WeightSource, open_source
+from lightning_mergeguard.merging.sparsify import select_ranks
 from lightning_mergeguard.merging.spec import TensorContext
 
 __all__ = ["check_compatible", "iter_merge", "merge", "model_thresholds"]
@@ -124,7 +125,7 @@ def model_thresholds(
             torch.sub(t.reshape(-1), b.reshape(-1), out=buf[pos : pos + n]).abs_()
             pos += n
         kth = max(1, int(density * total))
-        out.append(float(buf.kthvalue(total - kth + 1).values))
+        out.append(float(select_ranks(buf, total - kth, total - kth)[0]))
         del buf
     return out
 

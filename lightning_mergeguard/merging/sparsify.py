@@ -21,11 +21,13 @@ RescaleNorm = Literal["l1", "l2", "linf", "density"]
 
 __all__ = [
     "RescaleNorm",
+    "bisect_select",
     "magnitude_outliers_prune",
     "magnitude_prune",
     "random_prune",
     "rank_window_mask",
     "rescale_masked",
+    "select_ranks",
 ]
 
 
@@ -71,12 +73,74 @@ def rescale_masked(tensor: Tensor, mask: Tensor, norm: RescaleNorm | None, densi
     return masked * (before / after)
 
 
-def _select(flat: Tensor, i: int, j: int) -> tuple[Tensor, Tensor]:
-    """Values of ascending rank ``i`` and ``j`` (an O(n) selection; numpy's introselect is ~10x torch's on CPU)."""
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+_CHUNK = 1 << 24  # elements compared per kernel in the bisection: ~100 MiB of temporaries at most
+_SORT_MAX = 1 << 25  # off the CPU, tensors up to this size are sorted (one kernel, 12 bytes per element)
+
+
+def _order_keys(flat: Tensor) -> Tensor:
+    """int32 keys that sort like the float32 values (negative floats have their magnitude bits flipped)."""
+    bits = flat.view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _from_key(key: Tensor) -> Tensor:
+    bits = torch.where(key < 0, key ^ 0x7FFFFFFF, key).to(torch.int32)
+    return bits.reshape(1).view(torch.float32).reshape(())
+
+
+def bisect_select(flat: Tensor, ranks: tuple[int, ...], chunk: int = _CHUNK) -> list[Tensor]:
+    """Values of the given ascending ranks of a float32 tensor, by bisection on their bit patterns.
+
+    Exact (the result is the value ``torch.sort(flat)[r]``), runs on any device without a host sync, and needs
+    O(``chunk``) temporary memory instead of a sort's 12 bytes per element: 32 rounds, each counting the entries
+    at or below a candidate key. This is the GPU path of :func:`select_ranks` (``kthvalue`` is slow on CUDA).
+
+    Example:
+        >>> [float(v) for v in bisect_select(torch.tensor([3.0, -1.0, 2.0, -0.5]), (0, 3))]
+        [-1.0, 3.0]
+    """
+    if flat.dtype != torch.float32:
+        raise TypeError(f"bisect_select works on float32 values, got {flat.dtype}")
+    flat = flat.reshape(-1).contiguous()
+    dev = flat.device
+    r = torch.tensor(ranks, dtype=torch.int64, device=dev) + 1  # need count(key <= v) >= rank + 1
+    lo = torch.full((len(ranks),), -(2**31), dtype=torch.int64, device=dev)
+    hi = torch.full((len(ranks),), 2**31 - 1, dtype=torch.int64, device=dev)
+    for _ in range(32):
+        mid = torch.div(lo + hi, 2, rounding_mode="floor")
+        mid32 = mid.to(torch.int32).unsqueeze(1)
+        count = torch.zeros(len(ranks), dtype=torch.int64, device=dev)
+        for start in range(0, flat.numel(), chunk):
+            keys = _order_keys(flat[start : start + chunk])
+            count += (keys.unsqueeze(0) <= mid32).sum(dim=1)
+        enough = count >= r
+        hi = torch.where(enough, mid, hi)
+        lo = torch.where(enough, lo, mid + 1)
+    return [_from_key(lo[i]) for i in range(len(ranks))]
+
+
+def select_ranks(flat: Tensor, i: int, j: int) -> tuple[Tensor, Tensor]:
+    """Values of ascending rank ``i`` and ``j`` of a flat tensor, exactly, in O(n).
+
+    CPU: numpy's introselect (about 10x torch's ``kthvalue``). Other devices (where ``kthvalue`` runs one block
+    per tensor and is slow): a sort up to 2**25 entries, :func:`bisect_select` above (bounded memory, no host sync).
+
+    Example:
+        >>> [float(v) for v in select_ranks(torch.tensor([4.0, 1.0, 3.0, 2.0]), 0, 2)]
+        [1.0, 3.0]
+    """
+    if flat.device.type == "cpu":
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
         part = np.partition(flat.numpy(), (i, j) if i != j else i)
         return torch.as_tensor(part[i]), torch.as_tensor(part[j])
-    return flat.kthvalue(i + 1).values, flat.kthvalue(j + 1).values
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()  # exact upcast; the bisection works on float32 bit patterns
+    if flat.numel() <= _SORT_MAX or flat.dtype != torch.float32:
+        ordered = torch.sort(flat.reshape(-1)).values
+        return ordered[i], ordered[j]
+    a, *b = bisect_select(flat, (i, j) if i != j else (i,))
+    return a, (b[0] if b else a)
 
 
 def rank_window_mask(values: Tensor, lo: int, hi: int) -> Tensor:
@@ -104,7 +168,7 @@ def rank_window_mask(values: Tensor, lo: int, hi: int) -> Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     if lo == 0 and hi == n:
         return torch.ones_like(values, dtype=torch.bool)
-    a, b = _select(flat, lo, hi - 1)
+    a, b = select_ranks(flat, lo, hi - 1)
     keep = (flat > a) & (flat < b)
     for v in (a, b) if bool(a != b) else (a,):
         # Entries equal to a boundary value: rank them by index and keep those inside the window.

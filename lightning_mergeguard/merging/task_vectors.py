@@ -11,7 +11,7 @@ from torch import Tensor
 from lightning_mergeguard.merging.engine import check_compatible
 from lightning_mergeguard.merging.sources import open_source
 
-__all__ = ["add_task_vector", "task_vector", "task_vector_cosine", "task_vector_norm"]
+__all__ = ["add_task_vector", "task_vector", "task_vector_cosine", "task_vector_cosines", "task_vector_norm"]
 
 
 def task_vector(
@@ -76,16 +76,50 @@ def task_vector_norm(tau: Mapping[str, Tensor]) -> float:
 def task_vector_cosine(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
     """Cosine similarity of two task vectors over their shared tensors (0.0 if either is zero).
 
+    ``b``'s tensors are moved to the device of ``a``'s, so task vectors held on different devices (a donor on the
+    CPU, the live model on a GPU) can be compared.
+
     Example:
         >>> task_vector_cosine({"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([1.0, 1.0])})
-        0.7071067811865475
+        0.7071
     """
     keys = [k for k in a if k in b]
     if not keys:
         raise ValueError("task vectors share no tensors")
-    dot = sum((a[k].double() * b[k].double()).sum() for k in keys)
-    na = torch.sqrt(sum((a[k].double() ** 2).sum() for k in keys))
-    nb = torch.sqrt(sum((b[k].double() ** 2).sum() for k in keys))
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(dot / (na * nb))
+    device = a[keys[0]].device
+    zero = {k: torch.zeros((), device=device) for k in keys}
+    return task_vector_cosines({k: a[k] for k in keys}, zero, {"b": {k: b[k] for k in keys}}, device)["b"]
+
+
+def task_vector_cosines(
+    live: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor],
+    donors: Mapping[str, Mapping[str, Tensor]],
+    device: torch.device | str,
+) -> dict[str, float]:
+    """Cosine between the task vector ``live - reference`` and each donor task vector, one tensor at a time.
+
+    Every tensor is moved to ``device`` before it is combined (donors may sit on the CPU in bf16 while the model
+    trains on a GPU); sums accumulate in float64 on ``device`` and are read back once. No full-model temporary.
+
+    Example:
+        >>> ref, donor = {"w": torch.zeros(2)}, {"w": torch.tensor([1.0, 1.0])}
+        >>> task_vector_cosines({"w": torch.tensor([1.0, 0.0])}, ref, {"d": donor}, "cpu")["d"]
+        0.7071
+    """
+    device = torch.device(device)
+    names = list(donors)
+    acc = torch.zeros(len(names), 2, dtype=torch.float64, device=device)  # [dot, ||donor||^2]
+    live_sq = torch.zeros((), dtype=torch.float64, device=device)
+    for key, w in live.items():
+        lt = w.to(device, torch.float32, non_blocking=True) - reference[key].to(
+            device, torch.float32, non_blocking=True
+        )
+        live_sq += lt.pow(2).sum(dtype=torch.float64)
+        for i, d in enumerate(names):
+            dt = donors[d][key].to(device, torch.float32, non_blocking=True)
+            acc[i, 0] += (lt * dt).sum(dtype=torch.float64)
+            acc[i, 1] += dt.pow(2).sum(dtype=torch.float64)
+    denom = (acc[:, 1] * live_sq).sqrt()
+    cos = torch.where(denom > 0, acc[:, 0] / denom.clamp_min(1e-300), torch.zeros_like(denom)).tolist()
+    return dict(zip(names, cos))

@@ -23,14 +23,25 @@ _TRIM_DEFAULT_DENSITY = {"ties": 0.5, "dare_linear": 0.5, "dare_ties": 0.5, "bre
 
 
 class TaskVectorSource(WeightSource):
-    """Weights ``base + tau`` produced one tensor at a time (the stored task vector may be bf16 on the CPU)."""
+    """Weights ``base + tau`` produced one tensor at a time, on ``device``.
 
-    def __init__(self, base: Mapping[str, Tensor], tau: Mapping[str, Tensor], name: str) -> None:
+    The stored task vector (and base) may be bf16 and live on the CPU (pinned): each tensor is copied to ``device``
+    with ``non_blocking=True`` and added there in at least float32, so no operation ever mixes devices.
+    """
+
+    def __init__(
+        self,
+        base: Mapping[str, Tensor],
+        tau: Mapping[str, Tensor],
+        name: str,
+        device: torch.device | str | None = None,
+    ) -> None:
         self._base, self._tau, self.name = base, tau, name
+        self._device = torch.device(device) if device is not None else None
 
     @override
     def keys(self) -> list[str]:
-        return list(self._base)
+        return list(self._tau)
 
     @override
     def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
@@ -39,8 +50,10 @@ class TaskVectorSource(WeightSource):
 
     @override
     def get(self, key: str) -> Tensor:
-        b = self._base[key]
-        return b + self._tau[key].to(device=b.device, dtype=b.dtype)
+        b, tau = self._base[key], self._tau[key]
+        device = self._device or b.device
+        dtype = torch.promote_types(torch.promote_types(b.dtype, tau.dtype), torch.float32)  # never add in bf16
+        return b.to(device, dtype, non_blocking=True) + tau.to(device, dtype, non_blocking=True)
 
 
 @dataclass(frozen=True)

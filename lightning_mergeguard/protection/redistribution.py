@@ -8,7 +8,7 @@ The gradient is ``2 * alpha * c_l * x_l``, added to ``.grad`` after the backward
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -56,7 +56,7 @@ def redistribution_term(
 @torch.no_grad()
 def add_redistribution_grad_(
     params: Mapping[str, Tensor],
-    reference: Mapping[str, Tensor] | None,
+    reference: Mapping[str, Tensor] | Sequence[Tensor] | None,
     *,
     alpha: float,
     normalize: bool = False,
@@ -66,7 +66,9 @@ def add_redistribution_grad_(
 
     The gradient is added as ``grad += k * theta - k * theta_pre`` with fused multi-tensor ops and no temporary
     copy of the model; the value (which needs one) is computed only when ``compute_value`` is true, so a
-    callback can pay for it on logging steps only. Parameters without a gradient are skipped.
+    callback can pay for it on logging steps only. Parameters without a gradient are skipped. ``reference`` is a
+    mapping by name, or a sequence aligned with ``params`` (already on the parameters' devices; its dtype may
+    differ, e.g. a bf16 reference for fp32 parameters).
 
     Example:
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
@@ -76,6 +78,8 @@ def add_redistribution_grad_(
         >>> w.grad
         tensor([ 1., -1.])
     """
+    if reference is not None and not isinstance(reference, Mapping):
+        reference = dict(zip(params, reference))
     names = [n for n, p in params.items() if p.grad is not None]
     if not names:
         return 0.0 if compute_value else None

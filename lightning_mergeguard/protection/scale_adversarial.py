@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -49,6 +50,8 @@ def scale_adversarial_(
     progress: bool = False,
     drop_density: float | None = None,
     seed: int = 0,
+    forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    history: list[dict[str, float]] | None = None,
 ) -> list[dict[str, float]]:
     """Run the optimisation in place on ``params``.
 
@@ -73,6 +76,9 @@ def scale_adversarial_(
             tensor, the copy that DARE merges apply (their random drop otherwise dodges the exact scaled copies).
             The gradient is exact for the drawn mask.
         seed: Seed of the masks.
+        forward_context: Context entered around every forward pass (a Trainer's
+            ``precision_plugin.forward_context`` for autocast); the backward runs outside it, as in training.
+        history: A list to append the per-step history to (so ``check`` can read it while the loop runs).
 
     Returns:
         Per-step history: ``own_loss`` and ``scaled_loss`` (mean over scales).
@@ -92,14 +98,15 @@ def scale_adversarial_(
     was_training = module.training
     module.eval()
     opt = torch.optim.Adam([params[n] for n in names], lr=lr)
-    history: list[dict[str, float]] = []
+    history = [] if history is None else history
     it = itertools.cycle(batches)
     gen = torch.Generator(device=device).manual_seed(seed)
     try:
         for step in tqdm(range(steps), desc="stage 2: scale-adversarial", disable=not progress, leave=False):
             batch = move_batch(next(it), device)
             opt.zero_grad(set_to_none=True)
-            own = loss_fn(module, batch)
+            with forward_context():
+                own = loss_fn(module, batch)
             own.backward()
             with torch.no_grad():
                 live = {n: params[n].detach().clone() for n in names}
@@ -111,7 +118,8 @@ def scale_adversarial_(
                 masks = {n: _bernoulli(live[n], drop_density, gen) for n in names} if masked else None
                 factor = s / drop_density if masked else s
                 write_scaled_(params, reference, live, factor, masks)
-                loss_s = loss_fn(module, batch)
+                with forward_context():
+                    loss_s = loss_fn(module, batch)
                 scaled_total += float(loss_s.detach())
                 if float(loss_s.detach()) >= clip:
                     continue

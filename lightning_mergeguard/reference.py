@@ -1,0 +1,190 @@
+"""The pretrained weights ``theta_pre`` that both callbacks measure task vectors against.
+
+:class:`ReferenceWeights` is one component shared by :class:`~lightning_mergeguard.MergeGuardCallback` and
+:class:`~lightning_mergeguard.MergeProbe`: when both are attached, the probe uses the guard's object, so the
+reference is held once. It is taken from a checkpoint path or state dict, or snapshotted from the live parameters
+the first time it is resolved (at fit start, before any optimizer step), and it can be stored in another dtype
+(``bfloat16`` halves its memory) or on another device (``"cpu"`` offloads it from the accelerator; tensors are then
+pinned and copied with ``non_blocking=True`` when they are used).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_mergeguard.errors import IncompatibleModelsError
+
+__all__ = ["ReferenceWeights", "parse_dtype"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def parse_dtype(value: str | torch.dtype | None, what: str) -> torch.dtype | None:
+    """A floating dtype from its name (``"bfloat16"``) or a ``torch.dtype``; ``None`` stays ``None``.
+
+    Example:
+        >>> parse_dtype("bfloat16", "reference_dtype")
+        torch.bfloat16
+    """
+    if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[value.removeprefix("torch.")]
+    raise ValueError(f"{what} must be one of {', '.join(_DTYPES)} or None, got {value!r}")
+
+
+class ReferenceWeights:
+    """Name -> pretrained tensor, resolved once per fit and restored from checkpoints.
+
+    Args:
+        source: ``None`` (snapshot the live parameters when first resolved), a path that
+            :func:`~lightning_mergeguard.merging.sources.open_source` reads (safetensors, HF directory,
+            ``.bin``/``.ckpt`` loaded with ``weights_only=True``), or a state dict. Names are matched with
+            :func:`~lightning_mergeguard.protection.params.match_names`, so a checkpoint of the bare network
+            serves a LightningModule.
+        dtype: Storage dtype (default: each parameter's own).
+        device: Storage device (default: each parameter's own; ``"cpu"`` offloads).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> ref = ReferenceWeights(dtype="bfloat16")
+        >>> ref.resolve({"w": w})
+        >>> ref["w"].dtype, ref.get("w", like=w).dtype
+        (torch.bfloat16, torch.float32)
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | Mapping[str, Tensor] | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if source is not None and not isinstance(source, (str, os.PathLike, Mapping)):
+            raise TypeError(f"reference must be a path, a state dict or None, got {type(source).__name__}")
+        self.source = source
+        self.dtype = parse_dtype(dtype, "reference_dtype")
+        try:
+            self.device = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"reference_device {device!r} is not a device: {err}") from err
+        self._tensors: dict[str, Tensor] = {}
+        self._restored: dict[str, Tensor] | None = None
+
+    # ------------------------------------------------------------------ resolving
+    @property
+    def is_snapshot(self) -> bool:
+        """Whether the reference is a snapshot of the live weights (then checkpoints must carry it)."""
+        return self.source is None
+
+    def _store(self, name: str, tensor: Tensor, like: Tensor) -> None:
+        if tuple(tensor.shape) != tuple(like.shape):
+            raise IncompatibleModelsError(
+                f"reference tensor {name!r} has shape {tuple(tensor.shape)}, the parameter has {tuple(like.shape)}"
+            )
+        device = self.device or like.device
+        t = tensor.detach().to(device=device, dtype=self.dtype or like.dtype, copy=True)
+        if device.type == "cpu" and like.device.type == "cuda":
+            t = t.pin_memory()
+        self._tensors[name] = t
+
+    def resolve(self, params: Mapping[str, Tensor]) -> None:
+        """Make sure every name in ``params`` has a reference tensor (idempotent; new names are added).
+
+        Order of precedence: tensors restored from a checkpoint, then ``source``, then a snapshot of ``params``.
+
+        Raises:
+            IncompatibleModelsError: If a restored or loaded tensor is missing or has another shape.
+        """
+        todo = {n: p for n, p in params.items() if n not in self._tensors}
+        if not todo:
+            return
+        if self._restored is not None:
+            missing = [n for n in todo if n not in self._restored]
+            if missing:
+                raise IncompatibleModelsError(f"the checkpoint's reference weights lack parameters {missing[:5]}")
+            for n, p in todo.items():
+                self._store(n, self._restored[n], p)
+            return
+        if self.source is None:
+            for n, p in todo.items():
+                self._store(n, p, p)
+            return
+        from lightning_mergeguard.merging.sources import open_source
+        from lightning_mergeguard.protection.params import match_names
+
+        src = open_source(self.source, name="reference")
+        for n, key in match_names(todo, src.keys(), what=f"reference {self.source_label}").items():
+            self._store(n, src.get(key), todo[n])
+
+    @property
+    def source_label(self) -> str:
+        """How the reference was given, for messages and reports."""
+        if self.source is None:
+            return "snapshot at fit start"
+        return str(self.source) if isinstance(self.source, (str, os.PathLike)) else "state dict"
+
+    # ------------------------------------------------------------------ access
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._tensors[name]
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def names(self) -> list[str]:
+        """Names resolved so far."""
+        return list(self._tensors)
+
+    def get(self, name: str, like: Tensor | None = None) -> Tensor:
+        """The tensor for ``name``, moved to ``like``'s device and dtype (no copy when they already match)."""
+        t = self._tensors[name]
+        if like is None:
+            return t
+        return t.to(device=like.device, dtype=like.dtype, non_blocking=True)
+
+    def as_dict(
+        self, names: Iterable[str] | None = None, like: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Name -> tensor for ``names`` (default: all), each on its ``like`` tensor's device and dtype if given."""
+        keys = list(self._tensors) if names is None else list(names)
+        return {n: self.get(n, like[n] if like is not None else None) for n in keys}
+
+    def on_device(self, params: Mapping[str, Tensor]) -> list[Tensor]:
+        """The tensors for ``params`` (in order) on each parameter's device, in the storage dtype.
+
+        No copy when the reference already lives there; an offloaded reference is copied (non-blocking, pinned).
+        """
+        return [self._tensors[n].to(p.device, non_blocking=True) for n, p in params.items()]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the memory this reference costs)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """The tensors (on the CPU) when the reference is a snapshot.
+
+        A path or state dict given by the user is not stored again.
+        """
+        if not self.is_snapshot:
+            return {}
+        return {"tensors": {n: t.detach().cpu() for n, t in self._tensors.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore snapshot tensors saved by :meth:`state_dict` (used by the next :meth:`resolve`)."""
+        tensors = state.get("tensors")
+        if tensors:
+            self._restored = dict(tensors)
+            self._tensors = {}
+
+    def reset(self) -> None:
+        """Forget resolved tensors (a new fit resolves them again); restored ones are kept."""
+        self._tensors = {}
