@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("MERGEGUARD_RESULTS_DIR", ROOT / "benchmarks" / "results"))  # tests redirect it
 CACHE = ROOT / ".cache"
 
 
@@ -32,6 +32,26 @@ def environment() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def add_device_argument(parser: Any) -> None:
+    """``--device auto|cpu|cuda`` (``auto``: a GPU when there is one)."""
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``--device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return device
+
+
+def accelerator(device: torch.device) -> str:
+    """Lightning's accelerator name for a torch device."""
+    return "gpu" if device.type == "cuda" else "cpu"
 
 
 def write_results(name: str, data: dict[str, Any]) -> Path:
@@ -85,8 +105,18 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
     return {"seconds": result["seconds"], "peak_rss_mib": result["peak_rss_mib"]}
 
 
-def fit_lm(model, tok, rows, steps: int, lr: float, callbacks=(), val_rows=None, max_length: int | None = None) -> None:
-    """Full fine-tune of a causal LM in place on ``(prompt, answer)`` rows, batch 8, on the CPU.
+def fit_lm(
+    model,
+    tok,
+    rows,
+    steps: int,
+    lr: float,
+    callbacks=(),
+    val_rows=None,
+    max_length: int | None = None,
+    accelerator: str = "auto",
+) -> None:
+    """Full fine-tune of a causal LM in place on ``(prompt, answer)`` rows, batch 8, on one device.
 
     Validation (for callbacks that score on it, like MergeGuard's guard rail) runs only when ``val_rows`` is given;
     ``max_length`` defaults to the longest row.
@@ -103,7 +133,8 @@ def fit_lm(model, tok, rows, steps: int, lr: float, callbacks=(), val_rows=None,
     val = LMTaskDataset(tok, val_rows or rows[:8], max_length=max_length)
     trainer = pl.Trainer(
         max_steps=steps,
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,

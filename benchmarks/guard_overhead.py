@@ -16,7 +16,8 @@ import statistics
 import time
 
 import lightning.pytorch as pl
-from _common import CACHE, markdown_table, write_results
+import torch
+from _common import CACHE, accelerator, add_device_argument, markdown_table, resolve_device, write_results
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -64,13 +65,14 @@ def setting(name: str):
     return (lambda: DigitsTaskModule(copy.deepcopy(backbone), heads, "plain")), train, val, "digits MLP (5x128)"
 
 
-def run(make_module, train, callbacks, steps):
+def run(make_module, train, callbacks, steps, device="cpu"):
     timer = StepTimer()
     pl.seed_everything(0, verbose=False)
     module = make_module()
     trainer = pl.Trainer(
         max_steps=steps,
-        accelerator="cpu",
+        accelerator=accelerator(torch.device(device)),
+        devices=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -88,21 +90,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stage2-steps", type=int, default=10)
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = resolve_device(args.device)
     make_module, train, val, desc = setting(args.model)
     plain, guarded, hook = [], [], []
     for _ in tqdm(range(args.rounds), desc="stage 1 rounds (plain, guarded)"):
-        plain += run(make_module, train, [], args.steps)[0]
+        plain += run(make_module, train, [], args.steps, device)[0]
         guard = TimedGuard(alpha=0.01, stage2="none")
-        guarded += run(make_module, train, [guard], args.steps)[0]
+        guarded += run(make_module, train, [guard], args.steps, device)[0]
         hook += guard.hook_seconds[3:]
     ratio = statistics.median(guarded) / statistics.median(plain)
     hook_ratio = 1 + statistics.median(hook) / statistics.median(plain)
 
     # Stage 2 against one validation pass over the same batches it scores with.
     eval_batches = 8
-    _, module = run(make_module, train, [], 2)
+    _, module = run(make_module, train, [], 2, device)
     batches = [b for _, b in zip(range(eval_batches), val)]
+    module.to(device)
     start = time.perf_counter()
     evaluate(module, batches)
     val_pass = time.perf_counter() - start
@@ -110,7 +115,8 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         max_steps=2,
-        accelerator="cpu",
+        accelerator=accelerator(device),
+        devices=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -1,6 +1,6 @@
 """Merge speed and memory against mergekit, on real SmolLM2-135M fine-tunes, file to file and in memory.
 
-    python benchmarks/merge_speed.py [--repeats 3] [--steps 20]
+    python benchmarks/merge_speed.py [--repeats 3] [--steps 20] [--device auto]
 
 Both tools run as command-line programs in fresh processes (``mergeguard-merge`` and ``mergekit-yaml``) on the
 same YAML configs; wall time and peak RSS (``wait4``) are per process, imports included. The in-memory row runs
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _common import markdown_table, run_measured, smollm2_finetunes, write_results
+from _common import add_device_argument, markdown_table, resolve_device, run_measured, smollm2_finetunes, write_results
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -60,7 +60,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps of each donor (cached)")
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = resolve_device(args.device)
+    ours_dev = ["--device", str(device)]
+    theirs_dev = ["--cuda"] if device.type == "cuda" else []
     paths = smollm2_finetunes(("add", "reverse"), steps=args.steps)
     bindir = Path(sys.executable).parent
     work = Path(tempfile.mkdtemp(prefix="merge_speed_"))
@@ -74,12 +78,22 @@ def main() -> None:
             for _ in range(args.repeats):
                 shutil.rmtree(work / "ours", ignore_errors=True)
                 runs["ours_file"].append(
-                    run_measured([str(bindir / "mergeguard-merge"), str(cfg_path), str(work / "ours"), "--no-progress"])
+                    run_measured(
+                        [
+                            str(bindir / "mergeguard-merge"),
+                            str(cfg_path),
+                            str(work / "ours"),
+                            "--no-progress",
+                            *ours_dev,
+                        ]
+                    )
                 )
                 bar.update()
                 shutil.rmtree(work / "mk", ignore_errors=True)
                 runs["mergekit_file"].append(
-                    run_measured([str(bindir / "mergekit-yaml"), str(cfg_path), str(work / "mk"), "--quiet"])
+                    run_measured(
+                        [str(bindir / "mergekit-yaml"), str(cfg_path), str(work / "mk"), "--quiet", *theirs_dev]
+                    )
                 )
                 bar.update()
                 runs["ours_memory"].append(

@@ -18,7 +18,15 @@ import time
 
 import lightning.pytorch as pl
 import psutil
-from _common import CACHE, markdown_table, smollm2_finetunes, write_results
+from _common import (
+    CACHE,
+    accelerator,
+    add_device_argument,
+    markdown_table,
+    resolve_device,
+    smollm2_finetunes,
+    write_results,
+)
 from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeProbe
@@ -74,7 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps-per-epoch", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=2)
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = resolve_device(args.device)
     paths = smollm2_finetunes(("add", "reverse"), steps=20)
     model, tok = load_smollm2(CACHE / "smollm2-135m")
     n = 8 * args.steps_per_epoch
@@ -86,7 +96,8 @@ def main() -> None:
         module = CausalLMModule(copy.deepcopy(model), lr=1e-4)
         trainer = pl.Trainer(
             max_epochs=args.epochs,
-            accelerator="cpu",
+            accelerator=accelerator(device),
+            devices=1,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=True,

@@ -103,11 +103,14 @@ class DigitsTaskModule(ClassifierModule):
         return super().loss(batch)
 
 
-def quiet_trainer(epochs: int, callbacks: list | tuple = (), logger: Any = False) -> pl.Trainer:
-    """A CPU Trainer for the small settings: no checkpoints, progress bar or model summary."""
+def quiet_trainer(
+    epochs: int, callbacks: list | tuple = (), logger: Any = False, accelerator: str = "auto"
+) -> pl.Trainer:
+    """A one-device Trainer for the small settings (a GPU when there is one): no checkpoints, bar or summary."""
     return pl.Trainer(
         max_epochs=epochs,
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
         logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
