@@ -133,7 +133,7 @@ def main() -> None:
                     {"model": "donor", "parameters": {"weight": w_don, **extra}},
                 ],
             }
-            merged = merge(cfg, {"owner": state, "donor": donor}, pre, seed=0)
+            merged = merge(cfg, {"owner": state, "donor": donor}, pre, seed=0, check_base=False)
             entry["merges"][label] = {"method": method, "owner_weight": w_own, **signals(merged)}
         results[name] = entry
         bar.update()

@@ -110,7 +110,8 @@ def run_merges(track: Track, states: dict[str, State], labels: Sequence[str] | N
             tvs = {n: task_vector(s, track.pre) for n, s in states.items()}
             merged = track.adamerge(tvs)
         else:
-            merged = merge(cfgs[label], states, track.pre, seed=0)
+            # Defended models are merged on purpose (a PaRaMS permutation looks like another base): no base check.
+            merged = merge(cfgs[label], states, track.pre, seed=0, check_base=False)
         out[label] = track.evaluate(merged, tasks)
     return out
 

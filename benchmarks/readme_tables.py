@@ -101,6 +101,32 @@ def main() -> None:
             speed["table"],
             "",
         ]
+    for device in ("cpu", "cuda"):
+        selection = load(f"selection_speed_{device}")
+        if selection:
+            env = selection["environment"]
+            where = env["cuda"] or f"{env['cpu_count']}-core CPU"
+            out += [
+                f"### Exact trimming selection on {device.upper()} (`benchmarks/selection_speed.py`)",
+                "",
+                f"Command: `{selection['command']}` on {where}. Baseline: `torch.kthvalue`, what the engine used "
+                f"off the CPU before; every selection checked equal to `torch.sort`. Density {selection['density']}, "
+                f"median of {selection['repeats']}.",
+                "",
+                selection["table"],
+                "",
+            ]
+    gpu = load("gpu_overhead_cuda")
+    if gpu:
+        out += [
+            "### Both callbacks on a GPU (`benchmarks/gpu_overhead.py`)",
+            "",
+            f"Command: `{gpu['command']}` on {gpu['device']}, {gpu['precision']}; baseline: plain fine-tuning of the "
+            "same model in the same run.",
+            "",
+            gpu["table"],
+            "",
+        ]
     guard = load("guard_overhead_smollm2")
     if guard:
         out += [

@@ -34,7 +34,7 @@ def merged_acc(backbone, heads, pre, states, cfg_extra) -> float:
         "models": [{"model": t, "parameters": {"weight": 1.0, **cfg_extra.get("model", {})}} for t in states],
         **cfg_extra["cfg"],
     }
-    return task_accuracy(backbone, heads, merge(cfg, states, pre), OWNER)
+    return task_accuracy(backbone, heads, merge(cfg, states, pre, check_base=False), OWNER)
 
 
 MERGES = {

@@ -6,7 +6,15 @@ import argparse
 import sys
 import time
 
+from lightning_mergeguard.errors import MergeGuardError
 from lightning_mergeguard.merging import MergeConfig, merge
+
+
+def _os_message(err: BaseException) -> str:
+    """One line for an OS or runtime error (errno text and file name when known)."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return f"{type(err).__name__}: {err}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,13 +30,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed for randomized methods (DARE)")
     parser.add_argument("--random-seed", type=int, dest="seed", help="alias of --seed, as in mergekit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--no-base-check",
+        action="store_true",
+        help="merge donors even if they do not look like fine-tunes of the base (e.g. re-parameterised models)",
+    )
+    parser.add_argument(
+        "--no-overwrite", action="store_true", help="refuse to write over a model already at OUT (default: replace it)"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = MergeConfig.from_yaml(args.config)
         start = time.perf_counter()
-        out = merge(cfg, out=args.out, device=args.device, seed=args.seed, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
-        print(f"mergeguard-merge: error: {err}", file=sys.stderr)
+        out = merge(
+            cfg,
+            out=args.out,
+            device=args.device,
+            seed=args.seed,
+            progress=not args.no_progress,
+            check_base=not args.no_base_check,
+            existing="refuse" if args.no_overwrite else "replace",
+        )
+    except KeyboardInterrupt:
+        print("mergeguard-merge: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (MergeGuardError, ValueError, NotImplementedError, OSError, RuntimeError) as err:
+        # Every expected failure is one line (the typed errors name the file, model, tensor or key): no traceback.
+        message = str(err) if isinstance(err, MergeGuardError | ValueError | NotImplementedError) else _os_message(err)
+        print(f"mergeguard-merge: error: {message}", file=sys.stderr)
         return 2
     print(f"merged with {cfg.merge_method} into {out} in {time.perf_counter() - start:.1f} s")
     return 0

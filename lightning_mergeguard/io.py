@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -19,21 +20,36 @@ __all__ = [
     "atomic_open",
     "atomic_write_json",
     "atomic_write_text",
+    "clean_orphaned_temps",
     "save_safetensors",
 ]
 
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+
+def _safetensors_dtypes() -> dict[torch.dtype, str]:
+    names = {
+        "float64": "F64",
+        "float32": "F32",
+        "float16": "F16",
+        "bfloat16": "BF16",
+        "float8_e4m3fn": "F8_E4M3",
+        "float8_e5m2": "F8_E5M2",
+        "float8_e8m0fnu": "F8_E8M0",
+        "int64": "I64",
+        "int32": "I32",
+        "int16": "I16",
+        "int8": "I8",
+        "uint64": "U64",
+        "uint32": "U32",
+        "uint16": "U16",
+        "uint8": "U8",
+        "bool": "BOOL",
+        "complex64": "C64",
+    }
+    return {getattr(torch, k): v for k, v in names.items() if hasattr(torch, k)}  # float8 / uint16+ are newer
+
+
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = _safetensors_dtypes()
+"""torch dtype -> safetensors dtype name, for every dtype both this torch and safetensors have."""
 
 
 @contextmanager
@@ -50,7 +66,9 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb"):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temp name carries this process's id: concurrent writers never collide, and clean_orphaned_temps can tell
+    # the files of a killed writer from those of a live one.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
@@ -64,6 +82,46 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb"):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+_TEMP = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_orphaned_temps(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove temp files left in ``directory`` by :func:`atomic_open` writers that no longer run (killed).
+
+    Files of live writers (this process included) are kept. Returns the paths removed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / ".model.safetensors.999999999.abc123.tmp").write_bytes(b"partial")
+        >>> [p.name for p in clean_orphaned_temps(d)]
+        ['.model.safetensors.999999999.abc123.tmp']
+    """
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for f in directory.iterdir():
+        m = _TEMP.match(f.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))) and f.is_file():
+            try:
+                f.unlink()
+                removed.append(f)
+            except FileNotFoundError:  # another cleaner was first
+                pass
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

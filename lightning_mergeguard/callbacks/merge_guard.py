@@ -59,6 +59,8 @@ class MergeGuardCallback(Callback):
     checked weights within tolerance with the lowest merge proxy) until it fits, and the report says so.
     Scale-adversarial stage 2 checks 8 times; a check scores the model and its scaled copy at the sabotaged scale
     nearest the scales' mean, so stage 2 costs 18 validation passes whatever ``steps`` is (the report counts them).
+    Checks within ``tolerance`` of the own score whose proxy is within ``tolerance`` points of the lowest are taken
+    as equally protective, and the one with the best own score is kept.
     Validation
     passes run under the trainer's precision context (autocast for ``*-mixed``); the optimisation does too, except
     with ``16-mixed``, whose gradients would need loss scaling. Stage 2 runs once: the callback's state
@@ -384,12 +386,21 @@ class MergeGuardCallback(Callback):
         history: list[dict[str, float]] = []
         checks: list[dict[str, float]] = []
         best: dict[str, float] = {"step": 0, "score": before}
+        lowest = [math.inf]  # the lowest merge proxy seen at a check within tolerance
         best_weights = {n: t.clone() for n, t in stage1.items()}
 
         def check(step: int) -> None:
+            # Proxies within `tolerance` points of the lowest are taken as equally protective (the difference is
+            # within evaluation noise); among them the check with the best own score is kept. Online, with one copy.
             entry = {"step": step, "score": metric(), "merge_proxy": proxy()}
             checks.append(entry)
-            if before - entry["score"] <= self.tolerance and entry["merge_proxy"] < best["merge_proxy"]:
+            if before - entry["score"] > self.tolerance:
+                return
+            lowest[0] = min(lowest[0], entry["merge_proxy"])
+            band = lowest[0] + self.tolerance
+            if entry["merge_proxy"] > band:
+                return
+            if best["merge_proxy"] > band or entry["score"] > best["score"]:
                 best.update(entry)
                 with torch.no_grad():
                     for n, p in params.items():
@@ -419,7 +430,7 @@ class MergeGuardCallback(Callback):
         )
         if checks[-1]["step"] != self.steps:
             check(self.steps)
-        # Keep the checked weights with the lowest merge proxy among those within tolerance of the own score.
+        # best_weights: the best own score among the checks with (nearly) the lowest merge proxy, within tolerance.
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(best_weights[n])
@@ -427,7 +438,8 @@ class MergeGuardCallback(Callback):
         if steps_used == 0:
             rank_zero_warn(
                 f"MergeGuardCallback: no stage-2 weights stayed within {self.tolerance} points while lowering the "
-                "merge proxy; kept the stage-1 weights. Try more steps, a lower lr or a larger tolerance."
+                f"merge proxy by more than {self.tolerance} points; kept the stage-1 weights. Try more steps, a lower "
+                "lr or a larger tolerance."
             )
         first, last = history[0] if history else {}, history[-1] if history else {}
         extra = {

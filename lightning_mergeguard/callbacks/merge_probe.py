@@ -471,7 +471,7 @@ class MergeProbe(Callback):
         base = sources[cfg.base_model] if cfg.base_model is not None else None
         with torch.no_grad():
             for key, tensor in iter_merge(
-                cfg, models, base, device=next(iter(self._params.values())).device, seed=self.seed
+                cfg, models, base, device=next(iter(self._params.values())).device, seed=self.seed, check_base=False
             ):
                 self._params[key].copy_(tensor)
 

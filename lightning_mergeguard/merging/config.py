@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import yaml
 
+from lightning_mergeguard.errors import ConfigError
 from lightning_mergeguard.merging.registry import get_method
 from lightning_mergeguard.merging.spec import REQUIRED, MethodSpec
 
@@ -44,6 +45,33 @@ _TOP_LEVEL = {
     "chat_template",
 }
 _PASSTHROUGH = ("name", "tokenizer_source", "tokenizer", "chat_template")
+
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+"""A merge config larger than this many values once YAML aliases are expanded is refused (a real one has <1000)."""
+
+
+def _check_size(data: Any, limit: int = MAX_CONFIG_NODES) -> None:
+    """Count the values of ``data`` as if every alias were expanded, stopping at ``limit`` (so this is O(limit)).
+
+    YAML anchors and aliases let a 1 KB file describe billions of values ("billion laughs"); every later walk of
+    the config would pay for them.
+    """
+    count = 0
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > limit:
+            raise ConfigError(
+                f"merge config expands to more than {limit} values (nested YAML anchors/aliases?); refusing to read it"
+            )
+        if isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 def _suggest(name: str, known: list[str]) -> str:
@@ -90,23 +118,23 @@ def _check_setting(where: str, name: str, value: Any) -> None:
             )
         for cond in value:
             if not isinstance(cond, Mapping) or "value" not in cond:
-                raise ValueError(f"{where}: parameter {name!r} entries must be mappings with a 'value' key")
+                raise ConfigError(f"{where}: parameter {name!r} entries must be mappings with a 'value' key")
             extra = set(cond) - {"filter", "value"}
             if extra:
-                raise ValueError(f"{where}: parameter {name!r} entry has unknown keys {sorted(extra)}")
+                raise ConfigError(f"{where}: parameter {name!r} entry has unknown keys {sorted(extra)}")
             _check_setting(where, name, cond["value"])
         return
     if name in {"weight", "density", "gamma", "epsilon", "lambda", "t"}:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: parameter {name!r} must be a number, got {value!r}")
+            raise ConfigError(f"{where}: parameter {name!r} must be a number, got {value!r}")
         if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{where}: parameter {name!r} must be finite, got {value!r}")
+            raise ConfigError(f"{where}: parameter {name!r} must be finite, got {value!r}")
     if name == "density" and not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"{where}: density must be in (0, 1], got {value}")
+        raise ConfigError(f"{where}: density must be in (0, 1], got {value}")
     if name == "gamma" and not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{where}: gamma must be in [0, 1), got {value}")
+        raise ConfigError(f"{where}: gamma must be in [0, 1), got {value}")
     if name in {"normalize", "int8_mask", "rescale"} and not isinstance(value, bool):
-        raise ValueError(f"{where}: parameter {name!r} must be true or false, got {value!r}")
+        raise ConfigError(f"{where}: parameter {name!r} must be true or false, got {value!r}")
 
 
 @dataclass
@@ -166,24 +194,25 @@ class MergeConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> MergeConfig:
         """Build from a parsed mergekit YAML mapping, rejecting keys this engine does not understand."""
         if not isinstance(data, Mapping):
-            raise ValueError(f"a merge config must be a mapping, got {type(data).__name__}")
+            raise ConfigError(f"a merge config must be a mapping, got {type(data).__name__}")
+        _check_size(data)
         if "slices" in data:
             raise NotImplementedError("mergekit 'slices' are not supported; list whole models under 'models'")
         unknown = set(data) - _TOP_LEVEL
         if unknown:
             name = sorted(unknown)[0]
-            raise ValueError(f"unknown merge config key {name!r}{_suggest(name, sorted(_TOP_LEVEL))}")
+            raise ConfigError(f"unknown merge config key {name!r}{_suggest(name, sorted(_TOP_LEVEL))}")
         if "merge_method" not in data:
-            raise ValueError("merge config has no 'merge_method'")
+            raise ConfigError("merge config has no 'merge_method'")
         models = []
         for i, m in enumerate(data.get("models") or []):
             if isinstance(m, str):
                 m = {"model": m}
             if not isinstance(m, Mapping) or "model" not in m:
-                raise ValueError(f"models[{i}] must be a mapping with a 'model' key, got {m!r}")
+                raise ConfigError(f"models[{i}] must be a mapping with a 'model' key, got {m!r}")
             bad = set(m) - {"model", "parameters"}
             if bad:
-                raise ValueError(f"models[{i}] has unknown keys {sorted(bad)}")
+                raise ConfigError(f"models[{i}] has unknown keys {sorted(bad)}")
             ref = str(m["model"])
             if "+" in ref and not os.path.exists(ref):
                 raise NotImplementedError(f"models[{i}]: LoRA references ('model+lora') are not supported: {ref!r}")
@@ -203,12 +232,22 @@ class MergeConfig:
     def from_yaml(cls, source: str | os.PathLike[str]) -> MergeConfig:
         """Read a mergekit YAML file (a path) or YAML text."""
         text = str(source)
+        where = "merge config"
         if isinstance(source, os.PathLike) or ("\n" not in text and Path(text).is_file()):
-            text = Path(source).read_text()
+            path = Path(source)
+            where = f"merge config {path}"
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES} bytes; refusing to read it")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{where} is not UTF-8 text: {err}") from err
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ValueError(f"merge config is not valid YAML: {err}") from err
+            raise ConfigError(f"{where} is not valid YAML: {err}") from err
+        except RecursionError as err:
+            raise ConfigError(f"{where} nests too deeply to read") from err
         return cls.from_dict(data)
 
     @classmethod
@@ -235,36 +274,36 @@ class MergeConfig:
         """Check method, parameter names and values, and model counts; raise a ``ValueError`` naming the problem."""
         spec = self.method
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+            raise ConfigError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.out_dtype is not None and self.out_dtype not in DTYPES:
-            raise ValueError(f"unknown out_dtype {self.out_dtype!r}; expected one of {', '.join(DTYPES)}")
+            raise ConfigError(f"unknown out_dtype {self.out_dtype!r}; expected one of {', '.join(DTYPES)}")
         if spec.needs_base and not self.base_model:
-            raise ValueError(f"merge_method {spec.name!r} needs a base_model")
+            raise ConfigError(f"merge_method {spec.name!r} needs a base_model")
         shared = spec.all_shared_params
         for name, value in self.parameters.items():
             if name not in shared:
                 if name in spec.model_params:
                     continue  # mergekit allows model parameters at the top level as defaults
-                raise ValueError(
+                raise ConfigError(
                     f"unknown parameter {name!r} for merge_method {spec.name!r}{_suggest(name, list(shared))}; "
                     f"known: {', '.join(sorted(set(shared) | set(spec.model_params)))}"
                 )
             _check_setting("parameters", name, value)
         for name, default in shared.items():
             if default is REQUIRED and name not in self.parameters:
-                raise ValueError(f"merge_method {spec.name!r} needs parameter {name!r}")
+                raise ConfigError(f"merge_method {spec.name!r} needs parameter {name!r}")
         donors = self.donors
         if len(donors) < spec.min_models:
-            raise ValueError(f"merge_method {spec.name!r} needs at least {spec.min_models} model(s) besides the base")
+            raise ConfigError(f"merge_method {spec.name!r} needs at least {spec.min_models} model(s) besides the base")
         if spec.max_models is not None and len(donors) > spec.max_models:
-            raise ValueError(
+            raise ConfigError(
                 f"merge_method {spec.name!r} takes at most {spec.max_models} model(s) besides the base, "
                 f"got {len(donors)}"
             )
         for i, m in enumerate(self.models):
             for name, value in m.parameters.items():
                 if name not in spec.model_params:
-                    raise ValueError(
+                    raise ConfigError(
                         f"models[{i}] ({m.model}): unknown parameter {name!r} for {spec.name!r}"
                         f"{_suggest(name, list(spec.model_params))}; known: {', '.join(spec.model_params) or 'none'}"
                     )
@@ -273,9 +312,9 @@ class MergeConfig:
                 continue
             for name, default in spec.model_params.items():
                 if default is REQUIRED and name not in m.parameters and name not in self.parameters:
-                    raise ValueError(f"models[{i}] ({m.model}): parameter {name!r} is required by {spec.name!r}")
+                    raise ConfigError(f"models[{i}] ({m.model}): parameter {name!r} is required by {spec.name!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         return spec
 
     def shared_params(self, tensor_name: str = "") -> dict[str, Any]:
@@ -299,7 +338,7 @@ class MergeConfig:
                 value = resolve_param(self.parameters[name], tensor_name)
             if value is None:
                 if default is REQUIRED:
-                    raise ValueError(f"model {entry.model!r}: no {name!r} applies to tensor {tensor_name!r}")
+                    raise ConfigError(f"model {entry.model!r}: no {name!r} applies to tensor {tensor_name!r}")
                 value = default
             out[name] = value
         return out
@@ -315,7 +354,7 @@ class MergeConfig:
         if mergekit:
             for name, default in spec.extensions.items():
                 if name in self.parameters and self.parameters[name] != default:
-                    raise ValueError(
+                    raise ConfigError(
                         f"parameter {name}={self.parameters[name]!r} is an extension of this engine; "
                         "mergekit cannot replay it"
                     )

@@ -18,13 +18,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_mergeguard.io import StreamingSafetensorsWriter, atomic_write_json
+from lightning_mergeguard.errors import IncompatibleModelsError, MergeGuardError, NonFiniteError, OutputError
+from lightning_mergeguard.io import StreamingSafetensorsWriter, atomic_open, atomic_write_json, clean_orphaned_temps
+from lightning_mergeguard.merging.base_check import (
+    DEFAULT_MAX_RELATIVE_DISTANCE,
+    check_same_base,
+    relative_distance,
+    tensors_to_compare,
+)
 from lightning_mergeguard.merging.config import DTYPES, MergeConfig
 from lightning_mergeguard.merging.sources import WeightSource, open_source
 from lightning_mergeguard.merging.sparsify import select_ranks
 from lightning_mergeguard.merging.spec import TensorContext
 
-__all__ = ["check_compatible", "iter_merge", "merge", "model_thresholds"]
+__all__ = ["check_compatible", "check_same_base_sources", "iter_merge", "merge", "model_thresholds"]
 
 _ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
 _COPY_FILES = (
@@ -50,7 +57,7 @@ def check_compatible(reference: WeightSource, others: Sequence[WeightSource]) ->
     """Check that every source has the reference's tensor names, shapes and architecture.
 
     Raises:
-        ValueError: Naming the model and the first mismatching keys, shapes or config fields.
+        IncompatibleModelsError: Naming the model and the first mismatching keys, shapes or config fields.
     """
     ref_keys = reference.keys()
     ref_set = set(ref_keys)
@@ -64,41 +71,78 @@ def check_compatible(reference: WeightSource, others: Sequence[WeightSource]) ->
                 parts.append(f"missing {len(missing)} tensor(s): {_list_keys(missing)}")
             if extra:
                 parts.append(f"{len(extra)} unexpected tensor(s): {_list_keys(extra)}")
-            raise ValueError(
+            raise IncompatibleModelsError(
                 f"model {src.name!r} does not match base {reference.name!r}: {'; '.join(parts)}. "
                 "Is it a fine-tune of the same base model?"
             )
         for k in ref_keys:
             (rs, rd), (s, d) = reference.meta(k), src.meta(k)
             if rs != s:
-                raise ValueError(
+                raise IncompatibleModelsError(
                     f"tensor {k!r}: shape {s} in model {src.name!r} but {rs} in base {reference.name!r}; "
                     "the models do not share the base's architecture"
                 )
             if rd.is_floating_point != d.is_floating_point:
-                raise ValueError(f"tensor {k!r}: dtype {d} in model {src.name!r} but {rd} in base {reference.name!r}")
+                raise IncompatibleModelsError(
+                    f"tensor {k!r}: dtype {d} in model {src.name!r} but {rd} in base {reference.name!r}"
+                )
         if reference.config and src.config:
             for field in _ARCH_KEYS:
                 a, b = reference.config.get(field), src.config.get(field)
                 if a is not None and b is not None and a != b:
-                    raise ValueError(
+                    raise IncompatibleModelsError(
                         f"model {src.name!r} has {field}={b!r} but base {reference.name!r} has {field}={a!r}"
                     )
+
+
+def _count_nonfinite(t: Tensor) -> int:
+    """NaN/Inf entries of a floating tensor.
+
+    A sum in the tensor's own dtype is one cheap pass that is NaN/Inf whenever an entry is; only then is the exact
+    count paid for (an overflow of the sum alone is not an error).
+    """
+    if bool(torch.isfinite(t.sum())):
+        return 0
+    return int((~torch.isfinite(t)).sum())
 
 
 def _checked(src: WeightSource, key: str, dtype: torch.dtype, device: torch.device) -> Tensor:
     t = src.get(key)
     if t.is_floating_point():
         t = t.to(device=device, dtype=dtype)
-        # A sum is a cheap reduction that is NaN/Inf whenever an entry is; only then pay for the exact count
-        # (a float32 overflow of the sum alone is not an error).
-        if not bool(torch.isfinite(t.sum(dtype=torch.float64) if t.dtype != torch.float64 else t.sum())):
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                raise ValueError(f"tensor {key!r} of model {src.name!r} has {bad} NaN/Inf value(s)")
+        bad = _count_nonfinite(t)
+        if bad:
+            raise NonFiniteError(f"tensor {key!r} of model {src.name!r} has {bad} NaN/Inf value(s)")
     else:
         t = t.to(device)
     return t
+
+
+def check_same_base_sources(
+    base: WeightSource,
+    donors: Sequence[WeightSource],
+    *,
+    device: torch.device | str = "cpu",
+    max_relative_distance: float | None = DEFAULT_MAX_RELATIVE_DISTANCE,
+    sample: int = 16,
+) -> dict[str, float]:
+    """Refuse donors that are not fine-tunes of ``base``, before any tensor is merged.
+
+    Compares up to ``sample`` weight matrices spread over the model (see
+    :mod:`~lightning_mergeguard.merging.base_check`); returns each donor's median relative distance.
+
+    Raises:
+        ForeignBaseError: Naming the donor, its median distance and the farthest tensor.
+    """
+    names = tensors_to_compare({k: base.meta(k) for k in base.keys()}, limit=sample)
+    dev = torch.device(device)
+    out = {}
+    for src in donors:
+        distances = [(k, relative_distance(src.get(k).to(dev), base.get(k).to(dev))) for k in names]
+        out[src.name] = check_same_base(
+            distances, donor=src.name, base=f"base {base.name!r}", max_relative_distance=max_relative_distance
+        )
+    return out
 
 
 def model_thresholds(
@@ -167,6 +211,7 @@ def iter_merge(
     seed: int | None = None,
     progress: bool = False,
     keys: Sequence[str] | None = None,
+    check_base: bool = True,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, merged tensor)`` one tensor at a time; see :func:`merge` for the arguments."""
     cfg = MergeConfig.coerce(config)
@@ -174,6 +219,8 @@ def iter_merge(
     base_src, donors = _resolve(cfg, models, base)
     reference = base_src if base_src is not None else donors[0]
     check_compatible(reference, donors if base_src is not None else donors[1:])
+    if check_base:
+        check_same_base_sources(reference, donors if base_src is not None else donors[1:], device=device)
     compute = DTYPES[cfg.dtype]
     out_dtype = DTYPES[cfg.out_dtype or cfg.dtype]
     dev = torch.device(device)
@@ -198,8 +245,14 @@ def iter_merge(
         ctx = TensorContext(key=key, seed=seed, model_thresholds=thresholds)
         merged = spec.merge_tensor(
             ref_t if base_src is not None else None, tensors, params, cfg.shared_params(key), ctx
-        )
-        yield key, merged.to(out_dtype)
+        ).to(out_dtype)
+        bad = _count_nonfinite(merged)
+        if bad:
+            raise NonFiniteError(
+                f"the merge produced {bad} NaN/Inf value(s) in tensor {key!r} (finite inputs: do the weights or "
+                f"lambda overflow {cfg.out_dtype or cfg.dtype}?); nothing was written"
+            )
+        yield key, merged
         del tensors, merged, ref_t
 
 
@@ -234,6 +287,55 @@ def _write_overlapped(writer: StreamingSafetensorsWriter, stream: Iterator[tuple
         raise failure[0]
 
 
+_WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _stale_weight_files(directory: Path, keep: Path) -> list[Path]:
+    """Weight files and shard indexes in ``directory`` other than ``keep`` (what a reader could take instead)."""
+    found = {f for pattern in _WEIGHT_PATTERNS for f in directory.glob(pattern) if f.is_file()}
+    return sorted(found - {keep})
+
+
+def _is_output_error(err: OSError, target: Path) -> bool:
+    """Whether an OSError concerns the output (a full disk names no file) rather than an input file."""
+    if err.filename is None:
+        return True
+    try:
+        return Path(err.filename).resolve().is_relative_to(target.parent.resolve())
+    except (OSError, ValueError):
+        return False
+
+
+def _prepare_output(out: Path, existing: str) -> tuple[Path, bool]:
+    """Validate the output path; return the weights file to write and whether the directory was created here."""
+    if existing not in ("replace", "refuse"):
+        raise ValueError(f"existing must be 'replace' or 'refuse', got {existing!r}")
+    if out.suffix == ".safetensors":
+        if out.is_dir():
+            raise OutputError(f"output {out} is a directory; a path ending in .safetensors must name a file")
+        if out.exists() and existing == "refuse":
+            raise OutputError(f"output {out} exists; pass existing='replace' (CLI: drop --no-overwrite) to replace it")
+        return out, False
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory (a model directory, or a *.safetensors path)")
+    target = out / "model.safetensors"
+    created = not out.exists()
+    if not created:
+        clean_orphaned_temps(out)
+        stale = [*([target] if target.exists() else []), *_stale_weight_files(out, target)]
+        if stale and existing == "refuse":
+            raise OutputError(
+                f"output directory {out} already holds model weights ({', '.join(f.name for f in stale[:4])}); "
+                "pass existing='replace' (CLI: drop --no-overwrite) or choose an empty directory"
+            )
+    return target, created
+
+
 def merge(
     config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
     models: Mapping[str, Any] | Sequence[Any] | None = None,
@@ -243,6 +345,8 @@ def merge(
     device: torch.device | str = "cpu",
     seed: int | None = None,
     progress: bool = False,
+    check_base: bool = True,
+    existing: str = "replace",
 ) -> dict[str, Tensor] | Path:
     """Run a merge described by a mergekit-style config.
 
@@ -254,25 +358,41 @@ def merge(
         out: Where to write. ``None`` returns a state dict; a path ending in ``.safetensors`` writes that file;
             any other path is a model directory (``model.safetensors`` plus the base's ``config.json`` and tokenizer
             files when the base is a directory, and the config as ``mergekit_config.yml``). Files appear atomically.
+            The merge owns a model directory: weight files and shard indexes it did not write are removed once the
+            new weights are in place, so no reader can take stale weights; temp files of killed merges are removed;
+            a directory created for a merge that fails is removed again.
         device: Where to compute (``"cuda"`` works when available).
         seed: Seed for randomized methods (overrides the config's).
         progress: Show a progress bar.
+        check_base: Refuse donors that are not fine-tunes of the base (a per-matrix distance test on up to 16
+            tensors, before anything is merged; see :mod:`~lightning_mergeguard.merging.base_check`). Turn it off
+            for models re-parameterised on purpose (a permuted PaRaMS copy looks like another model).
+        existing: ``"replace"`` (default) an existing model at ``out``, or ``"refuse"`` to write over one.
 
     Returns:
         The merged state dict, or the path written.
+
+    Raises:
+        ConfigError: A malformed or misspelled config.
+        WeightsFileError: An input file that cannot be read.
+        IncompatibleModelsError: Models that do not fit together (ForeignBaseError: another base model).
+        NonFiniteError: NaN/Inf in an input, or produced by the merge.
+        OutputError: The output cannot be written (read-only, full disk, wrong kind of path, existing model).
 
     Example:
         >>> import torch
         >>> base = {"w": torch.zeros(2)}
         >>> cfg = {"merge_method": "task_arithmetic", "base_model": "base",
         ...        "models": [{"model": "a", "parameters": {"weight": 0.5}}]}
-        >>> merge(cfg, {"a": {"w": torch.ones(2)}}, base)["w"]
+        >>> merge(cfg, {"a": {"w": torch.ones(2)}}, base, check_base=False)["w"]
         tensor([0.5000, 0.5000])
     """
     cfg = MergeConfig.coerce(config)
     if out is None:
-        return dict(iter_merge(cfg, models, base, device=device, seed=seed, progress=progress))
+        stream = iter_merge(cfg, models, base, device=device, seed=seed, progress=progress, check_base=check_base)
+        return dict(stream)
     out = Path(out)
+    target, created = _prepare_output(out, existing)
     base_src, donors = _resolve(cfg, models, base)
     reference = base_src if base_src is not None else donors[0]
     out_dtype = DTYPES[cfg.out_dtype or cfg.dtype]
@@ -280,21 +400,32 @@ def merge(
     for k in reference.keys():
         shape, dt = reference.meta(k)
         specs.append((k, out_dtype if dt.is_floating_point else dt, shape))
-    target = out if out.suffix == ".safetensors" else out / "model.safetensors"
-    stream = iter_merge(cfg, donors, base_src, device=device, seed=seed, progress=progress)
-    with StreamingSafetensorsWriter(target, specs, metadata={"format": "pt", "merge_method": cfg.merge_method}) as w:
-        _write_overlapped(w, stream)
-    if out.suffix != ".safetensors":
-        if reference.directory is not None:
-            for name in _COPY_FILES:
-                src_file = reference.directory / name
-                if src_file.is_file():
-                    tmp = out / f".{name}.tmp"
-                    shutil.copyfile(src_file, tmp)
-                    os.replace(tmp, out / name)
-        cfg.to_yaml(
-            out / "mergekit_config.yml",
-            mergekit=not any(k in cfg.parameters and cfg.parameters[k] != v for k, v in cfg.method.extensions.items()),
-        )
-        atomic_write_json(out / "mergeguard_merge.json", cfg.to_dict(mergekit=False))
+    stream = iter_merge(cfg, donors, base_src, device=device, seed=seed, progress=progress, check_base=check_base)
+    metadata = {"format": "pt", "merge_method": cfg.merge_method}
+    try:
+        with StreamingSafetensorsWriter(target, specs, metadata=metadata) as w:
+            _write_overlapped(w, stream)
+        if out.suffix != ".safetensors":
+            for stale in _stale_weight_files(out, target):
+                stale.unlink(missing_ok=True)
+            if reference.directory is not None:
+                for name in _COPY_FILES:
+                    src_file = reference.directory / name
+                    if src_file.is_file():
+                        with atomic_open(out / name, "wb") as dst, open(src_file, "rb") as src:
+                            shutil.copyfileobj(src, dst)
+            cfg.to_yaml(
+                out / "mergekit_config.yml",
+                mergekit=not any(
+                    k in cfg.parameters and cfg.parameters[k] != v for k, v in cfg.method.extensions.items()
+                ),
+            )
+            atomic_write_json(out / "mergeguard_merge.json", cfg.to_dict(mergekit=False))
+    except BaseException as err:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(err, OSError) and not isinstance(err, MergeGuardError) and _is_output_error(err, target):
+            what = err.strerror or str(err)
+            raise OutputError(f"cannot write the merge to {err.filename or out}: {what}") from err
+        raise
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 
+from lightning_mergeguard.errors import ConfigError
 from lightning_mergeguard.merging import breadcrumbs, dare, linear, slerp, task_arithmetic, ties
 from lightning_mergeguard.merging.spec import MethodSpec
 
@@ -40,7 +41,7 @@ def get_method(name: str) -> MethodSpec:
         return METHODS[key]
     close = difflib.get_close_matches(name, [*METHODS, *_ALIASES], n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"unknown merge_method {name!r}.{hint} Known methods: {', '.join(sorted(METHODS))}.")
+    raise ConfigError(f"unknown merge_method {name!r}.{hint} Known methods: {', '.join(sorted(METHODS))}.")
 
 
 def register_method(spec: MethodSpec, *, overwrite: bool = False) -> None:

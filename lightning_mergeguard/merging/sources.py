@@ -18,20 +18,12 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_mergeguard.errors import WeightsFileError
+from lightning_mergeguard.io import SAFETENSORS_DTYPES
+
 __all__ = ["SafetensorsSource", "StateDictSource", "WeightSource", "open_source"]
 
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+_ST_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 class WeightSource:
@@ -110,18 +102,20 @@ class SafetensorsSource(WeightSource):
         self.config = config
         self._handles = []
         self._where: dict[str, Any] = {}
+        self._files: dict[str, Path] = {}
         for f in files:
             if not Path(f).is_file():
                 raise FileNotFoundError(f"safetensors file not found: {f}")
             try:
                 h = safe_open(str(f), framework="pt", device="cpu")
             except Exception as err:  # safetensors raises its own error types
-                raise ValueError(f"{f} is not a readable safetensors file: {err}") from err
+                raise WeightsFileError(f"{f} is not a readable safetensors file: {err}") from err
             self._handles.append(h)
             for k in h.keys():
                 if k in self._where:
-                    raise ValueError(f"{self.name}: tensor {k!r} appears in more than one shard")
+                    raise WeightsFileError(f"{self.name}: tensor {k!r} appears in more than one shard ({f})")
                 self._where[k] = h
+                self._files[k] = Path(f)
 
     @override
     def keys(self) -> list[str]:
@@ -130,31 +124,74 @@ class SafetensorsSource(WeightSource):
     @override
     def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         sl = self._where[key].get_slice(key)
-        return tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()]
+        name = sl.get_dtype()
+        if name not in _ST_DTYPES:
+            raise WeightsFileError(
+                f"{self._files[key]}: tensor {key!r} has safetensors dtype {name}, which torch {torch.__version__} "
+                f"cannot hold (supported: {', '.join(_ST_DTYPES)})"
+            )
+        return tuple(sl.get_shape()), _ST_DTYPES[name]
 
     @override
     def get(self, key: str) -> Tensor:
-        return self._where[key].get_tensor(key)
+        self.meta(key)  # a clear error for a dtype torch lacks
+        try:
+            return self._where[key].get_tensor(key)
+        except Exception as err:  # a truncated or corrupt file fails here, not at open
+            raise WeightsFileError(f"{self._files[key]}: tensor {key!r} cannot be read: {err}") from err
 
 
 def _load_pickle_weights(path: Path) -> dict[str, Tensor]:
+    import zipfile
+
+    # Zip-format checkpoints (torch >= 1.6) are memory-mapped; the legacy format cannot be, and is read whole.
+    mmap = zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
-        raise ValueError(
+        raise WeightsFileError(
             f"{path} could not be loaded with torch.load(weights_only=True) (refusing to unpickle arbitrary "
             f"objects): {err}"
         ) from err
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]  # a Lightning checkpoint
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        raise WeightsFileError(f"{path} does not hold a state dict of tensors")
     return dict(obj)
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parse a JSON file; a clear error naming the file if it is not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsFileError(f"{path}: {what} is not valid JSON: {err}") from err
 
 
 def _read_config(directory: Path) -> dict[str, Any] | None:
     cfg = directory / "config.json"
-    return json.loads(cfg.read_text()) if cfg.is_file() else None
+    if not cfg.is_file():
+        return None
+    data = read_json(cfg, "the model config")
+    if not isinstance(data, dict):
+        raise WeightsFileError(f"{cfg}: the model config must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """Shard files named by a Hugging Face ``*.index.json``, checked to exist."""
+    data = read_json(index, "the shard index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightsFileError(f"{index}: a shard index needs a non-empty 'weight_map' of tensor name -> file")
+    bad = [v for v in weight_map.values() if not isinstance(v, str) or "/" in v or "\\" in v or v in ("", ".", "..")]
+    if bad:
+        raise WeightsFileError(f"{index}: 'weight_map' names invalid shard files {bad[:3]}")
+    shards = [index.parent / s for s in sorted(set(weight_map.values()))]
+    missing = [str(s) for s in shards if not s.is_file()]
+    if missing:
+        raise WeightsFileError(f"{index}: shard file(s) {missing[:3]} named in 'weight_map' do not exist")
+    return shards
 
 
 def open_source(obj: Any, name: str | None = None) -> WeightSource:
@@ -188,27 +225,29 @@ def open_source(obj: Any, name: str | None = None) -> WeightSource:
     if not path.is_dir():
         raise FileNotFoundError(f"no model at {path}")
     config = _read_config(path)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            if index_name.startswith("model.safetensors"):
-                src: WeightSource = SafetensorsSource([path / s for s in shards], name=label, config=config)
-            else:
-                merged: dict[str, Tensor] = {}
-                for s in shards:
-                    merged.update(_load_pickle_weights(path / s))
-                src = StateDictSource(merged, name=label)
-                src.config = config
-            src.directory = path
-            return src
-    single = sorted(path.glob("*.safetensors"))
-    if single:
-        src = SafetensorsSource(single, name=label, config=config)
+    # The same file transformers would read: model.safetensors, then its index, then the .bin forms.
+    src: WeightSource
+    if (path / "model.safetensors").is_file():
+        src = SafetensorsSource([path / "model.safetensors"], name=label, config=config)
+    elif (path / "model.safetensors.index.json").is_file():
+        shards = _index_shards(path / "model.safetensors.index.json")
+        src = SafetensorsSource(shards, name=label, config=config)
     elif (path / "pytorch_model.bin").is_file():
         src = StateDictSource(_load_pickle_weights(path / "pytorch_model.bin"), name=label)
         src.config = config
+    elif (path / "pytorch_model.bin.index.json").is_file():
+        merged: dict[str, Tensor] = {}
+        for shard in _index_shards(path / "pytorch_model.bin.index.json"):
+            merged.update(_load_pickle_weights(shard))
+        src = StateDictSource(merged, name=label)
+        src.config = config
     else:
-        raise FileNotFoundError(f"{path} holds no model weights (*.safetensors or pytorch_model.bin)")
+        single = sorted(path.glob("*.safetensors"))
+        if len(single) != 1:
+            what = "several *.safetensors files and no index" if single else "no model weights"
+            raise FileNotFoundError(
+                f"{path} holds {what} (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+            )
+        src = SafetensorsSource(single, name=label, config=config)
     src.directory = path
     return src
