@@ -34,6 +34,23 @@ def environment() -> dict[str, Any]:
     }
 
 
+def make_guard(**settings: Any):
+    """A MergeGuardCallback from flat settings, callback and stage-2 strategy arguments mixed.
+
+    The ablation tables list them that way: ``make_guard(alpha=0, stage2="negation", beta=0.5)``.
+    """
+    import inspect
+
+    from lightning_mergeguard import MergeGuardCallback
+    from lightning_mergeguard.protection.stage2 import STRATEGIES, resolve_stage2
+
+    stage2 = settings.pop("stage2", "scale_adversarial")
+    cls = STRATEGIES.get(stage2) if isinstance(stage2, str) else None
+    own = set(inspect.signature(cls.__init__).parameters) - {"self"} if cls else set()
+    strategy = resolve_stage2(stage2, **{k: settings.pop(k) for k in list(settings) if k in own})
+    return MergeGuardCallback(stage2=strategy, **settings)
+
+
 def add_device_argument(parser: Any) -> None:
     """``--device auto|cpu|cuda`` (``auto``: a GPU when there is one)."""
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")

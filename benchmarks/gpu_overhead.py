@@ -29,7 +29,7 @@ from _common import accelerator, add_device_argument, markdown_table, resolve_de
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from lightning_mergeguard import MergeGuardCallback, MergeProbe
+from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
 
 SIZES: dict[str, dict[str, Any]] = {
     "full": {
@@ -193,7 +193,7 @@ def main() -> None:
         ]:
             runs[label] = fit(make, train, val, device, [MergeGuardCallback(stage2="none", **kwargs)], precision)
             bar.update()
-        guard = MergeGuardCallback(steps=args.stage2_steps, eval_batches=2, progress=False)
+        guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=args.stage2_steps), eval_batches=2, progress=False)
         fit(make, train, val, device, [guard], precision)
         bar.update()
         probe = MergeProbe(donors=fake_donors(state), eval_dataloaders=val, progress=False, probe_on_train_end=False)

@@ -21,8 +21,8 @@ from _common import CACHE, accelerator, add_device_argument, markdown_table, res
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lightning_mergeguard import MergeGuardCallback
-from lightning_mergeguard.protection.evaluation import evaluate
+from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
+from lightning_mergeguard.evaluation import evaluate
 
 
 class TimedGuard(MergeGuardCallback):
@@ -111,7 +111,9 @@ def main() -> None:
     start = time.perf_counter()
     evaluate(module, batches)
     val_pass = time.perf_counter() - start
-    guard = MergeGuardCallback(alpha=0.01, steps=args.stage2_steps, eval_batches=eval_batches, progress=False)
+    guard = MergeGuardCallback(
+        alpha=0.01, stage2=ScaleAdversarial(steps=args.stage2_steps), eval_batches=eval_batches, progress=False
+    )
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         max_steps=2,

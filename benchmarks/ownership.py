@@ -26,7 +26,7 @@ import torch
 from _common import CACHE, RESULTS, fit_lm, markdown_table, write_results
 from tqdm.auto import tqdm
 
-from lightning_mergeguard import MergeGuardCallback
+from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
 from lightning_mergeguard.callbacks.quantization_watermark import QuantizationWatermark
 from lightning_mergeguard.llm import exact_match, generate_task, load_smollm2
 from lightning_mergeguard.merging import merge
@@ -91,7 +91,11 @@ def main() -> None:
         m = copy.deepcopy(base_model)
         callbacks = []
         if name == "MergeGuard":
-            callbacks = [MergeGuardCallback(steps=SIZES["stage2_steps"], lr=1e-4, eval_batches=4, progress=False)]
+            callbacks = [
+                MergeGuardCallback(
+                    stage2=ScaleAdversarial(steps=SIZES["stage2_steps"], lr=1e-4), eval_batches=4, progress=False
+                )
+            ]
         fit(m, tok, task_rows + fp_rows, SIZES["fp_steps"], callbacks, val_rows=generate_task(OWNER_TASK, 32, 7))
         # Quantization watermark on top: held inside the int8 intervals of the fingerprinted model.
         fit(

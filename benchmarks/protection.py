@@ -39,11 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from _common import CACHE, RESULTS, fit_lm, markdown_table, write_results
+from _common import CACHE, RESULTS, fit_lm, make_guard, markdown_table, write_results
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_mergeguard import MergeGuardCallback
 from lightning_mergeguard.merging import merge, task_vector
 
 State = dict[str, Tensor]
@@ -248,7 +247,7 @@ def vision_track(size: dict[str, Any]) -> Track:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def protect(kwargs: dict[str, Any]) -> tuple[State, dict[str, Any]]:
-        guard = MergeGuardCallback(progress=False, **{"steps": size["stage2_steps"], **kwargs})
+        guard = make_guard(progress=False, **{"steps": size["stage2_steps"], **kwargs})
         state = finetune_vit_task(visual, heads, owner, callbacks=[guard], epochs=size["epochs"])
         return state, _report_summary(guard.report)
 
@@ -350,9 +349,7 @@ def llm_track(size: dict[str, Any]) -> Track:
         return train(state, owner, size["refit_steps"], rows=32)
 
     def protect(kwargs: dict[str, Any]) -> tuple[State, dict[str, Any]]:
-        guard = MergeGuardCallback(
-            progress=False, **{"steps": size["stage2_steps"], "lr": 1e-4, "eval_batches": 4, **kwargs}
-        )
+        guard = make_guard(progress=False, **{"steps": size["stage2_steps"], "lr": 1e-4, "eval_batches": 4, **kwargs})
         state = train(pre, owner, steps, callbacks=[guard])
         return state, _report_summary(guard.report)
 

@@ -16,7 +16,7 @@ import argparse
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeGuardCallback
+from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
 from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset, exact_match, generate_task, load_smollm2
 from lightning_mergeguard.ownership import fingerprint_rows, make_fingerprint, verify_fingerprint
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     val = DataLoader(LMTaskDataset(tok, generate_task(args.task, 32, seed=1)), batch_size=8)
     guard = MergeGuardCallback(
         alpha=0.01,
-        steps=args.stage2_steps,
+        stage2=ScaleAdversarial(steps=args.stage2_steps),
         eval_batches=4,
         report_path=f"{args.out}/protection_report.json",
     )

@@ -15,8 +15,8 @@ import argparse
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeGuardCallback
-from lightning_mergeguard.protection.evaluation import evaluate
+from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
+from lightning_mergeguard.evaluation import evaluate
 from lightning_mergeguard.toy import digits_task_data
 from lightning_mergeguard.vision import ClipImageClassifier, build_open_clip
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     module = ClipImageClassifier(clip.visual, clip.visual.output_dim, lr=1e-3)
     guard = MergeGuardCallback(
         include=[r"^visual\."],  # protect the image tower; the head stays the owner's
-        steps=args.stage2_steps,
+        stage2=ScaleAdversarial(steps=args.stage2_steps),
         report_path=f"{args.out}/protection_report.json",
         save_path=f"{args.out}/protected.safetensors",
     )

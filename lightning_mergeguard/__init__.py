@@ -13,7 +13,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["MergeConfig", "MergeGuardCallback", "MergeProbe", "QuantizationWatermark", "merge"]
+__all__ = [
+    "MergeConfig",
+    "MergeGuardCallback",
+    "MergeProbe",
+    "Negation",
+    "QuantizationWatermark",
+    "ReferenceWeights",
+    "ScaleAdversarial",
+    "Stage2",
+    "merge",
+]
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -22,6 +32,10 @@ _LAZY = {
     "QuantizationWatermark": "lightning_mergeguard.callbacks.quantization_watermark",
     "MergeConfig": "lightning_mergeguard.merging.config",
     "merge": "lightning_mergeguard.merging.engine",
+    "Negation": "lightning_mergeguard.protection.stage2",
+    "ScaleAdversarial": "lightning_mergeguard.protection.stage2",
+    "Stage2": "lightning_mergeguard.protection.stage2",
+    "ReferenceWeights": "lightning_mergeguard.reference",
 }
 
 if TYPE_CHECKING:
@@ -30,6 +44,8 @@ if TYPE_CHECKING:
     from lightning_mergeguard.callbacks.quantization_watermark import QuantizationWatermark
     from lightning_mergeguard.merging.config import MergeConfig
     from lightning_mergeguard.merging.engine import merge
+    from lightning_mergeguard.protection.stage2 import Negation, ScaleAdversarial, Stage2
+    from lightning_mergeguard.reference import ReferenceWeights
 
 
 def __getattr__(name: str) -> Any:

@@ -45,7 +45,7 @@ class ReferenceWeights:
         source: ``None`` (snapshot the live parameters when first resolved), a path that
             :func:`~lightning_mergeguard.merging.sources.open_source` reads (safetensors, HF directory,
             ``.bin``/``.ckpt`` loaded with ``weights_only=True``), or a state dict. Names are matched with
-            :func:`~lightning_mergeguard.protection.params.match_names`, so a checkpoint of the bare network
+            :func:`~lightning_mergeguard.merging.sources.match_names`, so a checkpoint of the bare network
             serves a LightningModule.
         dtype: Storage dtype (default: each parameter's own).
         device: Storage device (default: each parameter's own; ``"cpu"`` offloads).
@@ -114,8 +114,7 @@ class ReferenceWeights:
             for n, p in todo.items():
                 self._store(n, p, p)
             return
-        from lightning_mergeguard.merging.sources import open_source
-        from lightning_mergeguard.protection.params import match_names
+        from lightning_mergeguard.merging.sources import match_names, open_source
 
         src = open_source(self.source, name="reference")
         for n, key in match_names(todo, src.keys(), what=f"reference {self.source_label}").items():

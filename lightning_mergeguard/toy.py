@@ -171,7 +171,7 @@ def task_accuracy(backbone: nn.Module, heads: nn.ModuleDict, state: dict[str, Te
     """Test accuracy (percent) of ``task``'s head on a backbone with weights ``state``."""
     import copy
 
-    from lightning_mergeguard.protection.evaluation import evaluate
+    from lightning_mergeguard.evaluation import evaluate
 
     module = DigitsTaskModule(copy.deepcopy(backbone), heads, task)
     module.backbone.load_state_dict(state)

@@ -36,3 +36,34 @@ trainer:
     guards = [c for c in cli.trainer.callbacks if type(c).__name__ == "MergeGuardCallback"]
     assert len(guards) == 1 and guards[0].alpha == 0.05 and guards[0].stage2_done
     assert (tmp_path / "report.json").is_file()
+
+
+def test_stage2_strategy_object_from_lightning_cli_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+trainer:
+  max_epochs: 1
+  limit_train_batches: 2
+  limit_val_batches: 1
+  accelerator: cpu
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  default_root_dir: {tmp_path}
+  callbacks:
+    - class_path: lightning_mergeguard.MergeGuardCallback
+      init_args:
+        stage2:
+          class_path: lightning_mergeguard.ScaleAdversarial
+          init_args: {{steps: 6, lr: 0.01, scales: [0.3, 0.5]}}
+        tolerance: 100.0
+        progress: false
+"""
+    )
+    cli = LightningCLI(TinyClassifier, args=["fit", "--config", str(config)], save_config_callback=None)
+    (guard,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "MergeGuardCallback"]
+    assert type(guard.stage2).__name__ == "ScaleAdversarial" and guard.stage2.steps == 6
+    assert guard.stage2.scales == (0.3, 0.5) and guard.report["settings"]["stage2"]["lr"] == 0.01

@@ -15,7 +15,7 @@ from device_audit import DeviceAudit
 from helpers import TinyClassifier, blobs, trainer
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeGuardCallback, MergeProbe
+from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
 from lightning_mergeguard.merging import merge
 from lightning_mergeguard.merging.sparsify import bisect_select, select_ranks
 
@@ -218,7 +218,7 @@ def test_guard_and_probe_end_to_end_on_device(tmp_path, device):
         strict=True,
         progress=False,
     )
-    guard = MergeGuardCallback(steps=16, eval_batches=2, progress=False)
+    guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=16), eval_batches=2, progress=False)
     model = fresh_model()
     trainer(tmp_path, max_epochs=2, accelerator=accelerator(device), callbacks=[guard, probe]).fit(model)
     assert next(model.parameters()).device.type == device.type

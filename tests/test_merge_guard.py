@@ -11,7 +11,7 @@ from helpers import SaveWeightsOnTrainEnd, TinyClassifier, blobs, trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeGuardCallback
+from lightning_mergeguard import MergeGuardCallback, Negation, ScaleAdversarial
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_, redistribution_term
 
 
@@ -99,13 +99,14 @@ def test_scale_adversarial_stage2_report_and_tolerance(tmp_path):
     report = tmp_path / "report.json"
     save = tmp_path / "protected.safetensors"
     guard, model = fit_with_guard(
-        tmp_path, stage2="scale_adversarial", steps=40, lr=0.01, report_path=str(report), save_path=str(save)
+        tmp_path, stage2=ScaleAdversarial(steps=40, lr=0.01), report_path=str(report), save_path=str(save)
     )
     data = json.loads(report.read_text())
     assert guard.stage2_done and data["method"] == "scale_adversarial"
     assert data["score_before"] - data["score_after"] <= 1.5
     assert data["merge_proxy_after"] <= data["merge_proxy_before"]
-    assert data["settings"]["steps"] == 40 and len(data["checks"]) >= 2
+    assert data["settings"]["stage2"]["steps"] == 40 and len(data["checks"]) == 8
+    assert data["validation_passes"] == 18
     from safetensors.torch import load_file
 
     saved = load_file(save)
@@ -114,7 +115,7 @@ def test_scale_adversarial_stage2_report_and_tolerance(tmp_path):
 
 
 def test_negation_backs_off_beta_to_meet_tolerance(tmp_path):
-    guard, _ = fit_with_guard(tmp_path, stage2="negation", beta=8.0, tolerance=0.5, granularity="module")
+    guard, _ = fit_with_guard(tmp_path, stage2=Negation(beta=8.0, granularity="module"), tolerance=0.5)
     r = guard.report
     assert r["backoff"][0]["beta"] == 8.0
     assert r["score_before"] - r["score_after"] <= 0.5
@@ -132,11 +133,8 @@ def test_negation_formula_on_non_critical_layers(tmp_path):
 
     guard = MergeGuardCallback(
         alpha=0.0,
-        stage2="negation",
-        beta=0.5,
+        stage2=Negation(beta=0.5, critical_fraction=0.0, small_fraction=0.0),
         tolerance=100.0,
-        critical_fraction=0.0,
-        small_fraction=0.0,
         progress=False,
     )
     model = TinyClassifier()
@@ -164,7 +162,7 @@ def test_stage2_applied_exactly_once_across_refit(tmp_path):
     def fail(*args, **kwargs):
         raise AssertionError("stage 2 ran twice")
 
-    guard2._negation = fail
+    guard2.stage2.run = fail
     with pytest.warns(UserWarning, match="already applied"):
         trainer(tmp_path, max_epochs=2, callbacks=[guard2]).fit(model, ckpt_path=ckpt)
     assert guard2.stage2_done
@@ -179,7 +177,7 @@ class OrderedTinyClassifier(TinyClassifier):
 
 @pytest.mark.parametrize("crash_epoch", [1, 2])
 def test_resume_matches_uninterrupted(tmp_path, crash_epoch):
-    kwargs = dict(alpha=0.5, stage2="scale_adversarial", steps=10, lr=0.01, progress=False)
+    kwargs = dict(alpha=0.5, stage2=ScaleAdversarial(steps=10, lr=0.01), progress=False)
     pl.seed_everything(0)
     full = OrderedTinyClassifier()
     trainer(tmp_path / "full", max_epochs=3, callbacks=[MergeGuardCallback(**kwargs)]).fit(full)
@@ -204,7 +202,7 @@ def test_resume_matches_uninterrupted(tmp_path, crash_epoch):
 @pytest.mark.distributed
 def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     pl.seed_everything(0)
-    guard = MergeGuardCallback(alpha=0.1, stage2="scale_adversarial", steps=8, lr=0.01, progress=False)
+    guard = MergeGuardCallback(alpha=0.1, stage2=ScaleAdversarial(steps=8, lr=0.01), progress=False)
     t = trainer(
         tmp_path,
         max_epochs=1,
@@ -238,18 +236,84 @@ def test_refuses_sharded_strategy():
         (dict(alpha=float("nan")), "alpha must be"),
         (dict(target="theta"), "target must be"),
         (dict(stage2="negate"), "stage2 must be"),
-        (dict(beta=0), "beta must be"),
-        (dict(scales=(0.3, 1.5)), "scales must be"),
-        (dict(critical_fraction=1.0), "critical_fraction must be"),
         (dict(eval_batches=0), "eval_batches must be"),
         (dict(exclude=["("]), "invalid parameter-name regex"),
-        (dict(granularity="layer"), "granularity must be"),
-        (dict(drop_density=1.0), "drop_density must be"),
+        (dict(stage2=Negation(), beta=0.5), r"pass \['beta'\] to the Negation object"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MergeGuardCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: Negation(beta=0), "beta must be"),
+        (lambda: Negation(critical_fraction=1.0), "critical_fraction must be"),
+        (lambda: Negation(granularity="layer"), "granularity must be"),
+        (lambda: ScaleAdversarial(scales=(0.3, 1.5)), "scales must be"),
+        (lambda: ScaleAdversarial(drop_density=1.0), "drop_density must be"),
+        (lambda: ScaleAdversarial(checks=0), "checks must be"),
+    ],
+)
+def test_strategies_validate_their_own_settings(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_legacy_stage2_arguments_still_work_with_a_warning():
+    with pytest.warns(DeprecationWarning, match=r"pass a strategy object"):
+        guard = MergeGuardCallback(steps=5, lr=0.01)
+    assert isinstance(guard.stage2, ScaleAdversarial) and guard.stage2.steps == 5 and guard.stage2.lr == 0.01
+    with pytest.warns(DeprecationWarning):
+        guard = MergeGuardCallback(stage2="negation", beta=0.5)
+    assert isinstance(guard.stage2, Negation) and guard.stage2.beta == 0.5
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"\['beta'\] do not apply to stage2="):
+        MergeGuardCallback(beta=0.5)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['alhpa'\]"):
+        MergeGuardCallback(alhpa=0.1)
+
+
+def test_a_strategy_runs_without_a_trainer():
+    """Stage 2 is a pure function of (module, params, reference, batches, metric): no Trainer needed."""
+    import itertools
+
+    from lightning_mergeguard.evaluation import default_loss, evaluate
+    from lightning_mergeguard.protection.stage2 import Stage2Context
+
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = list(DataLoader(blobs(256, 0), batch_size=32))
+    for batch in data * 5:  # a quick fine-tune away from the reference
+        opt.zero_grad()
+        default_loss(model, batch).backward()
+        opt.step()
+    val = list(DataLoader(blobs(128, 1), batch_size=64))
+    params = {n: p for n, p in model.named_parameters() if not n.startswith("head")}
+    calls = []
+
+    def metric():
+        calls.append(1)
+        return 100 * evaluate(model, val)
+
+    before = metric()
+    ctx = Stage2Context(
+        module=model,
+        params=params,
+        reference={n: reference[n] for n in params},
+        batches=itertools.cycle(data),
+        metric=metric,
+        loss_fn=default_loss,
+        before=before,
+        tolerance=1.5,
+    )
+    after, report = ScaleAdversarial(steps=24, lr=0.01).run(ctx)
+    assert before - after <= 1.5 and after == pytest.approx(metric())
+    assert report["merge_proxy_after"] <= report["merge_proxy_before"]
+    assert len(calls) == 1 + 1 + 2 * 8 + 1  # before, proxy before, 8 checks, and the metric() above
 
 
 def test_reference_from_path_and_mismatch(tmp_path):

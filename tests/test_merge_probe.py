@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeProbe
 from lightning_mergeguard.errors import ForeignBaseError
+from lightning_mergeguard.evaluation import evaluate
 from lightning_mergeguard.merging import merge
-from lightning_mergeguard.protection.evaluation import evaluate
 
 
 def base_state():

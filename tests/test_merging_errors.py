@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 
+from lightning_mergeguard.errors import ConfigError
 from lightning_mergeguard.merging import MergeConfig, merge, open_source
 
 
@@ -130,3 +131,62 @@ def test_extension_cannot_be_written_for_mergekit():
     with pytest.raises(ValueError, match="mergekit cannot replay"):
         cfg.to_yaml()
     assert "trim_scope" in cfg.to_yaml(mergekit=False)
+
+
+def test_choice_parameters_are_checked_when_the_config_is_read():
+    with pytest.raises(ConfigError, match=r"parameter 'rescale_mode' must be one of l1, l2, linf, density, got 'l3'"):
+        MergeConfig.from_dict(
+            {"merge_method": "dare_ties", "base_model": "b", "models": ["a"], "parameters": {"rescale_mode": "l3"}}
+        )
+    with pytest.raises(ConfigError, match="'trim_scope' must be one of tensor, model"):
+        MergeConfig.from_dict(
+            {"merge_method": "ties", "base_model": "b", "models": ["a"], "parameters": {"trim_scope": "layer"}}
+        )
+
+
+def test_int8_mask_gives_identical_results():
+    torch.manual_seed(0)
+    base = {"w": torch.randn(32, 32)}
+    donors = {n: {"w": base["w"] + 0.05 * torch.randn(32, 32)} for n in ("a", "b", "c")}
+
+    def cfg(mask):
+        return {
+            "merge_method": "ties",
+            "base_model": "base",
+            "models": [{"model": n, "parameters": {"weight": 1.0, "density": 0.5}} for n in donors],
+            "parameters": {"int8_mask": mask},
+        }
+
+    assert torch.equal(merge(cfg(True), donors, base)["w"], merge(cfg(False), donors, base)["w"])
+
+
+def test_a_user_method_declared_as_data():
+    from lightning_mergeguard.merging import register_method
+    from lightning_mergeguard.merging.generalized import task_vector_method
+    from lightning_mergeguard.merging.registry import METHODS
+
+    spec = task_vector_method("mean_task_vectors", normalize=True, description="mean of the task vectors")
+    register_method(spec)
+    try:
+        out = merge(
+            {
+                "merge_method": "mean_task_vectors",
+                "base_model": "b",
+                "models": [{"model": "a", "parameters": {"weight": 2}}],
+            },
+            {"a": {"w": torch.ones(2)}},
+            {"w": torch.zeros(2)},
+            check_base=False,
+        )
+        assert torch.equal(out["w"], torch.ones(2))
+        with pytest.raises(ConfigError, match="parameter 'normalize' must be true or false"):
+            MergeConfig.from_dict(
+                {
+                    "merge_method": "mean_task_vectors",
+                    "base_model": "b",
+                    "models": ["a"],
+                    "parameters": {"normalize": 1},
+                }
+            )
+    finally:
+        METHODS.pop("mean_task_vectors")

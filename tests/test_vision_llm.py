@@ -8,7 +8,7 @@ import torch
 from helpers import trainer
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeGuardCallback
+from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
 from lightning_mergeguard.toy import digits_task_data
 
 open_clip = pytest.importorskip("open_clip")
@@ -76,7 +76,9 @@ def test_guard_on_tiny_llama_leaves_embeddings_norm_and_head(tmp_path):
     ]
     module = CausalLMModule(tiny_llama(), lr=1e-3)
     initial = {n: p.detach().clone() for n, p in module.named_parameters()}
-    guard = MergeGuardCallback(alpha=0.01, steps=4, eval_batches=2, tolerance=100.0, progress=False)
+    guard = MergeGuardCallback(
+        alpha=0.01, stage2=ScaleAdversarial(steps=4), eval_batches=2, tolerance=100.0, progress=False
+    )
     loader = DataLoader(data, batch_size=None)
     trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(module, loader, loader)
     r = guard.report

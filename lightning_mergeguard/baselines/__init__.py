@@ -1,6 +1,6 @@
 """Peer defenses reimplemented from their descriptions, and the attack that undoes them, for benchmarks."""
 
-from lightning_mergeguard.baselines.params import (
+from lightning_mergeguard.baselines.params_defense import (
     params_llama,
     params_mlp_chain,
     params_open_clip,

@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from lightning_mergeguard.callbacks._common import first_loader, log_to_loggers, refuse_sharded, take
 from lightning_mergeguard.errors import IncompatibleModelsError, NonFiniteError
+from lightning_mergeguard.evaluation import ScoreFn, default_score, evaluate
 from lightning_mergeguard.merging.base_check import (
     DEFAULT_MAX_RELATIVE_DISTANCE,
     check_same_base,
@@ -25,11 +26,10 @@ from lightning_mergeguard.merging.base_check import (
     tensors_to_compare,
 )
 from lightning_mergeguard.merging.engine import iter_merge
-from lightning_mergeguard.merging.sources import StateDictSource, WeightSource, open_source
+from lightning_mergeguard.merging.sources import StateDictSource, WeightSource, match_names, open_source
 from lightning_mergeguard.merging.task_vectors import task_vector_cosines
-from lightning_mergeguard.protection.evaluation import ScoreFn, default_score, evaluate
-from lightning_mergeguard.protection.params import match_names, select_parameters
-from lightning_mergeguard.protection.probe_math import (
+from lightning_mergeguard.parameters import select_parameters
+from lightning_mergeguard.probing import (
     BASE,
     LIVE,
     ProbeSpec,

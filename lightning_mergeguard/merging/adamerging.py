@@ -59,7 +59,7 @@ def adamerging(
         lr: Adam learning rate.
         init: Initial coefficient of every task vector and layer.
         layers: Groups of tensor names sharing one coefficient (default: one group per transformer block, see
-            :func:`~lightning_mergeguard.protection.params.group_layers`).
+            :func:`~lightning_mergeguard.parameters.group_layers`).
         progress: Show a progress bar.
 
     Returns:
@@ -74,7 +74,7 @@ def adamerging(
         >>> torch.allclose(merged["weight"], base["weight"] + 0.5 * tvs["a"]["weight"])
         True
     """
-    from lightning_mergeguard.protection.params import group_layers
+    from lightning_mergeguard.parameters import group_layers
 
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")

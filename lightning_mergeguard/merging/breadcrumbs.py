@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from lightning_mergeguard.merging.generalized import generalized_task_arithmetic
+from lightning_mergeguard.merging.generalized import Sparsifier, generalized_task_arithmetic, task_vector_method
 from lightning_mergeguard.merging.sparsify import magnitude_outliers_prune
-from lightning_mergeguard.merging.spec import REQUIRED, MethodSpec, TensorContext
+from lightning_mergeguard.merging.spec import DENSITY, GAMMA, TensorContext, flag
 
 __all__ = ["BREADCRUMBS", "BREADCRUMBS_TIES", "breadcrumbs_merge"]
 
@@ -43,63 +44,44 @@ def breadcrumbs_merge(
         The merged tensor.
 
     Example:
-        >>> import torch
         >>> breadcrumbs_merge(torch.zeros(2), [torch.ones(2)], [1.0], [1.0], [0.01])
         tensor([1., 1.])
     """
-
-    def trim(delta: Tensor, i: int) -> Tensor:
-        return magnitude_outliers_prune(delta, densities[i], gammas[i], "l1" if rescale else None)
-
     return generalized_task_arithmetic(
         base,
         tensors,
         weights,
-        sparsify=trim,
+        sparsify=_trim(densities, gammas, rescale),
         consensus="sum" if consensus else None,
         normalize=normalize,
         lambda_=lambda_,
     )
 
 
-def _make(consensus: bool):
-    def _merge(
-        base: Tensor | None,
-        tensors: Sequence[Tensor],
-        params: Sequence[Mapping[str, Any]],
-        shared: Mapping[str, Any],
-        ctx: TensorContext,
-    ) -> Tensor:
-        assert base is not None
-        return breadcrumbs_merge(
-            base,
-            tensors,
-            [p["weight"] for p in params],
-            [p["density"] for p in params],
-            [p["gamma"] for p in params],
-            consensus=consensus,
-            normalize=shared["normalize"],
-            lambda_=shared["lambda"],
-            rescale=shared["rescale"],
-        )
+def _trim(densities: Sequence[float], gammas: Sequence[float], rescale: bool) -> Sparsifier:
+    def trim(delta: Tensor, i: int) -> Tensor:
+        return magnitude_outliers_prune(delta, densities[i], gammas[i], "l1" if rescale else None)
 
-    return _merge
+    return trim
 
 
-_SHARED = {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False}
-_MODEL = {"weight": REQUIRED, "density": 1.0, "gamma": 0.01}
+def _sparsifier(
+    params: Sequence[Mapping[str, Any]], values: Mapping[str, Any], ctx: TensorContext, device: torch.device
+) -> Sparsifier:
+    return _trim([p["density"] for p in params], [p["gamma"] for p in params], values["rescale"])
 
-BREADCRUMBS = MethodSpec(
-    name="breadcrumbs",
-    merge_tensor=_make(False),
-    shared_params=_SHARED,
-    model_params=_MODEL,
-    description="drop outliers and small entries, weighted sum",
-)
-BREADCRUMBS_TIES = MethodSpec(
-    name="breadcrumbs_ties",
-    merge_tensor=_make(True),
-    shared_params=_SHARED,
-    model_params=_MODEL,
-    description="breadcrumbs trimming with TIES sign election",
-)
+
+def _breadcrumbs(name: str, consensus: bool, description: str):
+    return task_vector_method(
+        name,
+        normalize=False,
+        sparsifier=_sparsifier,
+        consensus=consensus,
+        shared={"rescale": flag(False)},
+        model={"density": DENSITY, "gamma": GAMMA},
+        description=description,
+    )
+
+
+BREADCRUMBS = _breadcrumbs("breadcrumbs", False, "drop outliers and small entries, weighted sum")
+BREADCRUMBS_TIES = _breadcrumbs("breadcrumbs_ties", True, "breadcrumbs trimming with TIES sign election")

@@ -21,7 +21,7 @@ import yaml
 
 from lightning_mergeguard.errors import ConfigError
 from lightning_mergeguard.merging.registry import get_method
-from lightning_mergeguard.merging.spec import REQUIRED, MethodSpec
+from lightning_mergeguard.merging.spec import REQUIRED, MethodSpec, Param
 
 __all__ = ["DTYPES", "MergeConfig", "ModelEntry", "resolve_param"]
 
@@ -99,15 +99,8 @@ def resolve_param(value: Any, tensor_name: str) -> Any:
     return value
 
 
-def _scalar_values(value: Any) -> list[Any]:
-    if isinstance(value, Mapping):
-        value = [value]
-    if isinstance(value, list):
-        return [v for cond in value for v in _scalar_values(cond["value"])]
-    return [value]
-
-
-def _check_setting(where: str, name: str, value: Any) -> None:
+def _check_setting(where: str, name: str, value: Any, param: Param) -> None:
+    """Check a setting (a scalar, or a mergekit list of ``{filter, value}`` entries) against its declaration."""
     if isinstance(value, Mapping):
         value = [value]
     if isinstance(value, list):
@@ -122,19 +115,9 @@ def _check_setting(where: str, name: str, value: Any) -> None:
             extra = set(cond) - {"filter", "value"}
             if extra:
                 raise ConfigError(f"{where}: parameter {name!r} entry has unknown keys {sorted(extra)}")
-            _check_setting(where, name, cond["value"])
+            _check_setting(where, name, cond["value"], param)
         return
-    if name in {"weight", "density", "gamma", "epsilon", "lambda", "t"}:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: parameter {name!r} must be a number, got {value!r}")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{where}: parameter {name!r} must be finite, got {value!r}")
-    if name == "density" and not 0.0 < float(value) <= 1.0:
-        raise ConfigError(f"{where}: density must be in (0, 1], got {value}")
-    if name == "gamma" and not 0.0 <= float(value) < 1.0:
-        raise ConfigError(f"{where}: gamma must be in [0, 1), got {value}")
-    if name in {"normalize", "int8_mask", "rescale"} and not isinstance(value, bool):
-        raise ConfigError(f"{where}: parameter {name!r} must be true or false, got {value!r}")
+    param.check(where, name, value)
 
 
 @dataclass
@@ -282,15 +265,16 @@ class MergeConfig:
         shared = spec.all_shared_params
         for name, value in self.parameters.items():
             if name not in shared:
-                if name in spec.model_params:
-                    continue  # mergekit allows model parameters at the top level as defaults
+                if name in spec.model_params:  # mergekit allows model parameters at the top level as defaults
+                    _check_setting("parameters", name, value, spec.model_params[name])
+                    continue
                 raise ConfigError(
                     f"unknown parameter {name!r} for merge_method {spec.name!r}{_suggest(name, list(shared))}; "
                     f"known: {', '.join(sorted(set(shared) | set(spec.model_params)))}"
                 )
-            _check_setting("parameters", name, value)
-        for name, default in shared.items():
-            if default is REQUIRED and name not in self.parameters:
+            _check_setting("parameters", name, value, shared[name])
+        for name, param in shared.items():
+            if param.default is REQUIRED and name not in self.parameters:
                 raise ConfigError(f"merge_method {spec.name!r} needs parameter {name!r}")
         donors = self.donors
         if len(donors) < spec.min_models:
@@ -307,11 +291,11 @@ class MergeConfig:
                         f"models[{i}] ({m.model}): unknown parameter {name!r} for {spec.name!r}"
                         f"{_suggest(name, list(spec.model_params))}; known: {', '.join(spec.model_params) or 'none'}"
                     )
-                _check_setting(f"models[{i}] ({m.model})", name, value)
+                _check_setting(f"models[{i}] ({m.model})", name, value, spec.model_params[name])
             if m.model == self.base_model:
                 continue
-            for name, default in spec.model_params.items():
-                if default is REQUIRED and name not in m.parameters and name not in self.parameters:
+            for name, param in spec.model_params.items():
+                if param.default is REQUIRED and name not in m.parameters and name not in self.parameters:
                     raise ConfigError(f"models[{i}] ({m.model}): parameter {name!r} is required by {spec.name!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
@@ -321,25 +305,25 @@ class MergeConfig:
         """Method-level parameters for one tensor, defaults filled in."""
         spec = self.method
         out = {}
-        for name, default in spec.all_shared_params.items():
+        for name, param in spec.all_shared_params.items():
             value = resolve_param(self.parameters[name], tensor_name) if name in self.parameters else None
-            out[name] = default if value is None else value
+            out[name] = param.default if value is None else value
         return out
 
     def model_params(self, entry: ModelEntry, tensor_name: str = "") -> dict[str, Any]:
         """One donor's parameters for one tensor: its own, else the top-level default, else the method's."""
         spec = self.method
         out = {}
-        for name, default in spec.model_params.items():
+        for name, param in spec.model_params.items():
             value = None
             if name in entry.parameters:
                 value = resolve_param(entry.parameters[name], tensor_name)
             if value is None and name in self.parameters:
                 value = resolve_param(self.parameters[name], tensor_name)
             if value is None:
-                if default is REQUIRED:
+                if param.default is REQUIRED:
                     raise ConfigError(f"model {entry.model!r}: no {name!r} applies to tensor {tensor_name!r}")
-                value = default
+                value = param.default
             out[name] = value
         return out
 
@@ -352,8 +336,8 @@ class MergeConfig:
         """
         spec = self.method
         if mergekit:
-            for name, default in spec.extensions.items():
-                if name in self.parameters and self.parameters[name] != default:
+            for name, param in spec.extensions.items():
+                if name in self.parameters and self.parameters[name] != param.default:
                     raise ConfigError(
                         f"parameter {name}={self.parameters[name]!r} is an extension of this engine; "
                         "mergekit cannot replay it"

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_mergeguard.merging.generalized import generalized_task_arithmetic
+from lightning_mergeguard.merging.generalized import Sparsifier, generalized_task_arithmetic, task_vector_method
 from lightning_mergeguard.merging.sparsify import RescaleNorm, random_prune
-from lightning_mergeguard.merging.spec import REQUIRED, MethodSpec, TensorContext
+from lightning_mergeguard.merging.spec import DENSITY, Param, TensorContext, flag
 
 __all__ = ["DARE_LINEAR", "DARE_TIES", "dare_merge"]
 
@@ -54,63 +54,46 @@ def dare_merge(
         tensor([1., 1., 1.])
     """
     gens = list(generators) if generators is not None else [None] * len(tensors)
-
-    def drop(delta: Tensor, i: int) -> Tensor:
-        return random_prune(delta, densities[i], rescale_norm, gens[i])
-
     return generalized_task_arithmetic(
         base,
         tensors,
         weights,
-        sparsify=drop,
+        sparsify=_drop(densities, rescale_norm, gens),
         consensus="sum" if consensus else None,
         normalize=normalize,
         lambda_=lambda_,
     )
 
 
-def _make(consensus: bool):
-    def _merge(
-        base: Tensor | None,
-        tensors: Sequence[Tensor],
-        params: Sequence[Mapping[str, Any]],
-        shared: Mapping[str, Any],
-        ctx: TensorContext,
-    ) -> Tensor:
-        assert base is not None
-        mode = shared.get("rescale_mode", "l1") if shared["rescale"] else None
-        return dare_merge(
-            base,
-            tensors,
-            [p["weight"] for p in params],
-            [p["density"] for p in params],
-            consensus=consensus,
-            normalize=shared["normalize"],
-            lambda_=shared["lambda"],
-            rescale_norm=mode,
-            generators=[ctx.generator(i, base.device) for i in range(len(tensors))],
-        )
+def _drop(
+    densities: Sequence[float], rescale_norm: RescaleNorm | None, generators: Sequence[torch.Generator | None]
+) -> Sparsifier:
+    def drop(delta: Tensor, i: int) -> Tensor:
+        return random_prune(delta, densities[i], rescale_norm, generators[i])
 
-    return _merge
+    return drop
 
 
-_SHARED = {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False}
+def _sparsifier(
+    params: Sequence[Mapping[str, Any]], values: Mapping[str, Any], ctx: TensorContext, device: torch.device
+) -> Sparsifier:
+    mode = values["rescale_mode"] if values["rescale"] else None
+    return _drop([p["density"] for p in params], mode, [ctx.generator(i, device) for i in range(len(params))])
 
-DARE_LINEAR = MethodSpec(
-    name="dare_linear",
-    merge_tensor=_make(consensus=False),
-    shared_params=_SHARED,
-    model_params={"weight": REQUIRED, "density": 1.0},
-    randomized=True,
-    extensions={"rescale_mode": "l1"},
-    description="random drop and rescale, then weighted sum",
-)
-DARE_TIES = MethodSpec(
-    name="dare_ties",
-    merge_tensor=_make(consensus=True),
-    shared_params=_SHARED,
-    model_params={"weight": REQUIRED, "density": 1.0},
-    randomized=True,
-    extensions={"rescale_mode": "l1"},
-    description="random drop and rescale, then TIES sign election",
-)
+
+def _dare(name: str, consensus: bool, description: str):
+    return task_vector_method(
+        name,
+        normalize=False,
+        sparsifier=_sparsifier,
+        consensus=consensus,
+        shared={"rescale": flag(True)},
+        model={"density": DENSITY},
+        extensions={"rescale_mode": Param("l1", kind="choice", choices=("l1", "l2", "linf", "density"))},
+        randomized=True,
+        description=description,
+    )
+
+
+DARE_LINEAR = _dare("dare_linear", False, "random drop and rescale, then weighted sum")
+DARE_TIES = _dare("dare_ties", True, "random drop and rescale, then TIES sign election")

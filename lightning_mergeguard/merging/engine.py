@@ -27,11 +27,10 @@ from lightning_mergeguard.merging.base_check import (
     tensors_to_compare,
 )
 from lightning_mergeguard.merging.config import DTYPES, MergeConfig
-from lightning_mergeguard.merging.sources import WeightSource, open_source
-from lightning_mergeguard.merging.sparsify import select_ranks
+from lightning_mergeguard.merging.sources import WeightSource, count_nonfinite, open_source, read_checked
 from lightning_mergeguard.merging.spec import TensorContext
 
-__all__ = ["check_compatible", "check_same_base_sources", "iter_merge", "merge", "model_thresholds"]
+__all__ = ["check_compatible", "check_same_base_sources", "iter_merge", "merge"]
 
 _ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
 _COPY_FILES = (
@@ -95,29 +94,6 @@ def check_compatible(reference: WeightSource, others: Sequence[WeightSource]) ->
                     )
 
 
-def _count_nonfinite(t: Tensor) -> int:
-    """NaN/Inf entries of a floating tensor.
-
-    A sum in the tensor's own dtype is one cheap pass that is NaN/Inf whenever an entry is; only then is the exact
-    count paid for (an overflow of the sum alone is not an error).
-    """
-    if bool(torch.isfinite(t.sum())):
-        return 0
-    return int((~torch.isfinite(t)).sum())
-
-
-def _checked(src: WeightSource, key: str, dtype: torch.dtype, device: torch.device) -> Tensor:
-    t = src.get(key)
-    if t.is_floating_point():
-        t = t.to(device=device, dtype=dtype)
-        bad = _count_nonfinite(t)
-        if bad:
-            raise NonFiniteError(f"tensor {key!r} of model {src.name!r} has {bad} NaN/Inf value(s)")
-    else:
-        t = t.to(device)
-    return t
-
-
 def check_same_base_sources(
     base: WeightSource,
     donors: Sequence[WeightSource],
@@ -142,35 +118,6 @@ def check_same_base_sources(
         out[src.name] = check_same_base(
             distances, donor=src.name, base=f"base {base.name!r}", max_relative_distance=max_relative_distance
         )
-    return out
-
-
-def model_thresholds(
-    base: WeightSource, donors: Sequence[WeightSource], densities: Sequence[float], device: torch.device | str = "cpu"
-) -> list[float]:
-    """Per-model magnitude thresholds for whole-model TIES trimming (the TIES reference code's ``top-k%``).
-
-    Each donor's floating-point task-vector magnitudes are gathered into one buffer (one model at a time) and the
-    ``density`` quantile is selected exactly.
-    """
-    out = []
-    keys = [k for k in base.keys() if base.meta(k)[1].is_floating_point]
-    for src, density in zip(donors, densities):
-        if density >= 1:
-            out.append(0.0)
-            continue
-        total = sum(int(torch.Size(base.meta(k)[0]).numel()) for k in keys)
-        buf = torch.empty(total, dtype=torch.float32, device=device)
-        pos = 0
-        for k in keys:
-            b = _checked(base, k, torch.float32, torch.device(device))
-            t = _checked(src, k, torch.float32, torch.device(device))
-            n = b.numel()
-            torch.sub(t.reshape(-1), b.reshape(-1), out=buf[pos : pos + n]).abs_()
-            pos += n
-        kth = max(1, int(density * total))
-        out.append(float(select_ranks(buf, total - kth, total - kth)[0]))
-        del buf
     return out
 
 
@@ -225,14 +172,10 @@ def iter_merge(
     out_dtype = DTYPES[cfg.out_dtype or cfg.dtype]
     dev = torch.device(device)
     seed = cfg.seed if seed is None else seed
-    thresholds = None
-    if cfg.shared_params().get("trim_scope", "tensor") == "model":
-        assert base_src is not None
-        dens = [cfg.model_params(m)["density"] for m in cfg.donors]
-        thresholds = model_thresholds(base_src, donors, dens, dev)
+    prepared = spec.prepare(cfg, base_src, donors, dev) if spec.prepare is not None else None
     names = list(keys) if keys is not None else reference.keys()
     for key in tqdm(names, desc=f"merge ({spec.name})", unit="tensor", disable=not progress, leave=False):
-        ref_t = _checked(reference, key, compute, dev)
+        ref_t = read_checked(reference, key, compute, dev)
         if not ref_t.is_floating_point():
             for src in donors:
                 if not torch.equal(src.get(key).to(dev), ref_t):
@@ -240,13 +183,13 @@ def iter_merge(
             yield key, ref_t
             continue
         tensors = [ref_t] if base_src is None else []
-        tensors += [_checked(src, key, compute, dev) for src in (donors if base_src is not None else donors[1:])]
+        tensors += [read_checked(src, key, compute, dev) for src in (donors if base_src is not None else donors[1:])]
         params = [cfg.model_params(m, key) for m in cfg.donors]
-        ctx = TensorContext(key=key, seed=seed, model_thresholds=thresholds)
+        ctx = TensorContext(key=key, seed=seed, prepared=prepared)
         merged = spec.merge_tensor(
             ref_t if base_src is not None else None, tensors, params, cfg.shared_params(key), ctx
         ).to(out_dtype)
-        bad = _count_nonfinite(merged)
+        bad = count_nonfinite(merged)
         if bad:
             raise NonFiniteError(
                 f"the merge produced {bad} NaN/Inf value(s) in tensor {key!r} (finite inputs: do the weights or "
@@ -417,7 +360,7 @@ def merge(
             cfg.to_yaml(
                 out / "mergekit_config.yml",
                 mergekit=not any(
-                    k in cfg.parameters and cfg.parameters[k] != v for k, v in cfg.method.extensions.items()
+                    k in cfg.parameters and cfg.parameters[k] != p.default for k, p in cfg.method.extensions.items()
                 ),
             )
             atomic_write_json(out / "mergeguard_merge.json", cfg.to_dict(mergekit=False))

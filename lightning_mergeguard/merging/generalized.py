@@ -1,23 +1,27 @@
 """The task-vector family shared by task arithmetic, TIES, DARE and breadcrumbs.
 
 ``merged = base + lambda * combine(sparsify(w_i * tau_i))`` with ``tau_i = theta_i - base``. The method modules
-(:mod:`.task_arithmetic`, :mod:`.ties`, :mod:`.dare`, :mod:`.breadcrumbs`) are thin, named front ends to
-:func:`generalized_task_arithmetic`, each with mergekit's defaults.
+(:mod:`.task_arithmetic`, :mod:`.ties`, :mod:`.dare`, :mod:`.breadcrumbs`) each declare a sparsifier and their
+parameters; :func:`task_vector_method` turns that declaration into a :class:`~.spec.MethodSpec`, so no method
+writes its own adapter from the engine's per-tensor call to :func:`generalized_task_arithmetic`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from lightning_mergeguard.merging.consensus import sign_consensus_mask
+from lightning_mergeguard.merging.spec import INT8_MASK, LAMBDA, WEIGHT, MethodSpec, Param, PrepareFn, TensorContext
 
-__all__ = ["generalized_task_arithmetic"]
+__all__ = ["SparsifierFactory", "generalized_task_arithmetic", "task_vector_method"]
 
 Sparsifier = Callable[[Tensor, int], Tensor]
+SparsifierFactory = Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any], TensorContext, torch.device], Sparsifier]
+"""``f(model_params, shared_params, ctx, device) -> sparsify(delta, model_index)`` for one tensor."""
 
 
 def generalized_task_arithmetic(
@@ -89,3 +93,77 @@ def generalized_task_arithmetic(
     if lambda_ != 1:
         mixed *= lambda_
     return (base + mixed).to(base.dtype)
+
+
+def task_vector_method(
+    name: str,
+    *,
+    normalize: bool,
+    sparsifier: SparsifierFactory | None = None,
+    consensus: bool = False,
+    shared: Mapping[str, Param] | None = None,
+    model: Mapping[str, Param] | None = None,
+    extensions: Mapping[str, Param] | None = None,
+    randomized: bool = False,
+    prepare: PrepareFn | None = None,
+    description: str = "",
+) -> MethodSpec:
+    """Declare a method of the task-vector family: ``base + lambda * combine(sparsify(w_i * tau_i))``.
+
+    Every such method takes ``weight`` per model and ``normalize`` (default ``normalize``), ``lambda`` and
+    ``int8_mask`` shared; ``shared`` and ``model`` add the method's own parameters.
+
+    Args:
+        name: mergekit's method name.
+        normalize: Default of ``normalize``.
+        sparsifier: Builds the per-tensor trim/drop from the resolved parameters (``None``: no sparsification).
+        consensus: TIES sign election before combining.
+        shared: Extra shared parameters.
+        model: Extra per-model parameters.
+        extensions: Parameters beyond mergekit's.
+        randomized: Whether results depend on a seed.
+        prepare: Whole-model hook (see :class:`~.spec.MethodSpec`).
+        description: One line for messages.
+
+    Example:
+        >>> spec = task_vector_method("mean_tv", normalize=True)
+        >>> spec.merge_tensor(torch.zeros(2), [torch.ones(2), 3 * torch.ones(2)], [{"weight": 1}, {"weight": 1}],
+        ...                   {"normalize": True, "lambda": 1.0, "int8_mask": False}, TensorContext())
+        tensor([2., 2.])
+    """
+
+    def merge_tensor(
+        base: Tensor | None,
+        tensors: Sequence[Tensor],
+        params: Sequence[Mapping[str, Any]],
+        values: Mapping[str, Any],
+        ctx: TensorContext,
+    ) -> Tensor:
+        if base is None:
+            raise ValueError(f"merge_method {name!r} needs a base model")
+        trim = sparsifier(params, values, ctx, base.device) if sparsifier is not None else None
+        return generalized_task_arithmetic(
+            base,
+            tensors,
+            [p["weight"] for p in params],
+            sparsify=trim,
+            consensus="sum" if consensus else None,
+            normalize=values["normalize"],
+            lambda_=values["lambda"],
+        )
+
+    return MethodSpec(
+        name=name,
+        merge_tensor=merge_tensor,
+        shared_params={
+            "normalize": Param(normalize, kind="bool"),
+            "lambda": LAMBDA,
+            "int8_mask": INT8_MASK,
+            **(shared or {}),
+        },
+        model_params={"weight": WEIGHT, **(model or {})},
+        extensions=dict(extensions or {}),
+        randomized=randomized,
+        prepare=prepare,
+        description=description,
+    )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from lightning_mergeguard.merging.spec import REQUIRED, MethodSpec, TensorContext
+from lightning_mergeguard.merging.spec import WEIGHT, MethodSpec, flag
 
 __all__ = ["SPEC", "linear_merge"]
 
@@ -47,21 +46,14 @@ def linear_merge(tensors: Sequence[Tensor], weights: Sequence[float], *, normali
     return out.to(first.dtype)
 
 
-def _merge(
-    base: Tensor | None,
-    tensors: Sequence[Tensor],
-    params: Sequence[Mapping[str, Any]],
-    shared: Mapping[str, Any],
-    ctx: TensorContext,
-) -> Tensor:
-    return linear_merge(tensors, [p["weight"] for p in params], normalize=shared["normalize"])
-
-
 SPEC = MethodSpec(
     name="linear",
-    merge_tensor=_merge,
-    shared_params={"normalize": True},
-    model_params={"weight": REQUIRED},
+    # (base, tensors, model params, shared params, ctx) -> merged tensor
+    merge_tensor=lambda base, tensors, params, shared, ctx: linear_merge(
+        tensors, [p["weight"] for p in params], normalize=shared["normalize"]
+    ),
+    shared_params={"normalize": flag(True)},
+    model_params={"weight": WEIGHT},
     needs_base=False,
     description="weighted average of the models' weights",
 )

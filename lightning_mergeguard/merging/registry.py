@@ -33,7 +33,7 @@ def get_method(name: str) -> MethodSpec:
         ValueError: For an unknown name, with the closest known names.
 
     Example:
-        >>> get_method("ties").shared_params["normalize"]
+        >>> get_method("ties").shared_params["normalize"].default
         True
     """
     key = _ALIASES.get(name, name)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from lightning_mergeguard.merging.spec import REQUIRED, MethodSpec, TensorContext
+from lightning_mergeguard.merging.spec import REQUIRED, MethodSpec, Param
 
 __all__ = ["SPEC", "slerp"]
 
@@ -52,21 +49,11 @@ def slerp(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.9995, ep
     return out.reshape(v0.shape).to(v0.dtype)
 
 
-def _merge(
-    base: Tensor | None,
-    tensors: Sequence[Tensor],
-    params: Sequence[Mapping[str, Any]],
-    shared: Mapping[str, Any],
-    ctx: TensorContext,
-) -> Tensor:
-    assert base is not None
-    return slerp(float(shared["t"]), base, tensors[0])
-
-
 SPEC = MethodSpec(
     name="slerp",
-    merge_tensor=_merge,
-    shared_params={"t": REQUIRED},
+    # (base, tensors, model params, shared params, ctx) -> merged tensor; the base is the first endpoint
+    merge_tensor=lambda base, tensors, params, shared, ctx: slerp(float(shared["t"]), base, tensors[0]),
+    shared_params={"t": Param(REQUIRED)},
     model_params={},
     min_models=1,
     max_models=1,

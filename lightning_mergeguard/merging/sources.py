@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,19 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_mergeguard.errors import WeightsFileError
+from lightning_mergeguard.errors import NonFiniteError, WeightsFileError
 from lightning_mergeguard.io import SAFETENSORS_DTYPES
 
-__all__ = ["SafetensorsSource", "StateDictSource", "WeightSource", "open_source"]
+__all__ = [
+    "SafetensorsSource",
+    "StateDictSource",
+    "WeightSource",
+    "count_nonfinite",
+    "load_matching",
+    "match_names",
+    "open_source",
+    "read_checked",
+]
 
 _ST_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
@@ -251,3 +260,63 @@ def open_source(obj: Any, name: str | None = None) -> WeightSource:
         src = SafetensorsSource(single, name=label, config=config)
     src.directory = path
     return src
+
+
+def count_nonfinite(t: Tensor) -> int:
+    """NaN/Inf entries of a floating tensor.
+
+    A sum in the tensor's own dtype is one cheap pass that is NaN/Inf whenever an entry is; only then is the exact
+    count paid for (an overflow of the sum alone is not an error).
+    """
+    if bool(torch.isfinite(t.sum())):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def read_checked(src: WeightSource, key: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """One tensor of ``src`` on ``device``; floating ones in ``dtype``, checked for NaN/Inf (naming model and key)."""
+    t = src.get(key)
+    if t.is_floating_point():
+        t = t.to(device=device, dtype=dtype)
+        bad = count_nonfinite(t)
+        if bad:
+            raise NonFiniteError(f"tensor {key!r} of model {src.name!r} has {bad} NaN/Inf value(s)")
+    else:
+        t = t.to(device)
+    return t
+
+
+def match_names(names: Iterable[str], available: Iterable[str], what: str = "source") -> dict[str, str]:
+    """Map module parameter names to keys of another state dict, stripping leading components as needed.
+
+    A LightningModule's ``backbone.0.weight`` matches ``backbone.0.weight`` or ``0.weight`` in a checkpoint of the
+    bare network (a ``model.`` or ``backbone.`` prefix is the usual difference).
+
+    Raises:
+        ValueError: Naming the first parameter that has no counterpart.
+
+    Example:
+        >>> match_names(["backbone.0.weight"], ["0.weight", "0.bias"])
+        {'backbone.0.weight': '0.weight'}
+    """
+    keys = set(available)
+    out = {}
+    for name in names:
+        parts = name.split(".")
+        match = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in keys), None)
+        if match is None:
+            raise ValueError(f"{what} has no tensor for parameter {name!r}")
+        out[name] = match
+    return out
+
+
+def load_matching(path: str | os.PathLike[str], names: Iterable[str], what: str) -> dict[str, Tensor]:
+    """Load the tensors of a checkpoint (any form :func:`open_source` reads) that match parameter ``names``.
+
+    Names are matched with :func:`match_names`, so a checkpoint of the bare network serves a LightningModule.
+
+    Raises:
+        ValueError: Naming the first parameter that has no counterpart.
+    """
+    src = open_source(path, name=what)
+    return {name: src.get(key) for name, key in match_names(names, src.keys(), what=f"{what} {path}").items()}

@@ -1,4 +1,9 @@
-"""What a merge method declares: its parameters with mergekit's names and defaults, and its per-tensor function."""
+"""What a merge method declares: its parameters (name, default, type, range) and its per-tensor function.
+
+A method is data: a :class:`MethodSpec` with :class:`Param` declarations that the config reader validates against
+(no table of parameter names elsewhere), a ``merge_tensor`` function, and an optional ``prepare`` hook for work over
+the whole model before the per-tensor pass (TIES's whole-model trim threshold).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["REQUIRED", "MethodSpec", "TensorContext"]
+__all__ = ["REQUIRED", "MethodSpec", "Param", "TensorContext"]
 
 
 class _Required:
@@ -23,18 +28,88 @@ REQUIRED: Any = _Required()
 
 
 @dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method: its default, its type and its allowed values.
+
+    Attributes:
+        default: The value when the config does not set it (:data:`REQUIRED` for none).
+        kind: ``"number"`` (a finite int or float), ``"bool"`` or ``"choice"`` (one of ``choices``).
+        low: Smallest allowed number (``None``: unbounded).
+        high: Largest allowed number.
+        low_open: Whether ``low`` itself is excluded.
+        high_open: Whether ``high`` itself is excluded.
+        choices: Allowed strings for ``kind="choice"``.
+
+    Example:
+        >>> Param(1.0, low=0.0, high=1.0, low_open=True).check("models[0]", "density", 0.0)
+        Traceback (most recent call last):
+        ...
+        lightning_mergeguard.errors.ConfigError: models[0]: density must be in (0, 1], got 0.0
+    """
+
+    default: Any = REQUIRED
+    kind: str = "number"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def check(self, where: str, name: str, value: Any) -> None:
+        """Raise :class:`~lightning_mergeguard.errors.ConfigError` naming ``where`` if ``value`` is not allowed."""
+        from lightning_mergeguard.errors import ConfigError
+
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: parameter {name!r} must be true or false, got {value!r}")
+            return
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ConfigError(
+                    f"{where}: parameter {name!r} must be one of {', '.join(self.choices)}, got {value!r}"
+                )
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: parameter {name!r} must be a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}: parameter {name!r} must be finite, got {value!r}")
+        too_low = self.low is not None and (value < self.low or (self.low_open and value == self.low))
+        too_high = self.high is not None and (value > self.high or (self.high_open and value == self.high))
+        if too_low or too_high:
+            lo = "-inf" if self.low is None else f"{self.low:g}"
+            hi = "inf" if self.high is None else f"{self.high:g}"
+            interval = f"{'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+            raise ConfigError(f"{where}: {name} must be in {interval}, got {value}")
+
+
+WEIGHT = Param(REQUIRED)
+DENSITY = Param(1.0, low=0.0, high=1.0, low_open=True)
+GAMMA = Param(0.01, low=0.0, high=1.0, high_open=True)
+LAMBDA = Param(1.0)
+INT8_MASK = Param(False, kind="bool")
+"""mergekit's ``int8_mask`` holds the TIES sign mask in int8 instead of the compute dtype, to save memory; this
+engine's mask is always a 1-byte bool tensor, so both settings give identical results and memory."""
+
+
+def flag(default: bool) -> Param:
+    """A boolean parameter with this default."""
+    return Param(default, kind="bool")
+
+
+@dataclass(frozen=True)
 class TensorContext:
     """Per-tensor facts a method may need besides the tensors themselves.
 
     Attributes:
         key: The tensor's name in the state dict.
         seed: Seed of a randomized merge (DARE); ``None`` draws from torch's global generator.
-        model_thresholds: Per-model magnitude thresholds for whole-model trimming (TIES ``trim_scope="model"``).
+        prepared: What the method's ``prepare`` hook computed over the whole model (``None`` without one), e.g.
+            TIES's per-model magnitude thresholds for ``trim_scope="model"``.
     """
 
     key: str = ""
     seed: int | None = None
-    model_thresholds: Sequence[float] | None = None
+    prepared: Any = None
 
     def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator | None:
         """A generator seeded from ``(seed, model_index, key)``, independent of the order tensors are merged in."""
@@ -48,6 +123,8 @@ class TensorContext:
 MergeTensorFn = Callable[
     [Tensor | None, Sequence[Tensor], Sequence[Mapping[str, Any]], Mapping[str, Any], TensorContext], Tensor
 ]
+PrepareFn = Callable[[Any, Any, Sequence[Any], torch.device], Any]
+"""``prepare(config, base_source, donor_sources, device)``: whole-model work before the per-tensor pass."""
 
 
 @dataclass(frozen=True)
@@ -57,28 +134,31 @@ class MethodSpec:
     Attributes:
         name: mergekit's ``merge_method`` name.
         merge_tensor: ``f(base, tensors, model_params, shared_params, ctx) -> merged tensor``.
-        shared_params: Method-level parameters (``parameters:`` in YAML) and their defaults.
-        model_params: Per-model parameters (``models[].parameters``) and defaults (``REQUIRED`` for none).
+        shared_params: Method-level parameters (``parameters:`` in YAML), declared as :class:`Param`.
+        model_params: Per-model parameters (``models[].parameters``), declared as :class:`Param`.
         needs_base: Whether ``base_model`` is required.
         min_models: Fewest models (not counting the base).
         max_models: Most models, or ``None``.
         randomized: Whether the result depends on a seed.
         extensions: Shared parameters this engine adds beyond mergekit (not written to mergekit YAML at default).
         description: One line for ``--help`` and error messages.
+        prepare: Optional whole-model hook run once before the per-tensor pass; its result reaches
+            ``merge_tensor`` as ``ctx.prepared``.
     """
 
     name: str
     merge_tensor: MergeTensorFn
-    shared_params: Mapping[str, Any] = field(default_factory=dict)
-    model_params: Mapping[str, Any] = field(default_factory=dict)
+    shared_params: Mapping[str, Param] = field(default_factory=dict)
+    model_params: Mapping[str, Param] = field(default_factory=dict)
     needs_base: bool = True
     min_models: int = 1
     max_models: int | None = None
     randomized: bool = False
-    extensions: Mapping[str, Any] = field(default_factory=dict)
+    extensions: Mapping[str, Param] = field(default_factory=dict)
     description: str = ""
+    prepare: PrepareFn | None = None
 
     @property
-    def all_shared_params(self) -> dict[str, Any]:
+    def all_shared_params(self) -> dict[str, Param]:
         """Shared parameters including this engine's extensions."""
         return {**self.shared_params, **self.extensions}

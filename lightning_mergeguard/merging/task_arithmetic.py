@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from torch import Tensor
 
-from lightning_mergeguard.merging.generalized import generalized_task_arithmetic
-from lightning_mergeguard.merging.spec import REQUIRED, MethodSpec, TensorContext
+from lightning_mergeguard.merging.generalized import generalized_task_arithmetic, task_vector_method
 
 __all__ = ["SPEC", "task_arithmetic_merge"]
 
@@ -41,23 +39,4 @@ def task_arithmetic_merge(
     return generalized_task_arithmetic(base, tensors, weights, normalize=normalize, lambda_=lambda_)
 
 
-def _merge(
-    base: Tensor | None,
-    tensors: Sequence[Tensor],
-    params: Sequence[Mapping[str, Any]],
-    shared: Mapping[str, Any],
-    ctx: TensorContext,
-) -> Tensor:
-    assert base is not None
-    return task_arithmetic_merge(
-        base, tensors, [p["weight"] for p in params], lambda_=shared["lambda"], normalize=shared["normalize"]
-    )
-
-
-SPEC = MethodSpec(
-    name="task_arithmetic",
-    merge_tensor=_merge,
-    shared_params={"normalize": False, "lambda": 1.0, "int8_mask": False},
-    model_params={"weight": REQUIRED},
-    description="base + lambda * sum(w_i * tau_i)",
-)
+SPEC = task_vector_method("task_arithmetic", normalize=False, description="base + lambda * sum(w_i * tau_i)")

@@ -27,7 +27,7 @@ def layer_importance(
     Args:
         params: Name -> live parameter.
         reference: Name -> pretrained tensor.
-        layers: Layer name -> parameter names (see :func:`~lightning_mergeguard.protection.params.group_layers`).
+        layers: Layer name -> parameter names (see :func:`~lightning_mergeguard.parameters.group_layers`).
         metric: Evaluates the live model (higher is better), e.g. accuracy on a fixed set of validation batches.
         progress: Show a progress bar.
 

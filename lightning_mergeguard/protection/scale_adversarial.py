@@ -22,10 +22,41 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_mergeguard.protection.evaluation import LossFn, move_batch
-from lightning_mergeguard.protection.params import write_scaled_
+from lightning_mergeguard.evaluation import LossFn, move_batch
 
-__all__ = ["scale_adversarial_"]
+__all__ = ["scale_adversarial_", "write_scaled_"]
+
+
+@torch.no_grad()
+def write_scaled_(
+    params: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor],
+    live: Mapping[str, Tensor],
+    scale: float,
+    mask: Mapping[str, Tensor] | None = None,
+) -> None:
+    """In place: ``p = reference + scale * (live - reference)``, the scaled task vector every merge applies.
+
+    ``scale=1`` (without a mask) restores ``live`` exactly. With ``mask``, the task vector is multiplied by it
+    elementwise first (a DARE-style copy when the mask is a random keep mask and ``scale`` includes ``1/density``).
+
+    Example:
+        >>> p = {"w": torch.zeros(2)}
+        >>> write_scaled_(p, {"w": torch.ones(2)}, {"w": torch.tensor([3.0, 5.0])}, 0.5)
+        >>> p["w"]
+        tensor([2., 3.])
+        >>> keep = {"w": torch.tensor([1.0, 0.0])}
+        >>> write_scaled_(p, {"w": torch.ones(2)}, {"w": torch.tensor([3.0, 5.0])}, 2.0, keep)
+        >>> p["w"]
+        tensor([5., 1.])
+    """
+    for n, p in params.items():
+        if mask is not None:
+            p.copy_(reference[n] + scale * mask[n] * (live[n] - reference[n]))
+        elif scale == 1:
+            p.copy_(live[n])
+        else:
+            p.copy_(reference[n] + scale * (live[n] - reference[n]))
 
 
 def _bernoulli(like: Tensor, p: float, gen: torch.Generator) -> Tensor:
