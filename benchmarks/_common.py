@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from lightning_mergeguard.demos.trainer import quiet_trainer
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("MERGEGUARD_RESULTS_DIR", ROOT / "benchmarks" / "results"))  # tests redirect it
 CACHE = ROOT / ".cache"
@@ -148,14 +150,9 @@ def fit_lm(
         max_length = max(len(tok(p + a, add_special_tokens=False).input_ids) for p, a in rows) + 2
     data = LMTaskDataset(tok, rows, max_length=max_length)
     val = LMTaskDataset(tok, val_rows or rows[:8], max_length=max_length)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
         accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
         num_sanity_val_steps=0,
         limit_val_batches=None if val_rows else 0,
         callbacks=list(callbacks),
@@ -170,7 +167,8 @@ def smollm2_finetunes(tasks: tuple[str, ...] = ("add", "reverse"), steps: int = 
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset, generate_task, load_smollm2, smollm2_dir
+    from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2, smollm2_dir
+    from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset
 
     paths = {"base": smollm2_dir(CACHE / "smollm2-135m")}
     for task in tasks:
@@ -181,13 +179,9 @@ def smollm2_finetunes(tasks: tuple[str, ...] = ("add", "reverse"), steps: int = 
         pl.seed_everything(seed, verbose=False)
         model, tok = load_smollm2(CACHE / "smollm2-135m")
         data = DataLoader(LMTaskDataset(tok, generate_task(task, 8 * steps, seed)), batch_size=8, shuffle=True)
-        trainer = pl.Trainer(
+        trainer = quiet_trainer(
             max_steps=steps,
             accelerator="auto",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
             enable_progress_bar=True,
         )
         trainer.fit(CausalLMModule(model, lr=1e-4), data)

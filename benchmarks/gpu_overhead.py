@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
+from lightning_mergeguard.demos.trainer import quiet_trainer
 
 SIZES: dict[str, dict[str, Any]] = {
     "full": {
@@ -102,7 +103,7 @@ def llama_setting(size: dict[str, Any], steps: int):
 
 
 def vit_setting(size: dict[str, Any], steps: int):
-    from lightning_mergeguard.vision import ClipImageClassifier, build_open_clip
+    from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip
 
     torch.manual_seed(0)
     clip = build_open_clip(size["vit"])
@@ -136,15 +137,10 @@ def fit(make, train, val, device: torch.device, callbacks: list, precision: str)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
         accelerator=accelerator(device),
-        devices=1,
         precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0 if not any(isinstance(c, MergeGuardCallback) for c in callbacks) else 1,
         callbacks=[*callbacks, timer],

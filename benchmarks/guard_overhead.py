@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
+from lightning_mergeguard.demos.trainer import quiet_trainer
 from lightning_mergeguard.evaluation import evaluate
 
 
@@ -51,13 +52,14 @@ class StepTimer(pl.Callback):
 
 def setting(name: str):
     if name == "smollm2":
-        from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset, generate_task, load_smollm2
+        from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
+        from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset
 
         model, tok = load_smollm2(CACHE / "smollm2-135m")
         train = DataLoader(LMTaskDataset(tok, generate_task("add", 256)), batch_size=8, shuffle=False)
         val = DataLoader(LMTaskDataset(tok, generate_task("add", 64, seed=1)), batch_size=8)
         return (lambda: CausalLMModule(copy.deepcopy(model), lr=1e-4)), train, val, "SmolLM2-135M, batch 8x32 tokens"
-    from lightning_mergeguard.toy import DigitsTaskModule, digits_task_data, pretrain_backbone
+    from lightning_mergeguard.demos.digits import DigitsTaskModule, digits_task_data, pretrain_backbone
 
     backbone, heads = pretrain_backbone(epochs=2)
     train = DataLoader(digits_task_data("plain", "train"), batch_size=32)
@@ -69,14 +71,9 @@ def run(make_module, train, callbacks, steps, device="cpu"):
     timer = StepTimer()
     pl.seed_everything(0, verbose=False)
     module = make_module()
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
         accelerator=accelerator(torch.device(device)),
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[*callbacks, timer],
         limit_val_batches=0,
     )
@@ -115,14 +112,9 @@ def main() -> None:
         alpha=0.01, stage2=ScaleAdversarial(steps=args.stage2_steps), eval_batches=eval_batches, progress=False
     )
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=2,
         accelerator=accelerator(device),
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[guard],
         num_sanity_val_steps=0,
         limit_val_batches=1,

@@ -30,7 +30,9 @@ from _common import (
 from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeProbe
-from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset, generate_task, load_smollm2
+from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
+from lightning_mergeguard.demos.trainer import quiet_trainer
+from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset
 
 
 class RSSSampler:
@@ -94,14 +96,10 @@ def main() -> None:
     def fit(callbacks):
         pl.seed_everything(0, verbose=False)
         module = CausalLMModule(copy.deepcopy(model), lr=1e-4)
-        trainer = pl.Trainer(
+        trainer = quiet_trainer(
             max_epochs=args.epochs,
             accelerator=accelerator(device),
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
             enable_progress_bar=True,
-            enable_model_summary=False,
             callbacks=callbacks,
             limit_val_batches=0,
         )

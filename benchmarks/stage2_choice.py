@@ -2,7 +2,7 @@
 
     python benchmarks/stage2_choice.py
 
-Four tasks share an MLP backbone (lightning_mergeguard.toy); the owner's task ("plain") is fine-tuned with each
+Four tasks share an MLP backbone (lightning_mergeguard.demos.digits); the owner's task ("plain") is fine-tuned with each
 variant, and its backbone is merged with the three other fine-tunes by task arithmetic (lambda 0.3, 0.5) and TIES
 (density 0.5, lambda 1). Baseline: the unprotected fine-tune, measured in the same run. Test split, 360 images.
 Writes benchmarks/results/stage2_choice.json.
@@ -13,8 +13,8 @@ from __future__ import annotations
 from _common import make_guard, markdown_table, write_results
 from tqdm.auto import tqdm
 
+from lightning_mergeguard.demos.digits import TASKS, finetune_task, pretrain_backbone, task_accuracy
 from lightning_mergeguard.merging import merge
-from lightning_mergeguard.toy import TASKS, finetune_task, pretrain_backbone, task_accuracy
 
 OWNER = "plain"
 VARIANTS = {

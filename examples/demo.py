@@ -21,8 +21,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeGuardCallback, MergeProbe
+from lightning_mergeguard.demos.digits import TASKS, HeadScore, digits_task_data, finetune_task, pretrain_backbone
 from lightning_mergeguard.plotting import plot_merge_resistance
-from lightning_mergeguard.toy import TASKS, HeadScore, digits_task_data, finetune_task, pretrain_backbone
 
 OUT = Path("runs/demo")
 OWNER = "plain"

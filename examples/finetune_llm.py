@@ -17,7 +17,8 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
-from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset, exact_match, generate_task, load_smollm2
+from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
+from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset, exact_match
 from lightning_mergeguard.ownership import fingerprint_rows, make_fingerprint, verify_fingerprint
 
 

@@ -16,9 +16,9 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
+from lightning_mergeguard.demos.digits import digits_task_data
+from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip
 from lightning_mergeguard.evaluation import evaluate
-from lightning_mergeguard.toy import digits_task_data
-from lightning_mergeguard.vision import ClipImageClassifier, build_open_clip
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_mergeguard.demos.trainer import quiet_trainer
+
 
 def blobs(n: int = 256, seed: int = 0, dim: int = 8, classes: int = 3) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
@@ -61,16 +63,6 @@ class SaveWeightsOnTrainEnd(pl.Callback):
 
 
 def trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        deterministic=True,
-    )
+    defaults = dict(max_epochs=2, accelerator="cpu", default_root_dir=str(tmp_path), deterministic=True)
     defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    return quiet_trainer(**defaults)

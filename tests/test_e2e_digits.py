@@ -1,4 +1,4 @@
-"""End to end on a small real setting: four sklearn-digits tasks sharing an MLP backbone (see lightning_mergeguard.toy).
+"""End to end on a small real setting: four sklearn-digits tasks sharing an MLP backbone (demos.digits).
 
 Numbers asserted: the protected model keeps its own accuracy within 1.5 points of the unprotected fine-tune, and
 its task-arithmetic merge (lambda 0.3, four tasks) loses at least 30 points on the protected task.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from lightning_mergeguard import MergeGuardCallback
+from lightning_mergeguard.demos.digits import TASKS, finetune_task, pretrain_backbone, task_accuracy
 from lightning_mergeguard.merging import merge
-from lightning_mergeguard.toy import TASKS, finetune_task, pretrain_backbone, task_accuracy
 
 pytestmark = pytest.mark.slow
 

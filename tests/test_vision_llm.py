@@ -9,13 +9,13 @@ from helpers import trainer
 from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
-from lightning_mergeguard.toy import digits_task_data
+from lightning_mergeguard.demos.digits import digits_task_data
 
 open_clip = pytest.importorskip("open_clip")
 
 
 def test_open_clip_local_checkpoint_roundtrip(tmp_path):
-    from lightning_mergeguard.vision import build_open_clip
+    from lightning_mergeguard.demos.open_clip import build_open_clip
 
     torch.manual_seed(0)
     clip = build_open_clip("tiny")
@@ -29,7 +29,7 @@ def test_open_clip_local_checkpoint_roundtrip(tmp_path):
 
 
 def test_guard_on_open_clip_tower_excludes_embeddings_and_norms(tmp_path):
-    from lightning_mergeguard.vision import ClipImageClassifier, build_open_clip
+    from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip
 
     pl.seed_everything(0)
     clip = build_open_clip("tiny")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_mergeguard.vision_tasks import (
+from lightning_mergeguard.demos.vision_tasks import (
     PRETEXT_TASKS,
     VISION_TASKS,
     finetune_vit_task,

@@ -1,0 +1,90 @@
+"""open_clip support: build a (tiny or named) CLIP model, load a local checkpoint, classify with its image tower."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_mergeguard.demos._optional import require
+from lightning_mergeguard.demos.classifier import ClassifierModule
+
+__all__ = ["TINY_VIT", "ClipImageClassifier", "build_open_clip", "digits_as_images"]
+
+TINY_VIT: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 96, "layers": 4, "head_width": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 256, "width": 32, "heads": 2, "layers": 1},
+}
+"""A 4-block ViT (about 0.3M image-tower parameters) for CPU tests and demos; no pretrained weights exist here."""
+
+
+def build_open_clip(
+    model: str | dict[str, Any] = "tiny", checkpoint: str | os.PathLike[str] | None = None
+) -> nn.Module:
+    """Build an open_clip CLIP model without downloading anything.
+
+    Args:
+        model: ``"tiny"`` (:data:`TINY_VIT`), an open_clip config name (``"ViT-B-32"``, ``"ViT-L-14"``...), or a
+            dict of ``open_clip.CLIP`` keyword arguments.
+        checkpoint: Optional local checkpoint (open_clip's ``.pt``/``.bin``/``.safetensors`` state dict), loaded
+            with ``weights_only=True``.
+
+    Returns:
+        The CLIP model (``model.visual`` is the image tower).
+
+    Example:
+        >>> clip = build_open_clip("tiny")
+        >>> clip.visual(torch.zeros(1, 3, 32, 32)).shape
+        torch.Size([1, 64])
+    """
+    open_clip = require("open_clip", "vision", "open_clip models")
+
+    if isinstance(model, dict) or model == "tiny":
+        clip = open_clip.CLIP(**(TINY_VIT if model == "tiny" else model))
+    else:
+        clip = open_clip.create_model(model, pretrained=None)
+    if checkpoint is not None:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"open_clip checkpoint not found: {checkpoint}")
+        open_clip.load_checkpoint(clip, str(checkpoint), strict=True, weights_only=True)
+    return clip
+
+
+def digits_as_images(x: Tensor, size: int = 32) -> Tensor:
+    """Flattened 8x8 digits (``[N, 64]`` in 0..1) as normalised ``[N, 3, size, size]`` images."""
+    img = x.reshape(-1, 1, 8, 8)
+    img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)
+    return ((img - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+
+
+class ClipImageClassifier(ClassifierModule):
+    """An open_clip image tower with a linear head, fine-tuned on flattened digit images.
+
+    Args:
+        visual: ``clip.visual``.
+        embed_dim: Output width of the tower.
+        num_classes: Classes of the head.
+        lr: AdamW learning rate.
+        freeze_head: Keep the head fixed (the usual multi-task merging setup: each task has its own head).
+    """
+
+    def __init__(
+        self, visual: nn.Module, embed_dim: int, num_classes: int = 10, lr: float = 1e-3, freeze_head: bool = False
+    ) -> None:
+        super().__init__()
+        self.visual = visual
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.lr = lr
+        self.optimizer_cls = torch.optim.AdamW
+        if freeze_head:
+            self.head.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for flattened 8x8 digits or ready images."""
+        if x.dim() == 2:
+            x = digits_as_images(x)
+        return self.head(self.visual(x))
