@@ -12,10 +12,25 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_mergeguard.errors import IncompatibleModelsError, NonFiniteError
+from lightning_mergeguard.merging.base_check import (
+    DEFAULT_MAX_RELATIVE_DISTANCE,
+    check_same_base,
+    relative_distance,
+    tensors_to_compare,
+)
 from lightning_mergeguard.merging.config import MergeConfig
-from lightning_mergeguard.merging.sources import WeightSource
+from lightning_mergeguard.merging.sources import WeightSource, match_names, open_source
+from lightning_mergeguard.reference import ReferenceWeights
 
-__all__ = ["ProbeSpec", "TaskVectorSource", "build_probe_specs", "merge_metrics"]
+__all__ = [
+    "ProbeSpec",
+    "TaskVectorSource",
+    "build_probe_specs",
+    "donor_task_vector",
+    "merge_metrics",
+    "named_signals",
+]
 
 LIVE = "live"
 BASE = "base"
@@ -170,3 +185,77 @@ def merge_metrics(label: str, merged: Mapping[str, float], individual: Mapping[s
             out[f"mergeprobe/{label}/{task}/normalized_acc"] = acc / ind if ind > 0 else math.nan
             out[f"mergeprobe/{label}/{task}/interference"] = ind - acc
     return out
+
+
+def named_signals(signals: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
+    """``{name: signal}`` from a mapping or from objects with a ``name`` (e.g. FingerprintSignal)."""
+    if isinstance(signals, Mapping):
+        named = dict(signals)
+    else:
+        named = {}
+        for sig in signals:
+            name = getattr(sig, "name", None)
+            if not isinstance(name, str):
+                raise TypeError(f"signal {sig!r} has no 'name'; pass a mapping {{name: signal}}")
+            if name in named:
+                raise ValueError(f"two signals are named {name!r}")
+            named[name] = sig
+    for name, sig in named.items():
+        if not callable(sig):
+            raise TypeError(f"signal {name!r} is not callable: it must map the module to a rate in [0, 1]")
+        if "/" in name or not name:
+            raise ValueError(f"signal name {name!r} must be non-empty and contain no '/'")
+    return named
+
+
+def donor_task_vector(
+    donor: Any,
+    name: str,
+    params: Mapping[str, Tensor],
+    reference: ReferenceWeights,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_relative_distance: float | None = DEFAULT_MAX_RELATIVE_DISTANCE,
+) -> tuple[dict[str, Tensor], float]:
+    """One donor's task vector against ``reference`` for the names of ``params``, checked tensor by tensor.
+
+    The donor (state dict, module, file or directory) is read one tensor at a time; each tensor is checked for
+    shape and NaN/Inf, subtracted from the reference on the parameter's device, and stored in ``dtype`` on
+    ``device`` (pinned when the model is on a GPU and ``device`` is the CPU). The donor is refused if it is not a
+    fine-tune of the same base (:func:`~lightning_mergeguard.merging.base_check.check_same_base`).
+
+    Returns:
+        ``(name -> task-vector tensor, median relative distance of the donor's matrices to the base)``.
+
+    Raises:
+        IncompatibleModelsError: A missing tensor or another shape. ForeignBaseError: another base model.
+        NonFiniteError: NaN/Inf in the donor.
+    """
+    compare = set(tensors_to_compare({n: (tuple(p.shape), p.dtype) for n, p in params.items()}))
+    pin = device.type == "cpu" and any(p.is_cuda for p in params.values())
+    src = open_source(donor, name=name)
+    tau, distances = {}, []
+    for pname, key in match_names(params, src.keys(), what=f"MergeProbe: donor {name!r}").items():
+        p = params[pname]
+        t = src.get(key)
+        if tuple(t.shape) != tuple(p.shape):
+            raise IncompatibleModelsError(
+                f"MergeProbe: donor {name!r} tensor {key!r} has shape {tuple(t.shape)}, "
+                f"the model's {pname!r} has {tuple(p.shape)}"
+            )
+        ref = reference.get(pname, like=p)
+        d = t.to(p.device, torch.float32) - ref.float()
+        if not bool(torch.isfinite(d).all()):
+            raise NonFiniteError(f"MergeProbe: donor {name!r} tensor {key!r} has NaN/Inf values")
+        if pname in compare:
+            distances.append((pname, relative_distance(t, ref)))
+        d = d.to(device, dtype)
+        tau[pname] = d.pin_memory() if pin else d
+    median = check_same_base(
+        distances,
+        donor=name,
+        base="the model's reference weights (MergeProbe donor check)",
+        max_relative_distance=max_relative_distance,
+    )
+    return tau, median

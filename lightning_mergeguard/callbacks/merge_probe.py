@@ -17,16 +17,12 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lightning_mergeguard.callbacks._common import first_loader, log_to_loggers, refuse_sharded, take
-from lightning_mergeguard.errors import IncompatibleModelsError, NonFiniteError
 from lightning_mergeguard.evaluation import ScoreFn, default_score, evaluate
 from lightning_mergeguard.merging.base_check import (
     DEFAULT_MAX_RELATIVE_DISTANCE,
-    check_same_base,
-    relative_distance,
-    tensors_to_compare,
 )
 from lightning_mergeguard.merging.engine import iter_merge
-from lightning_mergeguard.merging.sources import StateDictSource, WeightSource, match_names, open_source
+from lightning_mergeguard.merging.sources import StateDictSource, WeightSource
 from lightning_mergeguard.merging.task_vectors import task_vector_cosines
 from lightning_mergeguard.parameters import select_parameters
 from lightning_mergeguard.probing import (
@@ -35,32 +31,13 @@ from lightning_mergeguard.probing import (
     ProbeSpec,
     TaskVectorSource,
     build_probe_specs,
+    donor_task_vector,
     merge_metrics,
+    named_signals,
 )
 from lightning_mergeguard.reference import ReferenceWeights, parse_dtype
 
 OWN = "own"
-
-
-def _named_signals(signals: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
-    """``{name: signal}`` from a mapping or from objects with a ``name`` (e.g. FingerprintSignal)."""
-    if isinstance(signals, Mapping):
-        named = dict(signals)
-    else:
-        named = {}
-        for sig in signals:
-            name = getattr(sig, "name", None)
-            if not isinstance(name, str):
-                raise TypeError(f"signal {sig!r} has no 'name'; pass a mapping {{name: signal}}")
-            if name in named:
-                raise ValueError(f"two signals are named {name!r}")
-            named[name] = sig
-    for name, sig in named.items():
-        if not callable(sig):
-            raise TypeError(f"signal {name!r} is not callable: it must map the module to a rate in [0, 1]")
-        if "/" in name or not name:
-            raise ValueError(f"signal name {name!r} must be non-empty and contain no '/'")
-    return named
 
 
 class MergeProbe(Callback):
@@ -189,7 +166,7 @@ class MergeProbe(Callback):
             raise ValueError(f"max_relative_distance must be a positive number or None, got {max_relative_distance!r}")
         if max_overhead is not None and not (isinstance(max_overhead, (int, float)) and max_overhead > 0):
             raise ValueError(f"max_overhead must be a positive fraction or None, got {max_overhead!r}")
-        self.signals = _named_signals(signals)
+        self.signals = named_signals(signals)
         if coefficients is not None and (not coefficients or any(not math.isfinite(c) for c in coefficients)):
             raise ValueError(f"coefficients must be a non-empty list of finite numbers or None, got {coefficients!r}")
         # Validate the methods now (typos fail at construction, not mid-training).
@@ -269,37 +246,17 @@ class MergeProbe(Callback):
 
     def _load_donors(self) -> None:
         """Read every donor now, check it against the base tensor by tensor, and keep its task vector."""
-        self._donor_tau = {}
-        self.donor_distance = {}
-        compare = set(tensors_to_compare({n: (tuple(p.shape), p.dtype) for n, p in self._params.items()}))
-        pin = self.donor_device.type == "cpu" and any(p.is_cuda for p in self._params.values())
+        self._donor_tau, self.donor_distance = {}, {}
         for name, obj in self.donor_inputs.items():
-            src = open_source(obj, name=name)
-            names = match_names(self._params, src.keys(), what=f"MergeProbe: donor {name!r}")
-            tau, distances = {}, []
-            for pname, key in names.items():
-                p = self._params[pname]
-                t = src.get(key)
-                if tuple(t.shape) != tuple(p.shape):
-                    raise IncompatibleModelsError(
-                        f"MergeProbe: donor {name!r} tensor {key!r} has shape {tuple(t.shape)}, "
-                        f"the model's {pname!r} has {tuple(p.shape)}"
-                    )
-                ref = self._reference.get(pname, like=p)
-                d = t.to(p.device, torch.float32) - ref.float()
-                if not bool(torch.isfinite(d).all()):
-                    raise NonFiniteError(f"MergeProbe: donor {name!r} tensor {key!r} has NaN/Inf values")
-                if pname in compare:
-                    distances.append((pname, relative_distance(t, ref)))
-                d = d.to(self.donor_device, self.donor_dtype)
-                tau[pname] = d.pin_memory() if pin else d
-            self.donor_distance[name] = check_same_base(
-                distances,
-                donor=name,
-                base="the model's reference weights (MergeProbe donor check)",
+            self._donor_tau[name], self.donor_distance[name] = donor_task_vector(
+                obj,
+                name,
+                self._params,
+                self._reference,
+                device=self.donor_device,
+                dtype=self.donor_dtype,
                 max_relative_distance=self.max_relative_distance,
             )
-            self._donor_tau[name] = tau
 
     def _resolve_tasks(self, trainer: pl.Trainer) -> dict[str, tuple[Any, ScoreFn]]:
         loaders = self.eval_dataloaders
