@@ -91,14 +91,18 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     make_module, train, val, desc = setting(args.model)
-    plain, guarded, hook = [], [], []
-    for _ in tqdm(range(args.rounds), desc="stage 1 rounds (plain, guarded)"):
+    plain, guarded, hook, hook_bf16 = [], [], [], []
+    for _ in tqdm(range(args.rounds), desc="stage 1 rounds (plain, guarded, guarded with a bf16 reference)"):
         plain += run(make_module, train, [], args.steps, device)[0]
         guard = TimedGuard(alpha=0.01, stage2="none")
         guarded += run(make_module, train, [guard], args.steps, device)[0]
         hook += guard.hook_seconds[3:]
+        guard_bf16 = TimedGuard(alpha=0.01, stage2="none", reference_dtype="bfloat16")
+        run(make_module, train, [guard_bf16], args.steps, device)
+        hook_bf16 += guard_bf16.hook_seconds[3:]
     ratio = statistics.median(guarded) / statistics.median(plain)
     hook_ratio = 1 + statistics.median(hook) / statistics.median(plain)
+    ref_bytes, ref_bf16_bytes = guard.reference.nbytes, guard_bf16.reference.nbytes
 
     # Stage 2 against one validation pass over the same batches it scores with.
     eval_batches = 8
@@ -121,6 +125,7 @@ def main() -> None:
     )
     trainer.fit(make_module(), train, val)
     stage2 = guard.report["seconds"]
+    passes = guard.report["validation_passes"]
     rows = [
         ["plain fine-tuning step (median s)", statistics.median(plain)],
         ["with MergeGuard stage 1 (median s)", statistics.median(guarded)],
@@ -128,7 +133,11 @@ def main() -> None:
         ["stage-1 hook time (median s)", statistics.median(hook)],
         ["1 + hook time / plain step", hook_ratio],
         ["one validation pass, 8 batches (s)", val_pass],
+        ["stage-1 hook time with a bf16 reference (median s)", statistics.median(hook_bf16)],
+        ["reference memory, parameters' dtype (MiB)", ref_bytes / 2**20],
+        ["reference memory, bf16 (MiB)", ref_bf16_bytes / 2**20],
         [f"stage 2, {args.stage2_steps} steps + guard-rail checks (s)", stage2],
+        ["stage 2 validation passes (counted)", passes],
         ["stage 2 / validation pass", stage2 / val_pass],
     ]
     table = markdown_table(["measure", "value"], rows)
@@ -146,6 +155,10 @@ def main() -> None:
             "stage1_hook_ratio": hook_ratio,
             "validation_pass_seconds": val_pass,
             "stage2_seconds": stage2,
+            "stage2_validation_passes": passes,
+            "stage1_hook_seconds_bf16_reference": hook_bf16,
+            "reference_bytes": ref_bytes,
+            "reference_bytes_bf16": ref_bf16_bytes,
             "stage2_steps": args.stage2_steps,
             "stage2_over_validation_pass": stage2 / val_pass,
             "table": table,
