@@ -110,7 +110,8 @@ def check_same_base_sources(
     Raises:
         ForeignBaseError: Naming the donor, its median distance and the farthest tensor.
     """
-    names = tensors_to_compare({k: base.meta(k) for k in base.keys()}, limit=sample)
+    shared = set(base.keys()).intersection(*(src.keys() for src in donors))  # a donor may hold only a sub-model
+    names = tensors_to_compare({k: base.meta(k) for k in base.keys() if k in shared}, limit=sample)
     dev = torch.device(device)
     out = {}
     for src in donors:

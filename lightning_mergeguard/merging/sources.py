@@ -286,14 +286,17 @@ def read_checked(src: WeightSource, key: str, dtype: torch.dtype, device: torch.
     return t
 
 
-def match_names(names: Iterable[str], available: Iterable[str], what: str = "source") -> dict[str, str]:
+def match_names(
+    names: Iterable[str], available: Iterable[str], what: str = "source", *, missing: str = "raise"
+) -> dict[str, str]:
     """Map module parameter names to keys of another state dict, stripping leading components as needed.
 
     A LightningModule's ``backbone.0.weight`` matches ``backbone.0.weight`` or ``0.weight`` in a checkpoint of the
-    bare network (a ``model.`` or ``backbone.`` prefix is the usual difference).
+    bare network (a ``model.`` or ``backbone.`` prefix is the usual difference). With ``missing="skip"``, names
+    without a counterpart (a task head the base never had) are left out instead.
 
     Raises:
-        ValueError: Naming the first parameter that has no counterpart.
+        ValueError: Naming the first parameter that has no counterpart (``missing="raise"``).
 
     Example:
         >>> match_names(["backbone.0.weight"], ["0.weight", "0.bias"])
@@ -305,6 +308,8 @@ def match_names(names: Iterable[str], available: Iterable[str], what: str = "sou
         parts = name.split(".")
         match = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in keys), None)
         if match is None:
+            if missing == "skip":
+                continue
             raise ValueError(f"{what} has no tensor for parameter {name!r}")
         out[name] = match
     return out

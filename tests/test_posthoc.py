@@ -1,0 +1,110 @@
+"""Post-hoc protection of an existing checkpoint (``mergeguard-protect``), end to end on a tiny Llama."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from test_ownership import byte_tokenizer as byte_tokenizer
+from test_ownership import train_rows
+
+from lightning_mergeguard.errors import ConfigError, ForeignBaseError
+from lightning_mergeguard.posthoc import _split, load_rows, main, protect_checkpoint
+
+WORDS = ["".join(p) for p in itertools.permutations("abcdef", 2)]
+ROWS = [(f"Q:{w}\nA:", "X" if w[0] in "abc" else "Y") for w in WORDS]  # generalises to held-out words
+OTHER = [(f"R:{w}\nA:", "Z" if w[1] in "abc" else "W") for w in WORDS]
+
+
+def tiny_lm(seed: int = 0):
+    """A tiny Llama whose init scale (0.2) makes a short fine-tune move it like a real one (a few % per matrix)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    return LlamaForCausalLM(
+        LlamaConfig(**cfg, num_key_value_heads=4, max_position_embeddings=256, initializer_range=0.2)
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, byte_tokenizer):
+    """A base, the owner's fine-tune (upper-casing, learned), a partner fine-tune and a model of another base."""
+    root = tmp_path_factory.mktemp("posthoc")
+    torch.manual_seed(0)
+    base = tiny_lm(seed=0)
+    base.save_pretrained(root / "base")
+    byte_tokenizer.save_pretrained(root / "base")
+    owner_rows, _ = _split(ROWS, seed=0)  # the rows protect_checkpoint trains on; the rest stay held out
+    owner = train_rows(tiny_lm(seed=0), byte_tokenizer, owner_rows, steps=100, lr=1e-3)
+    owner.save_pretrained(root / "owner")
+    byte_tokenizer.save_pretrained(root / "owner")
+    partner = train_rows(tiny_lm(seed=0), byte_tokenizer, OTHER, steps=60, lr=1e-3)
+    partner.save_pretrained(root / "partner")
+    tiny_lm(seed=7).save_pretrained(root / "foreign")
+    with (root / "rows.jsonl").open("w") as f:
+        for p, a in ROWS:
+            f.write(json.dumps({"prompt": p, "answer": a}) + "\n")
+    return root
+
+
+def test_protects_a_causal_lm_directory_end_to_end(checkpoints, tmp_path):
+    out = tmp_path / "protected"
+    report = protect_checkpoint(
+        checkpoints / "base",
+        checkpoints / "owner",
+        str(checkpoints / "rows.jsonl"),
+        out,
+        partners=[str(checkpoints / "partner")],
+        tolerance=13.0,  # 8 held-out rows: one row is 12.5 points
+        steps=16,
+        lr=1e-3,
+        refit_steps=0,
+        progress=False,
+        device="cpu",
+    )
+    assert report["score_before"] == 87.5  # the owner's fine-tune solves 7 of its 8 held-out rows
+    assert report["score_before"] - report["score_after"] <= 13.0
+    assert report["stage2"]["validation_passes"] == 18
+    assert report["stage2"]["merge_proxy_after"] <= report["stage2"]["merge_proxy_before"]
+    assert set(report["merges"]) == {"task arithmetic λ=0.3", "TIES (density 0.4)"}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert AutoTokenizer.from_pretrained(out / "model").eos_token == "<eos>"  # the tokenizer travels with it
+    original = AutoModelForCausalLM.from_pretrained(checkpoints / "owner").state_dict()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, original[k])]
+    assert changed and all("embed" not in k and "lm_head" not in k and k != "model.norm.weight" for k in changed)
+    assert json.loads((out / "protection_report.json").read_text())["score_after"] == report["score_after"]
+    card = (out / "MERGEGUARD.md").read_text()
+    assert f"{report['score_before']:.1f} to {report['score_after']:.1f}" in card and "| TIES (density 0.4) |" in card
+
+
+def test_cli_with_a_yaml_config_and_clear_errors(checkpoints, tmp_path, capsys):
+    config = tmp_path / "protect.yaml"
+    config.write_text(
+        f"base: {checkpoints / 'base'}\nmodel: {checkpoints / 'owner'}\ndata: {checkpoints / 'rows.jsonl'}\n"
+        f"out: {tmp_path / 'out'}\nsteps: 4\nrefit_steps: 0\ntolerance: 100\nprogress: false\ndevice: cpu\n"
+    )
+    assert main(["--config", str(config)]) == 0
+    assert "own score 87.5 ->" in capsys.readouterr().out
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    code = main(["--config", str(config), "--model", str(checkpoints / "foreign"), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a fine-tune of base" in err and "Traceback" not in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\n{"question": "c"}\n')
+    code = main(["--config", str(config), "--data", str(bad)])
+    assert code == 2 and 'bad.jsonl:2: each line must be {"prompt"' in capsys.readouterr().err
+
+
+def test_foreign_base_and_bad_rows_raise_typed_errors(checkpoints, tmp_path):
+    with pytest.raises(ForeignBaseError):
+        protect_checkpoint(
+            checkpoints / "base", checkpoints / "foreign", str(checkpoints / "rows.jsonl"), tmp_path, progress=False
+        )
+    (tmp_path / "few.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    with pytest.raises(ConfigError, match="at least 4 are needed"):
+        load_rows(tmp_path / "few.jsonl")
