@@ -11,6 +11,7 @@ from test_ownership import byte_tokenizer as byte_tokenizer
 from test_ownership import train_rows
 
 from lightning_mergeguard.errors import ConfigError, ForeignBaseError
+from lightning_mergeguard.merging.sources import open_source
 from lightning_mergeguard.posthoc import _split, load_rows, main, protect_checkpoint
 
 WORDS = ["".join(p) for p in itertools.permutations("abcdef", 2)]
@@ -108,3 +109,50 @@ def test_foreign_base_and_bad_rows_raise_typed_errors(checkpoints, tmp_path):
     (tmp_path / "few.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
     with pytest.raises(ConfigError, match="at least 4 are needed"):
         load_rows(tmp_path / "few.jsonl")
+
+
+def digit_images():
+    """A data entry point for the open_clip path: ``(train, val)`` datasets of (flattened digit image, label)."""
+    from lightning_mergeguard.demos.digits import digits_task_data
+
+    return digits_task_data("plain", "train"), digits_task_data("plain", "val")
+
+
+@pytest.mark.slow
+def test_protects_an_open_clip_classifier_checkpoint(tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip
+    from lightning_mergeguard.demos.trainer import quiet_trainer
+    from lightning_mergeguard.io import save_safetensors
+
+    pl.seed_everything(0)
+    clip = build_open_clip("tiny")
+    save_safetensors(tmp_path / "base.safetensors", clip.state_dict())
+    module = ClipImageClassifier(clip.visual, 64, num_classes=10, lr=3e-3)
+    train, _ = digit_images()
+    quiet_trainer(max_epochs=3, accelerator="cpu").fit(module, DataLoader(train, batch_size=64, shuffle=True))
+    save_safetensors(tmp_path / "finetune.safetensors", module.state_dict())
+    report = protect_checkpoint(
+        tmp_path / "base.safetensors",
+        tmp_path / "finetune.safetensors",
+        "test_posthoc:digit_images",
+        tmp_path / "out",
+        arch="tiny",
+        tolerance=1.5,
+        steps=24,
+        lr=1e-3,
+        refit_steps=0,
+        batch_size=64,
+        progress=False,
+        device="cpu",
+    )
+    assert report["kind"] == "open_clip" and report["score_before"] > 60
+    assert report["score_before"] - report["score_after"] <= 1.5
+    protected = open_source(tmp_path / "out" / "protected.safetensors").state_dict()
+    original = module.state_dict()
+    assert torch.equal(protected["head.weight"], original["head.weight"])  # the head is the owner's, untouched
+    assert report["stage2"]["steps_used"] == 0 or any(
+        not torch.equal(protected[k], original[k]) for k in original if k.startswith("visual.")
+    )
