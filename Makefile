@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) examples/demo.py --results benchmarks/results/demo.json --plots docs
 	$(PY) benchmarks/stage2_choice.py
 	$(PY) benchmarks/merge_speed.py
+	$(PY) benchmarks/selection_speed.py
 	$(PY) benchmarks/guard_overhead.py
 	$(PY) benchmarks/probe_overhead.py
 	$(PY) benchmarks/protection.py
