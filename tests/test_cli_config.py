@@ -7,13 +7,7 @@ from helpers import TinyClassifier
 
 pytest.importorskip("jsonargparse")
 
-
-def test_merge_guard_from_lightning_cli_yaml(tmp_path):
-    from lightning.pytorch.cli import LightningCLI
-
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""
+TRAINER = """
 trainer:
   max_epochs: 1
   limit_train_batches: 2
@@ -24,6 +18,16 @@ trainer:
   enable_progress_bar: false
   default_root_dir: {tmp_path}
   callbacks:
+"""
+
+
+def test_merge_guard_from_lightning_cli_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        TRAINER.format(tmp_path=tmp_path)
+        + f"""
     - class_path: lightning_mergeguard.MergeGuardCallback
       init_args:
         alpha: 0.05
@@ -43,22 +47,13 @@ def test_stage2_strategy_object_from_lightning_cli_yaml(tmp_path):
 
     config = tmp_path / "config.yaml"
     config.write_text(
-        f"""
-trainer:
-  max_epochs: 1
-  limit_train_batches: 2
-  limit_val_batches: 1
-  accelerator: cpu
-  logger: false
-  enable_checkpointing: false
-  enable_progress_bar: false
-  default_root_dir: {tmp_path}
-  callbacks:
+        TRAINER.format(tmp_path=tmp_path)
+        + """
     - class_path: lightning_mergeguard.MergeGuardCallback
       init_args:
         stage2:
           class_path: lightning_mergeguard.ScaleAdversarial
-          init_args: {{steps: 6, lr: 0.01, scales: [0.3, 0.5]}}
+          init_args: {steps: 6, lr: 0.01, scales: [0.3, 0.5]}
         tolerance: 100.0
         progress: false
 """

@@ -105,8 +105,9 @@ class ScaleAdversarial(Stage2):
 
     A short Adam optimisation of ``L(theta) - mean_s min(L(theta_pre + s * tau), clip)`` on the owner's training
     batches (:func:`~lightning_mergeguard.protection.scale_adversarial.scale_adversarial_`). The guard rail checks
-    ``checks`` times; a check scores the model and its scaled copy at the sabotaged scale nearest the scales' mean
-    (the *merge proxy*): ``2 + 2 * checks`` validation passes in all. A check is eligible if its score is within
+    every ``ceil(steps / checks)`` steps (so at most ``checks`` times); a check scores the model and its scaled copy
+    at the sabotaged scale nearest the scales' mean (the *merge proxy*): at most ``2 + 2 * checks`` validation passes
+    in all. A check is eligible if its score is within
     ``tolerance`` of the starting score and its proxy is below the stage-1 weights'; eligible checks whose proxy is
     within ``tolerance`` points of the lowest are taken as equally protective, and the one with the best own score
     is kept (the stage-1 weights if no check is eligible).
