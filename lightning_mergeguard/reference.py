@@ -114,11 +114,10 @@ class ReferenceWeights:
             for n, p in todo.items():
                 self._store(n, p, p)
             return
-        from lightning_mergeguard.merging.sources import match_names, open_source
+        from lightning_mergeguard.merging.sources import load_matching
 
-        src = open_source(self.source, name="reference")
-        for n, key in match_names(todo, src.keys(), what=f"reference {self.source_label}").items():
-            self._store(n, src.get(key), todo[n])
+        for n, t in load_matching(self.source, todo, "reference").items():
+            self._store(n, t, todo[n])
 
     @property
     def source_label(self) -> str:
@@ -183,7 +182,3 @@ class ReferenceWeights:
         if tensors:
             self._restored = dict(tensors)
             self._tensors = {}
-
-    def reset(self) -> None:
-        """Forget resolved tensors (a new fit resolves them again); restored ones are kept."""
-        self._tensors = {}

@@ -315,7 +315,7 @@ def match_names(
     return out
 
 
-def load_matching(path: str | os.PathLike[str], names: Iterable[str], what: str) -> dict[str, Tensor]:
+def load_matching(path: Any, names: Iterable[str], what: str) -> dict[str, Tensor]:
     """Load the tensors of a checkpoint (any form :func:`open_source` reads) that match parameter ``names``.
 
     Names are matched with :func:`match_names`, so a checkpoint of the bare network serves a LightningModule.
@@ -324,4 +324,5 @@ def load_matching(path: str | os.PathLike[str], names: Iterable[str], what: str)
         ValueError: Naming the first parameter that has no counterpart.
     """
     src = open_source(path, name=what)
-    return {name: src.get(key) for name, key in match_names(names, src.keys(), what=f"{what} {path}").items()}
+    label = f"{what} {path}" if isinstance(path, (str, os.PathLike)) else f"{what} (state dict)"
+    return {name: src.get(key) for name, key in match_names(names, src.keys(), what=label).items()}
