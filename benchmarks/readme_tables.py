@@ -52,6 +52,22 @@ def main() -> None:
             out += [f"*{name}*: {notes}.", ""]
         out += [(RESULTS / "protection.md").read_text().strip(), ""]
         out += [f"![{n} track](benchmarks/results/protection_{n}.png)" for n in protection["tracks"]] + [""]
+    grid = load("protection_grid")
+    if grid:
+        out += [
+            "### The merge neighbourhood: owner-weighted merges, every coefficient, DARE, repair "
+            "(`benchmarks/protection.py --grid`)",
+            "",
+            "Commands: "
+            + ", ".join(f"`{t['command']}`" for t in grid["tracks"].values())
+            + f". Baseline: {grid['baseline']}. *Worst case*: the highest owner-task accuracy over every merge of the "
+            "grid that includes a partner the defense never saw (repair rows apart); the target is at most 50% of "
+            "the unprotected model's best, at an own loss of at most 1 point.",
+            "",
+            (RESULTS / "protection_grid.md").read_text().strip(),
+            "",
+        ]
+        out += [f"![{n} frontier](benchmarks/results/protection_frontier_{n}.png)" for n in grid["tracks"]] + [""]
     ownership = load("ownership")
     if ownership:
         out += [

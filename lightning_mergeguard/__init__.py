@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 __all__ = [
     "MergeConfig",
     "MergeGuardCallback",
+    "MergeNeighbourhood",
     "MergeProbe",
     "Negation",
     "QuantizationWatermark",
@@ -32,6 +33,7 @@ _LAZY = {
     "QuantizationWatermark": "lightning_mergeguard.callbacks.quantization_watermark",
     "MergeConfig": "lightning_mergeguard.merging.config",
     "merge": "lightning_mergeguard.merging.engine",
+    "MergeNeighbourhood": "lightning_mergeguard.protection.stage2",
     "Negation": "lightning_mergeguard.protection.stage2",
     "ScaleAdversarial": "lightning_mergeguard.protection.stage2",
     "Stage2": "lightning_mergeguard.protection.stage2",
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
     from lightning_mergeguard.callbacks.quantization_watermark import QuantizationWatermark
     from lightning_mergeguard.merging.config import MergeConfig
     from lightning_mergeguard.merging.engine import merge
-    from lightning_mergeguard.protection.stage2 import Negation, ScaleAdversarial, Stage2
+    from lightning_mergeguard.protection.stage2 import MergeNeighbourhood, Negation, ScaleAdversarial, Stage2
     from lightning_mergeguard.reference import ReferenceWeights
 
 

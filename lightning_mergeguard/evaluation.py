@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LossFn", "ScoreFn", "default_loss", "default_score", "evaluate"]
+__all__ = ["LossFn", "ScoreFn", "answer_exact_match", "default_loss", "default_score", "evaluate"]
 
 ScoreFn = Callable[[nn.Module, Any], tuple[Tensor | float, int]]
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -57,6 +57,33 @@ def default_score(module: nn.Module, batch: Any) -> tuple[Tensor, int]:
         valid = tgt != -100
         return (pred.eq(tgt) & valid).sum(), int(valid.sum())
     return logits.argmax(-1).eq(target).sum(), int(target.numel())
+
+
+def answer_exact_match(module: nn.Module, batch: Any) -> tuple[Tensor, int]:
+    """Exact match of whole answers for causal-LM batches: rows whose every labelled token is the argmax.
+
+    A row counts when greedy decoding from its prompt reproduces its answer tokens (teacher-forced: the argmax at
+    each answer position, given the true prefix, is the answer's next token, which is what greedy decoding does
+    while it is right). One forward pass per batch, so the guard rail can judge exact match, not token accuracy.
+
+    Example:
+        >>> class Echo(nn.Module):  # predicts token t+1 = token t
+        ...     def forward(self, input_ids, labels=None):
+        ...         return F.one_hot(input_ids, 5).float()
+        >>> ids = torch.tensor([[1, 2, 2, 2], [1, 3, 3, 4]])
+        >>> labels = torch.tensor([[-100, -100, 2, 2], [-100, -100, 3, 4]])
+        >>> answer_exact_match(Echo(), {"input_ids": ids, "labels": labels})
+        (tensor(1), 2)
+    """
+    logits, target, _ = _forward(module, batch)
+    if target is None or logits.dim() != 3:
+        raise ValueError("answer_exact_match needs causal-LM batches with labels (-100 outside the answer)")
+    pred = logits[:, :-1].argmax(-1)
+    tgt = target[:, 1:]
+    valid = tgt != -100
+    rows = valid.any(-1)
+    correct = ((pred == tgt) | ~valid).all(-1) & rows
+    return correct.sum(), int(rows.sum())
 
 
 def default_loss(module: nn.Module, batch: Any) -> Tensor:

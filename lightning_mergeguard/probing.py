@@ -212,11 +212,12 @@ def donor_task_vector(
     donor: Any,
     name: str,
     params: Mapping[str, Tensor],
-    reference: ReferenceWeights,
+    reference: ReferenceWeights | Mapping[str, Tensor],
     *,
     device: torch.device,
     dtype: torch.dtype,
     max_relative_distance: float | None = DEFAULT_MAX_RELATIVE_DISTANCE,
+    who: str = "MergeProbe: donor",
 ) -> tuple[dict[str, Tensor], float]:
     """One donor's task vector against ``reference`` for the names of ``params``, checked tensor by tensor.
 
@@ -224,6 +225,8 @@ def donor_task_vector(
     shape and NaN/Inf, subtracted from the reference on the parameter's device, and stored in ``dtype`` on
     ``device`` (pinned when the model is on a GPU and ``device`` is the CPU). The donor is refused if it is not a
     fine-tune of the same base (:func:`~lightning_mergeguard.merging.base_check.check_same_base`).
+
+    ``who`` starts the error messages (the caller and what the donor is to it).
 
     Returns:
         ``(name -> task-vector tensor, median relative distance of the donor's matrices to the base)``.
@@ -236,18 +239,17 @@ def donor_task_vector(
     pin = device.type == "cpu" and any(p.is_cuda for p in params.values())
     src = open_source(donor, name=name)
     tau, distances = {}, []
-    for pname, key in match_names(params, src.keys(), what=f"MergeProbe: donor {name!r}").items():
+    for pname, key in match_names(params, src.keys(), what=f"{who} {name!r}").items():
         p = params[pname]
         t = src.get(key)
         if tuple(t.shape) != tuple(p.shape):
             raise IncompatibleModelsError(
-                f"MergeProbe: donor {name!r} tensor {key!r} has shape {tuple(t.shape)}, "
-                f"the model's {pname!r} has {tuple(p.shape)}"
+                f"{who} {name!r} tensor {key!r} has shape {tuple(t.shape)}, the model's {pname!r} has {tuple(p.shape)}"
             )
-        ref = reference.get(pname, like=p)
+        ref = reference.get(pname, like=p) if isinstance(reference, ReferenceWeights) else reference[pname]
         d = t.to(p.device, torch.float32) - ref.float()
         if not bool(torch.isfinite(d).all()):
-            raise NonFiniteError(f"MergeProbe: donor {name!r} tensor {key!r} has NaN/Inf values")
+            raise NonFiniteError(f"{who} {name!r} tensor {key!r} has NaN/Inf values")
         if pname in compare:
             distances.append((pname, relative_distance(t, ref)))
         d = d.to(device, dtype)
@@ -255,7 +257,7 @@ def donor_task_vector(
     median = check_same_base(
         distances,
         donor=name,
-        base="the model's reference weights (MergeProbe donor check)",
+        base=f"the model's reference weights ({who} check)",
         max_relative_distance=max_relative_distance,
     )
     return tau, median

@@ -25,3 +25,34 @@ def test_gpu_overhead_smoke_run(tmp_path):
         assert entry["probe"]["probes"] == 1 and entry["probe"]["seconds_per_probe"] > 0
         assert entry["probe"]["wall_ratio"] > 0 and entry["plain"]["step_s"] > 0
         assert all(r["step_ratio"] > 0 for r in entry["stage1"].values())
+
+
+def test_merge_grid_covers_the_neighbourhood_and_its_worst_case_skips_seen_partners():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import torch
+        from _grid import grid_configs, run_grid, worst_case
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    cfgs = grid_configs("own", ["a", "b"], [0.3, 1.0])
+    assert len(cfgs) == 2 + 4 * 3 * 4 + 4 + 3 + 2 * 2
+    assert cfgs["TIES owner 3x"][0]["models"][0]["parameters"]["weight"] == 3.0
+    assert cfgs["WA with a"][1] == ("a",) and cfgs["uniform TA λ=0.3"][1] == ("a", "b")
+    pre = {"w": torch.zeros(4)}
+    states = {"a": {"w": torch.tensor([1.0, 0, 0, 0])}, "b": {"w": torch.tensor([0, 1.0, 0, 0])}}
+    own = {"w": torch.tensor([0, 0, 1.0, 0])}
+
+    def evaluate(state, which):  # "accuracy" of a task: 100 * its coordinate
+        index = {"own": 2, "a": 0, "b": 1}
+        return {t: 100.0 * float(state["w"][index[t]]) for t in which}
+
+    grid = run_grid("own", own, states, pre, evaluate, {"own": 100.0, "a": 100.0, "b": 100.0}, [0.3, 1.0])
+    assert grid["uniform TA λ=0.3"]["owner"] == pytest.approx(30.0)
+    assert grid["TA owner 1.2 / partners 0.5"]["owner"] == pytest.approx(120.0)
+    assert grid["TA owner 1 / partners 0.1"]["partners_normalized"] == pytest.approx(10.0 / 100 * 100 / 100)
+    label, value = worst_case(grid)
+    assert value == max(r["owner"] for r in grid.values())
+    # Seeing both partners leaves no merge with an unseen one; seeing "a" leaves the merges with "b" only.
+    assert worst_case(grid, ["a"])[0] in {k for k, r in grid.items() if "b" in r["partners"]}
+    with pytest.raises(ValueError):
+        worst_case(grid, ["a", "b"])

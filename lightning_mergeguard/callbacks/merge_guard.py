@@ -64,8 +64,9 @@ class MergeGuardCallback(Callback):
             penalises the distance to the rounded weights). Default: the parameters' dtype.
         reference_device: Where the reference is kept (``"cpu"`` frees accelerator memory at the cost of one
             host-to-device copy of it per optimizer step). Default: the parameters' device.
-        stage2: ``"scale_adversarial"`` (default settings), ``"negation"``, ``"none"``/``None``, or a configured
-            :class:`~lightning_mergeguard.protection.stage2.Stage2` object such as ``ScaleAdversarial(steps=100)``.
+        stage2: ``"scale_adversarial"`` (default settings), ``"merge_neighbourhood"``, ``"negation"``,
+            ``"none"``/``None``, or a configured :class:`~lightning_mergeguard.protection.stage2.Stage2` object
+            such as ``ScaleAdversarial(steps=100)`` or ``MergeNeighbourhood(partners=[...])``.
         stage2_exclude: Regexes left out of stage 2 (default: embeddings, final norms, LM/task heads).
         score_fn: ``(module, batch) -> (score_sum, count)``; default: accuracy for ``(x, y)`` and HF LM batches.
         loss_fn: ``(module, batch) -> loss``; default: cross-entropy / HF ``loss``.
@@ -74,6 +75,8 @@ class MergeGuardCallback(Callback):
         report_path: Where to write the protection report (JSON).
         save_path: Where to save the protected weights (``.safetensors``).
         progress: Show progress bars during stage 2.
+        keep_batches: Batches whose behaviour stage 2 must keep: their loss joins the own-loss term of the
+            optimisation (e.g. a fingerprint's rows, so protection and proof of ownership go together).
         **legacy_stage2: The per-strategy arguments older versions took here (``steps``, ``scales``, ``clip``,
             ``drop_density``, ``lr``; ``beta``, ``critical_fraction``, ``small_fraction``, ``granularity``):
             deprecated, pass them to the strategy object.
@@ -103,6 +106,7 @@ class MergeGuardCallback(Callback):
         report_path: str | None = None,
         save_path: str | None = None,
         progress: bool = True,
+        keep_batches: Sequence[Any] | None = None,
         **legacy_stage2: Any,
     ) -> None:
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
@@ -143,6 +147,7 @@ class MergeGuardCallback(Callback):
         self.report_path = report_path
         self.save_path = save_path
         self.progress = progress
+        self.keep_batches = list(keep_batches) if keep_batches is not None else []
         # state
         self.stage2_done = False
         self.report: dict[str, Any] | None = None
@@ -245,6 +250,9 @@ class MergeGuardCallback(Callback):
 
         world = strategy.world_size
         fp16 = str(trainer.precision) == "16-mixed"
+        partners: dict[str, Any] = {}
+        for cb in trainer.callbacks:  # a MergeProbe's donors are partners for strategies that rehearse merges
+            partners.update(getattr(cb, "donor_task_vectors", None) or {})
         return Stage2Context(
             module=pl_module,
             params=params,
@@ -258,6 +266,8 @@ class MergeGuardCallback(Callback):
             forward_context=contextlib.nullcontext if fp16 else trainer.precision_plugin.forward_context,
             progress=self.progress and trainer.is_global_zero,
             warn=rank_zero_warn,
+            partners=partners,
+            keep_batches=self.keep_batches,
         )
 
     def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -244,6 +244,11 @@ class MergeProbe(Callback):
         """The reference weights in use (the guard's object when shared)."""
         return self._reference
 
+    @property
+    def donor_task_vectors(self) -> dict[str, dict[str, Tensor]]:
+        """The donors' task vectors (donor -> parameter name -> tensor on ``donor_device``), loaded at fit start."""
+        return dict(self._donor_tau)
+
     def _load_donors(self) -> None:
         """Read every donor now, check it against the base tensor by tensor, and keep its task vector."""
         self._donor_tau, self.donor_distance = {}, {}

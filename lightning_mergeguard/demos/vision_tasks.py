@@ -226,12 +226,21 @@ def finetune_vit_task(
 
 
 def vit_task_accuracy(
-    visual: nn.Module, heads: nn.ModuleDict, state: dict[str, Tensor] | None, task: str, split: str = "test"
+    visual: nn.Module,
+    heads: nn.ModuleDict,
+    state: dict[str, Tensor] | None,
+    task: str,
+    split: str = "test",
+    limit: int | None = None,
 ) -> float:
-    """Accuracy (percent) of ``task``'s head on the tower with weights ``state`` (``None``: as it is)."""
+    """Accuracy (percent) of ``task``'s head on the tower with weights ``state`` (``None``: as it is).
+
+    ``limit`` scores only the first that many images of the split.
+    """
     model = copy.deepcopy(visual)
     if state is not None:
         model.load_state_dict(state)
     x, y = image_task_data(task, split).tensors
+    x, y = x[:limit], y[:limit]
     pred = heads[task](_features(model, x)).argmax(-1)
     return 100.0 * float((pred == y).float().mean())

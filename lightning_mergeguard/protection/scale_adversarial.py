@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.evaluation import LossFn, move_batch
+from lightning_mergeguard.protection._adversarial import backward_own_loss, optimising
 
 __all__ = ["scale_adversarial_", "write_scaled_"]
 
@@ -83,6 +84,7 @@ def scale_adversarial_(
     seed: int = 0,
     forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
     history: list[dict[str, float]] | None = None,
+    keep_batches: Sequence[Any] = (),
 ) -> list[dict[str, float]]:
     """Run the optimisation in place on ``params``.
 
@@ -110,6 +112,7 @@ def scale_adversarial_(
         forward_context: Context entered around every forward pass (a Trainer's
             ``precision_plugin.forward_context`` for autocast); the backward runs outside it, as in training.
         history: A list to append the per-step history to (so ``check`` can read it while the loop runs).
+        keep_batches: Batches whose loss joins the own term every step (behaviour to keep, e.g. a fingerprint).
 
     Returns:
         Per-step history: ``own_loss`` and ``scaled_loss`` (mean over scales).
@@ -123,22 +126,16 @@ def scale_adversarial_(
     names = list(params)
     tensors = [params[n] for n in names]
     device = device or next(iter(params.values())).device
-    frozen = [p for p in module.parameters() if p.requires_grad and all(p is not q for q in params.values())]
-    for p in frozen:
-        p.requires_grad_(False)
-    was_training = module.training
-    module.eval()
     opt = torch.optim.Adam([params[n] for n in names], lr=lr)
     history = [] if history is None else history
     it = itertools.cycle(batches)
     gen = torch.Generator(device=device).manual_seed(seed)
-    try:
+    keep = [move_batch(b, device) for b in keep_batches]
+    with optimising(module, tensors):
         for step in tqdm(range(steps), desc="stage 2: scale-adversarial", disable=not progress, leave=False):
             batch = move_batch(next(it), device)
             opt.zero_grad(set_to_none=True)
-            with forward_context():
-                own = loss_fn(module, batch)
-            own.backward()
+            own = backward_own_loss(module, batch, keep, loss_fn, forward_context)
             with torch.no_grad():
                 live = {n: params[n].detach().clone() for n in names}
             scaled_total = 0.0
@@ -172,13 +169,7 @@ def scale_adversarial_(
                         if params[n].grad is not None:
                             params[n].grad.copy_(grad_reduce(params[n].grad))
             opt.step()
-            history.append({"own_loss": float(own.detach()), "scaled_loss": scaled_total / len(scales)})
+            history.append({"own_loss": float(own), "scaled_loss": scaled_total / len(scales)})
             if check is not None and check_every > 0 and len(history) % check_every == 0:
                 check(len(history))
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-        for n in names:
-            params[n].grad = None
-        module.train(was_training)
     return history

@@ -27,10 +27,19 @@ from lightning_mergeguard.evaluation import LossFn
 from lightning_mergeguard.parameters import group_layers
 from lightning_mergeguard.protection.importance import layer_importance
 from lightning_mergeguard.protection.negation import apply_negation_, critical_layers, negation_mask
+from lightning_mergeguard.protection.neighbourhood import (
+    MERGE_FAMILIES,
+    MergeDraw,
+    draw_merge,
+    merge_with_owner,
+    neighbourhood_adversarial_,
+    surrogate_task_vectors,
+)
 from lightning_mergeguard.protection.scale_adversarial import scale_adversarial_, write_scaled_
 
 __all__ = [
     "DEFAULT_STAGE2_EXCLUDE",
+    "MergeNeighbourhood",
     "Negation",
     "ScaleAdversarial",
     "Stage2",
@@ -66,6 +75,9 @@ class Stage2Context:
         forward_context: Context around forward passes of the optimisation (autocast).
         progress: Show a progress bar.
         warn: Where warnings go (rank zero only under DDP).
+        partners: Task vectors of other fine-tunes of the same base known to the trainer (a MergeProbe's donors),
+            name -> (parameter name -> tensor); strategies that rehearse merges use them.
+        keep_batches: Batches whose behaviour stage 2 must keep (a fingerprint's rows): they join the own loss.
     """
 
     module: nn.Module
@@ -80,6 +92,8 @@ class Stage2Context:
     forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext
     progress: bool = False
     warn: Callable[[str], None] = field(default=lambda message: None)
+    partners: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict)
+    keep_batches: Sequence[Any] = ()
 
 
 class Stage2(ABC):
@@ -98,6 +112,62 @@ class Stage2(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items() if k != "method")
         return f"{type(self).__name__}({args})"
+
+
+class _GuardRail:
+    """Keeps the best checked weights: within tolerance, and protecting better than the stage-1 weights.
+
+    A check is eligible if its score is within ``tolerance`` of the starting score and its merge proxy (lower is
+    better protected) is below the stage-1 weights'. Eligible checks whose proxy is within ``tolerance`` points of
+    the lowest count as equally protective, and the one with the best own score is kept.
+    """
+
+    def __init__(self, ctx: Stage2Context, proxy: Callable[[], float]) -> None:
+        self.ctx, self.proxy = ctx, proxy
+        self.checks: list[dict[str, float]] = []
+        self.lowest = math.inf
+        with torch.no_grad():
+            self.weights = {n: p.detach().clone() for n, p in ctx.params.items()}
+        self.proxy_before = proxy()  # the stage-1 weights, kept if no check is eligible
+        self.best: dict[str, float] = {"step": 0, "score": ctx.before, "merge_proxy": self.proxy_before}
+
+    def check(self, step: int) -> None:
+        """Score the live weights (own score and merge proxy) and keep them if they are the best so far."""
+        entry = {"step": step, "score": self.ctx.metric(), "merge_proxy": self.proxy()}
+        self.checks.append(entry)
+        if self.ctx.before - entry["score"] > self.ctx.tolerance or entry["merge_proxy"] >= self.proxy_before:
+            return  # costs too much, or protects no better than the stage-1 weights
+        self.lowest = min(self.lowest, entry["merge_proxy"])
+        band = self.lowest + self.ctx.tolerance
+        if entry["merge_proxy"] > band:
+            return
+        best = self.best
+        if best["step"] == 0 or best["merge_proxy"] > band or entry["score"] > best["score"]:
+            best.update(entry)
+            with torch.no_grad():
+                for n, p in self.ctx.params.items():
+                    self.weights[n].copy_(p)
+
+    def finish(self, steps: int) -> tuple[float, dict[str, Any]]:
+        """Check the final weights if the last check was earlier, restore the kept weights; (score, report)."""
+        if steps and (not self.checks or self.checks[-1]["step"] != steps):
+            self.check(steps)
+        with torch.no_grad():
+            for n, p in self.ctx.params.items():
+                p.copy_(self.weights[n])
+        steps_used = int(self.best["step"])
+        if steps_used == 0:
+            self.ctx.warn(
+                f"MergeGuardCallback: no stage-2 weights stayed within {self.ctx.tolerance} points while lowering "
+                f"the merge proxy by more than {self.ctx.tolerance} points; kept the stage-1 weights. Try more "
+                "steps, a lower lr or a larger tolerance."
+            )
+        return float(self.best["score"]), {
+            "steps_used": steps_used,
+            "merge_proxy_before": self.proxy_before,
+            "merge_proxy_after": self.best["merge_proxy"],
+            "checks": self.checks,
+        }
 
 
 class ScaleAdversarial(Stage2):
@@ -133,16 +203,11 @@ class ScaleAdversarial(Stage2):
         drop_density: float | None = None,
         checks: int = 8,
     ) -> None:
-        if not (isinstance(steps, int) and steps >= 0):
-            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        _check_common(steps, clip, lr, checks)
         if not scales or any(not 0.0 < s < 1.0 for s in scales):
             raise ValueError(f"scales must be a non-empty list of merge scales in (0, 1), got {scales!r}")
-        if not (clip > 0 and lr > 0):
-            raise ValueError(f"clip and lr must be > 0, got clip={clip!r}, lr={lr!r}")
         if drop_density is not None and not 0 < drop_density < 1:
             raise ValueError(f"drop_density must be in (0, 1) or None, got {drop_density!r}")
-        if not (isinstance(checks, int) and checks >= 1):
-            raise ValueError(f"checks must be a positive integer, got {checks!r}")
         self.steps = steps
         self.scales = tuple(float(s) for s in scales)
         self.clip = float(clip)
@@ -171,28 +236,7 @@ class ScaleAdversarial(Stage2):
                 write_scaled_(params, ref, live, 1.0)
 
         history: list[dict[str, float]] = []
-        checks: list[dict[str, float]] = []
-        best: dict[str, float] = {"step": 0, "score": ctx.before}
-        lowest = [math.inf]  # the lowest merge proxy seen at a check within tolerance
-        with torch.no_grad():
-            best_weights = {n: p.detach().clone() for n, p in params.items()}
-
-        def check(step: int) -> None:
-            entry = {"step": step, "score": ctx.metric(), "merge_proxy": proxy()}
-            checks.append(entry)
-            if ctx.before - entry["score"] > ctx.tolerance or entry["merge_proxy"] >= proxy_before:
-                return  # costs too much, or protects no better than the stage-1 weights
-            lowest[0] = min(lowest[0], entry["merge_proxy"])
-            band = lowest[0] + ctx.tolerance  # proxies within the tolerance of the lowest: equally protective
-            if entry["merge_proxy"] > band:
-                return
-            if best["step"] == 0 or best["merge_proxy"] > band or entry["score"] > best["score"]:
-                best.update(entry)
-                with torch.no_grad():
-                    for n, p in params.items():
-                        best_weights[n].copy_(p)
-
-        best["merge_proxy"] = proxy_before = proxy()  # the stage-1 weights, kept if no check is eligible
+        rail = _GuardRail(ctx, proxy)
         scale_adversarial_(
             ctx.module,
             params,
@@ -206,35 +250,224 @@ class ScaleAdversarial(Stage2):
             lr=self.lr,
             grad_reduce=ctx.grad_reduce,
             check_every=max(1, math.ceil(self.steps / self.checks)),
-            check=check,
+            check=rail.check,
             progress=ctx.progress,
             forward_context=ctx.forward_context,
             history=history,
+            keep_batches=ctx.keep_batches,
         )
-        if self.steps and (not checks or checks[-1]["step"] != self.steps):
-            check(self.steps)
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(best_weights[n])
-        steps_used = int(best["step"])
-        if steps_used == 0:
-            ctx.warn(
-                f"MergeGuardCallback: no stage-2 weights stayed within {ctx.tolerance} points while lowering the "
-                f"merge proxy by more than {ctx.tolerance} points; kept the stage-1 weights. Try more steps, a lower "
-                "lr or a larger tolerance."
-            )
+        score, report = rail.finish(self.steps)
         first, last = history[0] if history else {}, history[-1] if history else {}
-        return float(best["score"]), {
-            "steps_used": steps_used,
+        return score, {
+            **report,
             "merge_proxy_scale": scale,
-            "merge_proxy_before": proxy_before,
-            "merge_proxy_after": best["merge_proxy"],
-            "checks": checks,
             "own_loss_first": first.get("own_loss"),
             "own_loss_last": last.get("own_loss"),
             "scaled_loss_first": first.get("scaled_loss"),
             "scaled_loss_last": last.get("scaled_loss"),
         }
+
+
+class MergeNeighbourhood(Stage2):
+    """Keep the model good while the merges around it, owner-weighted ones included, are bad.
+
+    Each of ``steps`` Adam steps draws ``draws`` merges of the live weights with partner task vectors
+    (:func:`~lightning_mergeguard.protection.neighbourhood.draw_merge`: a family among ``methods``, the owner's
+    weight uniform in ``owner_weights``, a random non-empty subset of partners at weights uniform in
+    ``partner_weights``, a density in ``densities``) and minimises ``L(theta) - mean min(L(merge), clip)`` on the
+    owner's batches (:func:`~lightning_mergeguard.protection.neighbourhood.neighbourhood_adversarial_`).
+
+    Partners: the fine-tunes in ``partners`` (paths of other fine-tunes of the same base), the task vectors of a
+    :class:`~lightning_mergeguard.MergeProbe`'s donors when one is attached (``use_probe_donors``), and
+    ``surrogates`` random low-rank task vectors with the norm of the owner's own (by default three when there is no
+    real partner, none otherwise: measured on the vision track, real partners protect far better and cost less own
+    accuracy than surrogates, and merges with partners the defense never saw fail too).
+
+    The guard rail checks every ``ceil(steps / checks)`` steps: the own score, and the merge proxy, the highest
+    score among the ``proxies`` merges (task arithmetic, ``(owner weight, partner weight)`` with every partner);
+    at most ``2 + (1 + len(proxies)) * checks`` validation passes. Selection as in :class:`ScaleAdversarial`.
+
+    Args:
+        steps: Optimisation steps.
+        draws: Merges drawn per step.
+        owner_weights: Range of the owner's weight.
+        partner_weights: Range of each partner's weight.
+        methods: Merge families drawn (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``).
+        densities: Range of TIES/DARE densities.
+        partners: Paths of other fine-tunes of the same base (safetensors, HF directories, ...).
+        use_probe_donors: Also rehearse against an attached MergeProbe's donors.
+        surrogates: Random partners added (``None``: 3 without real partners, else 0).
+        surrogate_rank: Rank of the surrogates' matrices (``None``: dense).
+        clip: Loss ceiling at a drawn merge.
+        lr: Adam learning rate.
+        checks: Guard-rail checks.
+        proxies: ``(owner weight, partner weight)`` of the task-arithmetic merges the guard rail scores.
+        seed: Seed of the draws and surrogates.
+
+    Example:
+        >>> MergeNeighbourhood(steps=100).settings()["owner_weights"]
+        (0.2, 1.0)
+    """
+
+    name = "merge_neighbourhood"
+
+    def __init__(
+        self,
+        steps: int = 300,
+        draws: int = 2,
+        owner_weights: Sequence[float] = (0.2, 1.0),
+        partner_weights: Sequence[float] = (0.1, 1.0),
+        methods: Sequence[str] = MERGE_FAMILIES,
+        densities: Sequence[float] = (0.2, 0.8),
+        partners: Sequence[str] = (),
+        use_probe_donors: bool = True,
+        surrogates: int | None = None,
+        surrogate_rank: int | None = 4,
+        clip: float = 5.0,
+        lr: float = 5e-4,
+        checks: int = 8,
+        proxies: Sequence[Sequence[float]] = ((1.0, 0.3), (0.3, 0.3)),
+        seed: int = 0,
+    ) -> None:
+        _check_common(steps, clip, lr, checks)
+        if not (isinstance(draws, int) and draws >= 1):
+            raise ValueError(f"draws must be a positive integer, got {draws!r}")
+        for what, rng, upper in (
+            ("owner_weights", owner_weights, 5.0),
+            ("partner_weights", partner_weights, 5.0),
+            ("densities", densities, 1.0),
+        ):
+            if len(rng) != 2 or not 0 < rng[0] <= rng[1] <= upper:
+                raise ValueError(f"{what} must be a range (low, high) with 0 < low <= high <= {upper}, got {rng!r}")
+        unknown = [m for m in methods if m not in MERGE_FAMILIES]
+        if not methods or unknown:
+            raise ValueError(f"methods must be a non-empty subset of {MERGE_FAMILIES}, got {list(methods)!r}")
+        if surrogates is not None and not (isinstance(surrogates, int) and surrogates >= 0):
+            raise ValueError(f"surrogates must be an integer >= 0 or None, got {surrogates!r}")
+        if surrogate_rank is not None and not (isinstance(surrogate_rank, int) and surrogate_rank >= 1):
+            raise ValueError(f"surrogate_rank must be a positive integer or None, got {surrogate_rank!r}")
+        if isinstance(partners, str):
+            raise ValueError("partners must be a list of paths, not one string")
+        if not proxies or any(len(p) != 2 or not (p[0] > 0 and p[1] >= 0) for p in proxies):
+            raise ValueError(
+                f"proxies must be a non-empty list of (owner weight > 0, partner weight >= 0), got {proxies!r}"
+            )
+        self.steps = steps
+        self.draws = draws
+        self.owner_weights = (float(owner_weights[0]), float(owner_weights[1]))
+        self.partner_weights = (float(partner_weights[0]), float(partner_weights[1]))
+        self.methods = tuple(methods)
+        self.densities = (float(densities[0]), float(densities[1]))
+        self.partners = [str(p) for p in partners]
+        self.use_probe_donors = use_probe_donors
+        self.surrogates = surrogates
+        self.surrogate_rank = surrogate_rank
+        self.clip = float(clip)
+        self.lr = float(lr)
+        self.checks = checks
+        self.proxies = tuple((float(a), float(b)) for a, b in proxies)
+        self.seed = seed
+
+    def partner_task_vectors(self, ctx: Stage2Context) -> dict[str, dict[str, Tensor]]:
+        """Every partner rehearsed, as task vectors on the CPU: given paths, probe donors, surrogates."""
+        from lightning_mergeguard.probing import donor_task_vector
+
+        params, ref = ctx.params, ctx.reference
+        cpu = torch.device("cpu")
+        out: dict[str, dict[str, Tensor]] = {}
+        count = self.surrogates
+        for i, path in enumerate(self.partners):
+            out[f"partner{i}"], _ = donor_task_vector(
+                path, path, params, ref, device=cpu, dtype=torch.float32, who="MergeNeighbourhood: partner"
+            )
+        if self.use_probe_donors:
+            for name, tau in ctx.partners.items():
+                missing = [n for n in params if n not in tau]
+                if missing:
+                    raise ValueError(f"probe donor {name!r} lacks {missing[:3]} (stage 2 perturbs them)")
+                out[f"probe:{name}"] = {n: tau[n] for n in params}
+        if count is None:
+            count = 0 if out else 3
+        for j, tv in enumerate(
+            surrogate_task_vectors(params, ref, count, self.seed, device=cpu, rank=self.surrogate_rank)
+        ):
+            out[f"surrogate{j}"] = tv
+        if not out:
+            raise ValueError(
+                "MergeNeighbourhood has no partners: pass partners=, attach a MergeProbe, or keep surrogates > 0"
+            )
+        return out
+
+    def run(self, ctx: Stage2Context) -> tuple[float, dict[str, Any]]:
+        """See the class docstring."""
+        params, ref = ctx.params, ctx.reference
+        partners = self.partner_task_vectors(ctx)
+        taus = list(partners.values())
+        k = len(taus)
+
+        def proxy() -> float:
+            with torch.no_grad():
+                live = {n: p.detach().clone() for n, p in params.items()}
+            scores = []
+            try:
+                for owner, weight in self.proxies:
+                    draw = MergeDraw("task_arithmetic", owner, (weight,) * k)
+                    with torch.no_grad():
+                        for n, p in params.items():
+                            parts = [tv[n].to(p.device, non_blocking=True) for tv in taus]
+                            p.copy_(merge_with_owner(ref[n], live[n], parts, draw)[0])
+                    scores.append(ctx.metric())
+            finally:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(live[n])
+            return max(scores)
+
+        def sample(rng: Any) -> MergeDraw:
+            return draw_merge(rng, k, self.owner_weights, self.partner_weights, self.methods, self.densities)
+
+        history: list[dict[str, float]] = []
+        rail = _GuardRail(ctx, proxy)
+        neighbourhood_adversarial_(
+            ctx.module,
+            params,
+            ref,
+            taus,
+            itertools.islice(ctx.batches, self.steps),
+            ctx.loss_fn,
+            steps=self.steps,
+            draws=self.draws,
+            sample=sample,
+            clip=self.clip,
+            lr=self.lr,
+            keep_batches=ctx.keep_batches,
+            grad_reduce=ctx.grad_reduce,
+            check_every=max(1, math.ceil(self.steps / self.checks)),
+            check=rail.check,
+            progress=ctx.progress,
+            seed=self.seed,
+            forward_context=ctx.forward_context,
+            history=history,
+        )
+        score, report = rail.finish(self.steps)
+        first, last = history[0] if history else {}, history[-1] if history else {}
+        return score, {
+            **report,
+            "partners": list(partners),
+            "own_loss_first": first.get("own_loss"),
+            "own_loss_last": last.get("own_loss"),
+            "merged_loss_first": first.get("merged_loss"),
+            "merged_loss_last": last.get("merged_loss"),
+        }
+
+
+def _check_common(steps: Any, clip: float, lr: float, checks: Any) -> None:
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if not (clip > 0 and lr > 0):
+        raise ValueError(f"clip and lr must be > 0, got clip={clip!r}, lr={lr!r}")
+    if not (isinstance(checks, int) and checks >= 1):
+        raise ValueError(f"checks must be a positive integer, got {checks!r}")
 
 
 class Negation(Stage2):
@@ -303,7 +536,11 @@ class Negation(Stage2):
         return after, {"layer_scores": scores, "critical_layers": sorted(critical), "beta_used": beta, "backoff": tried}
 
 
-STRATEGIES: dict[str, type[Stage2]] = {"scale_adversarial": ScaleAdversarial, "negation": Negation}
+STRATEGIES: dict[str, type[Stage2]] = {
+    "scale_adversarial": ScaleAdversarial,
+    "merge_neighbourhood": MergeNeighbourhood,
+    "negation": Negation,
+}
 
 
 def resolve_stage2(stage2: str | Stage2 | None, **legacy: Any) -> Stage2 | None:
@@ -325,9 +562,7 @@ def resolve_stage2(stage2: str | Stage2 | None, **legacy: Any) -> Stage2 | None:
             raise ValueError(f"pass {sorted(legacy)} to the {type(stage2).__name__} object, not to the callback")
         return stage2
     if not isinstance(stage2, str) or stage2 not in STRATEGIES:
-        raise ValueError(
-            f"stage2 must be 'scale_adversarial', 'negation', 'none', None or a Stage2 object, got {stage2!r}"
-        )
+        raise ValueError(f"stage2 must be one of {[*STRATEGIES, 'none']}, None or a Stage2 object, got {stage2!r}")
     cls = STRATEGIES[stage2]
     import inspect
 

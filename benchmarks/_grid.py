@@ -1,0 +1,134 @@
+"""The merge neighbourhood a free-rider can choose from, as mergekit configs, and its worst case for the owner.
+
+Used by ``protection.py --grid``. Every merge has the owner's model and the partners (other fine-tunes of the same
+base); the grid covers uniform task arithmetic over a lambda range, owner-weighted task arithmetic and TIES
+(normalised and not), TIES with the owner weighted several times the others, the study's TIES / DARE settings,
+pairwise weight averaging and SLERP with each partner, AdaMerging, and a post-merge repair (fine-tuning a merge on
+64 owner examples), compared with the same repair of ``theta_pre``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+State = dict[str, Tensor]
+
+OWNER_WEIGHTS = (0.6, 0.8, 1.0, 1.2)
+PARTNER_WEIGHTS = (0.1, 0.3, 0.5)
+TIES_OWNER_FACTORS = (2, 3, 4, 5)
+
+
+def grid_configs(owner: str, partners: Sequence[str], lambdas: Sequence[float], full: bool = True) -> dict[str, Any]:
+    """``label -> (mergekit config, partners it uses)`` for the whole neighbourhood.
+
+    ``full=False`` drops the normalised owner-weighted variants (for slow tracks).
+    """
+
+    def cfg(method: str, weights: dict[str, float], density: float | None = None, **shared: Any) -> dict[str, Any]:
+        extra = {} if density is None else {"density": density}
+        return {
+            "merge_method": method,
+            "base_model": "pre",
+            "parameters": shared,
+            "models": [{"model": n, "parameters": {"weight": w, **extra}} for n, w in weights.items()],
+        }
+
+    def all_at(o: float, p: float) -> dict[str, float]:
+        return {owner: o, **{n: p for n in partners}}
+
+    everyone = tuple(partners)
+    out: dict[str, Any] = {}
+    for lam in lambdas:
+        out[f"uniform TA λ={lam:g}"] = (cfg("task_arithmetic", all_at(1.0, 1.0), **{"lambda": lam}), everyone)
+    for o in OWNER_WEIGHTS:
+        for p in PARTNER_WEIGHTS:
+            out[f"TA owner {o:g} / partners {p:g}"] = (cfg("task_arithmetic", all_at(o, p)), everyone)
+            out[f"TIES owner {o:g} / partners {p:g}"] = (
+                cfg("ties", all_at(o, p), 0.4, normalize=False),
+                everyone,
+            )
+            out[f"TIES-norm owner {o:g} / partners {p:g}"] = (cfg("ties", all_at(o, p), 0.4), everyone)
+            if full:
+                out[f"TA-norm owner {o:g} / partners {p:g}"] = (
+                    cfg("task_arithmetic", all_at(o, p), normalize=True),
+                    everyone,
+                )
+    for k in TIES_OWNER_FACTORS:
+        out[f"TIES owner {k}x"] = (cfg("ties", all_at(float(k), 1.0), 0.4), everyone)
+    out["TIES (study)"] = (cfg("ties", all_at(1.0, 1.0), 0.4), everyone)
+    out["DARE-linear (study)"] = (cfg("dare_linear", all_at(1.0, 1.0), 0.4), everyone)
+    out["DARE-TIES (study)"] = (cfg("dare_ties", all_at(1.0, 1.0), 0.4), everyone)
+    for n in partners:
+        out[f"WA with {n}"] = (
+            {
+                "merge_method": "linear",
+                "models": [{"model": owner, "parameters": {"weight": 1}}, {"model": n, "parameters": {"weight": 1}}],
+            },
+            (n,),
+        )
+        out[f"SLERP with {n}"] = (
+            {
+                "merge_method": "slerp",
+                "base_model": owner,
+                "parameters": {"t": 0.5},
+                "models": [{"model": owner}, {"model": n}],
+            },
+            (n,),
+        )
+    return out
+
+
+def run_grid(
+    owner: str,
+    state: State,
+    partners: dict[str, State],
+    pre: State,
+    evaluate: Callable[[State, Sequence[str]], dict[str, float]],
+    individual: dict[str, float],
+    lambdas: Sequence[float],
+    *,
+    adamerge: Callable[[dict[str, State]], State] | None = None,
+    repair: Callable[[State, int], State] | None = None,
+    repair_steps: Sequence[int] = (),
+    full: bool = True,
+    bar: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Owner-task accuracy and the partners' mean normalized accuracy for every merge of the grid.
+
+    ``evaluate(state, tasks)`` returns accuracies in percent; ``individual`` holds each task's fine-tune accuracy
+    (the normalizer). Repair rows fine-tune uniform TA lambda 0.3 for each of ``repair_steps``.
+    """
+    from lightning_mergeguard.merging import merge, task_vector
+
+    states = {**partners, owner: state}
+    out: dict[str, dict[str, Any]] = {}
+
+    def record(label: str, merged: State, used: Sequence[str]) -> None:
+        acc = evaluate(merged, [owner, *used])
+        others = [acc[n] / max(individual[n], 1e-9) for n in used]
+        out[label] = {"owner": acc[owner], "partners_normalized": sum(others) / len(others), "partners": list(used)}
+        if bar is not None:
+            bar.update()
+
+    for label, (cfg, used) in grid_configs(owner, list(partners), lambdas, full).items():
+        # Defended models are merged on purpose (a re-parameterised model looks like another base): no base check.
+        record(label, merge(cfg, {n: states[n] for n in {owner, *used}}, pre, seed=0, check_base=False), used)
+    if adamerge is not None:
+        record("AdaMerging", adamerge({n: task_vector(s, pre) for n, s in states.items()}), list(partners))
+    if repair is not None:
+        ta = merge(grid_configs(owner, list(partners), [0.3])["uniform TA λ=0.3"][0], states, pre, check_base=False)
+        for steps in repair_steps:
+            record(f"repair TA λ=0.3, {steps} steps", repair(ta, steps), list(partners))
+    return out
+
+
+def worst_case(grid: dict[str, dict[str, Any]], seen: Sequence[str] = ()) -> tuple[str, float]:
+    """The merge giving the owner's task the highest accuracy, over merges with a partner the defense never saw."""
+    rows = {k: v for k, v in grid.items() if not k.startswith("repair") and set(v["partners"]) - set(seen)}
+    if not rows:
+        raise ValueError(f"no merge of the grid has a partner outside {list(seen)}")
+    label = max(rows, key=lambda k: rows[k]["owner"])
+    return label, rows[label]["owner"]

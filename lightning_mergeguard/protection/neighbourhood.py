@@ -1,0 +1,324 @@
+"""Stage 2 against the merge neighbourhood: rehearse the merges a free-rider could choose, not three points.
+
+A merge that includes the protected model applies, tensor by tensor,
+
+``merged = theta_pre + c * tau_own + r``
+
+where ``tau_own = theta - theta_pre``, ``c`` is an elementwise coefficient (the owner's weight, times the TIES trim
+and sign-election masks or the DARE keep mask and rescale, divided by the normaliser) and ``r`` is what the
+partners contribute. For a drawn merge (method, owner weight, partner weights, density) :func:`merge_with_owner`
+computes ``merged`` with mergekit's semantics and ``c``; since the masks are piecewise constant, ``c * grad L`` at
+the merged point is the exact gradient of ``L(merged)`` with respect to ``theta`` almost everywhere for task
+arithmetic and TIES. For DARE it holds the drawn mask and the L1 rescale factor fixed (the factor depends on the
+whole tensor; its rank-one share of the gradient is left out).
+
+:func:`neighbourhood_adversarial_` minimises ``L(theta) - mean_draws min(L(merged_draw), clip)`` over random draws:
+owner weights over a continuous range up to and including 1, partner task vectors at weights in about [0.1, 1],
+through task arithmetic (normalised or not), TIES and DARE. Partners are the fine-tunes the user passes, or
+*surrogates* (:func:`surrogate_task_vectors`): per-tensor random directions with the norm of the owner's own task
+vector, so the model learns to be fragile to any added task vector, not to three known ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lightning_mergeguard.evaluation import LossFn, move_batch
+from lightning_mergeguard.merging.consensus import sign_consensus_mask
+from lightning_mergeguard.merging.sparsify import magnitude_prune, random_prune
+from lightning_mergeguard.protection._adversarial import backward_own_loss, optimising
+
+__all__ = [
+    "MERGE_FAMILIES",
+    "MergeDraw",
+    "draw_merge",
+    "merge_with_owner",
+    "neighbourhood_adversarial_",
+    "surrogate_task_vectors",
+]
+
+MERGE_FAMILIES: tuple[str, ...] = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+"""The merge families rehearsed (mergekit's method names)."""
+
+
+@dataclass(frozen=True)
+class MergeDraw:
+    """One merge of the neighbourhood.
+
+    Attributes:
+        method: One of :data:`MERGE_FAMILIES`.
+        owner_weight: The protected model's weight.
+        partner_weights: One weight per partner task vector (``0`` leaves that partner out).
+        density: Kept fraction for TIES trimming / DARE drop (ignored by task arithmetic).
+        normalize: Divide by the (agreeing) weights' sum, as mergekit's ``normalize``.
+    """
+
+    method: str
+    owner_weight: float
+    partner_weights: tuple[float, ...] = ()
+    density: float = 1.0
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in MERGE_FAMILIES:
+            raise ValueError(f"method must be one of {MERGE_FAMILIES}, got {self.method!r}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
+
+
+def draw_merge(
+    rng: random.Random,
+    n_partners: int,
+    owner_weights: tuple[float, float] = (0.2, 1.0),
+    partner_weights: tuple[float, float] = (0.1, 1.0),
+    methods: Sequence[str] = MERGE_FAMILIES,
+    densities: tuple[float, float] = (0.2, 0.8),
+) -> MergeDraw:
+    """A random merge: uniform owner weight, a random non-empty subset of partners at uniform weights.
+
+    Example:
+        >>> d = draw_merge(random.Random(0), 2, methods=("ties",))
+        >>> d.method, 0.2 <= d.owner_weight <= 1.0, len(d.partner_weights)
+        ('ties', True, 2)
+    """
+    method = rng.choice(list(methods))
+    owner = rng.uniform(*owner_weights)
+    weights = [0.0] * n_partners
+    if n_partners:
+        for i in rng.sample(range(n_partners), rng.randint(1, n_partners)):
+            weights[i] = rng.uniform(*partner_weights)
+    density = rng.uniform(*densities) if method != "task_arithmetic" else 1.0
+    normalize = rng.random() < 0.5 if method in ("task_arithmetic", "ties") else False
+    return MergeDraw(method, owner, tuple(weights), density, normalize)
+
+
+def merge_with_owner(
+    base: Tensor,
+    owner: Tensor,
+    partners: Sequence[Tensor],
+    draw: MergeDraw,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One tensor of the drawn merge, and its elementwise derivative with respect to ``owner``.
+
+    Semantics are mergekit's (TIES: magnitude trim, sum sign election, disjoint mean normalised by the agreeing
+    weights; DARE: Bernoulli drop with L1 rescale; ``lambda`` 1).
+
+    Args:
+        base: ``theta_pre``'s tensor.
+        owner: The protected model's tensor (``theta``).
+        partners: The partners' task vectors (``theta_j - theta_pre``), one per entry of ``draw.partner_weights``.
+        draw: The merge.
+        generator: Random generator for DARE's drop.
+
+    Returns:
+        ``(merged, coefficient)``: ``merged = base + coefficient * (owner - base) + partner part``.
+
+    Example:
+        >>> base, owner = torch.zeros(2), torch.tensor([1.0, -2.0])
+        >>> merged, c = merge_with_owner(base, owner, [torch.ones(2)], MergeDraw("task_arithmetic", 1.0, (0.5,)))
+        >>> merged, c
+        (tensor([ 1.5000, -1.5000]), tensor([1., 1.]))
+    """
+    if len(partners) != len(draw.partner_weights):
+        raise ValueError(f"got {len(partners)} partner tensors for {len(draw.partner_weights)} partner weights")
+    used = [(t, w) for t, w in zip(partners, draw.partner_weights) if w != 0]
+    tau = owner - base
+    deltas = [tau, *(t.to(tau.dtype) for t, _ in used)]
+    weights = [draw.owner_weight, *(w for _, w in used)]
+    if draw.method == "ties":
+        kept = [magnitude_prune(d, draw.density) for d in deltas]
+    elif draw.method.startswith("dare"):
+        kept = [random_prune(d, draw.density, "l1", generator) for d in deltas]
+    else:
+        kept = deltas
+    # kept[0] = factor * tau elementwise (a mask, times DARE's rescale): the owner's share of the derivative.
+    factor = torch.where(tau != 0, kept[0] / torch.where(tau != 0, tau, 1), 0.0)
+    w = torch.tensor(weights, dtype=tau.dtype, device=tau.device).reshape(-1, *([1] * tau.dim()))
+    weighted = torch.stack(kept) * w
+    if draw.method in ("ties", "dare_ties"):
+        agree = sign_consensus_mask(weighted, "sum").to(tau.dtype)
+        weighted = weighted * agree
+        divisor = (w * agree).sum(0)
+        divisor = torch.where(divisor == 0, 1, divisor)
+    else:
+        agree = torch.ones_like(weighted[:1])
+        total = float(sum(weights))
+        divisor = torch.full_like(tau, total if abs(total) >= 1e-8 else 1.0)
+    mixed = weighted.sum(0)
+    coefficient = draw.owner_weight * factor * agree[0]
+    if draw.normalize:
+        mixed = mixed / divisor
+        coefficient = coefficient / divisor
+    return base + mixed, coefficient
+
+
+@torch.no_grad()
+def surrogate_task_vectors(
+    params: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor],
+    count: int,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    rank: int | None = 4,
+) -> list[dict[str, Tensor]]:
+    """Partners the owner does not have: per tensor, random directions with the norm of the owner's task vector.
+
+    Fine-tuning updates of matrices are close to low rank, so by default a matrix's direction is a random rank-
+    ``rank`` product ``A @ B`` (``None``: a dense Gaussian direction); other tensors get dense directions.
+
+    Args:
+        params: The owner's weights.
+        reference: ``theta_pre`` for the same names.
+        count: Number of surrogate partners.
+        seed: Seed of the directions.
+        device: Where to keep them (default: each parameter's device).
+
+        rank: Rank of the matrices' directions (``None``: dense).
+
+    Returns:
+        ``count`` task vectors (name -> tensor).
+
+    Example:
+        >>> tv = surrogate_task_vectors({"w": torch.ones(4)}, {"w": torch.zeros(4)}, 2)
+        >>> len(tv), round(float(tv[0]["w"].norm()), 4)
+        (2, 2.0)
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be >= 1 or None, got {rank}")
+    out: list[dict[str, Tensor]] = [{} for _ in range(count)]
+    for name, p in params.items():
+        tau = p.detach() - reference[name]
+        norm = tau.float().norm()
+        gen = torch.Generator(device=p.device).manual_seed(seed + zlib.crc32(name.encode()))
+        for j in range(count):
+            if rank is not None and p.dim() == 2 and min(p.shape) > rank:
+                a = torch.randn(p.shape[0], rank, generator=gen, device=p.device)
+                d = a @ torch.randn(rank, p.shape[1], generator=gen, device=p.device)
+            else:
+                d = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+            d = d * (norm / d.norm().clamp_min(1e-12))
+            out[j][name] = d.to(dtype=p.dtype, device=device or p.device)
+    return out
+
+
+def neighbourhood_adversarial_(
+    module: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    reference: Mapping[str, Tensor],
+    partners: Sequence[Mapping[str, Tensor]],
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    steps: int = 300,
+    draws: int = 2,
+    sample: Callable[[random.Random], MergeDraw] | None = None,
+    clip: float = 5.0,
+    lr: float = 1e-3,
+    keep_batches: Sequence[Any] = (),
+    grad_reduce: Callable[[Tensor], Tensor] | None = None,
+    check_every: int = 0,
+    check: Callable[[int], None] | None = None,
+    progress: bool = False,
+    seed: int = 0,
+    forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    history: list[dict[str, float]] | None = None,
+) -> list[dict[str, float]]:
+    """Run the neighbourhood optimisation in place on ``params``.
+
+    Each step: the owner's loss on one batch (plus, with ``keep_batches``, the loss on those batches, e.g. the
+    fingerprint's rows, so their behaviour is kept), minus the clipped loss of ``draws`` random merges of the
+    live weights with the partners on the same batch. The module runs in eval mode.
+
+    Args:
+        module: The model.
+        params: The parameters optimised.
+        reference: ``theta_pre`` for those names.
+        partners: Partner task vectors (name -> tensor, any device; moved per tensor).
+        batches: The owner's training batches, cycled.
+        loss_fn: ``(module, batch) -> loss``.
+        steps: Adam steps.
+        draws: Merges drawn per step.
+        sample: ``rng -> MergeDraw``; default :func:`draw_merge` over all families and ``len(partners)`` partners.
+        clip: Loss at a merge above which it is not pushed further.
+        lr: Adam learning rate.
+        keep_batches: Batches whose loss joins the own term every step.
+        grad_reduce: Mean across processes (DDP) applied to each gradient.
+        check_every: Call ``check(step)`` every this many steps (0: never).
+        check: The guard rail's check.
+        progress: Show a progress bar.
+        seed: Seed of the draws and of DARE's masks.
+        forward_context: Context around forward passes (autocast).
+        history: A list the per-step history is appended to.
+
+    Returns:
+        Per-step history: ``own_loss``, ``merged_loss`` (mean over draws).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    names = list(params)
+    tensors = [params[n] for n in names]
+    device = tensors[0].device
+    sample = sample or (lambda rng: draw_merge(rng, len(partners)))
+    rng = random.Random(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    opt = torch.optim.Adam(tensors, lr=lr)
+    history = [] if history is None else history
+    it = itertools.cycle(batches)
+    keep = [move_batch(b, device) for b in keep_batches]
+    with optimising(module, tensors):
+        for _ in tqdm(range(steps), desc="stage 2: merge neighbourhood", disable=not progress, leave=False):
+            batch = move_batch(next(it), device)
+            opt.zero_grad(set_to_none=True)
+            own = backward_own_loss(module, batch, keep, loss_fn, forward_context)
+            with torch.no_grad():
+                live = {n: params[n].detach().clone() for n in names}
+            merged_total = 0.0
+            for _ in range(draws):
+                draw = sample(rng)
+                coefficients = {}
+                with torch.no_grad():
+                    for n in names:
+                        parts = [tv[n].to(device, non_blocking=True) for tv in partners]
+                        merged, coefficients[n] = merge_with_owner(reference[n], live[n], parts, draw, gen)
+                        params[n].copy_(merged)
+                with forward_context():
+                    loss_m = loss_fn(module, batch)
+                value = float(loss_m.detach())
+                merged_total += value
+                if value >= clip:
+                    continue
+                grads = torch.autograd.grad(-loss_m / draws, tensors, allow_unused=True)
+                with torch.no_grad():
+                    for n, g in zip(names, grads):
+                        if g is None:
+                            continue
+                        g = g * coefficients[n]
+                        if params[n].grad is None:
+                            params[n].grad = g
+                        else:
+                            params[n].grad.add_(g)
+            with torch.no_grad():
+                for n in names:
+                    params[n].copy_(live[n])
+                    if grad_reduce is not None and params[n].grad is not None:
+                        params[n].grad.copy_(grad_reduce(params[n].grad))
+            opt.step()
+            history.append({"own_loss": float(own), "merged_loss": merged_total / draws})
+            if check is not None and check_every > 0 and len(history) % check_every == 0:
+                check(len(history))
+    return history
