@@ -676,14 +676,16 @@ def run_grid_track(track: Track, size: dict[str, Any], bar: tqdm) -> dict[str, A
 def grid_table(name: str, res: dict[str, Any]) -> str:
     """Markdown: per variant, own loss, worst case and the merges a free-rider would try first."""
     v = res["variants"]
+    def owner(label: str) -> Callable[[dict[str, Any]], Any]:
+        return lambda g: g[label]["owner"] if label in g else "–"
+
     probes = [
         ("uniform TA (best λ)", lambda g: max(r["owner"] for k, r in g.items() if k.startswith("uniform TA"))),
-        ("TA owner 1 / partners 0.3", lambda g: g["TA owner 1 / partners 0.3"]["owner"]),
-        ("TIES owner 3x", lambda g: g["TIES owner 3x"]["owner"]),
-        ("DARE-TIES (study)", lambda g: g["DARE-TIES (study)"]["owner"]),
-        ("AdaMerging", lambda g: g["AdaMerging"]["owner"]),
-        ("repair 10 steps", lambda g: g["repair TA λ=0.3, 10 steps"]["owner"]),
-        ("repair 50 steps", lambda g: g["repair TA λ=0.3, 50 steps"]["owner"]),
+        ("TA owner 1 / partners 0.3", owner("TA owner 1 / partners 0.3")),
+        ("TIES owner 3x", owner("TIES owner 3x")),
+        ("DARE-TIES (study)", owner("DARE-TIES (study)")),
+        ("AdaMerging", owner("AdaMerging")),
+        *[(f"repair {n} steps", owner(f"repair TA λ=0.3, {n} steps")) for n in res["theta_pre_repair"]],
     ]
     rows = []
     for k, e in v.items():

@@ -192,7 +192,7 @@ def _detect_kind(model: Path, arch: str | None) -> str:
         return "open_clip"
     raise ConfigError(
         f"{model}: not a Hugging Face causal-LM directory; for an open_clip classifier checkpoint pass --arch "
-        "(an open_clip model name such as ViT-B-32, or 'tiny')"
+        "(an open_clip model name such as ViT-B-32, 'tiny', 'small' or a JSON/YAML file of open_clip.CLIP kwargs)"
     )
 
 
@@ -225,7 +225,9 @@ def protect_checkpoint(
             sub-folder per class) or ``module:function`` returning ``(train, val)`` datasets of ``(image, label)``.
             A quarter of the rows (or the ``val`` set) is held out to score the guard rail.
         out: Output directory (created; a model directory or ``protected.safetensors`` inside it).
-        arch: open_clip model name (``"ViT-B-32"``, ``"tiny"``...) when ``model`` is an open_clip checkpoint.
+        arch: open_clip architecture when ``model`` is an open_clip checkpoint: a model name (``"ViT-B-32"``),
+            ``"tiny"``, ``"small"`` (the benchmarks' ViT) or the path of a JSON/YAML file of ``open_clip.CLIP``
+            keyword arguments (``embed_dim``, ``vision_cfg``, ``text_cfg``).
         partners: Other fine-tunes of the same base: the report then compares the owner-task score of a few
             standard merges (task arithmetic at 0.3, TIES) with the unprotected and the protected model.
         tolerance: Largest allowed drop of the own score (exact match, or accuracy), in points.
@@ -414,7 +416,10 @@ def _open_clip(base: Path, model: Path, data: str, arch: str | None, batch_size:
     from lightning_mergeguard.evaluation import evaluate
     from lightning_mergeguard.io import save_safetensors
 
-    clip = build_open_clip(arch or "tiny")
+    try:
+        clip = build_open_clip(arch or "tiny")
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"--arch {arch!r}: {err}") from err
     state = open_source(model, name="model").state_dict()
     if "head.weight" not in state:
         raise WeightsFileError(f"{model}: an open_clip classifier checkpoint needs 'head.weight' (visual.* and head.*)")

@@ -49,8 +49,9 @@ def test_merge_grid_covers_the_neighbourhood_and_its_worst_case_skips_seen_partn
     grid = run_grid("own", own, states, pre, evaluate, {"own": 100.0, "a": 100.0, "b": 100.0}, [0.3, 1.0])
     assert grid["uniform TA λ=0.3"]["owner"] == pytest.approx(30.0)
     assert grid["TA owner 1.2 / partners 0.5"]["owner"] == pytest.approx(120.0)
-    assert grid["TA owner 1 / partners 0.1"]["partners_normalized"] == pytest.approx(10.0 / 100 * 100 / 100)
+    assert grid["TA owner 1 / partners 0.1"]["partners_normalized"] == pytest.approx(0.1)
     label, value = worst_case(grid)
+    assert grid[label]["owner"] == value
     assert value == max(r["owner"] for r in grid.values())
     # Seeing both partners leaves no merge with an unseen one; seeing "a" leaves the merges with "b" only.
     assert worst_case(grid, ["a"])[0] in {k for k, r in grid.items() if "b" in r["partners"]}

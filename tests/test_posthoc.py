@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from test_ownership import byte_tokenizer as byte_tokenizer
 from test_ownership import train_rows
 
@@ -134,12 +135,16 @@ def test_protects_an_open_clip_classifier_checkpoint(tmp_path):
     train, _ = digit_images()
     quiet_trainer(max_epochs=3, accelerator="cpu").fit(module, DataLoader(train, batch_size=64, shuffle=True))
     save_safetensors(tmp_path / "finetune.safetensors", module.state_dict())
+    from lightning_mergeguard.demos.open_clip import TINY_VIT
+
+    arch = tmp_path / "arch.json"  # the architecture as a config file, as for the benchmark's inline ViT config
+    arch.write_text(json.dumps(TINY_VIT))
     report = protect_checkpoint(
         tmp_path / "base.safetensors",
         tmp_path / "finetune.safetensors",
         "test_posthoc:digit_images",
         tmp_path / "out",
-        arch="tiny",
+        arch=str(arch),
         tolerance=1.5,
         steps=24,
         lr=1e-3,
@@ -156,3 +161,22 @@ def test_protects_an_open_clip_classifier_checkpoint(tmp_path):
     assert report["stage2"]["steps_used"] == 0 or any(
         not torch.equal(protected[k], original[k]) for k in original if k.startswith("visual.")
     )
+
+
+def test_open_clip_architecture_from_a_name_or_a_config_file(tmp_path):
+    from lightning_mergeguard.demos.open_clip import build_open_clip
+    from lightning_mergeguard.demos.vision_tasks import SMALL_VIT
+
+    small = build_open_clip("small")
+    assert sum(p.numel() for p in small.visual.parameters()) == sum(
+        p.numel() for p in build_open_clip(SMALL_VIT).visual.parameters()
+    )
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump(SMALL_VIT))
+    assert build_open_clip(str(cfg)).visual.state_dict().keys() == small.visual.state_dict().keys()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**SMALL_VIT, "vision_cgf": {}}))
+    with pytest.raises(ValueError, match="unknown open_clip config keys"):
+        build_open_clip(str(bad))
+    with pytest.raises(FileNotFoundError):
+        build_open_clip(str(tmp_path / "missing.yaml"))

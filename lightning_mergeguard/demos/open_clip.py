@@ -22,14 +22,33 @@ TINY_VIT: dict[str, Any] = {
 """A 4-block ViT (about 0.3M image-tower parameters) for CPU tests and demos; no pretrained weights exist here."""
 
 
+def _config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"open_clip model config not found: {path}")
+    with open(path) as f:
+        cfg = yaml.safe_load(f)  # JSON is YAML
+    if not isinstance(cfg, dict) or "vision_cfg" not in cfg:
+        raise ValueError(f"{path}: an open_clip model config needs a mapping with 'vision_cfg' (and 'embed_dim')")
+    allowed = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "cast_dtype", "init_logit_scale"}
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ValueError(f"{path}: unknown open_clip config keys {unknown}; expected some of {sorted(allowed)}")
+    return cfg
+
+
 def build_open_clip(
     model: str | dict[str, Any] = "tiny", checkpoint: str | os.PathLike[str] | None = None
 ) -> nn.Module:
     """Build an open_clip CLIP model without downloading anything.
 
     Args:
-        model: ``"tiny"`` (:data:`TINY_VIT`), an open_clip config name (``"ViT-B-32"``, ``"ViT-L-14"``...), or a
-            dict of ``open_clip.CLIP`` keyword arguments.
+        model: ``"tiny"`` (:data:`TINY_VIT`), ``"small"`` (the benchmarks' ViT,
+            :data:`~lightning_mergeguard.demos.vision_tasks.SMALL_VIT`), an open_clip config name (``"ViT-B-32"``,
+            ``"ViT-L-14"``...), a dict of ``open_clip.CLIP`` keyword arguments, or the path of a JSON/YAML file
+            holding such a dict (open_clip's own model-config files work: their ``embed_dim``, ``vision_cfg`` and
+            ``text_cfg``).
         checkpoint: Optional local checkpoint (open_clip's ``.pt``/``.bin``/``.safetensors`` state dict), loaded
             with ``weights_only=True``.
 
@@ -43,6 +62,12 @@ def build_open_clip(
     """
     open_clip = require("open_clip", "vision", "open_clip models")
 
+    if isinstance(model, (str, os.PathLike)) and str(model).endswith((".json", ".yaml", ".yml")):
+        model = _config_file(model)
+    if model == "small":
+        from lightning_mergeguard.demos.vision_tasks import SMALL_VIT
+
+        model = SMALL_VIT
     if isinstance(model, dict) or model == "tiny":
         clip = open_clip.CLIP(**(TINY_VIT if model == "tiny" else model))
     else:
