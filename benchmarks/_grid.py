@@ -21,10 +21,17 @@ PARTNER_WEIGHTS = (0.1, 0.3, 0.5)
 TIES_OWNER_FACTORS = (2, 3, 4, 5)
 
 
-def grid_configs(owner: str, partners: Sequence[str], lambdas: Sequence[float], full: bool = True) -> dict[str, Any]:
+def grid_configs(
+    owner: str,
+    partners: Sequence[str],
+    lambdas: Sequence[float],
+    full: bool = True,
+    owner_weights: Sequence[float] | None = None,
+) -> dict[str, Any]:
     """``label -> (mergekit config, partners it uses)`` for the whole neighbourhood.
 
-    ``full=False`` drops the normalised owner-weighted variants (for slow tracks).
+    ``full=False`` drops owner-weighted normalised task arithmetic and un-normalised TIES, and ``owner_weights``
+    replaces :data:`OWNER_WEIGHTS` (for slow tracks).
     """
 
     def cfg(method: str, weights: dict[str, float], density: float | None = None, **shared: Any) -> dict[str, Any]:
@@ -43,15 +50,15 @@ def grid_configs(owner: str, partners: Sequence[str], lambdas: Sequence[float], 
     out: dict[str, Any] = {}
     for lam in lambdas:
         out[f"uniform TA λ={lam:g}"] = (cfg("task_arithmetic", all_at(1.0, 1.0), **{"lambda": lam}), everyone)
-    for o in OWNER_WEIGHTS:
+    for o in owner_weights or OWNER_WEIGHTS:
         for p in PARTNER_WEIGHTS:
             out[f"TA owner {o:g} / partners {p:g}"] = (cfg("task_arithmetic", all_at(o, p)), everyone)
-            out[f"TIES owner {o:g} / partners {p:g}"] = (
-                cfg("ties", all_at(o, p), 0.4, normalize=False),
-                everyone,
-            )
             out[f"TIES-norm owner {o:g} / partners {p:g}"] = (cfg("ties", all_at(o, p), 0.4), everyone)
             if full:
+                out[f"TIES owner {o:g} / partners {p:g}"] = (
+                    cfg("ties", all_at(o, p), 0.4, normalize=False),
+                    everyone,
+                )
                 out[f"TA-norm owner {o:g} / partners {p:g}"] = (
                     cfg("task_arithmetic", all_at(o, p), normalize=True),
                     everyone,
@@ -94,6 +101,7 @@ def run_grid(
     repair: Callable[[State, int], State] | None = None,
     repair_steps: Sequence[int] = (),
     full: bool = True,
+    owner_weights: Sequence[float] | None = None,
     bar: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Owner-task accuracy and the partners' mean normalized accuracy for every merge of the grid.
@@ -113,7 +121,7 @@ def run_grid(
         if bar is not None:
             bar.update()
 
-    for label, (cfg, used) in grid_configs(owner, list(partners), lambdas, full).items():
+    for label, (cfg, used) in grid_configs(owner, list(partners), lambdas, full, owner_weights).items():
         # Defended models are merged on purpose (a re-parameterised model looks like another base): no base check.
         record(label, merge(cfg, {n: states[n] for n in {owner, *used}}, pre, seed=0, check_base=False), used)
     if adamerge is not None:

@@ -403,11 +403,11 @@ def llm_track(size: dict[str, Any]) -> Track:
         return train(state, owner, n_steps, rows=64)
 
     def grid_evaluate(state: State, which: Sequence[str]) -> dict[str, float]:
-        # The owner's task on every held-out prompt, the partners' on the first 32 (their normalized accuracy).
+        # The owner's task on every held-out prompt, the partners' on the first 16 (their normalized accuracy).
         live.load_state_dict(state, strict=False)
         return {
             t: 100.0
-            * exact_match(live, tok, eval_sets[t][: None if t == owner else 32], max_new_tokens=6, batch_size=64)
+            * exact_match(live, tok, eval_sets[t][: None if t == owner else 16], max_new_tokens=6, batch_size=64)
             for t in which
         }
 
@@ -570,11 +570,12 @@ def headline(name: str, res: dict[str, Any]) -> str:
 GRID = {
     "vision": {"lambdas": [round(0.05 * i, 2) for i in range(1, 31)], "full": True, "repair": (10, 20, 50)},
     "llm": {
-        "lambdas": [round(0.1 * i, 1) for i in range(1, 16)],
+        # A grid row costs ~20 s here (a 135M merge and generation on ~110 prompts): a coarser grid, four defenses.
+        "lambdas": [0.1, 0.3, 0.5, 0.7, 1.0, 1.2, 1.5],
+        "owner_weights": (0.6, 1.0, 1.2),
         "full": False,
-        "repair": (10, 20, 50),
-        # A grid costs ~10 minutes per defense on this CPU: the LLM track puts the main designs on it.
-        "variants": ("unprotected", "scale-adversarial (default)", "neighbourhood", "post-hoc neighbourhood"),
+        "repair": (10, 50),
+        "variants": ("unprotected", "post-hoc neighbourhood", "neighbourhood, partners", "scale-adversarial (default)"),
     },
 }
 
@@ -621,11 +622,15 @@ def run_grid_track(track: Track, size: dict[str, Any], bar: tqdm) -> dict[str, A
 
     assert track.grid_evaluate is not None and track.repair is not None
     g = GRID[track.name]
-    chosen = {k: v for k, v in grid_variants(track, size).items() if k.startswith(g.get("variants", ("",)))}
+    every = grid_variants(track, size)
+    order = g.get("variants", tuple(every))
+    chosen = {k: every[k] for prefix in order for k in every if k.startswith(prefix)}
     partners = {t: track.finetunes[t] for t in track.tasks if t != track.owner}
     individual = {t: track.evaluate(track.finetunes[t], [t])[t] for t in track.tasks}
     bar.total = (bar.total or 0) + len(chosen) * (
-        len(grid_configs(track.owner, list(partners), g["lambdas"], g["full"])) + 2 + len(g["repair"])
+        len(grid_configs(track.owner, list(partners), g["lambdas"], g["full"], g.get("owner_weights")))
+        + 2
+        + len(g["repair"])
     )
     pre_repair = {str(n): track.evaluate(track.repair(track.pre, n), [track.owner])[track.owner] for n in g["repair"]}
     variants: dict[str, Any] = {}
@@ -646,6 +651,7 @@ def run_grid_track(track: Track, size: dict[str, Any], bar: tqdm) -> dict[str, A
             repair=track.repair,
             repair_steps=g["repair"],
             full=g["full"],
+            owner_weights=g.get("owner_weights"),
             bar=bar,
         )
         label, value = worst_case(grid, seen)
@@ -676,12 +682,14 @@ def run_grid_track(track: Track, size: dict[str, Any], bar: tqdm) -> dict[str, A
 def grid_table(name: str, res: dict[str, Any]) -> str:
     """Markdown: per variant, own loss, worst case and the merges a free-rider would try first."""
     v = res["variants"]
+
     def owner(label: str) -> Callable[[dict[str, Any]], Any]:
         return lambda g: g[label]["owner"] if label in g else "–"
 
     probes = [
         ("uniform TA (best λ)", lambda g: max(r["owner"] for k, r in g.items() if k.startswith("uniform TA"))),
         ("TA owner 1 / partners 0.3", owner("TA owner 1 / partners 0.3")),
+        ("TIES-norm owner 1 / partners 0.3", owner("TIES-norm owner 1 / partners 0.3")),
         ("TIES owner 3x", owner("TIES owner 3x")),
         ("DARE-TIES (study)", owner("DARE-TIES (study)")),
         ("AdaMerging", owner("AdaMerging")),
@@ -757,7 +765,6 @@ def frontier_plot(name: str, res: dict[str, Any], path) -> None:
 def grid_main(names: Sequence[str], size: dict[str, Any]) -> None:
     """``--grid``: the merge-neighbourhood study; writes protection_grid.{json,md} and protection_frontier_*.png."""
     out_path = RESULTS / "protection_grid.json"
-    previous = json.loads(out_path.read_text()).get("tracks", {}) if out_path.is_file() else {}
     results: dict[str, Any] = {}
     start = time.perf_counter()
     with tqdm(total=len(names), desc="merge-neighbourhood grid") as bar:
@@ -769,6 +776,8 @@ def grid_main(names: Sequence[str], size: dict[str, Any]) -> None:
             results[name]["sizes"] = size[name]
             results[name]["command"] = " ".join(["python", *sys.argv])
             results[name]["wall_seconds"] = time.perf_counter() - track_start
+    # Read the other tracks' committed results only now: another invocation may have written them meanwhile.
+    previous = json.loads(out_path.read_text()).get("tracks", {}) if out_path.is_file() else {}
     tracks = {**previous, **results}
     path = write_results(
         "protection_grid",
