@@ -787,8 +787,15 @@ def grid_main(names: Sequence[str], size: dict[str, Any]) -> None:
             "tracks": tracks,
         },
     )
+    grid_report(tracks, list(results))
+    print(f"wrote {path}")
+
+
+def grid_report(tracks: dict[str, Any], names: Sequence[str]) -> None:
+    """Write protection_grid.md (every track), the frontier plots of ``names`` and print the headlines."""
     md = "\n".join(grid_table(n, r) for n, r in tracks.items())
     (RESULTS / "protection_grid.md").write_text(md + "\n")
+    results = {n: tracks[n] for n in names if n in tracks}
     for n, r in results.items():
         frontier_plot(n, r, RESULTS / f"protection_frontier_{n}.png")
     print(md)
@@ -800,7 +807,6 @@ def grid_main(names: Sequence[str], size: dict[str, Any]) -> None:
                 f"({e['worst_case']['merge']}) = {e['worst_case_vs_unprotected_best']:.2f}x the unprotected best "
                 f"{best:.1f}%"
             )
-    print(f"wrote {path}")
 
 
 VISION_ABLATIONS: dict[str, dict[str, Any]] = {
@@ -820,9 +826,15 @@ def main() -> None:
     parser.add_argument("--track", choices=["llm", "vision", "both"], default="both")
     parser.add_argument("--full", action="store_true", help="bigger sizes (for a GPU machine)")
     parser.add_argument("--grid", action="store_true", help="the merge-neighbourhood grid and frontier instead")
+    parser.add_argument(
+        "--report-only", action="store_true", help="with --grid: redraw tables and plots from the committed JSON"
+    )
     args = parser.parse_args()
     size = SIZES["full" if args.full else "cpu"]
     names = ["vision", "llm"] if args.track == "both" else [args.track]
+    if args.grid and args.report_only:
+        grid_report(json.loads((RESULTS / "protection_grid.json").read_text())["tracks"], names)
+        return
     if args.grid:
         grid_main(names, size)
         return
