@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/guard_overhead.py
 	$(PY) benchmarks/probe_overhead.py
 	$(PY) benchmarks/protection.py
+	$(PY) benchmarks/protection.py --grid --track vision
 	$(PY) benchmarks/ownership.py
 
 clean:

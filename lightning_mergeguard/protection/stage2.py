@@ -159,8 +159,8 @@ class _GuardRail:
         if steps_used == 0:
             self.ctx.warn(
                 f"MergeGuardCallback: no stage-2 weights stayed within {self.ctx.tolerance} points while lowering "
-                f"the merge proxy by more than {self.ctx.tolerance} points; kept the stage-1 weights. Try more "
-                "steps, a lower lr or a larger tolerance."
+                "the merge proxy below the stage-1 weights'; kept the stage-1 weights. Try more steps, a lower lr "
+                "or a larger tolerance."
             )
         return float(self.best["score"]), {
             "steps_used": steps_used,
