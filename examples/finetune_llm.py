@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.fingerprint:
         secret = make_fingerprint(n_keys=8, seed=0)
         secret.save(f"{args.out}/secrets/fingerprint.json")  # keep apart from the released weights
-        fp_rows = fingerprint_rows(secret, repeats=1, n_regularization=8)
+        fp_rows = fingerprint_rows(secret, repeats=1, n_regularization=0)  # one batch: the 8 keys
         rows = rows + fingerprint_rows(secret, repeats=4, n_regularization=16)
         max_length = 96
         keep = list(DataLoader(LMTaskDataset(tok, fp_rows, max_length=max_length), batch_size=8))
