@@ -6,11 +6,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_mergeguard.evaluation import LossFn
 
-__all__ = ["backward_own_loss", "optimising"]
+__all__ = ["add_grads_", "backward_own_loss", "optimising", "reduce_grads_"]
 
 
 @contextmanager
@@ -45,3 +46,29 @@ def backward_own_loss(
             own = own + loss_fn(module, b) / len(keep)
     own.backward()
     return own.detach()
+
+
+@torch.no_grad()
+def add_grads_(
+    tensors: Sequence[nn.Parameter], grads: Sequence[Tensor | None], factors: Sequence[Tensor] | None = None
+) -> None:
+    """Accumulate ``grads`` (times the elementwise ``factors``, if given) into the tensors' ``.grad``."""
+    for i, (p, g) in enumerate(zip(tensors, grads)):
+        if g is None:
+            continue
+        if factors is not None:
+            g = g * factors[i]
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+
+
+@torch.no_grad()
+def reduce_grads_(tensors: Sequence[nn.Parameter], grad_reduce: Callable[[Tensor], Tensor] | None) -> None:
+    """Replace each gradient by ``grad_reduce(grad)`` (the cross-process mean under DDP); nothing without one."""
+    if grad_reduce is None:
+        return
+    for p in tensors:
+        if p.grad is not None:
+            p.grad.copy_(grad_reduce(p.grad))

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from lightning_mergeguard.evaluation import LossFn, move_batch
 from lightning_mergeguard.merging.consensus import sign_consensus_mask
 from lightning_mergeguard.merging.sparsify import magnitude_prune, random_prune
-from lightning_mergeguard.protection._adversarial import backward_own_loss, optimising
+from lightning_mergeguard.protection._adversarial import add_grads_, backward_own_loss, optimising, reduce_grads_
 
 __all__ = [
     "MERGE_FAMILIES",
@@ -303,20 +303,11 @@ def neighbourhood_adversarial_(
                 if value >= clip:
                     continue
                 grads = torch.autograd.grad(-loss_m / draws, tensors, allow_unused=True)
-                with torch.no_grad():
-                    for n, g in zip(names, grads):
-                        if g is None:
-                            continue
-                        g = g * coefficients[n]
-                        if params[n].grad is None:
-                            params[n].grad = g
-                        else:
-                            params[n].grad.add_(g)
+                add_grads_(tensors, grads, [coefficients[n] for n in names])
             with torch.no_grad():
                 for n in names:
                     params[n].copy_(live[n])
-                    if grad_reduce is not None and params[n].grad is not None:
-                        params[n].grad.copy_(grad_reduce(params[n].grad))
+            reduce_grads_(tensors, grad_reduce)
             opt.step()
             history.append({"own_loss": float(own), "merged_loss": merged_total / draws})
             if check is not None and check_every > 0 and len(history) % check_every == 0:

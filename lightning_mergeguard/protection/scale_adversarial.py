@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.evaluation import LossFn, move_batch
-from lightning_mergeguard.protection._adversarial import backward_own_loss, optimising
+from lightning_mergeguard.protection._adversarial import add_grads_, backward_own_loss, optimising, reduce_grads_
 
 __all__ = ["scale_adversarial_", "write_scaled_"]
 
@@ -152,22 +152,9 @@ def scale_adversarial_(
                 if float(loss_s.detach()) >= clip:
                     continue
                 grads = torch.autograd.grad(-(factor / len(scales)) * loss_s, tensors, allow_unused=True)
-                with torch.no_grad():
-                    for n, g in zip(names, grads):
-                        if g is None:
-                            continue
-                        if masks is not None:
-                            g = g * masks[n]
-                        if params[n].grad is None:
-                            params[n].grad = g
-                        else:
-                            params[n].grad.add_(g)
+                add_grads_(tensors, grads, [masks[n] for n in names] if masks is not None else None)
             write_scaled_(params, reference, live, 1.0)
-            with torch.no_grad():
-                if grad_reduce is not None:
-                    for n in names:
-                        if params[n].grad is not None:
-                            params[n].grad.copy_(grad_reduce(params[n].grad))
+            reduce_grads_(tensors, grad_reduce)
             opt.step()
             history.append({"own_loss": float(own), "scaled_loss": scaled_total / len(scales)})
             if check is not None and check_every > 0 and len(history) % check_every == 0:

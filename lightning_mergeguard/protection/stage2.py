@@ -114,6 +114,23 @@ class Stage2(ABC):
         return f"{type(self).__name__}({args})"
 
 
+def _scores_at(ctx: Stage2Context, writes: Sequence[Callable[[Mapping[str, Tensor]], None]]) -> list[float]:
+    """The metric after each ``write(live)`` of other weights into ``ctx.params``; the live weights restored."""
+    with torch.no_grad():
+        live = {n: p.detach().clone() for n, p in ctx.params.items()}
+    scores = []
+    try:
+        for write in writes:
+            with torch.no_grad():
+                write(live)
+            scores.append(ctx.metric())
+    finally:
+        with torch.no_grad():
+            for n, p in ctx.params.items():
+                p.copy_(live[n])
+    return scores
+
+
 class _GuardRail:
     """Keeps the best checked weights: within tolerance, and protecting better than the stage-1 weights.
 
@@ -227,13 +244,7 @@ class ScaleAdversarial(Stage2):
         scale = self.proxy_scale
 
         def proxy() -> float:
-            with torch.no_grad():
-                live = {n: p.detach().clone() for n, p in params.items()}
-            try:
-                write_scaled_(params, ref, live, scale)
-                return ctx.metric()
-            finally:
-                write_scaled_(params, ref, live, 1.0)
+            return _scores_at(ctx, [lambda live: write_scaled_(params, ref, live, scale)])[0]
 
         history: list[dict[str, float]] = []
         rail = _GuardRail(ctx, proxy)
@@ -405,23 +416,17 @@ class MergeNeighbourhood(Stage2):
         taus = list(partners.values())
         k = len(taus)
 
+        def write_merge(draw: MergeDraw) -> Callable[[Mapping[str, Tensor]], None]:
+            def write(live: Mapping[str, Tensor]) -> None:
+                for n, p in params.items():
+                    parts = [tv[n].to(p.device, non_blocking=True) for tv in taus]
+                    p.copy_(merge_with_owner(ref[n], live[n], parts, draw)[0])
+
+            return write
+
         def proxy() -> float:
-            with torch.no_grad():
-                live = {n: p.detach().clone() for n, p in params.items()}
-            scores = []
-            try:
-                for owner, weight in self.proxies:
-                    draw = MergeDraw("task_arithmetic", owner, (weight,) * k)
-                    with torch.no_grad():
-                        for n, p in params.items():
-                            parts = [tv[n].to(p.device, non_blocking=True) for tv in taus]
-                            p.copy_(merge_with_owner(ref[n], live[n], parts, draw)[0])
-                    scores.append(ctx.metric())
-            finally:
-                with torch.no_grad():
-                    for n, p in params.items():
-                        p.copy_(live[n])
-            return max(scores)
+            draws = [MergeDraw("task_arithmetic", owner, (weight,) * k) for owner, weight in self.proxies]
+            return max(_scores_at(ctx, [write_merge(d) for d in draws]))
 
         def sample(rng: Any) -> MergeDraw:
             return draw_merge(rng, k, self.owner_weights, self.partner_weights, self.methods, self.densities)
