@@ -7,7 +7,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -16,11 +16,13 @@ from torch import Tensor
 
 __all__ = [
     "SAFETENSORS_DTYPES",
+    "ShardedSafetensorsWriter",
     "StreamingSafetensorsWriter",
     "atomic_open",
     "atomic_write_json",
     "atomic_write_text",
     "clean_orphaned_temps",
+    "parse_size",
     "save_safetensors",
 ]
 
@@ -135,6 +137,9 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+_WRITEBACK_BYTES = 64 << 20
+
+
 class StreamingSafetensorsWriter:
     """Write a safetensors file tensor by tensor, with shapes and dtypes declared up front.
 
@@ -185,6 +190,7 @@ class StreamingSafetensorsWriter:
         self._next = 0
         self._ctx = None
         self._file: BinaryIO | None = None
+        self._written = self._synced = 0
 
     def __enter__(self) -> StreamingSafetensorsWriter:
         self._ctx = atomic_open(self.path, "wb")
@@ -207,6 +213,22 @@ class StreamingSafetensorsWriter:
         assert data.nbytes == nbytes
         self._file.write(memoryview(data))
         self._next += 1
+        self._written += nbytes
+        if self._written - self._synced >= _WRITEBACK_BYTES:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Start writing what was written so far to disk, without waiting, and let the kernel drop those pages.
+
+        The final ``fsync`` (the file must be on disk before it is renamed into place) then has little left to do,
+        and a large output does not fill the page cache with dirty pages.
+        """
+        assert self._file is not None
+        if not hasattr(os, "posix_fadvise"):
+            return
+        self._file.flush()
+        os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        self._synced = self._written
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self._ctx is not None
@@ -227,3 +249,126 @@ def save_safetensors(
     with StreamingSafetensorsWriter(path, specs, metadata) as w:
         for k, t in tensors.items():
             w.write(k, t)
+
+
+_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "b": 10**9,  # mergekit's "5B": five billion bytes
+    "t": 10**12,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(value: int | str) -> int:
+    """A byte count from ``500M``, ``5B`` (mergekit: billions), ``2GB``, ``512MiB`` or a plain integer.
+
+    Raises:
+        ValueError: For anything else, or a size that is not positive.
+
+    Example:
+        >>> parse_size("500M"), parse_size("5B"), parse_size("1GiB"), parse_size(1024)
+        (500000000, 5000000000, 1073741824, 1024)
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {value!r} as a size: use a number of bytes or e.g. 500M, 5B, 2GB, 512MiB")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise ValueError(f"size {value!r} must be positive")
+    return size
+
+
+def _shard_plan(
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int | None
+) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    """Split specs, in order, into shards of at most ``max_bytes`` (a larger tensor gets a shard of its own)."""
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = int(torch.Size(spec[2]).numel()) * torch.empty((), dtype=spec[1]).element_size()
+        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+class ShardedSafetensorsWriter:
+    """Write a model as safetensors shards plus an index, tensor by tensor, as ``save_pretrained`` lays them out.
+
+    One shard is ``model.safetensors``; several are ``model-0000i-of-0000n.safetensors`` with
+    ``model.safetensors.index.json``. Every shard is complete before any is renamed into place, and the index is
+    written last, so a failed write leaves no new file behind.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> specs = [("a", torch.float32, (2,)), ("b", torch.float32, (2,))]
+        >>> with ShardedSafetensorsWriter(d, specs, max_shard_bytes=8) as w:
+        ...     w.write("a", torch.ones(2)); w.write("b", torch.zeros(2))
+        >>> sorted(p.name for p in d.iterdir())
+        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self._plan = _shard_plan(list(specs), max_shard_bytes)
+        n = len(self._plan)
+        self.files = (
+            [self.directory / "model.safetensors"]
+            if n == 1
+            else [self.directory / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self.index = None if n == 1 else self.directory / "model.safetensors.index.json"
+        self._metadata = metadata
+        self._shard_of = {spec[0]: i for i, shard in enumerate(self._plan) for spec in shard}
+        self._stack: ExitStack | None = None
+        self._open: dict[int, StreamingSafetensorsWriter] = {}
+
+    def __enter__(self) -> ShardedSafetensorsWriter:
+        self._stack = ExitStack()
+        return self
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        """Write the next tensor (declared order, dtype and shape)."""
+        if self._stack is None:
+            raise RuntimeError("use ShardedSafetensorsWriter as a context manager")
+        if name not in self._shard_of:
+            raise ValueError(f"tensor {name!r} was not declared")
+        i = self._shard_of[name]
+        if i not in self._open:
+            w = StreamingSafetensorsWriter(self.files[i], self._plan[i], self._metadata)
+            self._open[i] = self._stack.enter_context(w)
+        self._open[i].write(name, tensor)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self._stack is not None
+        stack, self._stack = self._stack, None
+        if exc_type is None:
+            missing = [i for i in range(len(self._plan)) if i not in self._open]
+            if missing:
+                err = ValueError(f"shard {self.files[missing[0]].name} closed before any of its tensors was written")
+                stack.__exit__(type(err), err, None)
+                raise err
+        stack.__exit__(exc_type, exc, tb)
+        if exc_type is None and self.index is not None:
+            total = sum(w._written for w in self._open.values())
+            weight_map = {name: self.files[i].name for name, i in self._shard_of.items()}
+            atomic_write_json(self.index, {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -29,3 +34,39 @@ def test_cli_reports_config_typo(tmp_path, capsys):
     assert main([str(path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "unknown merge_method 'tiess'" in err and "'ties'" in err
+
+
+def test_cli_shards_low_memory_and_reports_a_bad_size(llama_dirs, tmp_path, capsys):
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(llama_dirs["base"]),
+        "models": [{"model": str(llama_dirs[n]), "parameters": {"weight": 0.5, "density": 0.5}} for n in "ab"],
+    }
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main([str(path), str(out), "--no-progress", "--out-shard-size", "5K", "--low-memory"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    got = {k: v for f in sorted(out.glob("model-*.safetensors")) for k, v in load_file(f).items()}
+    assert set(index["weight_map"]) == set(got)
+    want = merge(cfg)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert main([str(path), str(tmp_path / "o2"), "--out-shard-size", "5 parsecs"]) == 2
+    assert "cannot read '5 parsecs' as a size" in capsys.readouterr().err
+
+
+def test_cli_help_needs_no_torch():
+    code = "\n".join(
+        [
+            "import sys",
+            "from lightning_mergeguard.cli import main",
+            "try:",
+            "    main(['--help'])",
+            "except SystemExit:",
+            "    pass",
+            "assert 'torch' not in sys.modules, 'torch was imported'",
+        ]
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "--out-shard-size" in proc.stdout and "--cuda" in proc.stdout

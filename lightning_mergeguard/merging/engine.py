@@ -6,20 +6,29 @@ sources (memory-mapped safetensors stream from disk), merged, written or stored,
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import shutil
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.errors import IncompatibleModelsError, MergeGuardError, NonFiniteError, OutputError
-from lightning_mergeguard.io import StreamingSafetensorsWriter, atomic_open, atomic_write_json, clean_orphaned_temps
+from lightning_mergeguard.io import (
+    ShardedSafetensorsWriter,
+    StreamingSafetensorsWriter,
+    atomic_open,
+    atomic_write_json,
+    clean_orphaned_temps,
+    parse_size,
+)
 from lightning_mergeguard.merging.base_check import (
     DEFAULT_MAX_RELATIVE_DISTANCE,
     check_same_base,
@@ -27,10 +36,19 @@ from lightning_mergeguard.merging.base_check import (
     tensors_to_compare,
 )
 from lightning_mergeguard.merging.config import DTYPES, MergeConfig
-from lightning_mergeguard.merging.sources import WeightSource, count_nonfinite, open_source, read_checked
+from lightning_mergeguard.merging.sources import SafetensorsSource, WeightSource, count_nonfinite, read_checked
+from lightning_mergeguard.merging.sources import open_source as _open
 from lightning_mergeguard.merging.spec import TensorContext
 
 __all__ = ["check_compatible", "check_same_base_sources", "iter_merge", "merge"]
+
+DEFAULT_PREFETCH_BYTES = 512 << 20
+"""Inputs of the next tensor read ahead while this one merges, when they take at most this much (compute dtype)."""
+_CHECK_ENTRIES = 1 << 20  # entries per tensor the same-base check compares
+CHUNK = 1 << 20
+"""Entries per slice when an elementwise method (linear, task arithmetic) merges a large tensor on the CPU."""
+DEFAULT_SHARD_SIZE = "5B"
+"""Output shard size, as mergekit's ``--out-shard-size`` default (five billion bytes)."""
 
 _ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
 _COPY_FILES = (
@@ -104,7 +122,7 @@ def check_same_base_sources(
 ) -> dict[str, float]:
     """Refuse donors that are not fine-tunes of ``base``, before any tensor is merged.
 
-    Compares up to ``sample`` weight matrices spread over the model (see
+    Compares up to ``sample`` weight matrices spread over the model, the first 2**20 entries of each (see
     :mod:`~lightning_mergeguard.merging.base_check`); returns each donor's median relative distance.
 
     Raises:
@@ -113,17 +131,33 @@ def check_same_base_sources(
     shared = set(base.keys()).intersection(*(src.keys() for src in donors))  # a donor may hold only a sub-model
     names = tensors_to_compare({k: base.meta(k) for k in base.keys() if k in shared}, limit=sample)
     dev = torch.device(device)
+
+    def head(src: WeightSource, key: str) -> Tensor:
+        # The first entries of a large matrix measure its distance as well as the whole (a foreign model is
+        # ~1.4x away everywhere), for a fixed cost per tensor at any model size.
+        shape, dtype = src.meta(key)
+        buf = torch.empty(min(math.prod(shape), _CHECK_ENTRIES), dtype=dtype)
+        src.read_flat(key, 0, buf)
+        return buf.to(dev)
+
+    base_heads = {k: head(base, k) for k in names}
     out = {}
     for src in donors:
-        distances = [(k, relative_distance(src.get(k).to(dev), base.get(k).to(dev))) for k in names]
+        distances = [(k, relative_distance(head(src, k), base_heads[k])) for k in names]
         out[src.name] = check_same_base(
             distances, donor=src.name, base=f"base {base.name!r}", max_relative_distance=max_relative_distance
         )
     return out
 
 
-def _resolve(cfg: MergeConfig, models: Any, base: Any) -> tuple[WeightSource | None, list[WeightSource]]:
+def _resolve(
+    cfg: MergeConfig, models: Any, base: Any, drop_pages: bool = False
+) -> tuple[WeightSource | None, list[WeightSource]]:
     donors = cfg.donors
+
+    def open_source(obj: Any, name: str | None = None) -> WeightSource:
+        return _open(obj, name, drop_pages=drop_pages)
+
     if models is None:
         sources = [open_source(m.model) for m in donors]
     elif isinstance(models, Mapping):
@@ -160,8 +194,13 @@ def iter_merge(
     progress: bool = False,
     keys: Sequence[str] | None = None,
     check_base: bool = True,
+    prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
 ) -> Iterator[tuple[str, Tensor]]:
-    """Yield ``(name, merged tensor)`` one tensor at a time; see :func:`merge` for the arguments."""
+    """Yield ``(name, merged tensor)`` one tensor at a time; see :func:`merge` for the arguments.
+
+    ``prefetch_bytes``: read the next tensor while this one merges when its inputs (in the compute dtype) take at
+    most this many bytes; 0 reads strictly in turn.
+    """
     cfg = MergeConfig.coerce(config)
     spec = cfg.method
     base_src, donors = _resolve(cfg, models, base)
@@ -175,37 +214,155 @@ def iter_merge(
     seed = cfg.seed if seed is None else seed
     prepared = spec.prepare(cfg, base_src, donors, dev) if spec.prepare is not None else None
     names = list(keys) if keys is not None else reference.keys()
-    for key in tqdm(names, desc=f"merge ({spec.name})", unit="tensor", disable=not progress, leave=False):
+    others = donors if base_src is not None else donors[1:]
+
+    def chunked(key: str) -> bool:
+        if not spec.elementwise or dev.type != "cpu":
+            return False
+        shape, dt = reference.meta(key)
+        return dt.is_floating_point and math.prod(shape) > CHUNK
+
+    def load(key: str) -> tuple[Tensor, list[Tensor]] | None:
+        if chunked(key):
+            return None  # streamed slice by slice in the loop below
         ref_t = read_checked(reference, key, compute, dev)
         if not ref_t.is_floating_point():
-            for src in donors:
+            for src in others:
                 if not torch.equal(src.get(key).to(dev), ref_t):
                     raise ValueError(f"non-floating tensor {key!r} differs between {reference.name!r} and {src.name!r}")
-            yield key, ref_t
-            continue
-        tensors = [ref_t] if base_src is None else []
-        tensors += [read_checked(src, key, compute, dev) for src in (donors if base_src is not None else donors[1:])]
+            return ref_t, []
+        return ref_t, [read_checked(src, key, compute, dev) for src in others]
+
+    def nbytes(key: str) -> int:
+        shape, _ = reference.meta(key)
+        return 0 if chunked(key) else math.prod(shape) * compute.itemsize * (1 + len(others))
+
+    scratch = _Scratch()
+    if not any(isinstance(src, SafetensorsSource) for src in (reference, *others)):
+        prefetch_bytes = 0  # tensors already in memory: nothing to read ahead
+    stream = _prefetched(names, load, nbytes, prefetch_bytes)
+    for key, loaded in tqdm(
+        stream, total=len(names), desc=f"merge ({spec.name})", unit="tensor", disable=not progress, leave=False
+    ):
         params = [cfg.model_params(m, key) for m in cfg.donors]
         ctx = TensorContext(key=key, seed=seed, prepared=prepared)
-        merged = spec.merge_tensor(
-            ref_t if base_src is not None else None, tensors, params, cfg.shared_params(key), ctx
-        ).to(out_dtype)
-        bad = count_nonfinite(merged)
+        shared = cfg.shared_params(key)
+
+        def merge_one(parts: list[Tensor], params=params, shared=shared, ctx=ctx) -> Tensor:
+            if base_src is None:
+                return spec.merge_tensor(None, parts, params, shared, ctx)
+            return spec.merge_tensor(parts[0], parts[1:], params, shared, ctx)
+
+        if loaded is None:
+            merged, bad = _merge_chunked(key, [reference, *others], merge_one, compute, out_dtype, scratch)
+        else:
+            ref_t, tensors = loaded
+            del loaded
+            if not ref_t.is_floating_point():
+                yield key, ref_t
+                continue
+            merged = merge_one([ref_t, *tensors]).to(out_dtype)
+            del tensors, ref_t
+            bad = count_nonfinite(merged)
         if bad:
             raise NonFiniteError(
                 f"the merge produced {bad} NaN/Inf value(s) in tensor {key!r} (finite inputs: do the weights or "
                 f"lambda overflow {cfg.out_dtype or cfg.dtype}?); nothing was written"
             )
         yield key, merged
-        del tensors, merged, ref_t
+        del merged
 
 
-def _write_overlapped(writer: StreamingSafetensorsWriter, stream: Iterator[tuple[str, Tensor]]) -> None:
+class _Scratch:
+    """Buffers reused by every chunked merge of one pass: one per slot and dtype, ``CHUNK`` entries each."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[Any, torch.dtype], Tensor] = {}
+
+    def get(self, slot: Any, dtype: torch.dtype, n: int) -> Tensor:
+        buf = self._buffers.get((slot, dtype))
+        if buf is None:
+            buf = self._buffers[(slot, dtype)] = torch.empty(CHUNK, dtype=dtype)
+        return buf[:n]
+
+
+def _merge_chunked(
+    key: str,
+    sources: Sequence[WeightSource],
+    merge_one: Callable[[list[Tensor]], Tensor],
+    compute: torch.dtype,
+    out_dtype: torch.dtype,
+    scratch: _Scratch,
+) -> tuple[Tensor, int]:
+    """Merge one large tensor of an elementwise method slice by slice (CPU); return it and its NaN/Inf count.
+
+    Each slice of every input is read straight from its file into a reused buffer and converted into another, so
+    the working set stays in cache and no model-sized buffer is allocated but the output. Gives the same bytes as
+    merging the whole tensor. The NaN/Inf check is fused: an elementwise weighted sum turns any NaN/Inf input into
+    a NaN/Inf output (``0 * inf`` is NaN too), so only the output slices are checked, in the output dtype; when one
+    is bad, the inputs are checked to name the model at fault.
+    """
+    shape, _ = sources[0].meta(key)
+    n = math.prod(shape)
+    out = torch.empty(n, dtype=out_dtype)
+    bad = 0
+    for start in range(0, n, CHUNK):
+        m = min(CHUNK, n - start)
+        parts = []
+        for i, src in enumerate(sources):
+            raw = scratch.get(("raw", i), src.meta(key)[1], m)
+            src.read_flat(key, start, raw)  # reading ahead on a thread was measured slower on 2 cores
+            if raw.dtype != compute:
+                raw = scratch.get(("compute", i), compute, m).copy_(raw)
+            parts.append(raw)
+        piece = out[start : start + m]
+        piece.copy_(merge_one(parts))
+        bad += count_nonfinite(piece)
+    if bad:
+        for src in sources:
+            read_checked(src, key, compute, torch.device("cpu"))  # raises NonFiniteError naming the model
+    return out.reshape(shape), bad
+
+
+_Loaded = TypeVar("_Loaded")
+
+
+def _prefetched(
+    names: Sequence[str], load: Callable[[str], _Loaded], nbytes: Callable[[str], int], budget: int
+) -> Iterator[tuple[str, _Loaded]]:
+    """Yield ``(name, load(name))``, loading the next tensor on a reader thread while this one is merged.
+
+    Reads (``pread``) and the dtype conversion release the GIL, so reading overlaps computing. The next tensor is
+    prefetched only when its inputs fit in ``budget`` bytes: the few huge tensors (embeddings) are read in turn, so
+    peak memory stays a small, fixed multiple of the largest tensor. ``budget=0`` never prefetches.
+    """
+    if budget <= 0 or len(names) < 2:
+        for name in names:
+            yield name, load(name)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeguard-reader") as pool:
+        ahead: Future[_Loaded] | None = None
+        try:
+            for i, name in enumerate(names):
+                current = ahead.result() if ahead is not None else load(name)
+                ahead = None
+                if i + 1 < len(names) and nbytes(names[i + 1]) <= budget:
+                    ahead = pool.submit(load, names[i + 1])
+                yield name, current
+                del current
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+
+
+def _write_overlapped(
+    writer: ShardedSafetensorsWriter | StreamingSafetensorsWriter, stream: Iterator[tuple[str, Tensor]], depth: int = 1
+) -> None:
     """Write tensors on a background thread while the next ones are merged (both release the GIL).
 
-    The queue holds at most two tensors, so memory stays bounded; an error on either side stops both.
+    The queue holds at most ``depth`` tensors, so memory stays bounded; an error on either side stops both.
     """
-    q: queue.Queue[tuple[str, Tensor] | None] = queue.Queue(maxsize=2)
+    q: queue.Queue[tuple[str, Tensor] | None] = queue.Queue(maxsize=depth)
     failure: list[BaseException] = []
 
     def work() -> None:
@@ -239,10 +396,10 @@ _WEIGHT_PATTERNS = (
 )
 
 
-def _stale_weight_files(directory: Path, keep: Path) -> list[Path]:
+def _stale_weight_files(directory: Path, keep: Sequence[Path]) -> list[Path]:
     """Weight files and shard indexes in ``directory`` other than ``keep`` (what a reader could take instead)."""
     found = {f for pattern in _WEIGHT_PATTERNS for f in directory.glob(pattern) if f.is_file()}
-    return sorted(found - {keep})
+    return sorted(found - set(keep))
 
 
 def _is_output_error(err: OSError, target: Path) -> bool:
@@ -271,7 +428,7 @@ def _prepare_output(out: Path, existing: str) -> tuple[Path, bool]:
     created = not out.exists()
     if not created:
         clean_orphaned_temps(out)
-        stale = [*([target] if target.exists() else []), *_stale_weight_files(out, target)]
+        stale = [*([target] if target.exists() else []), *_stale_weight_files(out, [target])]
         if stale and existing == "refuse":
             raise OutputError(
                 f"output directory {out} already holds model weights ({', '.join(f.name for f in stale[:4])}); "
@@ -291,6 +448,8 @@ def merge(
     progress: bool = False,
     check_base: bool = True,
     existing: str = "replace",
+    out_shard_size: int | str | None = None,
+    low_memory: bool = False,
 ) -> dict[str, Tensor] | Path:
     """Run a merge described by a mergekit-style config.
 
@@ -312,6 +471,11 @@ def merge(
             tensors, before anything is merged; see :mod:`~lightning_mergeguard.merging.base_check`). Turn it off
             for models re-parameterised on purpose (a permuted PaRaMS copy looks like another model).
         existing: ``"replace"`` (default) an existing model at ``out``, or ``"refuse"`` to write over one.
+        out_shard_size: Largest output shard of a model directory (bytes, or ``"500M"``, ``"5B"``, ``"2GB"``;
+            default ``"5B"`` as mergekit). A model that needs several shards is written as
+            ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``; one is ``model.safetensors``.
+        low_memory: Read strictly one tensor at a time (no read-ahead), queue one output tensor, and drop input
+            pages from the page cache once read: the least memory, at some speed.
 
     Returns:
         The merged state dict, or the path written.
@@ -336,21 +500,40 @@ def merge(
         stream = iter_merge(cfg, models, base, device=device, seed=seed, progress=progress, check_base=check_base)
         return dict(stream)
     out = Path(out)
+    shard_bytes = parse_size(DEFAULT_SHARD_SIZE if out_shard_size is None else out_shard_size)
     target, created = _prepare_output(out, existing)
-    base_src, donors = _resolve(cfg, models, base)
+    base_src, donors = _resolve(cfg, models, base, drop_pages=low_memory)
     reference = base_src if base_src is not None else donors[0]
     out_dtype = DTYPES[cfg.out_dtype or cfg.dtype]
     specs = []
     for k in reference.keys():
         shape, dt = reference.meta(k)
         specs.append((k, out_dtype if dt.is_floating_point else dt, shape))
-    stream = iter_merge(cfg, donors, base_src, device=device, seed=seed, progress=progress, check_base=check_base)
     metadata = {"format": "pt", "merge_method": cfg.merge_method}
+    writer: ShardedSafetensorsWriter | StreamingSafetensorsWriter
+    if out.suffix == ".safetensors":
+        writer = StreamingSafetensorsWriter(target, specs, metadata=metadata)
+        if out_shard_size is not None and len(ShardedSafetensorsWriter(out.parent, specs, shard_bytes).files) > 1:
+            raise OutputError(f"the merge needs more than one shard of {out_shard_size}; write it to a directory")
+        written = [target]
+    else:
+        writer = ShardedSafetensorsWriter(out, specs, shard_bytes, metadata=metadata)
+        written = [*writer.files, *([writer.index] if writer.index is not None else [])]
+    stream = iter_merge(
+        cfg,
+        donors,
+        base_src,
+        device=device,
+        seed=seed,
+        progress=progress,
+        check_base=check_base,
+        prefetch_bytes=0 if low_memory else DEFAULT_PREFETCH_BYTES,
+    )
     try:
-        with StreamingSafetensorsWriter(target, specs, metadata=metadata) as w:
-            _write_overlapped(w, stream)
+        with writer as w:
+            _write_overlapped(w, stream, depth=1 if low_memory else 2)
         if out.suffix != ".safetensors":
-            for stale in _stale_weight_files(out, target):
+            for stale in _stale_weight_files(out, written):
                 stale.unlink(missing_ok=True)
             if reference.directory is not None:
                 for name in _COPY_FILES:

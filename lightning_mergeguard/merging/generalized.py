@@ -60,9 +60,9 @@ def generalized_task_arithmetic(
         return base
     if sparsify is None and consensus is None:
         # Plain weighted sum: two buffers instead of a stack of task vectors (same sums, mergekit's order).
-        mixed = torch.zeros_like(base)
-        tmp = torch.empty_like(base)
-        for t, w in zip(tensors, weights):
+        mixed = torch.sub(tensors[0], base).mul_(float(weights[0]))
+        tmp = torch.empty_like(base) if len(tensors) > 1 else mixed
+        for t, w in zip(tensors[1:], weights[1:]):
             torch.sub(t, base, out=tmp)
             mixed.add_(tmp, alpha=float(w))
         del tmp
@@ -166,4 +166,5 @@ def task_vector_method(
         randomized=randomized,
         prepare=prepare,
         description=description,
+        elementwise=sparsifier is None and not consensus and prepare is None,
     )

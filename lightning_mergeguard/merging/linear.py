@@ -56,4 +56,5 @@ SPEC = MethodSpec(
     model_params={"weight": WEIGHT},
     needs_base=False,
     description="weighted average of the models' weights",
+    elementwise=True,
 )

@@ -8,13 +8,15 @@ time, so a merge can stream. Untrusted pickles are never unpickled: ``.bin``/``.
 from __future__ import annotations
 
 import json
+import math
 import os
+import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -61,6 +63,14 @@ class WeightSource:
         """Load one tensor (on CPU)."""
         raise NotImplementedError
 
+    def read_flat(self, key: str, start: int, out: Tensor) -> None:
+        """Copy entries ``[start, start + out.numel())`` of the flattened tensor into ``out``.
+
+        ``out`` is a CPU tensor of the stored dtype: this is how a merge streams one large tensor through small
+        reused buffers.
+        """
+        out.copy_(self.get(key).reshape(-1)[start : start + out.numel()])
+
     def __contains__(self, key: str) -> bool:
         return key in set(self.keys())
 
@@ -101,30 +111,128 @@ class StateDictSource(WeightSource):
         return self._tensors[key]
 
 
-class SafetensorsSource(WeightSource):
-    """One or more safetensors files (a sharded checkpoint is several), opened lazily with memory mapping."""
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
-    def __init__(self, files: list[Path], name: str | None = None, config: dict[str, Any] | None = None) -> None:
+
+def _read_exact(fd: int, buf: memoryview, offset: int, lock: threading.Lock | None) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset`` (positional reads: safe from several threads at once)."""
+    done = 0
+    while done < len(buf):
+        if lock is None:
+            n = os.preadv(fd, [buf[done:]], offset + done)
+        else:  # no preadv on this platform: seek and read under a lock
+            with lock:
+                os.lseek(fd, offset + done, os.SEEK_SET)
+                n = os.readv(fd, [buf[done:]])
+        if n <= 0:
+            raise OSError(f"unexpected end of file after {offset + done} bytes")
+        done += n
+
+
+class _SafetensorsFile:
+    """One safetensors file: its header, parsed and checked at open, and an fd for positional reads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._close = weakref.finalize(self, os.close, self.fd)
+        self.lock = None if hasattr(os, "preadv") else threading.Lock()
+        try:
+            self.entries = self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._close()
+
+    def _parse(self) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+        size = os.fstat(self.fd).st_size
+        head = bytearray(8)
+        if size < 8:
+            raise WeightsFileError(f"{self.path} is not a readable safetensors file: {size} bytes, no header")
+        _read_exact(self.fd, memoryview(head), 0, self.lock)
+        n = int.from_bytes(head, "little")
+        if n > min(_MAX_HEADER, size - 8):
+            raise WeightsFileError(
+                f"{self.path} is not a readable safetensors file: header of {n} bytes in a file of {size} "
+                "(truncated, or not safetensors)"
+            )
+        raw = bytearray(n)
+        _read_exact(self.fd, memoryview(raw), 8, self.lock)
+        try:
+            header = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise WeightsFileError(f"{self.path} is not a readable safetensors file: bad header: {err}") from err
+        if not isinstance(header, dict):
+            raise WeightsFileError(f"{self.path} is not a readable safetensors file: the header is not an object")
+        start, data_size = 8 + n, size - 8 - n
+        out = {}
+        for key, e in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype, shape, (a, b) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+                ok = isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in (*shape, a, b))
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok or not a <= b:
+                raise WeightsFileError(f"{self.path}: tensor {key!r} has a malformed header entry {e!r}")
+            if b > data_size:
+                raise WeightsFileError(
+                    f"{self.path}: tensor {key!r} cannot be read: its data ends at byte {start + b} of a "
+                    f"{size}-byte file (truncated?)"
+                )
+            if dtype in _ST_DTYPES:
+                want = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+                if b - a != want:
+                    raise WeightsFileError(
+                        f"{self.path}: tensor {key!r} holds {b - a} bytes but {dtype} {list(shape)} needs {want}"
+                    )
+            out[key] = (dtype, shape, start + a, b - a)
+        return dict(sorted(out.items(), key=lambda kv: kv[1][2]))  # storage order: reads go front to back
+
+
+class SafetensorsSource(WeightSource):
+    """One or more safetensors files (a sharded checkpoint is several), read one tensor at a time.
+
+    Tensors are read with positional reads into fresh buffers, not memory-mapped: the process's resident memory
+    holds the tensors being merged and no file pages, however large the model. ``drop_pages=True`` also tells the
+    kernel to drop each tensor's pages from the page cache once read (a merge reads every byte once).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from lightning_mergeguard.io import save_safetensors
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.safetensors"
+        >>> save_safetensors(p, {"w": torch.arange(3.0)})
+        >>> SafetensorsSource([p]).get("w")
+        tensor([0., 1., 2.])
+    """
+
+    def __init__(
+        self,
+        files: list[Path],
+        name: str | None = None,
+        config: dict[str, Any] | None = None,
+        *,
+        drop_pages: bool = False,
+    ) -> None:
         if not files:
             raise FileNotFoundError("no safetensors files given")
         self.name = name or str(files[0])
         self.config = config
-        self._handles = []
-        self._where: dict[str, Any] = {}
-        self._files: dict[str, Path] = {}
+        self.drop_pages = drop_pages and hasattr(os, "posix_fadvise")
+        self._files: list[_SafetensorsFile] = []
+        self._where: dict[str, _SafetensorsFile] = {}
         for f in files:
             if not Path(f).is_file():
                 raise FileNotFoundError(f"safetensors file not found: {f}")
-            try:
-                h = safe_open(str(f), framework="pt", device="cpu")
-            except Exception as err:  # safetensors raises its own error types
-                raise WeightsFileError(f"{f} is not a readable safetensors file: {err}") from err
-            self._handles.append(h)
-            for k in h.keys():
+            h = _SafetensorsFile(Path(f))
+            self._files.append(h)
+            for k in h.entries:
                 if k in self._where:
                     raise WeightsFileError(f"{self.name}: tensor {k!r} appears in more than one shard ({f})")
                 self._where[k] = h
-                self._files[k] = Path(f)
 
     @override
     def keys(self) -> list[str]:
@@ -132,22 +240,49 @@ class SafetensorsSource(WeightSource):
 
     @override
     def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        sl = self._where[key].get_slice(key)
-        name = sl.get_dtype()
+        h = self._where[key]
+        name, shape, _, _ = h.entries[key]
         if name not in _ST_DTYPES:
             raise WeightsFileError(
-                f"{self._files[key]}: tensor {key!r} has safetensors dtype {name}, which torch {torch.__version__} "
+                f"{h.path}: tensor {key!r} has safetensors dtype {name}, which torch {torch.__version__} "
                 f"cannot hold (supported: {', '.join(_ST_DTYPES)})"
             )
-        return tuple(sl.get_shape()), _ST_DTYPES[name]
+        return shape, _ST_DTYPES[name]
 
     @override
     def get(self, key: str) -> Tensor:
-        self.meta(key)  # a clear error for a dtype torch lacks
+        shape, dtype = self.meta(key)  # a clear error for a dtype torch lacks
+        h = self._where[key]
+        _, _, offset, nbytes = h.entries[key]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         try:
-            return self._where[key].get_tensor(key)
-        except Exception as err:  # a truncated or corrupt file fails here, not at open
-            raise WeightsFileError(f"{self._files[key]}: tensor {key!r} cannot be read: {err}") from err
+            if nbytes:
+                _read_exact(h.fd, memoryview(buf.numpy()), offset, h.lock)
+        except OSError as err:  # a file truncated or changed after it was opened
+            raise WeightsFileError(f"{h.path}: tensor {key!r} cannot be read: {err}") from err
+        if self.drop_pages:
+            os.posix_fadvise(h.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        return buf.view(dtype).reshape(shape)
+
+    @override
+    def read_flat(self, key: str, start: int, out: Tensor) -> None:
+        _, dtype = self.meta(key)
+        h = self._where[key]
+        _, _, offset, nbytes = h.entries[key]
+        size = dtype.itemsize
+        if out.dtype != dtype or not out.is_contiguous() or (start + out.numel()) * size > nbytes:
+            raise ValueError(f"read_flat({key!r}): out must be a contiguous {dtype} slice inside the tensor")
+        try:
+            _read_exact(h.fd, memoryview(out.view(torch.uint8).numpy()), offset + start * size, h.lock)
+        except OSError as err:
+            raise WeightsFileError(f"{h.path}: tensor {key!r} cannot be read: {err}") from err
+        if self.drop_pages:
+            os.posix_fadvise(h.fd, offset + start * size, out.numel() * size, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        """Close the files (also done when the source is garbage-collected)."""
+        for h in self._files:
+            h.close()
 
 
 def _load_pickle_weights(path: Path) -> dict[str, Tensor]:
@@ -203,7 +338,7 @@ def _index_shards(index: Path) -> list[Path]:
     return shards
 
 
-def open_source(obj: Any, name: str | None = None) -> WeightSource:
+def open_source(obj: Any, name: str | None = None, *, drop_pages: bool = False) -> WeightSource:
     """Turn whatever the user passed into a :class:`WeightSource`.
 
     Args:
@@ -211,6 +346,7 @@ def open_source(obj: Any, name: str | None = None) -> WeightSource:
             ``.bin``/``.pt``/``.pth``/``.ckpt`` file (loaded with ``weights_only=True``), or a Hugging Face model
             directory (``model.safetensors``, sharded safetensors with an index, or ``pytorch_model.bin``).
         name: Name for error messages (defaults to the path).
+        drop_pages: Safetensors files only: drop each tensor's pages from the page cache once read.
 
     Returns:
         The source.
@@ -229,7 +365,7 @@ def open_source(obj: Any, name: str | None = None) -> WeightSource:
     label = name or str(path)
     if path.is_file():
         if path.suffix == ".safetensors":
-            return SafetensorsSource([path], name=label, config=_read_config(path.parent))
+            return SafetensorsSource([path], name=label, config=_read_config(path.parent), drop_pages=drop_pages)
         return StateDictSource(_load_pickle_weights(path), name=label)
     if not path.is_dir():
         raise FileNotFoundError(f"no model at {path}")
@@ -237,10 +373,10 @@ def open_source(obj: Any, name: str | None = None) -> WeightSource:
     # The same file transformers would read: model.safetensors, then its index, then the .bin forms.
     src: WeightSource
     if (path / "model.safetensors").is_file():
-        src = SafetensorsSource([path / "model.safetensors"], name=label, config=config)
+        src = SafetensorsSource([path / "model.safetensors"], name=label, config=config, drop_pages=drop_pages)
     elif (path / "model.safetensors.index.json").is_file():
         shards = _index_shards(path / "model.safetensors.index.json")
-        src = SafetensorsSource(shards, name=label, config=config)
+        src = SafetensorsSource(shards, name=label, config=config, drop_pages=drop_pages)
     elif (path / "pytorch_model.bin").is_file():
         src = StateDictSource(_load_pickle_weights(path / "pytorch_model.bin"), name=label)
         src.config = config
@@ -257,7 +393,7 @@ def open_source(obj: Any, name: str | None = None) -> WeightSource:
             raise FileNotFoundError(
                 f"{path} holds {what} (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
             )
-        src = SafetensorsSource(single, name=label, config=config)
+        src = SafetensorsSource(single, name=label, config=config, drop_pages=drop_pages)
     src.directory = path
     return src
 
@@ -273,17 +409,23 @@ def count_nonfinite(t: Tensor) -> int:
     return int((~torch.isfinite(t)).sum())
 
 
+_SUMMABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def read_checked(src: WeightSource, key: str, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """One tensor of ``src`` on ``device``; floating ones in ``dtype``, checked for NaN/Inf (naming model and key)."""
-    t = src.get(key)
-    if t.is_floating_point():
-        t = t.to(device=device, dtype=dtype)
-        bad = count_nonfinite(t)
-        if bad:
-            raise NonFiniteError(f"tensor {key!r} of model {src.name!r} has {bad} NaN/Inf value(s)")
-    else:
-        t = t.to(device)
-    return t
+    """One tensor of ``src`` on ``device``; floating ones in ``dtype``, checked for NaN/Inf (naming model and key).
+
+    The check runs on the tensor as stored (a bf16 sum reads half the bytes of an fp32 one), before the conversion.
+    """
+    t = src.get(key).to(device)  # the transfer moves the stored bytes, not the wider compute dtype
+    if not t.is_floating_point():
+        return t
+    if t.dtype not in _SUMMABLE:  # float8: no sum kernel in its own dtype
+        t = t.to(dtype)
+    bad = count_nonfinite(t)
+    if bad:
+        raise NonFiniteError(f"tensor {key!r} of model {src.name!r} has {bad} NaN/Inf value(s)")
+    return t.to(dtype)
 
 
 def match_names(

@@ -54,7 +54,7 @@ def rescale_masked(tensor: Tensor, mask: Tensor, norm: RescaleNorm | None, densi
         >>> rescale_masked(t, torch.tensor([0, 1, 1]), "l1")
         tensor([ 0.0000, -2.4000,  3.6000])
     """
-    masked = tensor * mask.to(tensor.dtype)
+    masked = torch.where(mask.to(torch.bool), tensor, 0)
     if norm is None:
         return masked
     if norm == "density":
@@ -168,6 +168,8 @@ def rank_window_mask(values: Tensor, lo: int, hi: int) -> Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     if lo == 0 and hi == n:
         return torch.ones_like(values, dtype=torch.bool)
+    if hi == n:
+        return _top_window(flat, lo).reshape(values.shape)
     a, b = select_ranks(flat, lo, hi - 1)
     keep = (flat > a) & (flat < b)
     for v in (a, b) if bool(a != b) else (a,):
@@ -176,6 +178,20 @@ def rank_window_mask(values: Tensor, lo: int, hi: int) -> Tensor:
         ranks = int((flat < v).sum()) + torch.arange(len(idx), device=flat.device)
         keep[idx[(ranks >= lo) & (ranks < hi)]] = True
     return keep.reshape(values.shape)
+
+
+def _top_window(flat: Tensor, lo: int) -> Tensor:
+    """``rank_window_mask(flat, lo, n)``: one selection and one comparison (TIES keeps the top ``n - lo``).
+
+    Entries equal to the threshold are common (task vectors of bf16 weights take few distinct values); the
+    lowest-ranked of them, the earliest indices, are dropped until exactly ``n - lo`` remain.
+    """
+    a = select_ranks(flat, lo, lo)[0].to(flat.device)
+    keep = flat >= a
+    extra = int(keep.sum()) - (flat.numel() - lo)
+    if extra > 0:
+        keep[(flat == a).nonzero().squeeze(1)[:extra]] = False
+    return keep
 
 
 def magnitude_prune(tensor: Tensor, density: float, rescale_norm: RescaleNorm | None = None) -> Tensor:

@@ -144,6 +144,9 @@ class MethodSpec:
         description: One line for ``--help`` and error messages.
         prepare: Optional whole-model hook run once before the per-tensor pass; its result reaches
             ``merge_tensor`` as ``ctx.prepared``.
+        elementwise: Whether ``merge_tensor`` acts on each entry on its own (a weighted sum: linear, task
+            arithmetic), so that merging slices of the flattened tensors gives the same bytes. The engine then merges
+            large tensors in cache-sized chunks, reusing its buffers.
     """
 
     name: str
@@ -157,6 +160,7 @@ class MethodSpec:
     extensions: Mapping[str, Param] = field(default_factory=dict)
     description: str = ""
     prepare: PrepareFn | None = None
+    elementwise: bool = False
 
     @property
     def all_shared_params(self) -> dict[str, Param]:
