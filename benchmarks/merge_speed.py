@@ -191,6 +191,10 @@ def run_size(size: str, paths: dict[str, Path], dtypes: tuple[str, str | None], 
             summary["mergekit_over_io_bound"] = theirs_s / summary["io_bound"]["seconds_median"]
             if name in PARITY:
                 summary.update(compare_outputs(work / "ours", work / "mk"))
+                summary["note_on_differences"] = (
+                    "TIES keeps exactly k entries per tensor; where |tau| ties exactly at the trim threshold, "
+                    "mergekit's choice follows its non-stable sort and ours keeps the latest indices"
+                )
             else:
                 summary["note"] = "DARE drops at random: the tools draw different masks; outputs are not compared"
             results[name] = summary
