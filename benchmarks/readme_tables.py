@@ -106,17 +106,22 @@ def main() -> None:
             "",
         ]
     speed = load("merge_speed")
-    if speed:
+    if speed and "sizes" in speed:
         out += [
-            "### Merge engine against mergekit (`benchmarks/merge_speed.py`)",
+            "### Merge engine against mergekit, 135M to 1B (`benchmarks/merge_speed.py`)",
             "",
-            f"Command: `{speed['command']}`. {speed['model']}; baseline: {speed['baseline']}. Median of "
-            f"{speed['repeats']} runs; wall time and peak RSS per process (imports included; RSS counts the "
-            "memory-mapped input files).",
-            "",
-            speed["table"],
+            f"Baseline: {speed['baseline']}. I/O bound: {speed['io_bound']}. Wall time (median) and peak RSS "
+            "(`wait4`, anonymous and file-backed pages; the largest of the runs) per process, imports included.",
             "",
         ]
+        for size, d in speed["sizes"].items():
+            where = d["device"] if d["device"] != "cpu" else f"{speed['environment']['cpu_count']}-core CPU"
+            out += [
+                f"**{size}**: {d['model']}. Command: `{d['command']}`, median of {d['repeats']}, on {where}.",
+                "",
+                d["table"],
+                "",
+            ]
     for device in ("cpu", "cuda"):
         selection = load(f"selection_speed_{device}")
         if selection:

@@ -196,10 +196,7 @@ class MergeConfig:
             bad = set(m) - {"model", "parameters"}
             if bad:
                 raise ConfigError(f"models[{i}] has unknown keys {sorted(bad)}")
-            ref = str(m["model"])
-            if "+" in ref and not os.path.exists(ref):
-                raise NotImplementedError(f"models[{i}]: LoRA references ('model+lora') are not supported: {ref!r}")
-            models.append(ModelEntry(ref, dict(m.get("parameters") or {})))
+            models.append(ModelEntry(str(m["model"]), dict(m.get("parameters") or {})))  # 'base+lora' too
         return cls(
             merge_method=str(data["merge_method"]),
             models=models,

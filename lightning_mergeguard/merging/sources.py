@@ -344,7 +344,9 @@ def open_source(obj: Any, name: str | None = None, *, drop_pages: bool = False) 
     Args:
         obj: A ``WeightSource``; a state dict or ``nn.Module``; a path to a ``.safetensors`` file, a
             ``.bin``/``.pt``/``.pth``/``.ckpt`` file (loaded with ``weights_only=True``), or a Hugging Face model
-            directory (``model.safetensors``, sharded safetensors with an index, or ``pytorch_model.bin``).
+            directory (``model.safetensors``, sharded safetensors with an index, or ``pytorch_model.bin``); or
+            mergekit's ``BASE+ADAPTER`` for a PEFT LoRA adapter applied to its base
+            (:class:`~lightning_mergeguard.merging.lora.LoraSource`).
         name: Name for error messages (defaults to the path).
         drop_pages: Safetensors files only: drop each tensor's pages from the page cache once read.
 
@@ -361,8 +363,17 @@ def open_source(obj: Any, name: str | None = None, *, drop_pages: bool = False) 
         return StateDictSource(obj, name=name or "state_dict")
     if not isinstance(obj, (str, os.PathLike)):
         raise TypeError(f"cannot read weights from a {type(obj).__name__}; pass a state dict, module or path")
+    from lightning_mergeguard.merging.lora import LoraSource, is_lora_adapter, split_lora_reference
+
+    lora = split_lora_reference(str(obj))
+    if lora is not None:
+        return LoraSource(lora[0], lora[1], name=name or str(obj))
     path = Path(obj)
     label = name or str(path)
+    if is_lora_adapter(path) and not set(path.glob("*.safetensors")) - {path / "adapter_model.safetensors"}:
+        raise WeightsFileError(
+            f"{path} is a PEFT adapter, not a model: name its base too, as mergekit does: BASE_PATH+{path}"
+        )
     if path.is_file():
         if path.suffix == ".safetensors":
             return SafetensorsSource([path], name=label, config=_read_config(path.parent), drop_pages=drop_pages)
