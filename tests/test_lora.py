@@ -109,3 +109,25 @@ def test_lora_inputs_that_cannot_be_merged_are_named(lora_dirs, tmp_path):
         LoraSource(other, root / "ad0")
     with pytest.raises(WeightsFileError, match=r"no adapter_config\.json"):
         open_source(f"{root / 'base'}+{tmp_path}")
+
+
+@pytest.mark.parametrize("which", ["guard", "probe", "watermark"])
+def test_callbacks_refuse_adapters_by_name(tmp_path, which):
+    from helpers import trainer
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import DataLoader
+
+    from lightning_mergeguard import MergeGuardCallback, MergeProbe, QuantizationWatermark
+    from lightning_mergeguard.llm import CausalLMModule
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    callback = {
+        "guard": lambda: MergeGuardCallback(stage2="none"),
+        "probe": lambda: MergeProbe(donors={"d": tiny_llama(1).state_dict()}),
+        "watermark": lambda: QuantizationWatermark(),
+    }[which]()
+    ids = torch.randint(0, 64, (4, 8))
+    loader = DataLoader([{"input_ids": i, "labels": i} for i in ids], batch_size=2)
+    with pytest.raises(MisconfigurationException, match=r"does not support LoRA/PEFT adapters yet .*q_proj"):
+        trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(CausalLMModule(model), loader)

@@ -22,6 +22,22 @@ def refuse_sharded(trainer: pl.Trainer, who: str) -> None:
         )
 
 
+def refuse_adapters(pl_module: pl.LightningModule, who: str) -> None:
+    """Raise for a model trained through LoRA/PEFT adapters (``lora_A``/``lora_B`` modules).
+
+    The callbacks read and write the trained parameters as the weights a merge combines; with adapters those are A
+    and B, while a merge combines the effective weights ``W + B @ A * scaling``. Protecting adapters needs its own
+    maths, so they are refused instead of silently protecting the wrong thing.
+    """
+    adapted = [n for n, m in pl_module.named_modules() if hasattr(m, "lora_A") and hasattr(m, "lora_B")]
+    if adapted:
+        raise MisconfigurationException(
+            f"{who} does not support LoRA/PEFT adapters yet ({len(adapted)} adapted module(s), e.g. {adapted[0]!r}): "
+            "a merge combines the effective weights W + B @ A * scaling, not A and B. Train the full model, or merge "
+            "LoRA fine-tunes with the engine (a BASE+ADAPTER model reference)."
+        )
+
+
 def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
     """Log from hooks where ``LightningModule.log`` is refused (as ``LearningRateMonitor`` does), on rank zero."""
     if not trainer.is_global_zero or not trainer.loggers:

@@ -17,7 +17,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_mergeguard.callbacks._common import first_loader, log_to_loggers, refuse_sharded, repeat, take
+from lightning_mergeguard.callbacks._common import (
+    first_loader,
+    log_to_loggers,
+    refuse_adapters,
+    refuse_sharded,
+    repeat,
+    take,
+)
 from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
 from lightning_mergeguard.io import atomic_write_json, save_safetensors
 from lightning_mergeguard.parameters import select_parameters
@@ -163,6 +170,7 @@ class MergeGuardCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             refuse_sharded(trainer, "MergeGuardCallback")
+            refuse_adapters(pl_module, "MergeGuardCallback")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

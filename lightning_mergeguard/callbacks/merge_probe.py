@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from typing_extensions import override
 
-from lightning_mergeguard.callbacks._common import first_loader, log_to_loggers, refuse_sharded, take
+from lightning_mergeguard.callbacks._common import (
+    first_loader,
+    log_to_loggers,
+    refuse_adapters,
+    refuse_sharded,
+    take,
+)
 from lightning_mergeguard.evaluation import ScoreFn, default_score, evaluate
 from lightning_mergeguard.merging.base_check import (
     DEFAULT_MAX_RELATIVE_DISTANCE,
@@ -216,6 +222,7 @@ class MergeProbe(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             refuse_sharded(trainer, "MergeProbe")
+            refuse_adapters(pl_module, "MergeProbe")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

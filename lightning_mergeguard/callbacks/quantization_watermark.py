@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_mergeguard.callbacks._common import refuse_sharded
+from lightning_mergeguard.callbacks._common import refuse_adapters, refuse_sharded
 from lightning_mergeguard.ownership.watermark import int8_codes, is_quantized
 
 
@@ -48,6 +48,7 @@ class QuantizationWatermark(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded(trainer, "QuantizationWatermark")
+        refuse_adapters(pl_module, "QuantizationWatermark")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
