@@ -63,9 +63,12 @@ def synthetic_family(
     tag = hashlib.sha256(json.dumps([shape, donors, shard], sort_keys=True).encode()).hexdigest()[:10]
     where = root / f"synthetic-{size}-{shape['num_hidden_layers']}L-{tag}"
     paths = {"base": where / "base", **{f"d{i}": where / f"d{i}" for i in range(donors)}}
-    if (where / "done").is_file():
-        return paths
     config, specs = _specs(shape)
+    config.architectures = ["LlamaForCausalLM"]  # mergekit picks its architecture definition from this
+    if (where / "done").is_file():
+        for path in paths.values():
+            atomic_write_json(path / "config.json", config.to_dict())
+        return paths
     for seed, (name, path) in enumerate(paths.items()):
         path.mkdir(parents=True, exist_ok=True)
         with ShardedSafetensorsWriter(path, specs, parse_size(shard), metadata={"format": "pt"}) as w:

@@ -266,6 +266,7 @@ def main() -> None:
     per_run = 3 * args.repeats * 2
     bar = tqdm(total=per_run * len(families), desc="merge_speed")
     done: dict[str, Any] = {}
+    path = RESULTS / "merge_speed.json"
     for size, (paths, dtypes, what) in families.items():
         results = run_size(size, paths, dtypes, args, bar)
         done[size] = {
@@ -277,18 +278,17 @@ def main() -> None:
             "results": results,
             "table": table(size, results),
         }
+        # Written after every size, keeping other sizes' committed results: a long run keeps what it measured.
+        previous = json.loads(path.read_text()).get("sizes", {}) if path.is_file() else {}
+        path = write_results(
+            "merge_speed",
+            {
+                "baseline": "mergekit-yaml (mergekit 0.1.5), same YAML, fresh process, alternating with ours",
+                "io_bound": "read every input file once and write the output's bytes with fsync, in a fresh process",
+                "sizes": {**previous, **done},
+            },
+        )
     bar.close()
-    committed = RESULTS / "merge_speed.json"
-    previous = json.loads(committed.read_text()).get("sizes", {}) if committed.is_file() else {}
-    sizes = {**previous, **done}
-    path = write_results(
-        "merge_speed",
-        {
-            "baseline": "mergekit-yaml (mergekit 0.1.5), same YAML, fresh process, alternating with ours",
-            "io_bound": "read every input file once and write the output's bytes with fsync, in a fresh process",
-            "sizes": sizes,
-        },
-    )
     for size, d in done.items():
         print(f"\n{size}: {d['model']}\n{d['table']}")
         for name, s in d["results"].items():
