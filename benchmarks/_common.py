@@ -17,7 +17,7 @@ from lightning_mergeguard.demos.trainer import quiet_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("MERGEGUARD_RESULTS_DIR", ROOT / "benchmarks" / "results"))  # tests redirect it
-CACHE = ROOT / ".cache"
+CACHE = Path(os.environ.get("MERGEGUARD_CACHE_DIR", ROOT / ".cache"))  # tests redirect it
 
 
 def environment() -> dict[str, Any]:

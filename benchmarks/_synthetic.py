@@ -50,16 +50,21 @@ def _randn(shape: tuple[int, ...], index: int, seed: int) -> torch.Tensor:
 
 
 def synthetic_family(
-    root: Path, size: str, donors: int = 2, layers: int | None = None, shard: str = "1G"
+    root: Path, size: str, donors: int = 2, layers: int | None = None, shard: str = "1G", shrink: int = 1
 ) -> dict[str, Path]:
     """``{"base": dir, "d0": dir, ...}``: a base and ``donors`` fine-tunes of it, written once and cached.
 
     Weights are ``N(0, 0.02)`` (norms ``1 + N(0, 0.02)``); fine-tune ``i`` adds ``N(0, 0.002)``: a task vector a
-    tenth of the weights' scale.
+    tenth of the weights' scale. ``shrink`` divides every width (hidden, MLP, vocabulary) for smoke tests: the
+    same architecture and tensor layout at a size a test can merge in seconds.
     """
     from lightning_mergeguard.io import ShardedSafetensorsWriter, atomic_write_json, parse_size
 
+    if shrink < 1:
+        raise ValueError(f"shrink must be >= 1, got {shrink}")
     shape = dict(SHAPES[size], **({"num_hidden_layers": layers} if layers else {}))
+    for key in ("hidden_size", "intermediate_size", "vocab_size"):
+        shape[key] //= shrink
     tag = hashlib.sha256(json.dumps([shape, donors, shard], sort_keys=True).encode()).hexdigest()[:10]
     where = root / f"synthetic-{size}-{shape['num_hidden_layers']}L-{tag}"
     paths = {"base": where / "base", **{f"d{i}": where / f"d{i}" for i in range(donors)}}

@@ -44,6 +44,7 @@ from lightning_mergeguard.merging import open_source
 
 HERE = Path(__file__).resolve().parent
 PARITY = ("task_arithmetic", "ties")
+METHODS = ("task_arithmetic", "ties", "dare_ties")
 
 
 def configs(base: Path, a: Path, b: Path, dtype: str, out_dtype: str | None) -> dict[str, dict]:
@@ -135,6 +136,8 @@ def run_size(size: str, paths: dict[str, Path], dtypes: tuple[str, str | None], 
     results: dict[str, Any] = {}
     try:
         for name, cfg in cfgs.items():
+            if name not in args.methods:
+                continue
             cfg_path = work / f"{name}.yml"
             cfg_path.write_text(yaml.safe_dump(cfg))
             runs: dict[str, list] = {"ours": [], "mergekit": [], "io_bound": []}
@@ -167,13 +170,17 @@ def run_size(size: str, paths: dict[str, Path], dtypes: tuple[str, str | None], 
                     runs["ours_in_memory"].append(run_measured(in_memory))
             bound = [r["read_s"] + r["write_s"] + r["fsync_s"] for r in runs["io_bound"]]
             summary: dict[str, Any] = {
-                k: {
-                    "seconds_median": median(v, "seconds"),
-                    "seconds_all": [r["seconds"] for r in v],
-                    "peak_rss_mib_max": max(r["peak_rss_mib"] for r in v),
-                }
-                for k, v in runs.items()
-                if k != "io_bound"
+                "command": " ".join(["python", *sys.argv]),
+                "repeats": args.repeats,
+                **{
+                    k: {
+                        "seconds_median": median(v, "seconds"),
+                        "seconds_all": [r["seconds"] for r in v],
+                        "peak_rss_mib_max": max(r["peak_rss_mib"] for r in v),
+                    }
+                    for k, v in runs.items()
+                    if k != "io_bound"
+                },
             }
             summary["io_bound"] = {
                 "seconds_median": statistics.median(bound),
@@ -245,7 +252,9 @@ def main() -> None:
     parser.add_argument("--size", nargs="+", default=["135m", "1b"], choices=["135m", "1b", "7b-shaped"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="135m: fine-tuning steps of each donor (cached)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--layers-7b", type=int, default=4, help="7b-shaped: decoder layers (32 is the whole model)")
+    parser.add_argument("--shrink", type=int, default=1, help="1b/7b-shaped: divide every width by this (smoke tests)")
     add_device_argument(parser)
     args = parser.parse_args()
     families: dict[str, tuple[dict[str, Path], tuple[str, str | None], str]] = {}
@@ -256,19 +265,28 @@ def main() -> None:
             families[size] = (paths, ("float32", None), what)
         else:
             layers = args.layers_7b if size == "7b-shaped" else None
-            paths = synthetic_family(CACHE, size, layers=layers)
+            paths = synthetic_family(CACHE, size, layers=layers, shrink=args.shrink)
             n = parameter_count(paths["base"])
+            shrunk = f", widths / {args.shrink}" if args.shrink > 1 else ""
             what = (
-                f"synthetic Llama ({size}, {n / 1e9:.2f}B parameters, bf16, 1 GB shards), two synthetic fine-tunes; "
+                f"synthetic Llama ({size}{shrunk}, {n / 1e9:.2f}B parameters, bf16, 1 GB shards), two synthetic "
+                "fine-tunes; "
                 "merged in float32, written in bf16"
             )
             families[size] = (paths, ("float32", "bfloat16"), what)
-    per_run = 3 * args.repeats * 2
+    per_run = len(args.methods) * args.repeats * 2
     bar = tqdm(total=per_run * len(families), desc="merge_speed")
     done: dict[str, Any] = {}
     path = RESULTS / "merge_speed.json"
     for size, (paths, dtypes, what) in families.items():
+        previous = json.loads(path.read_text()).get("sizes", {}) if path.is_file() else {}
         results = run_size(size, paths, dtypes, args, bar)
+        kept = previous.get(size, {}).get("results", {})
+        if previous.get(size, {}).get("parameters") == parameter_count(paths["base"]):
+            # A run of some methods keeps the committed results of the others (each records its own command).
+            old_command = previous[size].get("command")
+            kept = {m: {"command": old_command, **r} for m, r in kept.items()}
+            results = {m: results.get(m, kept.get(m)) for m in METHODS if m in results or m in kept}
         done[size] = {
             "model": what,
             "parameters": parameter_count(paths["base"]),
@@ -279,7 +297,6 @@ def main() -> None:
             "table": table(size, results),
         }
         # Written after every size, keeping other sizes' committed results: a long run keeps what it measured.
-        previous = json.loads(path.read_text()).get("sizes", {}) if path.is_file() else {}
         path = write_results(
             "merge_speed",
             {

@@ -108,7 +108,7 @@ def main() -> None:
     speed = load("merge_speed")
     if speed and "sizes" in speed:
         out += [
-            "### Merge engine against mergekit, 135M to 1B (`benchmarks/merge_speed.py`)",
+            "### Merge engine against mergekit, 135M to 7B-shaped (`benchmarks/merge_speed.py`)",
             "",
             f"Baseline: {speed['baseline']}. I/O bound: {speed['io_bound']}. Wall time (median) and peak RSS "
             "(`wait4`, anonymous and file-backed pages; the largest of the runs) per process, imports included.",
@@ -116,8 +116,13 @@ def main() -> None:
         ]
         for size, d in speed["sizes"].items():
             where = d["device"] if d["device"] != "cpu" else f"{speed['environment']['cpu_count']}-core CPU"
+            runs: dict[str, list[str]] = {}  # each method records the command (and repeats) that measured it
+            for method, r in d["results"].items():
+                cmd = r.get("command", d["command"])
+                runs.setdefault(f"`{cmd}` (median of {r.get('repeats', d['repeats'])})", []).append(method)
+            commands = "; ".join(f"{c}: {', '.join(m)}" for c, m in runs.items())
             out += [
-                f"**{size}**: {d['model']}. Command: `{d['command']}`, median of {d['repeats']}, on {where}.",
+                f"**{size}**: {d['model']}. On {where}. Commands: {commands}.",
                 "",
                 d["table"],
                 "",

@@ -57,3 +57,25 @@ def test_merge_grid_covers_the_neighbourhood_and_its_worst_case_skips_seen_partn
     assert worst_case(grid, ["a"])[0] in {k for k, r in grid.items() if "b" in r["partners"]}
     with pytest.raises(ValueError):
         worst_case(grid, ["a", "b"])
+
+
+@pytest.mark.slow
+@pytest.mark.mergekit
+def test_merge_speed_7b_shaped_flag_at_a_tiny_width(tmp_path):
+    """``--size 7b-shaped --layers-7b N`` end to end: Llama-2-7B's layout, widths / 32, both tools, the I/O bound."""
+    pytest.importorskip("mergekit")
+    env = {**os.environ, "MERGEGUARD_RESULTS_DIR": str(tmp_path), "MERGEGUARD_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "benchmarks/merge_speed.py", "--size", "7b-shaped", "--layers-7b", "2", "--shrink", "32"]
+    subprocess.run([*cmd, "--repeats", "1", "--device", "cpu"], cwd=ROOT, env=env, check=True, timeout=600)
+    size = json.loads((tmp_path / "merge_speed.json").read_text())["sizes"]["7b-shaped"]
+    # Two decoder layers of 4096/32 = 128 hidden, 11008/32 = 344 MLP, 32000/32 = 1000 tokens, untied embeddings.
+    layer = 4 * 128 * 128 + 3 * 128 * 344 + 2 * 128
+    assert size["parameters"] == 2 * 1000 * 128 + 2 * layer + 128
+    assert set(size["results"]) == {"task_arithmetic", "ties", "dare_ties"}
+    for name, r in size["results"].items():
+        assert r["ours"]["seconds_median"] > 0 and r["mergekit"]["peak_rss_mib_max"] > 0, name
+        assert r["io_bound"]["bytes_read"] > r["io_bound"]["bytes_written"] > 0, name
+    # bf16 output of an fp32 merge: the tools agree to bf16 rounding; TA on every entry.
+    assert size["results"]["task_arithmetic"]["max_abs_diff_vs_mergekit"] < 1e-2
+    assert size["results"]["task_arithmetic"]["tensors_only_in_ours"] == []
+    assert size["results"]["ties"]["tensors_compared"] == 2 * 9 + 3
