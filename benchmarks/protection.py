@@ -532,7 +532,7 @@ def plot(name: str, res: dict[str, Any], path) -> None:
 
     d = res["defenses"]
     owner = res["owner"]
-    merges = list(d["unprotected"]["merges"])
+    merges = list(next(iter(d.values()))["merges"])
     labels = ["alone", *merges]
     fig, ax = plt.subplots(figsize=(12, 4.2))
     width = 0.8 / len(d)
@@ -616,14 +616,24 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
     }
 
 
-def run_grid_track(track: Track, size: dict[str, Any], bar: tqdm) -> dict[str, Any]:
-    """Every grid variant: own accuracy, the whole grid, its worst case; plus theta_pre's repair baseline."""
+def run_grid_track(
+    track: Track, size: dict[str, Any], bar: tqdm, variants: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Every grid variant: own accuracy, the whole grid, its worst case; plus theta_pre's repair baseline.
+
+    ``variants``: name prefixes of the defenses to run (default: the track's list); the unprotected model always
+    runs, first, since every ratio is taken against it.
+    """
     from _grid import grid_configs, run_grid, worst_case
 
     assert track.grid_evaluate is not None and track.repair is not None
     g = GRID[track.name]
     every = grid_variants(track, size)
-    order = g.get("variants", tuple(every))
+    order = variants or g.get("variants", tuple(every))
+    order = ("unprotected", *[v for v in order if v != "unprotected"])
+    unknown = [v for v in order if not any(k.startswith(v) for k in every)]
+    if unknown:
+        raise ValueError(f"unknown grid variants {unknown}; choose among {list(every)}")
     chosen = {k: every[k] for prefix in order for k in every if k.startswith(prefix)}
     partners = {t: track.finetunes[t] for t in track.tasks if t != track.owner}
     individual = {t: track.evaluate(track.finetunes[t], [t])[t] for t in track.tasks}
@@ -664,6 +674,9 @@ def run_grid_track(track: Track, size: dict[str, Any], bar: tqdm) -> dict[str, A
             "protect_seconds": protect_seconds,
         }
         bar.update()
+        # A long grid keeps what it measured: each finished variant is dumped (not a committed result).
+        partial = CACHE / f"protection-grid-{track.name}.partial.json"
+        partial.write_text(json.dumps(variants, default=str))
     best = variants["unprotected"]["worst_case"]["owner"]
     for v in variants.values():
         v["own_loss"] = variants["unprotected"]["own"] - v["own"]
@@ -762,7 +775,7 @@ def frontier_plot(name: str, res: dict[str, Any], path) -> None:
     tmp.replace(path)
 
 
-def grid_main(names: Sequence[str], size: dict[str, Any]) -> None:
+def grid_main(names: Sequence[str], size: dict[str, Any], variants: Sequence[str] | None = None) -> None:
     """``--grid``: the merge-neighbourhood study; writes protection_grid.{json,md} and protection_frontier_*.png."""
     out_path = RESULTS / "protection_grid.json"
     results: dict[str, Any] = {}
@@ -772,7 +785,7 @@ def grid_main(names: Sequence[str], size: dict[str, Any]) -> None:
             track_start = time.perf_counter()
             track = vision_track(size["vision"]) if name == "vision" else llm_track(size["llm"])
             bar.update()
-            results[name] = run_grid_track(track, size[name], bar)
+            results[name] = run_grid_track(track, size[name], bar, variants)
             results[name]["sizes"] = size[name]
             results[name]["command"] = " ".join(["python", *sys.argv])
             results[name]["wall_seconds"] = time.perf_counter() - track_start
@@ -829,6 +842,7 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="with --grid: redraw tables and plots from the committed JSON"
     )
+    parser.add_argument("--variants", nargs="+", help="with --grid: name prefixes of the defenses to run")
     args = parser.parse_args()
     size = SIZES["full" if args.full else "cpu"]
     names = ["vision", "llm"] if args.track == "both" else [args.track]
@@ -836,7 +850,7 @@ def main() -> None:
         grid_report(json.loads((RESULTS / "protection_grid.json").read_text())["tracks"], names)
         return
     if args.grid:
-        grid_main(names, size)
+        grid_main(names, size, args.variants)
         return
     out_path = RESULTS / "protection.json"
     previous = json.loads(out_path.read_text()).get("tracks", {}) if out_path.is_file() else {}

@@ -32,6 +32,12 @@ def ownership_summary(results: dict) -> list[str]:
     return lines
 
 
+def lora_table(res: dict) -> str:
+    """The LoRA benchmark's table, as ``protection_lora.py`` wrote it."""
+    path = RESULTS / "protection_lora.md"
+    return path.read_text().split("\n", 2)[2].strip() if path.is_file() else ""
+
+
 def main() -> None:
     out: list[str] = []
     protection = load("protection")
@@ -103,6 +109,40 @@ def main() -> None:
             f"Command: `{choice['command']}`. {choice['setting']}; baseline: {choice['baseline']}.",
             "",
             choice["table"],
+            "",
+        ]
+    lora = load("protection_lora")
+    if lora:
+        r, own = lora["lora"], lora["owner"]
+        base, mg = lora["defenses"]["LoRA, unprotected"], lora["defenses"]["LoRA, MergeGuard"]
+        best = max(v[own] for v in base["merges"].values())
+        worst = max(v[own] for v in mg["merges"].values())
+        rep = mg["report"]["lora"]
+        out += [
+            "### LoRA fine-tunes on the LLM track (`benchmarks/protection_lora.py`)",
+            "",
+            f"Command: `{lora['command']}` ({lora['seconds'] / 60:.0f} min on "
+            f"{lora['environment']['cpu_count']}-core CPU). {lora['notes']['fine-tune']}; the owner's fine-tune "
+            "plain and with `MergeGuardCallback` (stage 1 alpha 0.01 on `B @ A * s`, scale-adversarial stage 2 on the "
+            "merged weights written back at rank "
+            f"{r['r']}, guard rail on greedy exact match of 32 validation prompts, tolerance 1 point), each merged "
+            "with the other tasks' LoRA fine-tunes; the full fine-tune rows come from `protection.json`. "
+            f"Baseline: {lora['baseline']}.",
+            "",
+            lora_table(lora),
+            "",
+            "![LoRA merges](benchmarks/results/protection_lora.png)",
+            "",
+            f"Own accuracy {mg['own']:.1f}% vs {base['own']:.1f}% unprotected on the 64 held-out prompts (the guard "
+            f"rail saw {mg['report']['score_before']:.0f} -> {mg['report']['score_after']:.0f} on its 32 validation "
+            f"prompts: a {base['own'] - mg['own']:.1f}-point loss it did not see). The best merge of the unprotected "
+            f"adapter keeps {best:.1f}% of the owner's task; the best of the protected one {worst:.1f}%. The rank-"
+            f"{r['r']} re-factoring kept the protection although it leaves out a median "
+            f"{100 * rep['projection_residual_median']:.0f}% (max {100 * rep['projection_residual_max']:.0f}%, "
+            "relative norm) of each weight's stage-2 update `W* - W`; the saved adapter, read back as "
+            "`BASE+ADAPTER`, equals the "
+            f"protected weights (max difference {lora['saved_adapter_roundtrip_max_abs_diff']:.1g}). One seed; the "
+            "merge-neighbourhood grid has not been run on LoRA fine-tunes.",
             "",
         ]
     speed = load("merge_speed")

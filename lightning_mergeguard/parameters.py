@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
 
 from torch import nn
 
-__all__ = ["group_layers", "select_parameters"]
+__all__ = ["filter_names", "group_layers", "select_parameters"]
+
+T = TypeVar("T")
 
 _BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|resblocks|block)\.\d+)\.")
 
@@ -35,18 +38,28 @@ def select_parameters(
         >>> list(select_parameters(net, exclude=[r"bias"]))
         ['0.weight', '1.weight']
     """
+    named = {
+        n: p for n, p in module.named_parameters() if p.is_floating_point() and (p.requires_grad or not trainable_only)
+    }
+    return filter_names(named, include, exclude)
+
+
+def filter_names(
+    named: Mapping[str, T], include: Sequence[str] | None = None, exclude: Sequence[str] = ()
+) -> dict[str, T]:
+    """The entries whose name matches any ``include`` regex (``None``: all) and no ``exclude`` regex, in order.
+
+    Example:
+        >>> filter_names({"a.weight": 1, "a.bias": 2, "b.weight": 3}, include=["weight"], exclude=["^b"])
+        {'a.weight': 1}
+    """
     inc = [re.compile(p) for p in include] if include is not None else None
     exc = [re.compile(p) for p in exclude]
-    out = {}
-    for name, p in module.named_parameters():
-        if not p.is_floating_point() or (trainable_only and not p.requires_grad):
-            continue
-        if inc is not None and not any(r.search(name) for r in inc):
-            continue
-        if any(r.search(name) for r in exc):
-            continue
-        out[name] = p
-    return out
+    return {
+        n: v
+        for n, v in named.items()
+        if (inc is None or any(r.search(n) for r in inc)) and not any(r.search(n) for r in exc)
+    }
 
 
 def group_layers(names: Iterable[str], granularity: str = "block") -> dict[str, list[str]]:

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_mergeguard.callbacks._common import repeat
 from lightning_mergeguard.errors import ConfigError, IncompatibleModelsError, WeightsFileError
 from lightning_mergeguard.evaluation import LossFn, default_loss
-from lightning_mergeguard.io import atomic_write_json, atomic_write_text
+from lightning_mergeguard.io import atomic_directory, atomic_write_json, atomic_write_text
 from lightning_mergeguard.merging.engine import check_same_base_sources
 from lightning_mergeguard.merging.sources import StateDictSource, match_names, open_source
 from lightning_mergeguard.parameters import select_parameters
@@ -399,14 +398,10 @@ def _causal_lm(base: Path, model: Path, data: str, arch, batch_size: int, max_le
         return 100.0 * exact_match(m, tok, val_rows, max_new_tokens=answer_tokens)
 
     def save(m: nn.Module, out: Path) -> Path:
-        target = out / "model"
-        tmp = out / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        m.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        return target
+        with atomic_directory(out / "model") as tmp:
+            m.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        return out / "model"
 
     return lm, LMTaskDataset(tok, train_rows, max_length=max_length), metric, save, {}
 

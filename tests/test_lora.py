@@ -111,22 +111,17 @@ def test_lora_inputs_that_cannot_be_merged_are_named(lora_dirs, tmp_path):
         open_source(f"{root / 'base'}+{tmp_path}")
 
 
-@pytest.mark.parametrize("which", ["guard", "probe", "watermark"])
-def test_callbacks_refuse_adapters_by_name(tmp_path, which):
+def test_watermark_refuses_adapters_by_name(tmp_path):
     from helpers import trainer
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader
 
-    from lightning_mergeguard import MergeGuardCallback, MergeProbe, QuantizationWatermark
+    from lightning_mergeguard import QuantizationWatermark
     from lightning_mergeguard.llm import CausalLMModule
 
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
-    callback = {
-        "guard": lambda: MergeGuardCallback(stage2="none"),
-        "probe": lambda: MergeProbe(donors={"d": tiny_llama(1).state_dict()}),
-        "watermark": lambda: QuantizationWatermark(),
-    }[which]()
+    callback = QuantizationWatermark()  # the guard and the probe support LoRA (tests/test_lora_callbacks.py)
     ids = torch.randint(0, 64, (4, 8))
     loader = DataLoader([{"input_ids": i, "labels": i} for i in ids], batch_size=2)
     with pytest.raises(MisconfigurationException, match=r"does not support LoRA/PEFT adapters yet .*q_proj"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import statistics
 import time
 import warnings
 from collections.abc import Sequence
@@ -17,17 +18,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_mergeguard.adapters import LoraPair, LoraView, is_adapted, lora_redistribution_grad_
 from lightning_mergeguard.callbacks._common import (
     first_loader,
     log_to_loggers,
-    refuse_adapters,
     refuse_sharded,
     repeat,
     take,
 )
 from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
-from lightning_mergeguard.io import atomic_write_json, save_safetensors
-from lightning_mergeguard.parameters import select_parameters
+from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
+from lightning_mergeguard.parameters import filter_names, select_parameters
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_
 from lightning_mergeguard.protection.stage2 import DEFAULT_STAGE2_EXCLUDE, Stage2, Stage2Context, resolve_stage2
 from lightning_mergeguard.reference import ReferenceWeights
@@ -46,6 +47,10 @@ class MergeGuardCallback(Callback):
     clipping, once per optimizer step (so gradient accumulation is handled). Under DDP the term is a function of
     replicated weights, hence identical on every rank, and needs no all-reduce. Its value is logged as
     ``mergeguard/l2_term``.
+
+    **LoRA / PEFT models** are protected as the weights a merge combines, ``W + B @ A * s``: stage 1 penalises each
+    adapter's update through ``A`` and ``B``, and stage 2 runs on the merged weights and is written back into the
+    adapters at their rank (see :meth:`_run_stage2_lora`); ``save_path`` is then a directory in PEFT's format.
 
     **Stage 2** (in ``on_train_end``) perturbs the trained weights with a strategy object
     (:mod:`~lightning_mergeguard.protection.stage2`): :class:`~lightning_mergeguard.protection.stage2.ScaleAdversarial`
@@ -159,6 +164,9 @@ class MergeGuardCallback(Callback):
         self.stage2_done = False
         self.report: dict[str, Any] | None = None
         self._params: dict[str, nn.Parameter] = {}
+        self._view: LoraView | None = None
+        self._pairs: dict[str, LoraPair] = {}
+        self._stage1_values: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ setup
     @property
@@ -170,10 +178,34 @@ class MergeGuardCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             refuse_sharded(trainer, "MergeGuardCallback")
-            refuse_adapters(pl_module, "MergeGuardCallback")
+            if is_adapted(pl_module):
+                LoraView(pl_module)  # refuses what it cannot express (DoRA, conv LoRA) before training starts
+                if self.target != "task_vector":
+                    raise ValueError(
+                        "MergeGuardCallback: target='weights' on a LoRA model would penalise the frozen base weights, "
+                        "which training cannot change; use target='task_vector' (the adapter's update B @ A * s)"
+                    )
+                if self.save_path and str(self.save_path).endswith(".safetensors"):
+                    raise ValueError(
+                        f"MergeGuardCallback: on a LoRA model save_path is a directory for PEFT's adapter format "
+                        f"(adapter_model.safetensors + adapter_config.json), got the file name {self.save_path!r}"
+                    )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if is_adapted(pl_module):
+            # LoRA: stage 1 penalises each adapter's update B @ A * s (its task vector) through A and B, and the
+            # usual term applies to modules PEFT trains in full; names are the base model's (see LoraView).
+            self._view = LoraView(pl_module)
+            self._pairs = filter_names(self._view.pairs, self.include, self.exclude)
+            trained = {n: p for n, p in self._view.params.items() if p.requires_grad and n not in self._view.pairs}
+            self._params = filter_names(trained, self.include, self.exclude)
+            base = self._view.base_tensors()
+            self.reference.resolve({n: base[n] for n in [*self._params, *self._pairs]})
+            if not (self._params or self._pairs):
+                raise ValueError("MergeGuardCallback: no adapted or trainable weights match include/exclude")
+            return
+        self._view, self._pairs = None, {}
         self._params = select_parameters(pl_module, self.include, self.exclude)
         if not self._params:
             raise ValueError("MergeGuardCallback: no trainable parameters match include/exclude")
@@ -186,7 +218,8 @@ class MergeGuardCallback(Callback):
     ) -> None:
         if self.alpha == 0:
             return
-        for p in self._params.values():
+        factors = [p for pair in self._pairs.values() for p in (pair.a, pair.b)]
+        for p in [*self._params.values(), *factors]:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         reference = self.reference.on_device(self._params) if self.target == "task_vector" else None
@@ -195,6 +228,11 @@ class MergeGuardCallback(Callback):
         value = add_redistribution_grad_(
             self._params, reference, alpha=self.alpha, normalize=self.normalize, compute_value=logging_step
         )
+        if self._pairs:
+            lora_value = lora_redistribution_grad_(
+                self._pairs, alpha=self.alpha, normalize=self.normalize, compute_value=logging_step
+            )
+            value = None if value is None or lora_value is None else value + lora_value
         if value is not None:
             pl_module.log("mergeguard/l2_term", value, on_step=True, on_epoch=False)
 
@@ -207,13 +245,11 @@ class MergeGuardCallback(Callback):
             rank_zero_warn("MergeGuardCallback: stage 2 was already applied to this model; not applying it again.")
             return
         start = time.perf_counter()
-        ctx = self._stage2_context(trainer, pl_module)
-        with torch.no_grad():
-            stage1 = {n: p.detach().clone() for n, p in ctx.params.items()}
-        after, extra = self.stage2.run(ctx)
-        with torch.no_grad():
-            tau = math.sqrt(sum(float((stage1[n] - ctx.reference[n]).double().pow(2).sum()) for n in stage1))
-            moved = math.sqrt(sum(float((p - stage1[n]).double().pow(2).sum()) for n, p in ctx.params.items()))
+        if self._view is None:
+            params = select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
+            ctx, after, extra, tau, moved = self._run_stage2(trainer, pl_module, params)
+        else:
+            ctx, after, extra, tau, moved = self._run_stage2_lora(trainer, pl_module)
         self.report = {
             "method": self.stage2.name,
             "settings": self._settings(),
@@ -229,13 +265,89 @@ class MergeGuardCallback(Callback):
         self.stage2_done = True
         self._publish(trainer, pl_module)
 
-    def _stage2_context(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Stage2Context:
-        """The strategy's inputs: parameters, reference, batches and the guard-rail metric, from the trainer."""
-        params = {
-            n: p
-            for n, p in select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude]).items()
-            if n in self.reference
+    def _run_stage2(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, candidates: dict[str, nn.Parameter]
+    ) -> tuple[Stage2Context, float, dict[str, Any], float, float]:
+        """Run the strategy on ``candidates``; return the context, the score after, its report, ``||tau||``, moved."""
+        ctx = self._stage2_context(trainer, pl_module, candidates)
+        with torch.no_grad():
+            stage1 = {n: p.detach().clone() for n, p in ctx.params.items()}
+        after, extra = self.stage2.run(ctx)
+        with torch.no_grad():
+            tau = math.sqrt(sum(float((stage1[n] - ctx.reference[n]).double().pow(2).sum()) for n in stage1))
+            moved = math.sqrt(sum(float((p - stage1[n]).double().pow(2).sum()) for n, p in ctx.params.items()))
+        self._stage1_values = stage1
+        return ctx, after, extra, tau, moved
+
+    def _run_stage2_lora(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[Stage2Context, float, dict[str, Any], float, float]:
+        """Stage 2 on a LoRA model: perturb the merged weights, then write the perturbation back into the adapters.
+
+        The strategy runs on the effective weights ``W + B @ A * s`` (adapters merged, frozen base weights made
+        trainable for the duration), exactly as on a full fine-tune. Each adapted weight's new update
+        ``W* - W`` is then re-factored into the adapter at its rank (truncated SVD), so the result is still a LoRA
+        adapter of the same shape, and the guard rail is checked again on it: if the rank-r projection costs more
+        than ``tolerance``, the stage-1 adapter is kept and a warning says so. The report's ``lora`` entry holds the
+        projection residuals and the score of the unprojected weights.
+        """
+        view = self._view
+        assert view is not None
+        factors = {n: (pair.a.detach().clone(), pair.b.detach().clone()) for n, pair in self._pairs.items()}
+        with view.merged():
+            names = [*self._pairs, *self._params]
+            candidates = filter_names({n: view.params[n] for n in names}, None, self.stage2_exclude)
+            frozen = [p for p in candidates.values() if not p.requires_grad]
+            for p in frozen:
+                p.requires_grad_(True)
+            try:
+                ctx, merged_score, extra, tau, _ = self._run_stage2(trainer, pl_module, candidates)
+                with torch.no_grad():
+                    updates = {n: p.detach() - ctx.reference[n] for n, p in ctx.params.items() if n in self._pairs}
+            finally:
+                for p in frozen:
+                    p.requires_grad_(False)
+                    p.grad = None
+        stage1 = self._stage1_values
+        moved_sq, residuals = 0.0, []
+        for n, update in updates.items():
+            pair = self._pairs[n]
+            before = pair.delta()
+            residuals.append(view.set_update(n, update))
+            moved_sq += float((pair.delta() - before).double().pow(2).sum())
+        with torch.no_grad():
+            for n, p in ctx.params.items():
+                if n not in self._pairs:
+                    moved_sq += float((p - stage1[n]).double().pow(2).sum())
+        after = ctx.metric()
+        lora = {
+            "adapted_weights_perturbed": len(updates),
+            "score_unprojected": merged_score,
+            "projection_residual_median": statistics.median(residuals) if residuals else 0.0,
+            "projection_residual_max": max(residuals, default=0.0),
+            "kept_stage1_adapter": False,
         }
+        if after < ctx.before - self.tolerance:
+            rank_zero_warn(
+                f"MergeGuardCallback: the rank-r projection of stage 2 into the LoRA adapters scored {after:.2f} "
+                f"(before: {ctx.before:.2f}, tolerance {self.tolerance}); keeping the stage-1 adapter."
+            )
+            with torch.no_grad():
+                for n, (a, b) in factors.items():
+                    self._pairs[n].a.copy_(a)
+                    self._pairs[n].b.copy_(b)
+                for n, p in ctx.params.items():
+                    if n not in self._pairs:
+                        p.copy_(stage1[n])
+            after, moved_sq = ctx.metric(), 0.0
+            lora["kept_stage1_adapter"] = True
+        return ctx, after, {**extra, "lora": lora}, tau, math.sqrt(moved_sq)
+
+    def _stage2_context(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, candidates: dict[str, nn.Parameter]
+    ) -> Stage2Context:
+        """The strategy's inputs: parameters, reference, batches and the guard-rail metric, from the trainer."""
+        params = {n: p for n, p in candidates.items() if n in self.reference}
         if not params:
             raise ValueError("MergeGuardCallback: stage 2 excludes every parameter; loosen stage2_exclude")
         eval_loader = first_loader(trainer.val_dataloaders)
@@ -298,7 +410,9 @@ class MergeGuardCallback(Callback):
         if trainer.is_global_zero:
             if self.report_path:
                 atomic_write_json(self.report_path, report)
-            if self.save_path:
+            if self.save_path and self._view is not None:
+                _save_adapter(pl_module, self.save_path)
+            elif self.save_path:
                 save_safetensors(
                     self.save_path,
                     {k: v.detach().cpu().contiguous() for k, v in pl_module.state_dict().items()},
@@ -326,3 +440,14 @@ class MergeGuardCallback(Callback):
         if ref:
             # Checkpoints before the shared reference held a plain name -> tensor mapping.
             self.reference.load_state_dict(ref if "tensors" in ref else {"tensors": ref})
+
+
+def _save_adapter(pl_module: pl.LightningModule, path: str) -> None:
+    """Save the (protected) LoRA adapter with PEFT's own ``save_pretrained``, atomically, into directory ``path``."""
+    peft_models = [m for m in pl_module.modules() if hasattr(m, "peft_config") and hasattr(m, "save_pretrained")]
+    if not peft_models:
+        raise ValueError(
+            "MergeGuardCallback: save_path on a LoRA model needs a PEFT model (get_peft_model) to save the adapter"
+        )
+    with atomic_directory(path) as tmp:
+        peft_models[0].save_pretrained(tmp, safe_serialization=True)

@@ -6,6 +6,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,10 +17,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from typing_extensions import override
 
+from lightning_mergeguard.adapters import LoraView, is_adapted
 from lightning_mergeguard.callbacks._common import (
     first_loader,
     log_to_loggers,
-    refuse_adapters,
     refuse_sharded,
     take,
 )
@@ -30,7 +31,7 @@ from lightning_mergeguard.merging.base_check import (
 from lightning_mergeguard.merging.engine import iter_merge
 from lightning_mergeguard.merging.sources import StateDictSource, WeightSource
 from lightning_mergeguard.merging.task_vectors import task_vector_cosines
-from lightning_mergeguard.parameters import select_parameters
+from lightning_mergeguard.parameters import filter_names, select_parameters
 from lightning_mergeguard.probing import (
     BASE,
     LIVE,
@@ -82,7 +83,9 @@ class MergeProbe(Callback):
         probe_on_train_end: Probe once more when training ends (after stage 2 of a guard placed before).
         score_fn: ``(module, batch) -> (score_sum, count)``; default accuracy.
         eval_batches: Batches per loader per probe (cached once, so every probe sees the same data).
-        include: Regexes of parameter names merged (default: all trainable).
+        include: Regexes of parameter names merged (default: all trainable; on a PEFT LoRA model every weight of
+            the base, named as in the base model, merged as ``W + B @ A * s``: see
+            :class:`~lightning_mergeguard.adapters.LoraView`).
         exclude: Regexes of parameter names kept from the live model (e.g. task heads).
         reference: Path of the pretrained weights; default: the guard's reference object if a
             :class:`~lightning_mergeguard.MergeGuardCallback` is attached (held once for both), else a snapshot at
@@ -204,6 +207,7 @@ class MergeProbe(Callback):
         self.last_probe_step = -1
         self.results: list[dict[str, float]] = []
         self._params: dict[str, nn.Parameter] = {}
+        self._view: LoraView | None = None
         self._own_reference = ReferenceWeights(reference, dtype=self.reference_dtype)
         self._reference: ReferenceWeights = self._own_reference
         self._donor_tau: dict[str, dict[str, Tensor]] = {}
@@ -222,15 +226,25 @@ class MergeProbe(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             refuse_sharded(trainer, "MergeProbe")
-            refuse_adapters(pl_module, "MergeProbe")
+            if is_adapted(pl_module):
+                LoraView(pl_module)  # refuses what it cannot express (DoRA, conv LoRA) before training starts
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._params = select_parameters(pl_module, self.include, self.exclude)
+        self._reference = self._shared_reference(trainer)
+        if is_adapted(pl_module):
+            # A LoRA model is merged as its effective weights W + B @ A * s under the base model's names: every
+            # weight of the base (a donor may have changed any), with theta_pre read from the frozen base weights.
+            self._view = LoraView(pl_module)
+            self._params = filter_names(self._view.params, self.include, self.exclude)
+            base = self._view.base_tensors()
+            self._reference.resolve({n: base[n] for n in self._params})
+        else:
+            self._view = None
+            self._params = select_parameters(pl_module, self.include, self.exclude)
+            self._reference.resolve(self._params)
         if not self._params:
             raise ValueError("MergeProbe: no trainable parameters match include/exclude")
-        self._reference = self._shared_reference(trainer)
-        self._reference.resolve(self._params)
         self._load_donors()
         self._tasks = None  # resolved at the first probe (the trainer's validation loader may load late)
         self._backup = None
@@ -373,9 +387,17 @@ class MergeProbe(Callback):
                 self._backup[n].copy_(p.detach())  # blocking: the backup must hold these values before merges
 
     def probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, force: bool = False) -> dict[str, float]:
-        """Run every configured merge now and log the results (also callable by hand)."""
+        """Run every configured merge now and log the results (also callable by hand).
+
+        On a LoRA model the adapters are merged into their base weights for the probe's duration (the merges see
+        ``W + B @ A * s``) and the base weights are restored bit for bit afterwards.
+        """
         if not force and trainer.global_step == self.last_probe_step:
             return {}
+        with self._view.merged() if self._view is not None else nullcontext():
+            return self._probe(trainer, pl_module)
+
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         start = time.perf_counter()
         if self._tasks is None:
             self._tasks = self._resolve_tasks(trainer)
