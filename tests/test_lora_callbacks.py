@@ -256,3 +256,31 @@ def test_lora_misconfigurations_are_refused_clearly(tmp_path):
         _fit(tmp_path, peft_llama(), [guard], steps=1)
     with pytest.raises(ValueError, match="DoRA"):
         _fit(tmp_path, peft_llama(use_dora=True), [MergeGuardCallback(stage2=None, progress=False)], steps=1)
+
+
+def test_guard_and_probe_together_on_lora_rehearse_the_probe_donors(tmp_path):
+    """MergeNeighbourhood takes the probe's donors as partners, under the base names both callbacks use on LoRA."""
+    from lightning_mergeguard import MergeNeighbourhood
+
+    model = peft_llama()
+    donor = perturbed_state_dict(tiny_llama().state_dict(), seed=6, scale=0.01)
+    guard = MergeGuardCallback(
+        alpha=0.01,
+        stage2=MergeNeighbourhood(steps=2, checks=1, surrogates=0),
+        eval_batches=1,
+        tolerance=100.0,
+        progress=False,
+    )
+    probe = MergeProbe(
+        donors={"d": donor},
+        coefficients=[0.3],
+        eval_dataloaders=DataLoader(lm_batches(1), batch_size=None),
+        eval_batches=1,
+        progress=False,
+        strict=True,
+    )
+    _fit(tmp_path, model, [guard, probe], steps=2)
+    assert guard.report["partners"] == ["probe:d"] and "lora" in guard.report
+    assert probe.reference is guard.reference  # one theta_pre for both, under the base model's names
+    assert "model.model.layers.0.self_attn.q_proj.weight" in guard.reference  # module prefix + base name
+    assert "mergeprobe/task_arithmetic@0.3/own/acc" in probe.results[-1]
