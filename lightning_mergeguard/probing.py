@@ -22,6 +22,7 @@ from lightning_mergeguard.merging.base_check import (
 from lightning_mergeguard.merging.config import MergeConfig
 from lightning_mergeguard.merging.sources import WeightSource, match_names, open_source
 from lightning_mergeguard.reference import ReferenceWeights
+from lightning_mergeguard.sharding import full, local, local_part
 
 __all__ = [
     "ProbeSpec",
@@ -247,11 +248,12 @@ def donor_task_vector(
                 f"{who} {name!r} tensor {key!r} has shape {tuple(t.shape)}, the model's {pname!r} has {tuple(p.shape)}"
             )
         ref = reference.get(pname, like=p) if isinstance(reference, ReferenceWeights) else reference[pname]
-        d = t.to(p.device, torch.float32) - ref.float()
-        if not bool(torch.isfinite(d).all()):
+        if not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"{who} {name!r} tensor {key!r} has NaN/Inf values")
-        if pname in compare:
-            distances.append((pname, relative_distance(t, ref)))
+        if pname in compare:  # the same-base check reads whole tensors (gathered, one at a time, when sharded)
+            distances.append((pname, relative_distance(t, full(ref).to(t.device))))
+        # Sharded (FSDP2) parameters: the task vector is kept as this rank's slice, a plain tensor.
+        d = local_part(t, p).to(local(p).device, torch.float32) - local(ref).float()
         d = d.to(device, dtype)
         tau[pname] = d.pin_memory() if pin else d
     median = check_same_base(

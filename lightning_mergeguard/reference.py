@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_mergeguard.errors import IncompatibleModelsError
+from lightning_mergeguard.sharding import full, is_sharded, shard_like
 
 __all__ = ["ReferenceWeights", "parse_dtype"]
 
@@ -86,6 +87,12 @@ class ReferenceWeights:
             raise IncompatibleModelsError(
                 f"reference tensor {name!r} has shape {tuple(tensor.shape)}, the parameter has {tuple(like.shape)}"
             )
+        if is_sharded(like):
+            # FSDP2: keep only this rank's rows, sharded as the parameter (a snapshot is already sharded), on the
+            # parameter's device (a DTensor lives on its mesh's device type: reference_device does not apply).
+            t = shard_like(tensor.detach().to(dtype=self.dtype or like.dtype), like)
+            self._tensors[name] = t.clone() if t is tensor or is_sharded(tensor) else t
+            return
         device = self.device or like.device
         t = tensor.detach().to(device=device, dtype=self.dtype or like.dtype, copy=True)
         if device.type == "cpu" and like.device.type == "cuda":
@@ -114,9 +121,9 @@ class ReferenceWeights:
             for n, p in todo.items():
                 self._store(n, p, p)
             return
-        from lightning_mergeguard.merging.sources import load_matching
+        from lightning_mergeguard.merging.sources import iter_matching
 
-        for n, t in load_matching(self.source, todo, "reference").items():
+        for n, t in iter_matching(self.source, todo, "reference"):  # one whole tensor in memory at a time
             self._store(n, t, todo[n])
 
     @property
@@ -168,17 +175,22 @@ class ReferenceWeights:
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        """The tensors (on the CPU) when the reference is a snapshot.
+        """The tensors (on the CPU, whole even when sharded) when the reference is a snapshot.
 
         A path or state dict given by the user is not stored again.
         """
         if not self.is_snapshot:
             return {}
-        return {"tensors": {n: t.detach().cpu() for n, t in self._tensors.items()}}
+        # FSDP2: whole tensors, gathered one at a time (every rank calls this; Lightning keeps rank zero's copy).
+        return {"tensors": {n: full(t).detach().cpu() for n, t in self._tensors.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore snapshot tensors saved by :meth:`state_dict` (used by the next :meth:`resolve`)."""
         tensors = state.get("tensors")
         if tensors:
             self._restored = dict(tensors)
-            self._tensors = {}
+            resolved, self._tensors = self._tensors, {}
+            # Strategies that restore after setup (ModelParallelStrategy) restore callbacks after on_fit_start: a
+            # snapshot already taken then is replaced now, each tensor stored as the one it replaces.
+            if resolved:
+                self.resolve(resolved)

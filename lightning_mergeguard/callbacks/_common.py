@@ -12,13 +12,43 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 _SHARDED = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"}
 
 
-def refuse_sharded(trainer: pl.Trainer, who: str) -> None:
-    """Raise for strategies that shard parameters: the callbacks need every rank to hold full weights."""
-    names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+def is_fsdp2(trainer: pl.Trainer) -> bool:
+    """Whether the trainer runs Lightning's ``ModelParallelStrategy`` (FSDP2 through ``fully_shard``)."""
+    return "ModelParallelStrategy" in {cls.__name__ for cls in type(trainer.strategy).__mro__}
+
+
+def refuse_sharded(trainer: pl.Trainer, who: str, allow_fsdp2: bool = False) -> None:
+    """Raise for sharded strategies the callback cannot serve correctly.
+
+    With ``allow_fsdp2``: ``ModelParallelStrategy`` used for pure data parallelism with FSDP2 (``fully_shard`` in
+    ``configure_model``, ``tensor_parallel_size=1``) is accepted: every parameter is a ``DTensor`` sharded by rows,
+    and the callback works on each rank's shard (see :mod:`lightning_mergeguard.sharding`). Always refused:
+    ``FSDPStrategy`` (FSDP1's flat parameters), tensor parallelism, DeepSpeed and XLA FSDP.
+    """
+    strategy = trainer.strategy
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    if allow_fsdp2 and "ModelParallelStrategy" in names:
+        tp = getattr(strategy, "_tensor_parallel_size", "auto")
+        if tp == "auto":
+            tp = getattr(strategy, "num_processes", 1)
+        if tp != 1:
+            raise MisconfigurationException(
+                f"{who} supports ModelParallelStrategy for FSDP2 data parallelism only; got tensor_parallel_size={tp}. "
+                "Pass ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) and apply fully_shard in "
+                "configure_model."
+            )
+        return
     if names & _SHARDED:
+        hint = (
+            " For FSDP, use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with fully_shard "
+            f"(FSDP2) in configure_model, which {who} supports."
+            if allow_fsdp2 and "FSDPStrategy" in names
+            else ""
+        )
         raise MisconfigurationException(
-            f"{who} does not support the sharded strategy {type(trainer.strategy).__name__} yet: it reads and "
-            "writes full weights on every rank. Use DDP or a single device."
+            f"{who} does not support the sharded strategy {type(strategy).__name__}: it reads and writes weights "
+            f"per parameter, which this strategy's flattened or offloaded parameters do not expose.{hint} Or use DDP "
+            "or a single device."
         )
 
 

@@ -15,12 +15,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
 from lightning_mergeguard.adapters import LoraPair, LoraView, is_adapted, lora_redistribution_grad_
 from lightning_mergeguard.callbacks._common import (
     first_loader,
+    is_fsdp2,
     log_to_loggers,
     refuse_sharded,
     repeat,
@@ -32,6 +34,7 @@ from lightning_mergeguard.parameters import filter_names, select_parameters
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_
 from lightning_mergeguard.protection.stage2 import DEFAULT_STAGE2_EXCLUDE, Stage2, Stage2Context, resolve_stage2
 from lightning_mergeguard.reference import ReferenceWeights
+from lightning_mergeguard.sharding import any_sharded, full
 
 _LEGACY_STAGE2_ARGS = {"beta", "critical_fraction", "small_fraction", "granularity", "steps", "scales", "clip"}
 _LEGACY_STAGE2_ARGS |= {"drop_density", "lr"}
@@ -177,7 +180,15 @@ class MergeGuardCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            refuse_sharded(trainer, "MergeGuardCallback")
+            refuse_sharded(trainer, "MergeGuardCallback", allow_fsdp2=True)
+            if is_fsdp2(trainer) and self.stage2 is not None and not self.stage2.supports_sharded:
+                raise MisconfigurationException(
+                    f"MergeGuardCallback: stage 2 {self.stage2.name!r} does not support FSDP2-sharded parameters "
+                    "yet; use ScaleAdversarial (the default), or stage2='none' and protect the saved model with "
+                    "mergeguard-protect"
+                )
+            if is_fsdp2(trainer) and is_adapted(pl_module):
+                raise MisconfigurationException("MergeGuardCallback does not support LoRA adapters under FSDP2 yet")
             if is_adapted(pl_module):
                 LoraView(pl_module)  # refuses what it cannot express (DoRA, conv LoRA) before training starts
                 if self.target != "task_vector":
@@ -369,6 +380,11 @@ class MergeGuardCallback(Callback):
                 )
 
         world = strategy.world_size
+        sharded = any_sharded(params)
+        if sharded and not self.stage2.supports_sharded:  # sharded without the strategy setup() checks
+            raise MisconfigurationException(
+                f"MergeGuardCallback: stage 2 {self.stage2.name!r} does not support FSDP2-sharded parameters yet"
+            )
         fp16 = str(trainer.precision) == "16-mixed"
         partners: dict[str, Any] = {}
         for cb in trainer.callbacks:  # a MergeProbe's donors are partners for strategies that rehearse merges
@@ -382,7 +398,8 @@ class MergeGuardCallback(Callback):
             loss_fn=self.loss_fn,
             before=metric(),
             tolerance=self.tolerance,
-            grad_reduce=(lambda g: strategy.reduce(g, reduce_op="sum") / world) if world > 1 else None,
+            # FSDP2 averages gradients itself (reduce-scatter); DDP's are averaged here, outside its hooks.
+            grad_reduce=(lambda g: strategy.reduce(g, reduce_op="sum") / world) if world > 1 and not sharded else None,
             forward_context=contextlib.nullcontext if fp16 else trainer.precision_plugin.forward_context,
             progress=self.progress and trainer.is_global_zero,
             warn=rank_zero_warn,
@@ -407,17 +424,21 @@ class MergeGuardCallback(Callback):
             f"{report['score_after']:.2f} ({report['score_delta']:+.2f} points) in {report['seconds']:.1f} s, "
             f"{report['validation_passes']} validation passes"
         )
+        weights = None
+        if self.save_path and self._view is None:
+            # Every rank takes part in gathering FSDP2 shards (one tensor at a time); rank zero keeps them.
+            weights = {}
+            for k, v in pl_module.state_dict().items():
+                whole = full(v).detach()
+                if trainer.is_global_zero:
+                    weights[k] = whole.cpu().contiguous()
         if trainer.is_global_zero:
             if self.report_path:
                 atomic_write_json(self.report_path, report)
             if self.save_path and self._view is not None:
                 _save_adapter(pl_module, self.save_path)
-            elif self.save_path:
-                save_safetensors(
-                    self.save_path,
-                    {k: v.detach().cpu().contiguous() for k, v in pl_module.state_dict().items()},
-                    metadata={"mergeguard": self.stage2.name},
-                )
+            elif weights is not None:
+                save_safetensors(self.save_path, weights, metadata={"mergeguard": self.stage2.name})
         trainer.strategy.barrier("mergeguard_stage2")
 
     def _settings(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from typing_extensions import override
@@ -20,6 +21,7 @@ from typing_extensions import override
 from lightning_mergeguard.adapters import LoraView, is_adapted
 from lightning_mergeguard.callbacks._common import (
     first_loader,
+    is_fsdp2,
     log_to_loggers,
     refuse_sharded,
     take,
@@ -43,6 +45,7 @@ from lightning_mergeguard.probing import (
     named_signals,
 )
 from lightning_mergeguard.reference import ReferenceWeights, parse_dtype
+from lightning_mergeguard.sharding import GatheredSource, any_sharded, local, write_full_
 
 OWN = "own"
 
@@ -225,7 +228,9 @@ class MergeProbe(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            refuse_sharded(trainer, "MergeProbe")
+            refuse_sharded(trainer, "MergeProbe", allow_fsdp2=True)
+            if is_fsdp2(trainer) and is_adapted(pl_module):
+                raise MisconfigurationException("MergeProbe does not support LoRA adapters under FSDP2 yet")
             if is_adapted(pl_module):
                 LoraView(pl_module)  # refuses what it cannot express (DoRA, conv LoRA) before training starts
 
@@ -245,6 +250,7 @@ class MergeProbe(Callback):
             self._reference.resolve(self._params)
         if not self._params:
             raise ValueError("MergeProbe: no trainable parameters match include/exclude")
+        self._sharded = any_sharded(self._params)
         self._load_donors()
         self._tasks = None  # resolved at the first probe (the trainer's validation loader may load late)
         self._backup = None
@@ -367,24 +373,26 @@ class MergeProbe(Callback):
         """Write merged weights (or ``base + donor tau``, or the backup when both are None) into the live model."""
         assert self._backup is not None
         for n, p in self._params.items():
+            q = local(p)  # this rank's shard under FSDP2, else the parameter itself
             if merged is not None:
-                p.copy_(merged[n])
+                q.copy_(merged[n])
             elif donor is not None:
-                tau = self._donor_tau[donor][n].to(p.device, p.dtype, non_blocking=True)
-                p.copy_(self._reference.get(n, like=p) + tau)
+                tau = self._donor_tau[donor][n].to(q.device, q.dtype, non_blocking=True)
+                q.copy_(local(self._reference[n]).to(q.device, q.dtype, non_blocking=True) + tau)
             else:
-                p.copy_(self._backup[n], non_blocking=True)
+                q.copy_(self._backup[n], non_blocking=True)
 
     def _backup_live(self) -> None:
         if self._backup is None:
             pin = self.backup_device is not None and self.backup_device.type == "cpu"
             self._backup = {}
             for n, p in self._params.items():
-                b = torch.empty_like(p, device=self.backup_device or p.device)
-                self._backup[n] = b.pin_memory() if pin and p.is_cuda else b
+                q = local(p)
+                b = torch.empty_like(q, device=self.backup_device or q.device)
+                self._backup[n] = b.pin_memory() if pin and q.is_cuda else b
         with torch.no_grad():
             for n, p in self._params.items():
-                self._backup[n].copy_(p.detach())  # blocking: the backup must hold these values before merges
+                self._backup[n].copy_(local(p).detach())  # blocking: the backup must hold these values before merges
 
     def probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, force: bool = False) -> dict[str, float]:
         """Run every configured merge now and log the results (also callable by hand).
@@ -403,8 +411,8 @@ class MergeProbe(Callback):
             self._tasks = self._resolve_tasks(trainer)
         self._backup_live()
         assert self._backup is not None
-        device = next(iter(self._params.values())).device
-        ref = self._reference.as_dict(self._params)
+        device = local(next(iter(self._params.values()))).device
+        ref = {n: local(t) for n, t in self._reference.as_dict(self._params).items()}
         metrics: dict[str, float] = {}
         try:
             individual = {OWN: self._evaluate(pl_module, OWN, trainer)}
@@ -420,7 +428,8 @@ class MergeProbe(Callback):
                 metrics[f"mergeprobe/{task}/individual_acc"] = acc
             for name, signal in self.signals.items():
                 metrics[f"mergeprobe/{OWN}/{name}"] = float(signal(pl_module))
-            for name, cos in task_vector_cosines(self._backup, ref, self._donor_tau, device).items():
+            sum_ranks = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if self._sharded else None
+            for name, cos in task_vector_cosines(self._backup, ref, self._donor_tau, device, sum_ranks).items():
                 metrics[f"mergeprobe/cosine/{name}"] = cos
             sources: dict[str, WeightSource] = {
                 LIVE: StateDictSource(self._backup, name=LIVE),
@@ -458,13 +467,20 @@ class MergeProbe(Callback):
 
     def _merge_into_live(self, spec: ProbeSpec, sources: Mapping[str, WeightSource]) -> None:
         cfg = spec.config
+        gather = self._sharded and not cfg.method.elementwise
+        if gather:
+            # FSDP2 and a method that needs whole tensors (TIES trim, DARE mask): gather one tensor at a time from
+            # every source, merge it whole (so the result is a single process's), keep this rank's rows.
+            sources = {k: GatheredSource(src, self._params) for k, src in sources.items()}
         models = {m.model: sources[m.model] for m in cfg.models if m.model != cfg.base_model}
         base = sources[cfg.base_model] if cfg.base_model is not None else None
+        device = local(next(iter(self._params.values()))).device
         with torch.no_grad():
-            for key, tensor in iter_merge(
-                cfg, models, base, device=next(iter(self._params.values())).device, seed=self.seed, check_base=False
-            ):
-                self._params[key].copy_(tensor)
+            for key, tensor in iter_merge(cfg, models, base, device=device, seed=self.seed, check_base=False):
+                if gather:
+                    write_full_(self._params[key], tensor)
+                else:  # elementwise methods merge each rank's shard as it is
+                    local(self._params[key]).copy_(tensor)
 
     # ------------------------------------------------------------------ resume
     @override

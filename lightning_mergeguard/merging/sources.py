@@ -12,7 +12,7 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "StateDictSource",
     "WeightSource",
     "count_nonfinite",
+    "iter_matching",
     "load_matching",
     "match_names",
     "open_source",
@@ -476,6 +477,12 @@ def load_matching(path: Any, names: Iterable[str], what: str) -> dict[str, Tenso
     Raises:
         ValueError: Naming the first parameter that has no counterpart.
     """
+    return dict(iter_matching(path, names, what))
+
+
+def iter_matching(path: Any, names: Iterable[str], what: str) -> Iterator[tuple[str, Tensor]]:
+    """:func:`load_matching` one tensor at a time: ``(parameter name, tensor)``, read as it is asked for."""
     src = open_source(path, name=what)
     label = f"{what} {path}" if isinstance(path, (str, os.PathLike)) else f"{what} (state dict)"
-    return {name: src.get(key) for name, key in match_names(names, src.keys(), what=label).items()}
+    for name, key in match_names(names, src.keys(), what=label).items():
+        yield name, src.get(key)

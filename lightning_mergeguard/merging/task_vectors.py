@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -96,8 +96,12 @@ def task_vector_cosines(
     reference: Mapping[str, Tensor],
     donors: Mapping[str, Mapping[str, Tensor]],
     device: torch.device | str,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """Cosine between the task vector ``live - reference`` and each donor task vector, one tensor at a time.
+
+    ``reduce`` sums the partial dot products and norms across processes when every tensor is one rank's shard
+    (FSDP2); the result is then the cosine of the whole task vectors, on every rank.
 
     Every tensor is moved to ``device`` before it is combined (donors may sit on the CPU in bf16 while the model
     trains on a GPU); sums accumulate in float64 on ``device`` and are read back once. No full-model temporary.
@@ -120,6 +124,9 @@ def task_vector_cosines(
             dt = donors[d][key].to(device, torch.float32, non_blocking=True)
             acc[i, 0] += (lt * dt).sum(dtype=torch.float64)
             acc[i, 1] += dt.pow(2).sum(dtype=torch.float64)
+    if reduce is not None:
+        sums = reduce(torch.cat([acc.flatten(), live_sq.reshape(1)]))
+        acc, live_sq = sums[:-1].reshape(acc.shape), sums[-1]
     denom = (acc[:, 1] * live_sq).sqrt()
     cos = torch.where(denom > 0, acc[:, 0] / denom.clamp_min(1e-300), torch.zeros_like(denom)).tolist()
     return dict(zip(names, cos))

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mergeguard.evaluation import LossFn
+from lightning_mergeguard.sharding import is_sharded
 
-__all__ = ["add_grads_", "backward_own_loss", "optimising", "reduce_grads_"]
+__all__ = ["accumulate_grads_", "add_grads_", "backward_own_loss", "optimising", "reduce_grads_"]
 
 
 @contextmanager
@@ -62,6 +63,30 @@ def add_grads_(
             p.grad = g
         else:
             p.grad.add_(g)
+
+
+def accumulate_grads_(
+    objective: Tensor, tensors: Sequence[nn.Parameter], factors: Sequence[Tensor] | None = None
+) -> None:
+    """Add the gradient of ``objective`` w.r.t. ``tensors`` (times the elementwise ``factors``) to their ``.grad``.
+
+    Unsharded parameters: ``torch.autograd.grad``, which leaves DDP's hooks and other parameters alone. FSDP2
+    parameters (DTensor) get no gradient from ``autograd.grad``: theirs arrives only through FSDP's post-backward
+    reduce-scatter into ``.grad`` (already averaged over ranks), so the objective is backpropagated with the
+    current gradients set aside, and the new ones are scaled and added to them. Every rank must call this.
+    """
+    if not any(is_sharded(p) for p in tensors):
+        add_grads_(tensors, torch.autograd.grad(objective, tensors, allow_unused=True), factors)
+        return
+    saved = [p.grad for p in tensors]
+    for p in tensors:
+        p.grad = None
+    objective.backward()
+    with torch.no_grad():
+        fresh = [p.grad for p in tensors]
+        for p, g in zip(tensors, saved):
+            p.grad = g
+    add_grads_(tensors, fresh, factors)
 
 
 @torch.no_grad()

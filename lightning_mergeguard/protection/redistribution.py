@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_mergeguard.sharding import is_sharded, local
+
 __all__ = ["add_redistribution_grad_", "redistribution_term"]
 
 
@@ -88,9 +90,16 @@ def add_redistribution_grad_(
     refs = [reference[n] for n in names] if reference is not None else None
     value = None
     if compute_value:
-        xs = torch._foreach_sub(ps, refs) if refs is not None else ps
+        # On FSDP2 shards (DTensor) each rank sums the squares of its own rows and the sums are all-reduced, so
+        # the value (and _coef, from the global numel) is the whole model's on every rank.
+        loc = [local(p) for p in ps]
+        xs = torch._foreach_sub(loc, [local(r) for r in refs]) if refs is not None else loc
         norms = torch._foreach_norm(xs)
-        value = sum(alpha * _coef(p, normalize) * float(nrm) ** 2 for p, nrm in zip(ps, norms))
+        squares = torch.stack([alpha * _coef(p, normalize) * n.double() ** 2 for p, n in zip(ps, norms)]).sum()
+        sharded = next((p for p in ps if is_sharded(p)), None)
+        if sharded is not None:
+            torch.distributed.all_reduce(squares, group=sharded.device_mesh.get_group())
+        value = float(squares)
         del xs
     if normalize:
         for p, g, i in zip(ps, grads, range(len(ps))):

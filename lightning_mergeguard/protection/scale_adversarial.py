@@ -23,7 +23,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.evaluation import LossFn, move_batch
-from lightning_mergeguard.protection._adversarial import add_grads_, backward_own_loss, optimising, reduce_grads_
+from lightning_mergeguard.protection._adversarial import (
+    accumulate_grads_,
+    backward_own_loss,
+    optimising,
+    reduce_grads_,
+)
+from lightning_mergeguard.sharding import local, mean_across_ranks, shard_like
 
 __all__ = ["scale_adversarial_", "write_scaled_"]
 
@@ -61,7 +67,9 @@ def write_scaled_(
 
 
 def _bernoulli(like: Tensor, p: float, gen: torch.Generator) -> Tensor:
-    return (torch.rand(like.shape, generator=gen, device=like.device) < p).to(like.dtype)
+    # Drawn whole on every rank from the same generator (so FSDP2 shards draw one process's mask), then sharded.
+    mask = (torch.rand(like.shape, generator=gen, device=local(like).device) < p).to(like.dtype)
+    return shard_like(mask, like)
 
 
 def scale_adversarial_(
@@ -148,14 +156,16 @@ def scale_adversarial_(
                 write_scaled_(params, reference, live, factor, masks)
                 with forward_context():
                     loss_s = loss_fn(module, batch)
-                scaled_total += float(loss_s.detach())
-                if float(loss_s.detach()) >= clip:
+                value = float(mean_across_ranks(loss_s.detach(), tensors))  # FSDP2 ranks must agree on the clip
+                scaled_total += value
+                if value >= clip:
                     continue
-                grads = torch.autograd.grad(-(factor / len(scales)) * loss_s, tensors, allow_unused=True)
-                add_grads_(tensors, grads, [masks[n] for n in names] if masks is not None else None)
+                factors = [masks[n] for n in names] if masks is not None else None
+                accumulate_grads_(-(factor / len(scales)) * loss_s, tensors, factors)
             write_scaled_(params, reference, live, 1.0)
             reduce_grads_(tensors, grad_reduce)
             opt.step()
+            own = mean_across_ranks(own, tensors)
             history.append({"own_loss": float(own), "scaled_loss": scaled_total / len(scales)})
             if check is not None and check_every > 0 and len(history) % check_every == 0:
                 check(len(history))

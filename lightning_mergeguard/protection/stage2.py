@@ -100,6 +100,8 @@ class Stage2(ABC):
     """A stage-2 strategy: perturb ``ctx.params`` in place within the guard rail; return (score after, report)."""
 
     name: str = "stage2"
+    supports_sharded: bool = False
+    """Whether the strategy runs on FSDP2-sharded parameters (elementwise maths on each rank's shard)."""
 
     @abstractmethod
     def run(self, ctx: Stage2Context) -> tuple[float, dict[str, Any]]:
@@ -210,6 +212,7 @@ class ScaleAdversarial(Stage2):
     """
 
     name = "scale_adversarial"
+    supports_sharded = True
 
     def __init__(
         self,
