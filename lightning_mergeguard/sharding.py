@@ -33,6 +33,7 @@ __all__ = [
     "local_part",
     "mean_across_ranks",
     "shard_like",
+    "sum_across_ranks",
     "write_full_",
 ]
 
@@ -125,6 +126,19 @@ def write_full_(p: Tensor, value: Tensor) -> None:
         p.copy_(value)
 
 
+def sum_across_ranks(value: Tensor, like: Sequence[Tensor]) -> Tensor:
+    """``value`` summed over the ranks that shard ``like`` (a collective, float64); ``value`` when none is sharded.
+
+    Reductions over a whole sharded tensor need it: ``float(dtensor.sum())`` is only this rank's partial sum.
+    """
+    sharded = next((t for t in like if is_sharded(t)), None)
+    if sharded is None:
+        return value
+    out = value.detach().clone().to(sharded.to_local().device, torch.float64)
+    torch.distributed.all_reduce(out, group=sharded.device_mesh.get_group())
+    return out
+
+
 def mean_across_ranks(value: Tensor, like: Sequence[Tensor]) -> Tensor:
     """``value`` averaged over the ranks that shard ``like`` (a collective); ``value`` when nothing is sharded.
 
@@ -134,10 +148,7 @@ def mean_across_ranks(value: Tensor, like: Sequence[Tensor]) -> Tensor:
     sharded = next((t for t in like if is_sharded(t)), None)
     if sharded is None:
         return value
-    group = sharded.device_mesh.get_group()
-    out = value.detach().clone().to(sharded.to_local().device, torch.float64)
-    torch.distributed.all_reduce(out, group=group)  # SUM: gloo has no AVG
-    return out / torch.distributed.get_world_size(group)
+    return sum_across_ranks(value, like) / torch.distributed.get_world_size(sharded.device_mesh.get_group())
 
 
 class GatheredSource(WeightSource):

@@ -130,7 +130,7 @@ def fit(args: argparse.Namespace, record: Record, ckpt_path: str | None = None) 
     guard = MergeGuardCallback(
         reference=reference,
         alpha=args.alpha,
-        stage2=ScaleAdversarial(steps=6, lr=0.02, checks=3, drop_density=args.drop_density),
+        stage2=ScaleAdversarial(steps=6, lr=args.stage2_lr, checks=3, drop_density=args.drop_density),
         tolerance=5.0,
         progress=False,
         save_path=args.save,
@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--drop-density", type=float, default=None)
+    parser.add_argument("--stage2-lr", type=float, default=0.02)
     parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "dare_ties"])
     parser.add_argument("--resume", action="store_true", help="also rerun from a checkpoint taken after epoch 1")
     parser.add_argument("--save", help="the guard's save_path")

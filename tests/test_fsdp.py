@@ -66,7 +66,9 @@ def test_fsdp2_two_processes_equal_one_process(runs, sharded):
     assert r2["checks"] == r1["checks"] and len(r1["checks"]) == 3
     for key in ("score_before", "score_after", "steps_used", "merge_proxy_before", "merge_proxy_after"):
         assert r2[key] == r1[key], key
-    for key in ("own_loss_first", "own_loss_last", "scaled_loss_first", "scaled_loss_last"):
+    # Norms over whole sharded tensors are summed across ranks (a DTensor's own .sum() is this rank's part).
+    assert r1["task_vector_norm"] > 0
+    for key in ("own_loss_first", "own_loss_last", "scaled_loss_first", "scaled_loss_last", "task_vector_norm"):
         assert r2[key] == pytest.approx(r1[key], rel=1e-5), key
     # The probe: every logged number (TA merges shard by shard, TIES and DARE-TIES one gathered tensor at a time).
     assert len(one["probe"]) == len(two["probe"]) == 4  # 3 epochs + the end of fit

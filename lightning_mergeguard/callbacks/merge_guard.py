@@ -34,7 +34,7 @@ from lightning_mergeguard.parameters import filter_names, select_parameters
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_
 from lightning_mergeguard.protection.stage2 import DEFAULT_STAGE2_EXCLUDE, Stage2, Stage2Context, resolve_stage2
 from lightning_mergeguard.reference import ReferenceWeights
-from lightning_mergeguard.sharding import any_sharded, full
+from lightning_mergeguard.sharding import any_sharded, full, local, sum_across_ranks
 
 _LEGACY_STAGE2_ARGS = {"beta", "critical_fraction", "small_fraction", "granularity", "steps", "scales", "clip"}
 _LEGACY_STAGE2_ARGS |= {"drop_density", "lr"}
@@ -270,6 +270,7 @@ class MergeGuardCallback(Callback):
             "score_after": after,
             "score_delta": after - ctx.before,
             "relative_perturbation": moved / tau if tau > 0 else float("nan"),
+            "task_vector_norm": tau,
             "validation_passes": self._passes,
             "seconds": time.perf_counter() - start,
         }
@@ -285,8 +286,12 @@ class MergeGuardCallback(Callback):
             stage1 = {n: p.detach().clone() for n, p in ctx.params.items()}
         after, extra = self.stage2.run(ctx)
         with torch.no_grad():
-            tau = math.sqrt(sum(float((stage1[n] - ctx.reference[n]).double().pow(2).sum()) for n in stage1))
-            moved = math.sqrt(sum(float((p - stage1[n]).double().pow(2).sum()) for n, p in ctx.params.items()))
+            # Squared norms of each rank's rows, summed across ranks under FSDP2 (a DTensor's .sum() is a partial).
+            like = list(ctx.params.values())
+            tau_sq = sum((local(stage1[n]) - local(ctx.reference[n])).double().pow(2).sum() for n in stage1)
+            moved_sq = sum((local(p) - local(stage1[n])).double().pow(2).sum() for n, p in ctx.params.items())
+            tau = math.sqrt(float(sum_across_ranks(torch.as_tensor(tau_sq), like)))
+            moved = math.sqrt(float(sum_across_ranks(torch.as_tensor(moved_sq), like)))
         self._stage1_values = stage1
         return ctx, after, extra, tau, moved
 
