@@ -55,6 +55,11 @@ class MergeGuardCallback(Callback):
     adapter's update through ``A`` and ``B``, and stage 2 runs on the merged weights and is written back into the
     adapters at their rank (see :meth:`_run_stage2_lora`); ``save_path`` is then a directory in PEFT's format.
 
+    **FSDP2** (``ModelParallelStrategy`` with ``fully_shard``, data parallel): stage 1 runs on each rank's shard
+    against ``theta_pre`` sharded the same way, and ``ScaleAdversarial`` runs with the sharded forward and backward;
+    the guard rail, the report and the saved weights are those of one process (tested on 2 gloo ranks). FSDP1,
+    DeepSpeed and tensor parallelism are refused, and so are other stage-2 strategies and LoRA under FSDP2.
+
     **Stage 2** (in ``on_train_end``) perturbs the trained weights with a strategy object
     (:mod:`~lightning_mergeguard.protection.stage2`): :class:`~lightning_mergeguard.protection.stage2.ScaleAdversarial`
     (the default) or :class:`~lightning_mergeguard.protection.stage2.Negation`, each with its own settings. The

@@ -68,6 +68,8 @@ class MergeProbe(Callback):
     Under DDP every rank evaluates 1/world of the batches and the sums are reduced across ranks, so the
     logged numbers equal a single-process run's; only rank zero writes logs. A failure that hits only some ranks
     cannot be skipped consistently: use ``strict=True`` under DDP when donors or score functions may fail.
+    Under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) elementwise merges run on each rank's shard and
+    the others (TIES, DARE...) on one gathered tensor at a time, so every number equals one process's.
     Metrics go through ``trainer.loggers`` (any logger) so the probe also runs in ``on_train_end``: put it *after*
     :class:`~lightning_mergeguard.MergeGuardCallback` in ``callbacks`` to see the protected weights there.
 
