@@ -65,7 +65,7 @@ def main() -> None:
             "(`benchmarks/protection.py --grid`)",
             "",
             "Commands: "
-            + ", ".join(f"`{t['command']}`" for t in grid["tracks"].values())
+            + ", ".join(f"`{c}`" for t in grid["tracks"].values() for c in t.get("commands", [t["command"]]))
             + f". Baseline: {grid['baseline']}. *Worst case*: the highest owner-task accuracy over every merge of the "
             "grid that includes a partner the defense never saw (repair rows apart); the target is at most 50% of "
             "the unprotected model's best, at an own loss of at most 1 point.",

@@ -159,15 +159,22 @@ class FixedWeights(TinyClassifier):
 
 
 @pytest.mark.distributed
-def test_ddp_two_processes_log_the_same_numbers_as_one(tmp_path):
+@pytest.mark.parametrize(
+    ("explicit", "eval_batches"),
+    [(True, None), (False, None), (False, 2)],
+    ids=["eval_dataloaders", "trainer_val_loader", "trainer_val_loader-2_batches"],
+)
+def test_ddp_two_processes_log_the_same_numbers_as_one(tmp_path, explicit, eval_batches):
+    # eval_dataloaders: the same batches on every rank, dealt out; the trainer's validation loader: Lightning gives
+    # each rank its own rows (DistributedSampler), taken as they are. Both must score one process's rows.
     def run(path, **kw):
         pl.seed_everything(0)
         probe = MergeProbe(
             donors=donor_states(),
             methods=["task_arithmetic", "ties"],
             coefficients=[0.3],
-            eval_dataloaders=val_loader(),
-            eval_batches=None,
+            eval_dataloaders=val_loader() if explicit else None,
+            eval_batches=eval_batches,
             progress=False,
             signals=[WeightSignal()],
         )
@@ -385,3 +392,21 @@ def test_signals_are_logged_per_merge_and_secrets_stay_out_of_files(tmp_path):
 def test_bad_signals(signals, error, match):
     with pytest.raises(error, match=match):
         MergeProbe(donors={"d": {}}, signals=signals)
+
+
+def test_eval_share_takes_distributed_loaders_as_they_are_and_deals_out_the_others():
+    from torch.utils.data import DistributedSampler
+
+    from lightning_mergeguard.callbacks._common import eval_share
+
+    data = blobs(128, 1)
+    plain = DataLoader(data, batch_size=16)
+    batches, shard = eval_share(plain, 4, rank=1, world=2)
+    assert len(batches) == 4 and shard == (1, 2)
+    assert eval_share(plain, 4, rank=0, world=1)[1] is None
+    split = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    batches, shard = eval_share(split, 4, rank=1, world=2)
+    assert shard is None and len(batches) == 2  # ceil(4 / 2) batches of this rank's rows
+    rows = torch.cat([b[0] for b in batches])
+    torch.testing.assert_close(rows, data.tensors[0][1:32:2])  # rank 1's half of one process's first 4 batches
+    assert eval_share(split, None, rank=1, world=2) == (split, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,6 +87,27 @@ def first_loader(loaders: Any) -> Any:
     if isinstance(loaders, dict):
         return next(iter(loaders.values()), None)
     return loaders
+
+
+def is_distributed_loader(loader: Any) -> bool:
+    """Whether ``loader`` already gives each rank its own rows (a ``DistributedSampler``, as Lightning injects)."""
+    from torch.utils.data import DistributedSampler
+
+    samplers = (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+    return any(isinstance(s, DistributedSampler) for s in samplers)
+
+
+def eval_share(loader: Any, n: int | None, rank: int, world: int) -> tuple[Any, tuple[int, int] | None]:
+    """What this rank scores of ``n`` evaluation batches, and the ``shard`` argument for ``evaluate``.
+
+    A loader that a ``DistributedSampler`` already splits across ranks (Lightning's validation loaders under DDP
+    and FSDP) is taken as it is: ``ceil(n / world)`` batches on each rank, the rows one process's ``n`` batches
+    hold when they divide evenly. Any other loader gives every rank the same batches, which are dealt out
+    (``shard=(rank, world)``). With a cross-rank sum of the scores both equal one process's evaluation.
+    """
+    if world > 1 and is_distributed_loader(loader):
+        return (loader if n is None else take(loader, math.ceil(n / world))), None
+    return (loader if n is None else take(loader, n)), ((rank, world) if world > 1 else None)
 
 
 def take(loader: Any, n: int | None) -> list[Any]:

@@ -21,12 +21,12 @@ from typing_extensions import override
 
 from lightning_mergeguard.adapters import LoraPair, LoraView, is_adapted, lora_redistribution_grad_
 from lightning_mergeguard.callbacks._common import (
+    eval_share,
     first_loader,
     is_fsdp2,
     log_to_loggers,
     refuse_sharded,
     repeat,
-    take,
 )
 from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
@@ -378,7 +378,7 @@ class MergeGuardCallback(Callback):
         train_loader = first_loader(trainer.train_dataloader)
         if train_loader is None:
             raise ValueError("MergeGuardCallback: stage 2 needs the training dataloader")
-        eval_data = take(eval_loader, self.eval_batches)
+        eval_data, shard = eval_share(eval_loader, self.eval_batches, trainer.global_rank, trainer.world_size)
         strategy = trainer.strategy
         self._passes = 0
 
@@ -386,7 +386,11 @@ class MergeGuardCallback(Callback):
             self._passes += 1
             with trainer.precision_plugin.forward_context():
                 return 100.0 * evaluate(
-                    pl_module, eval_data, self.score_fn, reduce=lambda t: strategy.reduce(t, reduce_op="sum")
+                    pl_module,
+                    eval_data,
+                    self.score_fn,
+                    shard=shard,
+                    reduce=lambda t: strategy.reduce(t, reduce_op="sum"),
                 )
 
         world = strategy.world_size

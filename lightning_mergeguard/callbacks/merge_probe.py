@@ -20,11 +20,11 @@ from typing_extensions import override
 
 from lightning_mergeguard.adapters import LoraView, is_adapted
 from lightning_mergeguard.callbacks._common import (
+    eval_share,
     first_loader,
     is_fsdp2,
     log_to_loggers,
     refuse_sharded,
-    take,
 )
 from lightning_mergeguard.evaluation import ScoreFn, default_score, evaluate
 from lightning_mergeguard.merging.base_check import (
@@ -317,8 +317,8 @@ class MergeProbe(Callback):
         tasks = {}
         for name, value in loaders.items():
             loader, fn = value if isinstance(value, tuple) else (value, self.score_fn)
-            batches = take(loader, self.eval_batches) if self.eval_batches is not None else loader
-            tasks[name] = (batches, fn)
+            batches, shard = eval_share(loader, self.eval_batches, trainer.global_rank, trainer.world_size)
+            tasks[name] = (batches, fn, shard)
         return tasks
 
     # ------------------------------------------------------------------ cadence
@@ -356,7 +356,7 @@ class MergeProbe(Callback):
 
     # ------------------------------------------------------------------ probing
     def _evaluate(self, pl_module: pl.LightningModule, task: str, trainer: pl.Trainer) -> float:
-        batches, fn = self._tasks[task]
+        batches, fn, shard = self._tasks[task]
         strategy, world = trainer.strategy, trainer.world_size
         try:
             return 100.0 * evaluate(
@@ -364,7 +364,7 @@ class MergeProbe(Callback):
                 batches,
                 fn,
                 device=pl_module.device,
-                shard=(trainer.global_rank, world),
+                shard=shard,
                 reduce=(lambda t: strategy.reduce(t, reduce_op="sum")) if world > 1 else None,
             )
         except ValueError as err:
