@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/probe_overhead.py
 	$(PY) benchmarks/protection.py
 	$(PY) benchmarks/protection.py --grid --track vision
+	$(PY) benchmarks/protection.py --grid --track llm
 	$(PY) benchmarks/protection_lora.py
 	$(PY) benchmarks/fsdp_memory.py
 	$(PY) benchmarks/ownership.py

@@ -718,6 +718,11 @@ def run_grid_track(
     }
 
 
+def _stage2_field(report: dict[str, Any], key: str) -> Any:
+    """A stage-2 figure from a callback's report (top level) or a post-hoc one (under ``stage2``); blank if none."""
+    return report.get(key, report.get("stage2", {}).get(key, ""))
+
+
 def grid_table(name: str, res: dict[str, Any]) -> str:
     """Markdown: per variant, own loss, worst case and the merges a free-rider would try first."""
     v = res["variants"]
@@ -747,11 +752,12 @@ def grid_table(name: str, res: dict[str, Any]) -> str:
                 e["worst_case_vs_unprotected_best"],
                 *[f(g) for _, f in probes],
                 partner_mean,
-                e["report"].get("validation_passes", e["report"].get("stage2", {}).get("validation_passes", "")),
+                _stage2_field(e["report"], "steps_used"),
+                _stage2_field(e["report"], "validation_passes"),
             ]
         )
     header = ["defense", "own (%)", "own loss", "worst case (%)", "worst / unprotected best"]
-    header += [p for p, _ in probes] + ["partners' normalized acc (mean)", "validation passes"]
+    header += [p for p, _ in probes] + ["partners' normalized acc (mean)", "stage-2 steps kept", "validation passes"]
     pre = ", ".join(f"{n} steps {a:.1f}" for n, a in res["theta_pre_repair"].items())
     return "\n".join(
         [
@@ -774,17 +780,16 @@ def frontier_plot(name: str, res: dict[str, Any], path) -> None:
 
     v = res["variants"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    at: dict[tuple[float, float], int] = {}  # defenses landing on the same point get their labels stacked
     for k, e in v.items():
-        ax.scatter(e["own_loss"], 100 * e["worst_case_vs_unprotected_best"], s=40)
-        ax.annotate(
-            k,
-            (e["own_loss"], 100 * e["worst_case_vs_unprotected_best"]),
-            fontsize=7,
-            xytext=(4, 2),
-            textcoords="offset points",
-        )
+        xy = (e["own_loss"], 100 * e["worst_case_vs_unprotected_best"])
+        ax.scatter(*xy, s=40)
+        ax.annotate(k, xy, fontsize=7, xytext=(4, 2 + 9 * at.get(xy, 0)), textcoords="offset points")
+        at[xy] = at.get(xy, 0) + 1
         lams = res["lambdas"]
         ax2.plot(lams, [e["grid"][f"uniform TA λ={lam:g}"]["owner"] for lam in lams], label=k)
+    ys = [y for _, y in at]
+    ax.set_ylim(min(45.0, min(ys) - 3), max(ys) + 3 * max(at.values()) + 2)  # room for the stacked labels
     ax.axhline(50, ls="--", c="grey", lw=0.8)
     ax.axvline(1.0, ls="--", c="grey", lw=0.8)
     ax.set_xlabel("own loss (points of the owner's metric vs unprotected)")
