@@ -21,7 +21,7 @@ import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +34,18 @@ from lightning_mergeguard.io import atomic_directory, atomic_write_json, atomic_
 from lightning_mergeguard.merging.engine import check_same_base_sources
 from lightning_mergeguard.merging.sources import StateDictSource, match_names, open_source
 from lightning_mergeguard.parameters import select_parameters
-from lightning_mergeguard.protection.stage2 import DEFAULT_STAGE2_EXCLUDE, ScaleAdversarial, Stage2, Stage2Context
+from lightning_mergeguard.protection.stage2 import (
+    DEFAULT_STAGE2_EXCLUDE,
+    MergeNeighbourhood,
+    ScaleAdversarial,
+    Stage2,
+    Stage2Context,
+)
 from lightning_mergeguard.reference import ReferenceWeights
 
 __all__ = ["load_rows", "main", "protect_checkpoint", "protect_module"]
+
+STAGE2_CHOICES = ("auto", "scale_adversarial", "merge_neighbourhood")
 
 
 # --------------------------------------------------------------------------------------------- the core
@@ -203,6 +211,7 @@ def protect_checkpoint(
     *,
     arch: str | None = None,
     partners: Sequence[str] = (),
+    stage2: Literal["auto", "scale_adversarial", "merge_neighbourhood"] = "auto",
     tolerance: float = 1.0,
     steps: int = 150,
     lr: float = 1e-4,
@@ -227,8 +236,15 @@ def protect_checkpoint(
         arch: open_clip architecture when ``model`` is an open_clip checkpoint: a model name (``"ViT-B-32"``),
             ``"tiny"``, ``"small"`` (the benchmarks' ViT) or the path of a JSON/YAML file of ``open_clip.CLIP``
             keyword arguments (``embed_dim``, ``vision_cfg``, ``text_cfg``).
-        partners: Other fine-tunes of the same base: the report then compares the owner-task score of a few
-            standard merges (task arithmetic at 0.3, TIES) with the unprotected and the protected model.
+        partners: Other fine-tunes of the same base (directories or weight files). Stage 2 rehearses merges with
+            them (``stage2="auto"``), and the report compares the owner-task score of a few standard merges (task
+            arithmetic at 0.3, TIES) with the unprotected and the protected model.
+        stage2: ``"merge_neighbourhood"`` (:class:`~lightning_mergeguard.MergeNeighbourhood`: owner-weighted
+            task arithmetic, TIES and DARE merges with the partners), ``"scale_adversarial"``
+            (:class:`~lightning_mergeguard.ScaleAdversarial`: scaled copies of the owner's task vector, no partner
+            needed), or ``"auto"``: the first when partners are given, else the second. Measured on the LLM track of
+            ``benchmarks/protection.py --grid``, post-hoc, with two partners: worst case 0.88x the unprotected
+            model's best against 1.00x for scale-adversarial.
         tolerance: Largest allowed drop of the own score (exact match, or accuracy), in points.
         steps: Stage-2 optimisation steps.
         lr: Stage-2 (and re-fit) learning rate.
@@ -248,6 +264,11 @@ def protect_checkpoint(
         ForeignBaseError: A fine-tune of another base model.
         WeightsFileError: A missing tokenizer or unreadable weights.
     """
+    if stage2 not in STAGE2_CHOICES:
+        raise ConfigError(f"stage2 must be one of {STAGE2_CHOICES}, got {stage2!r}")
+    if isinstance(partners, (str, os.PathLike)):
+        raise ConfigError("partners must be a list of paths, not one path")
+    partners = [str(p) for p in partners]
     base, model, out = Path(base), Path(model), Path(out)
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
@@ -266,7 +287,10 @@ def protect_checkpoint(
     batches = repeat(
         DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     )
-    strategy = ScaleAdversarial(steps=steps, lr=lr)
+    if stage2 == "merge_neighbourhood" or (stage2 == "auto" and partners):
+        strategy: Stage2 = MergeNeighbourhood(steps=steps, lr=lr, partners=partners, seed=seed)
+    else:
+        strategy = ScaleAdversarial(steps=steps, lr=lr)
 
     def refit(m: nn.Module) -> None:
         _refit(m, base, train, metric, batch_size, refit_steps, alpha, strategy, tolerance, lr, seed, progress, include)
@@ -282,7 +306,15 @@ def protect_checkpoint(
         refit=refit if refit_steps > 0 else None,
         progress=progress,
     )
-    report.update(kind=kind, base=str(base), model=str(model), data=str(data), tolerance=tolerance, device=str(dev))
+    report.update(
+        kind=kind,
+        base=str(base),
+        model=str(model),
+        data=str(data),
+        partners=partners,
+        tolerance=tolerance,
+        device=str(dev),
+    )
     if partners:
         report["merges"] = _merge_table(module, unprotected, base, partners, metric)
     out.mkdir(parents=True, exist_ok=True)
@@ -439,6 +471,16 @@ def _open_clip(base: Path, model: Path, data: str, arch: str | None, batch_size:
     return module, train, metric, save, {"include": [r"^visual\."]}
 
 
+def _proxy_words(s2: dict[str, Any]) -> str:
+    """What the guard rail's merge proxy was, in words, for the strategy that ran."""
+    settings = s2["settings"]
+    if settings["method"] == "merge_neighbourhood":
+        weights = ", ".join(f"{a:g}/{b:g}" for a, b in settings["proxies"])
+        who = ", ".join(s2.get("partners", [])) or "the rehearsed partners"
+        return f"the best owner-task score of task arithmetic with {who} at owner/partner weights {weights}"
+    return f"the score of the scaled copy theta_pre + {s2.get('merge_proxy_scale')} * tau that merges apply"
+
+
 def model_card(report: dict[str, Any]) -> str:
     """A README / model-card paragraph stating what was done and the measured numbers."""
     s2 = report["stage2"]
@@ -452,8 +494,8 @@ def model_card(report: dict[str, Any]) -> str:
         + (", after a short stage-1 re-fit" if report["refit"] else "")
         + f"). Its own score on held-out rows of the owner's data went from {report['score_before']:.1f} to "
         f"{report['score_after']:.1f} ({-drop:+.1f} points; tolerance {report['tolerance']} points). The merge "
-        f"proxy (the score of the scaled copy theta_pre + {s2.get('merge_proxy_scale')} * tau that merges apply) went "
-        f"from {s2.get('merge_proxy_before', math.nan):.1f} to {s2.get('merge_proxy_after', math.nan):.1f}.",
+        f"proxy ({_proxy_words(s2)}) went from {s2.get('merge_proxy_before', math.nan):.1f} to "
+        f"{s2.get('merge_proxy_after', math.nan):.1f}.",
         "",
     ]
     merges = report.get("merges")

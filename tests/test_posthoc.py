@@ -60,6 +60,7 @@ def test_protects_a_causal_lm_directory_end_to_end(checkpoints, tmp_path):
         str(checkpoints / "rows.jsonl"),
         out,
         partners=[str(checkpoints / "partner")],
+        stage2="scale_adversarial",
         tolerance=13.0,  # 8 held-out rows: one row is 12.5 points
         steps=16,
         lr=1e-3,
@@ -82,6 +83,48 @@ def test_protects_a_causal_lm_directory_end_to_end(checkpoints, tmp_path):
     assert json.loads((out / "protection_report.json").read_text())["score_after"] == report["score_after"]
     card = (out / "MERGEGUARD.md").read_text()
     assert f"{report['score_before']:.1f} to {report['score_after']:.1f}" in card and "| TIES (density 0.4) |" in card
+
+
+def test_partners_are_rehearsed_by_default(checkpoints, tmp_path):
+    """With partners, "auto" runs MergeNeighbourhood against them: the guard rail's proxy merges with the partner."""
+    report = protect_checkpoint(
+        checkpoints / "base",
+        checkpoints / "owner",
+        str(checkpoints / "rows.jsonl"),
+        tmp_path / "out",
+        partners=[str(checkpoints / "partner")],
+        tolerance=13.0,
+        steps=16,
+        lr=1e-3,
+        refit_steps=0,
+        progress=False,
+        device="cpu",
+    )
+    s2 = report["stage2"]
+    assert s2["settings"]["method"] == "merge_neighbourhood" and s2["partners"] == ["partner0"]
+    assert s2["settings"]["partners"] == report["partners"] == [str(checkpoints / "partner")]
+    assert s2["validation_passes"] == 3 * (1 + 8)  # own score and two proxy merges: before, then at 8 checks
+    assert report["score_before"] - report["score_after"] <= 13.0
+    assert s2["merge_proxy_after"] <= s2["merge_proxy_before"]
+    card = (tmp_path / "out" / "MERGEGUARD.md").read_text()
+    assert (
+        "stage 2: merge_neighbourhood" in card
+        and "task arithmetic with partner0 at owner/partner weights 1/0.3" in card
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stage2": "neighbourhood"}, "stage2 must be one of"),
+        ({"partners": "one/path"}, "partners must be a list of paths"),
+    ],
+)
+def test_bad_stage2_options_name_the_problem(checkpoints, tmp_path, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        protect_checkpoint(
+            checkpoints / "base", checkpoints / "owner", str(checkpoints / "rows.jsonl"), tmp_path, **kwargs
+        )
 
 
 def test_cli_with_a_yaml_config_and_clear_errors(checkpoints, tmp_path, capsys):

@@ -299,7 +299,8 @@ class MergeNeighbourhood(Stage2):
 
     The guard rail checks every ``ceil(steps / checks)`` steps: the own score, and the merge proxy, the highest
     score among the ``proxies`` merges (task arithmetic, ``(owner weight, partner weight)`` with every partner);
-    at most ``2 + (1 + len(proxies)) * checks`` validation passes. Selection as in :class:`ScaleAdversarial`.
+    at most ``(1 + len(proxies)) * (1 + checks)`` validation passes (27 at the defaults). Selection as in
+    :class:`ScaleAdversarial`.
 
     Args:
         steps: Optimisation steps.
