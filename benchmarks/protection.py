@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -328,7 +329,7 @@ def vision_track(size: dict[str, Any]) -> Track:
 def _report_summary(report: dict[str, Any] | None) -> dict[str, Any]:
     if not report:
         return {}
-    return {k: v for k, v in report.items() if k not in ("settings", "checks", "layer_scores", "history")}
+    return {k: v for k, v in report.items() if k not in ("settings", "layer_scores", "history")}
 
 
 # --------------------------------------------------------------------------------------------------- LLM
@@ -572,12 +573,13 @@ def headline(name: str, res: dict[str, Any]) -> str:
 GRID = {
     "vision": {"lambdas": [round(0.05 * i, 2) for i in range(1, 31)], "full": True, "repair": (10, 20, 50)},
     "llm": {
-        # A grid row costs ~20 s here (a 135M merge and generation on ~110 prompts): a coarser grid, four defenses.
+        # A grid row costs ~20 s here (a 135M merge and generation on ~110 prompts): a coarser grid, and the
+        # defenses that differ on this track (surrogate-only and negation rows are not rerun here).
         "lambdas": [0.1, 0.3, 0.5, 0.7, 1.0, 1.2, 1.5],
         "owner_weights": (0.6, 1.0, 1.2),
         "full": False,
         "repair": (10, 50),
-        "variants": ("unprotected", "post-hoc neighbourhood", "neighbourhood, partners", "scale-adversarial (default)"),
+        "variants": ("unprotected", "scale-adversarial (default)", "neighbourhood, partners", "post-hoc"),
     },
 }
 
@@ -696,7 +698,7 @@ def run_grid_track(
             "grid": grid,
             "report": report,
             "protect_seconds": protect_seconds,
-            "command": " ".join(["python", *sys.argv]),
+            "command": shlex.join(["python", *sys.argv]),
         }
         bar.update()
         # A long grid keeps what it measured: each finished variant is dumped (not a committed result).
@@ -826,7 +828,7 @@ def grid_main(
             bar.update()
             results[name] = run_grid_track(track, size[name], bar, variants, stored.get(name))
             results[name]["sizes"] = size[name]
-            command = " ".join(["python", *sys.argv])
+            command = shlex.join(["python", *sys.argv])
             if add:  # the track's result now comes from several invocations: list them all
                 before = stored[name].get("commands") or [stored[name]["command"]]
                 results[name]["commands"] = [*before, command]
@@ -915,7 +917,7 @@ def main() -> None:
             bar.set_postfix_str(name)
             results[name] = run_track(track, VISION_ABLATIONS if name == "vision" else {}, bar)
             results[name]["sizes"] = size[name]
-            results[name]["command"] = " ".join(["python", *sys.argv])
+            results[name]["command"] = shlex.join(["python", *sys.argv])
             results[name]["wall_seconds"] = time.perf_counter() - track_start  # set-up (training) included
     elapsed = time.perf_counter() - start
     tracks = {**previous, **results}
