@@ -123,7 +123,9 @@ def run_grid(
 
     for label, (cfg, used) in grid_configs(owner, list(partners), lambdas, full, owner_weights).items():
         # Defended models are merged on purpose (a re-parameterised model looks like another base): no base check.
-        record(label, merge(cfg, {n: states[n] for n in {owner, *used}}, pre, seed=0, check_base=False), used)
+        # SLERP's base_model is the owner (one end of the interpolation), the others' is theta_pre.
+        base = pre if cfg.get("base_model") == "pre" else None
+        record(label, merge(cfg, {n: states[n] for n in {owner, *used}}, base, seed=0, check_base=False), used)
     if adamerge is not None:
         record("AdaMerging", adamerge({n: task_vector(s, pre) for n, s in states.items()}), list(partners))
     if repair is not None:

@@ -50,6 +50,8 @@ def test_merge_grid_covers_the_neighbourhood_and_its_worst_case_skips_seen_partn
     assert grid["uniform TA λ=0.3"]["owner"] == pytest.approx(30.0)
     assert grid["TA owner 1.2 / partners 0.5"]["owner"] == pytest.approx(120.0)
     assert grid["TA owner 1 / partners 0.1"]["partners_normalized"] == pytest.approx(0.1)
+    # SLERP interpolates the owner and the partner (orthogonal unit vectors: sin(pi/4) / sin(pi/2) of each at t=0.5)
+    assert grid["SLERP with a"]["owner"] == pytest.approx(100 * 2**-0.5, rel=1e-4)
     label, value = worst_case(grid)
     assert grid[label]["owner"] == value
     assert value == max(r["owner"] for r in grid.values())

@@ -190,3 +190,17 @@ def test_a_user_method_declared_as_data():
             )
     finally:
         METHODS.pop("mean_task_vectors")
+
+
+def test_base_passed_twice_is_refused_not_silently_taken():
+    """SLERP's base_model is an endpoint among the models: a separate base= would silently replace it."""
+    a, b, pre = {"w": torch.ones(4)}, {"w": torch.full((4,), 3.0)}, {"w": torch.zeros(4)}
+    cfg = {
+        "merge_method": "slerp",
+        "base_model": "a",
+        "parameters": {"t": 0.0},
+        "models": [{"model": "a"}, {"model": "b"}],
+    }
+    with pytest.raises(ValueError, match="base_model 'a' names one of the models given, and base= was passed"):
+        merge(cfg, {"a": a, "b": b}, pre, check_base=False)
+    torch.testing.assert_close(merge(cfg, {"a": a, "b": b}, check_base=False)["w"], a["w"])  # t=0: the base end

@@ -174,6 +174,11 @@ def _resolve(
             raise ValueError(f"merge config lists {len(donors)} model(s) besides the base, got {len(models)}")
         sources = [open_source(obj, name=m.model) for obj, m in zip(models, donors)]
     base_src = None
+    if base is not None and isinstance(models, Mapping) and cfg.base_model in models:
+        raise ValueError(
+            f"base_model {cfg.base_model!r} names one of the models given, and base= was passed too: the merge would "
+            f"take base= as {cfg.base_model!r}'s weights; pass one or the other"
+        )
     if base is not None:
         base_src = open_source(base, name=cfg.base_model or "base")
     elif cfg.base_model is not None:
