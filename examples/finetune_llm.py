@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--stage2-steps", type=int, default=60)
     parser.add_argument("--fingerprint", action="store_true", help="mix an instructional fingerprint into training")
     parser.add_argument("--partners", nargs="*", default=[], help="other fine-tunes of the same base (HF dirs)")
+    parser.add_argument(
+        "--amplify",
+        type=float,
+        default=None,
+        help="after stage 2, amplifying symmetries with scales up to this (e.g. 1000)",
+    )
     parser.add_argument("--out", default="runs/llm")
     args = parser.parse_args(argv)
 
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eval_batches=4,
         keep_batches=keep,
         report_path=f"{args.out}/protection_report.json",
+        amplify=args.amplify,
     )
     trainer = pl.Trainer(
         max_steps=args.steps,

@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--checkpoint", default=None, help="local open_clip checkpoint")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--stage2-steps", type=int, default=300)
+    parser.add_argument(
+        "--amplify",
+        type=float,
+        default=None,
+        help="after stage 2, amplifying symmetries with scales up to this (e.g. 1000)",
+    )
     parser.add_argument("--out", default="runs/open_clip")
     args = parser.parse_args(argv)
 
@@ -37,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         include=[r"^visual\."],  # protect the image tower; the head stays the owner's
         stage2=ScaleAdversarial(steps=args.stage2_steps),
         report_path=f"{args.out}/protection_report.json",
+        amplify=args.amplify,
         save_path=f"{args.out}/protected.safetensors",
     )
     trainer = pl.Trainer(

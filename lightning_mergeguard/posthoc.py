@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,7 @@ from lightning_mergeguard.protection.stage2 import (
     ScaleAdversarial,
     Stage2,
     Stage2Context,
+    amplify_checked,
 )
 from lightning_mergeguard.reference import ReferenceWeights
 
@@ -62,6 +64,7 @@ def protect_module(
     loss_fn: LossFn = default_loss,
     refit: Callable[[nn.Module], None] | None = None,
     progress: bool = False,
+    amplify: float | None = None,
 ) -> dict[str, Any]:
     """Protect ``module`` in place; return the report.
 
@@ -78,9 +81,12 @@ def protect_module(
         refit: Called when stage 2 alone finds no weights within the tolerance: a short stage-1 re-fit of
             ``module`` that also applies stage 2 (see :func:`protect_checkpoint`); ``None`` skips it.
         progress: Show a progress bar.
+        amplify: After stage 2, re-parameterise with exact symmetries of scales up to ``amplify`` (see
+            :class:`~lightning_mergeguard.MergeGuardCallback`'s ``amplify``); ``None`` skips it.
 
     Returns:
-        ``score_before``, ``score_after``, ``stage2`` (the strategy's report) and ``refit`` (whether it ran).
+        ``score_before``, ``score_after``, ``stage2`` (the strategy's report), ``refit`` (whether it ran) and, with
+        ``amplify``, ``amplify`` (the symmetries applied, the score after them, whether they were reverted).
     """
     stage2 = stage2 or ScaleAdversarial(steps=150)
     src = open_source(base, name="base")
@@ -109,6 +115,7 @@ def protect_module(
         before=before,
         tolerance=tolerance,
         progress=progress,
+        warn=lambda message: warnings.warn(message, stacklevel=3),
     )
     after, extra = stage2.run(ctx)
     report: dict[str, Any] = {
@@ -122,6 +129,9 @@ def protect_module(
         refit(module)
         report["refit"] = True
         report["score_after"] = metric(module)
+    if amplify is not None:
+        report["score_after"], report["amplify"] = amplify_checked(module, amplify, ctx, report["score_after"])
+    report["validation_passes"] = passes[0]  # stage 2's, plus the check after the symmetries
     return report
 
 
@@ -222,6 +232,7 @@ def protect_checkpoint(
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    amplify: float | None = None,
 ) -> dict[str, Any]:
     """Protect an existing fine-tune and write it protected, with a report and a model-card paragraph.
 
@@ -255,6 +266,9 @@ def protect_checkpoint(
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         seed: Seed of the split and of the optimisation.
         progress: Show progress bars.
+        amplify: After stage 2, re-parameterise with exact symmetries of scales up to ``amplify`` (the same
+            function; off-the-shelf merges collapse; undone by re-alignment to the base, see
+            :mod:`~lightning_mergeguard.protection.symmetry`). ``None`` skips it.
 
     Returns:
         The report (also written to ``out/protection_report.json``).
@@ -268,6 +282,8 @@ def protect_checkpoint(
         raise ConfigError(f"stage2 must be one of {STAGE2_CHOICES}, got {stage2!r}")
     if isinstance(partners, (str, os.PathLike)):
         raise ConfigError("partners must be a list of paths, not one path")
+    if amplify is not None and not (isinstance(amplify, (int, float)) and math.isfinite(amplify) and amplify > 1):
+        raise ConfigError(f"amplify must be a finite number > 1 (the largest scale), got {amplify!r}")
     partners = [str(p) for p in partners]
     base, model, out = Path(base), Path(model), Path(out)
     dev = torch.device(
@@ -305,6 +321,7 @@ def protect_checkpoint(
         include=include,
         refit=refit if refit_steps > 0 else None,
         progress=progress,
+        amplify=amplify,
     )
     report.update(
         kind=kind,
@@ -498,6 +515,16 @@ def model_card(report: dict[str, Any]) -> str:
         f"{s2.get('merge_proxy_after', math.nan):.1f}.",
         "",
     ]
+    amp = report.get("amplify")
+    if amp and not amp.get("reverted"):
+        lines += [
+            f"Its weights were then re-parameterised with exact symmetries (per-channel scales up to "
+            f"{amp['strength']:g}; {amp['channels']} channels): the model computes the same function (score "
+            f"{amp['score_before']:.1f} -> {amp['score_after']:.1f}), but merges see partners' updates magnified. "
+            "Re-alignment to the base model undoes this layer; per-row weight quantization and further fine-tuning "
+            "of these weights are not advised.",
+            "",
+        ]
     merges = report.get("merges")
     if merges:
         lines += ["| merge | owner-task score, unprotected | protected |", "|---|---|---|"]

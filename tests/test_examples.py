@@ -22,10 +22,18 @@ def load(name: str):
 
 def test_open_clip_example(tmp_path):
     pytest.importorskip("open_clip")
-    out = load("finetune_open_clip").main(["--epochs", "2", "--stage2-steps", "40", "--out", str(tmp_path)])
+    args = ["--epochs", "2", "--stage2-steps", "40", "--amplify", "1000", "--out", str(tmp_path)]
+    out = load("finetune_open_clip").main(args)
     assert out["test_acc"] > 50  # a random-init tiny ViT learns digits in two epochs
     assert out["score_before"] - out["score_after"] <= 1.5
     assert (tmp_path / "protection_report.json").is_file() and (tmp_path / "protected.safetensors").is_file()
+    import json
+
+    amp = json.loads((tmp_path / "protection_report.json").read_text())["amplify"]
+    # the image tower's blocks only (include=^visual.), the same function (validation score unchanged)
+    assert (
+        not amp["reverted"] and amp["groups"]["v/o"] >= 1 and amp["score_after"] == pytest.approx(amp["score_before"])
+    )
 
 
 def test_llm_example_small(tmp_path):

@@ -118,6 +118,8 @@ def test_partners_are_rehearsed_by_default(checkpoints, tmp_path):
     [
         ({"stage2": "neighbourhood"}, "stage2 must be one of"),
         ({"partners": "one/path"}, "partners must be a list of paths"),
+        ({"amplify": 1.0}, "amplify must be a finite number > 1"),
+        ({"amplify": float("nan")}, "amplify must be a finite number > 1"),
     ],
 )
 def test_bad_stage2_options_name_the_problem(checkpoints, tmp_path, kwargs, message):
@@ -143,6 +145,57 @@ def test_cli_with_a_yaml_config_and_clear_errors(checkpoints, tmp_path, capsys):
     bad.write_text('{"prompt": "a", "answer": "b"}\n{"question": "c"}\n')
     code = main(["--config", str(config), "--data", str(bad)])
     assert code == 2 and 'bad.jsonl:2: each line must be {"prompt"' in capsys.readouterr().err
+
+
+def test_amplify_keeps_the_function_and_breaks_merges(checkpoints, tmp_path, capsys):
+    """--amplify: same held-out score after the symmetries, written weights far from the base, merges collapse."""
+    out = tmp_path / "amp"
+    args = [*("--base", str(checkpoints / "base"), "--model", str(checkpoints / "owner")), "--out", str(out)]
+    args += ["--data", str(checkpoints / "rows.jsonl"), "--partners", f"[{checkpoints / 'partner'}]"]
+    args += [*("--stage2", "scale_adversarial", "--steps", "4", "--refit_steps", "0", "--tolerance", "13")]
+    assert main([*args, "--amplify", "1000", "--progress", "false", "--device", "cpu"]) == 0
+    report = json.loads((out / "protection_report.json").read_text())
+    amp = report["amplify"]
+    assert amp["groups"] == {"norm->linear": 4, "q/k": 2, "v/o": 2, "up/down": 2} and not amp["reverted"]
+    assert amp["score_after"] == amp["score_before"] == report["score_after"]
+    assert report["validation_passes"] == report["stage2"]["validation_passes"] + 1  # one check after the symmetries
+    # both standard merges fall to (or below) what they give unprotected, and task arithmetic collapses
+    ta = report["merges"]["task arithmetic λ=0.3"]
+    assert ta["protected"] <= 12.5 < ta["unprotected"], report["merges"]
+    assert "re-parameterised with exact symmetries" in (out / "MERGEGUARD.md").read_text()
+    from transformers import AutoModelForCausalLM
+
+    written = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(checkpoints / "base").state_dict()
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert (written[key] - base[key]).norm() > 0.5 * base[key].norm()
+
+
+def test_amplify_is_undone_when_the_model_is_not_what_it_looks_like(checkpoints, tmp_path, monkeypatch):
+    """A block that only looks symmetric (here: V rescaled without O) fails the guard rail and is put back."""
+    from lightning_mergeguard.protection import symmetry
+
+    real = symmetry.find_symmetries
+
+    def broken(module):
+        return [symmetry.SymmetryGroup(g.kind, g.size, g.factors[:1]) for g in real(module) if g.kind == "v/o"]
+
+    monkeypatch.setattr(symmetry, "find_symmetries", broken)
+    with pytest.warns(UserWarning, match="amplification undone"):
+        report = protect_checkpoint(
+            checkpoints / "base",
+            checkpoints / "owner",
+            str(checkpoints / "rows.jsonl"),
+            tmp_path / "out",
+            stage2="scale_adversarial",
+            tolerance=13.0,
+            steps=4,
+            refit_steps=0,
+            progress=False,
+            device="cpu",
+            amplify=1000.0,
+        )
+    assert report["amplify"]["reverted"] and report["score_after"] == report["amplify"]["score_before"]
 
 
 def test_foreign_base_and_bad_rows_raise_typed_errors(checkpoints, tmp_path):

@@ -63,7 +63,8 @@ def test_guard_on_open_clip_tower_excludes_embeddings_and_norms(tmp_path):
     assert guard.report["parameters_perturbed"] == len(changed)
 
 
-def test_guard_on_tiny_llama_leaves_embeddings_norm_and_head(tmp_path):
+def _fit_tiny_llama(tmp_path, guard):
+    """A tiny Llama's CausalLMModule, its initial weights, after one epoch on random tokens with ``guard``."""
     from conftest import tiny_llama
 
     from lightning_mergeguard.llm import CausalLMModule
@@ -76,12 +77,39 @@ def test_guard_on_tiny_llama_leaves_embeddings_norm_and_head(tmp_path):
     ]
     module = CausalLMModule(tiny_llama(), lr=1e-3)
     initial = {n: p.detach().clone() for n, p in module.named_parameters()}
+    loader = DataLoader(data, batch_size=None)
+    trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(module, loader, loader)
+    return module, initial
+
+
+def test_guard_on_tiny_llama_leaves_embeddings_norm_and_head(tmp_path):
     guard = MergeGuardCallback(
         alpha=0.01, stage2=ScaleAdversarial(steps=4), eval_batches=2, tolerance=100.0, progress=False
     )
-    loader = DataLoader(data, batch_size=None)
-    trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(module, loader, loader)
+    module, initial = _fit_tiny_llama(tmp_path, guard)
     r = guard.report
     stage2_names = {n for n, _ in module.named_parameters() if n.startswith("model.model.layers.")}
     assert r["parameters_perturbed"] == len(stage2_names)
     assert all(not torch.equal(p, initial[n]) for n, p in module.named_parameters())  # stage 1 trains everything
+
+
+def test_guard_amplify_on_tiny_llama_keeps_outputs_and_is_reported(tmp_path):
+    guard = MergeGuardCallback(
+        alpha=0.01, stage2=ScaleAdversarial(steps=2), eval_batches=2, tolerance=100.0, progress=False, amplify=100.0
+    )
+    module, _ = _fit_tiny_llama(tmp_path, guard)
+    amp = guard.report["amplify"]
+    assert amp["groups"] == {"norm->linear": 4, "q/k": 2, "v/o": 2, "up/down": 2} and not amp["reverted"]
+    assert amp["score_after"] == pytest.approx(amp["score_before"], abs=1e-6)
+    assert guard.report["score_after"] == amp["score_after"] and guard.report["settings"]["amplify"] == 100.0
+    norm = module.model.model.layers[0].input_layernorm.weight
+    assert float(norm.max()) > 5.0  # norms were ones at init: scaled up, the linears they feed scaled down
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"amplify": 1.0}, "amplify must be a finite number > 1"), ({"amplify": 10.0, "stage2": None}, "needs a stage 2")],
+)
+def test_guard_amplify_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MergeGuardCallback(**kwargs)

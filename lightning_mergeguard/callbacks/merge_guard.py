@@ -32,7 +32,13 @@ from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, defau
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
 from lightning_mergeguard.parameters import filter_names, select_parameters
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_
-from lightning_mergeguard.protection.stage2 import DEFAULT_STAGE2_EXCLUDE, Stage2, Stage2Context, resolve_stage2
+from lightning_mergeguard.protection.stage2 import (
+    DEFAULT_STAGE2_EXCLUDE,
+    Stage2,
+    Stage2Context,
+    amplify_checked,
+    resolve_stage2,
+)
 from lightning_mergeguard.reference import ReferenceWeights
 from lightning_mergeguard.sharding import any_sharded, full, local, sum_across_ranks
 
@@ -97,6 +103,13 @@ class MergeGuardCallback(Callback):
         progress: Show progress bars during stage 2.
         keep_batches: Batches whose behaviour stage 2 must keep: their loss joins the own-loss term of the
             optimisation (e.g. a fingerprint's rows, so protection and proof of ownership go together).
+        amplify: After stage 2, re-parameterise the model with exact symmetries whose scales are log-uniform in
+            ``[1, amplify]`` (:mod:`~lightning_mergeguard.protection.symmetry`): the model computes the same
+            function, but a merge sees every partner's update magnified and its own task vector out of balance, so
+            off-the-shelf merges collapse. It is undone by re-alignment to ``theta_pre`` (what remains is stage 2's
+            protection), and the rescaled weights suit neither per-row quantization nor further fine-tuning: use it
+            on the model you release. ``None`` (default) skips it. Checked on the guard rail's score (one more
+            validation pass); reverted with a warning if it moves the score by more than ``tolerance``.
         **legacy_stage2: The per-strategy arguments older versions took here (``steps``, ``scales``, ``clip``,
             ``drop_density``, ``lr``; ``beta``, ``critical_fraction``, ``small_fraction``, ``granularity``):
             deprecated, pass them to the strategy object.
@@ -127,6 +140,7 @@ class MergeGuardCallback(Callback):
         save_path: str | None = None,
         progress: bool = True,
         keep_batches: Sequence[Any] | None = None,
+        amplify: float | None = None,
         **legacy_stage2: Any,
     ) -> None:
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
@@ -168,6 +182,15 @@ class MergeGuardCallback(Callback):
         self.save_path = save_path
         self.progress = progress
         self.keep_batches = list(keep_batches) if keep_batches is not None else []
+        if amplify is not None:
+            if not (isinstance(amplify, (int, float)) and math.isfinite(amplify) and amplify > 1):
+                raise ValueError(f"amplify must be a finite number > 1 (the largest scale) or None, got {amplify!r}")
+            if self.stage2 is None:
+                raise ValueError(
+                    "amplify needs a stage 2: re-alignment to theta_pre undoes the symmetries alone, and stage 2's "
+                    "perturbation is what remains after it"
+                )
+        self.amplify = None if amplify is None else float(amplify)
         # state
         self.stage2_done = False
         self.report: dict[str, Any] | None = None
@@ -191,6 +214,11 @@ class MergeGuardCallback(Callback):
                     f"MergeGuardCallback: stage 2 {self.stage2.name!r} does not support FSDP2-sharded parameters "
                     "yet; use ScaleAdversarial (the default), or stage2='none' and protect the saved model with "
                     "mergeguard-protect"
+                )
+            if self.amplify is not None and (is_fsdp2(trainer) or is_adapted(pl_module)):
+                raise MisconfigurationException(
+                    "MergeGuardCallback(amplify=...) rescales full weights: it does not support FSDP2 or LoRA "
+                    "adapters; amplify the saved merged model with mergeguard-protect --amplify instead"
                 )
             if is_fsdp2(trainer) and is_adapted(pl_module):
                 raise MisconfigurationException("MergeGuardCallback does not support LoRA adapters under FSDP2 yet")
@@ -264,6 +292,9 @@ class MergeGuardCallback(Callback):
         if self._view is None:
             params = select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
             ctx, after, extra, tau, moved = self._run_stage2(trainer, pl_module, params)
+            if self.amplify is not None:
+                protected = select_parameters(pl_module, self.include, self.exclude)  # the fine-tuned weights
+                after, extra["amplify"] = amplify_checked(pl_module, self.amplify, ctx, after, names=set(protected))
         else:
             ctx, after, extra, tau, moved = self._run_stage2_lora(trainer, pl_module)
         self.report = {
@@ -457,6 +488,7 @@ class MergeGuardCallback(Callback):
 
     def _settings(self) -> dict[str, Any]:
         keys = ["alpha", "target", "normalize", "include", "exclude", "stage2_exclude", "eval_batches", "tolerance"]
+        keys.append("amplify")
         out = {k: getattr(self, k) for k in keys}
         out["reference"] = self.reference.source_label
         out["stage2"] = self.stage2.settings() if self.stage2 is not None else None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +44,7 @@ __all__ = [
     "ScaleAdversarial",
     "Stage2",
     "Stage2Context",
+    "amplify_checked",
     "resolve_stage2",
 ]
 
@@ -543,6 +544,47 @@ class Negation(Stage2):
         if beta != self.beta:
             ctx.warn(f"MergeGuardCallback: beta={self.beta} cost more than {ctx.tolerance} points; used beta={beta}.")
         return after, {"layer_scores": scores, "critical_layers": sorted(critical), "beta_used": beta, "backoff": tried}
+
+
+def amplify_checked(
+    module: nn.Module, strength: float, ctx: Stage2Context, after: float, names: Collection[str] | None = None
+) -> tuple[float, dict[str, Any]]:
+    """Apply :func:`~lightning_mergeguard.protection.symmetry.amplify_module_` after stage 2, on the guard rail.
+
+    The symmetries are exact, so the score should not move (beyond float rounding); if it drops below
+    ``ctx.before - ctx.tolerance`` (an architecture whose block only looks like a known one), the weights are put
+    back and a warning says so.
+
+    Args:
+        module: The model, after stage 2.
+        strength: Largest scale.
+        ctx: The stage-2 context (its ``metric``, ``before``, ``tolerance``, ``warn``).
+        after: The score stage 2 left.
+        names: Parameter names the symmetries may touch (``None``: all).
+
+    Returns:
+        The score kept, and the report entry (``strength``, groups, ``score_after``, ``reverted``).
+    """
+    from lightning_mergeguard.protection.symmetry import amplify_module_, find_symmetries
+
+    touched = {f.name for g in find_symmetries(module) for f in g.factors}
+    params = {n: p for n, p in module.named_parameters() if n in touched and (names is None or n in names)}
+    with torch.no_grad():
+        saved = {n: p.detach().clone() for n, p in params.items()}
+    report = amplify_module_(module, strength, names=names)
+    score = ctx.metric()
+    report.update(score_before=after, score_after=score, reverted=False)
+    if score < ctx.before - ctx.tolerance:
+        ctx.warn(
+            f"amplify moved the score from {after:.2f} to {score:.2f} (tolerance {ctx.tolerance} below "
+            f"{ctx.before:.2f}): this model's blocks are not the symmetric ones they look like; amplification undone."
+        )
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+        report.update(reverted=True, score_after=after)
+        return after, report
+    return score, report
 
 
 STRATEGIES: dict[str, type[Stage2]] = {

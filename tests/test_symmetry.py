@@ -1,0 +1,181 @@
+"""Amplifying symmetries: exact function preservation, amplification of merged-in updates, re-alignment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_LLAMA, perturbed_state_dict
+from torch import nn
+
+from lightning_mergeguard.protection.symmetry import (
+    Factor,
+    SymmetryGroup,
+    amplify_module_,
+    amplify_state,
+    apply_scales,
+    draw_scales,
+    find_symmetries,
+    realign,
+)
+
+
+def _llama(heads: int = 2, kv_heads: int = 2, seed: int = 0, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = {**TINY_LLAMA, "num_attention_heads": heads, "num_key_value_heads": kv_heads, **extra}
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def _pair(make, scale=0.002):
+    base, ft = make(), make()
+    ft.load_state_dict(perturbed_state_dict(base.state_dict(), seed=3, scale=scale))
+    return base, ft
+
+
+def _tv(a, b):
+    return {k: a[k] - b[k] for k in a}
+
+
+def _rel(x, y):
+    return float((x - y).norm() / y.norm())
+
+
+@pytest.mark.parametrize("heads,kv_heads,bias", [(2, 2, False), (4, 2, False), (4, 2, True)])
+def test_llama_function_is_kept_exactly_and_every_block_kind_is_found(device, heads, kv_heads, bias):
+    base, ft = _pair(lambda: _llama(heads, kv_heads, attention_bias=bias))
+    ft.to(device)
+    ids = torch.randint(0, 64, (2, 9), device=device)
+    with torch.no_grad():
+        want = ft(ids).logits
+    report = amplify_module_(ft, strength=100.0, seed=1)
+    # two layers: input norm -> q/k/v, post-attention norm -> gate/up, q/k, v/o, up/down in each
+    assert report["groups"] == {"norm->linear": 4, "q/k": 2, "v/o": 2, "up/down": 2}
+    with torch.no_grad():
+        got = ft(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    w = ft.model.layers[0].self_attn.o_proj.weight
+    assert w.device.type == device.type
+    # the divided tensors are now far from the base: up to 100x smaller channels
+    assert _rel(ft.model.layers[0].mlp.down_proj.weight.cpu(), base.model.layers[0].mlp.down_proj.weight) > 0.5
+
+
+def test_open_clip_tower_is_kept_exactly():
+    from lightning_mergeguard.demos.open_clip import build_open_clip
+
+    torch.manual_seed(0)
+    visual = build_open_clip("tiny").visual.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = visual(x)
+    report = amplify_module_(visual, strength=1000.0)
+    layers = len(visual.transformer.resblocks)
+    assert report["groups"] == {"norm->linear": 2 * layers, "q/k": layers, "v/o": layers}
+    with torch.no_grad():
+        torch.testing.assert_close(visual(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_merges_that_add_a_partner_stop_computing_the_owners_function():
+    """Owner at weight 1 plus a partner at 0.1, and a uniform merge: the amplified owner's outputs move >10x more."""
+    base, owner = _pair(_llama)
+    partner = _llama()
+    partner.load_state_dict(perturbed_state_dict(base.state_dict(), seed=9, scale=0.002))
+    pre, own_sd, part = base.state_dict(), owner.state_dict(), partner.state_dict()
+    amplified = amplify_state(own_sd, find_symmetries(owner), strength=1000.0)
+    ids = torch.randint(0, 64, (4, 12))
+    probe = _llama()
+
+    def logits(state):
+        probe.load_state_dict(state)
+        with torch.no_grad():
+            return probe(ids).logits
+
+    want = logits(own_sd)
+    tp = _tv(part, pre)
+    for merged in (
+        lambda o: {k: o[k] + 0.1 * tp[k] for k in o},  # owner weight 1, partner 0.1
+        lambda o: {k: pre[k] + 0.3 * (o[k] - pre[k] + tp[k]) for k in o},  # uniform TA lambda 0.3
+    ):
+        plain = _rel(logits(merged(own_sd)), want)
+        attacked = _rel(logits(merged(amplified)), want)
+        assert attacked > 10 * plain, (plain, attacked)
+
+
+def test_realign_recovers_the_weights_underneath():
+    """The anchor re-alignment attack: merges of the re-aligned model behave like merges of the fine-tune."""
+    base, ft = _pair(lambda: _llama(4, 2), scale=0.0005)
+    partner = _llama(4, 2)
+    partner.load_state_dict(perturbed_state_dict(base.state_dict(), seed=9, scale=0.0005))
+    groups = find_symmetries(ft)
+    sd, pre, part = ft.state_dict(), base.state_dict(), partner.state_dict()
+    amplified = amplify_state(sd, groups, strength=1000.0, seed=5)
+    back = realign(amplified, pre, groups)
+    keys = sorted({f.name for g in groups for f in g.factors})
+    far = sum(float((amplified[k] - sd[k]).norm()) for k in keys)
+    near = sum(float((back[k] - sd[k]).norm()) for k in keys)
+    tau = sum(float((sd[k] - pre[k]).norm()) for k in keys)
+    assert near < 1e-3 * far and near < tau, (near, far, tau)
+    ids = torch.randint(0, 64, (4, 12))
+    probe = _llama(4, 2)
+
+    def merged_logits(owner):
+        probe.load_state_dict({k: owner[k] + 0.1 * (part[k] - pre[k]) for k in owner})
+        with torch.no_grad():
+            return probe(ids).logits
+
+    want = merged_logits(sd)
+    assert _rel(merged_logits(back), want) < 0.1 * _rel(merged_logits(amplified), want)
+
+
+class _OnePlusNorm(nn.Module):
+    """Gemma's RMSNorm: ``x * (1 + w)``, not linear in ``w``."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        return x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * (1 + self.weight)
+
+
+def test_norms_not_linear_in_their_weight_are_left_out():
+    model = _llama()
+    for layer in model.model.layers:
+        layer.input_layernorm = _OnePlusNorm(16)
+    kinds = [g.kind for g in find_symmetries(model)]
+    assert kinds.count("norm->linear") == 2  # only the post-attention norms
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        want = model(ids).logits
+        amplify_module_(model, strength=50.0)
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sandwich_norm_layers_are_not_rescaled():
+    model = _llama()
+    model.model.layers[0].pre_feedforward_layernorm = nn.Identity()
+    assert len(find_symmetries(model)) == 5  # layer 1 only
+
+
+def test_bad_input_names_the_problem():
+    with pytest.raises(ValueError, match="no block it can rescale"):
+        amplify_module_(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="strength must be"):
+        draw_scales([], 1.0)
+    g = SymmetryGroup("v/o", 2, (Factor("v", 0, 1), Factor("o", 1, -1)))
+    state = {"v": torch.ones(2, 3), "o": torch.ones(3, 2)}
+    with pytest.raises(ValueError, match="finite positive scales"):
+        apply_scales(state, [g], [torch.tensor([1.0, 0.0])])
+    with pytest.raises(KeyError, match="'o'"):
+        apply_scales({"v": torch.ones(2, 3)}, [g], [torch.ones(2)])
+    with pytest.raises(ValueError, match="1 symmetry groups but 0"):
+        apply_scales(state, [g], [])
+
+
+def test_scales_are_reproducible_and_dtype_is_kept():
+    g = SymmetryGroup("v/o", 2, (Factor("v", 0, 1), Factor("o", 1, -1)))
+    state = {"v": torch.ones(2, 3, dtype=torch.bfloat16), "o": torch.ones(3, 2, dtype=torch.bfloat16)}
+    a, b = amplify_state(state, [g], 10.0, seed=2), amplify_state(state, [g], 10.0, seed=2)
+    assert a["v"].dtype == torch.bfloat16 and torch.equal(a["v"], b["v"]) and torch.equal(a["o"], b["o"])
+    s = draw_scales([g], 10.0, seed=2)[0]
+    assert bool(((s >= 1) & (s <= 10)).all())
