@@ -45,7 +45,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.merging import merge, task_vector
-from lightning_mergeguard.protection.symmetry import find_symmetries, realign
+from lightning_mergeguard.protection.symmetry import amplify_state, find_symmetries, realign
 
 State = dict[str, Tensor]
 
@@ -637,7 +637,7 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
         def run() -> tuple[State, dict, tuple]:
             state, report, saw = make()
             back = realign(state, track.pre, track.symmetries)
-            return {**state, **back}, {**report, "attack": "anchor re-alignment (estimate_scales)"}, saw
+            return back, {**report, "attack": "anchor re-alignment (estimate_scales)"}, saw
 
         return run
 
@@ -676,7 +676,7 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
             seen,
         ),
         f"{amp}: fine-tune, no stage 2": lambda: (
-            {**track.finetunes[track.owner], **_amplified(track, track.finetunes[track.owner])},
+            amplify_state(track.finetunes[track.owner], track.symmetries, AMPLIFY),
             {"amplify": AMPLIFY},
             (),
         ),
@@ -685,12 +685,6 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
         f"{amp}: post-hoc neighbourhood, partners {'+'.join(seen)}": amplified["nb-partners"],
         f"{amp} re-aligned: post-hoc neighbourhood, partners {'+'.join(seen)}": realigned(amplified["nb-partners"]),
     }
-
-
-def _amplified(track: Track, state: State) -> State:
-    from lightning_mergeguard.protection.symmetry import amplify_state
-
-    return amplify_state(state, track.symmetries, AMPLIFY)
 
 
 def run_grid_track(

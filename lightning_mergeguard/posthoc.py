@@ -43,6 +43,7 @@ from lightning_mergeguard.protection.stage2 import (
     Stage2Context,
     amplify_checked,
 )
+from lightning_mergeguard.protection.symmetry import check_strength
 from lightning_mergeguard.reference import ReferenceWeights
 
 __all__ = ["load_rows", "main", "protect_checkpoint", "protect_module"]
@@ -86,7 +87,7 @@ def protect_module(
 
     Returns:
         ``score_before``, ``score_after``, ``stage2`` (the strategy's report), ``refit`` (whether it ran) and, with
-        ``amplify``, ``amplify`` (the symmetries applied, the score after them, whether they were reverted).
+        ``amplify``, ``amplify`` (the symmetries applied or why not, the score after them, whether they were reverted).
     """
     stage2 = stage2 or ScaleAdversarial(steps=150)
     src = open_source(base, name="base")
@@ -282,8 +283,11 @@ def protect_checkpoint(
         raise ConfigError(f"stage2 must be one of {STAGE2_CHOICES}, got {stage2!r}")
     if isinstance(partners, (str, os.PathLike)):
         raise ConfigError("partners must be a list of paths, not one path")
-    if amplify is not None and not (isinstance(amplify, (int, float)) and math.isfinite(amplify) and amplify > 1):
-        raise ConfigError(f"amplify must be a finite number > 1 (the largest scale), got {amplify!r}")
+    if amplify is not None:
+        try:
+            amplify = check_strength(amplify, "amplify")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     partners = [str(p) for p in partners]
     base, model, out = Path(base), Path(model), Path(out)
     dev = torch.device(
@@ -516,15 +520,19 @@ def model_card(report: dict[str, Any]) -> str:
         "",
     ]
     amp = report.get("amplify")
-    if amp and not amp.get("reverted"):
+    if amp and amp.get("applied"):
+        left_out = f"; left out after the forward check: {', '.join(amp['dropped'])}" if amp.get("dropped") else ""
         lines += [
-            f"Its weights were then re-parameterised with exact symmetries (per-channel scales up to "
-            f"{amp['strength']:g}; {amp['channels']} channels): the model computes the same function (score "
-            f"{amp['score_before']:.1f} -> {amp['score_after']:.1f}), but merges see partners' updates magnified. "
-            "Re-alignment to the base model undoes this layer; per-row weight quantization and further fine-tuning "
-            "of these weights are not advised.",
+            f"Its weights were then re-parameterised with exact symmetries (per-channel power-of-two scales up to "
+            f"{amp['strength']:g}; {amp['channels']} channels{left_out}): the model computes the same function "
+            f"(score {amp['score_before']:.1f} -> {amp['score_after']:.1f}), but merges see partners' updates "
+            "magnified. Re-alignment to the base model undoes this layer; per-row weight quantization and further "
+            "fine-tuning of these weights are not advised.",
             "",
         ]
+    elif amp:
+        why = amp.get("skipped") or "it moved the score, so the weights were put back"
+        lines += [f"Amplifying symmetries were requested and not applied: {why}.", ""]
     merges = report.get("merges")
     if merges:
         lines += ["| merge | owner-task score, unprotected | protected |", "|---|---|---|"]

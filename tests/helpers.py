@@ -66,3 +66,11 @@ def trainer(tmp_path, **kwargs) -> pl.Trainer:
     defaults = dict(max_epochs=2, accelerator="cpu", default_root_dir=str(tmp_path), deterministic=True)
     defaults.update(kwargs)
     return quiet_trainer(**defaults)
+
+
+def fit_ddp_ranks(tmp_path, module: pl.LightningModule, callback: pl.Callback, *loaders) -> list[dict]:
+    """Fit ``module`` with ``callback`` on two ``ddp_spawn`` CPU processes; each rank's final weights."""
+    save = SaveWeightsOnTrainEnd(str(tmp_path))
+    t = trainer(tmp_path, max_epochs=1, strategy="ddp_spawn", devices=2, callbacks=[callback, save])
+    t.fit(module, *loaders)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

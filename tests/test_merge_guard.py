@@ -7,7 +7,7 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import SaveWeightsOnTrainEnd, TinyClassifier, blobs, trainer
+from helpers import TinyClassifier, blobs, fit_ddp_ranks, trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
@@ -182,16 +182,7 @@ def test_resume_matches_uninterrupted(tmp_path, crash_epoch):
 def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     pl.seed_everything(0)
     guard = MergeGuardCallback(alpha=0.1, stage2=ScaleAdversarial(steps=8, lr=0.01), progress=False)
-    t = trainer(
-        tmp_path,
-        max_epochs=1,
-        strategy="ddp_spawn",
-        devices=2,
-        callbacks=[guard, SaveWeightsOnTrainEnd(str(tmp_path))],
-    )
-    t.fit(TinyClassifier())
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    r0, r1 = fit_ddp_ranks(tmp_path, TinyClassifier(), guard)
     initial = TinyClassifier().state_dict()
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k

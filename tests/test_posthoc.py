@@ -118,8 +118,8 @@ def test_partners_are_rehearsed_by_default(checkpoints, tmp_path):
     [
         ({"stage2": "neighbourhood"}, "stage2 must be one of"),
         ({"partners": "one/path"}, "partners must be a list of paths"),
-        ({"amplify": 1.0}, "amplify must be a finite number > 1"),
-        ({"amplify": float("nan")}, "amplify must be a finite number > 1"),
+        ({"amplify": 1.5}, "amplify must be a finite number >= 2"),
+        ({"amplify": float("nan")}, "amplify must be a finite number >= 2"),
     ],
 )
 def test_bad_stage2_options_name_the_problem(checkpoints, tmp_path, kwargs, message):
@@ -171,17 +171,23 @@ def test_amplify_keeps_the_function_and_breaks_merges(checkpoints, tmp_path, cap
     assert (written[key] - base[key]).norm() > 0.5 * base[key].norm()
 
 
-def test_amplify_is_undone_when_the_model_is_not_what_it_looks_like(checkpoints, tmp_path, monkeypatch):
-    """A block that only looks symmetric (here: V rescaled without O) fails the guard rail and is put back."""
+@pytest.mark.parametrize("check_misses", [False, True])
+def test_amplify_is_undone_when_the_model_is_not_what_it_looks_like(checkpoints, tmp_path, monkeypatch, check_misses):
+    """A block that only looks symmetric (here: V rescaled without O) is caught by the forward check; if that check
+    missed it, the guard rail's score puts the weights back. Either way the written model is not amplified."""
     from lightning_mergeguard.protection import symmetry
 
     real = symmetry.find_symmetries
 
-    def broken(module):
-        return [symmetry.SymmetryGroup(g.kind, g.size, g.factors[:1]) for g in real(module) if g.kind == "v/o"]
+    def broken(module, names=None):
+        groups = real(module, names)
+        return [symmetry.SymmetryGroup(g.kind, g.size, g.factors[:1], g.block) for g in groups if g.kind == "v/o"]
 
     monkeypatch.setattr(symmetry, "find_symmetries", broken)
-    with pytest.warns(UserWarning, match="amplification undone"):
+    if check_misses:
+        missed = dict.fromkeys(["repeat", "v/o"], 0.0)
+        monkeypatch.setattr(symmetry, "symmetry_errors", lambda *a, **k: dict(missed))
+    with pytest.warns(UserWarning, match="amplification undone" if check_misses else "no exact symmetry"):
         report = protect_checkpoint(
             checkpoints / "base",
             checkpoints / "owner",
@@ -195,7 +201,18 @@ def test_amplify_is_undone_when_the_model_is_not_what_it_looks_like(checkpoints,
             device="cpu",
             amplify=1000.0,
         )
-    assert report["amplify"]["reverted"] and report["score_after"] == report["amplify"]["score_before"]
+    assert report["score_after"] == report["amplify"]["score_after"] and not report["amplify"]["applied"]
+    assert "requested and not applied" in (tmp_path / "out" / "MERGEGUARD.md").read_text()
+    if check_misses:
+        assert report["amplify"]["reverted"] and report["score_after"] == report["amplify"]["score_before"]
+    else:
+        assert "no exact symmetry" in report["amplify"]["skipped"] and not report["amplify"]["reverted"]
+    from transformers import AutoModelForCausalLM
+
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(checkpoints / "base").state_dict()
+    key = "model.layers.0.self_attn.v_proj.weight"
+    assert (written[key] - base[key]).norm() < 0.5 * base[key].norm()
 
 
 def test_foreign_base_and_bad_rows_raise_typed_errors(checkpoints, tmp_path):

@@ -16,6 +16,7 @@ from lightning_mergeguard.protection.symmetry import (
     draw_scales,
     find_symmetries,
     realign,
+    symmetry_errors,
 )
 
 
@@ -160,8 +161,9 @@ def test_sandwich_norm_layers_are_not_rescaled():
 def test_bad_input_names_the_problem():
     with pytest.raises(ValueError, match="no block it can rescale"):
         amplify_module_(nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="strength must be"):
-        draw_scales([], 1.0)
+    for bad in (1.0, 1.5, float("inf"), True, "100"):
+        with pytest.raises(ValueError, match="strength must be"):
+            draw_scales([], bad)
     g = SymmetryGroup("v/o", 2, (Factor("v", 0, 1), Factor("o", 1, -1)))
     state = {"v": torch.ones(2, 3), "o": torch.ones(3, 2)}
     with pytest.raises(ValueError, match="finite positive scales"):
@@ -179,3 +181,89 @@ def test_scales_are_reproducible_and_dtype_is_kept():
     assert a["v"].dtype == torch.bfloat16 and torch.equal(a["v"], b["v"]) and torch.equal(a["o"], b["o"])
     s = draw_scales([g], 10.0, seed=2)[0]
     assert bool(((s >= 1) & (s <= 10)).all())
+
+
+def test_powers_of_two_keep_a_bf16_model_bit_for_bit(device):
+    """Scales are powers of two, so ``w * s`` and ``w / s`` round nowhere: bf16 logits are unchanged exactly."""
+    model = _llama(4, 2, attention_bias=True).to(device=device, dtype=torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 9), device=device)
+    with torch.no_grad():
+        want = model(ids).logits
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    report = amplify_module_(model, strength=1000.0, forward=lambda: model(ids))
+    assert report["dropped"] == [] and set(report["checked"].values()) == {0.0}
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    ratio = (before.float() / model.model.layers[0].mlp.down_proj.weight.float()).flatten()
+    ratio = ratio[torch.isfinite(ratio)]
+    assert torch.equal(ratio.log2(), ratio.log2().round()) and float(ratio.max()) > 64
+
+
+class _SubNormLinear(nn.Linear):
+    """A linear with a norm on its input (BitNet's sub-norms): the pair it ends is no longer a symmetry."""
+
+    def forward(self, x):
+        return super().forward(x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+
+
+def test_a_block_that_only_looks_symmetric_is_checked_and_left_out():
+    """A sub-norm before down_proj breaks up/down: the forward check drops that kind, the rest is applied exactly."""
+    model = _llama()
+    for layer in model.model.layers:
+        down = layer.mlp.down_proj
+        layer.mlp.down_proj = _SubNormLinear(down.in_features, down.out_features, bias=False)
+        layer.mlp.down_proj.load_state_dict(down.state_dict())
+    assert [g.kind for g in find_symmetries(model)].count("up/down") == 2  # it looks like a Llama MLP
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+    report = amplify_module_(model, strength=1000.0, forward=lambda: model(ids))
+    assert report["dropped"] == ["up/down"] and report["checked"]["up/down"] > 0.1
+    assert "up/down" not in report["groups"] and report["groups"]["v/o"] == 2
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    # without the check, the same call changes the model: that is what the check is for
+    trusting = _llama()
+    trusting.load_state_dict(model.state_dict())
+    for layer in trusting.model.layers:
+        down = layer.mlp.down_proj
+        layer.mlp.down_proj = _SubNormLinear(down.in_features, down.out_features, bias=False)
+        layer.mlp.down_proj.load_state_dict(down.state_dict())
+    amplify_module_(trusting, strength=1000.0)
+    with torch.no_grad():
+        assert _rel(trusting(ids).logits, want) > 0.01
+
+
+@pytest.mark.parametrize(
+    "model_type,extra,dropped",
+    [
+        ("stablelm", {"use_parallel_residual": True}, ["norm->linear"]),  # the input norm also feeds the MLP
+        ("diffllama", {}, ["v/o"]),  # a norm over pairs of heads between V and O
+        ("bitnet", {}, ["up/down", "v/o"]),  # sub-norms before o_proj and down_proj
+    ],
+)
+def test_real_lookalike_architectures_are_caught(model_type, extra, dropped):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.for_model(model_type, **{**TINY_LLAMA, "head_dim": 8, **extra})
+    except ValueError:
+        pytest.skip(f"this transformers has no {model_type}")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+    report = amplify_module_(model, strength=1000.0, forward=lambda: model(ids))
+    assert report["dropped"] == dropped and report["groups"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+
+
+def test_a_forward_that_is_not_repeatable_cannot_be_checked():
+    model = _llama()
+    calls = iter(range(100))
+    with pytest.raises(ValueError, match="cannot check the symmetries"):
+        amplify_module_(model, 100.0, forward=lambda: model(torch.full((1, 4), next(calls) % 64)))
+    errors = symmetry_errors(model, [], [], lambda: None)  # no block ever ran
+    assert errors == {"repeat": float("inf")}

@@ -39,6 +39,7 @@ from lightning_mergeguard.protection.stage2 import (
     amplify_checked,
     resolve_stage2,
 )
+from lightning_mergeguard.protection.symmetry import check_strength
 from lightning_mergeguard.reference import ReferenceWeights
 from lightning_mergeguard.sharding import any_sharded, full, local, sum_across_ranks
 
@@ -103,13 +104,16 @@ class MergeGuardCallback(Callback):
         progress: Show progress bars during stage 2.
         keep_batches: Batches whose behaviour stage 2 must keep: their loss joins the own-loss term of the
             optimisation (e.g. a fingerprint's rows, so protection and proof of ownership go together).
-        amplify: After stage 2, re-parameterise the model with exact symmetries whose scales are log-uniform in
-            ``[1, amplify]`` (:mod:`~lightning_mergeguard.protection.symmetry`): the model computes the same
-            function, but a merge sees every partner's update magnified and its own task vector out of balance, so
-            off-the-shelf merges collapse. It is undone by re-alignment to ``theta_pre`` (what remains is stage 2's
-            protection), and the rescaled weights suit neither per-row quantization nor further fine-tuning: use it
-            on the model you release. ``None`` (default) skips it. Checked on the guard rail's score (one more
-            validation pass); reverted with a warning if it moves the score by more than ``tolerance``.
+        amplify: After stage 2, re-parameterise the model with exact symmetries whose scales are powers of two,
+            log-uniform in ``[1, amplify]`` (:mod:`~lightning_mergeguard.protection.symmetry`): the model computes
+            the same function bit for bit, but a merge sees every partner's update magnified and its own task vector
+            out of balance, so off-the-shelf merges collapse. It is undone by re-alignment to ``theta_pre`` (what
+            remains is stage 2's protection), and the rescaled weights suit neither per-row quantization nor further
+            fine-tuning: use it on the model you release. ``None`` (default) skips it. Checked twice: each kind of
+            symmetry must leave the recognised blocks' outputs unchanged on one training batch (kinds that do not,
+            in blocks that only look like known ones, are left out with a warning), then the guard rail's score
+            (one more validation pass; the weights are put back with a warning if it drops by more than
+            ``tolerance``).
         **legacy_stage2: The per-strategy arguments older versions took here (``steps``, ``scales``, ``clip``,
             ``drop_density``, ``lr``; ``beta``, ``critical_fraction``, ``small_fraction``, ``granularity``):
             deprecated, pass them to the strategy object.
@@ -183,14 +187,13 @@ class MergeGuardCallback(Callback):
         self.progress = progress
         self.keep_batches = list(keep_batches) if keep_batches is not None else []
         if amplify is not None:
-            if not (isinstance(amplify, (int, float)) and math.isfinite(amplify) and amplify > 1):
-                raise ValueError(f"amplify must be a finite number > 1 (the largest scale) or None, got {amplify!r}")
+            amplify = check_strength(amplify, "amplify")
             if self.stage2 is None:
                 raise ValueError(
                     "amplify needs a stage 2: re-alignment to theta_pre undoes the symmetries alone, and stage 2's "
                     "perturbation is what remains after it"
                 )
-        self.amplify = None if amplify is None else float(amplify)
+        self.amplify = amplify
         # state
         self.stage2_done = False
         self.report: dict[str, Any] | None = None
@@ -293,8 +296,8 @@ class MergeGuardCallback(Callback):
             params = select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
             ctx, after, extra, tau, moved = self._run_stage2(trainer, pl_module, params)
             if self.amplify is not None:
-                protected = select_parameters(pl_module, self.include, self.exclude)  # the fine-tuned weights
-                after, extra["amplify"] = amplify_checked(pl_module, self.amplify, ctx, after, names=set(protected))
+                # only the fine-tuned weights (include/exclude), as selected at fit start
+                after, extra["amplify"] = amplify_checked(pl_module, self.amplify, ctx, after, names=set(self._params))
         else:
             ctx, after, extra, tau, moved = self._run_stage2_lora(trainer, pl_module)
         self.report = {
@@ -487,8 +490,8 @@ class MergeGuardCallback(Callback):
         trainer.strategy.barrier("mergeguard_stage2")
 
     def _settings(self) -> dict[str, Any]:
-        keys = ["alpha", "target", "normalize", "include", "exclude", "stage2_exclude", "eval_batches", "tolerance"]
-        keys.append("amplify")
+        keys = ["alpha", "target", "normalize", "include", "exclude", "stage2_exclude", "eval_batches"]
+        keys += ["tolerance", "amplify"]
         out = {k: getattr(self, k) for k in keys}
         out["reference"] = self.reference.source_label
         out["stage2"] = self.stage2.settings() if self.stage2 is not None else None

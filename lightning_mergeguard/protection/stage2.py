@@ -549,31 +549,57 @@ class Negation(Stage2):
 def amplify_checked(
     module: nn.Module, strength: float, ctx: Stage2Context, after: float, names: Collection[str] | None = None
 ) -> tuple[float, dict[str, Any]]:
-    """Apply :func:`~lightning_mergeguard.protection.symmetry.amplify_module_` after stage 2, on the guard rail.
+    """Apply :func:`~lightning_mergeguard.protection.symmetry.amplify_module_` after stage 2, checked twice.
 
-    The symmetries are exact, so the score should not move (beyond float rounding); if it drops below
-    ``ctx.before - ctx.tolerance`` (an architecture whose block only looks like a known one), the weights are put
-    back and a warning says so.
+    First, on one training batch, each kind of symmetry must leave the recognised blocks' outputs unchanged
+    (:func:`~lightning_mergeguard.protection.symmetry.symmetry_errors`); kinds that do not (a block that only looks
+    like a known one) are left out with a warning. Then the guard rail's score: if it drops below
+    ``ctx.before - ctx.tolerance``, the weights are put back and a warning says so. When no kind passes, or the
+    forward pass cannot be checked, the model is left as stage 2 left it, with a warning.
 
     Args:
         module: The model, after stage 2.
         strength: Largest scale.
-        ctx: The stage-2 context (its ``metric``, ``before``, ``tolerance``, ``warn``).
+        ctx: The stage-2 context (its ``batches``, ``loss_fn``, ``metric``, ``before``, ``tolerance``, ``warn``).
         after: The score stage 2 left.
         names: Parameter names the symmetries may touch (``None``: all).
 
     Returns:
-        The score kept, and the report entry (``strength``, groups, ``score_after``, ``reverted``).
+        The score kept, and the report entry (``strength``, ``applied``, groups, ``checked``, ``dropped``,
+        ``score_before``, ``score_after``, ``reverted``; ``skipped``: why nothing was applied).
     """
     from lightning_mergeguard.protection.symmetry import amplify_module_, find_symmetries
 
-    touched = {f.name for g in find_symmetries(module) for f in g.factors}
-    params = {n: p for n, p in module.named_parameters() if n in touched and (names is None or n in names)}
+    groups = find_symmetries(module, names)
+    touched = {f.name for g in groups for f in g.factors}
+    params = {n: p for n, p in module.named_parameters() if n in touched}
     with torch.no_grad():
         saved = {n: p.detach().clone() for n, p in params.items()}
-    report = amplify_module_(module, strength, names=names)
+    batch = next(ctx.batches, None)
+
+    def forward() -> None:
+        with ctx.forward_context():
+            ctx.loss_fn(module, batch)
+
+    try:
+        if batch is None:
+            raise ValueError("amplify has no training batch left to check the symmetries on")
+        report = amplify_module_(module, strength, groups=groups, forward=forward, reduce=ctx.grad_reduce)
+    except ValueError as err:
+        ctx.warn(f"{err}; the model is left without amplification.")
+        return after, {
+            "strength": strength,
+            "applied": False,
+            "skipped": str(err),
+            "score_before": after,
+            "score_after": after,
+            "reverted": False,
+        }
+    if report["dropped"]:
+        changes = ", ".join(f"{k}: {report['checked'][k]:.3g}" for k in report["dropped"])
+        ctx.warn(f"amplify left out symmetries that change this model's blocks' outputs (relative change {changes}).")
     score = ctx.metric()
-    report.update(score_before=after, score_after=score, reverted=False)
+    report.update(score_before=after, score_after=score, reverted=False, applied=True)
     if score < ctx.before - ctx.tolerance:
         ctx.warn(
             f"amplify moved the score from {after:.2f} to {score:.2f} (tolerance {ctx.tolerance} below "
@@ -582,7 +608,7 @@ def amplify_checked(
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved[n])
-        report.update(reverted=True, score_after=after)
+        report.update(reverted=True, applied=False, score_after=after)
         return after, report
     return score, report
 

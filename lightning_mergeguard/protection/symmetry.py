@@ -11,9 +11,14 @@ A pre-norm transformer computes the same function after these per-channel rescal
 
 The owner's model is unchanged, but a merge adds a partner's update ``w * delta`` to the divided tensors, which now
 hold weights ``s`` times smaller: the partner's update acts ``s`` times larger, and every coefficient other than
-exactly 1 on the owner's task vector leaves the ``* s`` and ``/ s`` halves out of balance. With ``s`` drawn
-log-uniformly in ``[1, strength]`` per channel and head, off-the-shelf merges (task arithmetic at any weight, TIES,
-DARE, weight averaging, SLERP) stop computing the owner's function.
+exactly 1 on the owner's task vector leaves the ``* s`` and ``/ s`` halves out of balance. With ``s`` a power of
+two drawn log-uniformly in ``[1, strength]`` per channel and head, off-the-shelf merges (task arithmetic at any
+weight, TIES, DARE, weight averaging, SLERP) stop computing the owner's function, while the owner's model computes
+bit for bit what it did (multiplying by a power of two rounds nowhere, in fp32 or bf16).
+
+A block can look like a known one and not be (a parallel residual, a norm between V and O): given one forward pass
+on a real batch, :func:`amplify_module_` checks each kind of symmetry against the blocks' outputs
+(:func:`symmetry_errors`) and leaves out the kinds that change them.
 
 What it does not resist: a re-parameterisation can be undone. An attacker who holds ``theta_pre`` estimates each
 ``s`` from norm ratios (:func:`realign`) and recovers the weights underneath exactly, so this layer sits *on top
@@ -31,8 +36,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -44,10 +49,12 @@ __all__ = [
     "amplify_module_",
     "amplify_state",
     "apply_scales",
+    "check_strength",
     "draw_scales",
     "estimate_scales",
     "find_symmetries",
     "realign",
+    "symmetry_errors",
 ]
 
 
@@ -80,6 +87,8 @@ class SymmetryGroup:
     kind: str
     size: int
     factors: tuple[Factor, ...]
+    block: str = ""
+    """The module (as in ``named_modules()``) whose output the symmetry keeps; ``""``: the whole model."""
 
 
 # ---------------------------------------------------------------------------------------------- pure maths
@@ -129,19 +138,35 @@ def apply_scales(
     return out
 
 
+def check_strength(value: Any, name: str = "strength") -> float:
+    """``value`` as a float if it is a finite number >= 2, else a ``ValueError`` naming ``name``.
+
+    Example:
+        >>> check_strength(1000)
+        1000.0
+    """
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 2):
+        raise ValueError(
+            f"{name} must be a finite number >= 2 (the largest scale; scales are powers of two), got {value!r}"
+        )
+    return float(value)
+
+
 def draw_scales(groups: Sequence[SymmetryGroup], strength: float, seed: int = 0) -> list[Tensor]:
-    """Scales drawn log-uniformly in ``[1, strength]`` (float64, CPU), one tensor per group, reproducibly.
+    """Powers of two, log-uniform in ``[1, strength]`` (float64, CPU), one tensor per group, reproducibly.
+
+    Powers of two make the re-parameterisation exact in every floating-point format: ``w * 2**k`` and ``w / 2**k``
+    round nowhere (short of overflow or subnormals), so a bf16 model computes bit for bit what it did.
 
     Example:
         >>> g = SymmetryGroup("v/o", 3, ())
         >>> s = draw_scales([g], 100.0)[0]
-        >>> bool(((s >= 1) & (s <= 100)).all())
-        True
+        >>> bool(((s >= 1) & (s <= 100)).all()), bool((s.log2() == s.log2().round()).all())
+        (True, True)
     """
-    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength > 1):
-        raise ValueError(f"strength must be a finite number > 1, got {strength!r}")
+    top = math.floor(math.log2(check_strength(strength)) + 1e-9)
     gen = torch.Generator().manual_seed(seed)
-    return [torch.exp(torch.rand(g.size, generator=gen, dtype=torch.float64) * math.log(strength)) for g in groups]
+    return [torch.randint(0, top + 1, (g.size,), generator=gen).double().exp2() for g in groups]
 
 
 def amplify_state(
@@ -334,7 +359,7 @@ def _open_clip_block(prefix: str, block: nn.Module) -> list[SymmetryGroup]:
     return groups
 
 
-def find_symmetries(module: nn.Module) -> list[SymmetryGroup]:
+def find_symmetries(module: nn.Module, names: Collection[str] | None = None) -> list[SymmetryGroup]:
     """The amplifying symmetries of ``module``'s recognised blocks, named as in ``module.named_parameters()``.
 
     Recognised: Hugging Face Llama-style decoder layers (``input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
@@ -342,7 +367,8 @@ def find_symmetries(module: nn.Module) -> list[SymmetryGroup]:
     ``ResidualAttentionBlock`` (``ln_1``, ``nn.MultiheadAttention``, ``ln_2``, ``mlp.c_fc``). Norms whose output is
     not linear in their weight (Gemma's ``1 + w``), Q/K with per-head norms, sandwich norms and packed projections
     that do not match are left out, so every group returned is an exact symmetry. Blocks wrapped by PEFT (LoRA) or
-    sharded (DTensor) are not recognised.
+    sharded (DTensor) are not recognised. ``names``: keep only the groups whose every tensor is among these
+    parameter names (e.g. the ones a callback protects); ``None``: all.
 
     Example:
         >>> find_symmetries(nn.Linear(2, 2))
@@ -352,50 +378,186 @@ def find_symmetries(module: nn.Module) -> list[SymmetryGroup]:
     for name, sub in module.named_modules():
         prefix = f"{name}." if name else ""
         if all(hasattr(sub, x) for x in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")):
-            groups += _llama_block(prefix, sub)
+            found = _llama_block(prefix, sub)
         elif all(hasattr(sub, x) for x in ("ln_1", "attn", "ln_2", "mlp")):
-            groups += _open_clip_block(prefix, sub)
+            found = _open_clip_block(prefix, sub)
+        else:
+            continue
+        groups += [replace(g, block=name) for g in found]
+    allowed = set(dict(module.named_parameters()) if names is None else names)
+    return [g for g in groups if all(f.name in allowed for f in g.factors)]
+
+
+def _first_float(out: Any) -> Tensor | None:
+    """The first floating-point tensor in a module's output (a tensor, tuple, dict or ``ModelOutput``)."""
+    if isinstance(out, Tensor):
+        return out if out.is_floating_point() else None
+    items = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    for item in items:
+        found = _first_float(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _block_outputs(module: nn.Module, blocks: Sequence[str], forward: Callable[[], Any], samples: int) -> list[Tensor]:
+    """Every call's output of each block during one seeded, eval-mode, no-grad ``forward()``, subsampled to float32."""
+    subs = dict(module.named_modules())
+    seen: list[Tensor] = []
+
+    def hook(_mod: nn.Module, _args: Any, out: Any) -> None:
+        t = _first_float(out)
+        if t is not None:
+            flat = t.detach().reshape(-1)
+            seen.append(flat[:: max(1, -(-flat.numel() // samples))].float().clone())
+
+    handles = [subs[b].register_forward_hook(hook) for b in blocks]
+    training = [(m, m.training) for m in module.modules()]
+    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    try:
+        module.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in training:
+            m.training = mode
+    return seen
+
+
+def symmetry_errors(
+    module: nn.Module,
+    groups: Sequence[SymmetryGroup],
+    scales: Sequence[Tensor],
+    forward: Callable[[], Any],
+    samples: int = 65536,
+) -> dict[str, float]:
+    """How much each kind of symmetry, applied alone with ``scales``, changes the blocks' outputs on ``forward()``.
+
+    The check that a block is what it looks like: ``forward`` (one pass of the model on a real batch, e.g.
+    ``lambda: loss_fn(model, batch)``) runs seeded, in eval mode and without gradients, with hooks on every
+    block a group names. Each kind's groups are applied in place, the pass repeated, and the weights restored.
+    With power-of-two scales (:func:`draw_scales`) an exact symmetry changes nothing beyond kernel noise in any
+    dtype; a block that only looks like a known one (a norm between V and O, a parallel residual) changes by
+    order one. The ``"repeat"`` entry is the change between two passes with nothing applied (a forward that is
+    not deterministic cannot be checked).
+
+    Returns:
+        ``{"repeat": e, kind: e, ...}``, each ``e`` the largest relative change (``||a - b|| / ||b||``) over the
+        blocks' outputs; ``inf`` where a pass left no output to compare or produced non-finite values.
+
+    Example:
+        >>> symmetry_errors(nn.Linear(2, 2), [], [], lambda: None)
+        {'repeat': inf}
+    """
+    if len(scales) != len(groups):
+        raise ValueError(f"{len(groups)} symmetry groups but {len(scales)} scale tensors")
+    blocks = sorted({g.block for g in groups}) or [""]
     params = dict(module.named_parameters())
-    return [g for g in groups if all(f.name in params for f in g.factors)]
+    want = _block_outputs(module, blocks, forward, samples)
+
+    def change(got: list[Tensor]) -> float:
+        if not want or len(got) != len(want):
+            return math.inf
+        worst = 0.0
+        for a, b in zip(got, want, strict=True):
+            if a.shape != b.shape or not bool(torch.isfinite(a).all()):
+                return math.inf
+            worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-30)))
+        return worst
+
+    errors = {"repeat": change(_block_outputs(module, blocks, forward, samples))}
+    for kind in dict.fromkeys(g.kind for g in groups):
+        chosen = [(g, s) for g, s in zip(groups, scales, strict=True) if g.kind == kind]
+        names = sorted({f.name for g, _ in chosen for f in g.factors})
+        saved = {n: params[n].detach().clone() for n in names}
+        new = apply_scales(saved, [g for g, _ in chosen], [s for _, s in chosen])
+        try:
+            with torch.no_grad():
+                for n in names:
+                    params[n].copy_(new[n])
+            errors[kind] = change(_block_outputs(module, blocks, forward, samples))
+        finally:
+            with torch.no_grad():
+                for n in names:
+                    params[n].copy_(saved[n])
+    return errors
 
 
 def amplify_module_(
-    module: nn.Module, strength: float = 100.0, seed: int = 0, names: Collection[str] | None = None
+    module: nn.Module,
+    strength: float = 100.0,
+    seed: int = 0,
+    groups: Sequence[SymmetryGroup] | None = None,
+    forward: Callable[[], Any] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    tolerance: float = 1e-5,
 ) -> dict[str, Any]:
     """Apply :func:`amplify_state` to ``module``'s parameters in place; return what was done.
 
     Args:
         module: The model (any device; parameters are rewritten in their dtype).
-        strength: Largest scale; scales are log-uniform in ``[1, strength]``.
+        strength: Largest scale; scales are powers of two, log-uniform in ``[1, strength]``.
         seed: Seed of the draw.
-        names: Only symmetries whose every tensor is among these parameter names (e.g. the ones a callback
-            protects); ``None``: all.
+        groups: The symmetries to apply (default: :func:`find_symmetries` of ``module``).
+        forward: One forward pass of the model on a real batch. When given, every kind of symmetry is checked
+            first with :func:`symmetry_errors`, and kinds that change the blocks' outputs by more than
+            ``tolerance`` (relative) are left out: the model is never silently changed. ``None``: trust ``groups``.
+        reduce: Mean across processes of a tensor (DDP), so that every rank drops the same kinds.
+        tolerance: Largest relative change of a block's output a kept kind may cause (exact symmetries with
+            power-of-two scales cause none).
 
     Returns:
-        ``{"strength", "seed", "groups": {kind: count}, "channels", "parameters"}``.
+        ``{"strength", "seed", "groups": {kind: count}, "channels", "parameters"}``, and with ``forward``,
+        ``"checked"`` (each kind's relative change, and ``"repeat"``) and ``"dropped"`` (the kinds left out).
 
     Raises:
-        ValueError: No recognised block, or sharded (DTensor) parameters.
+        ValueError: No recognised block, no kind passes the check, a forward that cannot be checked (two seeded
+            passes differ), or sharded (DTensor) parameters.
 
     Example:
         >>> amplify_module_(nn.Linear(2, 2))  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
         ValueError: amplify found no block it can rescale exactly ...
     """
+    from lightning_mergeguard.sharding import any_sharded
+
     params = dict(module.named_parameters())
-    if any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in params.values()):
+    if any_sharded(params):
         raise ValueError("amplify does not support sharded (DTensor) parameters; amplify the saved full weights")
-    groups = find_symmetries(module)
-    if names is not None:
-        allowed = set(names)
-        groups = [g for g in groups if all(f.name in allowed for f in g.factors)]
+    groups = list(find_symmetries(module) if groups is None else groups)
     if not groups:
         raise ValueError(
             f"amplify found no block it can rescale exactly in {type(module).__name__} (it knows Hugging Face "
             "Llama-style decoder layers and open_clip ResidualAttentionBlock, without LoRA wrappers)"
         )
+    scales = draw_scales(groups, strength, seed)
+    extra: dict[str, Any] = {}
+    if forward is not None:
+        checked = symmetry_errors(module, groups, scales, forward)
+        if reduce is not None:  # one decision on every process
+            device = next(iter(params.values())).device
+            mean = reduce(torch.tensor(list(checked.values()), dtype=torch.float64, device=device))
+            checked = dict(zip(checked, mean.tolist(), strict=True))
+        if not checked["repeat"] <= tolerance:
+            raise ValueError(
+                "amplify cannot check the symmetries on this model: two seeded forward passes with the same weights "
+                f"differ by {checked['repeat']:.3g} (relative), or the blocks' outputs were never seen"
+            )
+        dropped = sorted(k for k, e in checked.items() if k != "repeat" and not e <= tolerance)
+        kept = [i for i, g in enumerate(groups) if g.kind not in dropped]
+        if not kept:
+            raise ValueError(
+                f"amplify found no exact symmetry in {type(module).__name__}: each kind changed the blocks' outputs "
+                f"({', '.join(f'{k}: {checked[k]:.3g}' for k in dropped)} relative), so its blocks are not the ones "
+                "they look like"
+            )
+        groups, scales = [groups[i] for i in kept], [scales[i] for i in kept]
+        extra = {"checked": checked, "dropped": dropped}
     names = sorted({f.name for g in groups for f in g.factors})
-    new = amplify_state({n: params[n].detach() for n in names}, groups, strength, seed)
+    new = apply_scales({n: params[n].detach() for n in names}, groups, scales)
     with torch.no_grad():
         for n in names:
             params[n].copy_(new[n])
@@ -408,4 +570,5 @@ def amplify_module_(
         "groups": kinds,
         "channels": sum(g.size for g in groups),
         "parameters": len(names),
+        **extra,
     }
