@@ -267,3 +267,23 @@ def test_a_forward_that_is_not_repeatable_cannot_be_checked():
         amplify_module_(model, 100.0, forward=lambda: model(torch.full((1, 4), next(calls) % 64)))
     errors = symmetry_errors(model, [], [], lambda: None)  # no block ever ran
     assert errors == {"repeat": float("inf")}
+
+
+def test_float16_weights_that_would_lose_precision_are_refused_with_the_reason():
+    """float16 is subnormal below 6.1e-5: divided weights round, so the check leaves those kinds out (or refuses,
+    naming why), and the model computes bit for bit what it did."""
+    model = _llama()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.01 if p.dim() == 2 else 1.0)  # small weights, as in wide layers: divided, they turn subnormal
+    model.half()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+    norms = [g for g in find_symmetries(model) if g.kind == "norm->linear"]
+    with pytest.raises(ValueError, match="float16 weights lost precision"):
+        amplify_module_(model, strength=1000.0, groups=norms, forward=lambda: model(ids))
+    report = amplify_module_(model, strength=1000.0, forward=lambda: model(ids))
+    assert report["dropped"] == ["norm->linear"] and report["checked"]["norm->linear"] > 1e-5
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)

@@ -549,10 +549,16 @@ def amplify_module_(
         dropped = sorted(k for k, e in checked.items() if k != "repeat" and not e <= tolerance)
         kept = [i for i, g in enumerate(groups) if g.kind not in dropped]
         if not kept:
+            fp16 = any(params[f.name].dtype == torch.float16 for g in groups for f in g.factors)
             raise ValueError(
                 f"amplify found no exact symmetry in {type(module).__name__}: each kind changed the blocks' outputs "
-                f"({', '.join(f'{k}: {checked[k]:.3g}' for k in dropped)} relative), so its blocks are not the ones "
-                "they look like"
+                f"({', '.join(f'{k}: {checked[k]:.3g}' for k in dropped)} relative), so "
+                + (
+                    "the rescaled float16 weights lost precision (below 6.1e-5 float16 is subnormal) or overflowed: "
+                    "amplify a float32 or bfloat16 copy, or lower the strength"
+                    if fp16
+                    else "its blocks are not the ones they look like"
+                )
             )
         groups, scales = [groups[i] for i in kept], [scales[i] for i in kept]
         extra = {"checked": checked, "dropped": dropped}
