@@ -234,15 +234,8 @@ def test_a_block_that_only_looks_symmetric_is_checked_and_left_out():
         assert _rel(trusting(ids).logits, want) > 0.01
 
 
-@pytest.mark.parametrize(
-    "model_type,extra,dropped",
-    [
-        ("stablelm", {"use_parallel_residual": True}, ["norm->linear"]),  # the input norm also feeds the MLP
-        ("diffllama", {}, ["v/o"]),  # a norm over pairs of heads between V and O
-        ("bitnet", {}, ["up/down", "v/o"]),  # sub-norms before o_proj and down_proj
-    ],
-)
-def test_real_lookalike_architectures_are_caught(model_type, extra, dropped):
+def _amplify_family(model_type: str, **extra) -> dict:
+    """Amplify a tiny ``model_type`` causal LM with the forward check; assert its logits are kept bit for bit."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -255,9 +248,22 @@ def test_real_lookalike_architectures_are_caught(model_type, extra, dropped):
     with torch.no_grad():
         want = model(ids).logits
     report = amplify_module_(model, strength=1000.0, forward=lambda: model(ids))
-    assert report["dropped"] == dropped and report["groups"]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, want)
+    return report
+
+
+@pytest.mark.parametrize(
+    "model_type,extra,dropped",
+    [
+        ("stablelm", {"use_parallel_residual": True}, ["norm->linear"]),  # the input norm also feeds the MLP
+        ("diffllama", {}, ["v/o"]),  # a norm over pairs of heads between V and O
+        ("bitnet", {}, ["up/down", "v/o"]),  # sub-norms before o_proj and down_proj
+    ],
+)
+def test_real_lookalike_architectures_are_caught(model_type, extra, dropped):
+    report = _amplify_family(model_type, **extra)
+    assert report["dropped"] == dropped and report["groups"]
 
 
 def test_a_forward_that_is_not_repeatable_cannot_be_checked():
@@ -287,3 +293,19 @@ def test_float16_weights_that_would_lose_precision_are_refused_with_the_reason()
     assert report["dropped"] == ["norm->linear"] and report["checked"]["norm->linear"] > 1e-5
     with torch.no_grad():
         assert torch.equal(model(ids).logits, want)
+
+
+@pytest.mark.parametrize(
+    "model_type,kinds",
+    [
+        ("mistral", {"norm->linear", "q/k", "v/o", "up/down"}),
+        ("qwen2", {"norm->linear", "q/k", "v/o", "up/down"}),
+        ("qwen3", {"norm->linear", "v/o", "up/down"}),  # per-head Q/K norms: no q/k
+        ("gemma", {"q/k", "v/o", "up/down"}),  # 1 + w norms: no norm->linear
+        ("olmo", {"q/k", "v/o", "up/down"}),  # LayerNorm without weights
+        ("granite", {"norm->linear", "q/k", "v/o", "up/down"}),
+    ],
+)
+def test_other_llama_style_families_are_kept_bit_for_bit(model_type, kinds):
+    report = _amplify_family(model_type)
+    assert set(report["groups"]) == kinds and report["dropped"] == []
