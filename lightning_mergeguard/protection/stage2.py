@@ -574,7 +574,7 @@ def amplify_checked(
     touched = {f.name for g in groups for f in g.factors}
     params = {n: p for n, p in module.named_parameters() if n in touched}
     with torch.no_grad():
-        saved = {n: p.detach().clone() for n, p in params.items()}
+        saved = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}  # for a revert; off the accelerator
     batch = next(ctx.batches, None)
 
     def forward() -> None:

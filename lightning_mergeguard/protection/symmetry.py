@@ -120,22 +120,43 @@ def apply_scales(
         >>> out["o"][0].tolist()
         [0.5, 0.25]
     """
+    out = dict(state)
+    for name, shares in _shares(state, groups, scales).items():
+        out[name] = _scaled(state[name], shares)
+    return out
+
+
+def _apply_scales_(params: Mapping[str, Tensor], groups: Sequence[SymmetryGroup], scales: Sequence[Tensor]) -> None:
+    """:func:`apply_scales` in place on live parameters, one tensor at a time (one float64 copy at most)."""
+    with torch.no_grad():
+        for name, shares in _shares(params, groups, scales).items():
+            params[name].copy_(_scaled(params[name].detach(), shares))
+
+
+def _shares(
+    state: Mapping[str, Tensor], groups: Sequence[SymmetryGroup], scales: Sequence[Tensor]
+) -> dict[str, list[tuple[Factor, int, Tensor]]]:
+    """Checked scales, grouped by the tensor they act on: name -> [(factor, group size, scale)]."""
     if len(scales) != len(groups):
         raise ValueError(f"{len(groups)} symmetry groups but {len(scales)} scale tensors")
-    out = dict(state)
-    work: dict[str, Tensor] = {}
+    shares: dict[str, list[tuple[Factor, int, Tensor]]] = {}
     for group, scale in zip(groups, scales, strict=True):
         if scale.shape != (group.size,) or not bool(torch.all(scale > 0)) or not bool(torch.isfinite(scale).all()):
             raise ValueError(f"{group.kind} symmetry needs {group.size} finite positive scales, got {scale}")
         for f in group.factors:
             if f.name not in state:
                 raise KeyError(f"symmetry names parameter {f.name!r}, which the state does not hold")
-            t = work.setdefault(f.name, state[f.name].double().clone())
-            view = _slice(t, f, group.size)
-            view.mul_(_expand(scale.to(device=t.device, dtype=torch.float64), f, view))
-    for name, t in work.items():
-        out[name] = t.to(state[name].dtype)
-    return out
+            shares.setdefault(f.name, []).append((f, group.size, scale))
+    return shares
+
+
+def _scaled(t: Tensor, shares: Sequence[tuple[Factor, int, Tensor]]) -> Tensor:
+    """``t`` with its shares of the scales applied (float64 maths, ``t``'s dtype kept)."""
+    work = t.double().clone()
+    for f, size, scale in shares:
+        view = _slice(work, f, size)
+        view.mul_(_expand(scale.to(device=work.device, dtype=torch.float64), f, view))
+    return work.to(t.dtype)
 
 
 def check_strength(value: Any, name: str = "strength") -> float:
@@ -472,12 +493,9 @@ def symmetry_errors(
     for kind in dict.fromkeys(g.kind for g in groups):
         chosen = [(g, s) for g, s in zip(groups, scales, strict=True) if g.kind == kind]
         names = sorted({f.name for g, _ in chosen for f in g.factors})
-        saved = {n: params[n].detach().clone() for n in names}
-        new = apply_scales(saved, [g for g, _ in chosen], [s for _, s in chosen])
+        saved = {n: params[n].detach().to("cpu", copy=True) for n in names}  # off the accelerator
         try:
-            with torch.no_grad():
-                for n in names:
-                    params[n].copy_(new[n])
+            _apply_scales_(params, [g for g, _ in chosen], [s for _, s in chosen])
             errors[kind] = change(_block_outputs(module, blocks, forward, samples))
         finally:
             with torch.no_grad():
@@ -563,10 +581,7 @@ def amplify_module_(
         groups, scales = [groups[i] for i in kept], [scales[i] for i in kept]
         extra = {"checked": checked, "dropped": dropped}
     names = sorted({f.name for g in groups for f in g.factors})
-    new = apply_scales({n: params[n].detach() for n in names}, groups, scales)
-    with torch.no_grad():
-        for n in names:
-            params[n].copy_(new[n])
+    _apply_scales_(params, groups, scales)
     kinds: dict[str, int] = {}
     for g in groups:
         kinds[g.kind] = kinds.get(g.kind, 0) + 1
