@@ -35,7 +35,15 @@ __all__ = [
 
 LIVE = "live"
 BASE = "base"
-_TRIM_DEFAULT_DENSITY = {"ties": 0.5, "dare_linear": 0.5, "dare_ties": 0.5, "breadcrumbs": 0.9, "breadcrumbs_ties": 0.9}
+_TRIM_DEFAULT_DENSITY = {
+    "ties": 0.5,
+    "dare_linear": 0.5,
+    "dare_ties": 0.5,
+    "breadcrumbs": 0.9,
+    "breadcrumbs_ties": 0.9,
+    "della": 0.5,
+    "della_linear": 0.5,
+}
 
 
 class TaskVectorSource(WeightSource):
@@ -113,6 +121,19 @@ def _spec_from_mapping(method: Mapping[str, Any], donors: Sequence[str], coeffic
             "parameters": {**shared, "t": t},
         }
         label = label or f"slerp@{t:g}"
+    elif spec.name == "nuslerp":
+        if len(donors) != 1:
+            raise ValueError("a nuslerp probe needs exactly one donor")
+        c = 0.5 if coefficient is None else coefficient
+        entries = [{"model": LIVE, "parameters": {"weight": c}}, {"model": donors[0], "parameters": {"weight": 1 - c}}]
+        cfg = {"merge_method": "nuslerp", "base_model": BASE, "models": entries, "parameters": shared}
+        label = label or f"nuslerp@{c:g}"
+    elif not _takes_coefficient(spec):  # model_stock, sce: the models are not weighted
+        if per_model:
+            raise ValueError(f"probe method {name!r} takes no model parameters, got {sorted(per_model)}")
+        label = label or spec.name
+        cfg = {"merge_method": spec.name, "base_model": BASE, "models": [{"model": m} for m in models]}
+        cfg["parameters"] = shared
     else:
         params = {"weight": 1.0, **per_model}
         if "density" in spec.model_params and "density" not in params and spec.name in _TRIM_DEFAULT_DENSITY:
@@ -130,6 +151,10 @@ def _spec_from_mapping(method: Mapping[str, Any], donors: Sequence[str], coeffic
     return ProbeSpec(label=label, config=MergeConfig.from_dict(cfg))
 
 
+def _takes_coefficient(spec: Any) -> bool:
+    return spec.name in ("linear", "slerp", "nuslerp") or "lambda" in spec.all_shared_params
+
+
 def build_probe_specs(
     methods: Sequence[str | Mapping[str, Any] | os.PathLike[str]],
     donors: Sequence[str],
@@ -140,12 +165,15 @@ def build_probe_specs(
     A method is a name (``"ties"``, mergekit defaults, ``weight: 1`` per model and a density of 0.5 for trimming
     methods), a mapping ``{merge_method, parameters, model_parameters, label}``, or a path to a mergekit YAML whose
     ``models`` name the donors and ``live`` (used as is, without the coefficient grid). The coefficient is
-    ``lambda`` for task-vector methods, the live model's weight for ``linear`` and ``t`` for ``slerp``.
+    ``lambda`` for task-vector methods, the live model's weight for ``linear`` and ``nuslerp`` and ``t`` for
+    ``slerp``; methods that weight nothing (``model_stock``, ``sce``) run once.
 
     Example:
         >>> [s.label for s in build_probe_specs(["task_arithmetic", "ties"], ["d1"], [0.3, 0.5])]
         ['task_arithmetic@0.3', 'task_arithmetic@0.5', 'ties@0.3', 'ties@0.5']
     """
+    from lightning_mergeguard.merging.registry import get_method
+
     if not donors:
         raise ValueError("the probe needs at least one donor")
     out: list[ProbeSpec] = []
@@ -161,7 +189,8 @@ def build_probe_specs(
             out.append(ProbeSpec(label=os.path.splitext(os.path.basename(str(method)))[0], config=cfg))
             continue
         m = {"merge_method": method} if isinstance(method, str) else method
-        for c in coefficients or [None]:
+        takes = "merge_method" not in m or _takes_coefficient(get_method(m["merge_method"]))
+        for c in (coefficients or [None]) if takes else [None]:
             out.append(_spec_from_mapping(m, donors, c))
     labels = [s.label for s in out]
     dupes = {x for x in labels if labels.count(x) > 1}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,7 +36,9 @@ def test_merge_grid_covers_the_neighbourhood_and_its_worst_case_skips_seen_partn
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     cfgs = grid_configs("own", ["a", "b"], [0.3, 1.0])
-    assert len(cfgs) == 2 + 4 * 3 * 4 + 4 + 3 + 2 * 2
+    # lambdas, owner x partner weights x 4 families, TIES kx, the study's 3 + DELLA's 3, Model Stock and 2 SCE, and
+    # per partner WA, SLERP and NuSLERP at 2 owner weights
+    assert len(cfgs) == 2 + 4 * 3 * 4 + 4 + 3 + 3 + 3 + 2 * (2 + 2)
     assert cfgs["TIES owner 3x"][0]["models"][0]["parameters"]["weight"] == 3.0
     assert cfgs["WA with a"][1] == ("a",) and cfgs["uniform TA λ=0.3"][1] == ("a", "b")
     pre = {"w": torch.zeros(4)}
@@ -52,6 +55,11 @@ def test_merge_grid_covers_the_neighbourhood_and_its_worst_case_skips_seen_partn
     assert grid["TA owner 1 / partners 0.1"]["partners_normalized"] == pytest.approx(0.1)
     # SLERP interpolates the owner and the partner (orthogonal unit vectors: sin(pi/4) / sin(pi/2) of each at t=0.5)
     assert grid["SLERP with a"]["owner"] == pytest.approx(100 * 2**-0.5, rel=1e-4)
+    # Model Stock: orthogonal task vectors give t = 0, the base; NuSLERP of orthogonal unit task vectors at
+    # t = 0.2 keeps sin(0.8 pi / 2) of the owner's
+    assert grid["Model Stock"]["owner"] == pytest.approx(0.0, abs=1e-6)
+    assert grid["NuSLERP owner 0.8 with a"]["owner"] == pytest.approx(100 * math.sin(0.4 * math.pi), rel=1e-4)
+    assert grid["DELLA (study)"]["partners"] == ["a", "b"]
     label, value = worst_case(grid)
     assert grid[label]["owner"] == value
     assert value == max(r["owner"] for r in grid.values())

@@ -28,6 +28,24 @@ def test_cli_merges_yaml_to_directory(llama_dirs, tmp_path, capsys):
     assert "merged with task_arithmetic" in capsys.readouterr().out
 
 
+def test_cli_runs_della_with_a_seed_and_refuses_an_impossible_epsilon(llama_dirs, tmp_path, capsys):
+    models = [{"model": str(llama_dirs[n]), "parameters": {"weight": 0.5, "density": 0.5}} for n in "ab"]
+    cfg = {"merge_method": "della", "base_model": str(llama_dirs["base"]), "models": models}
+    path = tmp_path / "della.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    for out in ("one", "two"):
+        assert main([str(path), str(tmp_path / out), "--no-progress", "--seed", "3"]) == 0
+    one, two = (load_file(tmp_path / out / "model.safetensors") for out in ("one", "two"))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    want = merge(cfg, seed=3)
+    assert all(torch.equal(one[k], want[k]) for k in want)
+    cfg["models"][1]["parameters"]["epsilon"] = 0.6  # density 0.5 +/- 0.6 leaves (0, 1)
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path), str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "models[1]" in err and "DELLA needs density - epsilon > 0" in err and not (tmp_path / "bad").exists()
+
+
 def test_cli_reports_config_typo(tmp_path, capsys):
     path = tmp_path / "cfg.yml"
     path.write_text("merge_method: tiess\nbase_model: x\nmodels: [{model: a, parameters: {weight: 1}}]\n")

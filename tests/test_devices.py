@@ -67,22 +67,23 @@ def test_bisect_select_refuses_other_dtypes():
         {"merge_method": "ties", "parameters": {"trim_scope": "model"}},
         {"merge_method": "breadcrumbs", "parameters": {}},
         {"merge_method": "dare_linear", "parameters": {}},
+        {"merge_method": "della", "parameters": {}},
+        {"merge_method": "model_stock", "parameters": {"filter_wise": True}},
+        {"merge_method": "sce", "parameters": {"select_topk": 0.5}},
     ],
     ids=lambda c: c["merge_method"] + ("_model" if "trim_scope" in c["parameters"] else ""),
 )
 def test_engine_on_device_equals_cpu(device, cfg):
     donors = donor_states(3)
-    dens = {"density": 0.4} if cfg["merge_method"] != "task_arithmetic" else {}
-    full = {
-        **cfg,
-        "base_model": "base",
-        "models": [{"model": n, "parameters": {"weight": 1.0, **dens}} for n in donors],
-    }
+    method = cfg["merge_method"]
+    dens = {"density": 0.4} if method not in ("task_arithmetic", "model_stock", "sce") else {}
+    params = {} if method in ("model_stock", "sce") else {"weight": 1.0, **dens}
+    full = {**cfg, "base_model": "base", "models": [{"model": n, "parameters": params} for n in donors]}
     cpu = merge(full, donors, base_state(), seed=0)
     dev = merge(full, donors, base_state(), seed=0, device=device)
     for k in cpu:
         assert dev[k].device.type == device.type
-        if cfg["merge_method"].startswith("dare") and device.type != "cpu":
+        if method.startswith(("dare", "della")) and device.type != "cpu":
             continue  # the random masks come from another generator on another device
         torch.testing.assert_close(dev[k].cpu(), cpu[k], rtol=1e-5, atol=1e-6)
 

@@ -52,17 +52,31 @@ class Snapshot(pl.Callback):
         self.store[self.key] = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
-def test_probe_equals_offline_merge_and_leaves_weights_bit_identical(tmp_path):
+PROBED = {
+    "task_vectors": (
+        None,
+        ["task_arithmetic", {"merge_method": "ties", "model_parameters": {"density": 0.5}}, "dare_ties", "linear"],
+        {"task_arithmetic", "ties", "dare_ties", "linear"},
+        set(),
+    ),
+    "della_stock_sce": (
+        None,
+        ["della", "della_linear", "model_stock", "sce"],
+        {"della", "della_linear"},
+        {"model_stock", "sce"},
+    ),
+    "one_donor": (1, ["nuslerp", "model_stock", "slerp"], {"nuslerp", "slerp"}, {"model_stock"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROBED))
+def test_probe_equals_offline_merge_and_leaves_weights_bit_identical(tmp_path, case):
+    n_donors, methods, weighted, once = PROBED[case]
     pl.seed_everything(0)
-    donors = donor_states()
+    donors = donor_states() if n_donors is None else donor_states(n_donors)
     probe = MergeProbe(
         donors=donors,
-        methods=[
-            "task_arithmetic",
-            {"merge_method": "ties", "model_parameters": {"density": 0.5}},
-            "dare_ties",
-            "linear",
-        ],
+        methods=methods,
         coefficients=[0.3, 0.7],
         eval_dataloaders=val_loader(),
         eval_batches=None,
@@ -81,23 +95,15 @@ def test_probe_equals_offline_merge_and_leaves_weights_bit_identical(tmp_path):
     for spec in probe.specs:
         models = {"live": live, **donors}
         cfg = spec.config
-        merged = merge(cfg, {m.model: models[m.model] for m in cfg.models if m.model != cfg.base_model}, base, seed=0)
+        anchor = base if cfg.base_model in (None, "base") else models[cfg.base_model]  # slerp: from the live model
+        merged = merge(cfg, {m.model: models[m.model] for m in cfg.models if m.model != cfg.base_model}, anchor, seed=0)
         offline_model.load_state_dict(merged)
         want = 100 * evaluate(offline_model, val_loader())
         assert result[f"mergeprobe/{spec.label}/own/acc"] == pytest.approx(want, abs=1e-9), spec.label
     offline_model.load_state_dict(live)
     assert result["mergeprobe/own/individual_acc"] == pytest.approx(100 * evaluate(offline_model, val_loader()))
     labels = {s.label for s in probe.specs}
-    assert labels == {
-        "task_arithmetic@0.3",
-        "task_arithmetic@0.7",
-        "ties@0.3",
-        "ties@0.7",
-        "dare_ties@0.3",
-        "dare_ties@0.7",
-        "linear@0.3",
-        "linear@0.7",
-    }
+    assert labels == {f"{m}@{c}" for m in weighted for c in (0.3, 0.7)} | once
     assert -1 <= result["mergeprobe/cosine/d0"] <= 1
 
 
@@ -370,7 +376,8 @@ def test_signals_are_logged_per_merge_and_secrets_stay_out_of_files(tmp_path):
     for spec in probe.specs:
         cfg = spec.config
         models = {"live": store["live"], **donors}
-        merged = merge(cfg, {m.model: models[m.model] for m in cfg.models if m.model != cfg.base_model}, base, seed=0)
+        anchor = base if cfg.base_model in (None, "base") else models[cfg.base_model]  # slerp: from the live model
+        merged = merge(cfg, {m.model: models[m.model] for m in cfg.models if m.model != cfg.base_model}, anchor, seed=0)
         offline.load_state_dict(merged)
         assert result[f"mergeprobe/{spec.label}/marker"] == pytest.approx(WeightSignal()(offline), abs=1e-7)
     assert len({round(result[f"mergeprobe/{s.label}/marker"], 6) for s in probe.specs}) > 1

@@ -62,7 +62,45 @@ EXACT = {
     "breadcrumbs_ties": ("breadcrumbs_ties", dict(density=0.8, gamma=0.05, normalize=True)),
     "dare_linear_density1": ("dare_linear", dict(density=1.0)),
     "dare_ties_density1": ("dare_ties", dict(density=1.0, normalize=True)),
+    "della_density1": ("della", dict(density=1.0)),
+    "della_linear_density1": ("della_linear", dict(density=1.0, **{"lambda": 0.8})),
+    "nuslerp_task_vectors": ("nuslerp", dict(weights=(0.3, 0.7))),
+    "nuslerp_row_wise": ("nuslerp", dict(weights=(0.6, 0.4), nuslerp_row_wise=True, nuslerp_flatten=False)),
 }
+
+
+def unweighted(method: str, paths, names=("a", "b", "c"), **params) -> dict:
+    """A config whose models take no parameters (model_stock, sce)."""
+    cfg = {
+        "merge_method": method,
+        "base_model": str(paths["base"]),
+        "models": [{"model": str(paths[n])} for n in names],
+        "dtype": "float32",
+    }
+    if params:
+        cfg["parameters"] = params
+    return cfg
+
+
+UNWEIGHTED = {
+    "model_stock": ("model_stock", ("a", "b"), {}),
+    "model_stock_three_filter_wise": ("model_stock", ("a", "b", "c"), {"filter_wise": True}),
+    "sce": ("sce", ("a", "b", "c"), {}),
+    "sce_select_topk": ("sce", ("a", "b"), {"select_topk": 0.3}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNWEIGHTED))
+def test_unweighted_method_parity(case, llama_dirs, tmp_path):
+    method, names, params = UNWEIGHTED[case]
+    cfg = unweighted(method, llama_dirs, names, **params)
+    assert max_diff(merge(cfg), run_mergekit(cfg, tmp_path / "mk")) <= 1e-6
+
+
+def test_nuslerp_without_base_parity(llama_dirs, tmp_path):
+    cfg = config("nuslerp", llama_dirs, weights=(0.25, 0.75))
+    del cfg["base_model"]
+    assert max_diff(merge(cfg), run_mergekit(cfg, tmp_path / "mk")) <= 1e-6
 
 
 @pytest.mark.parametrize("case", sorted(EXACT))
@@ -85,7 +123,7 @@ def test_slerp_parity(llama_dirs, tmp_path):
     assert max_diff(merge(cfg), run_mergekit(cfg, tmp_path / "mk")) <= 1e-6
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
 def test_dare_matches_in_expectation(method, llama_dirs, tmp_path):
     """One donor, weight 1: the kept fraction is ~density and the L1 norm of each task-vector tensor is kept."""
     cfg = config(method, llama_dirs, weights=(1.0,), density=0.4)

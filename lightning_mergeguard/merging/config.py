@@ -79,6 +79,12 @@ def _suggest(name: str, known: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _unweighted(spec: MethodSpec, name: str) -> str:
+    if name != "weight" or "weight" in spec.model_params:
+        return ""
+    return f" ({spec.name} does not weight its models; mergekit ignores the setting silently, so remove it)"
+
+
 def resolve_param(value: Any, tensor_name: str) -> Any:
     """Evaluate a parameter setting for one tensor: a scalar, or a mergekit filtered list.
 
@@ -265,9 +271,10 @@ class MergeConfig:
                 if name in spec.model_params:  # mergekit allows model parameters at the top level as defaults
                     _check_setting("parameters", name, value, spec.model_params[name])
                     continue
+                known = ", ".join(sorted(set(shared) | set(spec.model_params))) or "none"
                 raise ConfigError(
                     f"unknown parameter {name!r} for merge_method {spec.name!r}{_suggest(name, list(shared))}; "
-                    f"known: {', '.join(sorted(set(shared) | set(spec.model_params)))}"
+                    f"known: {known}{_unweighted(spec, name)}"
                 )
             _check_setting("parameters", name, value, shared[name])
         for name, param in shared.items():
@@ -287,6 +294,7 @@ class MergeConfig:
                     raise ConfigError(
                         f"models[{i}] ({m.model}): unknown parameter {name!r} for {spec.name!r}"
                         f"{_suggest(name, list(spec.model_params))}; known: {', '.join(spec.model_params) or 'none'}"
+                        f"{_unweighted(spec, name)}"
                     )
                 _check_setting(f"models[{i}] ({m.model})", name, value, spec.model_params[name])
             if m.model == self.base_model:
@@ -294,6 +302,12 @@ class MergeConfig:
             for name, param in spec.model_params.items():
                 if param.default is REQUIRED and name not in m.parameters and name not in self.parameters:
                     raise ConfigError(f"models[{i}] ({m.model}): parameter {name!r} is required by {spec.name!r}")
+            if spec.check_params is not None:
+                settings = {
+                    n: m.parameters.get(n, self.parameters.get(n, p.default)) for n, p in spec.model_params.items()
+                }
+                if not any(isinstance(v, (list, Mapping)) for v in settings.values()):  # filtered: checked per tensor
+                    spec.check_params(f"models[{i}] ({m.model})", settings)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         return spec

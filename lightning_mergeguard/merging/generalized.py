@@ -15,7 +15,16 @@ import torch
 from torch import Tensor
 
 from lightning_mergeguard.merging.consensus import sign_consensus_mask
-from lightning_mergeguard.merging.spec import INT8_MASK, LAMBDA, WEIGHT, MethodSpec, Param, PrepareFn, TensorContext
+from lightning_mergeguard.merging.spec import (
+    INT8_MASK,
+    LAMBDA,
+    WEIGHT,
+    CheckFn,
+    MethodSpec,
+    Param,
+    PrepareFn,
+    TensorContext,
+)
 
 __all__ = ["SparsifierFactory", "generalized_task_arithmetic", "task_vector_method"]
 
@@ -106,6 +115,7 @@ def task_vector_method(
     extensions: Mapping[str, Param] | None = None,
     randomized: bool = False,
     prepare: PrepareFn | None = None,
+    check_params: CheckFn | None = None,
     description: str = "",
 ) -> MethodSpec:
     """Declare a method of the task-vector family: ``base + lambda * combine(sparsify(w_i * tau_i))``.
@@ -123,6 +133,8 @@ def task_vector_method(
         extensions: Parameters beyond mergekit's.
         randomized: Whether results depend on a seed.
         prepare: Whole-model hook (see :class:`~.spec.MethodSpec`).
+        check_params: Check of one model's parameters taken together (see :class:`~.spec.MethodSpec`); run on
+            every tensor's resolved parameters too.
         description: One line for messages.
 
     Example:
@@ -141,6 +153,9 @@ def task_vector_method(
     ) -> Tensor:
         if base is None:
             raise ValueError(f"merge_method {name!r} needs a base model")
+        if check_params is not None:
+            for i, p in enumerate(params):
+                check_params(f"models[{i}], tensor {ctx.key!r}", p)
         trim = sparsifier(params, values, ctx, base.device) if sparsifier is not None else None
         return generalized_task_arithmetic(
             base,
@@ -165,6 +180,7 @@ def task_vector_method(
         extensions=dict(extensions or {}),
         randomized=randomized,
         prepare=prepare,
+        check_params=check_params,
         description=description,
         elementwise=sparsifier is None and not consensus and prepare is None,
     )

@@ -5,7 +5,18 @@ from __future__ import annotations
 import difflib
 
 from lightning_mergeguard.errors import ConfigError
-from lightning_mergeguard.merging import breadcrumbs, dare, linear, slerp, task_arithmetic, ties
+from lightning_mergeguard.merging import (
+    breadcrumbs,
+    dare,
+    della,
+    linear,
+    model_stock,
+    nuslerp,
+    sce,
+    slerp,
+    task_arithmetic,
+    ties,
+)
 from lightning_mergeguard.merging.spec import MethodSpec
 
 __all__ = ["METHODS", "get_method", "register_method"]
@@ -20,7 +31,12 @@ METHODS: dict[str, MethodSpec] = {
         dare.DARE_TIES,
         breadcrumbs.BREADCRUMBS,
         breadcrumbs.BREADCRUMBS_TIES,
+        della.DELLA,
+        della.DELLA_LINEAR,
+        model_stock.SPEC,
+        sce.SPEC,
         slerp.SPEC,
+        nuslerp.SPEC,
     )
 }
 _ALIASES = {"weight_averaging": "linear", "average": "linear", "model_soup": "linear"}

@@ -1,4 +1,4 @@
-"""Sparsification of task vectors: magnitude trimming (TIES), outlier trimming (breadcrumbs), random drop (DARE).
+"""Sparsification of task vectors: magnitude trims (TIES, breadcrumbs) and random drops (DARE, DELLA).
 
 Every function here maps one tensor to one tensor and never touches global state: the random drop takes an
 explicit :class:`torch.Generator` so merges repeat exactly for a given seed.
@@ -22,6 +22,8 @@ RescaleNorm = Literal["l1", "l2", "linf", "density"]
 __all__ = [
     "RescaleNorm",
     "bisect_select",
+    "della_keep_probabilities",
+    "della_prune",
     "magnitude_outliers_prune",
     "magnitude_prune",
     "random_prune",
@@ -280,3 +282,82 @@ def random_prune(
     # 2.7x faster on CPU (no probability tensor to read) and the same on GPU.
     mask = torch.rand(work.shape, generator=generator, device=work.device, dtype=work.dtype) < density
     return rescale_masked(work, mask, rescale_norm, density).to(tensor.dtype)
+
+
+def della_prune(
+    tensor: Tensor,
+    density: float,
+    epsilon: float = 0.15,
+    rescale_norm: RescaleNorm | None = "l1",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DELLA's MagPrune: drop entries at random, keeping larger magnitudes with higher probability.
+
+    Along each row (dim 1; a 1-D tensor is one row), entries are ranked by magnitude and kept with probability
+    ``density - epsilon + 2 * epsilon * r``, ``r`` the rank scaled to [0, 1] (the smallest entry ``density -
+    epsilon``, the largest ``density + epsilon``), as mergekit's ``della_magprune``. Ties in magnitude are ranked
+    by position (a stable sort). A row of one entry is kept with probability ``density`` (mergekit's rank scaling
+    divides by zero there).
+
+    Args:
+        tensor: A task-vector tensor.
+        density: Mean keep probability, in (0, 1]; 1 returns ``tensor`` unchanged.
+        epsilon: Half-width of the keep probabilities; ``density +/- epsilon`` must lie in (0, 1).
+        rescale_norm: ``"l1"`` (mergekit's default with ``rescale: true``), another norm, ``"density"`` or ``None``.
+        generator: Random generator; pass a seeded one for repeatable merges.
+
+    Returns:
+        The sparsified tensor, in the input dtype.
+
+    Raises:
+        ValueError: If ``density +/- epsilon`` leaves (0, 1).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> della_prune(torch.tensor([0.1, -3.0, 2.0, 0.5]), density=1.0, generator=g)
+        tensor([ 0.1000, -3.0000,  2.0000,  0.5000])
+    """
+    _check_density(density)
+    if density >= 1:
+        return tensor
+    if not (density - epsilon > 0.0 and density + epsilon < 1.0):
+        raise ValueError(
+            f"DELLA needs density - epsilon > 0 and density + epsilon < 1, got density {density} and epsilon {epsilon}"
+        )
+    work = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+    # Rows are ranked independently: draw the mask a block of rows at a time, so the sort's temporaries (about 24
+    # bytes per entry) stay bounded by _CHUNK entries instead of growing with the tensor (an embedding matrix).
+    mask = torch.empty(work.shape, dtype=torch.bool, device=work.device)
+    step = max(1, _CHUNK // max(1, work[0].numel())) if work.dim() >= 2 else 1
+    for start in range(0, work.shape[0] if work.dim() >= 2 else 1, step):
+        block = work[start : start + step] if work.dim() >= 2 else work
+        probs = della_keep_probabilities(block, density, epsilon)
+        drawn = torch.rand(probs.shape, generator=generator, device=work.device, dtype=work.dtype) < probs
+        if work.dim() >= 2:
+            mask[start : start + step] = drawn
+        else:
+            mask.copy_(drawn)
+    return rescale_masked(work, mask, rescale_norm, density).to(tensor.dtype)
+
+
+def della_keep_probabilities(tensor: Tensor, density: float, epsilon: float) -> Tensor:
+    """Keep probability of every entry under DELLA's MagPrune (see :func:`della_prune`), shaped like ``tensor``.
+
+    Entries are ranked by magnitude along dim 1 (a 1-D or 0-D tensor is one row), as mergekit does for any number
+    of dimensions; rank ``r`` of ``n`` gets ``density - epsilon + 2 * epsilon * r / (n - 1)``.
+
+    Example:
+        >>> della_keep_probabilities(torch.tensor([0.3, -2.0, 0.1]), 0.5, 0.1)
+        tensor([0.5000, 0.6000, 0.4000])
+    """
+    rows = tensor.reshape(1, -1) if tensor.dim() < 2 else tensor
+    n = rows.shape[1]
+    dtype = tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float32
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    along = [1] * rows.dim()
+    along[1] = n
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(n, device=rows.device).reshape(along).expand_as(order)
+    )
+    scaled = ranks.to(dtype) / (n - 1) if n > 1 else torch.full(rows.shape, 0.5, dtype=dtype, device=rows.device)
+    return ((density - epsilon) + scaled * (2 * epsilon)).reshape(tensor.shape)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["REQUIRED", "MethodSpec", "Param", "TensorContext"]
+__all__ = ["REQUIRED", "CheckFn", "MethodSpec", "Param", "TensorContext"]
 
 
 class _Required:
@@ -123,6 +123,9 @@ class TensorContext:
 MergeTensorFn = Callable[
     [Tensor | None, Sequence[Tensor], Sequence[Mapping[str, Any]], Mapping[str, Any], TensorContext], Tensor
 ]
+CheckFn = Callable[[str, Mapping[str, Any]], None]
+"""``check(where, params)``: raise :class:`~lightning_mergeguard.errors.ConfigError` naming ``where`` if one
+model's parameters do not go together (DELLA's ``density +/- epsilon``)."""
 PrepareFn = Callable[[Any, Any, Sequence[Any], torch.device], Any]
 """``prepare(config, base_source, donor_sources, device)``: whole-model work before the per-tensor pass."""
 
@@ -144,6 +147,8 @@ class MethodSpec:
         description: One line for ``--help`` and error messages.
         prepare: Optional whole-model hook run once before the per-tensor pass; its result reaches
             ``merge_tensor`` as ``ctx.prepared``.
+        check_params: Optional check of one model's parameters taken together (each is checked alone against its
+            :class:`Param` already); run by the config reader on scalar settings and by ``merge_tensor`` per tensor.
         elementwise: Whether ``merge_tensor`` acts on each entry on its own (a weighted sum: linear, task
             arithmetic), so that merging slices of the flattened tensors gives the same bytes. The engine then merges
             large tensors in cache-sized chunks, reusing its buffers.
@@ -160,6 +165,7 @@ class MethodSpec:
     extensions: Mapping[str, Param] = field(default_factory=dict)
     description: str = ""
     prepare: PrepareFn | None = None
+    check_params: CheckFn | None = None
     elementwise: bool = False
 
     @property
