@@ -3,8 +3,9 @@
 Used by ``protection.py --grid``. Every merge has the owner's model and the partners (other fine-tunes of the same
 base); the grid covers uniform task arithmetic over a lambda range, owner-weighted task arithmetic and TIES
 (normalised and not), TIES with the owner weighted several times the others, the study's TIES / DARE settings,
-pairwise weight averaging and SLERP with each partner, AdaMerging, and a post-merge repair (fine-tuning a merge on
-64 owner examples), compared with the same repair of ``theta_pre``.
+pairwise weight averaging and SLERP with each partner, DELLA and DELLA-linear, Model Stock, SCE, NuSLERP of the
+owner's and each partner's task vectors, AdaMerging, and a post-merge repair (fine-tuning a merge on 64 owner
+examples), compared with the same repair of ``theta_pre``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ State = dict[str, Tensor]
 OWNER_WEIGHTS = (0.6, 0.8, 1.0, 1.2)
 PARTNER_WEIGHTS = (0.1, 0.3, 0.5)
 TIES_OWNER_FACTORS = (2, 3, 4, 5)
+NUSLERP_OWNER_WEIGHTS = (0.5, 0.8)
+LATER_FAMILIES = ("DELLA", "Model Stock", "SCE", "NuSLERP")
+"""Merge families added to the grid after its first rows were measured (rows from before lack them)."""
 
 
 def grid_configs(
@@ -68,6 +72,16 @@ def grid_configs(
     out["TIES (study)"] = (cfg("ties", all_at(1.0, 1.0), 0.4), everyone)
     out["DARE-linear (study)"] = (cfg("dare_linear", all_at(1.0, 1.0), 0.4), everyone)
     out["DARE-TIES (study)"] = (cfg("dare_ties", all_at(1.0, 1.0), 0.4), everyone)
+    out["DELLA (study)"] = (cfg("della", all_at(1.0, 1.0), 0.4), everyone)  # epsilon: mergekit's 0.15
+    out["DELLA-linear (study)"] = (cfg("della_linear", all_at(1.0, 1.0), 0.4), everyone)
+    out["DELLA-linear owner 1 / partners 0.3"] = (cfg("della_linear", all_at(1.0, 0.3), 0.4), everyone)
+    unweighted = [{"model": n} for n in (owner, *partners)]
+    out["Model Stock"] = ({"merge_method": "model_stock", "base_model": "pre", "models": unweighted}, everyone)
+    out["SCE"] = ({"merge_method": "sce", "base_model": "pre", "models": unweighted}, everyone)
+    out["SCE top 0.3"] = (
+        {"merge_method": "sce", "base_model": "pre", "models": unweighted, "parameters": {"select_topk": 0.3}},
+        everyone,
+    )
     for n in partners:
         out[f"WA with {n}"] = (
             {
@@ -85,6 +99,18 @@ def grid_configs(
             },
             (n,),
         )
+        for w in NUSLERP_OWNER_WEIGHTS:
+            out[f"NuSLERP owner {w:g} with {n}"] = (
+                {
+                    "merge_method": "nuslerp",
+                    "base_model": "pre",
+                    "models": [
+                        {"model": owner, "parameters": {"weight": w}},
+                        {"model": n, "parameters": {"weight": 1 - w}},
+                    ],
+                },
+                (n,),
+            )
     return out
 
 

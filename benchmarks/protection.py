@@ -768,6 +768,7 @@ def run_grid_track(
         bar.update()
         # A long grid keeps what it measured: each finished variant is dumped (not a committed result).
         partial = CACHE / f"protection-grid-{track.name}.partial.json"
+        partial.parent.mkdir(parents=True, exist_ok=True)  # a fresh clone has no cache yet
         partial.write_text(json.dumps(variants, default=str))
     variants = {"unprotected": variants.pop("unprotected"), **variants}
     best = variants["unprotected"]["worst_case"]["owner"]
@@ -812,10 +813,20 @@ def _stage2_field(report: dict[str, Any], key: str) -> Any:
 
 def grid_table(name: str, res: dict[str, Any]) -> str:
     """Markdown: per variant, own loss, worst case and the merges a free-rider would try first."""
+    from _grid import LATER_FAMILIES
+
     v = res["variants"]
 
     def owner(label: str) -> Callable[[dict[str, Any]], Any]:
         return lambda g: g[label]["owner"] if label in g else "–"
+
+    def later(g: dict[str, Any]) -> Any:
+        # DELLA, Model Stock, SCE, NuSLERP: the best of them, with the merge; rows measured before them have none.
+        rows = {k: r["owner"] for k, r in g.items() if k.startswith(LATER_FAMILIES)}
+        if not rows:
+            return "–"
+        best = max(rows, key=lambda k: rows[k])
+        return f"{rows[best]:.1f} ({best})"
 
     probes = [
         ("uniform TA (best λ)", lambda g: max(r["owner"] for k, r in g.items() if k.startswith("uniform TA"))),
@@ -824,6 +835,7 @@ def grid_table(name: str, res: dict[str, Any]) -> str:
         ("TIES owner 3x", owner("TIES owner 3x")),
         ("DARE-TIES (study)", owner("DARE-TIES (study)")),
         ("AdaMerging", owner("AdaMerging")),
+        ("DELLA / Model Stock / SCE / NuSLERP (best)", later),
         *[(f"repair {n} steps", owner(f"repair TA λ=0.3, {n} steps")) for n in res["theta_pre_repair"]],
     ]
     rows = []
@@ -867,16 +879,18 @@ def frontier_plot(name: str, res: dict[str, Any], path) -> None:
 
     v = res["variants"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    at: dict[tuple[float, float], int] = {}  # defenses landing on the same point get their labels stacked
+    at: dict[tuple[float, float], list[str]] = {}  # defenses landing on the same point share one number
     for k, e in v.items():
-        xy = (e["own_loss"], 100 * e["worst_case_vs_unprotected_best"])
-        ax.scatter(*xy, s=40)
-        ax.annotate(k, xy, fontsize=7, xytext=(4, 2 + 9 * at.get(xy, 0)), textcoords="offset points")
-        at[xy] = at.get(xy, 0) + 1
+        at.setdefault((round(e["own_loss"], 2), round(100 * e["worst_case_vs_unprotected_best"], 1)), []).append(k)
         lams = res["lambdas"]
         ax2.plot(lams, [e["grid"][f"uniform TA λ={lam:g}"]["owner"] for lam in lams], label=k)
+    for i, (xy, names) in enumerate(at.items(), 1):
+        # A number next to each point, the names in the legend: labels of nearby points never overlap.
+        ax.scatter(*xy, s=40, color=plt.cm.tab20((i - 1) % 20), label=f"{i}: " + "; ".join(names))
+        ax.annotate(str(i), xy, fontsize=8, xytext=(5, 3), textcoords="offset points")
     ys = [y for _, y in at]
-    ax.set_ylim(min(45.0, min(ys) - 3), max(ys) + 3 * max(at.values()) + 2)  # room for the stacked labels
+    ax.set_ylim(min(45.0, min(ys) - 5), max(ys) + 5)
+    ax.legend(fontsize=6, loc="center right", title="defense", title_fontsize=6)
     ax.axhline(50, ls="--", c="grey", lw=0.8)
     ax.axvline(1.0, ls="--", c="grey", lw=0.8)
     ax.set_xlabel("own loss (points of the owner's metric vs unprotected)")

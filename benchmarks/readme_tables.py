@@ -61,8 +61,8 @@ def main() -> None:
     grid = load("protection_grid")
     if grid:
         out += [
-            "### The merge neighbourhood: owner-weighted merges, every coefficient, DARE, repair "
-            "(`benchmarks/protection.py --grid`)",
+            "### The merge neighbourhood: owner-weighted merges, every coefficient, DARE, DELLA, Model Stock, SCE, "
+            "NuSLERP, repair (`benchmarks/protection.py --grid`)",
             "",
             "Commands: "
             + ", ".join(f"`{c}`" for t in grid["tracks"].values() for c in t.get("commands", [t["command"]]))
