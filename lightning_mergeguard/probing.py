@@ -128,7 +128,7 @@ def _spec_from_mapping(method: Mapping[str, Any], donors: Sequence[str], coeffic
         entries = [{"model": LIVE, "parameters": {"weight": c}}, {"model": donors[0], "parameters": {"weight": 1 - c}}]
         cfg = {"merge_method": "nuslerp", "base_model": BASE, "models": entries, "parameters": shared}
         label = label or f"nuslerp@{c:g}"
-    elif not _takes_coefficient(spec):  # model_stock, sce: the models are not weighted
+    elif not _takes_coefficient(spec):  # model_stock, sce, karcher: the models are not weighted
         if per_model:
             raise ValueError(f"probe method {name!r} takes no model parameters, got {sorted(per_model)}")
         label = label or spec.name
@@ -166,7 +166,7 @@ def build_probe_specs(
     methods), a mapping ``{merge_method, parameters, model_parameters, label}``, or a path to a mergekit YAML whose
     ``models`` name the donors and ``live`` (used as is, without the coefficient grid). The coefficient is
     ``lambda`` for task-vector methods, the live model's weight for ``linear`` and ``nuslerp`` and ``t`` for
-    ``slerp``; methods that weight nothing (``model_stock``, ``sce``) run once.
+    ``slerp``; methods that weight nothing (``model_stock``, ``sce``, ``karcher``) run once.
 
     Example:
         >>> [s.label for s in build_probe_specs(["task_arithmetic", "ties"], ["d1"], [0.3, 0.5])]

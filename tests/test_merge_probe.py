@@ -65,7 +65,7 @@ PROBED = {
         {"della", "della_linear"},
         {"model_stock", "sce"},
     ),
-    "one_donor": (1, ["nuslerp", "model_stock", "slerp"], {"nuslerp", "slerp"}, {"model_stock"}),
+    "one_donor": (1, ["nuslerp", "model_stock", "slerp", "karcher"], {"nuslerp", "slerp"}, {"model_stock", "karcher"}),
 }
 
 

@@ -87,6 +87,8 @@ UNWEIGHTED = {
     "model_stock_three_filter_wise": ("model_stock", ("a", "b", "c"), {"filter_wise": True}),
     "sce": ("sce", ("a", "b", "c"), {}),
     "sce_select_topk": ("sce", ("a", "b"), {"select_topk": 0.3}),
+    "karcher_with_base": ("karcher", ("a", "b"), {}),
+    "karcher_three_few_steps": ("karcher", ("a", "b", "c"), {"max_iter": 2, "tol": 1e-4}),
 }
 
 
@@ -94,6 +96,12 @@ UNWEIGHTED = {
 def test_unweighted_method_parity(case, llama_dirs, tmp_path):
     method, names, params = UNWEIGHTED[case]
     cfg = unweighted(method, llama_dirs, names, **params)
+    assert max_diff(merge(cfg), run_mergekit(cfg, tmp_path / "mk")) <= 1e-6
+
+
+def test_karcher_without_base_parity(llama_dirs, tmp_path):
+    cfg = unweighted("karcher", llama_dirs)
+    del cfg["base_model"]
     assert max_diff(merge(cfg), run_mergekit(cfg, tmp_path / "mk")) <= 1e-6
 
 

@@ -328,7 +328,7 @@ def test_new_methods_through_the_engine_refuse_their_misconfigurations():
     assert torch.allclose(out["w"], model_stock_merge(base["w"], ws, filter_wise=True))
 
 
-@pytest.mark.parametrize("method", ["della", "della_linear", "model_stock", "sce", "nuslerp"])
+@pytest.mark.parametrize("method", ["della", "della_linear", "model_stock", "sce", "nuslerp", "karcher"])
 def test_new_methods_merge_tensors_of_every_rank(method):
     """Scalars, biases, column vectors, matrices, conv kernels and position embeddings all merge to finite values."""
     shapes = {"s": (), "b": (16,), "col": (7, 1), "w": (10, 16), "conv": (8, 3, 4, 4), "pos": (1, 5, 16)}
@@ -365,3 +365,18 @@ def test_della_draws_blocks_of_rows_with_the_same_keep_probabilities(monkeypatch
     conv = torch.randn(9, 3, 4, 4)
     out = della_prune(conv, 0.5, 0.2, "l1", torch.Generator().manual_seed(0))
     assert out.shape == conv.shape and out.abs().sum().item() == pytest.approx(conv.abs().sum().item(), rel=1e-4)
+
+
+def test_karcher_mean_on_the_sphere():
+    from lightning_mergeguard.merging.karcher import karcher_mean
+
+    a, b = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 1.0])
+    # equal weights: the direction halfway between (45 degrees), times the mean norm 2
+    assert torch.allclose(karcher_mean([a, b]), 2 * torch.tensor([2**-0.5, 2**-0.5]), atol=1e-5)
+    c = torch.tensor([1.0, 1.0]) / 2**0.5
+    # three directions at 0, 45 and 90 degrees: the mean is 45 degrees, the norm (3 + 1 + 1) / 3
+    assert torch.allclose(karcher_mean([a, b, c]), 5 / 3 * c, atol=1e-4)
+    assert torch.equal(karcher_mean([a]), a)
+    assert torch.equal(karcher_mean([torch.zeros(2), torch.zeros(2)]), torch.zeros(2))
+    with pytest.raises(ConfigError, match="whole number"):
+        MergeConfig.from_dict({"merge_method": "karcher", "models": [{"model": "a"}], "parameters": {"max_iter": 2.5}})

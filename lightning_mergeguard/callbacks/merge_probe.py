@@ -80,7 +80,7 @@ class MergeProbe(Callback):
         methods: Merge methods: names, mappings ``{merge_method, parameters, model_parameters, label}``, or mergekit
             YAML paths whose models are ``live``, ``base`` and donor names.
         coefficients: Grid of merge coefficients (``lambda``; the live weight for ``linear`` and ``nuslerp``; ``t``
-            for ``slerp``). Methods that weight nothing (``model_stock``, ``sce``) run once per probe.
+            for ``slerp``). Methods that weight nothing (``model_stock``, ``sce``, ``karcher``) run once per probe.
         eval_dataloaders: A loader for the protected task, or name -> loader (``"own"`` for the protected task,
             donor names for theirs). A value may be ``(loader, score_fn)`` for a task scored differently.
             Default: the trainer's (first) validation loader, resolved at the first probe.

@@ -9,6 +9,7 @@ from lightning_mergeguard.merging import (
     breadcrumbs,
     dare,
     della,
+    karcher,
     linear,
     model_stock,
     nuslerp,
@@ -37,6 +38,7 @@ METHODS: dict[str, MethodSpec] = {
         sce.SPEC,
         slerp.SPEC,
         nuslerp.SPEC,
+        karcher.SPEC,
     )
 }
 _ALIASES = {"weight_averaging": "linear", "average": "linear", "model_soup": "linear"}

@@ -33,7 +33,8 @@ class Param:
 
     Attributes:
         default: The value when the config does not set it (:data:`REQUIRED` for none).
-        kind: ``"number"`` (a finite int or float), ``"bool"`` or ``"choice"`` (one of ``choices``).
+        kind: ``"number"`` (a finite int or float), ``"int"`` (a whole number), ``"bool"`` or ``"choice"`` (one of
+            ``choices``).
         low: Smallest allowed number (``None``: unbounded).
         high: Largest allowed number.
         low_open: Whether ``low`` itself is excluded.
@@ -71,6 +72,8 @@ class Param:
             return
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: parameter {name!r} must be a number, got {value!r}")
+        if self.kind == "int" and not float(value).is_integer():
+            raise ConfigError(f"{where}: parameter {name!r} must be a whole number, got {value!r}")
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"{where}: parameter {name!r} must be finite, got {value!r}")
         too_low = self.low is not None and (value < self.low or (self.low_open and value == self.low))
