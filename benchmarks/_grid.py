@@ -3,9 +3,9 @@
 Used by ``protection.py --grid``. Every merge has the owner's model and the partners (other fine-tunes of the same
 base); the grid covers uniform task arithmetic over a lambda range, owner-weighted task arithmetic and TIES
 (normalised and not), TIES with the owner weighted several times the others, the study's TIES / DARE settings,
-pairwise weight averaging and SLERP with each partner, DELLA and DELLA-linear, Model Stock, SCE, NuSLERP of the
-owner's and each partner's task vectors, AdaMerging, and a post-merge repair (fine-tuning a merge on 64 owner
-examples), compared with the same repair of ``theta_pre``.
+pairwise weight averaging and SLERP with each partner, DELLA and DELLA-linear, Model Stock, SCE, Karcher, NuSLERP
+of the owner's and each partner's task vectors, task arithmetic of the owner at 1 with one partner, AdaMerging, and a
+post-merge repair (fine-tuning a merge on 64 owner examples), compared with the same repair of ``theta_pre``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ OWNER_WEIGHTS = (0.6, 0.8, 1.0, 1.2)
 PARTNER_WEIGHTS = (0.1, 0.3, 0.5)
 TIES_OWNER_FACTORS = (2, 3, 4, 5)
 NUSLERP_OWNER_WEIGHTS = (0.5, 0.8)
-LATER_FAMILIES = ("DELLA", "Model Stock", "SCE", "NuSLERP")
+PAIR_PARTNER_WEIGHTS = (0.1, 0.3)
+LATER_FAMILIES = ("DELLA", "Model Stock", "SCE", "NuSLERP", "Karcher", "TA owner 1 with ")
 """Merge families added to the grid after its first rows were measured (rows from before lack them)."""
 
 
@@ -78,6 +79,7 @@ def grid_configs(
     unweighted = [{"model": n} for n in (owner, *partners)]
     out["Model Stock"] = ({"merge_method": "model_stock", "base_model": "pre", "models": unweighted}, everyone)
     out["SCE"] = ({"merge_method": "sce", "base_model": "pre", "models": unweighted}, everyone)
+    out["Karcher"] = ({"merge_method": "karcher", "base_model": "pre", "models": unweighted}, everyone)
     out["SCE top 0.3"] = (
         {"merge_method": "sce", "base_model": "pre", "models": unweighted, "parameters": {"select_topk": 0.3}},
         everyone,
@@ -99,6 +101,8 @@ def grid_configs(
             },
             (n,),
         )
+        for p in PAIR_PARTNER_WEIGHTS:  # the owner at full weight with one partner only
+            out[f"TA owner 1 with {n} {p:g}"] = (cfg("task_arithmetic", {owner: 1.0, n: p}), (n,))
         for w in NUSLERP_OWNER_WEIGHTS:
             out[f"NuSLERP owner {w:g} with {n}"] = (
                 {

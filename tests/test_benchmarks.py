@@ -38,7 +38,9 @@ def test_merge_grid_covers_the_neighbourhood_and_its_worst_case_skips_seen_partn
     cfgs = grid_configs("own", ["a", "b"], [0.3, 1.0])
     # lambdas, owner x partner weights x 4 families, TIES kx, the study's 3 + DELLA's 3, Model Stock and 2 SCE, and
     # per partner WA, SLERP and NuSLERP at 2 owner weights
-    assert len(cfgs) == 2 + 4 * 3 * 4 + 4 + 3 + 3 + 3 + 2 * (2 + 2)
+    # Karcher, and per partner task arithmetic of the owner at 1 with that partner alone at 0.1 and 0.3
+    assert len(cfgs) == 2 + 4 * 3 * 4 + 4 + 3 + 3 + 3 + 1 + 2 * (2 + 2 + 2)
+    assert cfgs["TA owner 1 with a 0.3"][1] == ("a",)
     assert cfgs["TIES owner 3x"][0]["models"][0]["parameters"]["weight"] == 3.0
     assert cfgs["WA with a"][1] == ("a",) and cfgs["uniform TA λ=0.3"][1] == ("a", "b")
     pre = {"w": torch.zeros(4)}
@@ -60,6 +62,8 @@ def test_merge_grid_covers_the_neighbourhood_and_its_worst_case_skips_seen_partn
     assert grid["Model Stock"]["owner"] == pytest.approx(0.0, abs=1e-6)
     assert grid["NuSLERP owner 0.8 with a"]["owner"] == pytest.approx(100 * math.sin(0.4 * math.pi), rel=1e-4)
     assert grid["DELLA (study)"]["partners"] == ["a", "b"]
+    assert grid["TA owner 1 with a 0.3"]["owner"] == pytest.approx(100.0)
+    assert grid["TA owner 1 with a 0.3"]["partners_normalized"] == pytest.approx(0.3)
     label, value = worst_case(grid)
     assert grid[label]["owner"] == value
     assert value == max(r["owner"] for r in grid.values())
