@@ -180,6 +180,11 @@ def main() -> None:
     fit(args, Record(args.out, checkpoint_after_first_epoch=mid))
     if args.resume:  # the same fit again, resumed from the checkpoint taken after its first epoch
         fit(args, Record(args.out, "resumed.pt"), ckpt_path=mid)
+    if torch.distributed.is_initialized():
+        # Tear gloo down before the interpreter exits: left to exit-time destructors, a rank was seen aborting
+        # ("terminate called without an active exception", exit -6) after everything had been written.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
