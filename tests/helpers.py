@@ -62,9 +62,24 @@ class SaveWeightsOnTrainEnd(pl.Callback):
         )
 
 
+class DestroyProcessGroupAtTeardown(pl.Callback):
+    """Tear gloo down at the end of a multi-process fit, before the worker process exits.
+
+    Left to the interpreter's exit-time destructors, a rank was seen aborting after a finished fit ("terminate called
+    without an active exception", SIGABRT), failing a test whose results were all written.
+    """
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 def trainer(tmp_path, **kwargs) -> pl.Trainer:
     defaults = dict(max_epochs=2, accelerator="cpu", default_root_dir=str(tmp_path), deterministic=True)
     defaults.update(kwargs)
+    if int(defaults.get("devices", 1) or 1) > 1:
+        defaults["callbacks"] = [*(defaults.get("callbacks") or []), DestroyProcessGroupAtTeardown()]
     return quiet_trainer(**defaults)
 
 
