@@ -327,17 +327,15 @@ def della_prune(
     work = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
     # Rows are ranked independently: draw the mask a block of rows at a time, so the sort's temporaries (about 24
     # bytes per entry) stay bounded by _CHUNK entries instead of growing with the tensor (an embedding matrix).
-    mask = torch.empty(work.shape, dtype=torch.bool, device=work.device)
-    step = max(1, _CHUNK // max(1, work[0].numel())) if work.dim() >= 2 else 1
-    for start in range(0, work.shape[0] if work.dim() >= 2 else 1, step):
-        block = work[start : start + step] if work.dim() >= 2 else work
-        probs = della_keep_probabilities(block, density, epsilon)
-        drawn = torch.rand(probs.shape, generator=generator, device=work.device, dtype=work.dtype) < probs
-        if work.dim() >= 2:
-            mask[start : start + step] = drawn
-        else:
-            mask.copy_(drawn)
-    return rescale_masked(work, mask, rescale_norm, density).to(tensor.dtype)
+    rows = work.reshape(1, -1) if work.dim() < 2 else work
+    mask = torch.empty(rows.shape, dtype=torch.bool, device=work.device)
+    step = max(1, _CHUNK // max(1, rows[0].numel()))
+    for start in range(0, rows.shape[0], step):
+        probs = della_keep_probabilities(rows[start : start + step], density, epsilon)
+        mask[start : start + step] = (
+            torch.rand(probs.shape, generator=generator, device=work.device, dtype=work.dtype) < probs
+        )
+    return rescale_masked(work, mask.reshape(work.shape), rescale_norm, density).to(tensor.dtype)
 
 
 def della_keep_probabilities(tensor: Tensor, density: float, epsilon: float) -> Tensor:
