@@ -656,6 +656,7 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
     assert track.posthoc is not None
     posthoc = track.posthoc
     lr = {} if track.stage2_lr is None else {"lr": track.stage2_lr}
+    owner_first = {"owner_weights": (0.8, 1.2), "partner_weights": (0.05, 0.5), "proxies": ((1.0, 0.1), (1.0, 0.3))}
     return {
         "unprotected": lambda: (track.finetunes[track.owner], {}, ()),
         "scale-adversarial (default)": lambda: (*track.protect({"tolerance": 1.0}), ()),
@@ -673,6 +674,11 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
         "post-hoc neighbourhood": lambda: (*posthoc(MergeNeighbourhood(steps=steps, **lr)), ()),
         f"post-hoc neighbourhood, partners {'+'.join(seen)}": lambda: (
             *posthoc(MergeNeighbourhood(steps=steps, partners=partner_files(), **lr)),
+            seen,
+        ),
+        # Aimed at the merges every other row leaves open: the owner at about full weight plus one small partner.
+        f"post-hoc neighbourhood owner-first, partners {'+'.join(seen)}": lambda: (
+            *posthoc(MergeNeighbourhood(steps=steps, partners=partner_files(), **owner_first, **lr)),
             seen,
         ),
         f"{amp}: fine-tune, no stage 2": lambda: (

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -215,14 +215,20 @@ def factor_update(update: Tensor, rank: int, scaling: float) -> tuple[Tensor, Te
 
 @torch.no_grad()
 def lora_redistribution_grad_(
-    pairs: Mapping[str, LoraPair], *, alpha: float, normalize: bool = False, compute_value: bool = True
+    pairs: Mapping[str, LoraPair],
+    *,
+    alpha: float,
+    normalize: bool = False,
+    compute_value: bool = True,
+    only: Collection[Tensor] | None = None,
 ) -> float | None:
     """Stage 1 on adapters: add the gradient of ``alpha * sum_l c_l ||B_l A_l s_l||^2`` to ``A.grad`` and ``B.grad``.
 
     The term is the L2 redistribution term on each adapted weight's task vector (its LoRA update), as for a full
     fine-tune. With ``D = B A s``: ``dR/dA = 2 alpha c s B^T D`` and ``dR/dB = 2 alpha c s D A^T``, computed through
     the ``r x r`` Gram matrices ``B^T B`` and ``A A^T`` so the update is never materialized. ``c = 1/numel(W)``
-    when ``normalize``.
+    when ``normalize``. ``only``: the factors that get the gradient (those an optimizer steps; default every
+    factor with a gradient); the value always covers every pair.
 
     Example:
         >>> a = nn.Parameter(torch.tensor([[1.0, 0.0]])); b = nn.Parameter(torch.tensor([[2.0]]))
@@ -233,16 +239,18 @@ def lora_redistribution_grad_(
         (tensor([[4., 0.]]), tensor([[2.]]))
     """
     value = 0.0
+    ids = None if only is None else {id(t) for t in only}
     for pair in pairs.values():
-        if pair.a.grad is None and pair.b.grad is None:
+        grad_a, grad_b = (p.grad is not None and (ids is None or id(p) in ids) for p in (pair.a, pair.b))
+        if not (grad_a or grad_b or compute_value):
             continue
         a, b = pair.a.detach().float(), pair.b.detach().float()
         c = 1.0 / pair.weight_numel if normalize else 1.0
         k = 2.0 * alpha * c * pair.scaling**2
         gram_b, gram_a = b.T @ b, a @ a.T  # r x r
-        if pair.a.grad is not None:
+        if grad_a:
             pair.a.grad.add_((k * (gram_b @ a)).to(pair.a.grad.dtype))
-        if pair.b.grad is not None:
+        if grad_b:
             pair.b.grad.add_((k * (b @ gram_a)).to(pair.b.grad.dtype))
         if compute_value:  # ||B A||_F^2 = trace(B^T B A A^T)
             value += alpha * c * pair.scaling**2 * float((gram_b * gram_a).sum())

@@ -50,6 +50,69 @@ def test_stage1_injects_exact_gradient_once_per_optimizer_step(tmp_path, accumul
     assert "mergeguard/l2_term" in t.callback_metrics
 
 
+class TwoOptimizers(TinyClassifier):
+    """Manual optimization with one optimizer for the body and one for the head, stepped head first."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        body, head = self.optimizers()
+        x, y = batch
+        body.zero_grad()
+        head.zero_grad()
+        self.manual_backward(torch.nn.functional.cross_entropy(self(x), y))
+        head.step()
+        body.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=0.1), torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+
+class OptimizerGradProbe(GradProbe):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.store[self.key][-1] = (
+            {n for n, p in pl_module.named_parameters() if id(p) in stepped},
+            self.store[self.key][-1],
+        )
+
+
+def test_stage1_with_several_optimizers_gives_each_weight_the_term_once(tmp_path):
+    # Each weight gets the term from the optimizer that steps it, and no other: the head's optimizer steps first, and
+    # the body's weights it does not own (already moved by then) must not get the term twice.
+    store = {}
+    guard = MergeGuardCallback(alpha=0.1, stage2="none")
+    model = TwoOptimizers()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t = trainer(
+        tmp_path,
+        max_epochs=1,
+        limit_train_batches=3,
+        log_every_n_steps=1,
+        callbacks=[OptimizerGradProbe(store, "before"), guard, OptimizerGradProbe(store, "after")],
+    )
+    t.fit(model)
+    assert len(store["before"]) == 6 == len(store["after"])
+    assert [sorted(owned)[0] for owned, _ in store["before"][:2]] == ["head.bias", "net.0.bias"]
+    moved = 0
+    for (owned, before), (_, after) in zip(store["before"], store["after"]):
+        for n, (grad_before, weight) in before.items():
+            added = after[n][0] - grad_before
+            if n in owned:
+                torch.testing.assert_close(added, 2 * 0.1 * (weight - initial[n]))
+                moved += int(bool((weight != initial[n]).any()))
+            else:
+                assert torch.equal(added, torch.zeros_like(added)), n
+    assert moved > 0  # the term was not zero for every weight
+    # The logged value is the whole term, over every guarded weight, at the last optimizer's step.
+    last = store["after"][-1][1]
+    expected = 0.1 * sum(float((w - initial[n]).pow(2).sum()) for n, (_, w) in last.items())
+    assert t.callback_metrics["mergeguard/l2_term"].item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_raw_weight_target_and_filters(tmp_path):
     store = {}
     guard = MergeGuardCallback(alpha=0.1, target="weights", exclude=[r"bias"], stage2="none")
@@ -145,6 +208,25 @@ def test_stage2_applied_exactly_once_across_refit(tmp_path):
     with pytest.warns(UserWarning, match="already applied"):
         trainer(tmp_path, max_epochs=2, callbacks=[guard2]).fit(model, ckpt_path=ckpt)
     assert guard2.stage2_done
+
+
+class FailsAtStep(TinyClassifier):
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.at:
+            raise RuntimeError("out of memory (simulated)")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_failed_fit_says_the_model_is_not_protected(tmp_path):
+    guard = MergeGuardCallback(alpha=0.1, progress=False)
+    unprotected = "RuntimeError, so stage 2 was not applied and the model is NOT protected"
+    with pytest.warns(UserWarning, match=unprotected), pytest.raises(RuntimeError, match="simulated"):
+        trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(FailsAtStep(2))
+    assert not guard.stage2_done and guard.report is None
 
 
 class OrderedTinyClassifier(TinyClassifier):

@@ -31,7 +31,7 @@ from lightning_mergeguard.callbacks._common import (
 from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
 from lightning_mergeguard.parameters import filter_names, select_parameters
-from lightning_mergeguard.protection.redistribution import add_redistribution_grad_
+from lightning_mergeguard.protection.redistribution import add_redistribution_grad_, redistribution_value
 from lightning_mergeguard.protection.stage2 import (
     DEFAULT_STAGE2_EXCLUDE,
     Stage2,
@@ -265,25 +265,50 @@ class MergeGuardCallback(Callback):
     ) -> None:
         if self.alpha == 0:
             return
-        factors = [p for pair in self._pairs.values() for p in (pair.a, pair.b)]
-        for p in [*self._params.values(), *factors]:
+        # Only the weights this optimizer steps get the term: with several optimizers (manual optimization, GANs)
+        # each weight gets it once, from its own optimizer, whatever order they step in.
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = {n: p for n, p in self._params.items() if id(p) in stepped}
+        factors = [p for pair in self._pairs.values() for p in (pair.a, pair.b) if id(p) in stepped]
+        if not (params or factors):
+            return
+        for p in [*params.values(), *factors]:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        reference = self.reference.on_device(self._params) if self.target == "task_vector" else None
-        # The term's value costs an extra pass over the weights: compute it only when the trainer logs.
+        reference = self.reference.on_device(params) if self.target == "task_vector" else None
+        # The term's value costs an extra pass over the weights: compute it only when the trainer logs. It is the
+        # whole term, over every guarded weight, whichever optimizer steps.
         logging_step = (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.global_step == 0
         value = add_redistribution_grad_(
-            self._params, reference, alpha=self.alpha, normalize=self.normalize, compute_value=logging_step
+            params, reference, alpha=self.alpha, normalize=self.normalize, compute_value=logging_step
         )
+        rest = {n: p for n, p in self._params.items() if n not in params}
+        if value is not None and rest:
+            value += redistribution_value(
+                list(rest.values()),
+                self.reference.on_device(rest) if self.target == "task_vector" else None,
+                alpha=self.alpha,
+                normalize=self.normalize,
+            )
         if self._pairs:
             lora_value = lora_redistribution_grad_(
-                self._pairs, alpha=self.alpha, normalize=self.normalize, compute_value=logging_step
+                self._pairs, alpha=self.alpha, normalize=self.normalize, compute_value=logging_step, only=factors
             )
             value = None if value is None or lora_value is None else value + lora_value
         if value is not None:
             pl_module.log("mergeguard/l2_term", value, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ stage 2
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning skips on_train_end when fit is interrupted: the weights in memory are stage 1's, unprotected.
+        if self.stage2 is not None and not self.stage2_done and trainer.state.fn == "fit":
+            rank_zero_warn(
+                f"MergeGuardCallback: fit stopped with {type(exception).__name__}, so stage 2 was not applied and the "
+                "model is NOT protected (only stage 1 ran). Resume the fit from its checkpoint, or protect the saved "
+                "weights with mergeguard-protect."
+            )
+
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stage2 is None:

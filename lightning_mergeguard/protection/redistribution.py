@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_mergeguard.sharding import is_sharded, local
 
-__all__ = ["add_redistribution_grad_", "redistribution_term"]
+__all__ = ["add_redistribution_grad_", "redistribution_term", "redistribution_value"]
 
 
 def _coef(p: Tensor, normalize: bool) -> float:
@@ -56,6 +56,35 @@ def redistribution_term(
 
 
 @torch.no_grad()
+def redistribution_value(
+    params: Sequence[Tensor],
+    reference: Sequence[Tensor] | None,
+    *,
+    alpha: float,
+    normalize: bool = False,
+) -> float:
+    """The term's value for parameters and their aligned references, without touching any gradient.
+
+    On FSDP2 shards (DTensor) each rank sums the squares of its own rows and the sums are all-reduced, so the value
+    (and ``c_l``, from the global numel) is the whole model's on every rank.
+
+    Example:
+        >>> redistribution_value([torch.tensor([3.0, 4.0])], [torch.zeros(2)], alpha=0.01)
+        0.25
+    """
+    if not params:
+        return 0.0
+    loc = [local(p) for p in params]
+    xs = torch._foreach_sub(loc, [local(r) for r in reference]) if reference is not None else loc
+    norms = torch._foreach_norm(xs)
+    squares = torch.stack([alpha * _coef(p, normalize) * n.double() ** 2 for p, n in zip(params, norms)]).sum()
+    sharded = next((p for p in params if is_sharded(p)), None)
+    if sharded is not None:
+        torch.distributed.all_reduce(squares, group=sharded.device_mesh.get_group())
+    return float(squares)
+
+
+@torch.no_grad()
 def add_redistribution_grad_(
     params: Mapping[str, Tensor],
     reference: Mapping[str, Tensor] | Sequence[Tensor] | None,
@@ -88,19 +117,7 @@ def add_redistribution_grad_(
     ps = [params[n] for n in names]
     grads = [p.grad for p in ps]
     refs = [reference[n] for n in names] if reference is not None else None
-    value = None
-    if compute_value:
-        # On FSDP2 shards (DTensor) each rank sums the squares of its own rows and the sums are all-reduced, so
-        # the value (and _coef, from the global numel) is the whole model's on every rank.
-        loc = [local(p) for p in ps]
-        xs = torch._foreach_sub(loc, [local(r) for r in refs]) if refs is not None else loc
-        norms = torch._foreach_norm(xs)
-        squares = torch.stack([alpha * _coef(p, normalize) * n.double() ** 2 for p, n in zip(ps, norms)]).sum()
-        sharded = next((p for p in ps if is_sharded(p)), None)
-        if sharded is not None:
-            torch.distributed.all_reduce(squares, group=sharded.device_mesh.get_group())
-        value = float(squares)
-        del xs
+    value = redistribution_value(ps, refs, alpha=alpha, normalize=normalize) if compute_value else None
     if normalize:
         for p, g, i in zip(ps, grads, range(len(ps))):
             k = 2.0 * alpha * _coef(p, normalize)
