@@ -417,3 +417,36 @@ def test_eval_share_takes_distributed_loaders_as_they_are_and_deals_out_the_othe
     rows = torch.cat([b[0] for b in batches])
     torch.testing.assert_close(rows, data.tensors[0][1:32:2])  # rank 1's half of one process's first 4 batches
     assert eval_share(split, None, rank=1, world=2) == (split, None)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true", "bf16-mixed"])
+def test_guard_and_probe_feed_inputs_in_the_weights_dtype_like_the_loops(tmp_path, precision):
+    # With "-true" precisions the loops cast float inputs to the weights' dtype; the probe's evaluation and stage 2
+    # must too (they crashed with "mat1 and mat2 must have the same dtype" on bf16-true), and score what
+    # trainer.validate scores (under autocast with bf16-mixed).
+    from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
+
+    pl.seed_everything(0)
+    probe = MergeProbe(
+        donors=donor_states(1),
+        methods=["task_arithmetic"],
+        coefficients=[0.5],
+        eval_dataloaders=val_loader(),
+        eval_batches=None,
+        every_n_epochs=1,
+        probe_on_train_end=False,
+        progress=False,
+    )
+    guard = MergeGuardCallback(alpha=0.1, stage2=ScaleAdversarial(steps=4, lr=0.01), progress=False)
+    model = fresh_model()
+    t = trainer(tmp_path, max_epochs=1, limit_train_batches=4, precision=precision, callbacks=[probe, guard])
+    t.fit(model)
+    dtype = {"bf16-true": torch.bfloat16, "64-true": torch.float64, "bf16-mixed": torch.float32}[precision]
+    assert next(model.parameters()).dtype == dtype
+    assert guard.stage2_done and guard.report["validation_passes"] >= 2
+    # The guard rail scored the stage-1 weights: what trainer.validate measures on the same batches.
+    assert guard.report["score_before"] == pytest.approx(probe.results[-1]["mergeprobe/own/individual_acc"])
+    # And the probe's own score is the loop's for the weights trainer.validate now sees.
+    probe.probe(t, model)
+    val_acc = t.validate(model, val_loader(), verbose=False)[0]["val_acc"]
+    assert probe.results[-1]["mergeprobe/own/individual_acc"] == pytest.approx(100 * val_acc, abs=1e-6)

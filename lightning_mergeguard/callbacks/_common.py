@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -124,3 +124,26 @@ def repeat(loader: Any) -> Iterator[Any]:
             yield batch
         if empty:
             raise ValueError("dataloader yielded no batches")
+
+
+class _Converted:
+    """A re-iterable view of ``batches`` with ``convert`` applied to each (a loader stays lazy, epoch by epoch)."""
+
+    def __init__(self, batches: Iterable[Any], convert: Callable[[Any], Any]) -> None:
+        self.batches, self.convert = batches, convert
+
+    def __iter__(self) -> Iterator[Any]:
+        return map(self.convert, self.batches)
+
+
+def as_trained(trainer: pl.Trainer, batches: Iterable[Any]) -> Iterable[Any]:
+    """Batches as the trainer's loops hand them to the model: through the precision plugin's ``convert_input``.
+
+    With ``bf16-true``, ``16-true`` or ``64-true`` the loops cast floating inputs (images, embeddings) to the
+    weights' dtype; a callback that feeds loader batches to the model itself must do the same, or a ``Linear``
+    sees float32 inputs and bfloat16 weights. A list stays a list; anything else is converted as it is iterated.
+    """
+    convert = trainer.precision_plugin.convert_input
+    if isinstance(batches, list):
+        return [convert(b) for b in batches]
+    return _Converted(batches, convert)

@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_mergeguard.adapters import LoraPair, LoraView, is_adapted, lora_redistribution_grad_
 from lightning_mergeguard.callbacks._common import (
+    as_trained,
     eval_share,
     first_loader,
     is_fsdp2,
@@ -438,6 +439,7 @@ class MergeGuardCallback(Callback):
         if train_loader is None:
             raise ValueError("MergeGuardCallback: stage 2 needs the training dataloader")
         eval_data, shard = eval_share(eval_loader, self.eval_batches, trainer.global_rank, trainer.world_size)
+        eval_data = as_trained(trainer, eval_data)
         strategy = trainer.strategy
         self._passes = 0
 
@@ -466,7 +468,7 @@ class MergeGuardCallback(Callback):
             module=pl_module,
             params=params,
             reference=self.reference.as_dict(params, like=params),
-            batches=repeat(train_loader),
+            batches=iter(as_trained(trainer, repeat(train_loader))),
             metric=metric,
             loss_fn=self.loss_fn,
             before=metric(),
@@ -477,7 +479,7 @@ class MergeGuardCallback(Callback):
             progress=self.progress and trainer.is_global_zero,
             warn=rank_zero_warn,
             partners=partners,
-            keep_batches=self.keep_batches,
+            keep_batches=as_trained(trainer, self.keep_batches),
         )
 
     def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

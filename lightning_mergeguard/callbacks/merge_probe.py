@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from lightning_mergeguard.adapters import LoraView, is_adapted
 from lightning_mergeguard.callbacks._common import (
+    as_trained,
     eval_share,
     first_loader,
     is_fsdp2,
@@ -319,7 +320,7 @@ class MergeProbe(Callback):
         for name, value in loaders.items():
             loader, fn = value if isinstance(value, tuple) else (value, self.score_fn)
             batches, shard = eval_share(loader, self.eval_batches, trainer.global_rank, trainer.world_size)
-            tasks[name] = (batches, fn, shard)
+            tasks[name] = (as_trained(trainer, batches), fn, shard)
         return tasks
 
     # ------------------------------------------------------------------ cadence
@@ -360,14 +361,15 @@ class MergeProbe(Callback):
         batches, fn, shard = self._tasks[task]
         strategy, world = trainer.strategy, trainer.world_size
         try:
-            return 100.0 * evaluate(
-                pl_module,
-                batches,
-                fn,
-                device=pl_module.device,
-                shard=shard,
-                reduce=(lambda t: strategy.reduce(t, reduce_op="sum")) if world > 1 else None,
-            )
+            with trainer.precision_plugin.forward_context():  # autocast under *-mixed, as in the validation loop
+                return 100.0 * evaluate(
+                    pl_module,
+                    batches,
+                    fn,
+                    device=pl_module.device,
+                    shard=shard,
+                    reduce=(lambda t: strategy.reduce(t, reduce_op="sum")) if world > 1 else None,
+                )
         except ValueError as err:
             raise ValueError(f"MergeProbe: the {task!r} evaluation saw no examples") from err
 
