@@ -99,10 +99,15 @@ class ReferenceWeights:
             t = t.pin_memory()
         self._tensors[name] = t
 
-    def resolve(self, params: Mapping[str, Tensor]) -> None:
+    def resolve(self, params: Mapping[str, Tensor], *, snapshot_missing: bool = False) -> None:
         """Make sure every name in ``params`` has a reference tensor (idempotent; new names are added).
 
         Order of precedence: tensors restored from a checkpoint, then ``source``, then a snapshot of ``params``.
+
+        Args:
+            params: Name -> live parameter.
+            snapshot_missing: For a snapshot reference restored from a checkpoint, snapshot the names the checkpoint
+                lacks instead of raising: right for weights that were frozen (so still pretrained) when it was written.
 
         Raises:
             IncompatibleModelsError: If a restored or loaded tensor is missing or has another shape.
@@ -112,10 +117,10 @@ class ReferenceWeights:
             return
         if self._restored is not None:
             missing = [n for n in todo if n not in self._restored]
-            if missing:
+            if missing and not snapshot_missing:
                 raise IncompatibleModelsError(f"the checkpoint's reference weights lack parameters {missing[:5]}")
             for n, p in todo.items():
-                self._store(n, self._restored[n], p)
+                self._store(n, self._restored.get(n, p), p)
             return
         if self.source is None:
             for n, p in todo.items():

@@ -22,7 +22,10 @@ class GradProbe(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.store.setdefault(self.key, []).append(
-            {n: (p.grad.detach().clone(), p.detach().clone()) for n, p in pl_module.named_parameters()}
+            {
+                n: (None if p.grad is None else p.grad.detach().clone(), p.detach().clone())
+                for n, p in pl_module.named_parameters()
+            }
         )
 
 
@@ -111,6 +114,49 @@ def test_stage1_with_several_optimizers_gives_each_weight_the_term_once(tmp_path
     last = store["after"][-1][1]
     expected = 0.1 * sum(float((w - initial[n]).pow(2).sum()) for n, (_, w) in last.items())
     assert t.callback_metrics["mergeguard/l2_term"].item() == pytest.approx(expected, rel=1e-5)
+
+
+class WithBackbone(TinyClassifier):
+    """A backbone for Lightning's BackboneFinetuning, which freezes it and adds it to the optimizer later."""
+
+    @property
+    def backbone(self):
+        return self.net
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def test_weights_unfrozen_during_fit_join_stage1_and_stage2(tmp_path):
+    # BackboneFinetuning freezes the backbone before training and unfreezes it at epoch 1 (a new param group): the
+    # backbone must then get the term against its pretrained values, and stage 2 must perturb it.
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    store = {}
+    pl.seed_everything(0)
+    model = WithBackbone()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    guard = MergeGuardCallback(alpha=0.1, stage2=ScaleAdversarial(steps=4, lr=0.01), tolerance=100.0, progress=False)
+    unfreeze = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0)
+    t = trainer(
+        tmp_path,
+        max_epochs=2,
+        limit_train_batches=3,
+        callbacks=[unfreeze, GradProbe(store, "before"), guard, GradProbe(store, "after")],
+    )
+    t.fit(model)
+    backbone = [n for n in initial if n.startswith("net.")]
+    assert set(backbone) <= set(guard.reference.names())
+    for n in backbone:  # the reference is the pretrained value, taken when the backbone joined
+        assert torch.equal(guard.reference[n], initial[n]), n
+    epoch1 = list(zip(store["before"], store["after"]))[3:]
+    assert len(epoch1) == 3
+    for before, after in epoch1:
+        for n in backbone:
+            grad_before, weight = before[n]
+            torch.testing.assert_close(after[n][0] - grad_before, 2 * 0.1 * (weight - initial[n]))
+    assert any(not torch.equal(before[n][1], initial[n]) for before, _ in epoch1[1:] for n in backbone)
+    assert guard.report["parameters_perturbed"] == len(backbone)  # the head is left out (stage2_exclude)
 
 
 def test_raw_weight_target_and_filters(tmp_path):
@@ -229,6 +275,21 @@ def test_a_failed_fit_says_the_model_is_not_protected(tmp_path):
     assert not guard.stage2_done and guard.report is None
 
 
+def test_a_head_only_fine_tune_is_warned_at_fit_start_not_only_at_its_end(tmp_path):
+    model = WithBackbone()
+    model.net.requires_grad_(False)  # a linear probe: only the head trains, and stage 2 leaves heads out
+    guard = MergeGuardCallback(alpha=0.1, progress=False)
+    with (
+        pytest.warns(UserWarning, match="every trainable weight matches stage2_exclude"),
+        pytest.raises(ValueError, match="stage 2 excludes every parameter"),
+    ):
+        trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[guard]).fit(model)
+    model.head.reset_parameters()
+    guard = MergeGuardCallback(alpha=0.1, stage2=ScaleAdversarial(steps=4), stage2_exclude=[], progress=False)
+    trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[guard]).fit(model)
+    assert guard.report["parameters_perturbed"] == 2
+
+
 class OrderedTinyClassifier(TinyClassifier):
     """Same data order in every epoch, so an uninterrupted and a resumed run see the same batches."""
 
@@ -256,6 +317,39 @@ def test_resume_matches_uninterrupted(tmp_path, crash_epoch):
     guard = MergeGuardCallback(**kwargs)
     t2 = trainer(tmp_path / "part", max_epochs=3, callbacks=[guard])
     t2.fit(resumed, ckpt_path=ckpt)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+class OrderedWithBackbone(WithBackbone):
+    def train_dataloader(self):
+        return DataLoader(blobs(256, 0), batch_size=32, shuffle=False)
+
+
+def test_resume_before_the_backbone_joins_matches_uninterrupted(tmp_path):
+    # The checkpoint is written while the backbone is frozen, so its reference lacks the backbone; the resumed fit
+    # must take it when the backbone is unfrozen (still pretrained then), not refuse the checkpoint.
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    def run(root, max_epochs, model, ckpt=None):
+        stage2 = ScaleAdversarial(steps=5, lr=0.01) if max_epochs == 3 else "none"
+        guard = MergeGuardCallback(alpha=0.5, stage2=stage2, progress=False)
+        unfreeze = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0)
+        t = trainer(root, max_epochs=max_epochs, limit_train_batches=3, callbacks=[unfreeze, guard])
+        t.fit(model, ckpt_path=ckpt)
+        return t, guard
+
+    pl.seed_everything(0)
+    full = OrderedWithBackbone()
+    initial = {n: p.detach().clone() for n, p in full.named_parameters()}
+    run(tmp_path / "full", 3, full)
+    pl.seed_everything(0)
+    part = OrderedWithBackbone()
+    t, _ = run(tmp_path / "part", 1, part)
+    t.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed = OrderedWithBackbone()  # other initial weights: the checkpoint brings them back
+    _, guard = run(tmp_path / "part", 3, resumed, tmp_path / "mid.ckpt")
+    assert torch.equal(guard.reference["net.0.weight"], initial["net.0.weight"])
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
 

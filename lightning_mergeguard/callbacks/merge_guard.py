@@ -199,6 +199,7 @@ class MergeGuardCallback(Callback):
         self.stage2_done = False
         self.report: dict[str, Any] | None = None
         self._params: dict[str, nn.Parameter] = {}
+        self._judged: set[int] = set()  # ids of trainable weights already guarded or left out by include/exclude
         self._view: LoraView | None = None
         self._pairs: dict[str, LoraPair] = {}
         self._stage1_values: dict[str, torch.Tensor] = {}
@@ -258,6 +259,17 @@ class MergeGuardCallback(Callback):
         if not self._params:
             raise ValueError("MergeGuardCallback: no trainable parameters match include/exclude")
         self.reference.resolve(self._params)
+        self._judged = {id(p) for p in self._params.values()}
+        if (
+            self.stage2 is not None
+            and not self.stage2_done
+            and not select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
+        ):
+            rank_zero_warn(
+                "MergeGuardCallback: every trainable weight matches stage2_exclude (embeddings, norms, heads), so "
+                "stage 2 would have nothing to perturb and fail at the end of fit, unless weights are unfrozen "
+                "before then; pass stage2_exclude=[] (or a narrower list) to perturb them"
+            )
 
     # ------------------------------------------------------------------ stage 1
     @override
@@ -269,6 +281,8 @@ class MergeGuardCallback(Callback):
         # Only the weights this optimizer steps get the term: with several optimizers (manual optimization, GANs)
         # each weight gets it once, from its own optimizer, whatever order they step in.
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if self._view is None:
+            self._join_unfrozen(pl_module, optimizer)
         params = {n: p for n, p in self._params.items() if id(p) in stepped}
         factors = [p for pair in self._pairs.values() for p in (pair.a, pair.b) if id(p) in stepped]
         if not (params or factors):
@@ -298,6 +312,35 @@ class MergeGuardCallback(Callback):
             value = None if value is None or lora_value is None else value + lora_value
         if value is not None:
             pl_module.log("mergeguard/l2_term", value, on_step=True, on_epoch=False)
+
+    def _join_unfrozen(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        """Guard weights unfrozen during fit (``BackboneFinetuning``, a custom unfreeze) from then on.
+
+        They were frozen since fit start, so their value now is the pretrained one: the reference snapshots it (or
+        reads it from the reference source, or from a checkpoint written after they joined).
+        """
+        new_ids = [
+            id(p)
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.requires_grad and id(p) not in self._judged
+        ]
+        if not new_ids:
+            return
+        self._judged.update(new_ids)
+        wanted = set(new_ids)
+        new = {
+            n: p
+            for n, p in select_parameters(pl_module, self.include, self.exclude).items()
+            if id(p) in wanted and n not in self._params
+        }
+        if new:
+            self.reference.resolve(new, snapshot_missing=True)
+            self._params.update(new)
+            rank_zero_info(
+                f"MergeGuardCallback: {len(new)} weights unfrozen during fit (e.g. {next(iter(new))!r}) are guarded "
+                "from now on, against their pretrained values"
+            )
 
     # ------------------------------------------------------------------ stage 2
     @override
