@@ -35,11 +35,45 @@ def _forward(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor | None, Any]
     )
 
 
+def _inputs(batch: Any) -> Tensor | None:
+    if isinstance(batch, dict):
+        return batch.get("input_ids")
+    return batch[0] if isinstance(batch, (tuple, list)) and isinstance(batch[0], Tensor) else None
+
+
+def _predicts_next_token(batch: Any, target: Tensor) -> bool:
+    """Whether sequence labels follow the causal-LM convention: a copy of ``input_ids`` (``-100`` where masked).
+
+    Hugging Face causal LMs take ``labels == input_ids`` and shift inside the model, so position ``t`` predicts
+    label ``t + 1``. Token classification labels (classes) and seq2seq labels (decoder targets) are aligned with
+    the logits instead; treating them as shifted would score every row against its neighbour's label.
+    """
+    ids = _inputs(batch)
+    if ids is None or ids.shape != target.shape or ids.is_floating_point():
+        return False
+    valid = target != -100
+    return bool(valid.any()) and bool((target[valid] == ids[valid]).all())
+
+
+def _sequence_pairs(batch: Any, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits and the labels they predict, for ``[B, T, C]`` logits: shifted by one for causal LMs, else aligned."""
+    if _predicts_next_token(batch, target):
+        return logits[:, :-1], target[:, 1:]
+    if logits.shape[:2] != target.shape[:2]:
+        raise ValueError(
+            f"sequence logits {tuple(logits.shape)} do not line up with labels {tuple(target.shape)}, and the labels "
+            "are not a copy of input_ids (the causal-LM convention); pass score_fn/loss_fn"
+        )
+    return logits, target
+
+
 def default_score(module: nn.Module, batch: Any) -> tuple[Tensor, int]:
     """Accuracy numerator and denominator for one batch.
 
-    Classification (logits ``[B, C]``, targets ``[B]``) counts correct argmax predictions; language modelling
-    (logits ``[B, T, V]``, labels ``[B, T]``) counts correct next-token predictions where ``labels != -100``.
+    Classification (logits ``[B, C]``, targets ``[B]``) counts correct argmax predictions. Sequence logits
+    ``[B, T, C]`` count correct predictions where ``labels != -100``: next-token predictions when the labels are a
+    copy of ``input_ids`` (Hugging Face's causal-LM convention, the model shifts them), else position by position
+    (token classification, seq2seq decoder labels).
 
     Example:
         >>> net = nn.Linear(2, 2)
@@ -51,9 +85,9 @@ def default_score(module: nn.Module, batch: Any) -> tuple[Tensor, int]:
     logits, target, _ = _forward(module, batch)
     if target is None:
         raise ValueError("batch has no targets/labels; pass score_fn")
-    if logits.dim() == 3:  # causal LM: predict token t+1 from position t
-        pred = logits[:, :-1].argmax(-1)
-        tgt = target[:, 1:]
+    if logits.dim() == 3:
+        logits, tgt = _sequence_pairs(batch, logits, target)
+        pred = logits.argmax(-1)
         valid = tgt != -100
         return (pred.eq(tgt) & valid).sum(), int(valid.sum())
     return logits.argmax(-1).eq(target).sum(), int(target.numel())
@@ -94,7 +128,8 @@ def default_loss(module: nn.Module, batch: Any) -> Tensor:
     if target is None:
         raise ValueError("batch has no targets/labels; pass loss_fn")
     if logits.dim() == 3:
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten(), ignore_index=-100)
+        logits, tgt = _sequence_pairs(batch, logits, target)
+        return F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
     return F.cross_entropy(logits, target)
 
 

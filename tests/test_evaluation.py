@@ -1,0 +1,70 @@
+"""Default score and loss: causal-LM labels are shifted, token-classification and seq2seq labels are not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_mergeguard.evaluation import default_loss, default_score
+
+VOCAB = 11
+
+
+class NextToken(nn.Module):
+    """A perfect causal LM on sequences that count up: position t predicts token t + 1."""
+
+    def forward(self, input_ids, labels=None):
+        return F.one_hot((input_ids + 1) % VOCAB, VOCAB).float() * 10
+
+
+class ClassOfToken(nn.Module):
+    """A perfect token classifier: the class of a token is its id mod 3, at its own position."""
+
+    def forward(self, input_ids, labels=None):
+        return F.one_hot(input_ids % 3, 3).float() * 10
+
+
+class Decoder(nn.Module):
+    """A seq2seq model whose decoder emits its labels' length of perfect logits (labels = 2 * input mod VOCAB)."""
+
+    def forward(self, input_ids, labels=None):
+        return F.one_hot((2 * input_ids[:, : labels.shape[1]]) % VOCAB, VOCAB).float() * 10
+
+
+def counting(rows=2, length=6):
+    return torch.arange(length).repeat(rows, 1) + torch.arange(rows)[:, None]
+
+
+def test_causal_lm_labels_are_a_copy_of_input_ids_and_are_shifted():
+    ids = counting()
+    labels = ids.clone()
+    labels[:, :2] = -100  # the prompt
+    score, n = default_score(NextToken(), {"input_ids": ids, "labels": labels})
+    assert (int(score), n) == (8, 8)  # 4 answer tokens per row, each predicted from the previous position
+    assert default_score(NextToken(), (ids, labels)) == (score, n)
+    assert float(default_loss(NextToken(), (ids, labels))) < 1e-3
+
+
+def test_token_classification_labels_are_aligned_not_shifted():
+    ids = counting()
+    labels = ids % 3
+    labels[0, 0] = -100
+    score, n = default_score(ClassOfToken(), {"input_ids": ids, "labels": labels})
+    assert (int(score), n) == (11, 11)  # shifted, it would score each token against its neighbour's class: 0
+    assert float(default_loss(ClassOfToken(), (ids, labels))) < 1e-3
+
+
+def test_seq2seq_labels_of_another_length_are_aligned_and_a_mismatch_is_named():
+    ids = counting(length=6)
+    labels = (2 * ids[:, :4]) % VOCAB
+    score, n = default_score(Decoder(), {"input_ids": ids, "labels": labels})
+    assert (int(score), n) == (8, 8)
+
+    class Wrong(nn.Module):
+        def forward(self, input_ids, labels=None):
+            return torch.zeros(input_ids.shape[0], 3, VOCAB)
+
+    with pytest.raises(ValueError, match=r"do not line up with labels \(2, 4\).*pass score_fn"):
+        default_score(Wrong(), {"input_ids": ids, "labels": labels})
