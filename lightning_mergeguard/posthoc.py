@@ -169,6 +169,18 @@ def load_rows(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     return rows
 
 
+def _refuse_writing_over_inputs(written: Path, base: Path, model: Path, partners: Sequence[str]) -> None:
+    """Refuse, before any work, an output that would replace the model, the base or a partner it reads."""
+    target = written.resolve()
+    for what, path in [("model", model), ("base", base), *(("partner", Path(p)) for p in partners)]:
+        p = Path(path).resolve()
+        if p == target or p.is_relative_to(target):
+            raise ConfigError(
+                f"--out would write the protected model to {written}, over the {what} it reads ({path}); "
+                "choose another --out"
+            )
+
+
 def _split(items: list[Any], seed: int, held_out: float = 0.25) -> tuple[list[Any], list[Any]]:
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
@@ -295,6 +307,8 @@ def protect_checkpoint(
     )
     torch.manual_seed(seed)
     kind = _detect_kind(model, arch)
+    written = out / ("model" if kind == "causal_lm" else "protected.safetensors")  # what save() below writes
+    _refuse_writing_over_inputs(written, base, model, partners)
     base_src = open_source(base, name="base")
     builder = _causal_lm if kind == "causal_lm" else _open_clip
     module, train, metric, save, meta = builder(base, model, data, arch, batch_size, max_length, seed)

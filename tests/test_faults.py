@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -237,6 +238,39 @@ def test_output_path_of_the_wrong_kind(llama_dirs, tmp_path, capsys):
     (tmp_path / "dir.safetensors").mkdir()
     code, err = run_cli([cfg, tmp_path / "dir.safetensors"], capsys)
     assert code == 2 and "is a directory" in err
+
+
+def test_an_output_over_one_of_the_inputs_is_refused_and_the_inputs_stay(llama_dirs, tmp_path, capsys):
+    # The default replaces a model at OUT: pointed at an input, it would replace the fine-tune or the base the user
+    # merged from (a directory's weights are replaced, its other weight files removed as stale).
+    models = tmp_path / "models"
+    for name in ("base", "a", "b"):
+        shutil.copytree(llama_dirs[name], models / name)
+    loose = tmp_path / "loose"  # fine-tunes as single files in one folder
+    loose.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(models / name / "model.safetensors", loose / f"{name}.safetensors")
+    (models / "link").symlink_to(models / "a", target_is_directory=True)
+    before = {p: p.read_bytes() for p in [*models.rglob("*.safetensors"), *loose.iterdir()] if p.is_file()}
+    dirs = write_cfg(tmp_path, ta_config(models / "base", [models / "a", models / "b"]))
+    for out, who in [
+        (models / "a", "a"),
+        (models / "a" / ".." / "base", "base"),
+        (models / "link", "a"),
+        (models / "b" / "model.safetensors", "b"),
+    ]:
+        code, err = run_cli([dirs, out], capsys)
+        assert code == 2 and "an input of this merge" in err and f"{models / who}" in err, (out, err)
+    files = tmp_path / "files.yml"
+    files.write_text(yaml.safe_dump(ta_config(models / "base", [loose / "a.safetensors", loose / "b.safetensors"])))
+    code, err = run_cli([files, loose], capsys)
+    assert code == 2 and "a.safetensors" in err
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in (models / "a").iterdir()) == sorted(p.name for p in llama_dirs["a"].iterdir())
+    # Next to the inputs, or in a folder above them, is fine.
+    assert run_cli([dirs, models / "merged"], capsys)[0] == 0
+    assert run_cli([dirs, models], capsys)[0] == 0
+    assert {p: p.read_bytes() for p in before} == before
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 
 import pytest
 import torch
@@ -141,6 +142,13 @@ def test_cli_with_a_yaml_config_and_clear_errors(checkpoints, tmp_path, capsys):
     code = main(["--config", str(config), "--model", str(checkpoints / "foreign"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "is not a fine-tune of base" in err and "Traceback" not in err
+    # A model directory named "model" protected into its parent would be replaced by the protected copy.
+    shutil.copytree(checkpoints / "owner", tmp_path / "runs" / "model")
+    kept = (tmp_path / "runs" / "model" / "model.safetensors").read_bytes()
+    code = main(["--config", str(config), "--model", str(tmp_path / "runs" / "model"), "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and "over the model it reads" in err and "Traceback" not in err
+    assert (tmp_path / "runs" / "model" / "model.safetensors").read_bytes() == kept
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "answer": "b"}\n{"question": "c"}\n')
     code = main(["--config", str(config), "--data", str(bad)])

@@ -442,6 +442,24 @@ def _prepare_output(out: Path, existing: str) -> tuple[Path, bool]:
     return target, created
 
 
+def _refuse_writing_over_inputs(out: Path, target: Path, sources: Sequence[WeightSource]) -> None:
+    """Refuse an output that would replace or remove a file the merge reads.
+
+    A model directory's weight files are replaced, and other weight files in it removed as stale, so no input
+    weight file may live in it; a ``.safetensors`` output may not be an input file. Checked before anything is
+    written.
+    """
+    one_file = out.suffix == ".safetensors"
+    here = (target if one_file else out).resolve()
+    for src in sources:
+        for f in src.files:
+            r = f.resolve()
+            if r == here if one_file else r.parent == here and any(r.match(p) for p in _WEIGHT_PATTERNS):
+                raise OutputError(
+                    f"output {out} would write over {src.name!r}, an input of this merge ({f}); choose another output"
+                )
+
+
 def merge(
     config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
     models: Mapping[str, Any] | Sequence[Any] | None = None,
@@ -508,6 +526,7 @@ def merge(
     shard_bytes = parse_size(DEFAULT_SHARD_SIZE if out_shard_size is None else out_shard_size)
     target, created = _prepare_output(out, existing)
     base_src, donors = _resolve(cfg, models, base, drop_pages=low_memory)
+    _refuse_writing_over_inputs(out, target, [*([base_src] if base_src is not None else []), *donors])
     reference = base_src if base_src is not None else donors[0]
     out_dtype = DTYPES[cfg.out_dtype or cfg.dtype]
     specs = []

@@ -102,6 +102,7 @@ class LoraSource(WeightSource):
         self.name = name or f"{getattr(self.base, 'name', 'base')}+{self.adapter}"
         self.config = self.base.config
         self.directory = self.base.directory
+        self.files = (*self.base.files, *sorted(self.adapter.glob("adapter_model.*")))
         cfg = self._read_config()
         weights = self._read_weights()
         self._fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))

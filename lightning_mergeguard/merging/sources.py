@@ -45,11 +45,14 @@ class WeightSource:
         name: Human-readable name used in error messages.
         config: The model's Hugging Face ``config.json`` as a dict, when known.
         directory: The directory the weights came from, when they came from one.
+        files: The files the weights are read from (empty for in-memory weights), so a writer can refuse to write
+            over its own inputs.
     """
 
     name: str = "model"
     config: dict[str, Any] | None = None
     directory: Path | None = None
+    files: tuple[Path, ...] = ()
 
     def keys(self) -> list[str]:
         """Tensor names, in storage order."""
@@ -376,37 +379,45 @@ def open_source(obj: Any, name: str | None = None, *, drop_pages: bool = False) 
             f"{path} is a PEFT adapter, not a model: name its base too, as mergekit does: BASE_PATH+{path}"
         )
     if path.is_file():
+        one: WeightSource
         if path.suffix == ".safetensors":
-            return SafetensorsSource([path], name=label, config=_read_config(path.parent), drop_pages=drop_pages)
-        return StateDictSource(_load_pickle_weights(path), name=label)
+            one = SafetensorsSource([path], name=label, config=_read_config(path.parent), drop_pages=drop_pages)
+        else:
+            one = StateDictSource(_load_pickle_weights(path), name=label)
+        one.files = (path,)
+        return one
     if not path.is_dir():
         raise FileNotFoundError(f"no model at {path}")
     config = _read_config(path)
     # The same file transformers would read: model.safetensors, then its index, then the .bin forms.
     src: WeightSource
     if (path / "model.safetensors").is_file():
-        src = SafetensorsSource([path / "model.safetensors"], name=label, config=config, drop_pages=drop_pages)
+        files = [path / "model.safetensors"]
+        src = SafetensorsSource(files, name=label, config=config, drop_pages=drop_pages)
     elif (path / "model.safetensors.index.json").is_file():
-        shards = _index_shards(path / "model.safetensors.index.json")
-        src = SafetensorsSource(shards, name=label, config=config, drop_pages=drop_pages)
+        files = [*_index_shards(path / "model.safetensors.index.json"), path / "model.safetensors.index.json"]
+        src = SafetensorsSource(files[:-1], name=label, config=config, drop_pages=drop_pages)
     elif (path / "pytorch_model.bin").is_file():
-        src = StateDictSource(_load_pickle_weights(path / "pytorch_model.bin"), name=label)
+        files = [path / "pytorch_model.bin"]
+        src = StateDictSource(_load_pickle_weights(files[0]), name=label)
         src.config = config
     elif (path / "pytorch_model.bin.index.json").is_file():
+        files = [*_index_shards(path / "pytorch_model.bin.index.json"), path / "pytorch_model.bin.index.json"]
         merged: dict[str, Tensor] = {}
-        for shard in _index_shards(path / "pytorch_model.bin.index.json"):
+        for shard in files[:-1]:
             merged.update(_load_pickle_weights(shard))
         src = StateDictSource(merged, name=label)
         src.config = config
     else:
-        single = sorted(path.glob("*.safetensors"))
-        if len(single) != 1:
-            what = "several *.safetensors files and no index" if single else "no model weights"
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            what = "several *.safetensors files and no index" if files else "no model weights"
             raise FileNotFoundError(
                 f"{path} holds {what} (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
             )
-        src = SafetensorsSource(single, name=label, config=config, drop_pages=drop_pages)
+        src = SafetensorsSource(files, name=label, config=config, drop_pages=drop_pages)
     src.directory = path
+    src.files = tuple(files)
     return src
 
 
