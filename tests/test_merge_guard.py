@@ -385,6 +385,8 @@ def test_refuses_sharded_strategy():
         (dict(eval_batches=0), "eval_batches must be"),
         (dict(exclude=["("]), "invalid parameter-name regex"),
         (dict(stage2=Negation(), beta=0.5), r"pass \['beta'\] to the Negation object"),
+        (dict(reference="runs/base.safetensors", save_path="runs/../runs/base.safetensors"), "over the reference"),
+        (dict(reference="runs/base/model.safetensors", save_path="runs/base"), "over the reference"),
     ],
 )
 def test_bad_arguments(kwargs, match):

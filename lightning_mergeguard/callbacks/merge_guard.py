@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import statistics
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -185,6 +187,13 @@ class MergeGuardCallback(Callback):
         self.tolerance = float(tolerance)
         self.report_path = report_path
         self.save_path = save_path
+        if isinstance(reference, (str, os.PathLike)) and save_path is not None:
+            ref, saved = Path(reference).resolve(), Path(save_path).resolve()
+            if ref == saved or ref.is_relative_to(saved):
+                raise ValueError(
+                    f"save_path {save_path!r} would write the protected model over the reference weights it reads "
+                    f"({reference!r}); choose another save_path"
+                )
         self.progress = progress
         self.keep_batches = list(keep_batches) if keep_batches is not None else []
         if amplify is not None:
