@@ -192,6 +192,20 @@ def test_a_user_method_declared_as_data():
         METHODS.pop("mean_task_vectors")
 
 
+def test_a_model_listed_twice_is_refused_and_the_base_may_come_in_the_mapping():
+    # Listed twice, a model would be merged twice here, while mergekit keys models by path and applies one entry.
+    base, a = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+    entry = lambda w: {"model": "a", "parameters": {"weight": w}}  # noqa: E731
+    twice = {"merge_method": "task_arithmetic", "base_model": "base", "models": [entry(0.5), entry(0.25)]}
+    with pytest.raises(ConfigError, match=r"models\[1\] \(a\) repeats models\[0\]"):
+        merge(twice, {"a": a}, base, check_base=False)
+    # The base's weights may be given in the models mapping under base_model's name, as the docstring says.
+    once = {**twice, "models": [entry(0.5)]}
+    torch.testing.assert_close(merge(once, {"a": a, "base": base}, check_base=False)["w"], torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match=r"models given for \['c'\] are not in the merge config"):
+        merge(once, {"a": a, "base": base, "c": a}, check_base=False)
+
+
 def test_base_passed_twice_is_refused_not_silently_taken():
     """SLERP's base_model is an endpoint among the models: a separate base= would silently replace it."""
     a, b, pre = {"w": torch.ones(4)}, {"w": torch.full((4,), 3.0)}, {"w": torch.zeros(4)}

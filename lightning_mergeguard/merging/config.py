@@ -280,6 +280,14 @@ class MergeConfig:
         for name, param in shared.items():
             if param.default is REQUIRED and name not in self.parameters:
                 raise ConfigError(f"merge_method {spec.name!r} needs parameter {name!r}")
+        seen: dict[str, int] = {}
+        for i, m in enumerate(self.models):
+            if m.model in seen:
+                raise ConfigError(
+                    f"models[{i}] ({m.model}) repeats models[{seen[m.model]}]: mergekit keys models by path and would "
+                    "apply only one entry's parameters; list each model once (to count a model more, raise its weight)"
+                )
+            seen[m.model] = i
         donors = self.donors
         if len(donors) < spec.min_models:
             raise ConfigError(f"merge_method {spec.name!r} needs at least {spec.min_models} model(s) besides the base")

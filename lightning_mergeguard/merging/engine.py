@@ -161,7 +161,7 @@ def _resolve(
     if models is None:
         sources = [open_source(m.model) for m in donors]
     elif isinstance(models, Mapping):
-        unknown = [k for k in models if k not in {m.model for m in cfg.models}]
+        unknown = [k for k in models if k not in {m.model for m in cfg.models} | {cfg.base_model}]
         if unknown:
             raise ValueError(f"models given for {unknown} are not in the merge config's models")
         absent = [m.model for m in donors if m.model not in models]
