@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from torch import nn
 
-__all__ = ["filter_names", "group_layers", "select_parameters"]
+__all__ = ["filter_names", "group_layers", "name_patterns", "select_parameters"]
 
 T = TypeVar("T")
 
@@ -42,6 +42,29 @@ def select_parameters(
         n: p for n, p in module.named_parameters() if p.is_floating_point() and (p.requires_grad or not trainable_only)
     }
     return filter_names(named, include, exclude)
+
+
+def name_patterns(value: str | Iterable[str] | None, what: str) -> list[str] | None:
+    """Parameter-name regexes as a callback takes them: a list, one string alone, or ``None`` (kept ``None``).
+
+    One string is one pattern, not a list of its characters (``include="attn"`` would otherwise select every name
+    with an ``a``, ``t`` or ``n``). Each pattern is compiled, so a typo fails when the callback is built.
+
+    Example:
+        >>> name_patterns("attn", "include"), name_patterns(None, "include")
+        (['attn'], None)
+    """
+    if value is None:
+        return None
+    patterns = [value] if isinstance(value, str) else list(value)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"{what} must be parameter-name regexes (strings), got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{what}: invalid parameter-name regex {pattern!r}: {err}") from err
+    return patterns
 
 
 def filter_names(

@@ -34,7 +34,7 @@ from lightning_mergeguard.evaluation import LossFn, default_loss
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, atomic_write_text
 from lightning_mergeguard.merging.engine import check_same_base_sources
 from lightning_mergeguard.merging.sources import StateDictSource, match_names, open_source
-from lightning_mergeguard.parameters import select_parameters
+from lightning_mergeguard.parameters import name_patterns, select_parameters
 from lightning_mergeguard.protection.stage2 import (
     DEFAULT_STAGE2_EXCLUDE,
     MergeNeighbourhood,
@@ -60,8 +60,8 @@ def protect_module(
     *,
     stage2: Stage2 | None = None,
     tolerance: float = 1.0,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] = DEFAULT_STAGE2_EXCLUDE,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] = DEFAULT_STAGE2_EXCLUDE,
     loss_fn: LossFn = default_loss,
     refit: Callable[[nn.Module], None] | None = None,
     progress: bool = False,
@@ -91,7 +91,7 @@ def protect_module(
     """
     stage2 = stage2 or ScaleAdversarial(steps=150)
     src = open_source(base, name="base")
-    candidates = select_parameters(module, include, exclude)
+    candidates = select_parameters(module, name_patterns(include, "include"), name_patterns(exclude, "exclude") or [])
     names = match_names(candidates, src.keys(), what="base", missing="skip")  # a task head the base lacks stays out
     if not names:
         raise IncompatibleModelsError("the base has none of the model's parameters: is it the right base model?")

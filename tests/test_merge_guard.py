@@ -384,6 +384,7 @@ def test_refuses_sharded_strategy():
         (dict(stage2="negate"), "stage2 must be"),
         (dict(eval_batches=0), "eval_batches must be"),
         (dict(exclude=["("]), "invalid parameter-name regex"),
+        (dict(include=[3]), "include must be parameter-name regexes"),
         (dict(stage2=Negation(), beta=0.5), r"pass \['beta'\] to the Negation object"),
         (dict(reference="runs/base.safetensors", save_path="runs/../runs/base.safetensors"), "over the reference"),
         (dict(reference="runs/base/model.safetensors", save_path="runs/base"), "over the reference"),
@@ -392,6 +393,14 @@ def test_refuses_sharded_strategy():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MergeGuardCallback(**kwargs)
+
+
+def test_one_pattern_given_alone_is_one_regex_not_its_letters(tmp_path):
+    # include="net.0" used to become ['n', 'e', 't', '.', '0'] and select every parameter with an 'e' or a '.'.
+    guard = MergeGuardCallback(alpha=0.1, include="net.0", exclude="bias", stage2_exclude="head", stage2="none")
+    assert (guard.include, guard.exclude, guard.stage2_exclude) == (["net.0"], ["bias"], ["head"])
+    trainer(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[guard]).fit(TinyClassifier())
+    assert list(guard._params) == ["net.0.weight"]
 
 
 def test_legacy_stage2_arguments_still_work_with_a_warning():

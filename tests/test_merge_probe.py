@@ -285,12 +285,20 @@ def test_failed_probe_warns_unless_strict(tmp_path):
         (dict(every_n_steps=0), "every_n_steps must be"),
         (dict(coefficients=[]), "coefficients must be"),
         (dict(donor_dtype="fp8"), "donor_dtype must be"),
+        (dict(methods=[]), "methods must name at least one merge method"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     args = {"donors": {"d": {}}, **kwargs}
     with pytest.raises(ValueError, match=match):
         MergeProbe(**args)
+
+
+def test_one_method_may_be_given_alone():
+    # A bare string is one method, not a list of its letters ('t', 'i', 'e', 's').
+    for one in ("ties", {"merge_method": "ties", "label": "t"}):
+        probe = MergeProbe(donors={"d": {}}, methods=one, coefficients=[0.3])
+        assert [s.config.merge_method for s in probe.specs] == ["ties"]
 
 
 def test_bf16_donors_and_resume_keeps_reference(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import statistics
 import time
 import warnings
@@ -33,7 +32,7 @@ from lightning_mergeguard.callbacks._common import (
 )
 from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
-from lightning_mergeguard.parameters import filter_names, select_parameters
+from lightning_mergeguard.parameters import filter_names, name_patterns, select_parameters
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_, redistribution_value
 from lightning_mergeguard.protection.stage2 import (
     DEFAULT_STAGE2_EXCLUDE,
@@ -85,7 +84,7 @@ class MergeGuardCallback(Callback):
         alpha: Strength of the stage-1 term (0 disables stage 1).
         target: ``"task_vector"`` (L2-SP style) or ``"weights"`` (plain weight decay).
         normalize: Divide each tensor's squared norm by its size.
-        include: Regexes of parameter names protected (default: all trainable).
+        include: Regexes of parameter names protected (default: all trainable); one string is one regex.
         exclude: Regexes of parameter names left out of both stages.
         reference: Path (safetensors, HF directory, ``.bin``/``.ckpt``) of the pretrained weights; default: a
             snapshot of the weights at fit start. Shared with a :class:`~lightning_mergeguard.MergeProbe` attached
@@ -132,13 +131,13 @@ class MergeGuardCallback(Callback):
         alpha: float = 0.01,
         target: Literal["task_vector", "weights"] = "task_vector",
         normalize: bool = False,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] = (),
         reference: str | None = None,
         reference_dtype: str | None = None,
         reference_device: str | None = None,
         stage2: str | Stage2 | None = "scale_adversarial",
-        stage2_exclude: Sequence[str] = DEFAULT_STAGE2_EXCLUDE,
+        stage2_exclude: str | Sequence[str] = DEFAULT_STAGE2_EXCLUDE,
         score_fn: ScoreFn | None = None,
         loss_fn: LossFn | None = None,
         eval_batches: int = 8,
@@ -168,19 +167,14 @@ class MergeGuardCallback(Callback):
                 DeprecationWarning,
                 stacklevel=2,
             )
-        for pattern in [*(include or []), *exclude, *stage2_exclude]:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"invalid parameter-name regex {pattern!r}: {err}") from err
         self.alpha = float(alpha)
         self.target = target
         self.normalize = normalize
-        self.include = list(include) if include is not None else None
-        self.exclude = list(exclude)
+        self.include = name_patterns(include, "include")
+        self.exclude = name_patterns(exclude, "exclude") or []
         self.reference = ReferenceWeights(reference, dtype=reference_dtype, device=reference_device)
         self.stage2 = resolve_stage2(stage2, **legacy_stage2)
-        self.stage2_exclude = list(stage2_exclude)
+        self.stage2_exclude = name_patterns(stage2_exclude, "stage2_exclude") or []
         self.score_fn = score_fn or default_score
         self.loss_fn = loss_fn or default_loss
         self.eval_batches = eval_batches

@@ -34,7 +34,7 @@ from lightning_mergeguard.merging.base_check import (
 from lightning_mergeguard.merging.engine import iter_merge
 from lightning_mergeguard.merging.sources import StateDictSource, WeightSource
 from lightning_mergeguard.merging.task_vectors import task_vector_cosines
-from lightning_mergeguard.parameters import filter_names, select_parameters
+from lightning_mergeguard.parameters import filter_names, name_patterns, select_parameters
 from lightning_mergeguard.probing import (
     BASE,
     LIVE,
@@ -136,8 +136,8 @@ class MergeProbe(Callback):
         probe_on_train_end: bool = True,
         score_fn: ScoreFn | None = None,
         eval_batches: int | None = 8,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] = (),
         reference: str | None = None,
         reference_dtype: str | None = None,
         donor_dtype: str = "float32",
@@ -185,6 +185,10 @@ class MergeProbe(Callback):
         self.signals = named_signals(signals)
         if coefficients is not None and (not coefficients or any(not math.isfinite(c) for c in coefficients)):
             raise ValueError(f"coefficients must be a non-empty list of finite numbers or None, got {coefficients!r}")
+        if isinstance(methods, (str, os.PathLike, Mapping)):  # one method given alone, not a list of its letters
+            methods = [methods]
+        if not methods:
+            raise ValueError("methods must name at least one merge method (e.g. ['task_arithmetic'])")
         # Validate the methods now (typos fail at construction, not mid-training).
         self.specs: list[ProbeSpec] = build_probe_specs(list(methods), list(self.donor_inputs), coefficients)
         self.methods = list(methods)
@@ -195,8 +199,8 @@ class MergeProbe(Callback):
         self.probe_on_train_end = probe_on_train_end
         self.score_fn = score_fn or default_score
         self.eval_batches = eval_batches
-        self.include = list(include) if include is not None else None
-        self.exclude = list(exclude)
+        self.include = name_patterns(include, "include")
+        self.exclude = name_patterns(exclude, "exclude") or []
         self.reference_path = reference
         self.reference_dtype = parse_dtype(reference_dtype, "reference_dtype")
         self.donor_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[donor_dtype]

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_mergeguard.callbacks._common import refuse_adapters, refuse_sharded
 from lightning_mergeguard.ownership.watermark import int8_codes, is_quantized
+from lightning_mergeguard.parameters import name_patterns
 
 
 class QuantizationWatermark(Callback):
@@ -34,14 +35,14 @@ class QuantizationWatermark(Callback):
         >>> # trainer = pl.Trainer(callbacks=[wm]); trainer.fit(model, rows_with_watermark)
     """
 
-    def __init__(self, margin: float = 0.45, exclude: Sequence[str] = (), granularity: str = "row") -> None:
+    def __init__(self, margin: float = 0.45, exclude: str | Sequence[str] = (), granularity: str = "row") -> None:
         if not 0 < margin < 0.5:
             raise ValueError(f"margin must be in (0, 0.5) so int8 rounding is unchanged, got {margin}")
         if granularity not in ("row", "tensor"):
             raise ValueError(f"granularity must be 'row' or 'tensor', got {granularity!r}")
         self.granularity = granularity
         self.margin = float(margin)
-        self.exclude = list(exclude)
+        self.exclude = name_patterns(exclude, "exclude") or []
         self._bounds: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         self._fixed: dict[str, Tensor] = {}
 
