@@ -403,6 +403,15 @@ def test_one_pattern_given_alone_is_one_regex_not_its_letters(tmp_path):
     assert list(guard._params) == ["net.0.weight"]
 
 
+def test_keep_batches_given_as_one_batch_is_one_batch():
+    x, y = torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)
+    assert len(MergeGuardCallback(keep_batches=(x, y)).keep_batches) == 1
+    assert len(MergeGuardCallback(keep_batches={"input_ids": x, "labels": y}).keep_batches) == 1
+    assert len(MergeGuardCallback(keep_batches=[(x, y), (x, y)]).keep_batches) == 2
+    with pytest.raises(ValueError, match="keep_batches must be a list of batches"):
+        MergeGuardCallback(keep_batches=[x, "rows.jsonl"])
+
+
 def test_legacy_stage2_arguments_still_work_with_a_warning():
     with pytest.warns(DeprecationWarning, match=r"pass a strategy object"):
         guard = MergeGuardCallback(steps=5, lr=0.01)

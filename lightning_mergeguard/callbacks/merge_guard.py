@@ -8,7 +8,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,7 +189,7 @@ class MergeGuardCallback(Callback):
                     f"({reference!r}); choose another save_path"
                 )
         self.progress = progress
-        self.keep_batches = list(keep_batches) if keep_batches is not None else []
+        self.keep_batches = _batch_list(keep_batches)
         if amplify is not None:
             amplify = check_strength(amplify, "amplify")
             if self.stage2 is None:
@@ -583,6 +583,27 @@ class MergeGuardCallback(Callback):
         if ref:
             # Checkpoints before the shared reference held a plain name -> tensor mapping.
             self.reference.load_state_dict(ref if "tensors" in ref else {"tensors": ref})
+
+
+def _batch_list(batches: Any) -> list[Any]:
+    """``keep_batches`` as a list of batches.
+
+    One batch given alone (a dict, or an ``(inputs, targets)`` pair of tensors) is wrapped, not iterated into its
+    keys or tensors.
+    """
+    if batches is None:
+        return []
+    if isinstance(batches, Mapping) or (
+        isinstance(batches, (tuple, list)) and batches and all(isinstance(b, torch.Tensor) for b in batches)
+    ):
+        return [batches]
+    out = list(batches)
+    bad = [type(b).__name__ for b in out if not isinstance(b, (Mapping, tuple, list))]
+    if bad:
+        raise ValueError(
+            f"keep_batches must be a list of batches (dicts or (inputs, targets) tuples), got items of type {bad[:3]}"
+        )
+    return out
 
 
 def _save_adapter(pl_module: pl.LightningModule, path: str) -> None:
