@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from lightning_mergeguard.errors import ConfigError
+from lightning_mergeguard.errors import ConfigError, IncompatibleModelsError
 from lightning_mergeguard.merging import MergeConfig, merge, open_source
 
 
@@ -218,3 +218,48 @@ def test_base_passed_twice_is_refused_not_silently_taken():
     with pytest.raises(ValueError, match="base_model 'a' names one of the models given, and base= was passed"):
         merge(cfg, {"a": a, "b": b}, pre, check_base=False)
     torch.testing.assert_close(merge(cfg, {"a": a, "b": b}, check_base=False)["w"], a["w"])  # t=0: the base end
+
+
+def test_a_tied_head_saved_by_one_model_and_not_another_merges_and_an_untied_head_is_refused(tmp_path):
+    # save_pretrained leaves lm_head.weight out of a tied model; other tools write the copy. Same architecture.
+    from conftest import TINY_LLAMA, perturbed_state_dict
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**TINY_LLAMA, "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    base.save_pretrained(tmp_path / "base")
+    states = {n: perturbed_state_dict(base.state_dict(), seed) for n, seed in (("a", 1), ("b", 2))}
+    for name, state in states.items():
+        m = LlamaForCausalLM(config)
+        m.load_state_dict(state)
+        m.save_pretrained(tmp_path / name)  # no lm_head.weight in the file
+    assert "lm_head.weight" not in load_file(tmp_path / "a" / "model.safetensors")
+
+    embed = "model.embed_tokens.weight"
+
+    def with_head(name: str, shift: float = 0.0) -> str:
+        """The model re-saved with lm_head.weight written out: its embeddings (+ shift: an untied head)."""
+        d = tmp_path / f"{name}-with-head"
+        d.mkdir()
+        tensors = {k: v.contiguous() for k, v in load_file(tmp_path / name / "model.safetensors").items()}
+        save_file({**tensors, "lm_head.weight": tensors[embed] + shift}, d / "model.safetensors")
+        (d / "config.json").write_text((tmp_path / name / "config.json").read_text())
+        return str(d)
+
+    def cfg(base_model, models):
+        entries = [{"model": str(m), "parameters": {"weight": 0.5}} for m in models]
+        return {"merge_method": "task_arithmetic", "base_model": str(base_model), "models": entries}
+
+    want = merge(cfg(tmp_path / "base", [tmp_path / "a", tmp_path / "b"]))
+    copied = with_head("b")
+    got = merge(cfg(tmp_path / "base", [tmp_path / "a", copied]))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    # A base saved with the copy: donors without one read their head from their embeddings.
+    with_copy = merge(cfg(with_head("base"), [tmp_path / "a", tmp_path / "b"]))
+    assert torch.equal(with_copy["lm_head.weight"], with_copy[embed]) and torch.equal(with_copy[embed], want[embed])
+    # An untied fine-tune's own head cannot be kept by a merge into the tied base.
+    untied = with_head("a", shift=1.0)
+    with pytest.raises(IncompatibleModelsError, match=r"own lm_head.weight, which is not a copy of its input"):
+        merge(cfg(tmp_path / "base", [untied, tmp_path / "b"]))

@@ -39,6 +39,7 @@ from lightning_mergeguard.merging.config import DTYPES, MergeConfig
 from lightning_mergeguard.merging.sources import SafetensorsSource, WeightSource, count_nonfinite, read_checked
 from lightning_mergeguard.merging.sources import open_source as _open
 from lightning_mergeguard.merging.spec import TensorContext
+from lightning_mergeguard.merging.tied import reconcile_tied_heads
 
 __all__ = ["check_compatible", "check_same_base_sources", "iter_merge", "merge"]
 
@@ -186,6 +187,11 @@ def _resolve(
             base_src = open_source(models[cfg.base_model], name=cfg.base_model)
         else:
             base_src = open_source(cfg.base_model)
+    # A tied LM head saved by one model and not by another (see merging.tied) is the same architecture.
+    if base_src is not None:
+        sources = reconcile_tied_heads(base_src, sources)
+    elif sources:
+        sources = [sources[0], *reconcile_tied_heads(sources[0], sources[1:])]
     return base_src, sources
 
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_mergeguard.merging.engine import check_compatible
 from lightning_mergeguard.merging.sources import open_source
+from lightning_mergeguard.merging.tied import reconcile_tied_heads
 
 __all__ = ["add_task_vector", "task_vector", "task_vector_cosine", "task_vector_cosines", "task_vector_norm"]
 
@@ -36,6 +37,7 @@ def task_vector(
         {'w': tensor([1., 1.])}
     """
     m, b = open_source(model, "model"), open_source(base, "base")
+    (m,) = reconcile_tied_heads(b, [m])
     check_compatible(b, [m])
     out = {}
     for k in b.keys():
