@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from _common import CACHE, RESULTS, fit_lm, make_guard, markdown_table, write_results
 from torch import Tensor
@@ -442,8 +443,9 @@ def llm_track(size: dict[str, Any]) -> Track:
         val = list(DataLoader(LMTaskDataset(tok, generate_task(owner, 32, seed=7), max_length=32), batch_size=8))
 
         def batches():
+            order = torch.Generator().manual_seed(0)
             while True:
-                yield from DataLoader(train_rows, batch_size=8, shuffle=True)
+                yield from DataLoader(train_rows, batch_size=8, shuffle=True, generator=order)
 
         def metric(module: Any) -> float:
             return 100.0 * evaluate_batches(module, val, answer_exact_match)
@@ -742,9 +744,13 @@ def run_grid_track(
         }
     for name, make in chosen.items():
         bar.set_postfix_str(f"{track.name}: {name}")
+        # Each variant starts from the same random state, so its figures do not depend on which variants ran
+        # before it in this process (--add runs a subset; the LLM's stage-2 outcome moved with the batch order).
+        pl.seed_everything(0, verbose=False)
         start = time.perf_counter()
         state, report, seen = make()
         protect_seconds = time.perf_counter() - start
+        pl.seed_everything(0, verbose=False)
         grid = run_grid(
             track.owner,
             state,
