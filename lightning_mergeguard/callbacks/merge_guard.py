@@ -283,9 +283,10 @@ class MergeGuardCallback(Callback):
             return
         # Only the weights this optimizer steps get the term: with several optimizers (manual optimization, GANs)
         # each weight gets it once, from its own optimizer, whatever order they step in.
-        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        stepped_params = [p for group in optimizer.param_groups for p in group["params"]]
         if self._view is None:
-            self._join_unfrozen(pl_module, optimizer)
+            self._join_unfrozen(pl_module, stepped_params)
+        stepped = {id(p) for p in stepped_params}
         params = {n: p for n, p in self._params.items() if id(p) in stepped}
         factors = [p for pair in self._pairs.values() for p in (pair.a, pair.b) if id(p) in stepped]
         if not (params or factors):
@@ -300,8 +301,8 @@ class MergeGuardCallback(Callback):
         value = add_redistribution_grad_(
             params, reference, alpha=self.alpha, normalize=self.normalize, compute_value=logging_step
         )
-        rest = {n: p for n, p in self._params.items() if n not in params}
-        if value is not None and rest:
+        rest = {n: p for n, p in self._params.items() if n not in params} if value is not None else {}
+        if rest:  # weights another optimizer steps: in the logged value, not in this step's gradients
             value += redistribution_value(
                 list(rest.values()),
                 self.reference.on_device(rest) if self.target == "task_vector" else None,
@@ -316,18 +317,13 @@ class MergeGuardCallback(Callback):
         if value is not None:
             pl_module.log("mergeguard/l2_term", value, on_step=True, on_epoch=False)
 
-    def _join_unfrozen(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def _join_unfrozen(self, pl_module: pl.LightningModule, stepped: Sequence[nn.Parameter]) -> None:
         """Guard weights unfrozen during fit (``BackboneFinetuning``, a custom unfreeze) from then on.
 
         They were frozen since fit start, so their value now is the pretrained one: the reference snapshots it (or
         reads it from the reference source, or from a checkpoint written after they joined).
         """
-        new_ids = [
-            id(p)
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.requires_grad and id(p) not in self._judged
-        ]
+        new_ids = [id(p) for p in stepped if p.requires_grad and id(p) not in self._judged]
         if not new_ids:
             return
         self._judged.update(new_ids)
