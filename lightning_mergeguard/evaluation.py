@@ -8,17 +8,76 @@ anything else (exact-match generation, retrieval, ...).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LossFn", "ScoreFn", "answer_exact_match", "default_loss", "default_score", "evaluate"]
+__all__ = [
+    "LossFn",
+    "ScoreFn",
+    "answer_exact_match",
+    "default_loss",
+    "default_score",
+    "eval_mode",
+    "evaluate",
+    "rng_kept",
+]
 
 ScoreFn = Callable[[nn.Module, Any], tuple[Tensor | float, int]]
 LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode for the block, then give every submodule back its own mode.
+
+    ``module.train(was_training)`` would switch every submodule to train mode, including those the user keeps in
+    eval mode during fit (a frozen BatchNorm backbone, whose running statistics would then drift). Lightning's own
+    loops restore modes module by module for the same reason.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()
+        >>> with eval_mode(net):
+        ...     assert not net.training
+        >>> net.training, net[1].training
+        (True, False)
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def rng_kept(module: nn.Module) -> AbstractContextManager[Any]:
+    """Fork the global RNGs (CPU, and the accelerators ``module`` lives on) so the block leaves them as they were.
+
+    A callback that evaluates or merges mid-fit must not move the training run's random stream: iterating a
+    DataLoader draws a seed from it, and a dropout or sampling score function draws more.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> state = torch.random.get_rng_state()
+        >>> with rng_kept(net):
+        ...     _ = torch.rand(3)
+        >>> torch.equal(state, torch.random.get_rng_state())
+        True
+    """
+    kinds = {p.device.type for p in module.parameters()} - {"cpu", "meta"}
+    if not kinds:
+        return torch.random.fork_rng(devices=[])
+    if kinds == {"cuda"}:
+        cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+        return torch.random.fork_rng(devices=cuda)
+    kind = sorted(kinds)[0]
+    return torch.random.fork_rng(device_type=kind)
 
 
 def _forward(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor | None, Any]:
@@ -157,7 +216,7 @@ def evaluate(
     """Mean score over batches, as a fraction (0..1).
 
     Args:
-        module: The model (switched to eval mode for the call, then restored).
+        module: The model (switched to eval mode for the call; each submodule's mode is restored).
         batches: An iterable of batches (a list, to evaluate several weight settings on the same data).
         score_fn: ``(module, batch) -> (sum_of_scores, count)``.
         device: Where to move batches (default: the module's first parameter's device).
@@ -168,20 +227,16 @@ def evaluate(
     Returns:
         ``sum / count``.
     """
-    was_training = module.training
-    module.eval()
     if device is None:
         device = next(module.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    try:
+    with eval_mode(module):
         for i, batch in enumerate(batches):
             if shard is not None and i % shard[1] != shard[0]:
                 continue
             s, n = score_fn(module, move_batch(batch, device))
             total[0] += float(s)
             total[1] += n
-    finally:
-        module.train(was_training)
     if reduce is not None:
         total = reduce(total)
     if total[1] == 0:

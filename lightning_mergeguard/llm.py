@@ -14,6 +14,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_mergeguard.evaluation import eval_mode
+
 __all__ = ["CausalLMModule", "LMTaskDataset", "exact_match", "greedy_continuations", "left_pad"]
 
 _MOVED = {"generate_task", "load_smollm2", "smollm2_dir", "GGUF_NAME"}
@@ -111,19 +113,15 @@ def greedy_continuations(
         batch_size: Prompts per ``generate`` call.
     """
     lm = _language_model(model)
-    was_training = lm.training
-    lm.eval()
     device = next(lm.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: list[str] = []
-    try:
+    with eval_mode(lm):
         for i in range(0, len(prompts), batch_size):
             batch = left_pad(tokenizer, prompts[i : i + batch_size], device)
             out = lm.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             width = batch["input_ids"].shape[1]
             texts += [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:]]
-    finally:
-        lm.train(was_training)
     return texts
 
 

@@ -7,11 +7,11 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import perturbed_state_dict
+from conftest import accelerator, perturbed_state_dict
 from helpers import TinyClassifier, blobs, trainer
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeProbe
+from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
 from lightning_mergeguard.errors import ForeignBaseError
 from lightning_mergeguard.evaluation import evaluate
 from lightning_mergeguard.merging import merge
@@ -458,3 +458,64 @@ def test_guard_and_probe_feed_inputs_in_the_weights_dtype_like_the_loops(tmp_pat
     probe.probe(t, model)
     val_acc = t.validate(model, val_loader(), verbose=False)[0]["val_acc"]
     assert probe.results[-1]["mergeprobe/own/individual_acc"] == pytest.approx(100 * val_acc, abs=1e-6)
+
+
+class DropoutWithFrozenNorm(TinyClassifier):
+    """Dropout (draws from the global RNG) and a BatchNorm the user keeps in eval mode during fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16),
+            torch.nn.BatchNorm1d(16),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.3),
+            torch.nn.Linear(16, 16),
+            torch.nn.ReLU(),
+        )
+
+    def on_train_epoch_start(self):
+        self.net[1].eval()  # frozen statistics: the running mean/var must not move
+
+
+class NormModes(pl.Callback):
+    def __init__(self):
+        self.modes = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes.append(pl_module.net[1].training)
+
+
+def test_a_probe_and_stage_2_leave_the_training_run_as_it_would_be_without_them(tmp_path, device):
+    """Same weights with or without a probe (RNG, modes); a user's eval-mode BatchNorm stays in eval mode."""
+
+    torch.manual_seed(7)
+    init = DropoutWithFrozenNorm().state_dict()
+
+    def fit(callbacks):
+        pl.seed_everything(0)
+        model = DropoutWithFrozenNorm()
+        model.load_state_dict(init)
+        spy = NormModes()
+        t = trainer(tmp_path, max_epochs=2, accelerator=accelerator(device), callbacks=[*callbacks, spy])
+        t.fit(model)
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, spy.modes, model
+
+    plain, plain_modes, _ = fit([])
+    donor = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in init.items()}
+    probe = MergeProbe(
+        {"d0": donor},
+        methods=["task_arithmetic", "dare_linear"],
+        every_n_steps=3,
+        probe_on_train_end=False,
+        progress=False,
+    )
+    probed, probed_modes, model = fit([probe])
+    assert len(probe.results) >= 5  # probes ran mid-epoch and at epoch ends
+    assert plain_modes == probed_modes == [False] * len(plain_modes)
+    for k in plain:
+        assert torch.equal(plain[k], probed[k]), k  # bit for bit: weights and the BatchNorm's running statistics
+    # Stage 2 (optimisation and guard-rail passes in eval mode) also gives the user's modes back.
+    guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=2), tolerance=100.0, progress=False)
+    trainer(tmp_path, max_epochs=1, accelerator=accelerator(device), callbacks=[guard]).fit(model)
+    assert guard.stage2_done and model.training and not model.net[1].training

@@ -27,7 +27,7 @@ from lightning_mergeguard.callbacks._common import (
     log_to_loggers,
     refuse_sharded,
 )
-from lightning_mergeguard.evaluation import ScoreFn, default_score, evaluate
+from lightning_mergeguard.evaluation import ScoreFn, default_score, evaluate, rng_kept
 from lightning_mergeguard.merging.base_check import (
     DEFAULT_MAX_RELATIVE_DISTANCE,
 )
@@ -407,11 +407,14 @@ class MergeProbe(Callback):
         """Run every configured merge now and log the results (also callable by hand).
 
         On a LoRA model the adapters are merged into their base weights for the probe's duration (the merges see
-        ``W + B @ A * s``) and the base weights are restored bit for bit afterwards.
+        ``W + B @ A * s``) and the base weights are restored bit for bit afterwards. The probe leaves the training
+        run as it found it: the weights, every submodule's train/eval mode and the global random state.
         """
         if not force and trainer.global_step == self.last_probe_step:
             return {}
-        with self._view.merged() if self._view is not None else nullcontext():
+        # The global RNGs come back as they were: the training run is the same with or without a probe (loading
+        # evaluation batches and sampling score functions draw from them).
+        with rng_kept(pl_module), self._view.merged() if self._view is not None else nullcontext():
             return self._probe(trainer, pl_module)
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lightning_mergeguard.evaluation import eval_mode
+
 __all__ = ["adamerging", "prediction_entropy"]
 
 EntropyFn = Callable[[Callable[..., Any], Any], Tensor]
@@ -110,11 +112,9 @@ def adamerging(
     def forward(*args: Any, **kwargs: Any) -> Any:
         return torch.func.functional_call(module, params, args, kwargs, strict=False)
 
-    was_training = module.training
-    module.eval()
     opt = torch.optim.Adam([coef], lr=lr)
     it = itertools.cycle(batches) if steps else iter(())
-    try:
+    with eval_mode(module):
         for _ in tqdm(range(steps), desc="AdaMerging", disable=not progress, leave=False):
             params = merged_params()
             opt.zero_grad()
@@ -125,8 +125,6 @@ def adamerging(
         with torch.no_grad():
             params = merged_params()
             merged = {n: t.detach() for n, t in params.items()}
-    finally:
-        module.train(was_training)
     values = coef.detach()
     coefficients = {m: {g: float(values[i, index[g]]) for g in groups} for i, m in enumerate(models)}
     return merged, coefficients

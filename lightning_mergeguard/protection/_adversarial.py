@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_mergeguard.evaluation import LossFn
+from lightning_mergeguard.evaluation import LossFn, eval_mode
 from lightning_mergeguard.sharding import is_sharded
 
 __all__ = ["accumulate_grads_", "add_grads_", "backward_own_loss", "optimising", "reduce_grads_"]
@@ -21,16 +21,14 @@ def optimising(module: nn.Module, tensors: Sequence[nn.Parameter]) -> Iterator[N
     frozen = [p for p in module.parameters() if p.requires_grad and all(p is not q for q in tensors)]
     for p in frozen:
         p.requires_grad_(False)
-    was_training = module.training
-    module.eval()
     try:
-        yield
+        with eval_mode(module):
+            yield
     finally:
         for p in frozen:
             p.requires_grad_(True)
         for p in tensors:
             p.grad = None
-        module.train(was_training)
 
 
 def backward_own_loss(

@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_mergeguard.evaluation import eval_mode, rng_kept
+
 __all__ = [
     "Factor",
     "SymmetryGroup",
@@ -433,18 +435,13 @@ def _block_outputs(module: nn.Module, blocks: Sequence[str], forward: Callable[[
             seen.append(flat[:: max(1, -(-flat.numel() // samples))].float().clone())
 
     handles = [subs[b].register_forward_hook(hook) for b in blocks]
-    training = [(m, m.training) for m in module.modules()]
-    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
-        module.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with eval_mode(module), torch.no_grad(), rng_kept(module):
             torch.manual_seed(0)
             forward()
     finally:
         for h in handles:
             h.remove()
-        for m, mode in training:
-            m.training = mode
     return seen
 
 
