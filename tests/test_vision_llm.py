@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import fit_ddp_ranks, trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
@@ -105,6 +106,15 @@ def test_guard_amplify_on_tiny_llama_keeps_outputs_and_is_reported(tmp_path):
     assert guard.report["score_after"] == amp["score_after"] and guard.report["settings"]["amplify"] == 100.0
     norm = module.model.model.layers[0].input_layernorm.weight
     assert float(norm.max()) > 5.0  # norms were ones at init: scaled up, the linears they feed scaled down
+    # Training the amplified model further (stage 1 would pull rescaled weights towards theta_pre) is refused
+    # before its first optimizer step changes anything.
+    amplified = {n: p.detach().clone() for n, p in module.named_parameters()}
+    loader = DataLoader([{"input_ids": torch.randint(0, 64, (4, 12))} for _ in range(2)], batch_size=None)
+    for b in loader.dataset:
+        b["labels"] = b["input_ids"]
+    with pytest.raises(MisconfigurationException, match="amplified at the end of an earlier fit"):
+        trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(module, loader)
+    assert all(torch.equal(p, amplified[n]) for n, p in module.named_parameters())
 
 
 @pytest.mark.parametrize(

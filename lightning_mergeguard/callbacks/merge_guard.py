@@ -75,10 +75,12 @@ class MergeGuardCallback(Callback):
     strategy runs under a guard rail on the monitored score (``score_fn`` on up to ``eval_batches`` validation
     batches): it may not cost more than ``tolerance`` points. Validation passes run under the trainer's precision
     context (autocast for ``*-mixed``); the optimisation does too, except with ``16-mixed``, whose gradients would
-    need loss scaling. Stage 2 runs once: the callback's state records it, so a resumed or repeated fit never
-    perturbs twice. The report (settings, checks, score before/after, validation passes) is written as JSON to
-    ``report_path``; ``save_path`` receives the protected weights (safetensors). Checkpoints written by
-    ``ModelCheckpoint`` during fit hold pre-stage-2 weights.
+    need loss scaling. The callback's state records that stage 2 ran, so a resumed or repeated fit that trains no
+    further step does not perturb twice; one that trains the protected weights further (a resume with more epochs,
+    a second ``fit``) applies stage 2 again at its end, with a warning, since training can undo it. A model that
+    was amplified cannot be trained further (refused at the first optimizer step). The report (settings, checks,
+    score before/after, validation passes) is written as JSON to ``report_path``; ``save_path`` receives the
+    protected weights (safetensors). Checkpoints written by ``ModelCheckpoint`` during fit hold pre-stage-2 weights.
 
     Args:
         alpha: Strength of the stage-1 term (0 disables stage 1).
@@ -206,6 +208,7 @@ class MergeGuardCallback(Callback):
         self._view: LoraView | None = None
         self._pairs: dict[str, LoraPair] = {}
         self._stage1_values: dict[str, torch.Tensor] = {}
+        self._start_step = 0
 
     # ------------------------------------------------------------------ setup
     @property
@@ -274,11 +277,24 @@ class MergeGuardCallback(Callback):
                 "before then; pass stage2_exclude=[] (or a narrower list) to perturb them"
             )
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the checkpoint's training state is restored: steps beyond this one train the weights of this fit.
+        self._start_step = trainer.global_step
+
     # ------------------------------------------------------------------ stage 1
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if self.stage2_done and _amplified(self.report):
+            # Refused before the first step changes anything: stage 1 would pull the rescaled weights towards
+            # theta_pre coordinate by coordinate, which is not the function they compute.
+            raise MisconfigurationException(
+                "MergeGuardCallback: this model was amplified at the end of an earlier fit (its weights are "
+                "rescaled by exact symmetries), so it cannot be trained further: resume from a checkpoint written "
+                "before stage 2, or re-align it to theta_pre first (lightning_mergeguard.protection.symmetry.realign)"
+            )
         if self.alpha == 0:
             return
         # Only the weights this optimizer steps get the term: with several optimizers (manual optimization, GANs)
@@ -357,8 +373,16 @@ class MergeGuardCallback(Callback):
         if self.stage2 is None:
             return
         if self.stage2_done:
-            rank_zero_warn("MergeGuardCallback: stage 2 was already applied to this model; not applying it again.")
-            return
+            trained = trainer.global_step - self._start_step
+            if trained <= 0:
+                rank_zero_warn("MergeGuardCallback: stage 2 was already applied to this model; not applying it again.")
+                return
+            # A few steps of fine-tuning can undo stage 2 (that is the repair attack), so the weights this fit
+            # trained are protected again rather than reported as protected.
+            rank_zero_warn(
+                f"MergeGuardCallback: this model trained {trained} optimizer steps after stage 2 was applied, which "
+                "can undo it; applying stage 2 again to the weights as they are now."
+            )
         start = time.perf_counter()
         if self._view is None:
             params = select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
@@ -579,6 +603,12 @@ class MergeGuardCallback(Callback):
         if ref:
             # Checkpoints before the shared reference held a plain name -> tensor mapping.
             self.reference.load_state_dict(ref if "tensors" in ref else {"tensors": ref})
+
+
+def _amplified(report: Mapping[str, Any] | None) -> bool:
+    """Whether a stage-2 report says the model was amplified (rescaled by symmetries) and kept that way."""
+    entry = (report or {}).get("amplify")
+    return isinstance(entry, Mapping) and bool(entry.get("applied"))
 
 
 def _batch_list(batches: Any) -> list[Any]:
