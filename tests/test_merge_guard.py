@@ -452,3 +452,39 @@ def test_reference_from_path_and_mismatch(tmp_path):
     guard = MergeGuardCallback(stage2="none", reference=str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match=r"reference tensor 'net.0.weight' has shape \(2,\)"):
         trainer(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[guard]).fit(TinyClassifier())
+
+
+def test_resuming_a_finished_fit_whose_stage_2_was_interrupted_applies_it(tmp_path):
+    """last.ckpt is written before on_train_end; Lightning skips a finished loop, so stage 2 runs in on_fit_end."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    guard = MergeGuardCallback(stage2="negation", tolerance=100.0, progress=False)
+
+    def interrupted(ctx):
+        raise RuntimeError("CUDA out of memory (simulated, during stage 2)")
+
+    guard.stage2.run = interrupted
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model = TinyClassifier()
+    with pytest.warns(UserWarning, match="NOT protected"), pytest.raises(RuntimeError, match="simulated"):
+        trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[guard, ckpts]).fit(model)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    trained = torch.load(last, weights_only=False)
+    assert trained["callbacks"][guard.state_key]["stage2_done"] is False
+
+    resumed = MergeGuardCallback(stage2="negation", tolerance=100.0, progress=False, save_path=str(tmp_path / "p.st"))
+    model = TinyClassifier()
+    trainer(tmp_path, max_epochs=1, callbacks=[resumed]).fit(model, ckpt_path=last)
+    assert resumed.stage2_done and resumed.report["parameters_perturbed"] > 0
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, trained["state_dict"][n])]
+    assert moved and all(not n.startswith("head") for n in moved)  # stage 2's weights, not the head it excludes
+    assert next(model.parameters()).device.type == "cpu"  # where Lightning leaves a model after fit
+    assert (tmp_path / "p.st").exists()
+
+
+def test_a_fit_that_trains_nothing_says_the_model_is_not_protected(tmp_path):
+    guard = MergeGuardCallback(progress=False)
+    with pytest.warns(UserWarning, match="trained no step"):
+        trainer(tmp_path, max_epochs=1, limit_train_batches=0, callbacks=[guard]).fit(TinyClassifier())
+    assert not guard.stage2_done

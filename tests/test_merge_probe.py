@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -519,3 +520,26 @@ def test_a_probe_and_stage_2_leave_the_training_run_as_it_would_be_without_them(
     guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=2), tolerance=100.0, progress=False)
     trainer(tmp_path, max_epochs=1, accelerator=accelerator(device), callbacks=[guard]).fit(model)
     assert guard.stage2_done and model.training and not model.net[1].training
+
+
+class NoValidationStep(TinyClassifier):
+    """Defines a validation loader but no validation_step, so Lightning never loads the loader."""
+
+    validation_step = pl.LightningModule.validation_step  # not overridden, as far as Lightning can tell
+
+
+@pytest.mark.parametrize("module_cls", [TinyClassifier, NoValidationStep])
+def test_probe_and_guard_score_on_the_validation_loader_lightning_does_not_load(tmp_path, module_cls):
+    """limit_val_batches=0 or no validation_step: the module's val_dataloader is still the held-out data."""
+    pl.seed_everything(0)
+    model = fresh_model(module_cls)
+    probe = MergeProbe(donor_states(1), every_n_epochs=1, progress=False, eval_batches=None)
+    guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=2), tolerance=100.0, progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*scoring stage 2 on training batches")
+        trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[guard, probe]).fit(model)
+    val = list(DataLoader(blobs(128, 1), batch_size=64))
+    # The probe's last entry and stage 2's score after are the protected model's accuracy on those 128 rows.
+    expected = 100.0 * evaluate(model, val)
+    assert probe.results[-1]["mergeprobe/own/individual_acc"] == pytest.approx(expected)
+    assert guard.report["score_after"] == pytest.approx(expected)

@@ -89,6 +89,27 @@ def first_loader(loaders: Any) -> Any:
     return loaders
 
 
+def validation_loader(trainer: pl.Trainer) -> Any:
+    """The trainer's first validation loader, loaded here when Lightning has not loaded it.
+
+    Lightning loads validation loaders when validation first runs, and not at all with ``limit_val_batches=0`` or
+    without a ``validation_step``; the module's or datamodule's ``val_dataloader`` (or the loader given to ``fit``)
+    is still the held-out data a callback's score should use. ``None`` when nothing defines one.
+    """
+    loader = first_loader(trainer.val_dataloaders)
+    if loader is not None:
+        return loader
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    source = getattr(val_loop, "_data_source", None)
+    if source is None or not source.is_defined():
+        return None
+    val_loop.setup_data()
+    loader = first_loader(trainer.val_dataloaders)
+    if loader is None:  # Lightning skipped it (validation disabled): ask the source directly
+        loader = first_loader(source.dataloader())
+    return loader
+
+
 def is_distributed_loader(loader: Any) -> bool:
     """Whether ``loader`` already gives each rank its own rows (a ``DistributedSampler``, as Lightning injects)."""
     from torch.utils.data import DistributedSampler

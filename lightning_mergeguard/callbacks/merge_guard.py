@@ -29,6 +29,7 @@ from lightning_mergeguard.callbacks._common import (
     log_to_loggers,
     refuse_sharded,
     repeat,
+    validation_loader,
 )
 from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
@@ -69,8 +70,9 @@ class MergeGuardCallback(Callback):
     the guard rail, the report and the saved weights are those of one process (tested on 2 gloo ranks). FSDP1,
     DeepSpeed and tensor parallelism are refused, and so are other stage-2 strategies and LoRA under FSDP2.
 
-    **Stage 2** (in ``on_train_end``) perturbs the trained weights with a strategy object
-    (:mod:`~lightning_mergeguard.protection.stage2`): :class:`~lightning_mergeguard.protection.stage2.ScaleAdversarial`
+    **Stage 2** (in ``on_train_end``; in ``on_fit_end`` when a resumed fit had no step left) perturbs the trained
+    weights with a strategy object (:mod:`~lightning_mergeguard.protection.stage2`):
+    :class:`~lightning_mergeguard.protection.stage2.ScaleAdversarial`
     (the default) or :class:`~lightning_mergeguard.protection.stage2.Negation`, each with its own settings. The
     strategy runs under a guard rail on the monitored score (``score_fn`` on up to ``eval_batches`` validation
     batches): it may not cost more than ``tolerance`` points. Validation passes run under the trainer's precision
@@ -209,6 +211,7 @@ class MergeGuardCallback(Callback):
         self._pairs: dict[str, LoraPair] = {}
         self._stage1_values: dict[str, torch.Tensor] = {}
         self._start_step = 0
+        self._train_ended = False
 
     # ------------------------------------------------------------------ setup
     @property
@@ -248,6 +251,7 @@ class MergeGuardCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_ended = False
         if is_adapted(pl_module):
             # LoRA: stage 1 penalises each adapter's update B @ A * s (its task vector) through A and B, and the
             # usual term applies to modules PEFT trains in full; names are the base model's (see LoraView).
@@ -370,6 +374,7 @@ class MergeGuardCallback(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_ended = True
         if self.stage2 is None:
             return
         if self.stage2_done:
@@ -383,6 +388,45 @@ class MergeGuardCallback(Callback):
                 f"MergeGuardCallback: this model trained {trained} optimizer steps after stage 2 was applied, which "
                 "can undo it; applying stage 2 again to the weights as they are now."
             )
+        self._apply_stage2(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning skips the training loop, on_train_end included, when it has nothing left to do: a fit resumed
+        # from a checkpoint written at the end of training, before stage 2 (a ModelCheckpoint's last.ckpt, say
+        # after stage 2 itself was interrupted), would otherwise end with an unprotected model and no word.
+        if self.stage2 is None or self.stage2_done or self._train_ended:
+            return
+        if trainer.global_step == 0:
+            rank_zero_warn(
+                "MergeGuardCallback: this fit trained no step (limit_train_batches=0, or max_epochs/max_steps of 0), "
+                "so stage 2 did not run and the model is NOT protected."
+            )
+            return
+        if is_fsdp2(trainer):
+            rank_zero_warn(
+                "MergeGuardCallback: this fit resumed a checkpoint whose training was complete, so Lightning skipped "
+                "the training loop and stage 2 did not run: the model is NOT protected. Under FSDP2 it cannot run "
+                "after the strategy's teardown; resume with one more epoch, or protect the saved model with "
+                "mergeguard-protect."
+            )
+            return
+        rank_zero_info(
+            f"MergeGuardCallback: this fit resumed a checkpoint whose training was complete (step "
+            f"{trainer.global_step}), so Lightning skipped the training loop; applying stage 2 now."
+        )
+        # The strategy's teardown has moved the model to the CPU: stage 2 runs where training ran, and the model
+        # is left on the CPU as Lightning leaves it after fit.
+        device = trainer.strategy.root_device
+        pl_module.to(device)
+        try:
+            self._apply_stage2(trainer, pl_module)
+        finally:
+            pl_module.cpu()
+
+    def _apply_stage2(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run stage 2 (and amplify) on the trained weights, then report, log and save."""
+        assert self.stage2 is not None
         start = time.perf_counter()
         if self._view is None:
             params = select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
@@ -497,7 +541,7 @@ class MergeGuardCallback(Callback):
         params = {n: p for n, p in candidates.items() if n in self.reference}
         if not params:
             raise ValueError("MergeGuardCallback: stage 2 excludes every parameter; loosen stage2_exclude")
-        eval_loader = first_loader(trainer.val_dataloaders)
+        eval_loader = validation_loader(trainer)
         if eval_loader is None:
             rank_zero_warn("MergeGuardCallback: no validation dataloader; scoring stage 2 on training batches.")
             eval_loader = first_loader(trainer.train_dataloader)

@@ -22,10 +22,10 @@ from lightning_mergeguard.adapters import LoraView, is_adapted
 from lightning_mergeguard.callbacks._common import (
     as_trained,
     eval_share,
-    first_loader,
     is_fsdp2,
     log_to_loggers,
     refuse_sharded,
+    validation_loader,
 )
 from lightning_mergeguard.evaluation import ScoreFn, default_score, evaluate, rng_kept
 from lightning_mergeguard.merging.base_check import (
@@ -301,17 +301,13 @@ class MergeProbe(Callback):
     def _resolve_tasks(self, trainer: pl.Trainer) -> dict[str, tuple[Any, ScoreFn]]:
         loaders = self.eval_dataloaders
         if loaders is None:
-            val_loop = trainer.fit_loop.epoch_loop.val_loop
-            source = getattr(val_loop, "_data_source", None)
-            if trainer.val_dataloaders is None and source is not None and source.is_defined():
-                # Lightning loads the validation loader when validation first runs; load it now if a probe comes
-                # first (for example every_n_steps before the first validation, or num_sanity_val_steps=0).
-                val_loop.setup_data()
-            loaders = first_loader(trainer.val_dataloaders)
+            # Loaded now if a probe comes before the first validation (every_n_steps, num_sanity_val_steps=0), or
+            # if Lightning never loads it (limit_val_batches=0, no validation_step).
+            loaders = validation_loader(trainer)
             if loaders is None:
                 raise ValueError(
                     "MergeProbe needs eval_dataloaders, or a validation dataloader given to trainer.fit "
-                    "(val_dataloaders=...) or defined by the LightningModule"
+                    "(val_dataloaders=...) or defined by the LightningModule or DataModule"
                 )
         if not isinstance(loaders, Mapping):
             loaders = {OWN: loaders}
