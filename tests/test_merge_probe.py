@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
 from lightning_mergeguard.errors import ForeignBaseError
-from lightning_mergeguard.evaluation import evaluate
+from lightning_mergeguard.evaluation import default_score, evaluate
 from lightning_mergeguard.merging import merge
 
 
@@ -543,3 +543,55 @@ def test_probe_and_guard_score_on_the_validation_loader_lightning_does_not_load(
     expected = 100.0 * evaluate(model, val)
     assert probe.results[-1]["mergeprobe/own/individual_acc"] == pytest.approx(expected)
     assert guard.report["score_after"] == pytest.approx(expected)
+
+
+def test_probe_gradient_parameters_count_every_layer_of_the_model_not_only_the_included(tmp_path):
+    """include selects layer 0 of a 2-layer Llama: its lambda is the gradient's first value, as offline."""
+    from conftest import tiny_llama
+
+    from lightning_mergeguard.llm import CausalLMModule
+
+    base = tiny_llama(seed=0)
+    ref = {k: v.clone() for k, v in base.state_dict().items()}
+    finetune = perturbed_state_dict(ref, seed=3, scale=0.002)
+    batch = {"input_ids": torch.randint(0, 64, (4, 8)), "labels": torch.randint(0, 64, (4, 8))}
+    loader = DataLoader([{k: v[i] for k, v in batch.items()} for i in range(4)], batch_size=2)
+    name = "model.layers.0.mlp.up_proj.weight"
+    seen = []
+
+    def record(module, b):  # the merged weight the probe evaluates
+        seen.append(module.model.model.layers[0].mlp.up_proj.weight.detach().clone())
+        return default_score(module, b)
+
+    method = {"merge_method": "task_arithmetic", "parameters": {"lambda": [0.25, 1.0]}, "label": "ta_gradient"}
+    probe = MergeProbe(
+        {"ft": finetune},
+        methods=[method],
+        coefficients=None,
+        include=r"layers\.0\.",
+        eval_dataloaders=loader,
+        score_fn=record,
+        eval_batches=1,
+        every_n_epochs=None,
+        every_n_steps=10**6,
+        progress=False,
+        strict=True,
+    )
+    module = CausalLMModule(base, lr=1e-3)
+    trainer(tmp_path, max_steps=1, callbacks=[probe]).fit(module, loader)
+    live = {k.removeprefix("model."): v for k, v in module.state_dict().items()}
+    offline = merge(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "models": [
+                {"model": "live", "parameters": {"weight": 1.0}},
+                {"model": "ft", "parameters": {"weight": 1.0}},
+            ],
+            "parameters": {"lambda": [0.25, 1.0]},
+        },
+        {"live": live, "ft": finetune},
+        ref,
+    )
+    assert len(seen) == 2  # the live model, then the merge
+    torch.testing.assert_close(seen[1], offline[name], rtol=0, atol=1e-7)

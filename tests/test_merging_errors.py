@@ -88,11 +88,57 @@ def test_required_weight_and_base():
         MergeConfig.from_dict({"merge_method": "slerp", "base_model": "b", "models": [{"model": "a"}]})
 
 
-def test_gradients_and_slices_refused_clearly():
-    with pytest.raises(NotImplementedError, match="gradient list"):
-        MergeConfig.from_dict(ta(weight=[0.0, 1.0]))
+def test_slices_refused_clearly():
     with pytest.raises(NotImplementedError, match="slices"):
         MergeConfig.from_dict({"merge_method": "linear", "slices": []})
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({**ta(density=[0.5, 1.5]), "merge_method": "ties"}, r"density must be in \(0, 1\], got 1.5"),  # each value
+        (ta(weight=[]), "'weight' is an empty list"),
+        (ta(weight=[0.5, {"value": 1.0}]), "mixes {filter, value} entries with plain values"),
+        ({**ta(), "merge_method": "ties", "parameters": {"normalize": [True, 0.5]}}, "must be true or false"),
+        (
+            {"merge_method": "karcher", "models": [{"model": "a"}, {"model": "b"}], "parameters": {"max_iter": [5, 9]}},
+            "takes a whole number, not a gradient list",
+        ),
+    ],
+)
+def test_bad_gradients_are_named(config, match):
+    with pytest.raises(ConfigError, match=match):
+        MergeConfig.from_dict(config)
+
+
+LAYERED = {f"model.layers.{i}.mlp.weight": torch.zeros(2) for i in range(5)} | {"lm_head.weight": torch.zeros(2)}
+
+
+def test_gradients_interpolate_over_the_layers_and_need_layer_names():
+    donor = {k: torch.ones(2) for k in LAYERED}
+    out = merge(ta(weight=[0.0, 1.0, 0.0]), {"a": donor}, LAYERED)  # 0 at both ends, 1 in the middle layer
+    got = [float(out[f"model.layers.{i}.mlp.weight"][0]) for i in range(5)]
+    assert got == [0.0, 0.5, 1.0, 0.5, 0.0] and float(out["lm_head.weight"][0]) == 0.0  # outside the layers: t = 0
+    with pytest.raises(ConfigError, match="no tensor name has a layer index"):
+        merge(ta(weight=[0.0, 1.0]), {"a": {k: torch.ones_like(v) for k, v in BASE.items()}}, BASE)
+
+
+def test_gradients_count_the_whole_models_layers_when_the_sources_hold_a_subset():
+    """A probe merges only the weights include selects: layer 0 of 5 must still sit at t = 0."""
+    from lightning_mergeguard.merging import iter_merge
+
+    first = {"model.layers.0.mlp.weight": torch.zeros(2)}
+    donor = {"a": {k: torch.ones(2) for k in first}}
+    alone = dict(iter_merge(ta(weight=[0.25, 1.0]), donor, first))  # a one-layer stack: t = 1, as in mergekit
+    whole = dict(iter_merge(ta(weight=[0.25, 1.0]), donor, first, layer_names=list(LAYERED)))
+    assert float(alone["model.layers.0.mlp.weight"][0]) == 1.0
+    assert float(whole["model.layers.0.mlp.weight"][0]) == 0.25
+
+
+def test_trim_scope_model_needs_one_density_per_model():
+    cfg = {**ta(density=[0.2, 0.8]), "merge_method": "ties", "parameters": {"trim_scope": "model"}}
+    with pytest.raises(ConfigError, match="trim_scope: model trims each model's whole task vector at one density"):
+        merge(cfg, {"a": {k: torch.ones_like(v) for k, v in LAYERED.items()}}, LAYERED)
 
 
 def test_models_not_matching_config():

@@ -193,3 +193,83 @@ def test_file_to_file_output_loads_in_transformers(llama_dirs, tmp_path):
     got = model.state_dict()
     assert max(float((got[k] - expected[k]).abs().max()) for k in expected) <= 1e-6
     assert (out / "mergekit_config.yml").is_file()
+
+
+@pytest.fixture(scope="module")
+def deep_llama_dirs(tmp_path_factory):
+    """A 5-layer tiny Llama base and two fine-tunes: gradients take t = 0, 1/4, 1/2, 3/4, 1 across its layers."""
+    from conftest import TINY_LLAMA, perturbed_state_dict
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("deep_llama")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": 5}))
+    base.save_pretrained(root / "base")
+    paths = {"base": root / "base"}
+    for i, name in enumerate(["a", "b"]):
+        base_copy = copy.deepcopy(base)
+        base_copy.load_state_dict(perturbed_state_dict(base.state_dict(), seed=20 + i))
+        base_copy.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+GRADIENTS = {
+    # mergekit's own SLERP example: t interpolated across the layers, per module kind, 0.5 elsewhere.
+    "slerp_readme": (
+        "slerp",
+        {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+        None,
+    ),
+    "ties_density_and_weight": (
+        "ties",
+        {"normalize": True},
+        ({"weight": [1.0, 0.2], "density": [0.2, 0.9, 0.5]}, {"weight": [0.2, 1.0], "density": 0.6}),
+    ),
+    "task_arithmetic_lambda": ("task_arithmetic", {"lambda": [0.5, 1.5]}, ({"weight": 0.6}, {"weight": 0.4})),
+    "linear_filtered_weight": (
+        "linear",
+        {},
+        ({"weight": [{"filter": "mlp", "value": [0.1, 0.9, 0.3]}, {"value": 0.5}]}, {"weight": 0.5}),
+    ),
+    "dare_linear_rescale": (
+        "dare_linear",
+        {"rescale": [True, False]},
+        ({"weight": [0.3, 1.0], "density": 1.0}, {"weight": 0.5, "density": 1.0}),
+    ),
+}
+
+
+def _first_values(setting):
+    """Every gradient replaced by its first value (what a merge that ignored the layers would use)."""
+    if isinstance(setting, dict):
+        return {k: _first_values(v) for k, v in setting.items()}
+    if isinstance(setting, list):
+        return _first_values(setting[0]) if not isinstance(setting[0], dict) else [_first_values(c) for c in setting]
+    return setting
+
+
+@pytest.mark.parametrize("case", sorted(GRADIENTS))
+def test_gradient_parameters_match_mergekit(case, deep_llama_dirs, tmp_path):
+    method, shared, per_model = GRADIENTS[case]
+    paths = deep_llama_dirs
+    if method == "slerp":
+        models = [{"model": str(paths["base"])}, {"model": str(paths["a"])}]
+    else:
+        models = [{"model": str(paths[n]), "parameters": copy.deepcopy(p)} for n, p in zip("ab", per_model)]
+    cfg = {"merge_method": method, "models": models, "parameters": shared, "dtype": "float32"}
+    if method != "linear":
+        cfg["base_model"] = str(paths["base"])
+    ours = merge(copy.deepcopy(cfg))
+    theirs = run_mergekit(copy.deepcopy(cfg), tmp_path / "mk")
+    assert max_diff(ours, theirs) <= 1e-6
+    # The gradient matters: the last layer differs from a merge that took every gradient's first value.
+    at_first = merge(_first_values(cfg))
+    last = "model.layers.4.mlp.up_proj.weight"
+    assert float((ours[last] - at_first[last]).abs().max()) > 1e-4

@@ -226,6 +226,7 @@ class MergeProbe(Callback):
         self._backup: dict[str, Tensor] | None = None
         self._tasks: dict[str, tuple[list[Any] | Any, ScoreFn]] | None = None
         self._donor_individual: dict[str, float] = {}
+        self._all_names: list[str] = []
 
     # ------------------------------------------------------------------ setup
     @property
@@ -258,6 +259,8 @@ class MergeProbe(Callback):
             self._reference.resolve(self._params)
         if not self._params:
             raise ValueError("MergeProbe: no trainable parameters match include/exclude")
+        every = self._view.params if self._view is not None else dict(pl_module.named_parameters())
+        self._all_names = list(every)
         self._sharded = any_sharded(self._params)
         self._load_donors()
         self._tasks = None  # resolved at the first probe (the trainer's validation loader may load late)
@@ -484,7 +487,11 @@ class MergeProbe(Callback):
         base = sources[cfg.base_model] if cfg.base_model is not None else None
         device = local(next(iter(self._params.values()))).device
         with torch.no_grad():
-            for key, tensor in iter_merge(cfg, models, base, device=device, seed=self.seed, check_base=False):
+            # Gradient parameters interpolate over the whole model's layers, not only the ones include selects.
+            merged = iter_merge(
+                cfg, models, base, device=device, seed=self.seed, check_base=False, layer_names=self._all_names
+            )
+            for key, tensor in merged:
                 if gather:
                     write_full_(self._params[key], tensor)
                 else:  # elementwise methods merge each rank's shard as it is

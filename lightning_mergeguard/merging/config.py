@@ -2,8 +2,10 @@
 
 A :class:`MergeConfig` holds exactly what a mergekit YAML holds for the methods this engine runs
 (``merge_method``, ``base_model``, ``models[].parameters``, ``parameters``, ``dtype``, ``out_dtype``), plus an
-optional ``seed`` for randomized methods. Parameters are scalars or mergekit's filtered lists
-(``[{filter: self_attn, value: 0.5}, {value: 0.3}]``); validation names the offending key.
+optional ``seed`` for randomized methods. Parameters are scalars, mergekit's gradients (``[0, 0.5, 1]``, interpolated
+across the layers: :mod:`~lightning_mergeguard.merging.layers`) or its filtered lists
+(``[{filter: self_attn, value: 0.5}, {value: 0.3}]``, whose values may be gradients); validation names the
+offending key.
 """
 
 from __future__ import annotations
@@ -85,45 +87,86 @@ def _unweighted(spec: MethodSpec, name: str) -> str:
     return f" ({spec.name} does not weight its models; mergekit ignores the setting silently, so remove it)"
 
 
-def resolve_param(value: Any, tensor_name: str) -> Any:
-    """Evaluate a parameter setting for one tensor: a scalar, or a mergekit filtered list.
+def _is_gradient(value: Any) -> bool:
+    """A mergekit gradient: a non-empty list of plain values (not ``{filter, value}`` entries)."""
+    return isinstance(value, list) and bool(value) and all(not isinstance(v, Mapping) for v in value)
 
-    The first entry whose ``filter`` is missing, ``"*"``, or a substring of ``tensor_name`` wins.
+
+def _interpolate(values: list[Any], t: float) -> Any:
+    """Mergekit's gradient evaluation at ``t``: numbers interpolate linearly, booleans and strings are picked."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return values[int(t * (len(values) - 1))]
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def resolve_param(value: Any, tensor_name: str, t: float = 0.0) -> Any:
+    """Evaluate a parameter setting for one tensor: a scalar, a gradient, or a mergekit filtered list.
+
+    The first entry whose ``filter`` is missing, ``"*"``, or a substring of ``tensor_name`` wins. A gradient (a list
+    of values) is interpolated at ``t``, the tensor's place in the layer stack
+    (:func:`~lightning_mergeguard.merging.layers.layer_fractions`), exactly as mergekit does.
 
     Example:
         >>> resolve_param([{"filter": "mlp", "value": 0.2}, {"value": 0.7}], "layers.0.mlp.up_proj.weight")
         0.2
+        >>> resolve_param([0.0, 0.5, 0.3, 0.7, 1.0], "layers.5.self_attn.q_proj.weight", t=0.625)
+        0.5
     """
     if isinstance(value, Mapping):
         value = [value]
+    if _is_gradient(value):
+        return _interpolate(value, t)
     if isinstance(value, list):
         for cond in value:
             filt = cond.get("filter")
             if filt is None or filt == "*" or filt in tensor_name:
-                return resolve_param(cond["value"], tensor_name)
+                return resolve_param(cond["value"], tensor_name, t)
         return None
     return value
 
 
 def _check_setting(where: str, name: str, value: Any, param: Param) -> None:
-    """Check a setting (a scalar, or a mergekit list of ``{filter, value}`` entries) against its declaration."""
+    """Check a setting (a scalar, a gradient, or a mergekit list of ``{filter, value}`` entries) against its Param."""
     if isinstance(value, Mapping):
         value = [value]
     if isinstance(value, list):
-        if value and all(not isinstance(v, Mapping) for v in value):
-            raise NotImplementedError(
-                f"{where}: parameter {name!r} is a gradient list {value}; per-layer gradients are not supported, "
-                "use a scalar or a list of {filter, value} entries"
-            )
+        if not value:
+            raise ConfigError(f"{where}: parameter {name!r} is an empty list")
+        if _is_gradient(value):
+            if param.kind == "int":
+                raise ConfigError(
+                    f"{where}: parameter {name!r} takes a whole number, not a gradient list {value}: interpolated "
+                    "values would not be whole"
+                )
+            for v in value:  # numbers interpolate between these, so every value in between is allowed too
+                param.check(where, name, v)
+            if len({type(v) is bool for v in value}) > 1:
+                raise ConfigError(f"{where}: parameter {name!r} mixes booleans and numbers in a gradient {value}")
+            return
         for cond in value:
             if not isinstance(cond, Mapping) or "value" not in cond:
-                raise ConfigError(f"{where}: parameter {name!r} entries must be mappings with a 'value' key")
+                raise ConfigError(
+                    f"{where}: parameter {name!r} mixes {{filter, value}} entries with plain values; use one or the "
+                    "other"
+                )
             extra = set(cond) - {"filter", "value"}
             if extra:
                 raise ConfigError(f"{where}: parameter {name!r} entry has unknown keys {sorted(extra)}")
             _check_setting(where, name, cond["value"], param)
         return
     param.check(where, name, value)
+
+
+def _has_gradient(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return _has_gradient(value.get("value"))
+    if _is_gradient(value):
+        return True
+    return isinstance(value, list) and any(_has_gradient(v) for v in value)
 
 
 @dataclass
@@ -320,25 +363,31 @@ class MergeConfig:
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         return spec
 
-    def shared_params(self, tensor_name: str = "") -> dict[str, Any]:
-        """Method-level parameters for one tensor, defaults filled in."""
+    @property
+    def has_gradients(self) -> bool:
+        """Whether a parameter anywhere is a gradient list (its value then depends on each tensor's layer)."""
+        settings = [*self.parameters.values(), *(v for m in self.models for v in m.parameters.values())]
+        return any(_has_gradient(v) for v in settings)
+
+    def shared_params(self, tensor_name: str = "", t: float = 0.0) -> dict[str, Any]:
+        """Method-level parameters for one tensor at layer position ``t``, defaults filled in."""
         spec = self.method
         out = {}
         for name, param in spec.all_shared_params.items():
-            value = resolve_param(self.parameters[name], tensor_name) if name in self.parameters else None
+            value = resolve_param(self.parameters[name], tensor_name, t) if name in self.parameters else None
             out[name] = param.default if value is None else value
         return out
 
-    def model_params(self, entry: ModelEntry, tensor_name: str = "") -> dict[str, Any]:
-        """One donor's parameters for one tensor: its own, else the top-level default, else the method's."""
+    def model_params(self, entry: ModelEntry, tensor_name: str = "", t: float = 0.0) -> dict[str, Any]:
+        """One donor's parameters for one tensor at layer position ``t`` (own, else top-level, else default)."""
         spec = self.method
         out = {}
         for name, param in spec.model_params.items():
             value = None
             if name in entry.parameters:
-                value = resolve_param(entry.parameters[name], tensor_name)
+                value = resolve_param(entry.parameters[name], tensor_name, t)
             if value is None and name in self.parameters:
-                value = resolve_param(self.parameters[name], tensor_name)
+                value = resolve_param(self.parameters[name], tensor_name, t)
             if value is None:
                 if param.default is REQUIRED:
                     raise ConfigError(f"model {entry.model!r}: no {name!r} applies to tensor {tensor_name!r}")

@@ -11,7 +11,7 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +20,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_mergeguard.errors import IncompatibleModelsError, MergeGuardError, NonFiniteError, OutputError
+from lightning_mergeguard.errors import (
+    ConfigError,
+    IncompatibleModelsError,
+    MergeGuardError,
+    NonFiniteError,
+    OutputError,
+)
 from lightning_mergeguard.io import (
     ShardedSafetensorsWriter,
     StreamingSafetensorsWriter,
@@ -36,6 +42,7 @@ from lightning_mergeguard.merging.base_check import (
     tensors_to_compare,
 )
 from lightning_mergeguard.merging.config import DTYPES, MergeConfig
+from lightning_mergeguard.merging.layers import LAYER_STACKS, layer_fractions, layer_index
 from lightning_mergeguard.merging.sources import SafetensorsSource, WeightSource, count_nonfinite, read_checked
 from lightning_mergeguard.merging.sources import open_source as _open
 from lightning_mergeguard.merging.spec import TensorContext
@@ -206,11 +213,14 @@ def iter_merge(
     keys: Sequence[str] | None = None,
     check_base: bool = True,
     prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+    layer_names: Iterable[str] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, merged tensor)`` one tensor at a time; see :func:`merge` for the arguments.
 
     ``prefetch_bytes``: read the next tensor while this one merges when its inputs (in the compute dtype) take at
-    most this many bytes; 0 reads strictly in turn.
+    most this many bytes; 0 reads strictly in turn. ``layer_names``: every tensor name of the whole model, which
+    sets the layer count that gradient parameters interpolate over (default: the sources' names; pass it when the
+    sources hold a subset, as a probe's ``include`` selects).
     """
     cfg = MergeConfig.coerce(config)
     spec = cfg.method
@@ -226,6 +236,7 @@ def iter_merge(
     prepared = spec.prepare(cfg, base_src, donors, dev) if spec.prepare is not None else None
     names = list(keys) if keys is not None else reference.keys()
     others = donors if base_src is not None else donors[1:]
+    positions = _layer_positions(cfg, reference.keys() if layer_names is None else layer_names)
 
     def chunked(key: str) -> bool:
         if not spec.elementwise or dev.type != "cpu":
@@ -255,9 +266,10 @@ def iter_merge(
     for key, loaded in tqdm(
         stream, total=len(names), desc=f"merge ({spec.name})", unit="tensor", disable=not progress, leave=False
     ):
-        params = [cfg.model_params(m, key) for m in cfg.donors]
+        t = positions.get(key, 0.0)
+        params = [cfg.model_params(m, key, t) for m in cfg.donors]
         ctx = TensorContext(key=key, seed=seed, prepared=prepared)
-        shared = cfg.shared_params(key)
+        shared = cfg.shared_params(key, t)
 
         def merge_one(parts: list[Tensor], params=params, shared=shared, ctx=ctx) -> Tensor:
             if base_src is None:
@@ -282,6 +294,20 @@ def iter_merge(
             )
         yield key, merged
         del merged
+
+
+def _layer_positions(cfg: MergeConfig, names: Iterable[str]) -> dict[str, float]:
+    """Each tensor's place ``t`` in its layer stack when the config has gradient parameters (else nothing)."""
+    if not cfg.has_gradients:
+        return {}
+    names = list(names)
+    if not any(layer_index(n) is not None for n in names):
+        raise ConfigError(
+            "the merge config has gradient parameters (lists interpolated across layers), but no tensor name has a "
+            f"layer index (e.g. 'model.layers.3.'; stacks recognised: {', '.join(LAYER_STACKS)}), so every tensor "
+            "would take the first value; use scalars or {filter, value} entries"
+        )
+    return layer_fractions(names)
 
 
 class _Scratch:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_mergeguard.errors import ConfigError
 from lightning_mergeguard.merging.generalized import Sparsifier, generalized_task_arithmetic, task_vector_method
 from lightning_mergeguard.merging.sources import WeightSource, read_checked
 from lightning_mergeguard.merging.sparsify import RescaleNorm, magnitude_prune, rescale_masked, select_ranks
@@ -113,6 +114,12 @@ def _prepare(cfg: Any, base: WeightSource | None, donors: Sequence[WeightSource]
         return None
     if base is None:
         raise ValueError("trim_scope: model needs a base model")
+    settings = [m.parameters.get("density", cfg.parameters.get("density")) for m in cfg.donors]
+    if any(isinstance(d, (list, Mapping)) for d in settings):
+        raise ConfigError(
+            "trim_scope: model trims each model's whole task vector at one density; a gradient or filtered density "
+            "varies by tensor, so give each model one number (or use trim_scope: tensor)"
+        )
     return model_thresholds(base, donors, [cfg.model_params(m)["density"] for m in cfg.donors], device)
 
 
