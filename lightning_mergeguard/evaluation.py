@@ -82,7 +82,16 @@ def rng_kept(module: nn.Module) -> AbstractContextManager[Any]:
 
 def _forward(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor | None, Any]:
     if isinstance(batch, dict):
-        out = module(**batch)
+        try:
+            out = module(**batch)
+        except TypeError as err:
+            if "unexpected keyword argument" not in str(err):
+                raise
+            raise TypeError(
+                f"the model does not take this batch's keys {sorted(batch)} as arguments ({err}); the default score "
+                "and loss take (inputs, targets) tuples or Hugging Face dicts (input_ids/pixel_values..., labels): "
+                "pass score_fn/loss_fn"
+            ) from err
         logits = out.logits if hasattr(out, "logits") else out
         return logits, batch.get("labels"), out
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:

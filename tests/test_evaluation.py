@@ -68,3 +68,11 @@ def test_seq2seq_labels_of_another_length_are_aligned_and_a_mismatch_is_named():
 
     with pytest.raises(ValueError, match=r"do not line up with labels \(2, 4\).*pass score_fn"):
         default_score(Wrong(), {"input_ids": ids, "labels": labels})
+
+
+def test_a_dict_batch_the_model_does_not_take_says_to_pass_score_fn():
+    net = nn.Linear(8, 3)
+    batch = {"image": torch.randn(4, 8), "label": torch.tensor([0, 1, 2, 0])}
+    for fn in (default_score, default_loss):
+        with pytest.raises(TypeError, match=r"keys \['image', 'label'\].*pass score_fn/loss_fn"):
+            fn(net, batch)

@@ -488,3 +488,12 @@ def test_a_fit_that_trains_nothing_says_the_model_is_not_protected(tmp_path):
     with pytest.warns(UserWarning, match="trained no step"):
         trainer(tmp_path, max_epochs=1, limit_train_batches=0, callbacks=[guard]).fit(TinyClassifier())
     assert not guard.stage2_done
+
+
+def test_two_guards_on_one_trainer_are_refused(tmp_path):
+    guards = [MergeGuardCallback(progress=False), MergeGuardCallback(alpha=0.5, progress=False)]
+    model = TinyClassifier()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(MisconfigurationException, match="2 MergeGuardCallbacks"):
+        trainer(tmp_path, max_epochs=1, callbacks=guards).fit(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -223,6 +223,12 @@ class MergeGuardCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             refuse_sharded(trainer, "MergeGuardCallback", allow_fsdp2=True)
+            guards = [c for c in trainer.callbacks if isinstance(c, MergeGuardCallback)]
+            if len(guards) > 1:
+                raise MisconfigurationException(
+                    f"the trainer has {len(guards)} MergeGuardCallbacks: each would add its stage-1 term and perturb "
+                    "the weights again in stage 2; use one (include/exclude select the weights it protects)"
+                )
             if is_fsdp2(trainer) and self.stage2 is not None and not self.stage2.supports_sharded:
                 raise MisconfigurationException(
                     f"MergeGuardCallback: stage 2 {self.stage2.name!r} does not support FSDP2-sharded parameters "
