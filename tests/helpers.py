@@ -89,3 +89,13 @@ def fit_ddp_ranks(tmp_path, module: pl.LightningModule, callback: pl.Callback, *
     t = trainer(tmp_path, max_epochs=1, strategy="ddp_spawn", devices=2, callbacks=[callback, save])
     t.fit(module, *loaders)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+class SaveWeightsOnFitEnd(SaveWeightsOnTrainEnd):
+    """Like :class:`SaveWeightsOnTrainEnd`, in ``on_fit_end``: also when Lightning skips a finished training loop."""
+
+    def on_train_end(self, trainer, pl_module):
+        pass
+
+    def on_fit_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)

@@ -497,3 +497,27 @@ def test_two_guards_on_one_trainer_are_refused(tmp_path):
     with pytest.raises(MisconfigurationException, match="2 MergeGuardCallbacks"):
         trainer(tmp_path, max_epochs=1, callbacks=guards).fit(model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.distributed
+def test_stage_2_of_a_resumed_finished_fit_runs_on_every_ddp_rank_alike(tmp_path):
+    """on_fit_end comes after the strategy's teardown: the collectives still work and the ranks stay identical."""
+    from helpers import SaveWeightsOnFitEnd
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    guard = MergeGuardCallback(stage2="negation", tolerance=100.0, progress=False)
+    guard.stage2.run = lambda ctx: (_ for _ in ()).throw(RuntimeError("interrupted (simulated)"))
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    with pytest.warns(UserWarning, match="NOT protected"), pytest.raises(RuntimeError, match="simulated"):
+        trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[guard, ckpts]).fit(TinyClassifier())
+    last = tmp_path / "ckpt" / "last.ckpt"
+    trained = torch.load(last, weights_only=False)["state_dict"]
+    resumed = MergeGuardCallback(stage2="negation", tolerance=100.0, progress=False)
+    save = SaveWeightsOnFitEnd(str(tmp_path))
+    t = trainer(tmp_path, max_epochs=1, strategy="ddp_spawn", devices=2, callbacks=[resumed, save])
+    t.fit(TinyClassifier(), ckpt_path=last)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(not torch.equal(r0[k], trained[k]) for k in r0 if not k.startswith("head"))
+    assert all(torch.equal(r0[k], trained[k]) for k in r0 if k.startswith("head"))
