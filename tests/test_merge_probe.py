@@ -285,6 +285,9 @@ def test_failed_probe_warns_unless_strict(tmp_path):
         (dict(methods=[{"merge_method": "ties", "parameters": {"lamda": 1}}]), "did you mean 'lambda'"),
         (dict(every_n_steps=0), "every_n_steps must be"),
         (dict(coefficients=[]), "coefficients must be"),
+        (dict(coefficients="0.3"), "coefficients must be"),
+        (dict(coefficients=[0.3, True]), "coefficients must be"),
+        (dict(coefficients=[float("nan")]), "coefficients must be"),
         (dict(donor_dtype="fp8"), "donor_dtype must be"),
         (dict(methods=[]), "methods must name at least one merge method"),
     ],
@@ -300,6 +303,9 @@ def test_one_method_may_be_given_alone():
     for one in ("ties", {"merge_method": "ties", "label": "t"}):
         probe = MergeProbe(donors={"d": {}}, methods=one, coefficients=[0.3])
         assert [s.config.merge_method for s in probe.specs] == ["ties"]
+    # And one number is one coefficient (it was 'float object is not iterable').
+    probe = MergeProbe(donors={"d": {}}, methods="task_arithmetic", coefficients=0.5)
+    assert [s.label for s in probe.specs] == ["task_arithmetic@0.5"] and probe.coefficients == [0.5]
 
 
 def test_bf16_donors_and_resume_keeps_reference(tmp_path):

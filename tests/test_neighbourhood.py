@@ -288,3 +288,26 @@ def test_answer_exact_match_agrees_with_greedy_decoding():
     }
     correct, count = answer_exact_match(model, batch)
     assert (int(correct), count) == (3, 6)
+
+
+def test_stage2_settings_given_alone_are_one_value_and_bad_ones_are_named():
+    from lightning_mergeguard import ScaleAdversarial
+
+    # One string is one method (was ['t', 'i', 'e', 's']), one number a fixed weight, one pair one proxy.
+    nb = MergeNeighbourhood(methods="ties", owner_weights=1.0, proxies=(1.0, 0.3), densities=0.5)
+    s = nb.settings()
+    assert s["methods"] == ("ties",) and s["owner_weights"] == (1.0, 1.0) and s["proxies"] == ((1.0, 0.3),)
+    assert s["densities"] == (0.5, 0.5)
+    assert ScaleAdversarial(scales=0.3).settings()["scales"] == (0.3,)  # was "'float' object is not iterable"
+    for kwargs, match in [
+        (dict(methods=["tie"]), "methods must be a non-empty subset"),
+        (dict(owner_weights=(1.0, 0.2)), r"owner_weights must be a number or a range \(low, high\)"),
+        (dict(partner_weights=(True, 1.0)), "partner_weights must be a number or a list of finite numbers"),
+        (dict(densities=(0.0, 0.5)), "densities must be"),
+        (dict(proxies=[(1.0, "a")]), "proxies must be a non-empty list"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            MergeNeighbourhood(**kwargs)
+    for bad in ("0.3", [0.3, float("nan")], [], [0.3, 1.5]):
+        with pytest.raises(ValueError, match="scales must be"):
+            ScaleAdversarial(scales=bad)

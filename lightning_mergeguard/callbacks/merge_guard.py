@@ -157,10 +157,10 @@ class MergeGuardCallback(Callback):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         if target not in ("task_vector", "weights"):
             raise ValueError(f"target must be 'task_vector' or 'weights', got {target!r}")
-        if not (isinstance(eval_batches, int) and eval_batches >= 1):
+        if not (isinstance(eval_batches, int) and not isinstance(eval_batches, bool) and eval_batches >= 1):
             raise ValueError(f"eval_batches must be a positive integer, got {eval_batches!r}")
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0 points, got {tolerance!r}")
+        if not (isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) and tolerance >= 0):
+            raise ValueError(f"tolerance must be a number of points >= 0, got {tolerance!r}")
         unknown = sorted(set(legacy_stage2) - _LEGACY_STAGE2_ARGS)
         if unknown:
             raise TypeError(f"MergeGuardCallback got unexpected keyword arguments {unknown}")

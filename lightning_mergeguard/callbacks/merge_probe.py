@@ -80,8 +80,9 @@ class MergeProbe(Callback):
             to the model's device (pinned, non-blocking) only when a merge uses it.
         methods: Merge methods: names, mappings ``{merge_method, parameters, model_parameters, label}``, or mergekit
             YAML paths whose models are ``live``, ``base`` and donor names.
-        coefficients: Grid of merge coefficients (``lambda``; the live weight for ``linear`` and ``nuslerp``; ``t``
-            for ``slerp``). Methods that weight nothing (``model_stock``, ``sce``, ``karcher``) run once per probe.
+        coefficients: Grid of merge coefficients, or one number (``lambda``; the live weight for ``linear`` and
+            ``nuslerp``; ``t`` for ``slerp``). Methods that weight nothing (``model_stock``, ``sce``, ``karcher``) run
+            once per probe.
         eval_dataloaders: A loader for the protected task, or name -> loader (``"own"`` for the protected task,
             donor names for theirs). A value may be ``(loader, score_fn)`` for a task scored differently.
             Default: the trainer's (first) validation loader, resolved at the first probe.
@@ -183,7 +184,13 @@ class MergeProbe(Callback):
         if max_overhead is not None and not (isinstance(max_overhead, (int, float)) and max_overhead > 0):
             raise ValueError(f"max_overhead must be a positive fraction or None, got {max_overhead!r}")
         self.signals = named_signals(signals)
-        if coefficients is not None and (not coefficients or any(not math.isfinite(c) for c in coefficients)):
+        if isinstance(coefficients, (int, float)) and not isinstance(coefficients, bool):
+            coefficients = [coefficients]  # one coefficient given alone
+        if coefficients is not None and (
+            not isinstance(coefficients, (list, tuple))
+            or not coefficients
+            or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) for c in coefficients)
+        ):
             raise ValueError(f"coefficients must be a non-empty list of finite numbers or None, got {coefficients!r}")
         if isinstance(methods, (str, os.PathLike, Mapping)):  # one method given alone, not a list of its letters
             methods = [methods]

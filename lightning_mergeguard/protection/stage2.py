@@ -225,12 +225,14 @@ class ScaleAdversarial(Stage2):
         checks: int = 8,
     ) -> None:
         _check_common(steps, clip, lr, checks)
-        if not scales or any(not 0.0 < s < 1.0 for s in scales):
+        if not _is_number(scales) and (isinstance(scales, (str, bytes)) or not scales):
+            raise ValueError(f"scales must be a non-empty list of merge scales in (0, 1), got {scales!r}")
+        if any(not 0.0 < s < 1.0 for s in _numbers(scales, "scales")):
             raise ValueError(f"scales must be a non-empty list of merge scales in (0, 1), got {scales!r}")
         if drop_density is not None and not 0 < drop_density < 1:
             raise ValueError(f"drop_density must be in (0, 1) or None, got {drop_density!r}")
         self.steps = steps
-        self.scales = tuple(float(s) for s in scales)
+        self.scales = _numbers(scales, "scales")  # one scale given alone is a list of one
         self.clip = float(clip)
         self.lr = float(lr)
         self.drop_density = drop_density
@@ -348,13 +350,14 @@ class MergeNeighbourhood(Stage2):
         _check_common(steps, clip, lr, checks)
         if not (isinstance(draws, int) and draws >= 1):
             raise ValueError(f"draws must be a positive integer, got {draws!r}")
-        for what, rng, upper in (
-            ("owner_weights", owner_weights, 5.0),
-            ("partner_weights", partner_weights, 5.0),
-            ("densities", densities, 1.0),
-        ):
-            if len(rng) != 2 or not 0 < rng[0] <= rng[1] <= upper:
-                raise ValueError(f"{what} must be a range (low, high) with 0 < low <= high <= {upper}, got {rng!r}")
+        # One number given alone is a fixed weight (density); one string is one method; one pair is one proxy.
+        owner_weights = _weight_range(owner_weights, "owner_weights", 5.0)
+        partner_weights = _weight_range(partner_weights, "partner_weights", 5.0)
+        densities = _weight_range(densities, "densities", 1.0)
+        if isinstance(methods, str):
+            methods = [methods]
+        if isinstance(proxies, Sequence) and len(proxies) == 2 and all(_is_number(p) for p in proxies):
+            proxies = [proxies]
         unknown = [m for m in methods if m not in MERGE_FAMILIES]
         if not methods or unknown:
             raise ValueError(f"methods must be a non-empty subset of {MERGE_FAMILIES}, got {list(methods)!r}")
@@ -364,7 +367,8 @@ class MergeNeighbourhood(Stage2):
             raise ValueError(f"surrogate_rank must be a positive integer or None, got {surrogate_rank!r}")
         if isinstance(partners, str):
             raise ValueError("partners must be a list of paths, not one string")
-        if not proxies or any(len(p) != 2 or not (p[0] > 0 and p[1] >= 0) for p in proxies):
+        pairs = [isinstance(p, Sequence) and len(p) == 2 and all(_is_number(x) for x in p) for p in proxies]
+        if not proxies or not all(pairs) or any(not (p[0] > 0 and p[1] >= 0) for p in proxies):
             raise ValueError(
                 f"proxies must be a non-empty list of (owner weight > 0, partner weight >= 0), got {proxies!r}"
             )
@@ -469,6 +473,31 @@ class MergeNeighbourhood(Stage2):
             "merged_loss_first": first.get("merged_loss"),
             "merged_loss_last": last.get("merged_loss"),
         }
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _numbers(value: Any, what: str) -> tuple[float, ...]:
+    """A list of finite numbers; one number given alone is a list of one."""
+    if _is_number(value):
+        return (float(value),)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(_is_number(v) for v in value):
+        raise ValueError(f"{what} must be a number or a list of finite numbers, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _weight_range(value: Any, what: str, upper: float) -> tuple[float, float]:
+    """A ``(low, high)`` range in ``(0, upper]``; one number given alone is the range ``(x, x)``."""
+    values = _numbers(value, what)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not 0 < values[0] <= values[1] <= upper:
+        raise ValueError(
+            f"{what} must be a number or a range (low, high) with 0 < low <= high <= {upper}, got {value!r}"
+        )
+    return values[0], values[1]
 
 
 def _check_common(steps: Any, clip: float, lr: float, checks: Any) -> None:
