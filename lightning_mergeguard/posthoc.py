@@ -169,6 +169,20 @@ def load_rows(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     return rows
 
 
+def _refuse_partners_that_are_not_others(base: Path, model: Path, partners: Sequence[str]) -> None:
+    """A partner must be another fine-tune: not the model itself, not the base, not listed twice."""
+    seen: dict[Path, str] = {}
+    for p in partners:
+        where = Path(p).resolve()
+        if where == model.resolve():
+            raise ConfigError(f"partner {p!r} is the model being protected; partners are other fine-tunes of the base")
+        if where == base.resolve():
+            raise ConfigError(f"partner {p!r} is the base model (its task vector is zero); pass other fine-tunes")
+        if where in seen:
+            raise ConfigError(f"partner {p!r} is listed twice (also as {seen[where]!r})")
+        seen[where] = p
+
+
 def _refuse_writing_over_inputs(written: Path, base: Path, model: Path, partners: Sequence[str]) -> None:
     """Refuse, before any work, an output that would replace the model, the base or a partner it reads."""
     target = written.resolve()
@@ -309,6 +323,7 @@ def protect_checkpoint(
     kind = _detect_kind(model, arch)
     written = out / ("model" if kind == "causal_lm" else "protected.safetensors")  # what save() below writes
     _refuse_writing_over_inputs(written, base, model, partners)
+    _refuse_partners_that_are_not_others(base, model, partners)
     base_src = open_source(base, name="base")
     builder = _causal_lm if kind == "causal_lm" else _open_clip
     module, train, metric, save, meta = builder(base, model, data, arch, batch_size, max_length, seed)

@@ -130,6 +130,25 @@ def test_bad_stage2_options_name_the_problem(checkpoints, tmp_path, kwargs, mess
         )
 
 
+@pytest.mark.parametrize(
+    ("partners", "message"),
+    [
+        (["owner"], "is the model being protected"),
+        (["base"], "is the base model"),
+        (["foreign", "foreign"], "is listed twice"),
+    ],
+)
+def test_partners_must_be_other_fine_tunes(checkpoints, tmp_path, partners, message):
+    with pytest.raises(ConfigError, match=message):
+        protect_checkpoint(
+            checkpoints / "base",
+            checkpoints / "owner",
+            str(checkpoints / "rows.jsonl"),
+            tmp_path,
+            partners=[str(checkpoints / p) for p in partners],
+        )
+
+
 def test_cli_with_a_yaml_config_and_clear_errors(checkpoints, tmp_path, capsys):
     config = tmp_path / "protect.yaml"
     config.write_text(
