@@ -281,6 +281,8 @@ def test_failed_probe_warns_unless_strict(tmp_path):
     [
         (dict(donors={}), "at least one donor"),
         (dict(donors={"live": {}}), "reserved"),
+        (dict(donors={"a": "ft/x", "b": "ft/../ft/x"}), "donors 'a' and 'b' are the same model"),
+        (dict(donors=[(same := {"w": torch.zeros(1)}), same]), "donors 'donor0' and 'donor1' are the same model"),
         (dict(methods=["tie"]), "unknown merge_method 'tie'"),
         (dict(methods=[{"merge_method": "ties", "parameters": {"lamda": 1}}]), "did you mean 'lambda'"),
         (dict(every_n_steps=0), "every_n_steps must be"),

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -162,6 +163,12 @@ class MergeProbe(Callback):
         bad = [n for n in self.donor_inputs if n in (LIVE, BASE, OWN) or "/" in n]
         if bad:
             raise ValueError(f"donor names {bad} are reserved or contain '/'")
+        seen: dict[Any, str] = {}
+        for name, obj in self.donor_inputs.items():  # one model under two names would be merged in twice
+            key = Path(obj).resolve() if isinstance(obj, (str, os.PathLike)) else id(obj)
+            if key in seen:
+                raise ValueError(f"donors {seen[key]!r} and {name!r} are the same model; list each donor once")
+            seen[key] = name
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
