@@ -525,3 +525,23 @@ def test_stage_2_of_a_resumed_finished_fit_runs_on_every_ddp_rank_alike(tmp_path
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert any(not torch.equal(r0[k], trained[k]) for k in r0 if not k.startswith("head"))
     assert all(torch.equal(r0[k], trained[k]) for k in r0 if k.startswith("head"))
+
+
+def test_stage_2_must_come_after_weight_averaging_which_replaces_the_weights_at_train_end(tmp_path):
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+    from safetensors.torch import load_file
+
+    averaging = pytest.importorskip("lightning.pytorch.callbacks").__dict__.get("EMAWeightAveraging")
+    makers = [lambda: StochasticWeightAveraging(swa_lrs=0.01)] + ([lambda: averaging(decay=0.5)] if averaging else [])
+    for make in makers:
+        guard = MergeGuardCallback(stage2="negation", tolerance=100.0, progress=False)
+        with pytest.raises(MisconfigurationException, match=r"comes before .* Put MergeGuardCallback after"):
+            trainer(tmp_path, max_epochs=1, callbacks=[guard, make()]).fit(TinyClassifier())
+        # After it, stage 2 protects the averaged weights: the model kept is the one saved as protected.
+        pl.seed_everything(0)
+        saved = tmp_path / "protected.safetensors"
+        guard = MergeGuardCallback(stage2="negation", tolerance=100.0, progress=False, save_path=str(saved))
+        model = TinyClassifier()
+        trainer(tmp_path, max_epochs=2, callbacks=[make(), guard]).fit(model)
+        weights = load_file(saved)
+        assert guard.stage2_done and all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())

@@ -69,6 +69,27 @@ def refuse_adapters(pl_module: pl.LightningModule, who: str) -> None:
         )
 
 
+def weight_replacers_after(trainer: pl.Trainer, callback: Any) -> list[str]:
+    """Names of the callbacks after ``callback`` that replace the weights at the end of training.
+
+    Lightning's ``WeightAveraging`` (``EMAWeightAveraging``) and ``StochasticWeightAveraging`` copy their average
+    into the model in ``on_train_end``; callbacks run in list order, so anything a callback before them does to the
+    weights there is overwritten.
+    """
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    kinds: tuple[type, ...] = (StochasticWeightAveraging,)
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging  # Lightning >= 2.6
+
+        kinds += (WeightAveraging,)
+    except ImportError:  # pragma: no cover - older Lightning
+        pass
+    callbacks = list(trainer.callbacks)
+    after = callbacks[callbacks.index(callback) + 1 :] if callback in callbacks else []
+    return [type(c).__name__ for c in after if isinstance(c, kinds)]
+
+
 def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
     """Log from hooks where ``LightningModule.log`` is refused (as ``LearningRateMonitor`` does), on rank zero."""
     if not trainer.is_global_zero or not trainer.loggers:

@@ -30,6 +30,7 @@ from lightning_mergeguard.callbacks._common import (
     refuse_sharded,
     repeat,
     validation_loader,
+    weight_replacers_after,
 )
 from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
@@ -223,6 +224,13 @@ class MergeGuardCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             refuse_sharded(trainer, "MergeGuardCallback", allow_fsdp2=True)
+            replacers = weight_replacers_after(trainer, self)
+            if replacers and self.stage2 is not None:
+                raise MisconfigurationException(
+                    f"MergeGuardCallback comes before {replacers[0]} in callbacks: that callback replaces the weights "
+                    "with their average at the end of training, after stage 2, so the model would end unprotected. "
+                    f"Put MergeGuardCallback after {replacers[0]} (stage 2 then protects the averaged weights)."
+                )
             guards = [c for c in trainer.callbacks if isinstance(c, MergeGuardCallback)]
             if len(guards) > 1:
                 raise MisconfigurationException(

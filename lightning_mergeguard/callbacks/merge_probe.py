@@ -27,6 +27,7 @@ from lightning_mergeguard.callbacks._common import (
     log_to_loggers,
     refuse_sharded,
     validation_loader,
+    weight_replacers_after,
 )
 from lightning_mergeguard.evaluation import ScoreFn, default_score, evaluate, rng_kept
 from lightning_mergeguard.merging.base_check import (
@@ -252,6 +253,13 @@ class MergeProbe(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             refuse_sharded(trainer, "MergeProbe", allow_fsdp2=True)
+            replacers = weight_replacers_after(trainer, self)
+            if replacers and self.probe_on_train_end:
+                rank_zero_warn(
+                    f"MergeProbe comes before {replacers[0]} in callbacks, which replaces the weights with their "
+                    "average at the end of training: the probe at the end of fit sees the weights before that. Put "
+                    "the probe last to measure the model you keep."
+                )
             if is_fsdp2(trainer) and is_adapted(pl_module):
                 raise MisconfigurationException("MergeProbe does not support LoRA adapters under FSDP2 yet")
             if is_adapted(pl_module):
