@@ -704,7 +704,8 @@ def run_grid_track(
 ) -> dict[str, Any]:
     """Every grid variant: own accuracy, the whole grid, its worst case; plus theta_pre's repair baseline.
 
-    ``variants``: name prefixes of the defenses to run (default: the track's list); the unprotected model runs
+    ``variants``: names (an exact name selects that variant alone) or name prefixes of the defenses to run
+    (default: the track's list); the unprotected model runs
     first, since every ratio is taken against it. ``keep``: this track's stored result (``--add``): its variants
     that are not rerun are kept, and its unprotected row and theta_pre repair baseline are reused unless
     ``unprotected`` is named, provided it was measured on the same grid.
@@ -723,7 +724,8 @@ def run_grid_track(
     unknown = [v for v in order if not any(k.startswith(v) for k in every)]
     if unknown:
         raise ValueError(f"unknown grid variants {unknown}; choose among {list(every)}")
-    chosen = {k: every[k] for prefix in order for k in every if k.startswith(prefix)}
+    # A full variant name selects that variant alone; anything else selects every variant it begins.
+    chosen = {k: every[k] for prefix in order for k in ([prefix] if prefix in every else every) if k.startswith(prefix)}
     partners = {t: track.finetunes[t] for t in track.tasks if t != track.owner}
     individual = {t: track.evaluate(track.finetunes[t], [t])[t] for t in track.tasks}
     bar.total = (bar.total or 0) + len(chosen) * (
@@ -1000,7 +1002,9 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="with --grid: redraw tables and plots from the committed JSON"
     )
-    parser.add_argument("--variants", nargs="+", help="with --grid: name prefixes of the defenses to run")
+    parser.add_argument(
+        "--variants", nargs="+", help="with --grid: names (exact) or name prefixes of the defenses to run"
+    )
     parser.add_argument(
         "--add",
         action="store_true",
