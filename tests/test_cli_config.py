@@ -62,3 +62,27 @@ def test_stage2_strategy_object_from_lightning_cli_yaml(tmp_path):
     (guard,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "MergeGuardCallback"]
     assert type(guard.stage2).__name__ == "ScaleAdversarial" and guard.stage2.steps == 6
     assert guard.stage2.scales == (0.3, 0.5) and guard.report["settings"]["stage2"]["lr"] == 0.01
+
+
+def test_settings_given_alone_from_lightning_cli_yaml(tmp_path):
+    """The type hints let jsonargparse take one number or one name where a list is usual."""
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        TRAINER.format(tmp_path=tmp_path)
+        + """
+    - class_path: lightning_mergeguard.MergeGuardCallback
+      init_args:
+        stage2:
+          class_path: lightning_mergeguard.MergeNeighbourhood
+          init_args: {steps: 2, methods: ties, owner_weights: 1.0, proxies: [1.0, 0.3], surrogates: 1}
+        tolerance: 100.0
+        progress: false
+"""
+    )
+    cli = LightningCLI(TinyClassifier, args=["fit", "--config", str(config)], save_config_callback=None)
+    (guard,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "MergeGuardCallback"]
+    s = guard.stage2.settings()
+    assert s["methods"] == ("ties",) and s["owner_weights"] == (1.0, 1.0) and s["proxies"] == ((1.0, 0.3),)
+    assert guard.stage2_done

@@ -132,7 +132,7 @@ class MergeProbe(Callback):
         self,
         donors: Mapping[str, Any] | Sequence[Any],
         methods: Sequence[str | Mapping[str, Any] | os.PathLike[str]] = ("task_arithmetic",),
-        coefficients: Sequence[float] | None = (0.3,),
+        coefficients: float | Sequence[float] | None = (0.3,),
         eval_dataloaders: Any = None,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,

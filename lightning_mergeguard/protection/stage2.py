@@ -204,7 +204,7 @@ class ScaleAdversarial(Stage2):
 
     Args:
         steps: Optimisation steps.
-        scales: Merge scales sabotaged, each in (0, 1).
+        scales: Merge scales sabotaged, each in (0, 1) (one number: one scale).
         clip: Loss ceiling at the scaled copies.
         lr: Adam learning rate.
         drop_density: Also sabotage DARE-style copies (random keep rate ``drop_density``, rescaled) on every other
@@ -218,7 +218,7 @@ class ScaleAdversarial(Stage2):
     def __init__(
         self,
         steps: int = 300,
-        scales: Sequence[float] = (0.2, 0.3, 0.5),
+        scales: float | Sequence[float] = (0.2, 0.3, 0.5),
         clip: float = 5.0,
         lr: float = 1e-3,
         drop_density: float | None = None,
@@ -308,10 +308,10 @@ class MergeNeighbourhood(Stage2):
     Args:
         steps: Optimisation steps.
         draws: Merges drawn per step.
-        owner_weights: Range of the owner's weight.
-        partner_weights: Range of each partner's weight.
-        methods: Merge families drawn (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``).
-        densities: Range of TIES/DARE densities.
+        owner_weights: Range of the owner's weight (one number: that weight).
+        partner_weights: Range of each partner's weight (one number: that weight).
+        methods: Merge families drawn (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``), or one.
+        densities: Range of TIES/DARE densities (one number: that density).
         partners: Paths of other fine-tunes of the same base (safetensors, HF directories, ...).
         use_probe_donors: Also rehearse against an attached MergeProbe's donors.
         surrogates: Random partners added (``None``: 3 without real partners, else 0).
@@ -319,7 +319,7 @@ class MergeNeighbourhood(Stage2):
         clip: Loss ceiling at a drawn merge.
         lr: Adam learning rate.
         checks: Guard-rail checks.
-        proxies: ``(owner weight, partner weight)`` of the task-arithmetic merges the guard rail scores.
+        proxies: ``(owner weight, partner weight)`` of the task-arithmetic merges the guard rail scores, or one pair.
         seed: Seed of the draws and surrogates.
 
     Example:
@@ -333,10 +333,10 @@ class MergeNeighbourhood(Stage2):
         self,
         steps: int = 300,
         draws: int = 2,
-        owner_weights: Sequence[float] = (0.2, 1.0),
-        partner_weights: Sequence[float] = (0.1, 1.0),
-        methods: Sequence[str] = MERGE_FAMILIES,
-        densities: Sequence[float] = (0.2, 0.8),
+        owner_weights: float | Sequence[float] = (0.2, 1.0),
+        partner_weights: float | Sequence[float] = (0.1, 1.0),
+        methods: str | Sequence[str] = MERGE_FAMILIES,
+        densities: float | Sequence[float] = (0.2, 0.8),
         partners: Sequence[str] = (),
         use_probe_donors: bool = True,
         surrogates: int | None = None,
@@ -344,7 +344,7 @@ class MergeNeighbourhood(Stage2):
         clip: float = 5.0,
         lr: float = 5e-4,
         checks: int = 8,
-        proxies: Sequence[Sequence[float]] = ((1.0, 0.3), (0.3, 0.3)),
+        proxies: Sequence[float] | Sequence[Sequence[float]] = ((1.0, 0.3), (0.3, 0.3)),
         seed: int = 0,
     ) -> None:
         _check_common(steps, clip, lr, checks)
