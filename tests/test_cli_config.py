@@ -21,34 +21,38 @@ trainer:
 """
 
 
-def test_merge_guard_from_lightning_cli_yaml(tmp_path):
+def run_cli(tmp_path, callbacks_yaml: str):
+    """LightningCLI ``fit`` of TinyClassifier with the trainer above and these callbacks; the guard it built."""
     from lightning.pytorch.cli import LightningCLI
 
     config = tmp_path / "config.yaml"
-    config.write_text(
-        TRAINER.format(tmp_path=tmp_path)
-        + f"""
+    config.write_text(TRAINER.format(tmp_path=tmp_path) + callbacks_yaml)
+    cli = LightningCLI(TinyClassifier, args=["fit", "--config", str(config)], save_config_callback=None)
+    guards = [c for c in cli.trainer.callbacks if type(c).__name__ == "MergeGuardCallback"]
+    assert len(guards) == 1
+    return guards[0]
+
+
+def test_merge_guard_from_lightning_cli_yaml(tmp_path):
+    guard = run_cli(
+        tmp_path,
+        f"""
     - class_path: lightning_mergeguard.MergeGuardCallback
       init_args:
         alpha: 0.05
         stage2: negation
         tolerance: 100.0
         report_path: {tmp_path / "report.json"}
-"""
+""",
     )
-    cli = LightningCLI(TinyClassifier, args=["fit", "--config", str(config)], save_config_callback=None)
-    guards = [c for c in cli.trainer.callbacks if type(c).__name__ == "MergeGuardCallback"]
-    assert len(guards) == 1 and guards[0].alpha == 0.05 and guards[0].stage2_done
+    assert guard.alpha == 0.05 and guard.stage2_done
     assert (tmp_path / "report.json").is_file()
 
 
 def test_stage2_strategy_object_from_lightning_cli_yaml(tmp_path):
-    from lightning.pytorch.cli import LightningCLI
-
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        TRAINER.format(tmp_path=tmp_path)
-        + """
+    guard = run_cli(
+        tmp_path,
+        """
     - class_path: lightning_mergeguard.MergeGuardCallback
       init_args:
         stage2:
@@ -56,22 +60,17 @@ def test_stage2_strategy_object_from_lightning_cli_yaml(tmp_path):
           init_args: {steps: 6, lr: 0.01, scales: [0.3, 0.5]}
         tolerance: 100.0
         progress: false
-"""
+""",
     )
-    cli = LightningCLI(TinyClassifier, args=["fit", "--config", str(config)], save_config_callback=None)
-    (guard,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "MergeGuardCallback"]
     assert type(guard.stage2).__name__ == "ScaleAdversarial" and guard.stage2.steps == 6
     assert guard.stage2.scales == (0.3, 0.5) and guard.report["settings"]["stage2"]["lr"] == 0.01
 
 
 def test_settings_given_alone_from_lightning_cli_yaml(tmp_path):
     """The type hints let jsonargparse take one number or one name where a list is usual."""
-    from lightning.pytorch.cli import LightningCLI
-
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        TRAINER.format(tmp_path=tmp_path)
-        + """
+    guard = run_cli(
+        tmp_path,
+        """
     - class_path: lightning_mergeguard.MergeGuardCallback
       init_args:
         stage2:
@@ -79,10 +78,8 @@ def test_settings_given_alone_from_lightning_cli_yaml(tmp_path):
           init_args: {steps: 2, methods: ties, owner_weights: 1.0, proxies: [1.0, 0.3], surrogates: 1}
         tolerance: 100.0
         progress: false
-"""
+""",
     )
-    cli = LightningCLI(TinyClassifier, args=["fit", "--config", str(config)], save_config_callback=None)
-    (guard,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "MergeGuardCallback"]
     s = guard.stage2.settings()
     assert s["methods"] == ("ties",) and s["owner_weights"] == (1.0, 1.0) and s["proxies"] == ((1.0, 0.3),)
     assert guard.stage2_done
