@@ -309,3 +309,55 @@ def test_a_tied_head_saved_by_one_model_and_not_another_merges_and_an_untied_hea
     untied = with_head("a", shift=1.0)
     with pytest.raises(IncompatibleModelsError, match=r"own lm_head.weight, which is not a copy of its input"):
         merge(cfg(tmp_path / "base", [untied, tmp_path / "b"]))
+
+
+def _with_tokenizer(src, dst, vocab, template=None):
+    """A copy of model directory ``src`` with a real (word-level) tokenizer over ``vocab``."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(src, dst)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    if template is not None:
+        fast.chat_template = template
+    fast.save_pretrained(dst)
+    return dst
+
+
+def test_mergekit_tokenizer_settings_are_followed_or_refused_by_name(llama_dirs, tmp_path):
+    from transformers import AutoTokenizer
+
+    vocab = ["<unk>", "hello", "world"]
+    base = _with_tokenizer(llama_dirs["base"], tmp_path / "base", vocab, template="BASE {{ messages }}")
+    a = _with_tokenizer(llama_dirs["a"], tmp_path / "a", vocab, template="A {{ messages }}")
+    b = _with_tokenizer(llama_dirs["b"], tmp_path / "b", [*vocab, "extra"])
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(a), "parameters": {"weight": 0.5}}],
+    }
+    # Default and 'base': the base's tokenizer; a model of the config with the same vocabulary: its tokenizer.
+    assert AutoTokenizer.from_pretrained(merge(cfg, out=tmp_path / "o1")).chat_template == "BASE {{ messages }}"
+    out = merge({**cfg, "tokenizer_source": str(a)}, out=tmp_path / "o2")
+    assert AutoTokenizer.from_pretrained(out).chat_template == "A {{ messages }}"
+    assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()  # the base's architecture
+    # chat_template as Jinja text is written; a union of equal vocabularies is the base's.
+    out = merge({**cfg, "tokenizer_source": "union", "chat_template": "{{ 'hi' }}"}, out=tmp_path / "o3")
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == "{{ 'hi' }}" and tok.convert_tokens_to_ids("world") == 2
+    # Settings that would re-map embedding rows, or name nothing, are refused before anything is written.
+    with_b = {**cfg, "models": [*cfg["models"], {"model": str(b), "parameters": {"weight": 0.5}}]}
+    for config, error, match in [
+        ({**with_b, "tokenizer_source": "union"}, NotImplementedError, r"union of tokenizers that differ \(model"),
+        ({**with_b, "tokenizer_source": str(b)}, NotImplementedError, "its vocabulary differs from the base's"),
+        ({**cfg, "tokenizer_source": "other/model"}, ConfigError, "is neither 'base', 'union' nor a model"),
+        ({**cfg, "chat_template": "chatml"}, NotImplementedError, "give the template's Jinja text"),
+        ({**cfg, "tokenizer": {"source": "base", "tokens": {"x": {}}}}, NotImplementedError, "only its 'source'"),
+    ]:
+        with pytest.raises(error, match=match):
+            merge(config, out=tmp_path / "refused", check_base=False)
+        assert not (tmp_path / "refused").exists()

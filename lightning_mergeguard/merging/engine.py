@@ -47,6 +47,7 @@ from lightning_mergeguard.merging.sources import SafetensorsSource, WeightSource
 from lightning_mergeguard.merging.sources import open_source as _open
 from lightning_mergeguard.merging.spec import TensorContext
 from lightning_mergeguard.merging.tied import reconcile_tied_heads
+from lightning_mergeguard.merging.tokenizer import chat_template_text, tokenizer_directory, write_chat_template
 
 __all__ = ["check_compatible", "check_same_base_sources", "iter_merge", "merge"]
 
@@ -59,6 +60,7 @@ DEFAULT_SHARD_SIZE = "5B"
 """Output shard size, as mergekit's ``--out-shard-size`` default (five billion bytes)."""
 
 _ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+_MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
 _COPY_FILES = (
     "config.json",
     "generation_config.json",
@@ -560,6 +562,12 @@ def merge(
     base_src, donors = _resolve(cfg, models, base, drop_pages=low_memory)
     _refuse_writing_over_inputs(out, target, [*([base_src] if base_src is not None else []), *donors])
     reference = base_src if base_src is not None else donors[0]
+    model_dirs = {m.model: src.directory for m, src in zip(cfg.donors, donors)}
+    if base_src is not None and cfg.base_model is not None:
+        model_dirs[cfg.base_model] = base_src.directory
+    # Checked before anything is written: settings that would need embedding rows re-mapped are refused.
+    tokenizer_dir = tokenizer_directory(cfg.extra, reference.directory, model_dirs)
+    template = chat_template_text(cfg.extra)
     out_dtype = DTYPES[cfg.out_dtype or cfg.dtype]
     specs = []
     for k in reference.keys():
@@ -591,12 +599,14 @@ def merge(
         if out.suffix != ".safetensors":
             for stale in _stale_weight_files(out, written):
                 stale.unlink(missing_ok=True)
-            if reference.directory is not None:
-                for name in _COPY_FILES:
-                    src_file = reference.directory / name
-                    if src_file.is_file():
-                        with atomic_open(out / name, "wb") as dst, open(src_file, "rb") as src:
-                            shutil.copyfileobj(src, dst)
+            for name in _COPY_FILES:  # the base's config; the tokenizer of tokenizer_source (default: the base's)
+                directory = reference.directory if name in _MODEL_CONFIG_FILES else tokenizer_dir
+                src_file = directory / name if directory is not None else None
+                if src_file is not None and src_file.is_file():
+                    with atomic_open(out / name, "wb") as dst, open(src_file, "rb") as src:
+                        shutil.copyfileobj(src, dst)
+            if template is not None:
+                write_chat_template(out, template)
             cfg.to_yaml(
                 out / "mergekit_config.yml",
                 mergekit=not any(
