@@ -101,8 +101,11 @@ def test_fsdp2_resume_and_saved_weights(runs):
 
 
 class _Strategy:
+    """The parts of a Trainer that the callbacks' ``setup`` reads before refusing a strategy."""
+
     def __init__(self, strategy):
         self.strategy = strategy
+        self.callbacks: list = []
 
 
 def test_refuses_tensor_parallelism_and_fsdp1_with_a_hint():
