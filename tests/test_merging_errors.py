@@ -349,6 +349,10 @@ def test_mergekit_tokenizer_settings_are_followed_or_refused_by_name(llama_dirs,
     out = merge({**cfg, "tokenizer_source": "union", "chat_template": "{{ 'hi' }}"}, out=tmp_path / "o3")
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template == "{{ 'hi' }}" and tok.convert_tokens_to_ids("world") == 2
+    # Replacing a merge keeps none of its tokenizer files that the new source lacks (here its chat template).
+    plain = _with_tokenizer(llama_dirs["base"], tmp_path / "plain", vocab)
+    out = merge({**cfg, "base_model": str(plain)}, out=out, check_base=False)
+    assert not (out / "chat_template.jinja").exists() and AutoTokenizer.from_pretrained(out).chat_template is None
     # Settings that would re-map embedding rows, or name nothing, are refused before anything is written.
     with_b = {**cfg, "models": [*cfg["models"], {"model": str(b), "parameters": {"weight": 0.5}}]}
     for config, error, match in [

@@ -605,6 +605,8 @@ def merge(
                 if src_file is not None and src_file.is_file():
                     with atomic_open(out / name, "wb") as dst, open(src_file, "rb") as src:
                         shutil.copyfileobj(src, dst)
+                else:  # a replaced merge's file the new source lacks (a chat template, another vocabulary) goes
+                    (out / name).unlink(missing_ok=True)
             if template is not None:
                 write_chat_template(out, template)
             cfg.to_yaml(
