@@ -603,3 +603,44 @@ def test_probe_gradient_parameters_count_every_layer_of_the_model_not_only_the_i
     )
     assert len(seen) == 2  # the live model, then the merge
     torch.testing.assert_close(seen[1], offline[name], rtol=0, atol=1e-7)
+
+
+class CountingScore:
+    """A score function that counts the batches it scores (the guard rail's and the probe's evaluation budget)."""
+
+    def __init__(self):
+        self.batches = 0
+
+    def __call__(self, module, batch):
+        self.batches += 1
+        return default_score(module, batch)
+
+
+def test_fast_dev_run_checks_stage_2_and_the_probe_quickly_and_writes_nothing(tmp_path):
+    # Lightning's debug run: every hook runs on one batch and no checkpoint is written. Stage 2 runs two steps with
+    # one check on one validation batch (so a broken loss or score shows before a long fit), the probe scores one
+    # batch per task, and a protected model already at save_path/report_path is left as it was.
+    save, report = tmp_path / "protected.safetensors", tmp_path / "report.json"
+    save.write_bytes(b"an earlier protected model")
+    report.write_text("{}")
+    guard_score, probe_score = CountingScore(), CountingScore()
+    guard = MergeGuardCallback(
+        alpha=0.1,
+        stage2=ScaleAdversarial(steps=300, checks=8),
+        score_fn=guard_score,
+        save_path=str(save),
+        report_path=str(report),
+        progress=False,
+    )
+    probe = MergeProbe(
+        donors=donor_states(), methods=["task_arithmetic"], coefficients=[0.5], score_fn=probe_score, progress=False
+    )
+    model = fresh_model()
+    trainer(tmp_path, fast_dev_run=True, callbacks=[guard, probe]).fit(model)
+    assert guard.stage2_done and guard.report["fast_dev_run"] is True
+    assert [c["step"] for c in guard.report["checks"]] == [2]
+    # before + proxy before + one check (score and proxy), one validation batch each
+    assert guard.report["validation_passes"] == 4 and guard_score.batches == 4
+    assert save.read_bytes() == b"an earlier protected model" and report.read_text() == "{}"
+    # The probes at the epoch's end and after stage 2: the live model and the merge on the own task, one batch each.
+    assert len(probe.results) == 2 and probe_score.batches == 4

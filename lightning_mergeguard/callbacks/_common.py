@@ -189,3 +189,27 @@ def as_trained(trainer: pl.Trainer, batches: Iterable[Any]) -> Iterable[Any]:
     if isinstance(batches, list):
         return [convert(b) for b in batches]
     return _Converted(batches, convert)
+
+
+def debug_run_batches(trainer: pl.Trainer, budget: int | None) -> int | None:
+    """``budget`` of evaluation batches, cut to the ``fast_dev_run`` batch count when the trainer runs one."""
+    fast = trainer.fast_dev_run
+    if not fast:
+        return budget
+    n = 1 if fast is True else int(fast)
+    return n if budget is None else min(budget, n)
+
+
+def debug_run_stage2(strategy: Any) -> Any:
+    """A copy of a stage-2 strategy that runs two optimisation steps and one check, for ``fast_dev_run``.
+
+    Strategies without ``steps``/``checks`` (``Negation``, a user's own) run as they are.
+    """
+    import copy
+
+    quick = copy.copy(strategy)
+    for attr, most in (("steps", 2), ("checks", 1)):
+        value = getattr(quick, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(quick, attr, min(value, most))
+    return quick

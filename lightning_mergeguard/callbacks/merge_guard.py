@@ -23,6 +23,8 @@ from typing_extensions import override
 from lightning_mergeguard.adapters import LoraPair, LoraView, is_adapted, lora_redistribution_grad_
 from lightning_mergeguard.callbacks._common import (
     as_trained,
+    debug_run_batches,
+    debug_run_stage2,
     eval_share,
     first_loader,
     is_fsdp2,
@@ -84,6 +86,8 @@ class MergeGuardCallback(Callback):
     was amplified cannot be trained further (refused at the first optimizer step). The report (settings, checks,
     score before/after, validation passes) is written as JSON to ``report_path``; ``save_path`` receives the
     protected weights (safetensors). Checkpoints written by ``ModelCheckpoint`` during fit hold pre-stage-2 weights.
+    Under ``Trainer(fast_dev_run=...)`` stage 2 runs two steps with one check, on as many validation batches as the
+    debug run takes, to show that it runs before a long fit; like Lightning's checkpoints, nothing is written then.
 
     Args:
         alpha: Strength of the stage-1 term (0 disables stage 1).
@@ -462,6 +466,7 @@ class MergeGuardCallback(Callback):
             "task_vector_norm": tau,
             "validation_passes": self._passes,
             "seconds": time.perf_counter() - start,
+            "fast_dev_run": bool(trainer.fast_dev_run),
         }
         self.stage2_done = True
         self._publish(trainer, pl_module)
@@ -473,7 +478,10 @@ class MergeGuardCallback(Callback):
         ctx = self._stage2_context(trainer, pl_module, candidates)
         with torch.no_grad():
             stage1 = {n: p.detach().clone() for n, p in ctx.params.items()}
-        after, extra = self.stage2.run(ctx)
+        # fast_dev_run checks that stage 2 runs (two steps, one check, its batch budget), as quickly as Lightning's
+        # own loops run then; the model is not protected and nothing is written (see _publish).
+        strategy = debug_run_stage2(self.stage2) if trainer.fast_dev_run else self.stage2
+        after, extra = strategy.run(ctx)
         with torch.no_grad():
             # Squared norms of each rank's rows, summed across ranks under FSDP2 (a DTensor's .sum() is a partial).
             like = list(ctx.params.values())
@@ -562,7 +570,8 @@ class MergeGuardCallback(Callback):
         train_loader = first_loader(trainer.train_dataloader)
         if train_loader is None:
             raise ValueError("MergeGuardCallback: stage 2 needs the training dataloader")
-        eval_data, shard = eval_share(eval_loader, self.eval_batches, trainer.global_rank, trainer.world_size)
+        budget = debug_run_batches(trainer, self.eval_batches)
+        eval_data, shard = eval_share(eval_loader, budget, trainer.global_rank, trainer.world_size)
         eval_data = as_trained(trainer, eval_data)
         strategy = trainer.strategy
         self._passes = 0
@@ -623,6 +632,14 @@ class MergeGuardCallback(Callback):
             f"{report['score_after']:.2f} ({report['score_delta']:+.2f} points) in {report['seconds']:.1f} s, "
             f"{report['validation_passes']} validation passes"
         )
+        if trainer.fast_dev_run:  # as Lightning writes no checkpoint then: a debug run replaces no protected model
+            if self.save_path or self.report_path:
+                rank_zero_info(
+                    "MergeGuardCallback: fast_dev_run ran stage 2 for 2 steps to check that it runs; the model is not "
+                    "protected, and save_path/report_path are not written."
+                )
+            trainer.strategy.barrier("mergeguard_stage2")
+            return
         weights = None
         if self.save_path and self._view is None:
             # Every rank takes part in gathering FSDP2 shards (one tensor at a time); rank zero keeps them.

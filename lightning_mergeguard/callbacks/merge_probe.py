@@ -22,6 +22,7 @@ from typing_extensions import override
 from lightning_mergeguard.adapters import LoraView, is_adapted
 from lightning_mergeguard.callbacks._common import (
     as_trained,
+    debug_run_batches,
     eval_share,
     is_fsdp2,
     log_to_loggers,
@@ -344,7 +345,8 @@ class MergeProbe(Callback):
         tasks = {}
         for name, value in loaders.items():
             loader, fn = value if isinstance(value, tuple) else (value, self.score_fn)
-            batches, shard = eval_share(loader, self.eval_batches, trainer.global_rank, trainer.world_size)
+            budget = debug_run_batches(trainer, self.eval_batches)  # fast_dev_run: its batch count
+            batches, shard = eval_share(loader, budget, trainer.global_rank, trainer.world_size)
             tasks[name] = (as_trained(trainer, batches), fn, shard)
         return tasks
 
