@@ -6,9 +6,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
+import torch
 from torch import nn
 
-__all__ = ["filter_names", "group_layers", "name_patterns", "select_parameters"]
+__all__ = ["filter_names", "group_layers", "name_patterns", "refuse_non_finite", "select_parameters"]
 
 T = TypeVar("T")
 
@@ -107,3 +108,30 @@ def group_layers(names: Iterable[str], granularity: str = "block") -> dict[str, 
             key = m.group(1) if m else (name.rsplit(".", 1)[0] if "." in name else name)
         groups.setdefault(key, []).append(name)
     return groups
+
+
+def refuse_non_finite(module: nn.Module, who: str) -> None:
+    """Refuse to protect weights that hold NaN or inf (a diverged fit): stage 2 would score, perturb and save them.
+
+    Counted over every rank's shard under FSDP2, so all ranks raise together.
+
+    Raises:
+        NonFiniteError: Naming up to three of the tensors.
+
+    Example:
+        >>> refuse_non_finite(nn.Linear(2, 2), "stage 2")  # finite: nothing happens
+    """
+    from lightning_mergeguard.errors import NonFiniteError
+    from lightning_mergeguard.sharding import local, sum_across_ranks
+
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        bad = [n for n, p in params.items() if not bool(torch.isfinite(local(p)).all())]
+    total = int(sum_across_ranks(torch.tensor(float(len(bad))), list(params.values())))
+    if total:
+        names = ", ".join(repr(n) for n in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        raise NonFiniteError(
+            f"{who}: the trained weights hold NaN or inf in {total} tensor(s){' (' + names + ')' if names else ''}: "
+            "training diverged, so stage 2 was not applied and nothing was saved. Lower the learning rate or clip "
+            "gradients (Trainer(gradient_clip_val=...)) and train again."
+        )

@@ -34,7 +34,7 @@ from lightning_mergeguard.evaluation import LossFn, default_loss
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, atomic_write_text
 from lightning_mergeguard.merging.engine import check_same_base_sources
 from lightning_mergeguard.merging.sources import StateDictSource, match_names, open_source
-from lightning_mergeguard.parameters import name_patterns, select_parameters
+from lightning_mergeguard.parameters import name_patterns, refuse_non_finite, select_parameters
 from lightning_mergeguard.protection.stage2 import (
     DEFAULT_STAGE2_EXCLUDE,
     MergeNeighbourhood,
@@ -90,6 +90,7 @@ def protect_module(
         ``amplify``, ``amplify`` (the symmetries applied or why not, the score after them, whether they were reverted).
     """
     stage2 = stage2 or ScaleAdversarial(steps=150)
+    refuse_non_finite(module, "protect_module")
     src = open_source(base, name="base")
     candidates = select_parameters(module, name_patterns(include, "include"), name_patterns(exclude, "exclude") or [])
     names = match_names(candidates, src.keys(), what="base", missing="skip")  # a task head the base lacks stays out

@@ -545,3 +545,27 @@ def test_stage_2_must_come_after_weight_averaging_which_replaces_the_weights_at_
         trainer(tmp_path, max_epochs=2, callbacks=[make(), guard]).fit(model)
         weights = load_file(saved)
         assert guard.stage2_done and all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+class Diverge(pl.Callback):
+    """Puts one NaN into the weights at the end of training (a fit whose loss diverged), before the guard runs."""
+
+    def on_train_end(self, trainer, pl_module):
+        with torch.no_grad():
+            pl_module.net[0].weight[0, 0] = float("inf")
+
+
+def test_diverged_weights_are_refused_not_protected_and_saved(tmp_path):
+    from lightning_mergeguard.errors import NonFiniteError
+    from lightning_mergeguard.posthoc import protect_module
+
+    save = tmp_path / "protected.safetensors"
+    guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=4, checks=2), save_path=str(save), progress=False)
+    with pytest.raises(NonFiniteError, match=r"NaN or inf in 1 tensor\(s\) \('net.0.weight'\): training diverged"):
+        trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[Diverge(), guard]).fit(TinyClassifier())
+    assert not save.exists() and not guard.stage2_done and guard.report is None
+    # The post-hoc path refuses the same weights before reading the base.
+    model = TinyClassifier()
+    Diverge().on_train_end(None, model)
+    with pytest.raises(NonFiniteError, match="protect_module: the trained weights hold NaN or inf"):
+        protect_module(model, tmp_path / "no-base-needed", [], lambda m: 0.0)

@@ -34,9 +34,10 @@ from lightning_mergeguard.callbacks._common import (
     validation_loader,
     weight_replacers_after,
 )
+from lightning_mergeguard.errors import NonFiniteError
 from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
-from lightning_mergeguard.parameters import filter_names, name_patterns, select_parameters
+from lightning_mergeguard.parameters import filter_names, name_patterns, refuse_non_finite, select_parameters
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_, redistribution_value
 from lightning_mergeguard.protection.stage2 import (
     DEFAULT_STAGE2_EXCLUDE,
@@ -383,6 +384,8 @@ class MergeGuardCallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning skips on_train_end when fit is interrupted: the weights in memory are stage 1's, unprotected.
+        if isinstance(exception, NonFiniteError):
+            return  # the error says it all: there is nothing worth protecting
         if self.stage2 is not None and not self.stage2_done and trainer.state.fn == "fit":
             rank_zero_warn(
                 f"MergeGuardCallback: fit stopped with {type(exception).__name__}, so stage 2 was not applied and the "
@@ -563,6 +566,7 @@ class MergeGuardCallback(Callback):
         params = {n: p for n, p in candidates.items() if n in self.reference}
         if not params:
             raise ValueError("MergeGuardCallback: stage 2 excludes every parameter; loosen stage2_exclude")
+        refuse_non_finite(pl_module, "MergeGuardCallback")
         eval_loader = validation_loader(trainer)
         if eval_loader is None:
             rank_zero_warn("MergeGuardCallback: no validation dataloader; scoring stage 2 on training batches.")
