@@ -82,6 +82,29 @@ class ReferenceWeights:
         """Whether the reference is a snapshot of the live weights (then checkpoints must carry it)."""
         return self.source is None
 
+    def refuse_resumed_snapshot(self, ckpt_path: str | os.PathLike[str] | None, who: str, settings: str) -> None:
+        """Refuse to snapshot the weights of a fit resumed from a checkpoint that does not carry this reference.
+
+        A snapshot is taken at fit start, after Lightning restored the checkpoint: the weights are then trained
+        ones, and every task vector would be measured from them instead of from ``theta_pre``.
+
+        Args:
+            ckpt_path: The checkpoint the fit resumes (``trainer.ckpt_path``), or ``None``.
+            who: The callback, for the message.
+            settings: The arguments that name the callback's state in a checkpoint, for the message.
+
+        Raises:
+            ValueError: A snapshot reference, not yet taken nor restored, in a resumed fit.
+        """
+        if ckpt_path is None or not self.is_snapshot or self._tensors or self._restored is not None:
+            return
+        raise ValueError(
+            f"{who}: this fit resumes {os.fspath(ckpt_path)!r}, which holds no reference weights for this callback "
+            f"(it was written without {who}, or with other {settings}, which name the callback's state), so the "
+            "weights at fit start are trained ones, not the pretrained weights theta_pre a snapshot needs. Pass "
+            "reference=<the pretrained weights> (a path or a state dict), or the settings of the run that wrote it."
+        )
+
     def _store(self, name: str, tensor: Tensor, like: Tensor) -> None:
         if tuple(tensor.shape) != tuple(like.shape):
             raise IncompatibleModelsError(

@@ -569,3 +569,29 @@ def test_diverged_weights_are_refused_not_protected_and_saved(tmp_path):
     Diverge().on_train_end(None, model)
     with pytest.raises(NonFiniteError, match="protect_module: the trained weights hold NaN or inf"):
         protect_module(model, tmp_path / "no-base-needed", [], lambda m: 0.0)
+
+
+def test_resuming_a_checkpoint_without_the_callbacks_reference_needs_the_pretrained_weights(tmp_path):
+    # A fit resumed from a checkpoint written without the guard (or with other alpha/target, which name its state):
+    # a snapshot at fit start would take the trained weights as theta_pre (it did, silently).
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_mergeguard import MergeProbe
+
+    pl.seed_everything(0)
+    model = TinyClassifier()
+    pre = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(tmp_path, max_epochs=1, callbacks=[checkpoints], enable_checkpointing=True).fit(model)
+    last = str(tmp_path / "last.ckpt")
+    donors = {"d": {k: v + 0.01 for k, v in pre.items()}}
+    for callback, who in [
+        (MergeGuardCallback(alpha=0.1, stage2="none"), "MergeGuardCallback"),
+        (MergeProbe(donors=donors, eval_dataloaders=DataLoader(blobs(64, 1), batch_size=32)), "MergeProbe"),
+    ]:
+        with pytest.raises(ValueError, match=rf"{who}: this fit resumes .*last.ckpt', which holds no reference"):
+            trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(TinyClassifier(), ckpt_path=last)
+    # Given the pretrained weights, the resumed fit measures from them.
+    guard = MergeGuardCallback(alpha=0.1, stage2="none", reference=pre)
+    trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(TinyClassifier(), ckpt_path=last)
+    assert all(torch.equal(guard.reference[n], pre[n]) for n in pre)

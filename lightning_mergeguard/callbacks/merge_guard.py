@@ -278,6 +278,8 @@ class MergeGuardCallback(Callback):
             self._pairs = filter_names(self._view.pairs, self.include, self.exclude)
             trained = {n: p for n, p in self._view.params.items() if p.requires_grad and n not in self._view.pairs}
             self._params = filter_names(trained, self.include, self.exclude)
+            if self._params:  # modules trained in full are snapshotted; the adapters' base weights are pretrained
+                self.reference.refuse_resumed_snapshot(trainer.ckpt_path, "MergeGuardCallback", "alpha/target")
             base = self._view.base_tensors()
             self.reference.resolve({n: base[n] for n in [*self._params, *self._pairs]})
             if not (self._params or self._pairs):
@@ -287,6 +289,7 @@ class MergeGuardCallback(Callback):
         self._params = select_parameters(pl_module, self.include, self.exclude)
         if not self._params:
             raise ValueError("MergeGuardCallback: no trainable parameters match include/exclude")
+        self.reference.refuse_resumed_snapshot(trainer.ckpt_path, "MergeGuardCallback", "alpha/target")
         self.reference.resolve(self._params)
         self._judged = {id(p) for p in self._params.values()}
         if (

@@ -279,6 +279,8 @@ class MergeProbe(Callback):
         else:
             self._view = None
             self._params = select_parameters(pl_module, self.include, self.exclude)
+            if self._reference is self._own_reference:  # a guard's reference is checked by the guard
+                self._reference.refuse_resumed_snapshot(trainer.ckpt_path, "MergeProbe", "donors/methods")
             self._reference.resolve(self._params)
         if not self._params:
             raise ValueError("MergeProbe: no trainable parameters match include/exclude")
