@@ -644,3 +644,33 @@ def test_fast_dev_run_checks_stage_2_and_the_probe_quickly_and_writes_nothing(tm
     assert save.read_bytes() == b"an earlier protected model" and report.read_text() == "{}"
     # The probes at the epoch's end and after stage 2: the live model and the merge on the own task, one batch each.
     assert len(probe.results) == 2 and probe_score.batches == 4
+
+
+def test_probe_metrics_are_callback_metrics_that_model_checkpoint_can_monitor(tmp_path):
+    # "Ordinary Lightning metrics": ModelCheckpoint/EarlyStopping read trainer.callback_metrics, which the probe's
+    # values (logged from hooks where self.log is refused) had not joined.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    key = "mergeprobe/task_arithmetic@0.5/own/acc"
+    probe = MergeProbe(
+        donors=donor_states(),
+        methods=["task_arithmetic"],
+        coefficients=[0.5],
+        every_n_steps=4,
+        every_n_epochs=None,
+        probe_on_train_end=False,
+        progress=False,
+    )
+    best = ModelCheckpoint(dirpath=tmp_path, monitor=key, mode="min", save_top_k=1)
+    t = trainer(
+        tmp_path,
+        max_epochs=3,
+        limit_train_batches=4,
+        callbacks=[probe, best],
+        enable_checkpointing=True,
+    )
+    t.fit(fresh_model())
+    values = [r[key] for r in probe.results]
+    assert len(values) == 3 and float(t.callback_metrics[key]) == pytest.approx(values[-1])
+    assert float(best.best_model_score) == pytest.approx(min(values))
+    assert f"epoch={values.index(min(values))}" in best.best_model_path

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 _SHARDED = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"}
@@ -91,7 +92,12 @@ def weight_replacers_after(trainer: pl.Trainer, callback: Any) -> list[str]:
 
 
 def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
-    """Log from hooks where ``LightningModule.log`` is refused (as ``LearningRateMonitor`` does), on rank zero."""
+    """Log from hooks where ``LightningModule.log`` is refused (as ``LearningRateMonitor`` does), on rank zero.
+
+    The values also join ``trainer.callback_metrics`` on every rank (they are the same on every rank: each is reduced
+    across ranks), so ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping(monitor=...)`` can watch them.
+    """
+    trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
     if not trainer.is_global_zero or not trainer.loggers:
         return
     for logger in trainer.loggers:
