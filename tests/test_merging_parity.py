@@ -273,3 +273,28 @@ def test_gradient_parameters_match_mergekit(case, deep_llama_dirs, tmp_path):
     at_first = merge(_first_values(cfg))
     last = "model.layers.4.mlp.up_proj.weight"
     assert float((ours[last] - at_first[last]).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("where", ["listed", "top_level_weight"])
+def test_linear_averages_a_base_model_the_config_names(where, llama_dirs, tmp_path):
+    # mergekit gathers base_model's tensors with the models', and linear averages every tensor it gathers: the
+    # base at its own weight (its models[] entry, or the top-level weight). The engine had left the base out.
+    cfg = config("linear", llama_dirs, weights=(0.6, 0.3))
+    cfg["base_model"] = str(llama_dirs["base"])
+    if where == "listed":
+        cfg["models"].append({"model": str(llama_dirs["base"]), "parameters": {"weight": 0.1}})
+    else:
+        cfg["parameters"] = {"weight": 0.2}
+    ours = merge(cfg)
+    assert max_diff(ours, run_mergekit(cfg, tmp_path / "mk")) <= 1e-6
+    without = {**cfg, "models": cfg["models"][:2]}
+    del without["base_model"]
+    assert max_diff(ours, merge(without)) > 1e-3  # the base counts
+
+
+def test_linear_refuses_a_base_model_without_a_weight(llama_dirs):
+    # mergekit fails on it (the base's weight is None); the engine names the fix.
+    cfg = config("linear", llama_dirs)
+    cfg["base_model"] = str(llama_dirs["base"])
+    with pytest.raises(ValueError, match=r"averages base_model .* and needs its 'weight': list it under models"):
+        merge(cfg)

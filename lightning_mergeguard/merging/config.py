@@ -299,6 +299,18 @@ class MergeConfig:
         """The models merged into the base (entries equal to ``base_model`` excluded)."""
         return [m for m in self.models if m.model != self.base_model]
 
+    @property
+    def weighted_entries(self) -> list[ModelEntry]:
+        """The entries whose parameters ``merge_tensor`` gets, in order.
+
+        The base's first for a method that merges the base as one more model (``linear``; its ``models[]`` entry, or
+        an empty one), then the donors'.
+        """
+        if not (self.method.base_is_model and self.base_model):
+            return self.donors
+        base = next((m for m in self.models if m.model == self.base_model), ModelEntry(self.base_model))
+        return [base, *self.donors]
+
     def validate(self) -> MethodSpec:
         """Check method, parameter names and values, and model counts; raise a ``ValueError`` naming the problem."""
         spec = self.method
@@ -348,7 +360,7 @@ class MergeConfig:
                         f"{_unweighted(spec, name)}"
                     )
                 _check_setting(f"models[{i}] ({m.model})", name, value, spec.model_params[name])
-            if m.model == self.base_model:
+            if m.model == self.base_model and not spec.base_is_model:
                 continue
             for name, param in spec.model_params.items():
                 if param.default is REQUIRED and name not in m.parameters and name not in self.parameters:
@@ -359,6 +371,14 @@ class MergeConfig:
                 }
                 if not any(isinstance(v, (list, Mapping)) for v in settings.values()):  # filtered: checked per tensor
                     spec.check_params(f"models[{i}] ({m.model})", settings)
+        if spec.base_is_model and self.base_model and all(m.model != self.base_model for m in self.models):
+            for name, param in spec.model_params.items():
+                if param.default is REQUIRED and name not in self.parameters:
+                    raise ConfigError(
+                        f"merge_method {spec.name!r} averages base_model {self.base_model!r} with the models, as "
+                        f"mergekit does, and needs its {name!r}: list it under models with one (or give a top-level "
+                        f"{name!r}), or drop base_model to merge the models alone"
+                    )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         return spec

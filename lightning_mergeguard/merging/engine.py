@@ -239,6 +239,7 @@ def iter_merge(
     names = list(keys) if keys is not None else reference.keys()
     others = donors if base_src is not None else donors[1:]
     positions = _layer_positions(cfg, reference.keys() if layer_names is None else layer_names)
+    entries = cfg.weighted_entries  # whose parameters merge_tensor gets: linear's base first, then the donors
 
     def chunked(key: str) -> bool:
         if not spec.elementwise or dev.type != "cpu":
@@ -269,7 +270,7 @@ def iter_merge(
         stream, total=len(names), desc=f"merge ({spec.name})", unit="tensor", disable=not progress, leave=False
     ):
         t = positions.get(key, 0.0)
-        params = [cfg.model_params(m, key, t) for m in cfg.donors]
+        params = [cfg.model_params(m, key, t) for m in entries]
         ctx = TensorContext(key=key, seed=seed, prepared=prepared)
         shared = cfg.shared_params(key, t)
 

@@ -49,12 +49,14 @@ def linear_merge(tensors: Sequence[Tensor], weights: Sequence[float], *, normali
 SPEC = MethodSpec(
     name="linear",
     # (base, tensors, model params, shared params, ctx) -> merged tensor
+    # mergekit averages a base_model named by the config with the models, at the base's own weight
     merge_tensor=lambda base, tensors, params, shared, ctx: linear_merge(
-        tensors, [p["weight"] for p in params], normalize=shared["normalize"]
+        [*([base] if base is not None else []), *tensors], [p["weight"] for p in params], normalize=shared["normalize"]
     ),
     shared_params={"normalize": flag(True)},
     model_params={"weight": WEIGHT},
     needs_base=False,
-    description="weighted average of the models' weights",
+    base_is_model=True,
+    description="weighted average of the models' weights (and of base_model's, if the config names one)",
     elementwise=True,
 )

@@ -155,6 +155,9 @@ class MethodSpec:
         elementwise: Whether ``merge_tensor`` acts on each entry on its own (a weighted sum: linear, task
             arithmetic), so that merging slices of the flattened tensors gives the same bytes. The engine then merges
             large tensors in cache-sized chunks, reusing its buffers.
+        base_is_model: Whether a ``base_model``, when the config names one, is merged as one more model with its
+            own ``models[]`` parameters, as mergekit gathers the base's tensors with the others' (``linear``):
+            ``merge_tensor`` then gets the base's parameters first, ``[base, *donors]``.
     """
 
     name: str
@@ -170,6 +173,7 @@ class MethodSpec:
     prepare: PrepareFn | None = None
     check_params: CheckFn | None = None
     elementwise: bool = False
+    base_is_model: bool = False
 
     @property
     def all_shared_params(self) -> dict[str, Param]:
