@@ -148,6 +148,9 @@ def _spec_from_mapping(method: Mapping[str, Any], donors: Sequence[str], coeffic
             "models": [{"model": m, "parameters": dict(params)} for m in models],
             "parameters": shared,
         }
+    # In float32, whatever dtype the reference is kept in (reference_dtype="bfloat16"): the merged weights are
+    # written into the live parameters, not saved.
+    cfg.setdefault("dtype", "float32")
     return ProbeSpec(label=label, config=MergeConfig.from_dict(cfg))
 
 

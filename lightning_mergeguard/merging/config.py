@@ -187,8 +187,10 @@ class MergeConfig:
         models: Models to merge. An entry whose ``model`` equals ``base_model`` is the base, not a donor.
         base_model: Reference of the base model (required by all methods but ``linear``).
         parameters: Method-level parameters (``normalize``, ``lambda``, ``rescale``, ``t``...).
-        dtype: Compute dtype (default ``float32``).
-        out_dtype: Output dtype (default: ``dtype``).
+        dtype: Compute dtype; ``None`` (not in the YAML): ``float32`` here, and each tensor is written in the
+            dtype it is stored in, as mergekit writes it (bfloat16 models merge into a bfloat16 model; mergekit also
+            computes in that dtype, so the two differ by that dtype's rounding).
+        out_dtype: Output dtype (default: ``dtype``, else each tensor's stored dtype).
         seed: Seed for randomized methods (DARE); not part of mergekit's YAML (mergekit takes
             ``--random-seed`` on its command line).
         extra: Keys kept for a faithful round trip (``tokenizer_source``, ``chat_template``...).
@@ -212,7 +214,7 @@ class MergeConfig:
     models: list[ModelEntry]
     base_model: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "float32"
+    dtype: str | None = None
     out_dtype: str | None = None
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -251,7 +253,7 @@ class MergeConfig:
             models=models,
             base_model=None if data.get("base_model") is None else str(data["base_model"]),
             parameters=dict(data.get("parameters") or {}),
-            dtype=str(data.get("dtype") or "float32"),
+            dtype=None if data.get("dtype") is None else str(data["dtype"]),
             out_dtype=None if data.get("out_dtype") is None else str(data["out_dtype"]),
             seed=data.get("seed"),
             extra={k: copy.deepcopy(data[k]) for k in _PASSTHROUGH if k in data},
@@ -295,6 +297,22 @@ class MergeConfig:
         return get_method(self.merge_method)
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype tensors are merged in: ``dtype``, else ``float32``."""
+        return DTYPES[self.dtype or "float32"]
+
+    def output_dtype(self, stored: torch.dtype) -> torch.dtype:
+        """The dtype a floating tensor stored as ``stored`` (in the base, or the first model) is written in.
+
+        ``out_dtype``, else ``dtype``, else ``stored`` as mergekit keeps it, except a storage-only dtype (float8),
+        which is written in the compute dtype.
+        """
+        name = self.out_dtype or self.dtype
+        if name is not None:
+            return DTYPES[name]
+        return stored if stored in DTYPES.values() else self.compute_dtype
+
+    @property
     def donors(self) -> list[ModelEntry]:
         """The models merged into the base (entries equal to ``base_model`` excluded)."""
         return [m for m in self.models if m.model != self.base_model]
@@ -314,7 +332,7 @@ class MergeConfig:
     def validate(self) -> MethodSpec:
         """Check method, parameter names and values, and model counts; raise a ``ValueError`` naming the problem."""
         spec = self.method
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.out_dtype is not None and self.out_dtype not in DTYPES:
             raise ConfigError(f"unknown out_dtype {self.out_dtype!r}; expected one of {', '.join(DTYPES)}")
@@ -440,7 +458,8 @@ class MergeConfig:
         ]
         if params:
             out["parameters"] = copy.deepcopy(params)
-        out["dtype"] = self.dtype
+        if self.dtype is not None:
+            out["dtype"] = self.dtype
         if self.out_dtype is not None:
             out["out_dtype"] = self.out_dtype
         if self.seed is not None and not mergekit:

@@ -41,7 +41,7 @@ from lightning_mergeguard.merging.base_check import (
     relative_distance,
     tensors_to_compare,
 )
-from lightning_mergeguard.merging.config import DTYPES, MergeConfig
+from lightning_mergeguard.merging.config import MergeConfig
 from lightning_mergeguard.merging.layers import LAYER_STACKS, layer_fractions, layer_index
 from lightning_mergeguard.merging.sources import SafetensorsSource, WeightSource, count_nonfinite, read_checked
 from lightning_mergeguard.merging.sources import open_source as _open
@@ -231,8 +231,7 @@ def iter_merge(
     check_compatible(reference, donors if base_src is not None else donors[1:])
     if check_base:
         check_same_base_sources(reference, donors if base_src is not None else donors[1:], device=device)
-    compute = DTYPES[cfg.dtype]
-    out_dtype = DTYPES[cfg.out_dtype or cfg.dtype]
+    compute = cfg.compute_dtype
     dev = torch.device(device)
     seed = cfg.seed if seed is None else seed
     prepared = spec.prepare(cfg, base_src, donors, dev) if spec.prepare is not None else None
@@ -280,6 +279,7 @@ def iter_merge(
             return spec.merge_tensor(parts[0], parts[1:], params, shared, ctx)
 
         if loaded is None:
+            out_dtype = cfg.output_dtype(reference.meta(key)[1])
             merged, bad = _merge_chunked(key, [reference, *others], merge_one, compute, out_dtype, scratch)
         else:
             ref_t, tensors = loaded
@@ -287,13 +287,13 @@ def iter_merge(
             if not ref_t.is_floating_point():
                 yield key, ref_t
                 continue
-            merged = merge_one([ref_t, *tensors]).to(out_dtype)
+            merged = merge_one([ref_t, *tensors]).to(cfg.output_dtype(reference.meta(key)[1]))
             del tensors, ref_t
             bad = count_nonfinite(merged)
         if bad:
             raise NonFiniteError(
                 f"the merge produced {bad} NaN/Inf value(s) in tensor {key!r} (finite inputs: do the weights or "
-                f"lambda overflow {cfg.out_dtype or cfg.dtype}?); nothing was written"
+                f"lambda overflow {cfg.output_dtype(reference.meta(key)[1])}?); nothing was written"
             )
         yield key, merged
         del merged
@@ -569,11 +569,10 @@ def merge(
     # Checked before anything is written: settings that would need embedding rows re-mapped are refused.
     tokenizer_dir = tokenizer_directory(cfg.extra, reference.directory, model_dirs)
     template = chat_template_text(cfg.extra)
-    out_dtype = DTYPES[cfg.out_dtype or cfg.dtype]
     specs = []
     for k in reference.keys():
         shape, dt = reference.meta(k)
-        specs.append((k, out_dtype if dt.is_floating_point else dt, shape))
+        specs.append((k, cfg.output_dtype(dt) if dt.is_floating_point else dt, shape))
     metadata = {"format": "pt", "merge_method": cfg.merge_method}
     writer: ShardedSafetensorsWriter | StreamingSafetensorsWriter
     if out.suffix == ".safetensors":
