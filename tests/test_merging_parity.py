@@ -325,3 +325,11 @@ def test_without_dtype_a_bfloat16_model_merges_into_a_bfloat16_model(llama_dirs,
         ].dtype
         == torch.float32
     )
+
+
+def test_linear_without_base_model_ignores_a_base_given_as_reference(llama_dirs):
+    # merge(cfg, base=...) with a linear config naming no base_model: the base is the reference for the base check
+    # (and the probe's offline merges), not a model of the average.
+    cfg = config("linear", llama_dirs, weights=(0.6, 0.3))
+    alone = merge(cfg)
+    assert max_diff(merge(cfg, base=str(llama_dirs["base"])), alone) == 0.0

@@ -276,6 +276,8 @@ def iter_merge(
         def merge_one(parts: list[Tensor], params=params, shared=shared, ctx=ctx) -> Tensor:
             if base_src is None:
                 return spec.merge_tensor(None, parts, params, shared, ctx)
+            if spec.base_is_model and not cfg.base_model:  # base= given only as the reference (base checks)
+                return spec.merge_tensor(None, parts[1:], params, shared, ctx)
             return spec.merge_tensor(parts[0], parts[1:], params, shared, ctx)
 
         if loaded is None:
