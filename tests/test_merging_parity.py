@@ -333,3 +333,51 @@ def test_linear_without_base_model_ignores_a_base_given_as_reference(llama_dirs)
     cfg = config("linear", llama_dirs, weights=(0.6, 0.3))
     alone = merge(cfg)
     assert max_diff(merge(cfg, base=str(llama_dirs["base"])), alone) == 0.0
+
+
+def _entry(paths, name, **params):
+    return {"model": str(paths[name]), **({"parameters": params} if params else {})}
+
+
+USER_CONFIGS = {
+    # Settings users write that the cases above do not cover, each checked against mergekit.
+    "ties_top_level_weight_per_model_density": lambda p: {
+        "merge_method": "ties",
+        "base_model": str(p["base"]),
+        "parameters": {"weight": 0.7},
+        "models": [_entry(p, "a", density=0.3), _entry(p, "b", density=0.6)],
+    },
+    "task_arithmetic_negative_weight": lambda p: {
+        "merge_method": "task_arithmetic",
+        "base_model": str(p["base"]),
+        "models": [_entry(p, "a", weight=1.0), _entry(p, "b", weight=-0.5)],
+    },
+    "slerp_filtered_t": lambda p: {
+        "merge_method": "slerp",
+        "base_model": str(p["a"]),
+        "parameters": {"t": [{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": 0.7}, {"value": 0.5}]},
+        "models": [_entry(p, "a"), _entry(p, "b")],
+    },
+    "task_arithmetic_bfloat16_lambda": lambda p: {
+        "merge_method": "task_arithmetic",
+        "base_model": str(p["base"]),
+        "dtype": "bfloat16",
+        "parameters": {"lambda": 0.7},
+        "models": [_entry(p, "a", weight=0.5), _entry(p, "b", weight=0.5)],
+    },
+    "task_arithmetic_out_dtype": lambda p: {
+        "merge_method": "task_arithmetic",
+        "base_model": str(p["base"]),
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+        "models": [_entry(p, "a", weight=0.5), _entry(p, "b", weight=0.5)],
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_CONFIGS))
+def test_user_config_parity(case, llama_dirs, tmp_path):
+    cfg = USER_CONFIGS[case](llama_dirs)
+    ours, theirs = merge(copy.deepcopy(cfg)), run_mergekit(copy.deepcopy(cfg), tmp_path / "mk")
+    assert {t.dtype for t in ours.values()} == {t.dtype for t in theirs.values()}
+    assert max_diff(ours, theirs) == 0.0
