@@ -365,3 +365,41 @@ def test_mergekit_tokenizer_settings_are_followed_or_refused_by_name(llama_dirs,
         with pytest.raises(error, match=match):
             merge(config, out=tmp_path / "refused", check_base=False)
         assert not (tmp_path / "refused").exists()
+
+
+def test_hub_ids_are_fetched_as_mergekit_does(llama_dirs, monkeypatch):
+    # mergekit takes Hugging Face Hub ids (org/name, org/name@revision) for models it downloads; the engine had
+    # refused them ("no model at org/name"). They are fetched with huggingface_hub (its cache when offline).
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision))
+        assert "*.safetensors" in allow_patterns
+        return str(llama_dirs[repo_id.split("/")[1]])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+
+    def cfg(ref):
+        return {
+            "merge_method": "task_arithmetic",
+            "base_model": ref("base"),
+            "models": [
+                {"model": ref("a"), "parameters": {"weight": 0.5}},
+                {"model": ref("b"), "parameters": {"weight": 0.5}},
+            ],
+        }
+
+    hub = merge(cfg(lambda n: f"org/{n}@v1" if n == "a" else f"org/{n}"))
+    local = merge(cfg(lambda n: str(llama_dirs[n])))
+    assert set(hub) == set(local) and all(torch.equal(hub[k], local[k]) for k in local)
+    assert ("org/a", "v1") in calls and ("org/base", None) in calls
+    # A Hub that cannot be reached (and no cache) names the id and the reason; a path that is no Hub id is not tried.
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(
+        FileNotFoundError, match=r"'org/a' could not be fetched from the Hugging Face Hub \(OSError: offline\)"
+    ):
+        merge(cfg(lambda n: f"org/{n}"))
+    with pytest.raises(FileNotFoundError, match=r"^no model at nope$"):
+        open_source("nope")

@@ -27,6 +27,7 @@ from lightning_mergeguard.errors import IncompatibleModelsError, WeightsFileErro
 from lightning_mergeguard.merging.sources import (
     WeightSource,
     _load_pickle_weights,
+    hub_directory,
     match_names,
     open_source,
     read_json,
@@ -98,6 +99,8 @@ class LoraSource(WeightSource):
 
     def __init__(self, base: Any, adapter: str | Path, name: str | None = None) -> None:
         self.adapter = Path(adapter)
+        if not self.adapter.exists():  # mergekit's BASE+ADAPTER takes Hub ids for either part
+            self.adapter = hub_directory(str(adapter)) or self.adapter
         self.base = open_source(base, name="LoRA base")
         self.name = name or f"{getattr(self.base, 'name', 'base')}+{self.adapter}"
         self.config = self.base.config

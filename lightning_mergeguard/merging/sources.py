@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -342,6 +343,44 @@ def _index_shards(index: Path) -> list[Path]:
     return shards
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.jinja"]
+
+
+def hub_directory(reference: str) -> Path | None:
+    """The local directory of a Hugging Face Hub model id (``org/name`` or ``org/name@revision``), as mergekit takes.
+
+    The weights (safetensors, else ``.bin``), configs and tokenizer files are fetched with ``huggingface_hub``
+    (from its cache when they are there, e.g. with ``HF_HUB_OFFLINE=1``). ``None`` when ``reference`` does not look
+    like a Hub id.
+
+    Raises:
+        FileNotFoundError: The id could not be fetched (offline and not cached, unknown, gated...), with the reason.
+
+    Example:
+        >>> hub_directory("./not/a-hub-id") is None
+        True
+    """
+    if not _HUB_ID.match(reference):
+        return None
+    repo_id, _, revision = reference.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=_HUB_FILES))
+        if not any(local.glob("*.safetensors")):  # an older repository: the pickled weights
+            local = Path(
+                snapshot_download(repo_id, revision=revision or None, allow_patterns=[*_HUB_FILES, "*.bin", "*.pt"])
+            )
+    except Exception as err:  # offline and not cached, not found, gated, no huggingface_hub
+        reason = str(err).splitlines()[0] if str(err) else repr(err)
+        raise FileNotFoundError(
+            f"no model at {reference}, and {reference!r} could not be fetched from the Hugging Face Hub "
+            f"({type(err).__name__}: {reason}); pass a local path, or fetch it where the Hub can be reached"
+        ) from err
+    return local
+
+
 def open_source(obj: Any, name: str | None = None, *, drop_pages: bool = False) -> WeightSource:
     """Turn whatever the user passed into a :class:`WeightSource`.
 
@@ -350,7 +389,8 @@ def open_source(obj: Any, name: str | None = None, *, drop_pages: bool = False) 
             ``.bin``/``.pt``/``.pth``/``.ckpt`` file (loaded with ``weights_only=True``), or a Hugging Face model
             directory (``model.safetensors``, sharded safetensors with an index, or ``pytorch_model.bin``); or
             mergekit's ``BASE+ADAPTER`` for a PEFT LoRA adapter applied to its base
-            (:class:`~lightning_mergeguard.merging.lora.LoraSource`).
+            (:class:`~lightning_mergeguard.merging.lora.LoraSource`); or, as in mergekit, a Hugging Face Hub id
+            (``org/name``, ``org/name@revision``) where no such path exists (:func:`hub_directory`).
         name: Name for error messages (defaults to the path).
         drop_pages: Safetensors files only: drop each tensor's pages from the page cache once read.
 
@@ -358,7 +398,8 @@ def open_source(obj: Any, name: str | None = None, *, drop_pages: bool = False) 
         The source.
 
     Raises:
-        FileNotFoundError: If a path does not exist or a directory holds no weights.
+        FileNotFoundError: If a path does not exist (and is no Hub id that can be fetched, see
+            :func:`hub_directory`) or a directory holds no weights.
         TypeError: For an unsupported object.
     """
     if isinstance(obj, WeightSource):
@@ -387,7 +428,10 @@ def open_source(obj: Any, name: str | None = None, *, drop_pages: bool = False) 
         one.files = (path,)
         return one
     if not path.is_dir():
-        raise FileNotFoundError(f"no model at {path}")
+        hub = hub_directory(str(obj))
+        if hub is None:
+            raise FileNotFoundError(f"no model at {path}")
+        path = hub
     config = _read_config(path)
     # The same file transformers would read: model.safetensors, then its index, then the .bin forms.
     src: WeightSource
