@@ -122,11 +122,12 @@ def refuse_non_finite(module: nn.Module, who: str) -> None:
         >>> refuse_non_finite(nn.Linear(2, 2), "stage 2")  # finite: nothing happens
     """
     from lightning_mergeguard.errors import NonFiniteError
+    from lightning_mergeguard.merging.sources import count_nonfinite
     from lightning_mergeguard.sharding import local, sum_across_ranks
 
     params = dict(module.named_parameters())
     with torch.no_grad():
-        bad = [n for n, p in params.items() if not bool(torch.isfinite(local(p)).all())]
+        bad = [n for n, p in params.items() if count_nonfinite(local(p))]
     total = int(sum_across_ranks(torch.tensor(float(len(bad))), list(params.values())))
     if total:
         names = ", ".join(repr(n) for n in bad[:3]) + (" ..." if len(bad) > 3 else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -211,8 +212,6 @@ def debug_run_stage2(strategy: Any) -> Any:
 
     Strategies without ``steps``/``checks`` (``Negation``, a user's own) run as they are.
     """
-    import copy
-
     quick = copy.copy(strategy)
     for attr, most in (("steps", 2), ("checks", 1)):
         value = getattr(quick, attr, None)

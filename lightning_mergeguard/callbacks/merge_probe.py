@@ -345,9 +345,9 @@ class MergeProbe(Callback):
         if OWN not in loaders:
             raise ValueError("MergeProbe: eval_dataloaders needs an 'own' entry for the protected task")
         tasks = {}
+        budget = debug_run_batches(trainer, self.eval_batches)  # fast_dev_run: its batch count
         for name, value in loaders.items():
             loader, fn = value if isinstance(value, tuple) else (value, self.score_fn)
-            budget = debug_run_batches(trainer, self.eval_batches)  # fast_dev_run: its batch count
             batches, shard = eval_share(loader, budget, trainer.global_rank, trainer.world_size)
             tasks[name] = (as_trained(trainer, batches), fn, shard)
         return tasks

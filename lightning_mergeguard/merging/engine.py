@@ -269,6 +269,7 @@ def iter_merge(
         stream, total=len(names), desc=f"merge ({spec.name})", unit="tensor", disable=not progress, leave=False
     ):
         t = positions.get(key, 0.0)
+        out_dtype = cfg.output_dtype(reference.meta(key)[1])
         params = [cfg.model_params(m, key, t) for m in entries]
         ctx = TensorContext(key=key, seed=seed, prepared=prepared)
         shared = cfg.shared_params(key, t)
@@ -281,7 +282,6 @@ def iter_merge(
             return spec.merge_tensor(parts[0], parts[1:], params, shared, ctx)
 
         if loaded is None:
-            out_dtype = cfg.output_dtype(reference.meta(key)[1])
             merged, bad = _merge_chunked(key, [reference, *others], merge_one, compute, out_dtype, scratch)
         else:
             ref_t, tensors = loaded
@@ -289,13 +289,13 @@ def iter_merge(
             if not ref_t.is_floating_point():
                 yield key, ref_t
                 continue
-            merged = merge_one([ref_t, *tensors]).to(cfg.output_dtype(reference.meta(key)[1]))
+            merged = merge_one([ref_t, *tensors]).to(out_dtype)
             del tensors, ref_t
             bad = count_nonfinite(merged)
         if bad:
             raise NonFiniteError(
                 f"the merge produced {bad} NaN/Inf value(s) in tensor {key!r} (finite inputs: do the weights or "
-                f"lambda overflow {cfg.output_dtype(reference.meta(key)[1])}?); nothing was written"
+                f"lambda overflow {out_dtype}?); nothing was written"
             )
         yield key, merged
         del merged
