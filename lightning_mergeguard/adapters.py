@@ -111,6 +111,16 @@ class LoraView:
                 raise ValueError(f"LoraView: layer {prefix!r} uses DoRA, whose update is not B @ A; not supported")
             base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
             weight = base.weight
+            if not weight.is_floating_point():
+                # QLoRA: a bitsandbytes 4-/8-bit base stores packed integers. A merge combines W + B @ A * s in
+                # full precision, and PEFT's merge() into such a layer re-quantizes, so neither the probe nor
+                # stage 2 could restore the base weights bit for bit: refuse it by name.
+                raise ValueError(
+                    f"LoraView: layer {prefix!r} has a quantized base weight ({type(weight).__name__}, "
+                    f"{weight.dtype}; QLoRA / bitsandbytes): merges combine full-precision weights, so this is not "
+                    "supported; train the adapter on a bf16/fp32 base, or merge it into a full-precision copy of the "
+                    "base and protect that with mergeguard-protect"
+                )
             if adapter in getattr(layer, "lora_embedding_A", {}):
                 a, b, transpose = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter], True
             elif adapter in layer.lora_A:

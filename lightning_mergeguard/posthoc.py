@@ -281,9 +281,11 @@ def protect_checkpoint(
         stage2: ``"merge_neighbourhood"`` (:class:`~lightning_mergeguard.MergeNeighbourhood`: owner-weighted
             task arithmetic, TIES and DARE merges with the partners), ``"scale_adversarial"``
             (:class:`~lightning_mergeguard.ScaleAdversarial`: scaled copies of the owner's task vector, no partner
-            needed), or ``"auto"``: the first when partners are given, else the second. Measured on the LLM track of
-            ``benchmarks/protection.py --grid``, post-hoc, with two partners: worst case 0.88x the unprotected
-            model's best against 1.00x for scale-adversarial.
+            needed), or ``"auto"``: the first when partners are given, else the second. Measured post-hoc on
+            ``benchmarks/protection.py --grid`` (seeded; ``benchmarks/results/protection_grid.md``), neither
+            design reaches half the unprotected model's best merge: with two partners the neighbourhood found no
+            step within 1 point on either track (worst case 1.00x, own score unchanged), scale-adversarial reached
+            0.99x (vision) and 0.91x (LLM) while the held-out own score fell 1.6 and 6.2 points.
         tolerance: Largest allowed drop of the own score (exact match, or accuracy), in points.
         steps: Stage-2 optimisation steps.
         lr: Stage-2 (and re-fit) learning rate.

@@ -258,6 +258,24 @@ def test_lora_misconfigurations_are_refused_clearly(tmp_path):
         _fit(tmp_path, peft_llama(use_dora=True), [MergeGuardCallback(stage2=None, progress=False)], steps=1)
 
 
+def _quantized_base(model):
+    """A stand-in for QLoRA: bitsandbytes keeps a 4-/8-bit base weight as a frozen integer Parameter."""
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    layer.weight = torch.nn.Parameter(torch.zeros(layer.weight.shape, dtype=torch.uint8), requires_grad=False)
+    return model
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: MergeGuardCallback(stage2=None, progress=False), lambda: MergeProbe({"d": tiny_llama(1).state_dict()})],
+    ids=["guard", "probe"],
+)
+def test_a_quantized_lora_base_is_refused_by_name(tmp_path, make):
+    """QLoRA's packed base weights can be neither merged nor restored bit for bit (the error said 'not found')."""
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj' has a quantized base weight"):
+        _fit(tmp_path, _quantized_base(peft_llama()), [make()], steps=1)
+
+
 def test_guard_and_probe_together_on_lora_rehearse_the_probe_donors(tmp_path):
     """MergeNeighbourhood takes the probe's donors as partners, under the base names both callbacks use on LoRA."""
     from lightning_mergeguard import MergeNeighbourhood
