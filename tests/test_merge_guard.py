@@ -370,12 +370,20 @@ def test_resume_before_the_backbone_joins_matches_uninterrupted(tmp_path):
 @pytest.mark.distributed
 def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     pl.seed_everything(0)
-    guard = MergeGuardCallback(alpha=0.1, stage2=ScaleAdversarial(steps=8, lr=0.01), progress=False)
-    r0, r1 = fit_ddp_ranks(tmp_path, TinyClassifier(), guard)
+    report = tmp_path / "report.json"
+    guard = MergeGuardCallback(
+        alpha=0.1, stage2=ScaleAdversarial(steps=8, lr=0.01), progress=False, report_path=str(report)
+    )
+    module = TinyClassifier()
+    r0, r1 = fit_ddp_ranks(tmp_path, module, guard)
     initial = TinyClassifier().state_dict()
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     assert any(not torch.equal(r0[k], initial[k]) for k in r0)
+    # ddp_spawn ran the callbacks in worker processes: this process gets rank zero's (stage-2) weights back, and the
+    # report from report_path (the guard object here is the copy that did not run; the README says so).
+    assert all(torch.equal(module.state_dict()[k], r0[k]) for k in r0)
+    assert json.loads(report.read_text())["score_after"] >= 0 and guard.report is None
 
 
 def test_refuses_sharded_strategy():
