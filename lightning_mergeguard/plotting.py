@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import os
@@ -9,7 +10,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["plot_merge_resistance", "read_probe_log"]
+__all__ = ["logged_tasks", "main", "plot_merge_resistance", "read_probe_log"]
 
 
 def read_probe_log(metrics_csv: str | os.PathLike[str]) -> dict[str, list[tuple[int, float]]]:
@@ -28,6 +29,16 @@ def read_probe_log(metrics_csv: str | os.PathLike[str]) -> dict[str, list[tuple[
     if not series:
         raise ValueError(f"{metrics_csv} has no mergeprobe/ metrics; was a MergeProbe in the callbacks?")
     return dict(series)
+
+
+def logged_tasks(series: dict[str, list[tuple[int, float]]]) -> set[str]:
+    """The tasks a probe log scores: ``<task>`` of every ``mergeprobe/<merge>/<task>/acc`` column.
+
+    Example:
+        >>> sorted(logged_tasks({"mergeprobe/ties@0.5/own/acc": [], "mergeprobe/ties@0.5/math/acc": []}))
+        ['math', 'own']
+    """
+    return {key.split("/")[-2] for key in series if key.endswith("/acc") and key.count("/") >= 3}
 
 
 def plot_merge_resistance(
@@ -55,6 +66,11 @@ def plot_merge_resistance(
     from lightning_mergeguard.io import atomic_open
 
     series = read_probe_log(metrics_csv)
+    tasks = logged_tasks(series)
+    if task not in tasks:
+        raise ValueError(
+            f"{metrics_csv} has no merged accuracy for task {task!r}; the probe logged: {', '.join(sorted(tasks))}"
+        )
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     all_steps = [s for points in series.values() for s, _ in points]
     span = max(1, max(all_steps) - min(all_steps))
@@ -102,5 +118,31 @@ def plot_merge_resistance(
     return out
 
 
-if __name__ == "__main__":  # python -m lightning_mergeguard.plotting metrics.csv out.png [task]
-    plot_merge_resistance(*sys.argv[1:4])
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lightning_mergeguard.plotting metrics.csv out.png [--task own] [--title ...]``.
+
+    Returns:
+        The exit status: 0, or 2 with a one-line error (a missing file, a log without probe metrics, a task the
+        probe did not score).
+    """
+    parser = argparse.ArgumentParser(prog="python -m lightning_mergeguard.plotting", description=__doc__)
+    parser.add_argument("metrics_csv", help="a CSVLogger metrics.csv of a run with a MergeProbe")
+    parser.add_argument("out_png", help="where to write the plot")
+    parser.add_argument("task", nargs="?", default=None, help=argparse.SUPPRESS)  # the old positional form
+    parser.add_argument(
+        "--task", dest="task_option", default="own", metavar="NAME", help="'own' (default) or a donor's name"
+    )
+    parser.add_argument("--title", default=None, help="figure title")
+    args = parser.parse_args(argv)
+    try:
+        out = plot_merge_resistance(args.metrics_csv, args.out_png, args.task or args.task_option, args.title)
+    except (OSError, ValueError) as err:
+        message = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.strerror else str(err)
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

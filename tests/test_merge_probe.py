@@ -108,7 +108,7 @@ def test_probe_equals_offline_merge_and_leaves_weights_bit_identical(tmp_path, c
     assert -1 <= result["mergeprobe/cosine/d0"] <= 1
 
 
-def test_probe_logs_through_csv_logger_and_plots(tmp_path):
+def test_probe_logs_through_csv_logger_and_plots(tmp_path, capsys):
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_mergeguard.plotting import plot_merge_resistance
@@ -126,6 +126,15 @@ def test_probe_logs_through_csv_logger_and_plots(tmp_path):
     assert steps[:4] == [4.0, 8.0, 12.0, 16.0] and steps[-1] == 16.0  # 8 steps/epoch; end-of-fit probe forced
     png = plot_merge_resistance(csv_path, tmp_path / "resistance.png")
     assert png.stat().st_size > 10_000
+    # The command line: one-line errors with exit status 2 for what a user mistypes, never an empty plot.
+    from lightning_mergeguard.plotting import main
+
+    assert main([str(csv_path), str(tmp_path / "cli.png"), "--task", "own"]) == 0 and (tmp_path / "cli.png").is_file()
+    assert main([str(csv_path), str(tmp_path / "typo.png"), "--task", "d1"]) == 2
+    assert "no merged accuracy for task 'd1'; the probe logged: own" in capsys.readouterr().err
+    assert not (tmp_path / "typo.png").exists()
+    assert main([str(tmp_path / "missing.csv"), str(tmp_path / "x.png")]) == 2
+    assert "No such file or directory: " in capsys.readouterr().err
 
 
 def test_donor_tasks_with_their_own_score_fn(tmp_path):
