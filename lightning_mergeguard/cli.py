@@ -7,14 +7,7 @@ import os
 import sys
 import time
 
-from lightning_mergeguard.errors import MergeGuardError
-
-
-def _os_message(err: BaseException) -> str:
-    """One line for an OS or runtime error (errno text and file name when known)."""
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-    return f"{type(err).__name__}: {err}"
+from lightning_mergeguard.errors import MergeGuardError, report_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (MergeGuardError, ValueError, NotImplementedError, OSError, RuntimeError) as err:
         # Every expected failure is one line (the typed errors name the file, model, tensor or key): no traceback.
-        message = str(err) if isinstance(err, MergeGuardError | ValueError | NotImplementedError) else _os_message(err)
-        print(f"mergeguard-merge: error: {message}", file=sys.stderr)
-        return 2
+        return report_error("mergeguard-merge", err)
     print(f"merged with {cfg.merge_method} into {out} in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -19,6 +19,8 @@ __all__ = [
     "NonFiniteError",
     "OutputError",
     "WeightsFileError",
+    "one_line",
+    "report_error",
 ]
 
 
@@ -48,3 +50,25 @@ class NonFiniteError(MergeGuardError, ValueError):
 
 class OutputError(MergeGuardError, OSError):
     """The output cannot be written: read-only or full disk, a path of the wrong kind, an existing model."""
+
+
+def one_line(err: BaseException) -> str:
+    """A command-line message for ``err``: its text, or for an OS error its errno text and file name.
+
+    Example:
+        >>> one_line(FileNotFoundError(2, "No such file or directory", "a.csv"))
+        'No such file or directory: a.csv'
+    """
+    if isinstance(err, OSError) and not isinstance(err, MergeGuardError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    if isinstance(err, (MergeGuardError, ValueError, NotImplementedError, ImportError)):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
+
+
+def report_error(prog: str, err: BaseException) -> int:
+    """Print ``prog: error: <one line>`` to stderr and return the exit status 2 (argparse's for bad input)."""
+    import sys
+
+    print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+    return 2

@@ -6,7 +6,6 @@ import argparse
 import csv
 import math
 import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -137,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = plot_merge_resistance(args.metrics_csv, args.out_png, args.task or args.task_option, args.title)
     except (OSError, ValueError) as err:
-        message = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.strerror else str(err)
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        return 2
+        from lightning_mergeguard.errors import report_error
+
+        return report_error(parser.prog, err)
     print(f"wrote {out}")
     return 0
 

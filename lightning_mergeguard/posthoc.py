@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_mergeguard.callbacks._common import repeat
-from lightning_mergeguard.errors import ConfigError, IncompatibleModelsError, WeightsFileError
+from lightning_mergeguard.errors import ConfigError, IncompatibleModelsError, WeightsFileError, report_error
 from lightning_mergeguard.evaluation import LossFn, default_loss
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, atomic_write_text
 from lightning_mergeguard.merging.engine import check_same_base_sources
@@ -591,8 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         print("mergeguard-protect: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as err:
-        print(f"mergeguard-protect: error: {err}", file=sys.stderr)
-        return 2
+        return report_error("mergeguard-protect", err)
     print(
         f"protected {report['model']} -> {report['written']}: own score {report['score_before']:.1f} -> "
         f"{report['score_after']:.1f}{' (after a stage-1 re-fit)' if report['refit'] else ''}"
