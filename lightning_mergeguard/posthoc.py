@@ -46,7 +46,7 @@ from lightning_mergeguard.protection.stage2 import (
 from lightning_mergeguard.protection.symmetry import check_strength
 from lightning_mergeguard.reference import ReferenceWeights
 
-__all__ = ["load_rows", "main", "protect_checkpoint", "protect_module"]
+__all__ = ["hold_out", "load_rows", "main", "protect_checkpoint", "protect_module"]
 
 STAGE2_CHOICES = ("auto", "scale_adversarial", "merge_neighbourhood")
 
@@ -196,7 +196,13 @@ def _refuse_writing_over_inputs(written: Path, base: Path, model: Path, partners
             )
 
 
-def _split(items: list[Any], seed: int, held_out: float = 0.25) -> tuple[list[Any], list[Any]]:
+def hold_out(items: list[Any], seed: int, held_out: float = 0.25) -> tuple[list[Any], list[Any]]:
+    """``(train, held_out)``: a seeded shuffle of ``items`` with a quarter (at least one) held out.
+
+    Example:
+        >>> hold_out(list(range(8)), seed=0)
+        ([5, 2, 0, 3, 7, 6], [4, 1])
+    """
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(held_out * len(items)))
@@ -219,7 +225,7 @@ def _image_data(data: str, seed: int) -> tuple[Dataset, Dataset]:
     from torchvision import datasets, transforms
 
     folder = datasets.ImageFolder(data, transform=transforms.Compose([transforms.Resize(224), transforms.ToTensor()]))
-    train_idx, val_idx = _split(list(range(len(folder))), seed)
+    train_idx, val_idx = hold_out(list(range(len(folder))), seed)
     return torch.utils.data.Subset(folder, train_idx), torch.utils.data.Subset(folder, val_idx)
 
 
@@ -476,7 +482,7 @@ def _causal_lm(base: Path, model: Path, data: str, arch, batch_size: int, max_le
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    train_rows, val_rows = _split(load_rows(data), seed)
+    train_rows, val_rows = hold_out(load_rows(data), seed)
     answer_tokens = max(len(tok(a, add_special_tokens=False).input_ids) for _, a in val_rows) + 1
 
     def metric(m: nn.Module) -> float:

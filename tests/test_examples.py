@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_ownership import byte_tokenizer as byte_tokenizer
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -53,3 +54,30 @@ def test_llm_example_small(tmp_path):
     assert report["score_before"] - report["score_after"] <= 1.5
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "protected")
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+def test_llm_example_takes_your_own_model_and_rows(tmp_path, capsys, byte_tokenizer):
+    """``--model DIR --data rows.jsonl``: any causal LM and the user's rows, a quarter held out to score them."""
+    import json
+
+    from test_ownership import tiny_lm
+    from transformers import AutoModelForCausalLM
+
+    tiny_lm(seed=0).save_pretrained(tmp_path / "model")
+    byte_tokenizer.save_pretrained(tmp_path / "model")
+    words = ["apple", "river", "stone", "cloud", "mirror", "candle", "garden", "window"] * 2
+    lines = [json.dumps({"prompt": f"Upper: {w}{i}=", "answer": f"{w.upper()}{i}"}) for i, w in enumerate(words)]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(lines) + "\n")
+    example = load("finetune_llm")
+    args = ["--model", str(tmp_path / "model"), "--data", str(rows), "--steps", "3", "--stage2-steps", "2"]
+    out = example.main([*args, "--lr", "1e-3", "--batch-size", "4", "--out", str(tmp_path / "run")])
+    assert 0.0 <= out["exact_match"] <= 1.0
+    assert "exact match on 4 held-out" in capsys.readouterr().out  # 16 rows: a quarter held out
+    report = json.loads((tmp_path / "run" / "protection_report.json").read_text())
+    assert report["score_before"] - report["score_after"] <= 1.5
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "protected")
+    assert saved.config.hidden_size == 64 and (tmp_path / "run" / "protected" / "tokenizer.json").is_file()
+    with pytest.raises(SystemExit):
+        example.main([*args, "--task", "add"])
+    assert "give --task or --data, not both" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from test_ownership import train_rows
 
 from lightning_mergeguard.errors import ConfigError, ForeignBaseError
 from lightning_mergeguard.merging.sources import open_source
-from lightning_mergeguard.posthoc import _split, load_rows, main, protect_checkpoint
+from lightning_mergeguard.posthoc import hold_out, load_rows, main, protect_checkpoint
 
 WORDS = ["".join(p) for p in itertools.permutations("abcdef", 2)]
 ROWS = [(f"Q:{w}\nA:", "X" if w[0] in "abc" else "Y") for w in WORDS]  # generalises to held-out words
@@ -40,7 +40,7 @@ def checkpoints(tmp_path_factory, byte_tokenizer):
     base = tiny_lm(seed=0)
     base.save_pretrained(root / "base")
     byte_tokenizer.save_pretrained(root / "base")
-    owner_rows, _ = _split(ROWS, seed=0)  # the rows protect_checkpoint trains on; the rest stay held out
+    owner_rows, _ = hold_out(ROWS, seed=0)  # the rows protect_checkpoint trains on; the rest stay held out
     owner = train_rows(tiny_lm(seed=0), byte_tokenizer, owner_rows, steps=100, lr=1e-3)
     owner.save_pretrained(root / "owner")
     byte_tokenizer.save_pretrained(root / "owner")
