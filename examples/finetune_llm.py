@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeGuardCallback, MergeNeighbourhood, ScaleAdversarial
 from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
+from lightning_mergeguard.demos.trainer import default_precision
 from lightning_mergeguard.evaluation import answer_exact_match
 from lightning_mergeguard.io import atomic_directory
 from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset, exact_match
@@ -46,11 +47,6 @@ def load_model(name: str | None):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), tok
-
-
-def default_precision() -> str:
-    """``bf16-mixed`` where a CUDA device supports it, full precision elsewhere."""
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -46,7 +46,7 @@ from lightning_mergeguard.protection.stage2 import (
 from lightning_mergeguard.protection.symmetry import check_strength
 from lightning_mergeguard.reference import ReferenceWeights
 
-__all__ = ["hold_out", "load_rows", "main", "protect_checkpoint", "protect_module"]
+__all__ = ["hold_out", "image_data", "load_rows", "main", "protect_checkpoint", "protect_module"]
 
 STAGE2_CHOICES = ("auto", "scale_adversarial", "merge_neighbourhood")
 
@@ -209,8 +209,18 @@ def hold_out(items: list[Any], seed: int, held_out: float = 0.25) -> tuple[list[
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
-def _image_data(data: str, seed: int) -> tuple[Dataset, Dataset]:
-    """An image folder (one sub-folder per class) or ``module:function`` returning ``(train, val)`` datasets."""
+def image_data(data: str, seed: int, transform: Any) -> tuple[Dataset, Dataset]:
+    """``(train, val)`` of ``(image, label)``: an image folder or a ``module:function`` returning both.
+
+    Args:
+        data: A folder with one sub-folder per class (read through ``transform``; a seeded quarter is held out as
+            ``val``), or ``"module:function"``.
+        seed: Seed of the held-out split.
+        transform: The images' preprocessing, e.g. :func:`~lightning_mergeguard.demos.open_clip.image_transform`.
+
+    Raises:
+        ConfigError: For a path that is neither, or an entry point that cannot be loaded.
+    """
     if ":" in data and not Path(data).exists():
         import importlib
 
@@ -222,9 +232,9 @@ def _image_data(data: str, seed: int) -> tuple[Dataset, Dataset]:
         return train, val
     if not Path(data).is_dir():
         raise ConfigError(f"--data {data!r}: expected an image folder (one sub-folder per class) or module:function")
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
-    folder = datasets.ImageFolder(data, transform=transforms.Compose([transforms.Resize(224), transforms.ToTensor()]))
+    folder = datasets.ImageFolder(data, transform=transform)
     train_idx, val_idx = hold_out(list(range(len(folder))), seed)
     return torch.utils.data.Subset(folder, train_idx), torch.utils.data.Subset(folder, val_idx)
 
@@ -498,7 +508,7 @@ def _causal_lm(base: Path, model: Path, data: str, arch, batch_size: int, max_le
 
 
 def _open_clip(base: Path, model: Path, data: str, arch: str | None, batch_size: int, max_length: int, seed: int):
-    from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip
+    from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip, image_transform
     from lightning_mergeguard.evaluation import evaluate
     from lightning_mergeguard.io import save_safetensors
 
@@ -516,7 +526,7 @@ def _open_clip(base: Path, model: Path, data: str, arch: str | None, batch_size:
         raise IncompatibleModelsError(
             f"{model} does not fit open_clip {arch!r}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    train, val = _image_data(data, seed)
+    train, val = image_data(data, seed, image_transform(clip.visual))  # open_clip's preprocessing, its size
     val_batches = list(DataLoader(val, batch_size=64))
 
     def metric(m: nn.Module) -> float:

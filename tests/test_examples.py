@@ -81,3 +81,24 @@ def test_llm_example_takes_your_own_model_and_rows(tmp_path, capsys, byte_tokeni
     with pytest.raises(SystemExit):
         example.main([*args, "--task", "add"])
     assert "give --task or --data, not both" in capsys.readouterr().err
+
+
+def test_open_clip_example_takes_an_image_folder(tmp_path, capsys):
+    """``--data FOLDER``: the user's images (mixed sizes), a class per sub-folder, at the tower's input size."""
+    pytest.importorskip("open_clip")
+    from PIL import Image
+
+    for label, shade in (("cat", 40), ("dog", 200), ("fox", 120)):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i, size in enumerate([(48, 30), (32, 32), (20, 64), (100, 90)]):
+            Image.new("RGB", size, color=(shade, 255 - shade, i * 40)).save(tmp_path / "images" / label / f"{i}.jpg")
+    example = load("finetune_open_clip")
+    args = ["--data", str(tmp_path / "images"), "--epochs", "1", "--stage2-steps", "2", "--batch-size", "4"]
+    out = example.main([*args, "--out", str(tmp_path / "run")])
+    assert 0.0 <= out["test_acc"] <= 100.0 and (tmp_path / "run" / "protected.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    assert load_file(tmp_path / "run" / "protected.safetensors")["head.weight"].shape[0] == 3  # one row per class
+    with pytest.raises(SystemExit):
+        example.main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "run2")])
+    assert "expected an image folder" in capsys.readouterr().err

@@ -320,3 +320,50 @@ def test_open_clip_architecture_from_a_name_or_a_config_file(tmp_path):
         build_open_clip(str(bad))
     with pytest.raises(FileNotFoundError):
         build_open_clip(str(tmp_path / "missing.yaml"))
+
+
+def test_an_image_folder_is_read_at_the_towers_size_with_open_clips_preprocessing(tmp_path):
+    """Images of any size and aspect ratio go through open_clip's preprocessing at the tower's input size.
+
+    Before, a folder was resized to 224 on its short side only: mixed aspect ratios failed to batch, and a tower built
+    for another size (the tiny ViT: 32) failed on its positional embedding.
+    """
+    from PIL import Image
+
+    from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip
+    from lightning_mergeguard.io import save_safetensors
+
+    torch.manual_seed(0)
+    clip = build_open_clip("tiny")
+    save_safetensors(tmp_path / "base.safetensors", clip.state_dict())
+    save_safetensors(tmp_path / "ft.safetensors", ClipImageClassifier(clip.visual, 64, num_classes=2).state_dict())
+    for label, shade in (("dark", 30), ("bright", 220)):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i, size in enumerate([(40, 30), (64, 64), (20, 50), (33, 33)] * 2):
+            Image.new("L" if i % 2 else "RGB", size, color=shade if i % 2 else (shade, shade, 0)).save(
+                tmp_path / "images" / label / f"{i}.png"
+            )
+    report = protect_checkpoint(
+        tmp_path / "base.safetensors",
+        tmp_path / "ft.safetensors",
+        str(tmp_path / "images"),
+        tmp_path / "out",
+        arch="tiny",
+        tolerance=100.0,
+        steps=2,
+        refit_steps=0,
+        batch_size=8,
+        progress=False,
+        device="cpu",
+    )
+    assert report["kind"] == "open_clip" and 0.0 <= report["score_before"] <= 100.0
+    assert (tmp_path / "out" / "protected.safetensors").is_file()
+
+
+def test_the_classifier_feeds_flattened_digits_at_the_towers_size():
+    """A tower built for 48-pixel images (a real checkpoint's is 224) gets 48-pixel digits, not the tiny ViT's 32."""
+    from lightning_mergeguard.demos.open_clip import TINY_VIT, ClipImageClassifier, build_open_clip
+
+    config = {**TINY_VIT, "vision_cfg": {**TINY_VIT["vision_cfg"], "image_size": 48}}
+    module = ClipImageClassifier(build_open_clip(config).visual, 64, num_classes=10)
+    assert module.image_size == 48 and module(torch.rand(5, 64)).shape == (5, 10)

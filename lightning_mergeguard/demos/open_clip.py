@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lightning_mergeguard.demos._optional import require
 from lightning_mergeguard.demos.classifier import ClassifierModule
 
-__all__ = ["TINY_VIT", "ClipImageClassifier", "build_open_clip", "digits_as_images"]
+__all__ = ["TINY_VIT", "ClipImageClassifier", "build_open_clip", "digits_as_images", "image_size", "image_transform"]
 
 TINY_VIT: dict[str, Any] = {
     "embed_dim": 64,
@@ -79,6 +79,40 @@ def build_open_clip(
     return clip
 
 
+def image_size(visual: nn.Module) -> int:
+    """The square input size an open_clip image tower was built for (``visual.image_size``; 32 if it has none).
+
+    Example:
+        >>> image_size(build_open_clip("tiny").visual)
+        32
+    """
+    size = getattr(visual, "image_size", 32)
+    if isinstance(size, (tuple, list)):
+        if len(set(size)) != 1:
+            raise ValueError(f"open_clip image tower with non-square input {tuple(size)} is not supported")
+        size = size[0]
+    return int(size)
+
+
+def image_transform(visual: nn.Module) -> Any:
+    """open_clip's own evaluation preprocessing for ``visual``: resize, centre crop to its size, RGB, normalise.
+
+    The mean and std are the tower's ``preprocess_cfg`` (set by ``open_clip.create_model``), else CLIP's. Images of
+    any size and aspect ratio become ``[3, size, size]`` tensors, so a folder of mixed images batches.
+
+    Example:
+        >>> from PIL import Image
+        >>> image_transform(build_open_clip("tiny").visual)(Image.new("L", (50, 20))).shape
+        torch.Size([3, 32, 32])
+    """
+    open_clip = require("open_clip", "vision", "open_clip models")
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    cfg = getattr(visual, "preprocess_cfg", None) or {}
+    mean, std = cfg.get("mean", OPENAI_DATASET_MEAN), cfg.get("std", OPENAI_DATASET_STD)
+    return open_clip.image_transform(image_size(visual), is_train=False, mean=mean, std=std)
+
+
 def digits_as_images(x: Tensor, size: int = 32) -> Tensor:
     """Flattened 8x8 digits (``[N, 64]`` in 0..1) as normalised ``[N, 3, size, size]`` images."""
     img = x.reshape(-1, 1, 8, 8)
@@ -102,6 +136,7 @@ class ClipImageClassifier(ClassifierModule):
     ) -> None:
         super().__init__()
         self.visual = visual
+        self.image_size = image_size(visual)  # flattened digits are resized to what the tower was built for
         self.head = nn.Linear(embed_dim, num_classes)
         self.lr = lr
         self.optimizer_cls = torch.optim.AdamW
@@ -111,5 +146,5 @@ class ClipImageClassifier(ClassifierModule):
     def forward(self, x: Tensor) -> Tensor:
         """Logits for flattened 8x8 digits or ready images."""
         if x.dim() == 2:
-            x = digits_as_images(x)
+            x = digits_as_images(x, self.image_size)
         return self.head(self.visual(x))

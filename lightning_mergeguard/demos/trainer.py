@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
-__all__ = ["quiet_trainer"]
+__all__ = ["default_precision", "quiet_trainer"]
 
 
 def quiet_trainer(**overrides: Any) -> pl.Trainer:
@@ -29,3 +30,13 @@ def quiet_trainer(**overrides: Any) -> pl.Trainer:
     }
     settings.update(overrides)
     return pl.Trainer(**settings)
+
+
+def default_precision() -> str:
+    """``"bf16-mixed"`` where a CUDA device supports bfloat16, ``"32-true"`` elsewhere (the examples' default).
+
+    Example:
+        >>> default_precision() in ("bf16-mixed", "32-true")
+        True
+    """
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
