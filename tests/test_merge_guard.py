@@ -386,6 +386,22 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     assert json.loads(report.read_text())["score_after"] >= 0 and guard.report is None
 
 
+def test_a_stage_2_next_to_a_quantization_watermark_is_refused(tmp_path):
+    """Stage 2 would move the weights out of the int8 intervals the watermark keeps them in, silently."""
+    from lightning_mergeguard import QuantizationWatermark
+
+    guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=2), progress=False)
+    with pytest.raises(MisconfigurationException, match="out of the int8 intervals the watermark keeps them in"):
+        trainer(tmp_path, max_steps=1, callbacks=[QuantizationWatermark(), guard]).fit(TinyClassifier())
+    stage1_only = MergeGuardCallback(alpha=0.1, stage2=None, progress=False)  # compatible: the watermark projects
+    mark = QuantizationWatermark()
+    module = TinyClassifier()
+    trainer(tmp_path, max_steps=3, callbacks=[mark, stage1_only]).fit(module)
+    for name, (q0, s, _) in mark._bounds.items():  # every quantized weight still rounds to its code at fit start
+        p = dict(module.named_parameters())[name]
+        assert torch.equal(torch.round(p.view(p.shape[0], -1) / s).to(torch.int8), q0), name
+
+
 def test_refuses_sharded_strategy():
     from lightning.pytorch.strategies import FSDPStrategy
 

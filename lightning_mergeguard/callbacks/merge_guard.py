@@ -34,6 +34,7 @@ from lightning_mergeguard.callbacks._common import (
     validation_loader,
     weight_replacers_after,
 )
+from lightning_mergeguard.callbacks.quantization_watermark import QuantizationWatermark
 from lightning_mergeguard.errors import NonFiniteError
 from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
@@ -235,6 +236,15 @@ class MergeGuardCallback(Callback):
                     f"MergeGuardCallback comes before {replacers[0]} in callbacks: that callback replaces the weights "
                     "with their average at the end of training, after stage 2, so the model would end unprotected. "
                     f"Put MergeGuardCallback after {replacers[0]} (stage 2 then protects the averaged weights)."
+                )
+            marks = [c for c in trainer.callbacks if isinstance(c, QuantizationWatermark)]
+            if marks and self.stage2 is not None:
+                raise MisconfigurationException(
+                    "MergeGuardCallback with a stage 2 and QuantizationWatermark on one trainer: stage 2 moves the "
+                    "weights out of the int8 intervals the watermark keeps them in, so the int8 model would no longer "
+                    "round to the original and the watermark's rows are not in stage 2's own loss. This is not "
+                    "supported: use MergeGuardCallback(stage2=None) alongside the watermark (stage 1 only), or one "
+                    "of the two per fit and check the result (verify_watermark, a MergeProbe)."
                 )
             guards = [c for c in trainer.callbacks if isinstance(c, MergeGuardCallback)]
             if len(guards) > 1:
