@@ -88,9 +88,28 @@ def test_required_weight_and_base():
         MergeConfig.from_dict({"merge_method": "slerp", "base_model": "b", "models": [{"model": "a"}]})
 
 
-def test_slices_refused_clearly():
-    with pytest.raises(NotImplementedError, match="slices"):
-        MergeConfig.from_dict({"merge_method": "linear", "slices": []})
+@pytest.mark.parametrize("key", ["slices", "modules"])
+def test_slices_and_modules_refused_clearly(key):
+    with pytest.raises(NotImplementedError, match=f"mergekit '{key}' are not supported"):
+        MergeConfig.from_dict({"merge_method": "linear", key: []})
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        # a path where a list belongs was read one character at a time ("models[5] (/) repeats models[0]")
+        ({"models": "ft/a"}, r"'models' must be a list of entries .* got str 'ft/a'"),
+        ({"models": {"model": "ft/a"}}, "'models' must be a list of entries"),
+        # dict(0.5) / dict([...]) raised TypeError / ValueError that named nothing
+        ({"models": [{"model": "a", "parameters": 0.5}]}, r"models\[0\] \(a\): parameters must be a mapping"),
+        ({"parameters": ["weight", 1]}, "^parameters must be a mapping of name: value, got list"),
+        ({"models": [{"model": {"model": {"path": "a"}}, "parameters": {"weight": 1}}]}, "nested model references"),
+        ({"base_model": ["b"]}, "base_model must be a path or Hub id"),
+    ],
+)
+def test_config_shapes_that_are_typos_are_named(change, match):
+    with pytest.raises(ValueError, match=match):
+        MergeConfig.from_dict({**ta(), **change})
 
 
 @pytest.mark.parametrize(

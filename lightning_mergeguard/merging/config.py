@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,25 @@ def _has_gradient(value: Any) -> bool:
     return isinstance(value, list) and any(_has_gradient(v) for v in value)
 
 
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    """A config's ``parameters`` block as a dict (``None`` is empty); anything else is a typo, named."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping of name: value, got {type(value).__name__} {value!r:.80}")
+    return dict(value)
+
+
+def _model_path(value: Any, where: str) -> str:
+    """A model reference: a path or Hub id, optionally ``BASE+ADAPTER`` (mergekit's nested form is not read)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, os.PathLike)):
+        raise ConfigError(
+            f"{where} must be a path or Hub id (or 'BASE+LORA'), got {type(value).__name__} {value!r:.80}; "
+            "mergekit's nested model references are not supported"
+        )
+    return str(value)
+
+
 @dataclass
 class ModelEntry:
     """One ``models:`` entry: a model reference (path or name) and its parameters."""
@@ -230,16 +249,23 @@ class MergeConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"a merge config must be a mapping, got {type(data).__name__}")
         _check_size(data)
-        if "slices" in data:
-            raise NotImplementedError("mergekit 'slices' are not supported; list whole models under 'models'")
+        for key in ("slices", "modules"):
+            if key in data:
+                raise NotImplementedError(f"mergekit '{key}' are not supported; list whole models under 'models'")
         unknown = set(data) - _TOP_LEVEL
         if unknown:
             name = sorted(unknown)[0]
             raise ConfigError(f"unknown merge config key {name!r}{_suggest(name, sorted(_TOP_LEVEL))}")
         if "merge_method" not in data:
             raise ConfigError("merge config has no 'merge_method'")
+        entries = data.get("models") or []
+        if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence):
+            raise ConfigError(
+                f"'models' must be a list of entries ('- model: PATH' with optional 'parameters'), got "
+                f"{type(entries).__name__} {entries!r:.80}"
+            )
         models = []
-        for i, m in enumerate(data.get("models") or []):
+        for i, m in enumerate(entries):
             if isinstance(m, str):
                 m = {"model": m}
             if not isinstance(m, Mapping) or "model" not in m:
@@ -247,12 +273,13 @@ class MergeConfig:
             bad = set(m) - {"model", "parameters"}
             if bad:
                 raise ConfigError(f"models[{i}] has unknown keys {sorted(bad)}")
-            models.append(ModelEntry(str(m["model"]), dict(m.get("parameters") or {})))  # 'base+lora' too
+            path = _model_path(m["model"], f"models[{i}].model")
+            models.append(ModelEntry(path, _mapping(m.get("parameters"), f"models[{i}] ({path}): parameters")))
         return cls(
             merge_method=str(data["merge_method"]),
             models=models,
-            base_model=None if data.get("base_model") is None else str(data["base_model"]),
-            parameters=dict(data.get("parameters") or {}),
+            base_model=None if data.get("base_model") is None else _model_path(data["base_model"], "base_model"),
+            parameters=_mapping(data.get("parameters"), "parameters"),
             dtype=None if data.get("dtype") is None else str(data["dtype"]),
             out_dtype=None if data.get("out_dtype") is None else str(data["out_dtype"]),
             seed=data.get("seed"),
