@@ -429,11 +429,26 @@ def test_refuses_sharded_strategy():
         (dict(stage2=Negation(), beta=0.5), r"pass \['beta'\] to the Negation object"),
         (dict(reference="runs/base.safetensors", save_path="runs/../runs/base.safetensors"), "over the reference"),
         (dict(reference="runs/base/model.safetensors", save_path="runs/base"), "over the reference"),
+        (dict(report_path="."), r"report_path '\.' is a directory"),  # it failed after the whole fit
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MergeGuardCallback(**kwargs)
+
+
+def test_a_bool_is_not_a_step_count():
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        ScaleAdversarial(steps=True)
+
+
+def test_a_directory_as_save_path_of_a_full_model_is_refused_before_training(tmp_path):
+    guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=2), save_path=str(tmp_path), progress=False)
+    module = TinyClassifier()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match="is a directory; the protected weights of a full fine-tune are one file"):
+        trainer(tmp_path, max_steps=2, callbacks=[guard]).fit(module)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())  # refused before any step
 
 
 def test_one_pattern_given_alone_is_one_regex_not_its_letters(tmp_path):

@@ -295,6 +295,7 @@ def test_failed_probe_warns_unless_strict(tmp_path):
         (dict(methods=["tie"]), "unknown merge_method 'tie'"),
         (dict(methods=[{"merge_method": "ties", "parameters": {"lamda": 1}}]), "did you mean 'lambda'"),
         (dict(every_n_steps=0), "every_n_steps must be"),
+        (dict(every_n_epochs=True), "every_n_epochs must be"),
         (dict(coefficients=[]), "coefficients must be"),
         (dict(coefficients="0.3"), "coefficients must be"),
         (dict(coefficients=[0.3, True]), "coefficients must be"),

@@ -190,6 +190,10 @@ class MergeGuardCallback(Callback):
         self.loss_fn = loss_fn or default_loss
         self.eval_batches = eval_batches
         self.tolerance = float(tolerance)
+        if report_path is not None and os.path.isdir(report_path):  # found now, not after the whole fit
+            raise ValueError(
+                f"report_path {report_path!r} is a directory; give a file path such as '{report_path}/protection.json'"
+            )
         self.report_path = report_path
         self.save_path = save_path
         if isinstance(reference, (str, os.PathLike)) and save_path is not None:
@@ -262,6 +266,11 @@ class MergeGuardCallback(Callback):
                 raise MisconfigurationException(
                     "MergeGuardCallback(amplify=...) rescales full weights: it does not support FSDP2 or LoRA "
                     "adapters; amplify the saved merged model with mergeguard-protect --amplify instead"
+                )
+            if self.save_path is not None and not is_adapted(pl_module) and os.path.isdir(self.save_path):
+                raise ValueError(  # a full model is one .safetensors file (a LoRA adapter is a directory)
+                    f"MergeGuardCallback: save_path {self.save_path!r} is a directory; the protected weights of a full "
+                    f"fine-tune are one file, e.g. '{self.save_path}/protected.safetensors'"
                 )
             if is_fsdp2(trainer) and is_adapted(pl_module):
                 raise MisconfigurationException("MergeGuardCallback does not support LoRA adapters under FSDP2 yet")

@@ -172,11 +172,13 @@ class MergeProbe(Callback):
                 raise ValueError(f"donors {seen[key]!r} and {name!r} are the same model; list each donor once")
             seen[key] = name
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if every_n_steps is None and every_n_epochs is None:
             every_n_epochs = 1
-        if eval_batches is not None and (not isinstance(eval_batches, int) or eval_batches < 1):
+        if eval_batches is not None and (
+            not isinstance(eval_batches, int) or isinstance(eval_batches, bool) or eval_batches < 1
+        ):
             raise ValueError(f"eval_batches must be a positive integer or None, got {eval_batches!r}")
         if donor_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"donor_dtype must be 'float32' or 'bfloat16', got {donor_dtype!r}")

@@ -501,11 +501,11 @@ def _weight_range(value: Any, what: str, upper: float) -> tuple[float, float]:
 
 
 def _check_common(steps: Any, clip: float, lr: float, checks: Any) -> None:
-    if not (isinstance(steps, int) and steps >= 0):
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0):
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     if not (clip > 0 and lr > 0):
         raise ValueError(f"clip and lr must be > 0, got clip={clip!r}, lr={lr!r}")
-    if not (isinstance(checks, int) and checks >= 1):
+    if not (isinstance(checks, int) and not isinstance(checks, bool) and checks >= 1):
         raise ValueError(f"checks must be a positive integer, got {checks!r}")
 
 
