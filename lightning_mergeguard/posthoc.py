@@ -196,6 +196,39 @@ def _refuse_writing_over_inputs(written: Path, base: Path, model: Path, partners
             )
 
 
+def _check_numbers(**values: Any) -> None:
+    """Refuse settings that cannot work before any model is loaded (names as on the command line)."""
+    for name, value in values.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if name in ("tolerance", "alpha"):
+            ok = number and value >= 0
+            want = "a number >= 0"
+        elif name == "lr":
+            ok = number and value > 0
+            want = "a number > 0"
+        else:
+            low = 0 if name == "refit_steps" else 1
+            ok = number and isinstance(value, int) and value >= low
+            want = f"an integer >= {low}"
+        if not ok:
+            raise ConfigError(f"{name} must be {want}, got {value!r}")
+
+
+def _device(device: str) -> torch.device:
+    """``"auto"`` (CUDA when there is one), or a device that exists here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device {device!r} is not a device (auto, cpu, cuda, cuda:1...): {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA device is available here (use auto or cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return dev
+
+
 def hold_out(items: list[Any], seed: int, held_out: float = 0.25) -> tuple[list[Any], list[Any]]:
     """``(train, held_out)``: a seeded shuffle of ``items`` with a quarter (at least one) held out.
 
@@ -333,11 +366,13 @@ def protect_checkpoint(
             amplify = check_strength(amplify, "amplify")
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    _check_numbers(
+        tolerance=tolerance, lr=lr, alpha=alpha, steps=steps, refit_steps=refit_steps, batch_size=batch_size,
+        max_length=max_length,
+    )  # fmt: skip
     partners = [str(p) for p in partners]
     base, model, out = Path(base), Path(model), Path(out)
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = _device(device)
     torch.manual_seed(seed)
     kind = _detect_kind(model, arch)
     written = out / ("model" if kind == "causal_lm" else "protected.safetensors")  # what save() below writes

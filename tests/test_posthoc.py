@@ -121,6 +121,14 @@ def test_partners_are_rehearsed_by_default(checkpoints, tmp_path):
         ({"partners": "one/path"}, "partners must be a list of paths"),
         ({"amplify": 1.5}, "amplify must be a finite number >= 2"),
         ({"amplify": float("nan")}, "amplify must be a finite number >= 2"),
+        # found before any model is loaded (they failed late, or as a traceback: RuntimeError for the device)
+        ({"steps": -3}, "steps must be an integer >= 1, got -3"),
+        ({"tolerance": -1.0}, "tolerance must be a number >= 0"),
+        ({"lr": 0.0}, "lr must be a number > 0"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"refit_steps": 2.5}, "refit_steps must be an integer >= 0"),
+        ({"device": "banana"}, "device 'banana' is not a device"),
+        ({"device": "cuda:99"}, "device 'cuda:99'"),
     ],
 )
 def test_bad_stage2_options_name_the_problem(checkpoints, tmp_path, kwargs, message):
