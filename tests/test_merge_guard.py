@@ -430,6 +430,8 @@ def test_refuses_sharded_strategy():
         (dict(reference="runs/base.safetensors", save_path="runs/../runs/base.safetensors"), "over the reference"),
         (dict(reference="runs/base/model.safetensors", save_path="runs/base"), "over the reference"),
         (dict(report_path="."), r"report_path '\.' is a directory"),  # it failed after the whole fit
+        (dict(score_fn="accuracy"), "score_fn must be callable"),
+        (dict(loss_fn=1.0), "loss_fn must be callable"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -302,12 +302,23 @@ def test_failed_probe_warns_unless_strict(tmp_path):
         (dict(coefficients=[float("nan")]), "coefficients must be"),
         (dict(donor_dtype="fp8"), "donor_dtype must be"),
         (dict(methods=[]), "methods must name at least one merge method"),
+        # these failed at every probe, each time as a warning, and the run went on with no merge metrics
+        (dict(eval_dataloaders={"own": ([], "accuracy")}), r"eval_dataloaders\['own'\] must be a loader or"),
+        (dict(eval_dataloaders={"own": [], "dd": []}), r"keys \['dd'\] are neither 'own' nor donor names"),
+        (dict(eval_dataloaders={"d": []}), "needs an 'own' entry"),
+        (dict(score_fn="accuracy"), "score_fn must be callable"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     args = {"donors": {"d": {}}, **kwargs}
     with pytest.raises(ValueError, match=match):
         MergeProbe(**args)
+
+
+def test_evaluation_data_without_batches_is_refused_at_the_first_probe(tmp_path):
+    probe = MergeProbe(donors=donor_states(1), eval_dataloaders={"own": val_loader(), "d0": []}, every_n_steps=1)
+    with pytest.raises(ValueError, match="the evaluation data of 'd0' has no batches"):
+        trainer(tmp_path, max_steps=2, callbacks=[probe]).fit(fresh_model())
 
 
 def test_one_method_may_be_given_alone():

@@ -186,6 +186,9 @@ class MergeGuardCallback(Callback):
         self.reference = ReferenceWeights(reference, dtype=reference_dtype, device=reference_device)
         self.stage2 = resolve_stage2(stage2, **legacy_stage2)
         self.stage2_exclude = name_patterns(stage2_exclude, "stage2_exclude") or []
+        for what, fn in (("score_fn", score_fn), ("loss_fn", loss_fn)):
+            if fn is not None and not callable(fn):  # found now, not when stage 2 starts after the whole fit
+                raise ValueError(f"{what} must be callable (module, batch) -> ..., got {fn!r:.80}")
         self.score_fn = score_fn or default_score
         self.loss_fn = loss_fn or default_loss
         self.eval_batches = eval_batches

@@ -211,6 +211,20 @@ class MergeProbe(Callback):
         self.specs: list[ProbeSpec] = build_probe_specs(list(methods), list(self.donor_inputs), coefficients)
         self.methods = list(methods)
         self.coefficients = list(coefficients) if coefficients is not None else None
+        if isinstance(eval_dataloaders, Mapping):  # typos fail now, not as a warning at every probe
+            unknown = [k for k in eval_dataloaders if k != OWN and k not in self.donor_inputs]
+            if unknown:
+                raise ValueError(f"MergeProbe: eval_dataloaders keys {unknown} are neither 'own' nor donor names")
+            if OWN not in eval_dataloaders:
+                raise ValueError("MergeProbe: eval_dataloaders needs an 'own' entry for the protected task")
+            for name, value in eval_dataloaders.items():
+                if isinstance(value, tuple) and (len(value) != 2 or not callable(value[1])):
+                    raise ValueError(
+                        f"MergeProbe: eval_dataloaders[{name!r}] must be a loader or (loader, score_fn) with a "
+                        f"callable score_fn(module, batch) -> (score_sum, count), got {value!r:.100}"
+                    )
+        if score_fn is not None and not callable(score_fn):
+            raise ValueError("MergeProbe: score_fn must be callable (module, batch) -> (score_sum, count)")
         self.eval_dataloaders = eval_dataloaders
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
@@ -350,6 +364,8 @@ class MergeProbe(Callback):
         budget = debug_run_batches(trainer, self.eval_batches)  # fast_dev_run: its batch count
         for name, value in loaders.items():
             loader, fn = value if isinstance(value, tuple) else (value, self.score_fn)
+            if hasattr(loader, "__len__") and len(loader) == 0:  # every probe would fail on it, mid-training
+                raise ValueError(f"MergeProbe: the evaluation data of {name!r} has no batches")
             batches, shard = eval_share(loader, budget, trainer.global_rank, trainer.world_size)
             tasks[name] = (as_trained(trainer, batches), fn, shard)
         return tasks
