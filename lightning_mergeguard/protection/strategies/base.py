@@ -1,0 +1,216 @@
+"""The stage-2 interface: :class:`Stage2Context` (what a strategy works on), :class:`Stage2`, and the guard rail."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_mergeguard.evaluation import LossFn
+
+__all__ = ["DEFAULT_STAGE2_EXCLUDE", "Stage2", "Stage2Context"]
+
+DEFAULT_STAGE2_EXCLUDE: tuple[str, ...] = (
+    r"embed",  # token / position embeddings (LLMs), open_clip token_embedding
+    r"(^|\.)wte\.|(^|\.)wpe\.",
+    r"lm_head",
+    r"(^|\.)(norm|final_layernorm|ln_f|ln_final|ln_post)\.",  # final norms
+    r"(^|\.)(head|classifier|score)\.",  # task heads
+    r"(^|\.)(text_projection|logit_scale|proj)$",
+)
+"""Stage 2 leaves these out by default: embeddings, final norm, LM and task heads (as the method prescribes)."""
+
+
+@dataclass
+class Stage2Context:
+    """What a stage-2 strategy works on.
+
+    Attributes:
+        module: The model (its forward is what ``loss_fn`` and ``metric`` call).
+        params: The parameters stage 2 may change, in place.
+        reference: ``theta_pre`` for those names, on their device and dtype.
+        batches: The owner's training batches (an endless iterator).
+        metric: The monitored score of the live weights, in points (the guard rail's measure).
+        loss_fn: ``(module, batch) -> loss``.
+        before: The score before stage 2.
+        tolerance: Largest allowed drop of the score, in points.
+        grad_reduce: Mean across processes applied to each gradient (DDP), or ``None``.
+        forward_context: Context around forward passes of the optimisation (autocast).
+        progress: Show a progress bar.
+        warn: Where warnings go (rank zero only under DDP).
+        partners: Task vectors of other fine-tunes of the same base known to the trainer (a MergeProbe's donors),
+            name -> (parameter name -> tensor); strategies that rehearse merges use them.
+        keep_batches: Batches whose behaviour stage 2 must keep (a fingerprint's rows): they join the own loss.
+    """
+
+    module: nn.Module
+    params: Mapping[str, nn.Parameter]
+    reference: Mapping[str, Tensor]
+    batches: Iterator[Any]
+    metric: Callable[[], float]
+    loss_fn: LossFn
+    before: float
+    tolerance: float
+    grad_reduce: Callable[[Tensor], Tensor] | None = None
+    forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext
+    progress: bool = False
+    warn: Callable[[str], None] = field(default=lambda message: None)
+    partners: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict)
+    keep_batches: Sequence[Any] = ()
+
+
+class Stage2(ABC):
+    """A stage-2 strategy: perturb ``ctx.params`` in place within the guard rail; return (score after, report)."""
+
+    name: str = "stage2"
+    supports_sharded: bool = False
+    """Whether the strategy runs on FSDP2-sharded parameters (elementwise maths on each rank's shard)."""
+
+    @abstractmethod
+    def run(self, ctx: Stage2Context) -> tuple[float, dict[str, Any]]:
+        """Apply the strategy; return the score of the weights kept and what the report should hold."""
+
+    def settings(self) -> dict[str, Any]:
+        """The strategy's settings (for the protection report)."""
+        return {"method": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items() if k != "method")
+        return f"{type(self).__name__}({args})"
+
+
+def _scores_at(ctx: Stage2Context, writes: Sequence[Callable[[Mapping[str, Tensor]], None]]) -> list[float]:
+    """The metric after each ``write(live)`` of other weights into ``ctx.params``; the live weights restored."""
+    with torch.no_grad():
+        live = {n: p.detach().clone() for n, p in ctx.params.items()}
+    scores = []
+    try:
+        for write in writes:
+            with torch.no_grad():
+                write(live)
+            scores.append(ctx.metric())
+    finally:
+        with torch.no_grad():
+            for n, p in ctx.params.items():
+                p.copy_(live[n])
+    return scores
+
+
+class _GuardRail:
+    """Keeps the best checked weights: within tolerance, and protecting better than the stage-1 weights.
+
+    A check is eligible if its score is within ``tolerance`` of the starting score and its merge proxy (lower is
+    better protected) is below the stage-1 weights'. Eligible checks whose proxy is within ``tolerance`` points of
+    the lowest count as equally protective, and the one with the best own score is kept.
+    """
+
+    def __init__(self, ctx: Stage2Context, proxy: Callable[[], float]) -> None:
+        self.ctx, self.proxy = ctx, proxy
+        self.checks: list[dict[str, float]] = []
+        self.lowest = math.inf
+        with torch.no_grad():
+            self.weights = {n: p.detach().clone() for n, p in ctx.params.items()}
+        self.proxy_before = proxy()  # the stage-1 weights, kept if no check is eligible
+        self.best: dict[str, float] = {"step": 0, "score": ctx.before, "merge_proxy": self.proxy_before}
+
+    def check(self, step: int) -> None:
+        """Score the live weights (own score and merge proxy) and keep them if they are the best so far."""
+        entry = {"step": step, "score": self.ctx.metric(), "merge_proxy": self.proxy()}
+        self.checks.append(entry)
+        if self.ctx.before - entry["score"] > self.ctx.tolerance or entry["merge_proxy"] >= self.proxy_before:
+            return  # costs too much, or protects no better than the stage-1 weights
+        self.lowest = min(self.lowest, entry["merge_proxy"])
+        band = self.lowest + self.ctx.tolerance
+        if entry["merge_proxy"] > band:
+            return
+        best = self.best
+        if best["step"] == 0 or best["merge_proxy"] > band or entry["score"] > best["score"]:
+            best.update(entry)
+            with torch.no_grad():
+                for n, p in self.ctx.params.items():
+                    self.weights[n].copy_(p)
+
+    def finish(self, steps: int) -> tuple[float, dict[str, Any]]:
+        """Check the final weights if the last check was earlier, restore the kept weights; (score, report)."""
+        if steps and (not self.checks or self.checks[-1]["step"] != steps):
+            self.check(steps)
+        with torch.no_grad():
+            for n, p in self.ctx.params.items():
+                p.copy_(self.weights[n])
+        steps_used = int(self.best["step"])
+        if steps_used == 0:
+            self.ctx.warn(
+                f"MergeGuardCallback: no stage-2 weights stayed within {self.ctx.tolerance} points while lowering "
+                "the merge proxy below the stage-1 weights'; kept the stage-1 weights. Try more steps, a lower lr "
+                "or a larger tolerance."
+            )
+        return float(self.best["score"]), {
+            "steps_used": steps_used,
+            "merge_proxy_before": self.proxy_before,
+            "merge_proxy_after": self.best["merge_proxy"],
+            "checks": self.checks,
+        }
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _numbers(value: Any, what: str) -> tuple[float, ...]:
+    """A list of finite numbers; one number given alone is a list of one."""
+    if _is_number(value):
+        return (float(value),)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(_is_number(v) for v in value):
+        raise ValueError(f"{what} must be a number or a list of finite numbers, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _weight_range(value: Any, what: str, upper: float) -> tuple[float, float]:
+    """A ``(low, high)`` range in ``(0, upper]``; one number given alone is the range ``(x, x)``."""
+    values = _numbers(value, what)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not 0 < values[0] <= values[1] <= upper:
+        raise ValueError(
+            f"{what} must be a number or a range (low, high) with 0 < low <= high <= {upper}, got {value!r}"
+        )
+    return values[0], values[1]
+
+
+def _check_common(steps: Any, clip: float, lr: float, checks: Any) -> None:
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0):
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if not (clip > 0 and lr > 0):
+        raise ValueError(f"clip and lr must be > 0, got clip={clip!r}, lr={lr!r}")
+    if not (isinstance(checks, int) and not isinstance(checks, bool) and checks >= 1):
+        raise ValueError(f"checks must be a positive integer, got {checks!r}")
+
+
+def _loop_settings(
+    ctx: Stage2Context, rail: _GuardRail, steps: int, checks: int, history: list[dict[str, float]]
+) -> dict[str, Any]:
+    """The keyword arguments an optimising loop takes from the context and the guard rail.
+
+    The rail checks every ``ceil(steps / checks)`` steps.
+    """
+    return {
+        "grad_reduce": ctx.grad_reduce,
+        "check_every": max(1, math.ceil(steps / checks)),
+        "check": rail.check,
+        "progress": ctx.progress,
+        "forward_context": ctx.forward_context,
+        "history": history,
+        "keep_batches": ctx.keep_batches,
+    }
+
+
+def _first_and_last(history: Sequence[Mapping[str, float]], *keys: str) -> dict[str, float | None]:
+    """``<key>_first`` and ``<key>_last`` of each logged loss, for the report (``None`` when nothing ran)."""
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    return {f"{k}_{when}": entry.get(k) for k in keys for when, entry in (("first", first), ("last", last))}
