@@ -201,6 +201,11 @@ class ReferenceWeights:
         """Bytes held (the memory this reference costs)."""
         return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
+    def reset(self) -> None:
+        """Forget every tensor resolved or restored (a new model will be resolved from scratch)."""
+        self._tensors = {}
+        self._restored = None
+
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         """The tensors (on the CPU, whole even when sharded) when the reference is a snapshot.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -267,6 +268,34 @@ def test_stage2_applied_once_unless_the_protected_weights_train_further(tmp_path
     with pytest.warns(UserWarning, match="after stage 2 was applied"):
         trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(model)
     assert guard.report["parameters_perturbed"] > 0
+
+
+def test_a_callback_reused_for_another_model_measures_from_that_models_weights(tmp_path):
+    """A sweep that reuses one guard and one probe: each model's theta_pre is its own weights at its fit start.
+
+    Before, the second model kept the first model's snapshot as theta_pre (stage 1 pulled it towards the first
+    model's weights, stage 2 measured its task vector from them) and was warned it had 'trained after stage 2'.
+    """
+    from helpers import blobs
+    from torch.utils.data import DataLoader
+
+    from lightning_mergeguard import MergeProbe
+
+    torch.manual_seed(5)
+    donor = {k: v + 0.01 for k, v in TinyClassifier().state_dict().items()}
+    guard = MergeGuardCallback(alpha=0.1, stage2=ScaleAdversarial(steps=2), progress=False)
+    loader = DataLoader(blobs(64, 1), batch_size=32)
+    probe = MergeProbe({"d": donor}, eval_dataloaders=loader, every_n_epochs=1, max_relative_distance=None)
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        model = TinyClassifier()
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*after stage 2 was applied")  # a new model is not retrained
+            trainer(tmp_path / str(seed), max_epochs=1, callbacks=[guard, probe]).fit(model)
+        assert all(torch.equal(guard.reference[n], start[n]) for n in start), seed
+        assert guard.stage2_done and guard.report["score_before"] >= 0
+        assert [r["step"] for r in probe.results] == [8.0, 8.0]  # this fit's probes only (epoch end, end of fit)
 
 
 class FailsAtStep(TinyClassifier):

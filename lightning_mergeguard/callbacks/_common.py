@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -218,3 +219,22 @@ def debug_run_stage2(strategy: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             setattr(quick, attr, min(value, most))
     return quick
+
+
+def fits_another_module(callback: Any, pl_module: pl.LightningModule) -> bool:
+    """Whether ``callback``'s previous fit trained another module (so its state belongs to that one).
+
+    Remembers ``pl_module`` weakly for the next call. The same module fitted again (more epochs, a second ``fit``)
+    is the same model going on; a new module object (a sweep reusing the callback) is another model, whose
+    reference weights must be its own.
+    """
+    previous = getattr(callback, "_fitted_module", None)
+    callback._fitted_module = weakref.ref(pl_module)
+    return previous is not None and previous() is not pl_module
+
+
+def picklable_state(callback: Any) -> dict[str, Any]:
+    """``callback.__dict__`` without the weak reference to the fitted module (spawned processes get a copy)."""
+    state = dict(callback.__dict__)
+    state.pop("_fitted_module", None)
+    return state

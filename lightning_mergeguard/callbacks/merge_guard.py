@@ -27,8 +27,10 @@ from lightning_mergeguard.callbacks._common import (
     debug_run_stage2,
     eval_share,
     first_loader,
+    fits_another_module,
     is_fsdp2,
     log_to_loggers,
+    picklable_state,
     refuse_sharded,
     repeat,
     validation_loader,
@@ -233,9 +235,19 @@ class MergeGuardCallback(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(alpha=self.alpha, target=self.target)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return picklable_state(self)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            if fits_another_module(self, pl_module):
+                # A callback reused for another model (a sweep): its snapshot is the previous model's theta_pre, and
+                # "stage 2 done" and the report are the previous model's. A checkpoint restored later brings its own.
+                self.reference.reset()
+                self.stage2_done, self.report = False, None
+                self._params, self._judged, self._view, self._pairs = {}, set(), None, {}
+                rank_zero_info("MergeGuardCallback: a new model is being fitted; starting from its own weights.")
             refuse_sharded(trainer, "MergeGuardCallback", allow_fsdp2=True)
             replacers = weight_replacers_after(trainer, self)
             if replacers and self.stage2 is not None:

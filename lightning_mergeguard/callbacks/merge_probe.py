@@ -24,8 +24,10 @@ from lightning_mergeguard.callbacks._common import (
     as_trained,
     debug_run_batches,
     eval_share,
+    fits_another_module,
     is_fsdp2,
     log_to_loggers,
+    picklable_state,
     refuse_sharded,
     validation_loader,
     weight_replacers_after,
@@ -266,9 +268,17 @@ class MergeProbe(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(donors=sorted(self.donor_inputs), labels=[s.label for s in self.specs])
 
+    def __getstate__(self) -> dict[str, Any]:
+        return picklable_state(self)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            if fits_another_module(self, pl_module):
+                # Reused for another model: its own reference snapshot and its results were the previous model's
+                # (a guard's shared reference is reset by the guard).
+                self._own_reference.reset()
+                self.results, self.last_probe_step = [], -1
             refuse_sharded(trainer, "MergeProbe", allow_fsdp2=True)
             replacers = weight_replacers_after(trainer, self)
             if replacers and self.probe_on_train_end:
