@@ -11,11 +11,12 @@ pinned and copied with ``non_blocking=True`` when they are used).
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_mergeguard.errors import IncompatibleModelsError
 from lightning_mergeguard.sharding import full, is_sharded, shard_like
@@ -75,6 +76,7 @@ class ReferenceWeights:
             raise ValueError(f"reference_device {device!r} is not a device: {err}") from err
         self._tensors: dict[str, Tensor] = {}
         self._restored: dict[str, Tensor] | None = None
+        self._followed: weakref.ref[Tensor] | None = None  # the weights the tensors were resolved for
 
     # ------------------------------------------------------------------ resolving
     @property
@@ -201,10 +203,28 @@ class ReferenceWeights:
         """Bytes held (the memory this reference costs)."""
         return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
-    def reset(self) -> None:
-        """Forget every tensor resolved or restored (a new model will be resolved from scratch)."""
-        self._tensors = {}
-        self._restored = None
+    def follow(self, module: nn.Module, resuming: bool) -> bool:
+        """At fit start: forget the tensors if they were resolved for other weights than ``module``'s.
+
+        The same weights fitted again keep their reference (a snapshot of them is still ``theta_pre``); another model
+        (a sweep reusing the callbacks) is resolved from scratch. A resumed fit keeps what its checkpoint restored.
+        Weights are told apart by their first parameter object, remembered weakly; both callbacks sharing this
+        reference call this, and only the first call of a fit can reset it.
+
+        Returns:
+            Whether the tensors were forgotten.
+        """
+        first = next(iter(module.parameters()), None)
+        previous, self._followed = self._followed, (None if first is None else weakref.ref(first))
+        if previous is None or resuming or previous() is first:
+            return False
+        self._tensors, self._restored = {}, None
+        return True
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_followed"] = None  # a weak reference does not pickle (spawned processes get a copy)
+        return state
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

@@ -270,8 +270,12 @@ def test_stage2_applied_once_unless_the_protected_weights_train_further(tmp_path
     assert guard.report["parameters_perturbed"] > 0
 
 
-def test_a_callback_reused_for_another_model_measures_from_that_models_weights(tmp_path):
+@pytest.mark.parametrize("probe_first", [False, True], ids=["guard-first", "probe-first"])
+def test_a_callback_reused_for_another_model_measures_from_that_models_weights(tmp_path, probe_first):
     """A sweep that reuses one guard and one probe: each model's theta_pre is its own weights at its fit start.
+
+    The probe's donor task vectors are measured from it too, whichever callback comes first. And the same weights
+    in a new LightningModule wrapper are the same model going on (below).
 
     Before, the second model kept the first model's snapshot as theta_pre (stage 1 pulled it towards the first
     model's weights, stage 2 measured its task vector from them) and was warned it had 'trained after stage 2'.
@@ -292,10 +296,20 @@ def test_a_callback_reused_for_another_model_measures_from_that_models_weights(t
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*after stage 2 was applied")  # a new model is not retrained
-            trainer(tmp_path / str(seed), max_epochs=1, callbacks=[guard, probe]).fit(model)
+            callbacks = [probe, guard] if probe_first else [guard, probe]
+            trainer(tmp_path / str(seed), max_epochs=1, callbacks=callbacks).fit(model)
+        assert probe.reference is guard.reference  # one shared reference, reset once per new model
         assert all(torch.equal(guard.reference[n], start[n]) for n in start), seed
+        donor_tau = probe.donor_task_vectors["d"]
+        assert all(torch.allclose(donor_tau[n], donor[n] - start[n]) for n in start), seed
         assert guard.stage2_done and guard.report["score_before"] >= 0
         assert [r["step"] for r in probe.results] == [8.0, 8.0]  # this fit's probes only (epoch end, end of fit)
+    # The same weights in a new wrapper (as with a transformers model wrapped again) are that model going on.
+    rewrapped = TinyClassifier()
+    rewrapped.net, rewrapped.head = model.net, model.head
+    with pytest.warns(UserWarning, match="after stage 2 was applied"):
+        trainer(tmp_path / "again", max_epochs=1, callbacks=[guard]).fit(rewrapped)
+    assert all(torch.equal(guard.reference[n], start[n]) for n in start)
 
 
 class FailsAtStep(TinyClassifier):

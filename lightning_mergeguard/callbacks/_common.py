@@ -221,20 +221,24 @@ def debug_run_stage2(strategy: Any) -> Any:
     return quick
 
 
-def fits_another_module(callback: Any, pl_module: pl.LightningModule) -> bool:
-    """Whether ``callback``'s previous fit trained another module (so its state belongs to that one).
+def fits_another_module(callback: Any, pl_module: pl.LightningModule, trainer: pl.Trainer) -> bool:
+    """Whether ``callback``'s previous fit trained other weights than this fit does (so its state is theirs).
 
-    Remembers ``pl_module`` weakly for the next call. The same module fitted again (more epochs, a second ``fit``)
-    is the same model going on; a new module object (a sweep reusing the callback) is another model, whose
-    reference weights must be its own.
+    Called at fit start. The weights are told apart by their parameter objects: the same model fitted again (more
+    epochs, a second ``fit``, or the same ``transformers`` model in a new LightningModule wrapper) goes on; a new
+    model (a sweep reusing the callback) is another one. A fit that resumes a checkpoint is never "another": the
+    checkpoint's state, already restored, is the one to use. The first parameter is remembered weakly.
     """
-    previous = getattr(callback, "_fitted_module", None)
-    callback._fitted_module = weakref.ref(pl_module)
-    return previous is not None and previous() is not pl_module
+    first = next(iter(pl_module.parameters()), None)
+    previous = getattr(callback, "_fitted_weights", None)
+    callback._fitted_weights = None if first is None else weakref.ref(first)
+    if previous is None or trainer.ckpt_path is not None:
+        return False
+    return previous() is not first
 
 
 def picklable_state(callback: Any) -> dict[str, Any]:
-    """``callback.__dict__`` without the weak reference to the fitted module (spawned processes get a copy)."""
+    """``callback.__dict__`` without the weak reference to the fitted weights (spawned processes get a copy)."""
     state = dict(callback.__dict__)
-    state.pop("_fitted_module", None)
+    state.pop("_fitted_weights", None)
     return state

@@ -241,13 +241,6 @@ class MergeGuardCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            if fits_another_module(self, pl_module):
-                # A callback reused for another model (a sweep): its snapshot is the previous model's theta_pre, and
-                # "stage 2 done" and the report are the previous model's. A checkpoint restored later brings its own.
-                self.reference.reset()
-                self.stage2_done, self.report = False, None
-                self._params, self._judged, self._view, self._pairs = {}, set(), None, {}
-                rank_zero_info("MergeGuardCallback: a new model is being fitted; starting from its own weights.")
             refuse_sharded(trainer, "MergeGuardCallback", allow_fsdp2=True)
             replacers = weight_replacers_after(trainer, self)
             if replacers and self.stage2 is not None:
@@ -305,6 +298,13 @@ class MergeGuardCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_ended = False
+        self.reference.follow(pl_module, resuming=trainer.ckpt_path is not None)
+        if fits_another_module(self, pl_module, trainer):
+            # A callback reused for another model (a sweep): its reference (reset just above), "stage 2 done" and
+            # the report were the previous model's.
+            self.stage2_done, self.report = False, None
+            self._params, self._judged, self._view, self._pairs = {}, set(), None, {}
+            rank_zero_info("MergeGuardCallback: another model is being fitted; starting from its own weights.")
         if is_adapted(pl_module):
             # LoRA: stage 1 penalises each adapter's update B @ A * s (its task vector) through A and B, and the
             # usual term applies to modules PEFT trains in full; names are the base model's (see LoraView).

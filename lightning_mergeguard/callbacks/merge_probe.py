@@ -274,11 +274,6 @@ class MergeProbe(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            if fits_another_module(self, pl_module):
-                # Reused for another model: its own reference snapshot and its results were the previous model's
-                # (a guard's shared reference is reset by the guard).
-                self._own_reference.reset()
-                self.results, self.last_probe_step = [], -1
             refuse_sharded(trainer, "MergeProbe", allow_fsdp2=True)
             replacers = weight_replacers_after(trainer, self)
             if replacers and self.probe_on_train_end:
@@ -295,6 +290,9 @@ class MergeProbe(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reference = self._shared_reference(trainer)
+        self._reference.follow(pl_module, resuming=trainer.ckpt_path is not None)  # shared: the first call resets
+        if fits_another_module(self, pl_module, trainer):  # reused for another model: the results were the last one's
+            self.results, self.last_probe_step = [], -1
         if is_adapted(pl_module):
             # A LoRA model is merged as its effective weights W + B @ A * s under the base model's names: every
             # weight of the base (a donor may have changed any), with theta_pre read from the frozen base weights.
