@@ -695,3 +695,24 @@ def test_probe_metrics_are_callback_metrics_that_model_checkpoint_can_monitor(tm
     assert len(values) == 3 and float(t.callback_metrics[key]) == pytest.approx(values[-1])
     assert float(best.best_model_score) == pytest.approx(min(values))
     assert f"epoch={values.index(min(values))}" in best.best_model_path
+
+
+def test_donors_this_machine_cannot_hold_are_refused_before_loading(tmp_path, monkeypatch):
+    """8 ranks on one host each hold every donor's task vectors: say so before the host runs out of memory."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    import lightning_mergeguard.callbacks._common as common
+
+    weights = sum(p.numel() for p in fresh_model().parameters())
+    monkeypatch.setattr(common, "available_bytes", lambda device: 2 * 4 * weights - 1)  # one float32 byte short
+    probe = MergeProbe(donors=donor_states(2), eval_dataloaders=val_loader(), progress=False)
+    with pytest.raises(MisconfigurationException, match=r"holding 2 donors' task vectors needs .* GiB on cpu"):
+        trainer(tmp_path, max_steps=1, callbacks=[probe]).fit(fresh_model())
+    probe = MergeProbe(donors=donor_states(2), eval_dataloaders=val_loader(), donor_dtype="bfloat16", progress=False)
+    trainer(tmp_path, max_steps=1, callbacks=[probe]).fit(fresh_model())  # the remedy it names: half the bytes
+
+    class EightRanks:
+        num_devices = 8
+
+    with pytest.raises(MisconfigurationException, match=r"8\.0 GiB on cpu \(1\.0 GiB in each of 8 processes\)"):
+        common.refuse_unaffordable(1024**3, torch.device("cpu"), EightRanks(), "x", "y")

@@ -311,3 +311,18 @@ def test_stage2_settings_given_alone_are_one_value_and_bad_ones_are_named():
     for bad in ("0.3", [0.3, float("nan")], [], [0.3, 1.5]):
         with pytest.raises(ValueError, match="scales must be"):
             ScaleAdversarial(scales=bad)
+
+
+def test_partners_this_machine_cannot_hold_are_refused_at_fit_start(tmp_path, monkeypatch):
+    """Stage 2 would load them after the whole fit: the shortfall is found before the first step."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    import lightning_mergeguard.callbacks._common as common
+
+    monkeypatch.setattr(common, "available_bytes", lambda device: 1024)
+    guard = MergeGuardCallback(stage2=MergeNeighbourhood(steps=2), stage2_exclude=[], progress=False)
+    module = TinyClassifier()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(MisconfigurationException, match="MergeNeighbourhood's 3 partners and surrogates"):
+        trainer(tmp_path, max_steps=2, callbacks=[guard]).fit(module)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())

@@ -242,3 +242,41 @@ def picklable_state(callback: Any) -> dict[str, Any]:
     state = dict(callback.__dict__)
     state.pop("_fitted_weights", None)
     return state
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device`` (``None`` when it cannot be told).
+
+    A GPU's free memory, or the host's ``MemAvailable`` (Linux).
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def refuse_unaffordable(per_process: int, device: torch.device, trainer: pl.Trainer, what: str, remedies: str) -> None:
+    """Refuse, before allocating it, memory that ``device`` does not have (a clear error instead of an OOM kill).
+
+    On the CPU every training process of this machine holds its own copy (``trainer.num_devices`` of them under
+    DDP); on a GPU each process has its own device.
+
+    Raises:
+        MisconfigurationException: Naming the size, what holds it and ``remedies``.
+    """
+    processes = max(1, int(getattr(trainer, "num_devices", 1) or 1)) if device.type == "cpu" else 1
+    needed, free = per_process * processes, available_bytes(device)
+    if free is None or needed <= free:
+        return
+    gib = 1024**3
+    per = f" ({per_process / gib:.1f} GiB in each of {processes} processes)" if processes > 1 else ""
+    raise MisconfigurationException(
+        f"{what} needs {needed / gib:.1f} GiB on {device}{per}, and {free / gib:.1f} GiB is available there: {remedies}"
+    )

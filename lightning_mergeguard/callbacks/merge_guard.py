@@ -32,6 +32,7 @@ from lightning_mergeguard.callbacks._common import (
     log_to_loggers,
     picklable_state,
     refuse_sharded,
+    refuse_unaffordable,
     repeat,
     validation_loader,
     weight_replacers_after,
@@ -44,6 +45,7 @@ from lightning_mergeguard.parameters import filter_names, name_patterns, refuse_
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_, redistribution_value
 from lightning_mergeguard.protection.stage2 import (
     DEFAULT_STAGE2_EXCLUDE,
+    MergeNeighbourhood,
     Stage2,
     Stage2Context,
     amplify_checked,
@@ -323,6 +325,7 @@ class MergeGuardCallback(Callback):
         self._params = select_parameters(pl_module, self.include, self.exclude)
         if not self._params:
             raise ValueError("MergeGuardCallback: no trainable parameters match include/exclude")
+        self._refuse_unaffordable_partners(trainer, pl_module)
         self.reference.refuse_resumed_snapshot(trainer.ckpt_path, "MergeGuardCallback", "alpha/target")
         self.reference.resolve(self._params)
         self._judged = {id(p) for p in self._params.values()}
@@ -336,6 +339,29 @@ class MergeGuardCallback(Callback):
                 "stage 2 would have nothing to perturb and fail at the end of fit, unless weights are unfrozen "
                 "before then; pass stage2_exclude=[] (or a narrower list) to perturb them"
             )
+
+    def _refuse_unaffordable_partners(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse now, not after the fit, partners this machine cannot hold.
+
+        MergeNeighbourhood holds its partners' and surrogates' task vectors on the CPU in float32 in stage 2.
+        """
+        if not isinstance(self.stage2, MergeNeighbourhood):
+            return
+        from lightning_mergeguard.callbacks.merge_probe import MergeProbe
+
+        probed = self.stage2.use_probe_donors and any(isinstance(c, MergeProbe) for c in trainer.callbacks)
+        surrogates = self.stage2.surrogates
+        if surrogates is None:  # its default: three without any partner (a probe's donors are shared, not copied)
+            surrogates = 0 if self.stage2.partners or probed else 3
+        copies = len(self.stage2.partners) + surrogates
+        perturbed = select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
+        refuse_unaffordable(
+            4 * copies * sum(p.numel() for p in perturbed.values()),
+            torch.device("cpu"),
+            trainer,
+            f"MergeGuardCallback: MergeNeighbourhood's {copies} partners and surrogates (float32 task vectors)",
+            "pass fewer partners or surrogates, or narrow the perturbed weights with stage2_exclude/include",
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -29,6 +29,7 @@ from lightning_mergeguard.callbacks._common import (
     log_to_loggers,
     picklable_state,
     refuse_sharded,
+    refuse_unaffordable,
     validation_loader,
     weight_replacers_after,
 )
@@ -311,7 +312,7 @@ class MergeProbe(Callback):
         every = self._view.params if self._view is not None else dict(pl_module.named_parameters())
         self._all_names = list(every)
         self._sharded = any_sharded(self._params)
-        self._load_donors()
+        self._load_donors(trainer)
         self._tasks = None  # resolved at the first probe (the trainer's validation loader may load late)
         self._backup = None
         self._donor_individual = {}
@@ -336,9 +337,19 @@ class MergeProbe(Callback):
         """The donors' task vectors (donor -> parameter name -> tensor on ``donor_device``), loaded at fit start."""
         return dict(self._donor_tau)
 
-    def _load_donors(self) -> None:
+    def _load_donors(self, trainer: pl.Trainer) -> None:
         """Read every donor now, check it against the base tensor by tensor, and keep its task vector."""
         self._donor_tau, self.donor_distance = {}, {}
+        itemsize = torch.empty((), dtype=self.donor_dtype).element_size()
+        per_process = len(self.donor_inputs) * itemsize * sum(local(p).numel() for p in self._params.values())
+        refuse_unaffordable(
+            per_process,
+            self.donor_device,
+            trainer,
+            f"MergeProbe: holding {len(self.donor_inputs)} donors' task vectors",
+            "pass donor_dtype='bfloat16' (half), fewer donors, include=/exclude= to probe fewer weights, or shard "
+            "the model with FSDP2 (each rank then holds its rows)",
+        )
         for name, obj in self.donor_inputs.items():
             self._donor_tau[name], self.donor_distance[name] = donor_task_vector(
                 obj,
