@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         callbacks=[guard],
         logger=False,
         enable_checkpointing=False,
-        val_check_interval=args.steps,
+        val_check_interval=min(args.steps, len(train)),  # your rows may be fewer batches than --steps: each epoch
         default_root_dir=args.out,
     )
     trainer.fit(CausalLMModule(model, lr=args.lr), train, val)
