@@ -88,6 +88,10 @@ class ProbeSpec:
     config: MergeConfig
 
 
+_PAIRWISE = ("slerp", "nuslerp")
+"""Methods that merge exactly two models: with several donors the probe merges the live model with each."""
+
+
 def _spec_from_mapping(method: Mapping[str, Any], donors: Sequence[str], coefficient: float | None) -> ProbeSpec:
     data = dict(method)
     name = data.pop("merge_method", None)
@@ -111,8 +115,6 @@ def _spec_from_mapping(method: Mapping[str, Any], donors: Sequence[str], coeffic
         label = label or (f"linear@{c:g}" if coefficient is not None else "linear")
         cfg = {"merge_method": "linear", "models": entries, "parameters": shared}
     elif spec.name == "slerp":
-        if len(donors) != 1:
-            raise ValueError("a slerp probe needs exactly one donor")
         t = shared.get("t", 0.5) if coefficient is None else coefficient
         cfg = {
             "merge_method": "slerp",
@@ -122,8 +124,6 @@ def _spec_from_mapping(method: Mapping[str, Any], donors: Sequence[str], coeffic
         }
         label = label or f"slerp@{t:g}"
     elif spec.name == "nuslerp":
-        if len(donors) != 1:
-            raise ValueError("a nuslerp probe needs exactly one donor")
         c = 0.5 if coefficient is None else coefficient
         entries = [{"model": LIVE, "parameters": {"weight": c}}, {"model": donors[0], "parameters": {"weight": 1 - c}}]
         cfg = {"merge_method": "nuslerp", "base_model": BASE, "models": entries, "parameters": shared}
@@ -169,7 +169,8 @@ def build_probe_specs(
     methods), a mapping ``{merge_method, parameters, model_parameters, label}``, or a path to a mergekit YAML whose
     ``models`` name the donors and ``live`` (used as is, without the coefficient grid). The coefficient is
     ``lambda`` for task-vector methods, the live model's weight for ``linear`` and ``nuslerp`` and ``t`` for
-    ``slerp``; methods that weight nothing (``model_stock``, ``sce``, ``karcher``) run once.
+    ``slerp``; methods that weight nothing (``model_stock``, ``sce``, ``karcher``) run once. ``slerp`` and
+    ``nuslerp`` merge two models: with several donors, the live model with each (labels ``slerp:<donor>@t``).
 
     Example:
         >>> [s.label for s in build_probe_specs(["task_arithmetic", "ties"], ["d1"], [0.3, 0.5])]
@@ -193,8 +194,15 @@ def build_probe_specs(
             continue
         m = {"merge_method": method} if isinstance(method, str) else method
         takes = "merge_method" not in m or _takes_coefficient(get_method(m["merge_method"]))
+        pairwise = "merge_method" in m and get_method(m["merge_method"]).name in _PAIRWISE and len(donors) > 1
         for c in (coefficients or [None]) if takes else [None]:
-            out.append(_spec_from_mapping(m, donors, c))
+            if not pairwise:
+                out.append(_spec_from_mapping(m, donors, c))
+                continue
+            for d in donors:  # SLERP-like methods merge two models: the live one with each donor in turn
+                spec = _spec_from_mapping(m, [d], c)
+                name, _, at = spec.label.partition("@")
+                out.append(ProbeSpec(label=f"{name}:{d}" + (f"@{at}" if at else ""), config=spec.config))
     labels = [s.label for s in out]
     dupes = {x for x in labels if labels.count(x) > 1}
     if dupes:

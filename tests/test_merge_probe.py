@@ -67,6 +67,8 @@ PROBED = {
         {"model_stock", "sce"},
     ),
     "one_donor": (1, ["nuslerp", "model_stock", "slerp", "karcher"], {"nuslerp", "slerp"}, {"model_stock", "karcher"}),
+    # two-model methods with two donors: the live model with each donor (it was "needs exactly one donor")
+    "pairwise": (2, ["slerp", "nuslerp"], {"slerp:d0", "slerp:d1", "nuslerp:d0", "nuslerp:d1"}, set()),
 }
 
 
