@@ -312,6 +312,23 @@ def test_a_callback_reused_for_another_model_measures_from_that_models_weights(t
     assert all(torch.equal(guard.reference[n], start[n]) for n in start)
 
 
+def test_a_reference_that_is_not_the_models_base_is_refused_at_fit_start(tmp_path):
+    """reference= another model of the same shapes measured every task vector from the wrong weights, silently."""
+    from lightning_mergeguard import MergeProbe
+    from lightning_mergeguard.errors import ForeignBaseError
+
+    torch.manual_seed(0)
+    model, foreign = TinyClassifier(), TinyClassifier().state_dict()
+    guard = MergeGuardCallback(reference=foreign, stage2=None, progress=False)
+    with pytest.raises(ForeignBaseError, match="not a fine-tune of MergeGuardCallback's reference"):
+        trainer(tmp_path, max_steps=1, callbacks=[guard]).fit(model)
+    probe = MergeProbe({"d": {k: v + 0.01 for k, v in foreign.items()}}, reference=foreign)  # a fine-tune of it
+    with pytest.raises(ForeignBaseError, match="not a fine-tune of MergeProbe's reference"):
+        trainer(tmp_path, max_steps=1, callbacks=[probe]).fit(model)
+    base = {k: v.clone() for k, v in model.state_dict().items()}  # the right base: accepted
+    trainer(tmp_path, max_steps=1, callbacks=[MergeGuardCallback(reference=base, stage2=None)]).fit(model)
+
+
 class FailsAtStep(TinyClassifier):
     def __init__(self, at: int):
         super().__init__()

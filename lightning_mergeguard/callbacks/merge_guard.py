@@ -328,6 +328,7 @@ class MergeGuardCallback(Callback):
         self._refuse_unaffordable_partners(trainer, pl_module)
         self.reference.refuse_resumed_snapshot(trainer.ckpt_path, "MergeGuardCallback", "alpha/target")
         self.reference.resolve(self._params)
+        self.reference.check_base_of(self._params, "MergeGuardCallback")
         self._judged = {id(p) for p in self._params.values()}
         if (
             self.stage2 is not None

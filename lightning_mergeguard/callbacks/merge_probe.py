@@ -307,6 +307,8 @@ class MergeProbe(Callback):
             if self._reference is self._own_reference:  # a guard's reference is checked by the guard
                 self._reference.refuse_resumed_snapshot(trainer.ckpt_path, "MergeProbe", "donors/methods")
             self._reference.resolve(self._params)
+            if self._reference is self._own_reference:
+                self._reference.check_base_of(self._params, "MergeProbe", self.max_relative_distance)
         if not self._params:
             raise ValueError("MergeProbe: no trainable parameters match include/exclude")
         every = self._view.params if self._view is not None else dict(pl_module.named_parameters())
