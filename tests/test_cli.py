@@ -54,6 +54,15 @@ def test_cli_reports_config_typo(tmp_path, capsys):
     assert "unknown merge_method 'tiess'" in err and "'ties'" in err
 
 
+def test_cli_names_a_config_file_that_is_not_there(tmp_path, capsys):
+    # A one-line path was read as YAML text: "a merge config must be a mapping, got str".
+    assert main([str(tmp_path / "missing.yml"), str(tmp_path / "out")]) == 2
+    assert f"merge config not found: {tmp_path / 'missing.yml'}" in capsys.readouterr().err
+    assert main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "merge config is a directory, not a YAML file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_shards_low_memory_and_reports_a_bad_size(llama_dirs, tmp_path, capsys):
     cfg = {
         "merge_method": "ties",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import errno
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -169,6 +170,11 @@ def _has_gradient(value: Any) -> bool:
     return isinstance(value, list) and any(_has_gradient(v) for v in value)
 
 
+def _looks_like_a_path(text: str) -> bool:
+    """A one-line config source that is a file name rather than YAML text (a mapping has a ``:``)."""
+    return text.endswith((".yml", ".yaml", ".json")) or ((os.sep in text or "/" in text) and ": " not in text)
+
+
 def _mapping(value: Any, where: str) -> dict[str, Any]:
     """A config's ``parameters`` block as a dict (``None`` is empty); anything else is a typo, named."""
     if value is None:
@@ -291,6 +297,10 @@ class MergeConfig:
         """Read a mergekit YAML file (a path) or YAML text."""
         text = str(source)
         where = "merge config"
+        if "\n" not in text and not Path(text).is_file() and _looks_like_a_path(text):
+            # One line that names a file: YAML would read it as a string ("must be a mapping, got str").
+            what = "is a directory, not a YAML file" if Path(text).is_dir() else "not found"
+            raise FileNotFoundError(errno.ENOENT, f"merge config {what}", text)
         if isinstance(source, os.PathLike) or ("\n" not in text and Path(text).is_file()):
             path = Path(source)
             where = f"merge config {path}"
