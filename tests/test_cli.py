@@ -61,6 +61,9 @@ def test_cli_names_a_config_file_that_is_not_there(tmp_path, capsys):
     assert main([str(tmp_path), str(tmp_path / "out")]) == 2
     assert "merge config is a directory, not a YAML file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    (tmp_path / "empty.yml").write_text("")
+    assert main([str(tmp_path / "empty.yml"), str(tmp_path / "out")]) == 2
+    assert f"merge config {tmp_path / 'empty.yml'} is empty" in capsys.readouterr().err
 
 
 def test_cli_shards_low_memory_and_reports_a_bad_size(llama_dirs, tmp_path, capsys):

@@ -316,6 +316,12 @@ class MergeConfig:
             raise ConfigError(f"{where} is not valid YAML: {err}") from err
         except RecursionError as err:
             raise ConfigError(f"{where} nests too deeply to read") from err
+        if data is None:
+            raise ConfigError(f"{where} is empty")
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"{where} must be a mapping (merge_method:, models:, ...), got a YAML {type(data).__name__}"
+            )
         return cls.from_dict(data)
 
     @classmethod
