@@ -77,6 +77,7 @@ class ReferenceWeights:
         self._tensors: dict[str, Tensor] = {}
         self._restored: dict[str, Tensor] | None = None
         self._followed: weakref.ref[Tensor] | None = None  # the weights the tensors were resolved for
+        self._restored_in_fit = False  # load_state_dict ran in the current fit
 
     # ------------------------------------------------------------------ resolving
     @property
@@ -232,11 +233,11 @@ class ReferenceWeights:
             max_relative_distance=max_relative_distance,
         )
 
-    def follow(self, module: nn.Module, resuming: bool) -> bool:
+    def follow(self, module: nn.Module) -> bool:
         """At fit start: forget the tensors if they were resolved for other weights than ``module``'s.
 
         The same weights fitted again keep their reference (a snapshot of them is still ``theta_pre``); another model
-        (a sweep reusing the callbacks) is resolved from scratch. A resumed fit keeps what its checkpoint restored.
+        (a sweep reusing the callbacks) is resolved from scratch, except from what this fit's checkpoint restored.
         Weights are told apart by their first parameter object, remembered weakly; both callbacks sharing this
         reference call this, and only the first call of a fit can reset it.
 
@@ -245,10 +246,16 @@ class ReferenceWeights:
         """
         first = next(iter(module.parameters()), None)
         previous, self._followed = self._followed, (None if first is None else weakref.ref(first))
-        if previous is None or resuming or previous() is first:
+        if previous is None or previous() is first:
             return False
-        self._tensors, self._restored = {}, None
+        self._tensors = {}  # resolved again: from this fit's restored tensors, the source, or a snapshot
+        if not self._restored_in_fit:
+            self._restored = None  # a previous fit's checkpoint, of the previous model
         return True
+
+    def new_fit(self) -> None:
+        """At fit setup, before a checkpoint is restored: nothing is restored in this fit yet."""
+        self._restored_in_fit = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -271,6 +278,7 @@ class ReferenceWeights:
         tensors = state.get("tensors")
         if tensors:
             self._restored = dict(tensors)
+            self._restored_in_fit = True
             resolved, self._tensors = self._tensors, {}
             # Strategies that restore after setup (ModelParallelStrategy) restore callbacks after on_fit_start: a
             # snapshot already taken then is replaced now, each tensor stored as the one it replaces.

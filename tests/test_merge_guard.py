@@ -310,6 +310,26 @@ def test_a_callback_reused_for_another_model_measures_from_that_models_weights(t
     with pytest.warns(UserWarning, match="after stage 2 was applied"):
         trainer(tmp_path / "again", max_epochs=1, callbacks=[guard]).fit(rewrapped)
     assert all(torch.equal(guard.reference[n], start[n]) for n in start)
+    # Another model resumed from a checkpoint written without the guard: refused as for a fresh guard (the
+    # previous model's snapshot must not stand in for theta_pre); from its own guarded checkpoint: that checkpoint's.
+    torch.manual_seed(7)
+    plain = trainer(tmp_path / "plain", max_steps=2)
+    plain.fit(TinyClassifier())
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="holds no reference weights for this callback"):
+        trainer(tmp_path / "p2", max_steps=4, callbacks=[guard]).fit(
+            TinyClassifier(), ckpt_path=tmp_path / "plain.ckpt"
+        )
+    torch.manual_seed(8)
+    own, fresh = TinyClassifier(), MergeGuardCallback(alpha=0.1, stage2=None, progress=False)
+    own_start = {n: p.detach().clone() for n, p in own.named_parameters()}
+    guarded = trainer(tmp_path / "g", max_steps=2, callbacks=[fresh])
+    guarded.fit(own)
+    guarded.save_checkpoint(tmp_path / "guarded.ckpt")
+    again = MergeGuardCallback(alpha=0.1, stage2=None, progress=False)
+    trainer(tmp_path / "g1", max_steps=2, callbacks=[again]).fit(TinyClassifier())  # a fit of some other model
+    trainer(tmp_path / "g2", max_steps=4, callbacks=[again]).fit(TinyClassifier(), ckpt_path=tmp_path / "guarded.ckpt")
+    assert all(torch.equal(again.reference[n], own_start[n]) for n in own_start)
 
 
 def test_a_reference_that_is_not_the_models_base_is_refused_at_fit_start(tmp_path):

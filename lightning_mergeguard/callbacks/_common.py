@@ -221,20 +221,17 @@ def debug_run_stage2(strategy: Any) -> Any:
     return quick
 
 
-def fits_another_module(callback: Any, pl_module: pl.LightningModule, trainer: pl.Trainer) -> bool:
+def fits_another_module(callback: Any, pl_module: pl.LightningModule) -> bool:
     """Whether ``callback``'s previous fit trained other weights than this fit does (so its state is theirs).
 
     Called at fit start. The weights are told apart by their parameter objects: the same model fitted again (more
     epochs, a second ``fit``, or the same ``transformers`` model in a new LightningModule wrapper) goes on; a new
-    model (a sweep reusing the callback) is another one. A fit that resumes a checkpoint is never "another": the
-    checkpoint's state, already restored, is the one to use. The first parameter is remembered weakly.
+    model (a sweep reusing the callback) is another one. The first parameter is remembered weakly.
     """
     first = next(iter(pl_module.parameters()), None)
     previous = getattr(callback, "_fitted_weights", None)
     callback._fitted_weights = None if first is None else weakref.ref(first)
-    if previous is None or trainer.ckpt_path is not None:
-        return False
-    return previous() is not first
+    return previous is not None and previous() is not first
 
 
 def picklable_state(callback: Any) -> dict[str, Any]:

@@ -230,6 +230,7 @@ class MergeGuardCallback(Callback):
         self._stage1_values: dict[str, torch.Tensor] = {}
         self._start_step = 0
         self._train_ended = False
+        self._state_restored = False  # load_state_dict ran in the current fit
 
     # ------------------------------------------------------------------ setup
     @property
@@ -243,6 +244,8 @@ class MergeGuardCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self._state_restored = False  # before this fit's checkpoint (if any) is restored
+            self.reference.new_fit()
             refuse_sharded(trainer, "MergeGuardCallback", allow_fsdp2=True)
             replacers = weight_replacers_after(trainer, self)
             if replacers and self.stage2 is not None:
@@ -300,10 +303,10 @@ class MergeGuardCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_ended = False
-        self.reference.follow(pl_module, resuming=trainer.ckpt_path is not None)
-        if fits_another_module(self, pl_module, trainer):
+        self.reference.follow(pl_module)
+        if fits_another_module(self, pl_module) and not self._state_restored:
             # A callback reused for another model (a sweep): its reference (reset just above), "stage 2 done" and
-            # the report were the previous model's.
+            # the report were the previous model's (unless this fit's checkpoint restored them).
             self.stage2_done, self.report = False, None
             self._params, self._judged, self._view, self._pairs = {}, set(), None, {}
             rank_zero_info("MergeGuardCallback: another model is being fitted; starting from its own weights.")
@@ -740,6 +743,7 @@ class MergeGuardCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._state_restored = True
         self.stage2_done = bool(state_dict.get("stage2_done", False))
         self.report = state_dict.get("report")
         ref = state_dict.get("reference")

@@ -255,6 +255,7 @@ class MergeProbe(Callback):
         self._params: dict[str, nn.Parameter] = {}
         self._view: LoraView | None = None
         self._own_reference = ReferenceWeights(reference, dtype=self.reference_dtype)
+        self._state_restored = False  # load_state_dict ran in the current fit
         self._reference: ReferenceWeights = self._own_reference
         self._donor_tau: dict[str, dict[str, Tensor]] = {}
         self.donor_distance: dict[str, float] = {}
@@ -275,6 +276,8 @@ class MergeProbe(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self._state_restored = False  # before this fit's checkpoint (if any) is restored
+            self._own_reference.new_fit()
             refuse_sharded(trainer, "MergeProbe", allow_fsdp2=True)
             replacers = weight_replacers_after(trainer, self)
             if replacers and self.probe_on_train_end:
@@ -291,8 +294,8 @@ class MergeProbe(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reference = self._shared_reference(trainer)
-        self._reference.follow(pl_module, resuming=trainer.ckpt_path is not None)  # shared: the first call resets
-        if fits_another_module(self, pl_module, trainer):  # reused for another model: the results were the last one's
+        self._reference.follow(pl_module)  # shared with a guard: the first call of a fit resets it
+        if fits_another_module(self, pl_module) and not self._state_restored:  # the results were the last model's
             self.results, self.last_probe_step = [], -1
         if is_adapted(pl_module):
             # A LoRA model is merged as its effective weights W + B @ A * s under the base model's names: every
@@ -572,6 +575,7 @@ class MergeProbe(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._state_restored = True
         self.last_probe_step = int(state_dict.get("last_probe_step", -1))
         self.results = list(state_dict.get("results", []))
         ref = state_dict.get("reference")
