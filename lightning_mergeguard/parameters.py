@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["filter_names", "group_layers", "name_patterns", "refuse_non_finite", "select_parameters"]
+__all__ = [
+    "filter_names",
+    "group_layers",
+    "name_patterns",
+    "refuse_non_finite",
+    "select_parameters",
+    "weights_changed",
+    "without_weights_ref",
+]
 
 T = TypeVar("T")
 
@@ -136,3 +145,35 @@ def refuse_non_finite(module: nn.Module, who: str) -> None:
             "training diverged, so stage 2 was not applied and nothing was saved. Lower the learning rate or clip "
             "gradients (Trainer(gradient_clip_val=...)) and train again."
         )
+
+
+_WEIGHTS_REF = "_fitted_weights"
+
+
+def weights_changed(holder: object, module: nn.Module) -> bool:
+    """Whether ``module`` holds other weights than at ``holder``'s previous call (remembered on ``holder``).
+
+    Weights are told apart by their first parameter object, remembered weakly: the same model fitted again (or the
+    same ``transformers`` model in a new LightningModule wrapper) is the same; a new model object is another. The
+    first call is never a change.
+
+    Example:
+        >>> class Holder: ...
+        >>> h, a, b = Holder(), nn.Linear(1, 1), nn.Linear(1, 1)
+        >>> weights_changed(h, a), weights_changed(h, a), weights_changed(h, b)
+        (False, False, True)
+    """
+    first = next(iter(module.parameters()), None)
+    previous = getattr(holder, _WEIGHTS_REF, None)
+    setattr(holder, _WEIGHTS_REF, None if first is None else weakref.ref(first))
+    return previous is not None and previous() is not first
+
+
+def without_weights_ref(holder: object) -> dict[str, object]:
+    """``holder.__dict__`` for pickling, without the weak reference :func:`weights_changed` keeps.
+
+    Spawned processes get a copy of the callbacks; a weak reference does not pickle.
+    """
+    state = dict(vars(holder))
+    state.pop(_WEIGHTS_REF, None)
+    return state

@@ -44,7 +44,7 @@ from lightning_mergeguard.protection.stage2 import (
     amplify_checked,
 )
 from lightning_mergeguard.protection.symmetry import check_strength
-from lightning_mergeguard.reference import ReferenceWeights
+from lightning_mergeguard.reference import ReferenceWeights, parse_device
 
 __all__ = ["hold_out", "image_data", "load_rows", "main", "protect_checkpoint", "protect_module"]
 
@@ -219,9 +219,9 @@ def _device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"device {device!r} is not a device (auto, cpu, cuda, cuda:1...): {err}") from None
+        dev = parse_device(device, "device")
+    except ValueError as err:
+        raise ConfigError(f"{err} (auto, cpu, cuda, cuda:1...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r}: no CUDA device is available here (use auto or cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -11,7 +11,6 @@ pinned and copied with ``non_blocking=True`` when they are used).
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mergeguard.errors import IncompatibleModelsError
+from lightning_mergeguard.parameters import weights_changed, without_weights_ref
 from lightning_mergeguard.sharding import full, is_sharded, shard_like
 
 __all__ = ["ReferenceWeights", "parse_dtype"]
@@ -38,6 +38,21 @@ def parse_dtype(value: str | torch.dtype | None, what: str) -> torch.dtype | Non
     if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
         return _DTYPES[value.removeprefix("torch.")]
     raise ValueError(f"{what} must be one of {', '.join(_DTYPES)} or None, got {value!r}")
+
+
+def parse_device(value: str | torch.device | None, what: str) -> torch.device | None:
+    """A ``torch.device`` from its name (``"cuda:1"``); ``None`` stays ``None``.
+
+    Example:
+        >>> parse_device("cpu", "donor_device")
+        device(type='cpu')
+    """
+    if value is None:
+        return None
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{what} {value!r} is not a device: {err}") from err
 
 
 class ReferenceWeights:
@@ -70,13 +85,9 @@ class ReferenceWeights:
             raise TypeError(f"reference must be a path, a state dict or None, got {type(source).__name__}")
         self.source = source
         self.dtype = parse_dtype(dtype, "reference_dtype")
-        try:
-            self.device = torch.device(device) if device is not None else None
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"reference_device {device!r} is not a device: {err}") from err
+        self.device = parse_device(device, "reference_device")
         self._tensors: dict[str, Tensor] = {}
         self._restored: dict[str, Tensor] | None = None
-        self._followed: weakref.ref[Tensor] | None = None  # the weights the tensors were resolved for
         self._restored_in_fit = False  # load_state_dict ran in the current fit
 
     # ------------------------------------------------------------------ resolving
@@ -204,7 +215,7 @@ class ReferenceWeights:
         """Bytes held (the memory this reference costs)."""
         return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
-    def check_base_of(self, params: Mapping[str, Tensor], who: str, max_relative_distance: float | None = 1.0) -> None:
+    def check_base_of(self, params: Mapping[str, Tensor], who: str, max_relative_distance: float | None) -> None:
         """Refuse a reference read from ``source`` that is not the pretrained model of ``params``.
 
         A snapshot is the model itself; a path or state dict can be another model of the same shapes (another
@@ -238,15 +249,13 @@ class ReferenceWeights:
 
         The same weights fitted again keep their reference (a snapshot of them is still ``theta_pre``); another model
         (a sweep reusing the callbacks) is resolved from scratch, except from what this fit's checkpoint restored.
-        Weights are told apart by their first parameter object, remembered weakly; both callbacks sharing this
-        reference call this, and only the first call of a fit can reset it.
+        Weights are told apart as :func:`~lightning_mergeguard.parameters.weights_changed` does; both callbacks
+        sharing this reference call this, and only the first call of a fit can reset it.
 
         Returns:
             Whether the tensors were forgotten.
         """
-        first = next(iter(module.parameters()), None)
-        previous, self._followed = self._followed, (None if first is None else weakref.ref(first))
-        if previous is None or previous() is first:
+        if not weights_changed(self, module):
             return False
         self._tensors = {}  # resolved again: from this fit's restored tensors, the source, or a snapshot
         if not self._restored_in_fit:
@@ -258,9 +267,7 @@ class ReferenceWeights:
         self._restored_in_fit = False
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_followed"] = None  # a weak reference does not pickle (spawned processes get a copy)
-        return state
+        return without_weights_ref(self)
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -219,26 +218,6 @@ def debug_run_stage2(strategy: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             setattr(quick, attr, min(value, most))
     return quick
-
-
-def fits_another_module(callback: Any, pl_module: pl.LightningModule) -> bool:
-    """Whether ``callback``'s previous fit trained other weights than this fit does (so its state is theirs).
-
-    Called at fit start. The weights are told apart by their parameter objects: the same model fitted again (more
-    epochs, a second ``fit``, or the same ``transformers`` model in a new LightningModule wrapper) goes on; a new
-    model (a sweep reusing the callback) is another one. The first parameter is remembered weakly.
-    """
-    first = next(iter(pl_module.parameters()), None)
-    previous = getattr(callback, "_fitted_weights", None)
-    callback._fitted_weights = None if first is None else weakref.ref(first)
-    return previous is not None and previous() is not first
-
-
-def picklable_state(callback: Any) -> dict[str, Any]:
-    """``callback.__dict__`` without the weak reference to the fitted weights (spawned processes get a copy)."""
-    state = dict(callback.__dict__)
-    state.pop("_fitted_weights", None)
-    return state
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -27,10 +27,8 @@ from lightning_mergeguard.callbacks._common import (
     debug_run_stage2,
     eval_share,
     first_loader,
-    fits_another_module,
     is_fsdp2,
     log_to_loggers,
-    picklable_state,
     refuse_sharded,
     refuse_unaffordable,
     repeat,
@@ -41,7 +39,15 @@ from lightning_mergeguard.callbacks.quantization_watermark import QuantizationWa
 from lightning_mergeguard.errors import NonFiniteError
 from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
-from lightning_mergeguard.parameters import filter_names, name_patterns, refuse_non_finite, select_parameters
+from lightning_mergeguard.merging.base_check import DEFAULT_MAX_RELATIVE_DISTANCE
+from lightning_mergeguard.parameters import (
+    filter_names,
+    name_patterns,
+    refuse_non_finite,
+    select_parameters,
+    weights_changed,
+    without_weights_ref,
+)
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_, redistribution_value
 from lightning_mergeguard.protection.stage2 import (
     DEFAULT_STAGE2_EXCLUDE,
@@ -239,7 +245,7 @@ class MergeGuardCallback(Callback):
         return self._generate_state_key(alpha=self.alpha, target=self.target)
 
     def __getstate__(self) -> dict[str, Any]:
-        return picklable_state(self)
+        return without_weights_ref(self)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -304,7 +310,7 @@ class MergeGuardCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_ended = False
         self.reference.follow(pl_module)
-        if fits_another_module(self, pl_module) and not self._state_restored:
+        if weights_changed(self, pl_module) and not self._state_restored:
             # A callback reused for another model (a sweep): its reference (reset just above), "stage 2 done" and
             # the report were the previous model's (unless this fit's checkpoint restored them).
             self.stage2_done, self.report = False, None
@@ -331,7 +337,7 @@ class MergeGuardCallback(Callback):
         self._refuse_unaffordable_partners(trainer, pl_module)
         self.reference.refuse_resumed_snapshot(trainer.ckpt_path, "MergeGuardCallback", "alpha/target")
         self.reference.resolve(self._params)
-        self.reference.check_base_of(self._params, "MergeGuardCallback")
+        self.reference.check_base_of(self._params, "MergeGuardCallback", DEFAULT_MAX_RELATIVE_DISTANCE)
         self._judged = {id(p) for p in self._params.values()}
         if (
             self.stage2 is not None
@@ -353,11 +359,9 @@ class MergeGuardCallback(Callback):
             return
         from lightning_mergeguard.callbacks.merge_probe import MergeProbe
 
+        # A probe's donors are shared with it, not copied; they count as partners for the default surrogates.
         probed = self.stage2.use_probe_donors and any(isinstance(c, MergeProbe) for c in trainer.callbacks)
-        surrogates = self.stage2.surrogates
-        if surrogates is None:  # its default: three without any partner (a probe's donors are shared, not copied)
-            surrogates = 0 if self.stage2.partners or probed else 3
-        copies = len(self.stage2.partners) + surrogates
+        copies = len(self.stage2.partners) + self.stage2.surrogate_count(bool(self.stage2.partners) or probed)
         perturbed = select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
         refuse_unaffordable(
             4 * copies * sum(p.numel() for p in perturbed.values()),

@@ -24,10 +24,8 @@ from lightning_mergeguard.callbacks._common import (
     as_trained,
     debug_run_batches,
     eval_share,
-    fits_another_module,
     is_fsdp2,
     log_to_loggers,
-    picklable_state,
     refuse_sharded,
     refuse_unaffordable,
     validation_loader,
@@ -40,7 +38,13 @@ from lightning_mergeguard.merging.base_check import (
 from lightning_mergeguard.merging.engine import iter_merge
 from lightning_mergeguard.merging.sources import StateDictSource, WeightSource
 from lightning_mergeguard.merging.task_vectors import task_vector_cosines
-from lightning_mergeguard.parameters import filter_names, name_patterns, select_parameters
+from lightning_mergeguard.parameters import (
+    filter_names,
+    name_patterns,
+    select_parameters,
+    weights_changed,
+    without_weights_ref,
+)
 from lightning_mergeguard.probing import (
     BASE,
     LIVE,
@@ -51,10 +55,19 @@ from lightning_mergeguard.probing import (
     merge_metrics,
     named_signals,
 )
-from lightning_mergeguard.reference import ReferenceWeights, parse_dtype
+from lightning_mergeguard.reference import ReferenceWeights, parse_device, parse_dtype
 from lightning_mergeguard.sharding import GatheredSource, any_sharded, local, write_full_
 
 OWN = "own"
+
+
+def _check_task_names(loaders: Mapping[str, Any], donors: Mapping[str, Any]) -> None:
+    """Evaluation tasks are ``'own'`` (required) and donor names."""
+    unknown = [k for k in loaders if k != OWN and k not in donors]
+    if unknown:
+        raise ValueError(f"MergeProbe: eval_dataloaders keys {unknown} are neither 'own' nor donor names")
+    if OWN not in loaders:
+        raise ValueError("MergeProbe: eval_dataloaders needs an 'own' entry for the protected task")
 
 
 class MergeProbe(Callback):
@@ -185,12 +198,8 @@ class MergeProbe(Callback):
             raise ValueError(f"eval_batches must be a positive integer or None, got {eval_batches!r}")
         if donor_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"donor_dtype must be 'float32' or 'bfloat16', got {donor_dtype!r}")
-        for what, dev in (("donor_device", donor_device), ("backup_device", backup_device)):
-            try:
-                if dev is not None:
-                    torch.device(dev)
-            except (RuntimeError, TypeError) as err:
-                raise ValueError(f"{what} {dev!r} is not a device: {err}") from err
+        self.donor_device = parse_device(donor_device, "donor_device")
+        self.backup_device = parse_device(backup_device, "backup_device")
         if max_relative_distance is not None and not (
             isinstance(max_relative_distance, (int, float)) and max_relative_distance > 0
         ):
@@ -215,11 +224,7 @@ class MergeProbe(Callback):
         self.methods = list(methods)
         self.coefficients = list(coefficients) if coefficients is not None else None
         if isinstance(eval_dataloaders, Mapping):  # typos fail now, not as a warning at every probe
-            unknown = [k for k in eval_dataloaders if k != OWN and k not in self.donor_inputs]
-            if unknown:
-                raise ValueError(f"MergeProbe: eval_dataloaders keys {unknown} are neither 'own' nor donor names")
-            if OWN not in eval_dataloaders:
-                raise ValueError("MergeProbe: eval_dataloaders needs an 'own' entry for the protected task")
+            _check_task_names(eval_dataloaders, self.donor_inputs)
             for name, value in eval_dataloaders.items():
                 if isinstance(value, tuple) and (len(value) != 2 or not callable(value[1])):
                     raise ValueError(
@@ -239,8 +244,6 @@ class MergeProbe(Callback):
         self.reference_path = reference
         self.reference_dtype = parse_dtype(reference_dtype, "reference_dtype")
         self.donor_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[donor_dtype]
-        self.donor_device = torch.device(donor_device)
-        self.backup_device = torch.device(backup_device) if backup_device is not None else None
         self.max_relative_distance = None if max_relative_distance is None else float(max_relative_distance)
         self.seed = seed
         self.strict = strict
@@ -271,7 +274,7 @@ class MergeProbe(Callback):
         return self._generate_state_key(donors=sorted(self.donor_inputs), labels=[s.label for s in self.specs])
 
     def __getstate__(self) -> dict[str, Any]:
-        return picklable_state(self)
+        return without_weights_ref(self)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -295,7 +298,7 @@ class MergeProbe(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reference = self._shared_reference(trainer)
         self._reference.follow(pl_module)  # shared with a guard: the first call of a fit resets it
-        if fits_another_module(self, pl_module) and not self._state_restored:  # the results were the last model's
+        if weights_changed(self, pl_module) and not self._state_restored:  # the results were the last model's
             self.results, self.last_probe_step = [], -1
         if is_adapted(pl_module):
             # A LoRA model is merged as its effective weights W + B @ A * s under the base model's names: every
@@ -379,11 +382,7 @@ class MergeProbe(Callback):
                 )
         if not isinstance(loaders, Mapping):
             loaders = {OWN: loaders}
-        unknown = [k for k in loaders if k != OWN and k not in self.donor_inputs]
-        if unknown:
-            raise ValueError(f"MergeProbe: eval_dataloaders keys {unknown} are neither 'own' nor donor names")
-        if OWN not in loaders:
-            raise ValueError("MergeProbe: eval_dataloaders needs an 'own' entry for the protected task")
+        _check_task_names(loaders, self.donor_inputs)  # a validation loader given as a mapping too
         tasks = {}
         budget = debug_run_batches(trainer, self.eval_batches)  # fast_dev_run: its batch count
         for name, value in loaders.items():

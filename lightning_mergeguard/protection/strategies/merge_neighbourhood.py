@@ -138,6 +138,12 @@ class MergeNeighbourhood(Stage2):
         self.proxies = tuple((float(a), float(b)) for a, b in proxies)
         self.seed = seed
 
+    def surrogate_count(self, has_partners: bool) -> int:
+        """Surrogates added: ``surrogates``, or by default three when there is no real partner, none otherwise."""
+        if self.surrogates is not None:
+            return self.surrogates
+        return 0 if has_partners else 3
+
     def partner_task_vectors(self, ctx: Stage2Context) -> dict[str, dict[str, Tensor]]:
         """Every partner rehearsed, as task vectors on the CPU: given paths, probe donors, surrogates."""
         from lightning_mergeguard.probing import donor_task_vector
@@ -145,7 +151,6 @@ class MergeNeighbourhood(Stage2):
         params, ref = ctx.params, ctx.reference
         cpu = torch.device("cpu")
         out: dict[str, dict[str, Tensor]] = {}
-        count = self.surrogates
         for i, path in enumerate(self.partners):
             out[f"partner{i}"], _ = donor_task_vector(
                 path, path, params, ref, device=cpu, dtype=torch.float32, who="MergeNeighbourhood: partner"
@@ -156,8 +161,7 @@ class MergeNeighbourhood(Stage2):
                 if missing:
                     raise ValueError(f"probe donor {name!r} lacks {missing[:3]} (stage 2 perturbs them)")
                 out[f"probe:{name}"] = {n: tau[n] for n in params}
-        if count is None:
-            count = 0 if out else 3
+        count = self.surrogate_count(bool(out))
         for j, tv in enumerate(
             surrogate_task_vectors(params, ref, count, self.seed, device=cpu, rank=self.surrogate_rank)
         ):
