@@ -716,3 +716,61 @@ def test_resuming_a_checkpoint_without_the_callbacks_reference_needs_the_pretrai
     guard = MergeGuardCallback(alpha=0.1, stage2="none", reference=pre)
     trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(TinyClassifier(), ckpt_path=last)
     assert all(torch.equal(guard.reference[n], pre[n]) for n in pre)
+
+
+def _tuner(kind: str) -> pl.Callback:
+    from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
+
+    return (
+        LearningRateFinder(num_training_steps=4) if kind == "lr" else BatchSizeFinder(max_trials=2, steps_per_trial=2)
+    )
+
+
+class _BatchSized(TinyClassifier):
+    """TinyClassifier with the ``batch_size`` attribute BatchSizeFinder scales."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_size = 32
+
+    def train_dataloader(self):
+        return DataLoader(blobs(256, 0), batch_size=self.batch_size, shuffle=True)
+
+
+@pytest.mark.parametrize("kind", ["lr", "batch_size"])
+def test_lightnings_tuner_callbacks_are_not_resumes(tmp_path, kind):
+    # LearningRateFinder/BatchSizeFinder save the state at fit start, run their trials with the other callbacks
+    # swapped out, and restore it, leaving trainer.ckpt_path naming their temporary file: the guard and the probe
+    # took that for a resume of a checkpoint without their reference and stopped the fit.
+    from lightning_mergeguard import MergeProbe
+
+    pl.seed_everything(0)
+    models = [_BatchSized(), _BatchSized()]
+    models[1].load_state_dict({k: v + 0.001 * torch.randn_like(v) for k, v in models[0].state_dict().items()})
+    starts = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
+    guard = MergeGuardCallback(alpha=0.1, progress=False)
+    probe = MergeProbe(
+        {"d": {k: v + 0.01 for k, v in models[0].state_dict().items()}},
+        eval_dataloaders=DataLoader(blobs(64, 1), batch_size=32),
+        every_n_epochs=1,
+        progress=False,
+    )
+    probed = []
+    for model, start in zip(models, starts):  # the second fit reuses both callbacks for another model
+        trainer(tmp_path, max_epochs=1, callbacks=[guard, probe, _tuner(kind)]).fit(model)
+        assert guard.stage2_done and guard.report is not None
+        assert all(torch.equal(guard.reference[n], start[n]) for n in start)  # theta_pre: this model's start
+        probed.append(len(probe.results))
+    assert probed[0] == probed[1] > 0  # the second fit's results only
+    alone = MergeProbe(probe.donor_inputs, eval_dataloaders=DataLoader(blobs(64, 1), batch_size=32), progress=False)
+    trainer(tmp_path, max_epochs=1, callbacks=[alone, _tuner(kind)]).fit(models[0])  # its own reference
+    assert alone.results
+    # A resume of a checkpoint written without the guard is still refused, naming that checkpoint.
+    plain = trainer(tmp_path / "plain", max_steps=2)
+    plain.fit(TinyClassifier())
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    fresh = MergeGuardCallback(alpha=0.1, stage2=None, progress=False)
+    with pytest.raises(ValueError, match=r"resumes .*plain.ckpt', which holds no reference"):
+        trainer(tmp_path, max_steps=4, callbacks=[fresh, _tuner(kind)]).fit(
+            _BatchSized(), ckpt_path=tmp_path / "plain.ckpt"
+        )

@@ -35,6 +35,7 @@ from lightning_mergeguard.callbacks._common import (
     validation_loader,
     weight_replacers_after,
 )
+from lightning_mergeguard.callbacks._restores import RestoreTracker
 from lightning_mergeguard.callbacks.quantization_watermark import QuantizationWatermark
 from lightning_mergeguard.errors import NonFiniteError
 from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
@@ -237,6 +238,7 @@ class MergeGuardCallback(Callback):
         self._start_step = 0
         self._train_ended = False
         self._state_restored = False  # load_state_dict ran in the current fit
+        self._restores = RestoreTracker()  # a tuner's restore (LearningRateFinder, BatchSizeFinder) is no resume
 
     # ------------------------------------------------------------------ setup
     @property
@@ -251,6 +253,7 @@ class MergeGuardCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._state_restored = False  # before this fit's checkpoint (if any) is restored
+            self._restores.new_fit()
             self.reference.new_fit()
             refuse_sharded(trainer, "MergeGuardCallback", allow_fsdp2=True)
             replacers = weight_replacers_after(trainer, self)
@@ -324,7 +327,9 @@ class MergeGuardCallback(Callback):
             trained = {n: p for n, p in self._view.params.items() if p.requires_grad and n not in self._view.pairs}
             self._params = filter_names(trained, self.include, self.exclude)
             if self._params:  # modules trained in full are snapshotted; the adapters' base weights are pretrained
-                self.reference.refuse_resumed_snapshot(trainer.ckpt_path, "MergeGuardCallback", "alpha/target")
+                self.reference.refuse_resumed_snapshot(
+                    self._restores.resumed(trainer), "MergeGuardCallback", "alpha/target"
+                )
             base = self._view.base_tensors()
             self.reference.resolve({n: base[n] for n in [*self._params, *self._pairs]})
             if not (self._params or self._pairs):
@@ -335,7 +340,7 @@ class MergeGuardCallback(Callback):
         if not self._params:
             raise ValueError("MergeGuardCallback: no trainable parameters match include/exclude")
         self._refuse_unaffordable_partners(trainer, pl_module)
-        self.reference.refuse_resumed_snapshot(trainer.ckpt_path, "MergeGuardCallback", "alpha/target")
+        self.reference.refuse_resumed_snapshot(self._restores.resumed(trainer), "MergeGuardCallback", "alpha/target")
         self.reference.resolve(self._params)
         self.reference.check_base_of(self._params, "MergeGuardCallback", DEFAULT_MAX_RELATIVE_DISTANCE)
         self._judged = {id(p) for p in self._params.values()}
@@ -746,7 +751,17 @@ class MergeGuardCallback(Callback):
         return {"stage2_done": self.stage2_done, "report": self.report, "reference": self.reference.state_dict()}
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._restores.on_load_checkpoint(trainer)
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._restores.tuner_restoring:
+            # LearningRateFinder/BatchSizeFinder put back the state they saved earlier in this same fit, with this
+            # callback swapped out in between: nothing changed, and it is not a resume (nor another model's state).
+            return
         self._state_restored = True
         self.stage2_done = bool(state_dict.get("stage2_done", False))
         self.report = state_dict.get("report")

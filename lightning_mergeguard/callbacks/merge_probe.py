@@ -31,6 +31,7 @@ from lightning_mergeguard.callbacks._common import (
     validation_loader,
     weight_replacers_after,
 )
+from lightning_mergeguard.callbacks._restores import RestoreTracker
 from lightning_mergeguard.evaluation import ScoreFn, default_score, evaluate, rng_kept
 from lightning_mergeguard.merging.base_check import (
     DEFAULT_MAX_RELATIVE_DISTANCE,
@@ -259,6 +260,7 @@ class MergeProbe(Callback):
         self._view: LoraView | None = None
         self._own_reference = ReferenceWeights(reference, dtype=self.reference_dtype)
         self._state_restored = False  # load_state_dict ran in the current fit
+        self._restores = RestoreTracker()  # a tuner's restore (LearningRateFinder, BatchSizeFinder) is no resume
         self._reference: ReferenceWeights = self._own_reference
         self._donor_tau: dict[str, dict[str, Tensor]] = {}
         self.donor_distance: dict[str, float] = {}
@@ -280,6 +282,7 @@ class MergeProbe(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._state_restored = False  # before this fit's checkpoint (if any) is restored
+            self._restores.new_fit()
             self._own_reference.new_fit()
             refuse_sharded(trainer, "MergeProbe", allow_fsdp2=True)
             replacers = weight_replacers_after(trainer, self)
@@ -311,7 +314,7 @@ class MergeProbe(Callback):
             self._view = None
             self._params = select_parameters(pl_module, self.include, self.exclude)
             if self._reference is self._own_reference:  # a guard's reference is checked by the guard
-                self._reference.refuse_resumed_snapshot(trainer.ckpt_path, "MergeProbe", "donors/methods")
+                self._reference.refuse_resumed_snapshot(self._restores.resumed(trainer), "MergeProbe", "donors/methods")
             self._reference.resolve(self._params)
             if self._reference is self._own_reference:
                 self._reference.check_base_of(self._params, "MergeProbe", self.max_relative_distance)
@@ -573,7 +576,17 @@ class MergeProbe(Callback):
         return state
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._restores.on_load_checkpoint(trainer)
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._restores.tuner_restoring:
+            # LearningRateFinder/BatchSizeFinder put back the state they saved earlier in this same fit, with this
+            # callback swapped out in between: nothing changed, and it is not a resume (nor another model's state).
+            return
         self._state_restored = True
         self.last_probe_step = int(state_dict.get("last_probe_step", -1))
         self.results = list(state_dict.get("results", []))

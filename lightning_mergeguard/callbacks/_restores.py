@@ -1,0 +1,57 @@
+"""What a fit's checkpoint restores tell a callback: a resume, or Lightning's tuner putting back its own state."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import lightning.pytorch as pl
+
+_TUNER_CHECKPOINT = re.compile(r"\.(lr_find|scale_batch_size)_[0-9a-f-]+\.ckpt")
+
+
+def is_tuner_checkpoint(path: str | os.PathLike[str] | None) -> bool:
+    """Whether ``path`` is the temporary checkpoint of Lightning's tuner (``LearningRateFinder``, ``BatchSizeFinder``).
+
+    The tuner saves the whole state before its trial fits and restores it after them, inside the same fit (with the
+    callbacks swapped out meanwhile, so theirs did not change): restoring it is not a resume. Lightning leaves
+    ``trainer.ckpt_path`` naming that (deleted) file afterwards.
+
+    Example:
+        >>> is_tuner_checkpoint("runs/.lr_find_0b5e6f52-3c1a-4a4e-9f0e-2b1d7c9e8a10.ckpt"), is_tuner_checkpoint(None)
+        (True, False)
+    """
+    return path is not None and _TUNER_CHECKPOINT.fullmatch(os.path.basename(os.fspath(path))) is not None
+
+
+class RestoreTracker:
+    """Tells a callback's ``load_state_dict`` whether to restore, and its ``on_fit_start`` what the fit resumes.
+
+    Call :meth:`new_fit` in ``setup`` and :meth:`on_load_checkpoint` in ``on_load_checkpoint`` (which Lightning calls
+    before ``load_state_dict`` on every restore, also when the checkpoint holds no state for the callback).
+
+    Example:
+        >>> tracker = RestoreTracker()
+        >>> tracker.new_fit()
+        >>> tracker.tuner_restoring, tracker.restored_from
+        (False, None)
+    """
+
+    def __init__(self) -> None:
+        self.restored_from: Any = None  # what trainer.ckpt_path named at this fit's restore (not a tuner's)
+        self.tuner_restoring = False  # the restore in progress is a tuner's: load_state_dict should change nothing
+
+    def new_fit(self) -> None:
+        """At fit setup, before any checkpoint of the fit is restored."""
+        self.restored_from, self.tuner_restoring = None, False
+
+    def on_load_checkpoint(self, trainer: pl.Trainer) -> None:
+        """Note the restore starting now."""
+        self.tuner_restoring = is_tuner_checkpoint(trainer.ckpt_path)
+        if not self.tuner_restoring:
+            self.restored_from = trainer.ckpt_path
+
+    def resumed(self, trainer: pl.Trainer) -> Any:
+        """The checkpoint the fit resumes: ``trainer.ckpt_path``, unless a tuner's restore replaced it since."""
+        return self.restored_from if is_tuner_checkpoint(trainer.ckpt_path) else trainer.ckpt_path
