@@ -774,3 +774,53 @@ def test_lightnings_tuner_callbacks_are_not_resumes(tmp_path, kind):
         trainer(tmp_path, max_steps=4, callbacks=[fresh, _tuner(kind)]).fit(
             _BatchSized(), ckpt_path=tmp_path / "plain.ckpt"
         )
+
+
+class _PruneByHand(pl.Callback):
+    """Prunes the first layer with torch.nn.utils.prune at the end of the first epoch (left active)."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            torch.nn.utils.prune.l1_unstructured(pl_module.net[0], "weight", amount=0.5)
+
+
+def test_pruning_during_fit_is_refused_where_it_would_be_undone_or_mismeasured(tmp_path):
+    # ModelPruning before the guard: stage 2 moved the pruned zeros, so the pruned model came out dense (45% zeros in
+    # a layer before stage 2, 0% after). After it: stage 2 met weight_orig/weight_mask and failed after the whole fit
+    # ("stage 2 excludes every parameter"). A probe merged weight_orig and pruned the merge again with the mask.
+    from lightning.pytorch.callbacks import ModelPruning
+
+    from lightning_mergeguard import MergeProbe
+
+    def pruner():
+        return ModelPruning("l1_unstructured", amount=0.3, verbose=0)
+
+    def probe(model, strict=False):
+        donor = {k: v + 0.01 for k, v in model.state_dict().items()}
+        loader = DataLoader(blobs(64, 1), batch_size=32)
+        return MergeProbe({"d": donor}, eval_dataloaders=loader, strict=strict, progress=False)
+
+    pl.seed_everything(0)
+    for make in (
+        lambda _: [pruner(), MergeGuardCallback()],
+        lambda _: [MergeGuardCallback(), pruner()],
+        lambda model: [pruner(), probe(model)],
+    ):
+        model = TinyClassifier()
+        callbacks = make(model)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(MisconfigurationException, match=r"does not support pruning during fit \(ModelPruning\)"):
+            trainer(tmp_path, max_epochs=2, callbacks=callbacks).fit(model)
+        assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())  # refused before training
+    # Stage 1 alone works with pruning: the pruned model stays pruned and the term is logged.
+    model, guard = TinyClassifier(), MergeGuardCallback(alpha=0.1, stage2=None, progress=False)
+    fit = trainer(tmp_path, max_epochs=2, callbacks=[pruner(), guard])
+    fit.fit(model)
+    assert float((model.net[0].weight == 0).float().mean()) > 0.3 and "mergeguard/l2_term" in fit.logged_metrics
+    # Pruned by hand during fit: refused when stage 2 or the probe meets it, not after a misleading failure.
+    guard = MergeGuardCallback(progress=False)
+    with pytest.raises(MisconfigurationException, match=r"not support pruning during fit \(torch.nn.utils.prune"):
+        trainer(tmp_path, max_epochs=2, callbacks=[_PruneByHand(), guard]).fit(TinyClassifier())
+    model = TinyClassifier()
+    with pytest.raises(MisconfigurationException, match=r"MergeProbe does not support pruning during fit \(torch"):
+        trainer(tmp_path, max_epochs=2, callbacks=[_PruneByHand(), probe(model)]).fit(model)

@@ -26,6 +26,7 @@ from lightning_mergeguard.callbacks._common import (
     eval_share,
     is_fsdp2,
     log_to_loggers,
+    refuse_pruning,
     refuse_sharded,
     refuse_unaffordable,
     validation_loader,
@@ -69,6 +70,14 @@ def _check_task_names(loaders: Mapping[str, Any], donors: Mapping[str, Any]) -> 
         raise ValueError(f"MergeProbe: eval_dataloaders keys {unknown} are neither 'own' nor donor names")
     if OWN not in loaders:
         raise ValueError("MergeProbe: eval_dataloaders needs an 'own' entry for the protected task")
+
+
+_PRUNING_WHY = (
+    "while pruning is active each pruned weight is weight_orig * weight_mask, so the probe would merge weight_orig "
+    "and prune the merge with the mask again, which is not the merge of the pruned model anyone could make from its "
+    "checkpoint"
+)
+_PRUNING_INSTEAD = "Prune first and make it permanent (torch.nn.utils.prune.remove), then probe the fine-tune."
 
 
 class MergeProbe(Callback):
@@ -285,6 +294,7 @@ class MergeProbe(Callback):
             self._restores.new_fit()
             self._own_reference.new_fit()
             refuse_sharded(trainer, "MergeProbe", allow_fsdp2=True)
+            refuse_pruning(trainer, pl_module, "MergeProbe", _PRUNING_WHY, _PRUNING_INSTEAD)
             replacers = weight_replacers_after(trainer, self)
             if replacers and self.probe_on_train_end:
                 rank_zero_warn(
@@ -481,6 +491,7 @@ class MergeProbe(Callback):
         """
         if not force and trainer.global_step == self.last_probe_step:
             return {}
+        refuse_pruning(trainer, pl_module, "MergeProbe", _PRUNING_WHY, _PRUNING_INSTEAD)  # pruned by hand since setup
         # The global RNGs come back as they were: the training run is the same with or without a probe (loading
         # evaluation batches and sampling score functions draw from them).
         with rng_kept(pl_module), self._view.merged() if self._view is not None else nullcontext():
