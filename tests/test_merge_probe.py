@@ -718,3 +718,28 @@ def test_donors_this_machine_cannot_hold_are_refused_before_loading(tmp_path, mo
 
     with pytest.raises(MisconfigurationException, match=r"8\.0 GiB on cpu \(1\.0 GiB in each of 8 processes\)"):
         common.refuse_unaffordable(1024**3, torch.device("cpu"), EightRanks(), "x", "y")
+
+
+def test_a_torch_compiled_submodule_is_probed_and_saved_under_its_uncompiled_names(tmp_path):
+    # torch.compile(submodule) names its weights 'net._orig_mod.0.weight': a donor or reference checkpoint of the
+    # uncompiled network was refused ("donor 'd' has no tensor for parameter 'net._orig_mod.0.weight'"), and the
+    # guard's save_path wrote the _orig_mod names, which the uncompiled model cannot load.
+    from safetensors.torch import load_file
+
+    results, saved = [], []
+    for compiled in (False, True):
+        pl.seed_everything(0)
+        model = TinyClassifier()
+        donor = {k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()}
+        if compiled:
+            model.net = torch.compile(model.net, backend="eager")
+        probe = MergeProbe({"d": donor}, eval_dataloaders=DataLoader(blobs(64, 1), batch_size=32), progress=False)
+        path = tmp_path / f"protected{int(compiled)}.safetensors"
+        guard = MergeGuardCallback(alpha=0.1, stage2=ScaleAdversarial(steps=4), save_path=str(path), progress=False)
+        trainer(tmp_path, max_epochs=1, callbacks=[guard, probe]).fit(model)
+        results.append(probe.results[-1])
+        saved.append(load_file(path))
+    assert set(saved[1]) == set(TinyClassifier().state_dict())  # loads into the uncompiled model
+    assert all(torch.allclose(saved[0][k], saved[1][k], atol=1e-6) for k in saved[0])
+    keys = [k for k in results[0] if "/acc" in k]
+    assert keys and all(results[0][k] == results[1][k] for k in keys)

@@ -42,6 +42,7 @@ from lightning_mergeguard.errors import NonFiniteError
 from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
 from lightning_mergeguard.merging.base_check import DEFAULT_MAX_RELATIVE_DISTANCE
+from lightning_mergeguard.merging.sources import uncompiled_name
 from lightning_mergeguard.parameters import (
     filter_names,
     name_patterns,
@@ -737,8 +738,8 @@ class MergeGuardCallback(Callback):
             weights = {}
             for k, v in pl_module.state_dict().items():
                 whole = full(v).detach()
-                if trainer.is_global_zero:
-                    weights[k] = whole.cpu().contiguous()
+                if trainer.is_global_zero:  # named as the uncompiled module (torch.compile'd submodules)
+                    weights[uncompiled_name(k)] = whole.cpu().contiguous()
         if trainer.is_global_zero:
             if self.report_path:
                 atomic_write_json(self.report_path, report)

@@ -501,7 +501,8 @@ def match_names(
     """Map module parameter names to keys of another state dict, stripping leading components as needed.
 
     A LightningModule's ``backbone.0.weight`` matches ``backbone.0.weight`` or ``0.weight`` in a checkpoint of the
-    bare network (a ``model.`` or ``backbone.`` prefix is the usual difference). With ``missing="skip"``, names
+    bare network (a ``model.`` or ``backbone.`` prefix is the usual difference). The ``_orig_mod`` components of a
+    ``torch.compile``'d submodule's names (on either side) are ignored. With ``missing="skip"``, names
     without a counterpart (a task head the base never had) are left out instead.
 
     Raises:
@@ -510,18 +511,41 @@ def match_names(
     Example:
         >>> match_names(["backbone.0.weight"], ["0.weight", "0.bias"])
         {'backbone.0.weight': '0.weight'}
+        >>> match_names(["net._orig_mod.0.weight"], ["net.0.weight"])  # a torch.compile'd submodule
+        {'net._orig_mod.0.weight': 'net.0.weight'}
+        >>> match_names(["net.0.weight"], ["net._orig_mod.0.weight"])  # a checkpoint of one
+        {'net.0.weight': 'net._orig_mod.0.weight'}
     """
-    keys = set(available)
+    keys: dict[str, str] = {}
+    listed = list(available)
+    for key in listed:
+        keys[key] = key
+    for key in listed:  # a checkpoint of a torch.compile'd module: its keys as the uncompiled module names them
+        keys.setdefault(uncompiled_name(key), key)
     out = {}
     for name in names:
-        parts = name.split(".")
-        match = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in keys), None)
+        match = None
+        for form in dict.fromkeys((name, uncompiled_name(name))):
+            parts = form.split(".")
+            match = next((keys[s] for s in (".".join(parts[i:]) for i in range(len(parts))) if s in keys), None)
+            if match is not None:
+                break
         if match is None:
             if missing == "skip":
                 continue
             raise ValueError(f"{what} has no tensor for parameter {name!r}")
         out[name] = match
     return out
+
+
+def uncompiled_name(name: str) -> str:
+    """``name`` without the ``_orig_mod`` components ``torch.compile`` adds to a compiled submodule's names.
+
+    Example:
+        >>> uncompiled_name("model._orig_mod.layers.0.weight")
+        'model.layers.0.weight'
+    """
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def load_matching(path: Any, names: Iterable[str], what: str) -> dict[str, Tensor]:
