@@ -302,3 +302,24 @@ def test_guard_and_probe_together_on_lora_rehearse_the_probe_donors(tmp_path):
     assert probe.reference is guard.reference  # one theta_pre for both, under the base model's names
     assert "model.model.layers.0.self_attn.q_proj.weight" in guard.reference  # module prefix + base name
     assert "mergeprobe/task_arithmetic@0.3/own/acc" in probe.results[-1]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_stage_2_of_a_model_trained_with_gradient_checkpointing_matches_the_run_without(tmp_path, lora):
+    # Stage 2 keeps the user's Hugging Face gradient checkpointing on in eval mode (it held every layer's
+    # activations); the protected weights and the report are those of the same run without checkpointing.
+    from lightning_mergeguard import ScaleAdversarial
+
+    runs = []
+    for checkpointing in (False, True):
+        model = peft_llama() if lora else tiny_llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        guard = MergeGuardCallback(alpha=0.1, stage2=ScaleAdversarial(steps=6), eval_batches=2, progress=False)
+        module = _fit(tmp_path / str(checkpointing), model, [guard], steps=3)
+        runs.append((guard.report, {n: p.detach().clone() for n, p in module.named_parameters()}))
+    (plain, plain_weights), (kept, kept_weights) = runs
+    assert plain["own_loss_last"] != plain["own_loss_first"]  # stage 2 moved the weights
+    for key in ("own_loss_last", "scaled_loss_last", "score_after", "steps_used"):
+        assert kept[key] == pytest.approx(plain[key], rel=1e-5), key
+    assert all(torch.allclose(kept_weights[n], plain_weights[n], atol=1e-5) for n in plain_weights)

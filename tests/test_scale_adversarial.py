@@ -61,3 +61,49 @@ def test_drop_density_is_validated():
     net = nn.Linear(2, 1)
     with pytest.raises(ValueError, match="drop_density"):
         scale_adversarial_(net, dict(net.named_parameters()), {}, [], _loss, drop_density=1.0)
+
+
+def _saved_mib(fn) -> float:
+    """MiB of tensors autograd saves for the backward pass while ``fn`` runs (activations)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0] / 2**20
+
+
+def test_gradient_checkpointing_the_user_turned_on_is_kept_in_stage_2():
+    # Hugging Face layers checkpoint only in train mode; stage 2 optimises in eval mode, so a model that trains only
+    # thanks to checkpointing held every layer's activations there (17x the training step's on an 8-layer Llama).
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_mergeguard.protection._adversarial import optimising
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2)
+    model = LlamaForCausalLM(cfg)
+    model.gradient_checkpointing_enable()
+    x = torch.randint(0, 64, (2, 48))
+    hooked = []
+    model.model.layers[0].register_forward_hook(lambda *_: hooked.append(1))
+
+    def step():
+        model.zero_grad()
+        model(input_ids=x, labels=x).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    with optimising(model, list(model.parameters())):
+        assert not model.training
+        kept = _saved_mib(lambda: model(input_ids=x, labels=x).loss)
+        grads = step()
+    model.eval()
+    full = _saved_mib(lambda: model(input_ids=x, labels=x, use_cache=False).loss)
+    plain = step()
+    assert kept < full / 2, (kept, full)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, plain))  # same gradients, recomputed
+    assert "forward" not in vars(model.model.layers[0]) and model.config.use_cache  # all put back
+    assert hooked  # module hooks still ran

@@ -7,28 +7,91 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lightning_mergeguard.evaluation import LossFn, eval_mode
 from lightning_mergeguard.sharding import is_sharded
 
-__all__ = ["accumulate_grads_", "add_grads_", "backward_own_loss", "optimising", "reduce_grads_"]
+__all__ = [
+    "accumulate_grads_",
+    "add_grads_",
+    "backward_own_loss",
+    "checkpointing_in_eval",
+    "optimising",
+    "reduce_grads_",
+]
 
 
 @contextmanager
 def optimising(module: nn.Module, tensors: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Eval mode, every other parameter frozen; on exit restore both and drop the optimised tensors' gradients."""
+    """Eval mode, every other parameter frozen; on exit restore both and drop the optimised tensors' gradients.
+
+    Layers with Hugging Face gradient checkpointing on stay checkpointed (see :func:`checkpointing_in_eval`).
+    """
     frozen = [p for p in module.parameters() if p.requires_grad and all(p is not q for q in tensors)]
     for p in frozen:
         p.requires_grad_(False)
     try:
-        with eval_mode(module):
+        with eval_mode(module), checkpointing_in_eval(module):
             yield
     finally:
         for p in frozen:
             p.requires_grad_(True)
         for p in tensors:
             p.grad = None
+
+
+@contextmanager
+def checkpointing_in_eval(module: nn.Module) -> Iterator[int]:
+    """Keep the activation checkpointing the user turned on (``gradient_checkpointing_enable()``) in eval mode.
+
+    Hugging Face layers checkpoint only in train mode, and stage 2 optimises in eval mode (no dropout): without
+    this, a model that trains only thanks to checkpointing would hold every layer's activations in stage 2
+    (measured on an 8-layer Llama, 4 x 256 tokens: 247 MiB of saved activations against 14 MiB in training). Each
+    such layer's forward is wrapped, for the block, in PyTorch's non-reentrant checkpoint (the same values and
+    gradients, recomputed in the backward pass), and the model's KV cache is off meanwhile (a layer that writes it
+    cannot be recomputed). Without grad (the guard rail's evaluations) layers run as they are.
+
+    Yields:
+        The number of layers wrapped.
+
+    Example:
+        >>> with checkpointing_in_eval(nn.Linear(2, 2)) as wrapped:
+        ...     wrapped
+        0
+    """
+    layers = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    configs: list[Any] = []
+    for m in module.modules() if layers else ():
+        config = getattr(m, "config", None)
+        if getattr(config, "use_cache", None) and all(config is not c for c in configs):
+            configs.append(config)
+    own = [layer.__dict__.get("forward") for layer in layers]  # a forward set on the instance (accelerate's hooks)
+    for layer in layers:
+        layer.forward = _checkpointed(layer.forward)  # an instance attribute: module hooks stay outside
+    caches = [(c, c.use_cache) for c in configs]
+    for config in configs:
+        config.use_cache = False
+    try:
+        yield len(layers)
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+        for config, use_cache in caches:
+            config.use_cache = use_cache
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def backward_own_loss(
