@@ -33,6 +33,7 @@ from lightning_mergeguard.errors import ConfigError, IncompatibleModelsError, We
 from lightning_mergeguard.evaluation import LossFn, default_loss
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, atomic_write_text
 from lightning_mergeguard.merging.engine import check_same_base_sources
+from lightning_mergeguard.merging.lora import LoraSource, is_lora_adapter, split_lora_reference
 from lightning_mergeguard.merging.sources import StateDictSource, match_names, open_source
 from lightning_mergeguard.parameters import name_patterns, refuse_non_finite, select_parameters
 from lightning_mergeguard.protection.stage2 import (
@@ -170,12 +171,18 @@ def load_rows(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     return rows
 
 
+def _weights_of(ref: Path) -> Path:
+    """Where a model reference's own weights are: the adapter of ``BASE+ADAPTER``, else the path (resolved)."""
+    pair = split_lora_reference(str(ref))
+    return Path(pair[1] if pair is not None else ref).resolve()
+
+
 def _refuse_partners_that_are_not_others(base: Path, model: Path, partners: Sequence[str]) -> None:
     """A partner must be another fine-tune: not the model itself, not the base, not listed twice."""
     seen: dict[Path, str] = {}
     for p in partners:
-        where = Path(p).resolve()
-        if where == model.resolve():
+        where = _weights_of(Path(p))
+        if where == _weights_of(model):
             raise ConfigError(f"partner {p!r} is the model being protected; partners are other fine-tunes of the base")
         if where == base.resolve():
             raise ConfigError(f"partner {p!r} is the base model (its task vector is zero); pass other fine-tunes")
@@ -273,7 +280,24 @@ def image_data(data: str, seed: int, transform: Any) -> tuple[Dataset, Dataset]:
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def _detect_kind(model: Path, arch: str | None) -> str:
+def _adapter(base: Path, model: Path) -> Path | None:
+    """The PEFT LoRA adapter ``model`` names (a directory of one, or mergekit's ``BASE+ADAPTER``), else ``None``.
+
+    Raises:
+        ConfigError: ``BASE+ADAPTER`` whose ``BASE`` is not ``base``.
+    """
+    pair = split_lora_reference(str(model))
+    if pair is not None:
+        if Path(pair[0]).resolve() != base.resolve():
+            raise ConfigError(f"--model {model}: the adapter's base {pair[0]!r} is not --base {str(base)!r}")
+        return Path(pair[1])
+    return model if is_lora_adapter(model) and not (model / "config.json").is_file() else None
+
+
+def _detect_kind(base: Path, model: Path, arch: str | None) -> str:
+    adapter = _adapter(base, model)
+    if adapter is not None:
+        model = base  # a LoRA adapter of a causal LM: protected as the base with the adapter merged in
     if model.is_dir() and (model / "config.json").is_file():
         cfg = json.loads((model / "config.json").read_text())
         if any(str(a).endswith("ForCausalLM") for a in cfg.get("architectures") or []):
@@ -282,6 +306,8 @@ def _detect_kind(model: Path, arch: str | None) -> str:
             f"{model}: only causal-LM directories (architectures *ForCausalLM) are supported, "
             f"got {cfg.get('architectures')}"
         )
+    if adapter is not None:
+        raise ConfigError(f"--model {adapter} is a LoRA adapter, and --base {base} is no causal-LM directory")
     if arch is not None:
         return "open_clip"
     raise ConfigError(
@@ -315,8 +341,10 @@ def protect_checkpoint(
 
     Args:
         base: The pretrained model: a Hugging Face directory, or an open_clip checkpoint file.
-        model: The fine-tune: a causal-LM directory, or an open_clip classifier state dict (``visual.*`` and
-            ``head.*``, as ``examples/finetune_open_clip.py`` saves it).
+        model: The fine-tune: a causal-LM directory; a PEFT LoRA adapter directory of ``base`` (or mergekit's
+            ``BASE+ADAPTER``), protected as the base with the adapter's update merged in and written as a full
+            model; or an open_clip classifier state dict (``visual.*`` and ``head.*``, as
+            ``examples/finetune_open_clip.py`` saves it).
         data: Causal LMs: a JSONL file of ``{"prompt", "answer"}`` rows. open_clip: an image folder (one
             sub-folder per class) or ``module:function`` returning ``(train, val)`` datasets of ``(image, label)``.
             A quarter of the rows (or the ``val`` set) is held out to score the guard rail.
@@ -324,9 +352,9 @@ def protect_checkpoint(
         arch: open_clip architecture when ``model`` is an open_clip checkpoint: a model name (``"ViT-B-32"``),
             ``"tiny"``, ``"small"`` (the benchmarks' ViT) or the path of a JSON/YAML file of ``open_clip.CLIP``
             keyword arguments (``embed_dim``, ``vision_cfg``, ``text_cfg``).
-        partners: Other fine-tunes of the same base (directories or weight files). Stage 2 rehearses merges with
-            them (``stage2="auto"``), and the report compares the owner-task score of a few standard merges (task
-            arithmetic at 0.3, TIES) with the unprotected and the protected model.
+        partners: Other fine-tunes of the same base (directories, weight files or ``BASE+ADAPTER``). Stage 2
+            rehearses merges with them (``stage2="auto"``), and the report compares the owner-task score of a few
+            standard merges (task arithmetic at 0.3, TIES) with the unprotected and the protected model.
         stage2: ``"merge_neighbourhood"`` (:class:`~lightning_mergeguard.MergeNeighbourhood`: owner-weighted
             task arithmetic, TIES and DARE merges with the partners), ``"scale_adversarial"``
             (:class:`~lightning_mergeguard.ScaleAdversarial`: scaled copies of the owner's task vector, no partner
@@ -374,7 +402,7 @@ def protect_checkpoint(
     base, model, out = Path(base), Path(model), Path(out)
     dev = _device(device)
     torch.manual_seed(seed)
-    kind = _detect_kind(model, arch)
+    kind = _detect_kind(base, model, arch)
     written = out / ("model" if kind == "causal_lm" else "protected.safetensors")  # what save() below writes
     _refuse_writing_over_inputs(written, base, model, partners)
     _refuse_partners_that_are_not_others(base, model, partners)
@@ -519,14 +547,24 @@ def _causal_lm(base: Path, model: Path, data: str, arch, batch_size: int, max_le
 
     from lightning_mergeguard.llm import LMTaskDataset, exact_match
 
-    tok_dir = model if any((model / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")) else base
+    adapter = _adapter(base, model)
+    own = adapter or model
+    tok_dir = own if any((own / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")) else base
     try:
         tok = AutoTokenizer.from_pretrained(tok_dir)
     except (OSError, ValueError) as err:
-        raise WeightsFileError(f"no usable tokenizer in {model} or {base}: {err}") from err
+        raise WeightsFileError(f"no usable tokenizer in {own} or {base}: {err}") from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    if adapter is None:
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    else:  # the base with the adapter's update B @ A * scaling merged in: a full fine-tune, protected and written so
+        lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        merged = LoraSource(base, adapter)
+        state = lm.state_dict()
+        with torch.no_grad():
+            for name, key in match_names(list(state), merged.keys(), what=f"{base}+{adapter}", missing="skip").items():
+                state[name].copy_(merged.get(key))
     train_rows, val_rows = hold_out(load_rows(data), seed)
     answer_tokens = max(len(tok(a, add_special_tokens=False).input_ids) for _, a in val_rows) + 1
 

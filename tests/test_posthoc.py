@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from test_ownership import byte_tokenizer as byte_tokenizer
 from test_ownership import train_rows
 
@@ -375,3 +376,47 @@ def test_the_classifier_feeds_flattened_digits_at_the_towers_size():
     config = {**TINY_VIT, "vision_cfg": {**TINY_VIT["vision_cfg"], "image_size": 48}}
     module = ClipImageClassifier(build_open_clip(config).visual, 64, num_classes=10)
     assert module.image_size == 48 and module(torch.rand(5, 64)).shape == (5, 10)
+
+
+def test_a_lora_adapter_is_protected_as_its_base_with_the_adapter_merged_in(checkpoints, tmp_path):
+    # A PEFT adapter directory (or mergekit's BASE+ADAPTER) was refused as "not a Hugging Face causal-LM directory;
+    # for an open_clip classifier checkpoint pass --arch". It is the base with B @ A * scaling merged in: protected
+    # exactly as that full fine-tune, and written as a full model.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = checkpoints / "base"
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj", "up_proj"])
+    )
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    lora.save_pretrained(tmp_path / "adapter")
+    lora.merge_and_unload().save_pretrained(tmp_path / "merged")
+    settings = dict(steps=4, lr=1e-3, refit_steps=0, tolerance=100.0, progress=False, device="cpu")
+    reports = {
+        name: protect_checkpoint(base, model, str(checkpoints / "rows.jsonl"), tmp_path / name, **settings)
+        for name, model in [
+            ("full", tmp_path / "merged"),
+            ("adapter", tmp_path / "adapter"),
+            ("pair", f"{base}+{tmp_path / 'adapter'}"),
+        ]
+    }
+    outs = {name: load_file(tmp_path / name / "model" / "model.safetensors") for name in reports}
+    for name in ("adapter", "pair"):
+        assert reports[name]["score_before"] == reports["full"]["score_before"]
+        assert reports[name]["score_after"] == reports["full"]["score_after"]
+        assert all(torch.allclose(outs[name][k], outs["full"][k], atol=1e-5) for k in outs["full"])
+    # An adapter as a partner (BASE+ADAPTER, as in merge configs) is rehearsed and merged; the model itself is not one.
+    pair = f"{base}+{tmp_path / 'adapter'}"
+    with pytest.raises(ConfigError, match="is the model being protected"):
+        protect_checkpoint(base, tmp_path / "adapter", "rows", tmp_path / "y", partners=[pair], **settings)
+    report = protect_checkpoint(
+        base, checkpoints / "owner", str(checkpoints / "rows.jsonl"), tmp_path / "p", partners=[pair], **settings
+    )
+    assert report["stage2"]["settings"]["method"] == "merge_neighbourhood" and set(report["merges"])
+    with pytest.raises(ConfigError, match=r"the adapter's base .* is not --base"):
+        protect_checkpoint(checkpoints / "owner", f"{base}+{tmp_path / 'adapter'}", "rows", tmp_path / "x", **settings)
