@@ -98,6 +98,9 @@ def test_gradient_checkpointing_the_user_turned_on_is_kept_in_stage_2():
 
     with optimising(model, list(model.parameters())):
         assert not model.training
+        with torch.no_grad():  # guard-rail checks (greedy decoding) keep their KV cache
+            assert model(input_ids=x[:, :4], use_cache=True).past_key_values is not None
+        assert model(input_ids=x[:, :4], use_cache=True).past_key_values is None  # with grad: no cache to replay
         kept = _saved_mib(lambda: model(input_ids=x, labels=x).loss)
         grads = step()
     model.eval()
@@ -105,5 +108,5 @@ def test_gradient_checkpointing_the_user_turned_on_is_kept_in_stage_2():
     plain = step()
     assert kept < full / 2, (kept, full)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, plain))  # same gradients, recomputed
-    assert "forward" not in vars(model.model.layers[0]) and model.config.use_cache  # all put back
+    assert "forward" not in vars(model.model.layers[0]) and not model._forward_pre_hooks  # all put back
     assert hooked  # module hooks still ran

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -50,8 +51,9 @@ def checkpointing_in_eval(module: nn.Module) -> Iterator[int]:
     this, a model that trains only thanks to checkpointing would hold every layer's activations in stage 2
     (measured on an 8-layer Llama, 4 x 256 tokens: 247 MiB of saved activations against 14 MiB in training). Each
     such layer's forward is wrapped, for the block, in PyTorch's non-reentrant checkpoint (the same values and
-    gradients, recomputed in the backward pass), and the model's KV cache is off meanwhile (a layer that writes it
-    cannot be recomputed). Without grad (the guard rail's evaluations) layers run as they are.
+    gradients, recomputed in the backward pass), and forwards with grad run without the model's KV cache (a layer
+    that writes it cannot be recomputed). Without grad (the guard rail's evaluations, greedy decoding included)
+    everything runs as it is.
 
     Yields:
         The number of layers wrapped.
@@ -62,27 +64,41 @@ def checkpointing_in_eval(module: nn.Module) -> Iterator[int]:
         0
     """
     layers = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    configs: list[Any] = []
-    for m in module.modules() if layers else ():
-        config = getattr(m, "config", None)
-        if getattr(config, "use_cache", None) and all(config is not c for c in configs):
-            configs.append(config)
     own = [layer.__dict__.get("forward") for layer in layers]  # a forward set on the instance (accelerate's hooks)
     for layer in layers:
         layer.forward = _checkpointed(layer.forward)  # an instance attribute: module hooks stay outside
-    caches = [(c, c.use_cache) for c in configs]
-    for config in configs:
-        config.use_cache = False
+    models = [m for m in module.modules() if layers and _takes_use_cache(m)]
+    hooks = [m.register_forward_pre_hook(_no_cache_with_grad, with_kwargs=True) for m in models]
     try:
         yield len(layers)
     finally:
+        for hook in hooks:
+            hook.remove()
         for layer, forward in zip(layers, own):
             if forward is None:
                 del layer.forward
             else:
                 layer.forward = forward
-        for config, use_cache in caches:
-            config.use_cache = use_cache
+
+
+def _takes_use_cache(module: nn.Module) -> bool:
+    """A Hugging Face model whose forward takes ``use_cache`` (its default read from ``config.use_cache``)."""
+    if getattr(getattr(module, "config", None), "use_cache", None) is None:
+        return False
+    try:
+        return "use_cache" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
+def _no_cache_with_grad(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``use_cache=False`` for a forward with grad: a layer that writes the KV cache cannot be recomputed.
+
+    Without grad (greedy decoding in a guard-rail check) the cache stays as the caller asked.
+    """
+    if not torch.is_grad_enabled():
+        return None
+    return args, {**kwargs, "use_cache": False}
 
 
 def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
