@@ -743,3 +743,21 @@ def test_a_torch_compiled_submodule_is_probed_and_saved_under_its_uncompiled_nam
     assert all(torch.allclose(saved[0][k], saved[1][k], atol=1e-6) for k in saved[0])
     keys = [k for k in results[0] if "/acc" in k]
     assert keys and all(results[0][k] == results[1][k] for k in keys)
+
+
+def test_a_donor_saved_from_a_ddp_wrapped_model_is_read_as_the_bare_one(tmp_path):
+    # Checkpoints saved from DDP/DataParallel (open_clip's training checkpoints among them) prefix every key with
+    # 'module.'; such a donor was refused ("has no tensor for parameter 'net.0.weight'").
+    pl.seed_everything(0)
+    model = TinyClassifier()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    donor = {k: v + 0.01 * torch.randn_like(v) for k, v in start.items()}
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in donor.items()}}, tmp_path / "ddp.pt")
+    results = []
+    for source in (donor, str(tmp_path / "ddp.pt")):
+        model.load_state_dict(start)
+        pl.seed_everything(1)
+        probe = MergeProbe({"d": source}, eval_dataloaders=DataLoader(blobs(64, 1), batch_size=32), progress=False)
+        trainer(tmp_path, max_steps=2, callbacks=[probe]).fit(model)
+        results.append({k: v for k, v in probe.results[-1].items() if k != "mergeprobe/seconds"})
+    assert results[0] == results[1]

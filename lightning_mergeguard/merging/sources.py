@@ -502,7 +502,8 @@ def match_names(
 
     A LightningModule's ``backbone.0.weight`` matches ``backbone.0.weight`` or ``0.weight`` in a checkpoint of the
     bare network (a ``model.`` or ``backbone.`` prefix is the usual difference). The ``_orig_mod`` components of a
-    ``torch.compile``'d submodule's names (on either side) are ignored. With ``missing="skip"``, names
+    ``torch.compile``'d submodule's names (on either side) are ignored, and so is the leading ``module.`` of a
+    checkpoint saved from a DDP-wrapped model (open_clip's training checkpoints). With ``missing="skip"``, names
     without a counterpart (a task head the base never had) are left out instead.
 
     Raises:
@@ -515,6 +516,8 @@ def match_names(
         {'net._orig_mod.0.weight': 'net.0.weight'}
         >>> match_names(["net.0.weight"], ["net._orig_mod.0.weight"])  # a checkpoint of one
         {'net.0.weight': 'net._orig_mod.0.weight'}
+        >>> match_names(["model.visual.proj"], ["module.visual.proj"])  # saved from DDP
+        {'model.visual.proj': 'module.visual.proj'}
     """
     keys: dict[str, str] = {}
     listed = list(available)
@@ -522,6 +525,9 @@ def match_names(
         keys[key] = key
     for key in listed:  # a checkpoint of a torch.compile'd module: its keys as the uncompiled module names them
         keys.setdefault(uncompiled_name(key), key)
+    for key in listed:  # a checkpoint saved from DDP/DataParallel (open_clip's training checkpoints): 'module.'
+        if key.startswith("module."):
+            keys.setdefault(uncompiled_name(key.removeprefix("module.")), key)
     out = {}
     for name in names:
         match = None
