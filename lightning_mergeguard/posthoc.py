@@ -590,15 +590,20 @@ def _open_clip(base: Path, model: Path, data: str, arch: str | None, batch_size:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise ConfigError(f"--arch {arch!r}: {err}") from err
     state = open_source(model, name="model").state_dict()
-    if "head.weight" not in state:
+    head = match_names(["head.weight"], state, missing="skip")  # also under DDP's 'module.' prefix
+    if not head:
         raise WeightsFileError(f"{model}: an open_clip classifier checkpoint needs 'head.weight' (visual.* and head.*)")
-    classes, embed = state["head.weight"].shape
+    classes, embed = state[head["head.weight"]].shape
     module = ClipImageClassifier(clip.visual, embed, num_classes=classes)
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    wanted = list(module.state_dict())
+    found = match_names(wanted, state, missing="skip")
+    missing = [n for n in wanted if n not in found]
+    unexpected = sorted(set(state) - set(found.values()))
     if missing or unexpected:
         raise IncompatibleModelsError(
             f"{model} does not fit open_clip {arch!r}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+    module.load_state_dict({n: state[k] for n, k in found.items()})
     train, val = image_data(data, seed, image_transform(clip.visual))  # open_clip's preprocessing, its size
     val_batches = list(DataLoader(val, batch_size=64))
 

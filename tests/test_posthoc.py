@@ -310,6 +310,15 @@ def test_protects_an_open_clip_classifier_checkpoint(tmp_path):
     assert report["stage2"]["steps_used"] == 0 or any(
         not torch.equal(protected[k], original[k]) for k in original if k.startswith("visual.")
     )
+    # A classifier saved from a DDP-wrapped model ('module.' before every key) is read as the bare one (it had been
+    # refused: "needs 'head.weight'").
+    from lightning_mergeguard.posthoc import _open_clip
+
+    torch.save({f"module.{k}": v for k, v in original.items()}, tmp_path / "ddp.pt")
+    loaded = _open_clip(
+        tmp_path / "base.safetensors", tmp_path / "ddp.pt", "test_posthoc:digit_images", str(arch), 64, 0, 0
+    )
+    assert all(torch.equal(v, original[k]) for k, v in loaded[0].state_dict().items())
 
 
 def test_open_clip_architecture_from_a_name_or_a_config_file(tmp_path):
