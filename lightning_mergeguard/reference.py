@@ -168,6 +168,28 @@ class ReferenceWeights:
         for n, t in iter_matching(self.source, todo, "reference"):  # one whole tensor in memory at a time
             self._store(n, t, todo[n])
 
+    def provides(self, names: Iterable[str]) -> list[str]:
+        """Which of ``names`` this reference can give without guessing (in order).
+
+        Those already resolved; then, from a checkpoint's restored tensors, those it holds; from a source, those the
+        source has; for a snapshot taken now, all of them.
+
+        Example:
+            >>> ReferenceWeights({"a": torch.zeros(1)}).provides(["a", "b"])
+            ['a']
+        """
+        wanted = list(names)
+        rest = [n for n in wanted if n not in self._tensors]
+        if self._restored is not None:
+            ok = {n for n in rest if n in self._restored}
+        elif self.source is None:
+            ok = set(rest)
+        else:
+            from lightning_mergeguard.merging.sources import match_names, open_source
+
+            ok = set(match_names(rest, open_source(self.source, name="reference").keys(), missing="skip"))
+        return [n for n in wanted if n in self._tensors or n in ok]
+
     @property
     def source_label(self) -> str:
         """How the reference was given, for messages and reports."""

@@ -422,3 +422,17 @@ def test_hub_ids_are_fetched_as_mergekit_does(llama_dirs, monkeypatch):
         merge(cfg(lambda n: f"org/{n}"))
     with pytest.raises(FileNotFoundError, match=r"^no model at nope$"):
         open_source("nope")
+
+
+def test_integer_tensors_must_agree_except_batchnorms_step_counter():
+
+    base = {"w": torch.zeros(2, 2), "ids": torch.arange(4), "bn.num_batches_tracked": torch.tensor(0)}
+    a = {"w": torch.ones(2, 2), "ids": torch.arange(4), "bn.num_batches_tracked": torch.tensor(120)}
+    b = {"w": -torch.ones(2, 2), "ids": torch.arange(4), "bn.num_batches_tracked": torch.tensor(75)}
+    cfg = {"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": "a"}, {"model": "b"}]}
+    for m in cfg["models"]:
+        m["parameters"] = {"weight": 0.5}
+    out = merge(cfg, {"a": a, "b": b}, base, check_base=False)
+    assert int(out["bn.num_batches_tracked"]) == 0 and torch.equal(out["ids"], base["ids"])  # the base's counter
+    with pytest.raises(ValueError, match="non-floating tensor 'ids' differs between"):
+        merge(cfg, {"a": a, "b": {**b, "ids": torch.arange(4).flip(0)}}, base, check_base=False)

@@ -38,7 +38,7 @@ from lightning_mergeguard.merging.base_check import (
     DEFAULT_MAX_RELATIVE_DISTANCE,
 )
 from lightning_mergeguard.merging.engine import iter_merge
-from lightning_mergeguard.merging.sources import StateDictSource, WeightSource
+from lightning_mergeguard.merging.sources import StateDictSource, WeightSource, match_names, open_source
 from lightning_mergeguard.merging.task_vectors import task_vector_cosines
 from lightning_mergeguard.parameters import (
     filter_names,
@@ -266,6 +266,7 @@ class MergeProbe(Callback):
         self.last_probe_step = -1
         self.results: list[dict[str, float]] = []
         self._params: dict[str, nn.Parameter] = {}
+        self._buffers: dict[str, Tensor] = {}  # floating buffers merged too (BatchNorm running statistics)
         self._view: LoraView | None = None
         self._own_reference = ReferenceWeights(reference, dtype=self.reference_dtype)
         self._state_restored = False  # load_state_dict ran in the current fit
@@ -331,12 +332,43 @@ class MergeProbe(Callback):
         if not self._params:
             raise ValueError("MergeProbe: no trainable parameters match include/exclude")
         every = self._view.params if self._view is not None else dict(pl_module.named_parameters())
-        self._all_names = list(every)
         self._sharded = any_sharded(self._params)
+        self._buffers = {} if self._view is not None or self._sharded else self._mergeable_buffers(pl_module)
+        self._all_names = [*every, *self._buffers]  # gradient parameters place buffers in their layer too
         self._load_donors(trainer)
         self._tasks = None  # resolved at the first probe (the trainer's validation loader may load late)
         self._backup = None
         self._donor_individual = {}
+
+    def _mergeable_buffers(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """The floating buffers a merge of checkpoints also merges (BatchNorm's running statistics), as it would.
+
+        Persistent buffers in the model's state dict, selected by ``include``/``exclude``, that the reference and
+        every donor carry; the others keep the live model's values in the probed merges (with a warning).
+        """
+        persistent = set(pl_module.state_dict())
+        found = {n: b for n, b in pl_module.named_buffers() if b.is_floating_point() and n in persistent}
+        found = filter_names(found, self.include, self.exclude)
+        if not found:
+            return {}
+        names = self._reference.provides(found)
+        for donor, obj in self.donor_inputs.items():
+            names = list(match_names(names, open_source(obj, name=donor).keys(), missing="skip"))
+        if len(names) < len(found):
+            left = [n for n in found if n not in names]
+            rank_zero_warn(
+                f"MergeProbe: {len(left)} floating buffers (e.g. {left[0]!r}, BatchNorm running statistics) are not in "
+                "the reference or in every donor, so the probed merges keep the live model's values for them, where "
+                "a merge of the checkpoints would merge them too"
+            )
+        buffers = {n: found[n] for n in names}
+        self._reference.resolve(buffers)
+        return buffers
+
+    @property
+    def _merged(self) -> dict[str, Tensor]:
+        """Every tensor a probed merge writes: the parameters, then the floating buffers merged with them."""
+        return {**self._params, **self._buffers} if self._buffers else dict(self._params)
 
     def _shared_reference(self, trainer: pl.Trainer) -> ReferenceWeights:
         """The guard's reference when a guard is attached and this probe has no reference of its own."""
@@ -362,7 +394,7 @@ class MergeProbe(Callback):
         """Read every donor now, check it against the base tensor by tensor, and keep its task vector."""
         self._donor_tau, self.donor_distance = {}, {}
         itemsize = torch.empty((), dtype=self.donor_dtype).element_size()
-        per_process = len(self.donor_inputs) * itemsize * sum(local(p).numel() for p in self._params.values())
+        per_process = len(self.donor_inputs) * itemsize * sum(local(p).numel() for p in self._merged.values())
         refuse_unaffordable(
             per_process,
             self.donor_device,
@@ -375,7 +407,7 @@ class MergeProbe(Callback):
             self._donor_tau[name], self.donor_distance[name] = donor_task_vector(
                 obj,
                 name,
-                self._params,
+                self._merged,
                 self._reference,
                 device=self.donor_device,
                 dtype=self.donor_dtype,
@@ -460,7 +492,7 @@ class MergeProbe(Callback):
     def _write(self, merged: Mapping[str, Tensor] | None, donor: str | None = None) -> None:
         """Write merged weights (or ``base + donor tau``, or the backup when both are None) into the live model."""
         assert self._backup is not None
-        for n, p in self._params.items():
+        for n, p in self._merged.items():
             q = local(p)  # this rank's shard under FSDP2, else the parameter itself
             if merged is not None:
                 q.copy_(merged[n])
@@ -474,12 +506,12 @@ class MergeProbe(Callback):
         if self._backup is None:
             pin = self.backup_device is not None and self.backup_device.type == "cpu"
             self._backup = {}
-            for n, p in self._params.items():
+            for n, p in self._merged.items():
                 q = local(p)
                 b = torch.empty_like(q, device=self.backup_device or q.device)
                 self._backup[n] = b.pin_memory() if pin and q.is_cuda else b
         with torch.no_grad():
-            for n, p in self._params.items():
+            for n, p in self._merged.items():
                 self._backup[n].copy_(local(p).detach())  # blocking: the backup must hold these values before merges
 
     def probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, force: bool = False) -> dict[str, float]:
@@ -504,7 +536,7 @@ class MergeProbe(Callback):
         self._backup_live()
         assert self._backup is not None
         device = local(next(iter(self._params.values()))).device
-        ref = {n: local(t) for n, t in self._reference.as_dict(self._params).items()}
+        ref = {n: local(t) for n, t in self._reference.as_dict(self._merged).items()}
         metrics: dict[str, float] = {}
         try:
             individual = {OWN: self._evaluate(pl_module, OWN, trainer)}
@@ -521,7 +553,10 @@ class MergeProbe(Callback):
             for name, signal in self.signals.items():
                 metrics[f"mergeprobe/{OWN}/{name}"] = float(signal(pl_module))
             sum_ranks = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if self._sharded else None
-            for name, cos in task_vector_cosines(self._backup, ref, self._donor_tau, device, sum_ranks).items():
+            # Over the weights only: a BatchNorm statistic's shift is not part of what was learned.
+            live = {n: self._backup[n] for n in self._params}
+            taus = {d: {n: tau[n] for n in self._params} for d, tau in self._donor_tau.items()}
+            for name, cos in task_vector_cosines(live, ref, taus, device, sum_ranks).items():
                 metrics[f"mergeprobe/cosine/{name}"] = cos
             sources: dict[str, WeightSource] = {
                 LIVE: StateDictSource(self._backup, name=LIVE),
@@ -563,7 +598,7 @@ class MergeProbe(Callback):
         if gather:
             # FSDP2 and a method that needs whole tensors (TIES trim, DARE mask): gather one tensor at a time from
             # every source, merge it whole (so the result is a single process's), keep this rank's rows.
-            sources = {k: GatheredSource(src, self._params) for k, src in sources.items()}
+            sources = {k: GatheredSource(src, self._params) for k, src in sources.items()}  # no buffers when sharded
         models = {m.model: sources[m.model] for m in cfg.models if m.model != cfg.base_model}
         base = sources[cfg.base_model] if cfg.base_model is not None else None
         device = local(next(iter(self._params.values()))).device
@@ -572,11 +607,12 @@ class MergeProbe(Callback):
             merged = iter_merge(
                 cfg, models, base, device=device, seed=self.seed, check_base=False, layer_names=self._all_names
             )
+            tensors = self._merged
             for key, tensor in merged:
                 if gather:
-                    write_full_(self._params[key], tensor)
+                    write_full_(tensors[key], tensor)
                 else:  # elementwise methods merge each rank's shard as it is
-                    local(self._params[key]).copy_(tensor)
+                    local(tensors[key]).copy_(tensor)
 
     # ------------------------------------------------------------------ resume
     @override

@@ -251,6 +251,8 @@ def iter_merge(
             return None  # streamed slice by slice in the loop below
         ref_t = read_checked(reference, key, compute, dev)
         if not ref_t.is_floating_point():
+            if key.rpartition(".")[2] == "num_batches_tracked":
+                return ref_t, []  # BatchNorm's step counter: every fine-tune's differs, and no output depends on it
             for src in others:
                 if not torch.equal(src.get(key).to(dev), ref_t):
                     raise ValueError(f"non-floating tensor {key!r} differs between {reference.name!r} and {src.name!r}")
