@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--max-length", type=int, default=None, help="tokens per row (default: the longest row)")
     parser.add_argument("--precision", default=None, help="Lightning precision (default: bf16-mixed on a GPU)")
     parser.add_argument("--stage2-steps", type=int, default=60)
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass (less memory, in training and in stage 2)",
+    )
     parser.add_argument("--fingerprint", action="store_true", help="mix an instructional fingerprint into training")
     parser.add_argument("--partners", nargs="*", default=[], help="other fine-tunes of the same base (HF dirs)")
     parser.add_argument(
@@ -77,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     pl.seed_everything(0, verbose=False)
     model, tok = load_model(args.model)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     if args.data is None:
         task = args.task or "add"
         rows, val_rows = generate_task(task, args.batch_size * args.steps), generate_task(task, 32, seed=1)

@@ -73,7 +73,9 @@ def test_llm_example_takes_your_own_model_and_rows(tmp_path, capsys, byte_tokeni
     # 12 training rows in batches of 4 are 3 batches: 5 steps run into a second epoch (Lightning refused a
     # val_check_interval of --steps larger than an epoch)
     args = ["--model", str(tmp_path / "model"), "--data", str(rows), "--steps", "5", "--stage2-steps", "2"]
-    out = example.main([*args, "--lr", "1e-3", "--batch-size", "4", "--out", str(tmp_path / "run")])
+    out = example.main(
+        [*args, "--lr", "1e-3", "--batch-size", "4", "--gradient-checkpointing", "--out", str(tmp_path / "run")]
+    )
     assert 0.0 <= out["exact_match"] <= 1.0
     assert "exact match on 4 held-out" in capsys.readouterr().out  # 16 rows: a quarter held out
     report = json.loads((tmp_path / "run" / "protection_report.json").read_text())
