@@ -2,8 +2,8 @@
 
 Defaults cover the common batch shapes: ``(inputs, targets)`` tuples for classifiers and
 ``{"input_ids", "labels", ...}`` dicts for Hugging Face causal LMs (next-token accuracy on labels != -100).
-Pass your own ``score_fn(module, batch) -> (sum_of_scores, count)`` and ``loss_fn(module, batch) -> loss`` for
-anything else (exact-match generation, retrieval, ...).
+Pass your own ``score_fn(module, batch) -> (sum_of_scores, count)`` (or one number, a batch's mean) and
+``loss_fn(module, batch) -> loss`` for anything else (exact-match generation, retrieval, ...).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = [
     "rng_kept",
 ]
 
-ScoreFn = Callable[[nn.Module, Any], tuple[Tensor | float, int]]
+ScoreFn = Callable[[nn.Module, Any], tuple[Tensor | float, int] | Tensor | float]
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 
@@ -212,6 +212,26 @@ def move_batch(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def score_parts(result: Any) -> tuple[float, float]:
+    """``(sum_of_scores, count)`` from what a score function returned for one batch.
+
+    Either that pair, or one number (a float, or a one-element tensor such as a batch's accuracy), which counts as
+    the batch's mean score: batches are then averaged alike.
+
+    Example:
+        >>> score_parts((torch.tensor(3.0), 4)), score_parts(torch.tensor(0.75))
+        ((3.0, 4.0), (0.75, 1.0))
+    """
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        return float(result[0]), float(result[1])
+    if isinstance(result, (int, float)) or (isinstance(result, Tensor) and result.numel() == 1):
+        return float(result), 1.0
+    what = f"a tensor of shape {tuple(result.shape)}" if isinstance(result, Tensor) else repr(result)[:80]
+    raise TypeError(
+        f"score_fn must return (sum_of_scores, count) for a batch, or one number (its mean score); got {what}"
+    )
+
+
 @torch.no_grad()
 def evaluate(
     module: nn.Module,
@@ -227,7 +247,8 @@ def evaluate(
     Args:
         module: The model (switched to eval mode for the call; each submodule's mode is restored).
         batches: An iterable of batches (a list, to evaluate several weight settings on the same data).
-        score_fn: ``(module, batch) -> (sum_of_scores, count)``.
+        score_fn: ``(module, batch) -> (sum_of_scores, count)``, or one number, the batch's mean score (see
+            :func:`score_parts`).
         device: Where to move batches (default: the module's first parameter's device).
         reduce: Optional cross-process sum (for DDP); applied to ``[sum, count]``.
         shard: ``(rank, world_size)``: score only batches ``i`` with ``i % world_size == rank`` (each process a
@@ -243,8 +264,8 @@ def evaluate(
         for i, batch in enumerate(batches):
             if shard is not None and i % shard[1] != shard[0]:
                 continue
-            s, n = score_fn(module, move_batch(batch, device))
-            total[0] += float(s)
+            s, n = score_parts(score_fn(module, move_batch(batch, device)))
+            total[0] += s
             total[1] += n
     if reduce is not None:
         total = reduce(total)

@@ -76,3 +76,29 @@ def test_a_dict_batch_the_model_does_not_take_says_to_pass_score_fn():
     for fn in (default_score, default_loss):
         with pytest.raises(TypeError, match=r"keys \['image', 'label'\].*pass score_fn/loss_fn"):
             fn(net, batch)
+
+
+def test_a_score_fn_may_return_one_number_and_a_wrong_shape_is_named(tmp_path):
+    # A score_fn returning a batch's accuracy (a 0-d tensor or a float), as torchmetrics-style code does, failed with
+    # "iteration over a 0-d tensor", in the guard only after the whole fit.
+    from helpers import TinyClassifier, blobs, trainer
+    from torch.utils.data import DataLoader
+
+    from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
+    from lightning_mergeguard.evaluation import evaluate
+
+    model = TinyClassifier()
+    batches = [(x[:10], y[:10]) for x, y in DataLoader(blobs(64, 1), batch_size=32)]  # equal batches: means agree
+
+    def mean_acc(m, batch):
+        x, y = batch
+        return (m(x).argmax(-1) == y).float().mean()
+
+    want = evaluate(model, batches)
+    assert evaluate(model, batches, mean_acc) == pytest.approx(want)
+    assert evaluate(model, batches, lambda m, b: float(mean_acc(m, b))) == pytest.approx(want)
+    with pytest.raises(TypeError, match=r"score_fn must return \(sum_of_scores, count\).*shape \(10,\)"):
+        evaluate(model, batches, lambda m, b: m(b[0]).argmax(-1) == b[1])
+    guard = MergeGuardCallback(score_fn=mean_acc, stage2=ScaleAdversarial(steps=2), progress=False)
+    trainer(tmp_path, max_steps=2, callbacks=[guard]).fit(TinyClassifier())
+    assert 0 <= guard.report["score_after"] <= 100

@@ -127,7 +127,8 @@ class MergeGuardCallback(Callback):
             ``"none"``/``None``, or a configured :class:`~lightning_mergeguard.protection.stage2.Stage2` object
             such as ``ScaleAdversarial(steps=100)`` or ``MergeNeighbourhood(partners=[...])``.
         stage2_exclude: Regexes left out of stage 2 (default: embeddings, final norms, LM/task heads).
-        score_fn: ``(module, batch) -> (score_sum, count)``; default: accuracy for ``(x, y)`` and HF LM batches.
+        score_fn: ``(module, batch) -> (score_sum, count)``, or one number (the batch's mean score); default:
+            accuracy for ``(x, y)`` and HF LM batches.
         loss_fn: ``(module, batch) -> loss``; default: cross-entropy / HF ``loss``.
         eval_batches: Budget of validation batches for the guard rail.
         tolerance: Largest allowed drop of the score, in points (percent).

@@ -118,7 +118,7 @@ class MergeProbe(Callback):
         every_n_steps: Probe every this many optimizer steps.
         every_n_epochs: Probe at the end of every this many training epochs (default 1 when no step cadence).
         probe_on_train_end: Probe once more when training ends (after stage 2 of a guard placed before).
-        score_fn: ``(module, batch) -> (score_sum, count)``; default accuracy.
+        score_fn: ``(module, batch) -> (score_sum, count)``, or one number (the batch's mean score); default accuracy.
         eval_batches: Batches per loader per probe (cached once, so every probe sees the same data).
         include: Regexes of parameter names merged (default: all trainable; on a PEFT LoRA model every weight of
             the base, named as in the base model, merged as ``W + B @ A * s``: see
