@@ -824,3 +824,47 @@ def test_pruning_during_fit_is_refused_where_it_would_be_undone_or_mismeasured(t
     model = TinyClassifier()
     with pytest.raises(MisconfigurationException, match=r"MergeProbe does not support pruning during fit \(torch"):
         trainer(tmp_path, max_epochs=2, callbacks=[_PruneByHand(), probe(model)]).fit(model)
+
+
+def test_a_loss_fn_or_score_fn_that_fails_on_the_batches_stops_the_fit_at_once(tmp_path):
+    # Stage 2 first called them after the whole fit, so a mistake in either cost the whole run, unprotected.
+    def loss_on_dicts(module, batch):
+        return module(batch["x"]).sum()  # the batches are (x, y) tuples
+
+    def score_of_a_shape(module, batch):
+        return module(batch[0]).argmax(-1) == batch[1]  # per-example booleans, not (sum, count)
+
+    for kwargs, match in (
+        (dict(loss_fn=loss_on_dicts), r"loss_fn fails on the first training batch.*TypeError"),
+        (dict(score_fn=score_of_a_shape), r"score_fn fails on the first validation batch.*\(sum_of_scores, count\)"),
+    ):
+        model = TinyClassifier()
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(MisconfigurationException, match=match):
+                trainer(tmp_path, max_epochs=2, callbacks=[MergeGuardCallback(progress=False, **kwargs)]).fit(model)
+        assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())  # no step was taken
+        assert not [w for w in caught if "NOT protected" in str(w.message)]  # the error says it all
+    # The tries leave training as it was: with alpha=0, the weights before stage 2 are those of a plain fit.
+    runs = []
+    for guarded in (False, True):
+        pl.seed_everything(3)
+        model = _DropoutClassifier()
+        save = _WeightsAtTrainEnd()
+        callbacks = [save, MergeGuardCallback(alpha=0.0, stage2=ScaleAdversarial(steps=1), progress=False)]
+        trainer(tmp_path, max_epochs=1, callbacks=callbacks if guarded else [save]).fit(model)
+        runs.append(save.weights)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+class _DropoutClassifier(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.3), torch.nn.ReLU())
+        self.head = torch.nn.Linear(16, 3)
+
+
+class _WeightsAtTrainEnd(pl.Callback):
+    def on_train_end(self, trainer, pl_module):
+        self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}

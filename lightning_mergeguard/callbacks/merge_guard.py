@@ -39,7 +39,16 @@ from lightning_mergeguard.callbacks._common import (
 from lightning_mergeguard.callbacks._restores import RestoreTracker
 from lightning_mergeguard.callbacks.quantization_watermark import QuantizationWatermark
 from lightning_mergeguard.errors import NonFiniteError
-from lightning_mergeguard.evaluation import LossFn, ScoreFn, default_loss, default_score, evaluate
+from lightning_mergeguard.evaluation import (
+    LossFn,
+    ScoreFn,
+    default_loss,
+    default_score,
+    eval_mode,
+    evaluate,
+    rng_kept,
+    score_parts,
+)
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
 from lightning_mergeguard.merging.base_check import DEFAULT_MAX_RELATIVE_DISTANCE
 from lightning_mergeguard.merging.sources import uncompiled_name
@@ -248,6 +257,8 @@ class MergeGuardCallback(Callback):
         self._train_ended = False
         self._state_restored = False  # load_state_dict ran in the current fit
         self._restores = RestoreTracker()  # a tuner's restore (LearningRateFinder, BatchSizeFinder) is no resume
+        self._tried: set[str] = set()  # loss_fn / score_fn already tried on a batch of this fit
+        self._fn_failed = False
 
     # ------------------------------------------------------------------ setup
     @property
@@ -263,6 +274,7 @@ class MergeGuardCallback(Callback):
         if stage == "fit":
             self._state_restored = False  # before this fit's checkpoint (if any) is restored
             self._restores.new_fit()
+            self._tried, self._fn_failed = set(), False
             self.reference.new_fit()
             refuse_sharded(trainer, "MergeGuardCallback", allow_fsdp2=True)
             replacers = weight_replacers_after(trainer, self)
@@ -392,6 +404,52 @@ class MergeGuardCallback(Callback):
         # After the checkpoint's training state is restored: steps beyond this one train the weights of this fit.
         self._start_step = trainer.global_step
 
+    # ------------------------------------------------------------------ fail fast
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
+        self._try_fn("loss_fn", "training", trainer, pl_module, batch, lambda b: self.loss_fn(pl_module, b))
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if dataloader_idx == 0 and trainer.state.fn == "fit":  # the loader the guard rail scores
+            self._try_fn(
+                "score_fn", "validation", trainer, pl_module, batch, lambda b: score_parts(self.score_fn(pl_module, b))
+            )
+
+    def _try_fn(
+        self, what: str, kind: str, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, run
+    ) -> None:
+        """Run stage 2's ``loss_fn``/``score_fn`` once per fit on the first batch, so a failure stops the fit now.
+
+        Stage 2 first calls them after the whole fit. The call runs without gradients, in eval mode, with the global
+        random state kept, so the training run is the same with or without it.
+        """
+        if what in self._tried or self.stage2 is None or self.stage2_done:
+            return
+        self._tried.add(what)
+        try:
+            with (
+                torch.no_grad(),
+                rng_kept(pl_module),
+                eval_mode(pl_module),
+                trainer.precision_plugin.forward_context(),
+            ):
+                run(as_trained(trainer, [batch])[0])
+        except Exception as err:
+            self._fn_failed = True
+            raise MisconfigurationException(
+                f"MergeGuardCallback: {what} fails on the first {kind} batch, so stage 2 would fail at the end of fit: "
+                f"{type(err).__name__}: {err}. Fix {what} (see lightning_mergeguard.evaluation), or pass stage2=None."
+            ) from err
+
     # ------------------------------------------------------------------ stage 1
     @override
     def on_before_optimizer_step(
@@ -471,8 +529,8 @@ class MergeGuardCallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning skips on_train_end when fit is interrupted: the weights in memory are stage 1's, unprotected.
-        if isinstance(exception, NonFiniteError):
-            return  # the error says it all: there is nothing worth protecting
+        if isinstance(exception, NonFiniteError) or self._fn_failed:
+            return  # the error says it all: there is nothing worth protecting, or nothing trained yet
         if self.stage2 is not None and not self.stage2_done and trainer.state.fn == "fit":
             rank_zero_warn(
                 f"MergeGuardCallback: fit stopped with {type(exception).__name__}, so stage 2 was not applied and the "
