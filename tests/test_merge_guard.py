@@ -868,3 +868,17 @@ class _DropoutClassifier(TinyClassifier):
 class _WeightsAtTrainEnd(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_the_default_loss_fn_failing_on_the_batches_says_to_pass_one(tmp_path):
+    class DictBatches(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch["features"]), batch["target"])
+
+        def train_dataloader(self):
+            data = [{"features": x, "target": y} for x, y in blobs(64, 0)]
+            return DataLoader(data, batch_size=32)
+
+    guard = MergeGuardCallback(progress=False)
+    with pytest.raises(MisconfigurationException, match=r"the default loss_fn fails .* pass your own loss_fn="):
+        trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[guard]).fit(DictBatches())

@@ -445,9 +445,12 @@ class MergeGuardCallback(Callback):
                 run(as_trained(trainer, [batch])[0])
         except Exception as err:
             self._fn_failed = True
+            default = getattr(self, what) in (default_loss, default_score)
+            remedy = f"pass your own {what}=" if default else f"fix {what}"
             raise MisconfigurationException(
-                f"MergeGuardCallback: {what} fails on the first {kind} batch, so stage 2 would fail at the end of fit: "
-                f"{type(err).__name__}: {err}. Fix {what} (see lightning_mergeguard.evaluation), or pass stage2=None."
+                f"MergeGuardCallback: {'the default ' if default else ''}{what} fails on the first {kind} batch, so "
+                f"stage 2 would fail at the end of fit: {type(err).__name__}: {err}. To protect, {remedy} (see "
+                "lightning_mergeguard.evaluation); or pass stage2=None."
             ) from err
 
     # ------------------------------------------------------------------ stage 1
