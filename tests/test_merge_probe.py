@@ -662,8 +662,9 @@ def test_fast_dev_run_checks_stage_2_and_the_probe_quickly_and_writes_nothing(tm
     trainer(tmp_path, fast_dev_run=True, callbacks=[guard, probe]).fit(model)
     assert guard.stage2_done and guard.report["fast_dev_run"] is True
     assert [c["step"] for c in guard.report["checks"]] == [2]
-    # before + proxy before + one check (score and proxy), one validation batch each
-    assert guard.report["validation_passes"] == 4 and guard_score.batches == 4
+    # before + proxy before + one check (score and proxy), one validation batch each; and the try of score_fn on
+    # the first validation batch
+    assert guard.report["validation_passes"] == 4 and guard_score.batches == 5
     assert save.read_bytes() == b"an earlier protected model" and report.read_text() == "{}"
     # The probes at the epoch's end and after stage 2: the live model and the merge on the own task, one batch each.
     assert len(probe.results) == 2 and probe_score.batches == 4
