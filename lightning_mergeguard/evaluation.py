@@ -27,7 +27,7 @@ __all__ = [
     "rng_kept",
 ]
 
-ScoreFn = Callable[[nn.Module, Any], tuple[Tensor | float, int] | Tensor | float]
+ScoreFn = Callable[[nn.Module, Any], tuple[Tensor | float, int]]  # or one number (see score_parts)
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 

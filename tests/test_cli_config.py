@@ -83,3 +83,31 @@ def test_settings_given_alone_from_lightning_cli_yaml(tmp_path):
     s = guard.stage2.settings()
     assert s["methods"] == ("ties",) and s["owner_weights"] == (1.0, 1.0) and s["proxies"] == ((1.0, 0.3),)
     assert guard.stage2_done
+
+
+def test_score_and_loss_functions_by_import_path_from_lightning_cli_yaml(tmp_path):
+    # jsonargparse checks a function's annotations against the ScoreFn/LossFn hints: they must keep accepting the
+    # library's own functions (a broader ScoreFn return hint had refused default_score).
+    import torch
+
+    from lightning_mergeguard.evaluation import default_loss, default_score
+
+    torch.save({k: v + 0.01 for k, v in TinyClassifier().state_dict().items()}, tmp_path / "donor.pt")
+    guard = run_cli(
+        tmp_path,
+        f"""
+    - class_path: lightning_mergeguard.MergeGuardCallback
+      init_args:
+        stage2: negation
+        score_fn: lightning_mergeguard.evaluation.default_score
+        loss_fn: lightning_mergeguard.evaluation.default_loss
+        tolerance: 100.0
+    - class_path: lightning_mergeguard.MergeProbe
+      init_args:
+        donors: {{d: {tmp_path / "donor.pt"}}}
+        score_fn: lightning_mergeguard.evaluation.default_score
+        max_relative_distance: null
+        progress: false
+""",
+    )
+    assert guard.score_fn is default_score and guard.loss_fn is default_loss and guard.stage2_done
