@@ -8,7 +8,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -425,7 +425,13 @@ class MergeGuardCallback(Callback):
             )
 
     def _try_fn(
-        self, what: str, kind: str, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, run
+        self,
+        what: str,
+        kind: str,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        run: Callable[[Any], Any],
     ) -> None:
         """Run stage 2's ``loss_fn``/``score_fn`` once per fit on the first batch, so a failure stops the fit now.
 
