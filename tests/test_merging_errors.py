@@ -436,3 +436,19 @@ def test_integer_tensors_must_agree_except_batchnorms_step_counter():
     assert int(out["bn.num_batches_tracked"]) == 0 and torch.equal(out["ids"], base["ids"])  # the base's counter
     with pytest.raises(ValueError, match="non-floating tensor 'ids' differs between"):
         merge(cfg, {"a": a, "b": {**b, "ids": torch.arange(4).flip(0)}}, base, check_base=False)
+
+
+def test_a_checkpoint_of_a_wrapper_is_named_with_its_prefix():
+    base = {"net.0.weight": torch.zeros(2, 2), "net.0.bias": torch.zeros(2)}
+    wrapped = {f"model.{k}": v + 0.1 for k, v in base.items()}  # a LightningModule's checkpoint
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": {"weight": 0.5}}],
+    }
+    with pytest.raises(IncompatibleModelsError, match=r"Every name of 'a' is the other's with the prefix 'model\.'"):
+        merge(cfg, {"a": wrapped}, base, check_base=False)
+    with pytest.raises(IncompatibleModelsError, match=r"name of 'base' is the other's with the prefix 'module\.'"):
+        merge(cfg, {"a": base}, {f"module.{k}": v for k, v in base.items()}, check_base=False)
+    with pytest.raises(IncompatibleModelsError, match="Is it a fine-tune of the same base model"):
+        merge(cfg, {"a": {"other.weight": torch.zeros(2, 2), "net.0.bias": torch.zeros(2)}}, base, check_base=False)

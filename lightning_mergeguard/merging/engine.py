@@ -80,6 +80,23 @@ def _list_keys(keys: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def _prefix_hint(missing: Sequence[str], extra: Sequence[str], model: str, base: str) -> str | None:
+    """A hint when one side's names are the other's with a prefix (a LightningModule's or DDP's checkpoint)."""
+    for longer, shorter, who in ((extra, missing, model), (missing, extra, base)):
+        if not longer or len(longer) != len(shorter):
+            continue
+        first = sorted(shorter)[0]
+        candidates = [k[: -len(first)] for k in longer if k.endswith("." + first)]
+        for prefix in candidates:
+            if {prefix + k for k in shorter} == set(longer):
+                return (
+                    f"Every name of {who!r} is the other's with the prefix {prefix!r} (the state dict of a wrapper, "
+                    "such as a LightningModule's checkpoint or a DDP model's): save the bare network's weights "
+                    "(save_pretrained, or the wrapped module's state_dict()) and merge those."
+                )
+    return None
+
+
 def check_compatible(reference: WeightSource, others: Sequence[WeightSource]) -> None:
     """Check that every source has the reference's tensor names, shapes and architecture.
 
@@ -100,7 +117,10 @@ def check_compatible(reference: WeightSource, others: Sequence[WeightSource]) ->
                 parts.append(f"{len(extra)} unexpected tensor(s): {_list_keys(extra)}")
             raise IncompatibleModelsError(
                 f"model {src.name!r} does not match base {reference.name!r}: {'; '.join(parts)}. "
-                "Is it a fine-tune of the same base model?"
+                + (
+                    _prefix_hint(missing, extra, src.name, reference.name)
+                    or "Is it a fine-tune of the same base model?"
+                )
             )
         for k in ref_keys:
             (rs, rd), (s, d) = reference.meta(k), src.meta(k)
