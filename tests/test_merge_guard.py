@@ -846,6 +846,17 @@ def test_a_loss_fn_or_score_fn_that_fails_on_the_batches_stops_the_fit_at_once(t
                 trainer(tmp_path, max_epochs=2, callbacks=[MergeGuardCallback(progress=False, **kwargs)]).fit(model)
         assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())  # no step was taken
         assert not [w for w in caught if "NOT protected" in str(w.message)]  # the error says it all
+    # A loss that differentiates inside (an input-gradient penalty) needs grad, as stage 2 gives it: not a failure.
+    def penalised(module, batch):
+        x, y = batch
+        x = x.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(module(x), y)
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        return loss + 0.01 * g.pow(2).sum()
+
+    guard = MergeGuardCallback(loss_fn=penalised, stage2=ScaleAdversarial(steps=2), progress=False)
+    trainer(tmp_path, max_steps=2, callbacks=[guard]).fit(TinyClassifier())
+    assert guard.stage2_done
     # The tries leave training as it was: with alpha=0, the weights before stage 2 are those of a plain fit.
     runs = []
     for guarded in (False, True):

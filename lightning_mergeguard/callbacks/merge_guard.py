@@ -60,6 +60,7 @@ from lightning_mergeguard.parameters import (
     weights_changed,
     without_weights_ref,
 )
+from lightning_mergeguard.protection._adversarial import checkpointing_in_eval
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_, redistribution_value
 from lightning_mergeguard.protection.stage2 import (
     DEFAULT_STAGE2_EXCLUDE,
@@ -435,20 +436,31 @@ class MergeGuardCallback(Callback):
     ) -> None:
         """Run stage 2's ``loss_fn``/``score_fn`` once per fit on the first batch, so a failure stops the fit now.
 
-        Stage 2 first calls them after the whole fit. The call runs without gradients, in eval mode, with the global
-        random state kept, so the training run is the same with or without it.
+        Stage 2 first calls them after the whole fit. The call runs in eval mode with the global random state kept,
+        so the training run is the same with or without it; without gradients, and for ``loss_fn`` again with them
+        (as stage 2 calls it, checkpointing kept) before a failure counts: a loss may differentiate inside.
         """
         if what in self._tried or self.stage2 is None or self.stage2_done:
             return
         self._tried.add(what)
-        try:
+
+        def attempt(grad: bool) -> None:
             with (
-                torch.no_grad(),
+                torch.set_grad_enabled(grad),
                 rng_kept(pl_module),
                 eval_mode(pl_module),
+                checkpointing_in_eval(pl_module) if grad else contextlib.nullcontext(),
                 trainer.precision_plugin.forward_context(),
             ):
                 run(as_trained(trainer, [batch])[0])
+
+        try:
+            try:
+                attempt(grad=False)
+            except Exception:
+                if what != "loss_fn":
+                    raise
+                attempt(grad=True)
         except Exception as err:
             self._fn_failed = True
             default = getattr(self, what) in (default_loss, default_score)
