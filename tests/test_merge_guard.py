@@ -846,6 +846,7 @@ def test_a_loss_fn_or_score_fn_that_fails_on_the_batches_stops_the_fit_at_once(t
                 trainer(tmp_path, max_epochs=2, callbacks=[MergeGuardCallback(progress=False, **kwargs)]).fit(model)
         assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())  # no step was taken
         assert not [w for w in caught if "NOT protected" in str(w.message)]  # the error says it all
+
     # A loss that differentiates inside (an input-gradient penalty) needs grad, as stage 2 gives it: not a failure.
     def penalised(module, batch):
         x, y = batch
