@@ -92,24 +92,20 @@ def weight_replacers_after(trainer: pl.Trainer, callback: Any) -> list[str]:
     return [type(c).__name__ for c in after if isinstance(c, kinds)]
 
 
-def pruning(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
-    """What prunes the model during fit, if anything: Lightning's ``ModelPruning``, or ``torch.nn.utils.prune``.
+def refuse_pruning(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str, why: str, instead: str) -> None:
+    """Refuse a fit that prunes the model: Lightning's ``ModelPruning``, or ``torch.nn.utils.prune`` applied to it.
 
     Pruning re-parametrises each pruned weight (``weight = weight_orig * weight_mask``, recomputed in every forward)
-    until it is made permanent, which ``ModelPruning`` does in its own ``on_train_end``.
+    until it is made permanent, which ``ModelPruning`` does in its own ``on_train_end``. The message says ``why`` the
+    caller cannot work with that and what to do ``instead``.
     """
     from lightning.pytorch.callbacks import ModelPruning
 
+    found = None
     if any(isinstance(c, ModelPruning) for c in trainer.callbacks):
-        return "ModelPruning"
-    if torch.nn.utils.prune.is_pruned(pl_module):
-        return "torch.nn.utils.prune (the model has pruned weights)"
-    return None
-
-
-def refuse_pruning(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str, why: str, instead: str) -> None:
-    """Refuse a fit that prunes the model (see :func:`pruning`), saying why and what to do instead."""
-    found = pruning(trainer, pl_module)
+        found = "ModelPruning"
+    elif torch.nn.utils.prune.is_pruned(pl_module):
+        found = "torch.nn.utils.prune (the model has pruned weights)"
     if found is not None:
         raise MisconfigurationException(f"{who} does not support pruning during fit ({found}): {why}. {instead}")
 

@@ -34,17 +34,25 @@ class RestoreTracker:
     Example:
         >>> tracker = RestoreTracker()
         >>> tracker.new_fit()
-        >>> tracker.tuner_restoring, tracker.restored_from
-        (False, None)
+        >>> tracker.tuner_restoring, tracker.restored_from, tracker.state_restored
+        (False, None, False)
     """
 
     def __init__(self) -> None:
         self.restored_from: Any = None  # what trainer.ckpt_path named at this fit's restore (not a tuner's)
         self.tuner_restoring = False  # the restore in progress is a tuner's: load_state_dict should change nothing
+        self.state_restored = False  # this fit's checkpoint restored the callback's state
 
     def new_fit(self) -> None:
         """At fit setup, before any checkpoint of the fit is restored."""
-        self.restored_from, self.tuner_restoring = None, False
+        self.restored_from, self.tuner_restoring, self.state_restored = None, False, False
+
+    def accept_state(self) -> bool:
+        """In ``load_state_dict``: whether to restore the state given (not a tuner's own), noting it if so."""
+        if self.tuner_restoring:
+            return False
+        self.state_restored = True
+        return True
 
     def on_load_checkpoint(self, trainer: pl.Trainer) -> None:
         """Note the restore starting now."""

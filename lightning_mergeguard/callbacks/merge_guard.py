@@ -256,7 +256,6 @@ class MergeGuardCallback(Callback):
         self._stage1_values: dict[str, torch.Tensor] = {}
         self._start_step = 0
         self._train_ended = False
-        self._state_restored = False  # load_state_dict ran in the current fit
         self._restores = RestoreTracker()  # a tuner's restore (LearningRateFinder, BatchSizeFinder) is no resume
         self._tried: set[str] = set()  # loss_fn / score_fn already tried on a batch of this fit
         self._fn_failed = False
@@ -273,7 +272,6 @@ class MergeGuardCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._state_restored = False  # before this fit's checkpoint (if any) is restored
             self._restores.new_fit()
             self._tried, self._fn_failed = set(), False
             self.reference.new_fit()
@@ -337,7 +335,7 @@ class MergeGuardCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_ended = False
         self.reference.follow(pl_module)
-        if weights_changed(self, pl_module) and not self._state_restored:
+        if weights_changed(self, pl_module) and not self._restores.state_restored:
             # A callback reused for another model (a sweep): its reference (reset just above), "stage 2 done" and
             # the report were the previous model's (unless this fit's checkpoint restored them).
             self.stage2_done, self.report = False, None
@@ -850,11 +848,10 @@ class MergeGuardCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._restores.tuner_restoring:
+        if not self._restores.accept_state():
             # LearningRateFinder/BatchSizeFinder put back the state they saved earlier in this same fit, with this
             # callback swapped out in between: nothing changed, and it is not a resume (nor another model's state).
             return
-        self._state_restored = True
         self.stage2_done = bool(state_dict.get("stage2_done", False))
         self.report = state_dict.get("report")
         ref = state_dict.get("reference")

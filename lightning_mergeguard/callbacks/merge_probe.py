@@ -269,7 +269,6 @@ class MergeProbe(Callback):
         self._buffers: dict[str, Tensor] = {}  # floating buffers merged too (BatchNorm running statistics)
         self._view: LoraView | None = None
         self._own_reference = ReferenceWeights(reference, dtype=self.reference_dtype)
-        self._state_restored = False  # load_state_dict ran in the current fit
         self._restores = RestoreTracker()  # a tuner's restore (LearningRateFinder, BatchSizeFinder) is no resume
         self._reference: ReferenceWeights = self._own_reference
         self._donor_tau: dict[str, dict[str, Tensor]] = {}
@@ -291,7 +290,6 @@ class MergeProbe(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._state_restored = False  # before this fit's checkpoint (if any) is restored
             self._restores.new_fit()
             self._own_reference.new_fit()
             refuse_sharded(trainer, "MergeProbe", allow_fsdp2=True)
@@ -312,7 +310,7 @@ class MergeProbe(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reference = self._shared_reference(trainer)
         self._reference.follow(pl_module)  # shared with a guard: the first call of a fit resets it
-        if weights_changed(self, pl_module) and not self._state_restored:  # the results were the last model's
+        if weights_changed(self, pl_module) and not self._restores.state_restored:  # the results were the last model's
             self.results, self.last_probe_step = [], -1
         if is_adapted(pl_module):
             # A LoRA model is merged as its effective weights W + B @ A * s under the base model's names: every
@@ -630,11 +628,10 @@ class MergeProbe(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._restores.tuner_restoring:
+        if not self._restores.accept_state():
             # LearningRateFinder/BatchSizeFinder put back the state they saved earlier in this same fit, with this
             # callback swapped out in between: nothing changed, and it is not a resume (nor another model's state).
             return
-        self._state_restored = True
         self.last_probe_step = int(state_dict.get("last_probe_step", -1))
         self.results = list(state_dict.get("results", []))
         ref = state_dict.get("reference")
