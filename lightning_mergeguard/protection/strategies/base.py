@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -192,14 +193,25 @@ def _check_common(steps: Any, clip: float, lr: float, checks: Any) -> None:
         raise ValueError(f"checks must be a positive integer, got {checks!r}")
 
 
-def _loop_settings(
-    ctx: Stage2Context, rail: _GuardRail, steps: int, checks: int, history: list[dict[str, float]]
-) -> dict[str, Any]:
-    """The keyword arguments an optimising loop takes from the context and the guard rail.
+def _guarded_loop(
+    ctx: Stage2Context,
+    proxy: Callable[[], float],
+    steps: int,
+    checks: int,
+    loop: Callable[[Iterator[Any], dict[str, Any]], object],
+    losses: tuple[str, ...],
+) -> tuple[float, dict[str, Any], dict[str, float | None]]:
+    """Run an optimising loop on ``steps`` of the context's batches, the guard rail checking its weights.
 
-    The rail checks every ``ceil(steps / checks)`` steps.
+    ``loop(batches, settings)`` runs it, with ``settings`` the keyword arguments every loop takes from the context
+    and the rail (which checks every ``ceil(steps / checks)`` steps, against ``proxy``).
+
+    Returns:
+        The rail's score and report, and the first and last of each logged loss in ``losses``.
     """
-    return {
+    history: list[dict[str, float]] = []
+    rail = _GuardRail(ctx, proxy)
+    settings = {
         "grad_reduce": ctx.grad_reduce,
         "check_every": max(1, math.ceil(steps / checks)),
         "check": rail.check,
@@ -208,6 +220,9 @@ def _loop_settings(
         "history": history,
         "keep_batches": ctx.keep_batches,
     }
+    loop(itertools.islice(ctx.batches, steps), settings)
+    score, report = rail.finish(steps)
+    return score, report, _first_and_last(history, *losses)
 
 
 def _first_and_last(history: Sequence[Mapping[str, float]], *keys: str) -> dict[str, float | None]:

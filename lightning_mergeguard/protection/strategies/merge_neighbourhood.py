@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,10 +20,8 @@ from lightning_mergeguard.protection.strategies.base import (
     Stage2,
     Stage2Context,
     _check_common,
-    _first_and_last,
-    _GuardRail,
+    _guarded_loop,
     _is_number,
-    _loop_settings,
     _scores_at,
     _weight_range,
 )
@@ -194,22 +191,22 @@ class MergeNeighbourhood(Stage2):
         def sample(rng: Any) -> MergeDraw:
             return draw_merge(rng, k, self.owner_weights, self.partner_weights, self.methods, self.densities)
 
-        history: list[dict[str, float]] = []
-        rail = _GuardRail(ctx, proxy)
-        neighbourhood_adversarial_(
-            ctx.module,
-            params,
-            ref,
-            taus,
-            itertools.islice(ctx.batches, self.steps),
-            ctx.loss_fn,
-            steps=self.steps,
-            draws=self.draws,
-            sample=sample,
-            clip=self.clip,
-            lr=self.lr,
-            seed=self.seed,
-            **_loop_settings(ctx, rail, self.steps, self.checks, history),
-        )
-        score, report = rail.finish(self.steps)
-        return score, {**report, "partners": list(partners), **_first_and_last(history, "own_loss", "merged_loss")}
+        def loop(batches: Any, settings: dict[str, Any]) -> None:
+            neighbourhood_adversarial_(
+                ctx.module,
+                params,
+                ref,
+                taus,
+                batches,
+                ctx.loss_fn,
+                steps=self.steps,
+                draws=self.draws,
+                sample=sample,
+                clip=self.clip,
+                lr=self.lr,
+                seed=self.seed,
+                **settings,
+            )
+
+        score, report, losses = _guarded_loop(ctx, proxy, self.steps, self.checks, loop, ("own_loss", "merged_loss"))
+        return score, {**report, "partners": list(partners), **losses}

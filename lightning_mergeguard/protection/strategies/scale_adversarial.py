@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,10 +10,8 @@ from lightning_mergeguard.protection.strategies.base import (
     Stage2,
     Stage2Context,
     _check_common,
-    _first_and_last,
-    _GuardRail,
+    _guarded_loop,
     _is_number,
-    _loop_settings,
     _numbers,
     _scores_at,
 )
@@ -84,20 +81,20 @@ class ScaleAdversarial(Stage2):
         def proxy() -> float:
             return _scores_at(ctx, [lambda live: write_scaled_(params, ref, live, scale)])[0]
 
-        history: list[dict[str, float]] = []
-        rail = _GuardRail(ctx, proxy)
-        scale_adversarial_(
-            ctx.module,
-            params,
-            ref,
-            itertools.islice(ctx.batches, self.steps),
-            ctx.loss_fn,
-            steps=self.steps,
-            scales=self.scales,
-            clip=self.clip,
-            drop_density=self.drop_density,
-            lr=self.lr,
-            **_loop_settings(ctx, rail, self.steps, self.checks, history),
-        )
-        score, report = rail.finish(self.steps)
-        return score, {**report, "merge_proxy_scale": scale, **_first_and_last(history, "own_loss", "scaled_loss")}
+        def loop(batches: Any, settings: dict[str, Any]) -> None:
+            scale_adversarial_(
+                ctx.module,
+                params,
+                ref,
+                batches,
+                ctx.loss_fn,
+                steps=self.steps,
+                scales=self.scales,
+                clip=self.clip,
+                drop_density=self.drop_density,
+                lr=self.lr,
+                **settings,
+            )
+
+        score, report, losses = _guarded_loop(ctx, proxy, self.steps, self.checks, loop, ("own_loss", "scaled_loss"))
+        return score, {**report, "merge_proxy_scale": scale, **losses}
