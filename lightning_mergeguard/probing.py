@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,6 +259,7 @@ def donor_task_vector(
     dtype: torch.dtype,
     max_relative_distance: float | None = DEFAULT_MAX_RELATIVE_DISTANCE,
     who: str = "MergeProbe: donor",
+    optional: Collection[str] = (),
 ) -> tuple[dict[str, Tensor], float]:
     """One donor's task vector against ``reference`` for the names of ``params``, checked tensor by tensor.
 
@@ -267,7 +268,8 @@ def donor_task_vector(
     ``device`` (pinned when the model is on a GPU and ``device`` is the CPU). The donor is refused if it is not a
     fine-tune of the same base (:func:`~lightning_mergeguard.merging.base_check.check_same_base`).
 
-    ``who`` starts the error messages (the caller and what the donor is to it).
+    ``who`` starts the error messages (the caller and what the donor is to it). Names in ``optional`` (buffers
+    such as BatchNorm's running statistics) may be missing from the donor: they are then left out of the result.
 
     Returns:
         ``(name -> task-vector tensor, median relative distance of the donor's matrices to the base)``.
@@ -280,7 +282,10 @@ def donor_task_vector(
     pin = device.type == "cpu" and any(p.is_cuda for p in params.values())
     src = open_source(donor, name=name)
     tau, distances = {}, []
-    for pname, key in match_names(params, src.keys(), what=f"{who} {name!r}").items():
+    keys = src.keys()
+    found = match_names([n for n in params if n not in optional], keys, what=f"{who} {name!r}")
+    found.update(match_names([n for n in params if n in optional], keys, missing="skip"))
+    for pname, key in found.items():
         p = params[pname]
         t = src.get(key)
         if tuple(t.shape) != tuple(p.shape):

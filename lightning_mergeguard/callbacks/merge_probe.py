@@ -38,7 +38,7 @@ from lightning_mergeguard.merging.base_check import (
     DEFAULT_MAX_RELATIVE_DISTANCE,
 )
 from lightning_mergeguard.merging.engine import iter_merge
-from lightning_mergeguard.merging.sources import StateDictSource, WeightSource, match_names, open_source
+from lightning_mergeguard.merging.sources import StateDictSource, WeightSource
 from lightning_mergeguard.merging.task_vectors import task_vector_cosines
 from lightning_mergeguard.parameters import (
     filter_names,
@@ -332,8 +332,8 @@ class MergeProbe(Callback):
         every = self._view.params if self._view is not None else dict(pl_module.named_parameters())
         self._sharded = any_sharded(self._params)
         self._buffers = {} if self._view is not None or self._sharded else self._mergeable_buffers(pl_module)
-        self._all_names = [*every, *self._buffers]  # gradient parameters place buffers in their layer too
         self._load_donors(trainer)
+        self._all_names = [*every, *self._buffers]  # gradient parameters place buffers in their layer too
         self._tasks = None  # resolved at the first probe (the trainer's validation loader may load late)
         self._backup = None
         self._donor_individual = {}
@@ -341,27 +341,25 @@ class MergeProbe(Callback):
     def _mergeable_buffers(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """The floating buffers a merge of checkpoints also merges (BatchNorm's running statistics), as it would.
 
-        Persistent buffers in the model's state dict, selected by ``include``/``exclude``, that the reference and
-        every donor carry; the others keep the live model's values in the probed merges (with a warning).
+        Persistent buffers in the model's state dict, selected by ``include``/``exclude``, that the reference
+        carries (those every donor carries too are kept when the donors are read, :meth:`_load_donors`).
         """
         persistent = set(pl_module.state_dict())
         found = {n: b for n, b in pl_module.named_buffers() if b.is_floating_point() and n in persistent}
         found = filter_names(found, self.include, self.exclude)
-        if not found:
-            return {}
-        names = self._reference.provides(found)
-        for donor, obj in self.donor_inputs.items():
-            names = list(match_names(names, open_source(obj, name=donor).keys(), missing="skip"))
-        if len(names) < len(found):
-            left = [n for n in found if n not in names]
+        buffers = {n: found[n] for n in self._reference.provides(found)} if found else {}
+        self._reference.resolve(buffers)
+        self._warn_unmerged_buffers(len(found) - len(buffers), [n for n in found if n not in buffers])
+        return buffers
+
+    @staticmethod
+    def _warn_unmerged_buffers(count: int, names: list[str]) -> None:
+        if count:
             rank_zero_warn(
-                f"MergeProbe: {len(left)} floating buffers (e.g. {left[0]!r}, BatchNorm running statistics) are not in "
+                f"MergeProbe: {count} floating buffers (e.g. {names[0]!r}, BatchNorm running statistics) are not in "
                 "the reference or in every donor, so the probed merges keep the live model's values for them, where "
                 "a merge of the checkpoints would merge them too"
             )
-        buffers = {n: found[n] for n in names}
-        self._reference.resolve(buffers)
-        return buffers
 
     @property
     def _merged(self) -> dict[str, Tensor]:
@@ -410,7 +408,15 @@ class MergeProbe(Callback):
                 device=self.donor_device,
                 dtype=self.donor_dtype,
                 max_relative_distance=self.max_relative_distance,
+                optional=self._buffers,
             )
+        # A buffer merges only where every donor has it: the others keep their live values.
+        lacking = [n for n in self._buffers if any(n not in tau for tau in self._donor_tau.values())]
+        for n in lacking:
+            del self._buffers[n]
+            for tau in self._donor_tau.values():
+                tau.pop(n, None)
+        self._warn_unmerged_buffers(len(lacking), lacking)
 
     def _resolve_tasks(self, trainer: pl.Trainer) -> dict[str, tuple[Any, ScoreFn]]:
         loaders = self.eval_dataloaders
