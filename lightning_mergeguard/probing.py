@@ -184,6 +184,12 @@ def build_probe_specs(
     for method in methods:
         if isinstance(method, os.PathLike) or (isinstance(method, str) and method.endswith((".yml", ".yaml"))):
             cfg = MergeConfig.from_yaml(method)
+            if cfg.slices is not None:
+                raise ValueError(
+                    f"probe config {method}: the probe merges whole models into the live model, and 'slices' may cut "
+                    "or restack its layers; list the models under 'models' (a slice over all layers of every model "
+                    "is the same merge)"
+                )
             names = {m.model for m in cfg.models} | ({cfg.base_model} if cfg.base_model else set())
             unknown = names - {LIVE, BASE, *donors}
             if unknown:

@@ -381,3 +381,118 @@ def test_user_config_parity(case, llama_dirs, tmp_path):
     ours, theirs = merge(copy.deepcopy(cfg)), run_mergekit(copy.deepcopy(cfg), tmp_path / "mk")
     assert {t.dtype for t in ours.values()} == {t.dtype for t in theirs.values()}
     assert max_diff(ours, theirs) == 0.0
+
+
+def _sliced(paths, *sources, **extra) -> dict:
+    """An output slice of ``(name, (start, end), parameters or None)`` sources."""
+    entries = [
+        {"model": str(paths[n]), "layer_range": list(r), **({"parameters": p} if p else {})} for n, r, p in sources
+    ]
+    return {"sources": entries, **extra}
+
+
+SLICES = {
+    # mergekit's examples/gradient-slerp.yml: one slice over every layer, t per module kind
+    "gradient_slerp_example": lambda p: {
+        "merge_method": "slerp",
+        "base_model": str(p["a"]),
+        "slices": [_sliced(p, ("a", (0, 5), None), ("b", (0, 5), None))],
+        "parameters": GRADIENTS["slerp_readme"][1],
+    },
+    "slerp_two_slices": lambda p: {
+        "merge_method": "slerp",
+        "base_model": str(p["a"]),
+        "slices": [
+            _sliced(
+                p, ("a", (0, 2), None), ("b", (0, 2), None), parameters={"t": [{"filter": "mlp", "value": [0.1, 0.9]}]}
+            ),
+            _sliced(p, ("a", (2, 5), None), ("b", (2, 5), None), parameters={"t": [0.2, 0.8]}),
+        ],
+        "parameters": {"t": 0.5},
+    },
+    # mergekit's examples/orcamini-platy-44layer.yml: a frankenmerge, 3 + 3 layers from two models
+    "passthrough_frankenmerge": lambda p: {
+        "merge_method": "passthrough",
+        "slices": [_sliced(p, ("a", (0, 3), None)), _sliced(p, ("b", (2, 5), None))],
+    },
+    "passthrough_scale": lambda p: {
+        "merge_method": "passthrough",
+        "slices": [
+            _sliced(p, ("a", (0, 2), {"scale": 0.5})),
+            _sliced(p, ("b", (1, 4), {"scale": [{"filter": "mlp", "value": 2.0}, {"value": 1.0}]})),
+        ],
+    },
+    "task_arithmetic_per_slice": lambda p: {
+        "merge_method": "task_arithmetic",
+        "base_model": str(p["base"]),
+        "slices": [
+            _sliced(p, ("base", (0, 3), None), ("a", (0, 3), {"weight": 0.7}), ("b", (0, 3), {"weight": 0.2})),
+            _sliced(
+                p,
+                ("base", (3, 5), None),
+                ("a", (3, 5), None),
+                ("b", (3, 5), {"weight": [0.1, 0.9]}),
+                parameters={"weight": 0.4, "lambda": 1.3},
+            ),
+        ],
+        "parameters": {"weight": 0.5},
+    },
+    "linear_base_not_a_source": lambda p: {
+        "merge_method": "linear",
+        "base_model": str(p["base"]),
+        "slices": [_sliced(p, ("a", (0, 5), {"weight": 1.0}), ("b", (0, 5), {"weight": 3.0}))],
+    },
+    "ties_filtered_fallback": lambda p: {
+        "merge_method": "ties",
+        "base_model": str(p["base"]),
+        "slices": [
+            _sliced(
+                p,
+                ("base", (0, 5), None),
+                ("a", (0, 5), {"weight": 0.6, "density": [{"filter": "self_attn", "value": 0.3}]}),
+                ("b", (0, 5), {"weight": 0.4}),
+                parameters={"density": 0.7},
+            )
+        ],
+        "parameters": {"normalize": True},
+    },
+    "linear_offset_ranges": lambda p: {
+        "merge_method": "linear",
+        "slices": [
+            _sliced(p, ("a", (0, 2), {"weight": 0.5}), ("b", (3, 5), {"weight": 0.5})),
+            _sliced(p, ("a", (2, 5), {"weight": 0.5}), ("b", (0, 3), {"weight": 0.5})),
+        ],
+    },
+    "slice_base_model": lambda p: {
+        "merge_method": "task_arithmetic",
+        "base_model": str(p["base"]),
+        "slices": [
+            _sliced(p, ("base", (0, 2), None), ("a", (0, 2), {"weight": 1.0})),
+            _sliced(p, ("a", (2, 5), None), ("b", (2, 5), {"weight": 0.5}), base_model=str(p["a"])),
+        ],
+    },
+    # a model's filters match its own layer's name (layers.3. of a), not the output's (layers.0.)
+    "filter_on_the_source_layer": lambda p: {
+        "merge_method": "linear",
+        "slices": [
+            _sliced(
+                p,
+                ("a", (3, 5), {"weight": [{"filter": "layers.3.", "value": 0.9}, {"value": 0.5}]}),
+                ("b", (0, 2), {"weight": 0.5}),
+            )
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(SLICES))
+def test_slices_match_mergekit(case, deep_llama_dirs, tmp_path):
+    import json
+
+    cfg = {**SLICES[case](deep_llama_dirs), "dtype": "float32"}
+    out = merge(copy.deepcopy(cfg), out=tmp_path / "ours")
+    ours = load_file(out / "model.safetensors")
+    theirs = run_mergekit(copy.deepcopy(cfg), tmp_path / "mk")
+    assert max_diff(ours, theirs) <= 1e-6
+    layers = [json.loads((d / "config.json").read_text())["num_hidden_layers"] for d in (out, tmp_path / "mk")]
+    assert layers[0] == layers[1]

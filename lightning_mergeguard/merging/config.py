@@ -1,9 +1,9 @@
 """Merge configurations, read from and written to mergekit's YAML.
 
 A :class:`MergeConfig` holds exactly what a mergekit YAML holds for the methods this engine runs
-(``merge_method``, ``base_model``, ``models[].parameters``, ``parameters``, ``dtype``, ``out_dtype``), plus an
-optional ``seed`` for randomized methods. Parameters are scalars, mergekit's gradients (``[0, 0.5, 1]``, interpolated
-across the layers: :mod:`~lightning_mergeguard.merging.layers`) or its filtered lists
+(``merge_method``, ``base_model``, ``models[].parameters`` or ``slices``, ``parameters``, ``dtype``, ``out_dtype``),
+plus an optional ``seed`` for randomized methods. Parameters are scalars, mergekit's gradients (``[0, 0.5, 1]``,
+interpolated across the layers: :mod:`~lightning_mergeguard.merging.layers`) or its filtered lists
 (``[{filter: self_attn, value: 0.5}, {value: 0.3}]``, whose values may be gradients); validation names the
 offending key.
 """
@@ -26,7 +26,7 @@ from lightning_mergeguard.errors import ConfigError
 from lightning_mergeguard.merging.registry import get_method
 from lightning_mergeguard.merging.spec import REQUIRED, MethodSpec, Param
 
-__all__ = ["DTYPES", "MergeConfig", "ModelEntry", "resolve_param"]
+__all__ = ["DTYPES", "MergeConfig", "ModelEntry", "OutputSlice", "SliceSource", "resolve_param"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -37,6 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
 _TOP_LEVEL = {
     "merge_method",
     "models",
+    "slices",
     "base_model",
     "parameters",
     "dtype",
@@ -203,13 +204,142 @@ class ModelEntry:
 
 
 @dataclass
+class SliceSource:
+    """One source of a mergekit output slice: layers ``[start, end)`` of a model, and that model's parameters."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layer_range = tuple(self.layer_range)  # type: ignore[assignment]
+
+    @property
+    def num_layers(self) -> int:
+        """How many layers the source gives the slice."""
+        return self.layer_range[1] - self.layer_range[0]
+
+
+@dataclass
+class OutputSlice:
+    """One mergekit output slice: its sources (the same number of layers each), merged layer by layer.
+
+    Attributes:
+        sources: The models and layer ranges merged into this slice's layers.
+        base_model: This slice's base model (default: the config's).
+        parameters: Parameters for this slice, between the sources' own and the config's in precedence.
+    """
+
+    sources: list[SliceSource]
+    base_model: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sources = [s if isinstance(s, SliceSource) else SliceSource(**s) for s in self.sources]
+
+
+def _chain(first: Mapping[str, Any], then: Mapping[str, Any]) -> dict[str, Any]:
+    """``first``'s settings over ``then``'s, falling back per tensor as mergekit does.
+
+    A filtered list in ``first`` that no entry of matches a tensor leaves that tensor to ``then``'s setting, so the
+    two become one filtered list: ``first``'s entries, then ``then``'s.
+    """
+    out = dict(then)
+    for name, value in first.items():
+        if name in then and isinstance(value, (list, Mapping)) and not _is_gradient(value):
+            rest = then[name]
+            if isinstance(rest, Mapping):
+                rest = [rest]
+            tail = rest if isinstance(rest, list) and not _is_gradient(rest) else [{"value": rest}]
+            value = [*(value if isinstance(value, list) else [value]), *tail]
+        out[name] = copy.deepcopy(value)
+    return out
+
+
+def _layer_range(value: Any, where: str) -> tuple[int, int]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    if ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value) and 0 <= value[0] < value[1]:
+        return int(value[0]), int(value[1])
+    raise ConfigError(
+        f"{where}: layer_range must be [start, end] with 0 <= start < end (layers start..end-1), got {value!r}"
+    )
+
+
+def _read_slices(entries: Any) -> list[OutputSlice]:
+    """The ``slices:`` list of a mergekit config, checked key by key."""
+    if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence) or not entries:
+        raise ConfigError(
+            "'slices' must be a non-empty list of output slices ('- sources: [{model: PATH, layer_range: [0, N]}]')"
+        )
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"slices[{i}]"
+        if not isinstance(entry, Mapping) or "sources" not in entry:
+            raise ConfigError(f"{where} must be a mapping with a 'sources' list, got {entry!r:.80}")
+        if "residual_weight" in entry:
+            raise ConfigError(f"{where}: residual_weight is read by mergekit but never used in a merge; remove it")
+        bad = set(entry) - {"sources", "base_model", "parameters"}
+        if bad:
+            name = sorted(bad)[0]
+            raise ConfigError(
+                f"{where} has unknown key {name!r}{_suggest(name, ['sources', 'base_model', 'parameters'])}"
+            )
+        raw = entry["sources"]
+        if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Sequence) or not raw:
+            raise ConfigError(f"{where}.sources must be a non-empty list of {{model, layer_range}} entries")
+        sources = []
+        for j, src in enumerate(raw):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(src, Mapping) or "model" not in src or "layer_range" not in src:
+                raise ConfigError(f"{at} must be a mapping with 'model' and 'layer_range', got {src!r:.80}")
+            extra = set(src) - {"model", "layer_range", "parameters"}
+            if extra:
+                raise ConfigError(f"{at} has unknown keys {sorted(extra)}")
+            path = _model_path(src["model"], f"{at}.model")
+            sources.append(
+                SliceSource(
+                    path,
+                    _layer_range(src["layer_range"], at),
+                    _mapping(src.get("parameters"), f"{at} ({path}): parameters"),
+                )
+            )
+        base = entry.get("base_model")
+        out.append(
+            OutputSlice(
+                sources,
+                None if base is None else _model_path(base, f"{where}.base_model"),
+                _mapping(entry.get("parameters"), f"{where}: parameters"),
+            )
+        )
+    return out
+
+
+def _slice_dict(out: OutputSlice) -> dict[str, Any]:
+    """One output slice as mergekit's YAML writes it."""
+    sources = [
+        {
+            "model": src.model,
+            "layer_range": list(src.layer_range),
+            **({"parameters": copy.deepcopy(src.parameters)} if src.parameters else {}),
+        }
+        for src in out.sources
+    ]
+    return {
+        "sources": sources,
+        **({"base_model": out.base_model} if out.base_model is not None else {}),
+        **({"parameters": copy.deepcopy(out.parameters)} if out.parameters else {}),
+    }
+
+
+@dataclass
 class MergeConfig:
     """A merge, as mergekit's YAML describes it.
 
     Attributes:
         merge_method: mergekit method name (``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``,
-            ``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``, ``slerp``).
-        models: Models to merge. An entry whose ``model`` equals ``base_model`` is the base, not a donor.
+            ``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``, ``slerp``, ``passthrough``...).
+        models: Models to merge. An entry whose ``model`` equals ``base_model`` is the base, not a donor. With
+            ``slices``, every model the slices name, without parameters (the slices hold them).
         base_model: Reference of the base model (required by all methods but ``linear``).
         parameters: Method-level parameters (``normalize``, ``lambda``, ``rescale``, ``t``...).
         dtype: Compute dtype; ``None`` (not in the YAML): ``float32`` here, and each tensor is written in the
@@ -219,6 +349,8 @@ class MergeConfig:
         seed: Seed for randomized methods (DARE); not part of mergekit's YAML (mergekit takes
             ``--random-seed`` on its command line).
         extra: Keys kept for a faithful round trip (``tokenizer_source``, ``chat_template``...).
+        slices: mergekit's ``slices`` instead of ``models``: the output's layers, slice after slice, each merged
+            from its sources' layer ranges (:meth:`slice_config` gives each slice as a whole-model config).
 
     Example:
         >>> cfg = MergeConfig.from_yaml('''
@@ -243,9 +375,15 @@ class MergeConfig:
     out_dtype: str | None = None
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    slices: list[OutputSlice] | None = None
 
     def __post_init__(self) -> None:
         self.models = [m if isinstance(m, ModelEntry) else ModelEntry(**m) for m in self.models]
+        if self.slices is not None:
+            self.slices = [s if isinstance(s, OutputSlice) else OutputSlice(**s) for s in self.slices]
+            if self.models:
+                raise ConfigError("give either 'models' or 'slices', not both (mergekit takes exactly one)")
+            self.models = [ModelEntry(m) for m in dict.fromkeys(src.model for s in self.slices for src in s.sources)]
         self.validate()
 
     # ------------------------------------------------------------------ construction
@@ -255,9 +393,13 @@ class MergeConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"a merge config must be a mapping, got {type(data).__name__}")
         _check_size(data)
-        for key in ("slices", "modules"):
-            if key in data:
-                raise NotImplementedError(f"mergekit '{key}' are not supported; list whole models under 'models'")
+        if "modules" in data:
+            raise NotImplementedError(
+                "mergekit 'modules' (per-module slices of multi-module models) are not supported; list whole models "
+                "under 'models', or one layer stack's layers under 'slices'"
+            )
+        if "slices" in data and "models" in data:
+            raise ConfigError("give either 'models' or 'slices', not both (mergekit takes exactly one)")
         unknown = set(data) - _TOP_LEVEL
         if unknown:
             name = sorted(unknown)[0]
@@ -290,6 +432,7 @@ class MergeConfig:
             out_dtype=None if data.get("out_dtype") is None else str(data["out_dtype"]),
             seed=data.get("seed"),
             extra={k: copy.deepcopy(data[k]) for k in _PASSTHROUGH if k in data},
+            slices=_read_slices(data["slices"]) if "slices" in data else None,
         )
 
     @classmethod
@@ -379,6 +522,9 @@ class MergeConfig:
             raise ConfigError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.out_dtype is not None and self.out_dtype not in DTYPES:
             raise ConfigError(f"unknown out_dtype {self.out_dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.slices is not None:
+            self._validate_slices(spec)
+            return spec
         if spec.needs_base and not self.base_model:
             raise ConfigError(f"merge_method {spec.name!r} needs a base_model")
         shared = spec.all_shared_params
@@ -405,12 +551,15 @@ class MergeConfig:
                 )
             seen[m.model] = i
         donors = self.donors
-        if len(donors) < spec.min_models:
-            raise ConfigError(f"merge_method {spec.name!r} needs at least {spec.min_models} model(s) besides the base")
-        if spec.max_models is not None and len(donors) > spec.max_models:
+        # A method that merges the base as one more model (linear, passthrough) counts it as one of its inputs.
+        counted = len(donors) + (1 if spec.base_is_model and self.base_model else 0)
+        besides = "" if spec.base_is_model else " besides the base"
+        if counted < spec.min_models:
+            raise ConfigError(f"merge_method {spec.name!r} needs at least {spec.min_models} model(s){besides}")
+        if spec.max_models is not None and counted > spec.max_models:
+            counts = " (base_model counts: mergekit merges it as one of the models)" if spec.base_is_model else ""
             raise ConfigError(
-                f"merge_method {spec.name!r} takes at most {spec.max_models} model(s) besides the base, "
-                f"got {len(donors)}"
+                f"merge_method {spec.name!r} takes at most {spec.max_models} model(s){besides}, got {counted}{counts}"
             )
         for i, m in enumerate(self.models):
             for name, value in m.parameters.items():
@@ -444,10 +593,89 @@ class MergeConfig:
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         return spec
 
+    def _validate_slices(self, spec: MethodSpec) -> None:
+        """Each slice must be a valid whole-model merge of its sources, as mergekit plans it."""
+        if not self.slices:
+            raise ConfigError("'slices' is empty: list at least one output slice")
+        for dtype in (self.dtype, self.out_dtype):
+            if dtype is not None and dtype not in DTYPES:
+                raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        for i, out in enumerate(self.slices):
+            if not out.sources:
+                raise ConfigError(f"slices[{i}] has no sources")
+            if len({src.num_layers for src in out.sources}) > 1:
+                ranges = ", ".join(f"{src.model} {list(src.layer_range)}" for src in out.sources)
+                raise ConfigError(f"slices[{i}]: every source must give the same number of layers, got {ranges}")
+            seen = [src.model for src in out.sources]
+            twice = sorted({m for m in seen if seen.count(m) > 1})
+            if twice:
+                raise ConfigError(
+                    f"slices[{i}] lists model {twice[0]!r} more than once: mergekit keys a slice's inputs by model "
+                    "and would merge only one of them"
+                )
+            sub = self.slice_config(i)
+            if spec.prepare is not None and sub.shared_params().get("trim_scope") == "model":
+                raise ConfigError(
+                    "trim_scope: model trims each model's whole task vector, and a slice holds part of a model; use "
+                    "trim_scope: tensor with slices, or list whole models under 'models'"
+                )
+
+    def slice_config(self, index: int) -> MergeConfig:
+        """Output slice ``index`` as a whole-model config of its sources, as mergekit merges each of its layers.
+
+        Its models are the slice's sources with their own parameters; its parameters are the slice's over the
+        config's (a filtered list that matches no tensor falls back to the next, as mergekit resolves them). Unlike
+        the ``models:`` form, mergekit adds no base model to a slice: the base (the slice's, else the config's) is
+        merged only where it is one of the sources, and a method that needs one refuses a slice without it.
+
+        Raises:
+            ConfigError: Naming the slice, for a slice that is not a valid merge.
+
+        Example:
+            >>> cfg = MergeConfig.from_dict({
+            ...     "merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.5},
+            ...     "slices": [{"sources": [{"model": "a", "layer_range": [0, 4]},
+            ...                             {"model": "b", "layer_range": [0, 4]}],
+            ...                 "parameters": {"t": 0.3}}]})
+            >>> sub = cfg.slice_config(0)
+            >>> [m.model for m in sub.models], sub.base_model, sub.shared_params()["t"]
+            (['a', 'b'], 'a', 0.3)
+        """
+        if self.slices is None:
+            raise ValueError("this config lists whole models, not slices")
+        out = self.slices[index]
+        names = [src.model for src in out.sources]
+        base = out.base_model or self.base_model
+        spec = self.method
+        if base is not None and base not in names:
+            if spec.needs_base:
+                raise ConfigError(
+                    f"slices[{index}]: merge_method {spec.name!r} needs base model {base!r} among the slice's sources "
+                    f"(mergekit merges only a slice's sources and adds no base to them); the slice has "
+                    f"{', '.join(names)}"
+                )
+            base = None
+        try:
+            return MergeConfig(
+                merge_method=self.merge_method,
+                models=[ModelEntry(src.model, copy.deepcopy(src.parameters)) for src in out.sources],
+                base_model=base,
+                parameters=_chain(out.parameters, self.parameters),
+                dtype=self.dtype,
+                out_dtype=self.out_dtype,
+                seed=self.seed,
+            )
+        except ConfigError as err:
+            raise ConfigError(f"slices[{index}]: {err}") from err
+
     @property
     def has_gradients(self) -> bool:
         """Whether a parameter anywhere is a gradient list (its value then depends on each tensor's layer)."""
         settings = [*self.parameters.values(), *(v for m in self.models for v in m.parameters.values())]
+        for out in self.slices or ():
+            settings += [*out.parameters.values(), *(v for src in out.sources for v in src.parameters.values())]
         return any(_has_gradient(v) for v in settings)
 
     def shared_params(self, tensor_name: str = "", t: float = 0.0) -> dict[str, Any]:
@@ -495,10 +723,13 @@ class MergeConfig:
         out: dict[str, Any] = {"merge_method": spec.name}
         if self.base_model is not None:
             out["base_model"] = self.base_model
-        out["models"] = [
-            {"model": m.model, **({"parameters": copy.deepcopy(m.parameters)} if m.parameters else {})}
-            for m in self.models
-        ]
+        if self.slices is None:
+            out["models"] = [
+                {"model": m.model, **({"parameters": copy.deepcopy(m.parameters)} if m.parameters else {})}
+                for m in self.models
+            ]
+        else:
+            out["slices"] = [_slice_dict(s) for s in self.slices]
         if params:
             out["parameters"] = copy.deepcopy(params)
         if self.dtype is not None:

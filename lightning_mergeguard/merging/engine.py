@@ -6,6 +6,7 @@ sources (memory-mapped safetensors stream from disk), merged, written or stored,
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import queue
@@ -43,6 +44,7 @@ from lightning_mergeguard.merging.base_check import (
 )
 from lightning_mergeguard.merging.config import MergeConfig
 from lightning_mergeguard.merging.layers import LAYER_STACKS, layer_fractions, layer_index
+from lightning_mergeguard.merging.slices import output_model_config, plan_slices
 from lightning_mergeguard.merging.sources import SafetensorsSource, WeightSource, count_nonfinite, read_checked
 from lightning_mergeguard.merging.sources import open_source as _open
 from lightning_mergeguard.merging.spec import TensorContext
@@ -245,20 +247,90 @@ def iter_merge(
     sources hold a subset, as a probe's ``include`` selects).
     """
     cfg = MergeConfig.coerce(config)
-    spec = cfg.method
     base_src, donors = _resolve(cfg, models, base)
+    options = {"device": device, "seed": cfg.seed if seed is None else seed, "prefetch_bytes": prefetch_bytes}
+    if cfg.slices is not None:
+        wanted = None if keys is None else set(keys)
+        parts = plan_slices(cfg, _by_reference(cfg, base_src, donors))
+        total = sum(len(p.keys) if wanted is None else len(wanted.intersection(p.keys)) for p in parts)
+        streams = (
+            _merge_sources(
+                part.config,
+                part.base,
+                part.donors,
+                keys=part.keys if wanted is None else [k for k in part.keys if k in wanted],
+                check_base=check_base and part.aligned,
+                positions=part.positions,
+                **options,
+            )
+            for part in parts
+        )
+        stream = itertools.chain.from_iterable(streams)
+    else:
+        reference = base_src if base_src is not None else donors[0]
+        names = list(keys) if keys is not None else reference.keys()
+        positions = _layer_positions(cfg, reference.keys() if layer_names is None else layer_names)
+        stream = _merge_sources(
+            cfg, base_src, donors, keys=names, check_base=check_base, positions=positions, **options
+        )
+        total = len(names)
+    desc = f"merge ({cfg.method.name})"
+    yield from tqdm(stream, total=total, desc=desc, unit="tensor", disable=not progress, leave=False)
+
+
+def _by_reference(
+    cfg: MergeConfig, base_src: WeightSource | None, donors: Sequence[WeightSource]
+) -> dict[str, WeightSource]:
+    """The opened sources by the config's model references."""
+    out = dict(zip([m.model for m in cfg.donors], donors))
+    if base_src is not None and cfg.base_model is not None:
+        out[cfg.base_model] = base_src
+    return out
+
+
+def _output_tensors(
+    cfg: MergeConfig, base_src: WeightSource | None, donors: Sequence[WeightSource]
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Every output tensor's name, shape and stored dtype (the reference's), in output order."""
+    if cfg.slices is None:
+        reference = base_src if base_src is not None else donors[0]
+        return [(k, *reference.meta(k)) for k in reference.keys()]
+    out = []
+    for part in plan_slices(cfg, _by_reference(cfg, base_src, donors)):
+        reference = part.base if part.base is not None else part.donors[0]
+        check_compatible(reference, part.donors if part.base is not None else part.donors[1:])
+        out.extend((k, *reference.meta(k)) for k in part.keys)
+    return out
+
+
+def _merge_sources(
+    cfg: MergeConfig,
+    base_src: WeightSource | None,
+    donors: Sequence[WeightSource],
+    *,
+    keys: Sequence[str],
+    device: torch.device | str,
+    seed: int | None,
+    check_base: bool,
+    prefetch_bytes: int,
+    positions: Mapping[str, float],
+) -> Iterator[tuple[str, Tensor]]:
+    """Merge ``keys`` of opened sources with a whole-model config; ``positions``: each name's gradient ``t``."""
+    spec = cfg.method
     reference = base_src if base_src is not None else donors[0]
     check_compatible(reference, donors if base_src is not None else donors[1:])
     if check_base:
         check_same_base_sources(reference, donors if base_src is not None else donors[1:], device=device)
     compute = cfg.compute_dtype
     dev = torch.device(device)
-    seed = cfg.seed if seed is None else seed
     prepared = spec.prepare(cfg, base_src, donors, dev) if spec.prepare is not None else None
-    names = list(keys) if keys is not None else reference.keys()
+    names = list(keys)
     others = donors if base_src is not None else donors[1:]
-    positions = _layer_positions(cfg, reference.keys() if layer_names is None else layer_names)
     entries = cfg.weighted_entries  # whose parameters merge_tensor gets: linear's base first, then the donors
+    # ... and the sources they belong to: a model's parameters are resolved with its own tensor names (a slice's
+    # filters match the source layer's name), as mergekit resolves them
+    merged_base = base_src is not None and spec.base_is_model and cfg.base_model is not None
+    entry_sources = [*([base_src] if merged_base else []), *donors]
 
     def chunked(key: str) -> bool:
         if not spec.elementwise or dev.type != "cpu":
@@ -286,13 +358,10 @@ def iter_merge(
     scratch = _Scratch()
     if not any(isinstance(src, SafetensorsSource) for src in (reference, *others)):
         prefetch_bytes = 0  # tensors already in memory: nothing to read ahead
-    stream = _prefetched(names, load, nbytes, prefetch_bytes)
-    for key, loaded in tqdm(
-        stream, total=len(names), desc=f"merge ({spec.name})", unit="tensor", disable=not progress, leave=False
-    ):
+    for key, loaded in _prefetched(names, load, nbytes, prefetch_bytes):
         t = positions.get(key, 0.0)
         out_dtype = cfg.output_dtype(reference.meta(key)[1])
-        params = [cfg.model_params(m, key, t) for m in entries]
+        params = [cfg.model_params(m, src.source_key(key), t) for m, src in zip(entries, entry_sources)]
         ctx = TensorContext(key=key, seed=seed, prepared=prepared)
         shared = cfg.shared_params(key, t)
 
@@ -593,10 +662,13 @@ def merge(
     # Checked before anything is written: settings that would need embedding rows re-mapped are refused.
     tokenizer_dir = tokenizer_directory(cfg.extra, reference.directory, model_dirs)
     template = chat_template_text(cfg.extra)
-    specs = []
-    for k in reference.keys():
-        shape, dt = reference.meta(k)
-        specs.append((k, cfg.output_dtype(dt) if dt.is_floating_point else dt, shape))
+    specs = [
+        (k, cfg.output_dtype(dt) if dt.is_floating_point else dt, shape)
+        for k, shape, dt in _output_tensors(cfg, base_src, donors)
+    ]
+    model_config = None
+    if cfg.slices is not None and reference.config is not None:  # the output's layer count, per-layer settings
+        model_config = output_model_config(cfg, reference.config, _by_reference(cfg, base_src, donors))
     metadata = {"format": "pt", "merge_method": cfg.merge_method}
     writer: ShardedSafetensorsWriter | StreamingSafetensorsWriter
     if out.suffix == ".safetensors":
@@ -626,7 +698,9 @@ def merge(
             for name in _COPY_FILES:  # the base's config; the tokenizer of tokenizer_source (default: the base's)
                 directory = reference.directory if name in _MODEL_CONFIG_FILES else tokenizer_dir
                 src_file = directory / name if directory is not None else None
-                if src_file is not None and src_file.is_file():
+                if name == "config.json" and model_config is not None:
+                    atomic_write_json(out / name, model_config)
+                elif src_file is not None and src_file.is_file():
                     with atomic_open(out / name, "wb") as dst, open(src_file, "rb") as src:
                         shutil.copyfileobj(src, dst)
                 else:  # a replaced merge's file the new source lacks (a chat template, another vocabulary) goes

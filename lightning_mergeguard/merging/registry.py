@@ -13,6 +13,7 @@ from lightning_mergeguard.merging import (
     linear,
     model_stock,
     nuslerp,
+    passthrough,
     sce,
     slerp,
     task_arithmetic,
@@ -39,6 +40,7 @@ METHODS: dict[str, MethodSpec] = {
         slerp.SPEC,
         nuslerp.SPEC,
         karcher.SPEC,
+        passthrough.SPEC,
     )
 }
 _ALIASES = {"weight_averaging": "linear", "average": "linear", "model_soup": "linear"}

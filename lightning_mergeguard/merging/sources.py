@@ -76,6 +76,10 @@ class WeightSource:
         """
         out.copy_(self.get(key).reshape(-1)[start : start + out.numel()])
 
+    def source_key(self, key: str) -> str:
+        """The name ``key`` has in the model itself (a view may show a tensor under another name)."""
+        return key
+
     def __contains__(self, key: str) -> bool:
         return key in set(self.keys())
 
