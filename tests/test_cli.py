@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -100,3 +101,58 @@ def test_cli_help_needs_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "--out-shard-size" in proc.stdout and "--cuda" in proc.stdout
+
+
+def test_cli_takes_mergekit_yaml_command_lines(llama_dirs, tmp_path, capsys):
+    # mergekit's README command line (`--lazy-unpickle --allow-crimes ...`) had been refused as unrecognized.
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_dirs["base"], base)
+    (base / "tokenizer.json").write_text('{"version": "1.0"}')
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(base)}
+    cfg["models"] = [{"model": str(llama_dirs["a"]), "parameters": {"weight": 0.7}}]
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    flags = ["--lazy-unpickle", "--allow-crimes", "--copy-tokenizer", "--out-shard-size", "1B", "-j", "1", "--quiet"]
+    assert main([str(path), str(tmp_path / "out"), *flags]) == 0
+    err = capsys.readouterr().err
+    assert "--lazy-unpickle has no effect here: pickled .bin inputs load with weights_only=True" in err
+    out = tmp_path / "out"
+    assert (out / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    card = (out / "README.md").read_text()  # mergekit writes a model card by default
+    assert "task_arithmetic merge method using" in card and str(llama_dirs["a"]) in card and "weight: 0.7" in card
+    got = load_file(out / "model.safetensors")
+    want = merge(cfg)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    assert main([str(path), str(tmp_path / "bare"), "--no-copy-tokenizer", "--no-write-model-card"]) == 0
+    assert not (tmp_path / "bare" / "tokenizer.json").exists() and not (tmp_path / "bare" / "README.md").exists()
+    for flag, message in [
+        ("--no-safe-serialization", "writes safetensors only"),
+        ("--unsafe-truncate-embeddings", "--unsafe-truncate-embeddings is not supported"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(path), str(tmp_path / "no"), flag])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_allow_crimes_merges_architectures_whose_tensors_match(llama_dirs, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "mistral_named"
+    shutil.copytree(llama_dirs["a"], other)
+    config = json.loads((other / "config.json").read_text())
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    (other / "config.json").write_text(json.dumps(config))
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(llama_dirs["base"])}
+    cfg["models"] = [{"model": str(other), "parameters": {"weight": 0.5}}]
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "has model_type='mistral' but base" in err and "CLI: --allow-crimes" in err
+    assert main([str(path), str(tmp_path / "out"), "--allow-crimes"]) == 0
+    want = merge({**cfg, "models": [{"model": str(llama_dirs["a"]), "parameters": {"weight": 0.5}}]})
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -33,6 +33,7 @@ from lightning_mergeguard.io import (
     StreamingSafetensorsWriter,
     atomic_open,
     atomic_write_json,
+    atomic_write_text,
     clean_orphaned_temps,
     parse_size,
 )
@@ -42,6 +43,7 @@ from lightning_mergeguard.merging.base_check import (
     relative_distance,
     tensors_to_compare,
 )
+from lightning_mergeguard.merging.card import model_card_text
 from lightning_mergeguard.merging.config import MergeConfig
 from lightning_mergeguard.merging.layers import LAYER_STACKS, layer_fractions, layer_index
 from lightning_mergeguard.merging.slices import output_model_config, plan_slices
@@ -62,6 +64,8 @@ DEFAULT_SHARD_SIZE = "5B"
 """Output shard size, as mergekit's ``--out-shard-size`` default (five billion bytes)."""
 
 _ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+_ARCH_NAMES = ("model_type", "architectures")
+
 _MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
 _COPY_FILES = (
     "config.json",
@@ -75,6 +79,7 @@ _COPY_FILES = (
     "vocab.txt",
     "chat_template.jinja",
 )
+_TOKENIZER_FILES = frozenset(_COPY_FILES) - set(_MODEL_CONFIG_FILES)
 
 
 def _list_keys(keys: Sequence[str], limit: int = 5) -> str:
@@ -99,8 +104,11 @@ def _prefix_hint(missing: Sequence[str], extra: Sequence[str], model: str, base:
     return None
 
 
-def check_compatible(reference: WeightSource, others: Sequence[WeightSource]) -> None:
+def check_compatible(reference: WeightSource, others: Sequence[WeightSource], *, allow_crimes: bool = False) -> None:
     """Check that every source has the reference's tensor names, shapes and architecture.
+
+    ``allow_crimes`` (mergekit's ``--allow-crimes``): models of different architectures (``model_type``,
+    ``architectures``) whose tensors match by name and shape may be merged.
 
     Raises:
         IncompatibleModelsError: Naming the model and the first mismatching keys, shapes or config fields.
@@ -137,10 +145,18 @@ def check_compatible(reference: WeightSource, others: Sequence[WeightSource]) ->
                 )
         if reference.config and src.config:
             for field in _ARCH_KEYS:
+                if allow_crimes and field in _ARCH_NAMES:
+                    continue
                 a, b = reference.config.get(field), src.config.get(field)
                 if a is not None and b is not None and a != b:
+                    crimes = (
+                        " (to merge models of different architectures whose tensors match, pass allow_crimes=True; "
+                        "CLI: --allow-crimes, as mergekit)"
+                        if field in _ARCH_NAMES
+                        else ""
+                    )
                     raise IncompatibleModelsError(
-                        f"model {src.name!r} has {field}={b!r} but base {reference.name!r} has {field}={a!r}"
+                        f"model {src.name!r} has {field}={b!r} but base {reference.name!r} has {field}={a!r}{crimes}"
                     )
 
 
@@ -238,6 +254,7 @@ def iter_merge(
     check_base: bool = True,
     prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
     layer_names: Iterable[str] | None = None,
+    allow_crimes: bool = False,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, merged tensor)`` one tensor at a time; see :func:`merge` for the arguments.
 
@@ -248,7 +265,12 @@ def iter_merge(
     """
     cfg = MergeConfig.coerce(config)
     base_src, donors = _resolve(cfg, models, base)
-    options = {"device": device, "seed": cfg.seed if seed is None else seed, "prefetch_bytes": prefetch_bytes}
+    options = {
+        "device": device,
+        "seed": cfg.seed if seed is None else seed,
+        "prefetch_bytes": prefetch_bytes,
+        "allow_crimes": allow_crimes,
+    }
     if cfg.slices is not None:
         wanted = None if keys is None else set(keys)
         parts = plan_slices(cfg, _by_reference(cfg, base_src, donors))
@@ -289,7 +311,7 @@ def _by_reference(
 
 
 def _output_tensors(
-    cfg: MergeConfig, base_src: WeightSource | None, donors: Sequence[WeightSource]
+    cfg: MergeConfig, base_src: WeightSource | None, donors: Sequence[WeightSource], allow_crimes: bool
 ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """Every output tensor's name, shape and stored dtype (the reference's), in output order."""
     if cfg.slices is None:
@@ -298,7 +320,9 @@ def _output_tensors(
     out = []
     for part in plan_slices(cfg, _by_reference(cfg, base_src, donors)):
         reference = part.base if part.base is not None else part.donors[0]
-        check_compatible(reference, part.donors if part.base is not None else part.donors[1:])
+        check_compatible(
+            reference, part.donors if part.base is not None else part.donors[1:], allow_crimes=allow_crimes
+        )
         out.extend((k, *reference.meta(k)) for k in part.keys)
     return out
 
@@ -314,11 +338,12 @@ def _merge_sources(
     check_base: bool,
     prefetch_bytes: int,
     positions: Mapping[str, float],
+    allow_crimes: bool,
 ) -> Iterator[tuple[str, Tensor]]:
     """Merge ``keys`` of opened sources with a whole-model config; ``positions``: each name's gradient ``t``."""
     spec = cfg.method
     reference = base_src if base_src is not None else donors[0]
-    check_compatible(reference, donors if base_src is not None else donors[1:])
+    check_compatible(reference, donors if base_src is not None else donors[1:], allow_crimes=allow_crimes)
     if check_base:
         check_same_base_sources(reference, donors if base_src is not None else donors[1:], device=device)
     compute = cfg.compute_dtype
@@ -601,6 +626,9 @@ def merge(
     existing: str = "replace",
     out_shard_size: int | str | None = None,
     low_memory: bool = False,
+    allow_crimes: bool = False,
+    copy_tokenizer: bool = True,
+    model_card: bool = False,
 ) -> dict[str, Tensor] | Path:
     """Run a merge described by a mergekit-style config.
 
@@ -627,6 +655,13 @@ def merge(
             ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``; one is ``model.safetensors``.
         low_memory: Read strictly one tensor at a time (no read-ahead), queue one output tensor, and drop input
             pages from the page cache once read: the least memory, at some speed.
+        allow_crimes: Merge models of different architectures (``model_type``, ``architectures``) whose tensors
+            match by name and shape, as mergekit's ``--allow-crimes``; names and shapes are still checked.
+        copy_tokenizer: Copy the tokenizer (of ``tokenizer_source``, default the base's) into a model directory,
+            as mergekit does by default; ``False`` leaves the directory's tokenizer files as they are.
+        model_card: Write a ``README.md`` model card (the models, the method and the config) into a model
+            directory, as mergekit does by default (``mergeguard-merge`` writes one unless
+            ``--no-write-model-card``).
 
     Returns:
         The merged state dict, or the path written.
@@ -648,7 +683,16 @@ def merge(
     """
     cfg = MergeConfig.coerce(config)
     if out is None:
-        stream = iter_merge(cfg, models, base, device=device, seed=seed, progress=progress, check_base=check_base)
+        stream = iter_merge(
+            cfg,
+            models,
+            base,
+            device=device,
+            seed=seed,
+            progress=progress,
+            check_base=check_base,
+            allow_crimes=allow_crimes,
+        )
         return dict(stream)
     out = Path(out)
     shard_bytes = parse_size(DEFAULT_SHARD_SIZE if out_shard_size is None else out_shard_size)
@@ -664,7 +708,7 @@ def merge(
     template = chat_template_text(cfg.extra)
     specs = [
         (k, cfg.output_dtype(dt) if dt.is_floating_point else dt, shape)
-        for k, shape, dt in _output_tensors(cfg, base_src, donors)
+        for k, shape, dt in _output_tensors(cfg, base_src, donors, allow_crimes)
     ]
     model_config = None
     if cfg.slices is not None and reference.config is not None:  # the output's layer count, per-layer settings
@@ -688,6 +732,7 @@ def merge(
         progress=progress,
         check_base=check_base,
         prefetch_bytes=0 if low_memory else DEFAULT_PREFETCH_BYTES,
+        allow_crimes=allow_crimes,
     )
     try:
         with writer as w:
@@ -696,6 +741,8 @@ def merge(
             for stale in _stale_weight_files(out, written):
                 stale.unlink(missing_ok=True)
             for name in _COPY_FILES:  # the base's config; the tokenizer of tokenizer_source (default: the base's)
+                if name in _TOKENIZER_FILES and not copy_tokenizer:
+                    continue
                 directory = reference.directory if name in _MODEL_CONFIG_FILES else tokenizer_dir
                 src_file = directory / name if directory is not None else None
                 if name == "config.json" and model_config is not None:
@@ -705,14 +752,16 @@ def merge(
                         shutil.copyfileobj(src, dst)
                 else:  # a replaced merge's file the new source lacks (a chat template, another vocabulary) goes
                     (out / name).unlink(missing_ok=True)
-            if template is not None:
+            if template is not None and copy_tokenizer:
                 write_chat_template(out, template)
-            cfg.to_yaml(
+            replay = cfg.to_yaml(
                 out / "mergekit_config.yml",
                 mergekit=not any(
                     k in cfg.parameters and cfg.parameters[k] != p.default for k, p in cfg.method.extensions.items()
                 ),
             )
+            if model_card:
+                atomic_write_text(out / "README.md", model_card_text(cfg, out.name, replay))
             atomic_write_json(out / "mergeguard_merge.json", cfg.to_dict(mergekit=False))
     except BaseException as err:
         if created:
