@@ -88,8 +88,11 @@ class ProbeSpec:
     config: MergeConfig
 
 
-_PAIRWISE = ("slerp", "nuslerp")
+_PAIRWISE = ("slerp", "nuslerp", "nearswap", "arcee_fusion")
 """Methods that merge exactly two models: with several donors the probe merges the live model with each."""
+_INTO_DONOR = ("nearswap", "arcee_fusion")
+"""Methods that take one model's changes into another: the probe takes the live model's into each donor's weights,
+as a free-rider importing the owner's skill into their own model would."""
 
 
 def _spec_from_mapping(method: Mapping[str, Any], donors: Sequence[str], coefficient: float | None) -> ProbeSpec:
@@ -128,7 +131,19 @@ def _spec_from_mapping(method: Mapping[str, Any], donors: Sequence[str], coeffic
         entries = [{"model": LIVE, "parameters": {"weight": c}}, {"model": donors[0], "parameters": {"weight": 1 - c}}]
         cfg = {"merge_method": "nuslerp", "base_model": BASE, "models": entries, "parameters": shared}
         label = label or f"nuslerp@{c:g}"
-    elif not _takes_coefficient(spec):  # model_stock, sce, karcher: the models are not weighted
+    elif spec.name == "multislerp":
+        c = 1.0 / len(models) if coefficient is None else coefficient
+        rest = (1.0 - c) / max(1, len(donors))
+        entries = [{"model": LIVE, "parameters": {"weight": c}}]
+        entries += [{"model": d, "parameters": {"weight": rest}} for d in donors]
+        cfg = {"merge_method": "multislerp", "base_model": BASE, "models": entries, "parameters": shared}
+        label = label or (f"multislerp@{c:g}" if coefficient is not None else "multislerp")
+    elif spec.name in _INTO_DONOR:
+        if per_model:
+            raise ValueError(f"probe method {name!r} takes no model parameters, got {sorted(per_model)}")
+        cfg = {"merge_method": spec.name, "base_model": donors[0], "models": [{"model": LIVE}], "parameters": shared}
+        label = label or spec.name
+    elif not _takes_coefficient(spec):  # model_stock, sce, karcher, ram: the models are not weighted
         if per_model:
             raise ValueError(f"probe method {name!r} takes no model parameters, got {sorted(per_model)}")
         label = label or spec.name
@@ -155,7 +170,7 @@ def _spec_from_mapping(method: Mapping[str, Any], donors: Sequence[str], coeffic
 
 
 def _takes_coefficient(spec: Any) -> bool:
-    return spec.name in ("linear", "slerp", "nuslerp") or "lambda" in spec.all_shared_params
+    return spec.name in ("linear", "slerp", "nuslerp", "multislerp") or "lambda" in spec.all_shared_params
 
 
 def build_probe_specs(
@@ -168,9 +183,11 @@ def build_probe_specs(
     A method is a name (``"ties"``, mergekit defaults, ``weight: 1`` per model and a density of 0.5 for trimming
     methods), a mapping ``{merge_method, parameters, model_parameters, label}``, or a path to a mergekit YAML whose
     ``models`` name the donors and ``live`` (used as is, without the coefficient grid). The coefficient is
-    ``lambda`` for task-vector methods, the live model's weight for ``linear`` and ``nuslerp`` and ``t`` for
-    ``slerp``; methods that weight nothing (``model_stock``, ``sce``, ``karcher``) run once. ``slerp`` and
-    ``nuslerp`` merge two models: with several donors, the live model with each (labels ``slerp:<donor>@t``).
+    ``lambda`` for task-vector methods, the live model's weight for ``linear``, ``multislerp`` and ``nuslerp``
+    and ``t`` for ``slerp``; methods that weight nothing (``model_stock``, ``sce``, ``karcher``, ``ram``) run once.
+    ``slerp`` and ``nuslerp`` merge two models: with several donors, the live model with each (labels
+    ``slerp:<donor>@t``). ``nearswap`` (give its ``t``) and ``arcee_fusion`` take the live model's changes into
+    each donor, as a free-rider importing the owner's skill into their own model would (``arcee_fusion:<donor>``).
 
     Example:
         >>> [s.label for s in build_probe_specs(["task_arithmetic", "ties"], ["d1"], [0.3, 0.5])]

@@ -69,6 +69,13 @@ PROBED = {
     "one_donor": (1, ["nuslerp", "model_stock", "slerp", "karcher"], {"nuslerp", "slerp"}, {"model_stock", "karcher"}),
     # two-model methods with two donors: the live model with each donor (it was "needs exactly one donor")
     "pairwise": (2, ["slerp", "nuslerp"], {"slerp:d0", "slerp:d1", "nuslerp:d0", "nuslerp:d1"}, set()),
+    # mergekit's newer methods: the live model's changes taken into each donor by nearswap and arcee_fusion
+    "newer": (
+        2,
+        ["multislerp", "ram", "ramplus_tl", {"merge_method": "nearswap", "parameters": {"t": 0.01}}, "arcee_fusion"],
+        {"multislerp"},
+        {"ram", "ramplus_tl", "nearswap:d0", "nearswap:d1", "arcee_fusion:d0", "arcee_fusion:d1"},
+    ),
 }
 
 

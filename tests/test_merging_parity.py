@@ -496,3 +496,62 @@ def test_slices_match_mergekit(case, deep_llama_dirs, tmp_path):
     assert max_diff(ours, theirs) <= 1e-6
     layers = [json.loads((d / "config.json").read_text())["num_hidden_layers"] for d in (out, tmp_path / "mk")]
     assert layers[0] == layers[1]
+
+
+@pytest.fixture(scope="module")
+def sparse_llama_dirs(tmp_path_factory):
+    """A tiny Llama base and three fine-tunes that each change a random third of the entries (RAM's overlaps)."""
+    from conftest import tiny_llama
+
+    root = tmp_path_factory.mktemp("sparse_llama")
+    base = tiny_llama()
+    base.save_pretrained(root / "base")
+    paths = {"base": root / "base"}
+    for i, name in enumerate("abc"):
+        g = torch.Generator().manual_seed(40 + i)
+        state = {
+            k: v + 0.01 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.33)
+            for k, v in base.state_dict().items()
+        }
+        model = tiny_llama()
+        model.load_state_dict(state)
+        model.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+NEWER_METHODS = {
+    "multislerp_base": ("multislerp", True, {"a": {"weight": 0.6}, "b": {"weight": 0.3}, "c": {"weight": 0.1}}, {}),
+    "multislerp_no_base": ("multislerp", False, {"a": {"weight": 1.0}, "b": {"weight": 2.0}}, {}),
+    "multislerp_unnormalized": (
+        "multislerp",
+        True,
+        {"a": {"weight": 0.4}, "b": {"weight": 0.4}},
+        {"normalize_weights": False},
+    ),
+    "nearswap": ("nearswap", True, {"a": {}}, {"t": 0.004}),
+    "arcee_fusion": ("arcee_fusion", True, {"a": {}}, {}),
+    "ram": ("ram", True, {"a": {}, "b": {}, "c": {}}, {}),
+    "ram_epsilon": ("ram", True, {"a": {}, "b": {}}, {"epsilon": 0.005}),
+    "ramplus_tl": ("ramplus_tl", True, {"a": {}, "b": {}, "c": {}}, {"r": 0.3, "alpha": 0.5}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEWER_METHODS))
+def test_newer_mergekit_methods_match_mergekit(case, sparse_llama_dirs, tmp_path):
+    method, with_base, models, shared = NEWER_METHODS[case]
+    paths = sparse_llama_dirs
+    cfg = {
+        "merge_method": method,
+        "models": [{"model": str(paths[n]), **({"parameters": p} if p else {})} for n, p in models.items()],
+        "dtype": "float32",
+        **({"base_model": str(paths["base"])} if with_base else {}),
+        **({"parameters": shared} if shared else {}),
+    }
+    ours = merge(copy.deepcopy(cfg))
+    theirs = run_mergekit(copy.deepcopy(cfg), tmp_path / "mk")
+    assert max_diff(ours, theirs) <= 1e-6
+    # the merge is neither the base nor any one model
+    for n in ("base", *models):
+        single = load_file(paths[n] / "model.safetensors")
+        assert max_diff(ours, single) > 1e-4

@@ -6,14 +6,18 @@ import difflib
 
 from lightning_mergeguard.errors import ConfigError
 from lightning_mergeguard.merging import (
+    arcee_fusion,
     breadcrumbs,
     dare,
     della,
     karcher,
     linear,
     model_stock,
+    multislerp,
+    nearswap,
     nuslerp,
     passthrough,
+    ram,
     sce,
     slerp,
     task_arithmetic,
@@ -41,6 +45,11 @@ METHODS: dict[str, MethodSpec] = {
         nuslerp.SPEC,
         karcher.SPEC,
         passthrough.SPEC,
+        multislerp.SPEC,
+        nearswap.SPEC,
+        arcee_fusion.SPEC,
+        ram.RAM,
+        ram.RAMPLUS_TL,
     )
 }
 _ALIASES = {"weight_averaging": "linear", "average": "linear", "model_soup": "linear"}
