@@ -4,8 +4,10 @@ Used by ``protection.py --grid``. Every merge has the owner's model and the part
 base); the grid covers uniform task arithmetic over a lambda range, owner-weighted task arithmetic and TIES
 (normalised and not), TIES with the owner weighted several times the others, the study's TIES / DARE settings,
 pairwise weight averaging and SLERP with each partner, DELLA and DELLA-linear, Model Stock, SCE, Karcher, NuSLERP
-of the owner's and each partner's task vectors, task arithmetic of the owner at 1 with one partner, AdaMerging, and a
-post-merge repair (fine-tuning a merge on 64 owner examples), compared with the same repair of ``theta_pre``.
+of the owner's and each partner's task vectors, task arithmetic of the owner at 1 with one partner, mergekit's newer
+methods (Multi-SLERP owner-weighted, RAM and RAM+, Arcee Fusion of each partner into the owner and of the owner into
+each partner, NearSwap of the owner with each partner), AdaMerging, and a post-merge repair (fine-tuning a merge on
+64 owner examples), compared with the same repair of ``theta_pre``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,21 @@ PARTNER_WEIGHTS = (0.1, 0.3, 0.5)
 TIES_OWNER_FACTORS = (2, 3, 4, 5)
 NUSLERP_OWNER_WEIGHTS = (0.5, 0.8)
 PAIR_PARTNER_WEIGHTS = (0.1, 0.3)
-LATER_FAMILIES = ("DELLA", "Model Stock", "SCE", "NuSLERP", "Karcher", "TA owner 1 with ")
+MULTISLERP_OWNER_WEIGHTS = (0.5, 0.8)
+NEARSWAP_T = 1e-4
+"""NearSwap's threshold, as in the model that named the method (``QuartetAnemoi-70B-t0.0001``)."""
+LATER_FAMILIES = (
+    "DELLA",
+    "Model Stock",
+    "SCE",
+    "NuSLERP",
+    "Karcher",
+    "TA owner 1 with ",
+    "Multi-SLERP",
+    "RAM",
+    "Arcee Fusion",
+    "NearSwap",
+)
 """Merge families added to the grid after its first rows were measured (rows from before lack them)."""
 
 
@@ -80,6 +96,11 @@ def grid_configs(
     out["Model Stock"] = ({"merge_method": "model_stock", "base_model": "pre", "models": unweighted}, everyone)
     out["SCE"] = ({"merge_method": "sce", "base_model": "pre", "models": unweighted}, everyone)
     out["Karcher"] = ({"merge_method": "karcher", "base_model": "pre", "models": unweighted}, everyone)
+    out["RAM"] = ({"merge_method": "ram", "base_model": "pre", "models": unweighted}, everyone)
+    out["RAM+"] = ({"merge_method": "ramplus_tl", "base_model": "pre", "models": unweighted}, everyone)
+    for o in MULTISLERP_OWNER_WEIGHTS:  # the owner at weight o, the partners sharing the rest
+        weights = {owner: o, **{n: (1 - o) / len(partners) for n in partners}}
+        out[f"Multi-SLERP owner {o:g}"] = (cfg("multislerp", weights), everyone)
     out["SCE top 0.3"] = (
         {"merge_method": "sce", "base_model": "pre", "models": unweighted, "parameters": {"select_topk": 0.3}},
         everyone,
@@ -103,6 +124,21 @@ def grid_configs(
         )
         for p in PAIR_PARTNER_WEIGHTS:  # the owner at full weight with one partner only
             out[f"TA owner 1 with {n} {p:g}"] = (cfg("task_arithmetic", {owner: 1.0, n: p}), (n,))
+        # The owner's model kept, the partner's most important changes fused in; and the reverse, the owner's
+        # most important changes fused into the partner (importing the owner's skill into one's own model).
+        pair = [{"model": owner}, {"model": n}]
+        out[f"Arcee Fusion of {n} into owner"] = (
+            {"merge_method": "arcee_fusion", "base_model": owner, "models": pair},
+            (n,),
+        )
+        out[f"Arcee Fusion of owner into {n}"] = (
+            {"merge_method": "arcee_fusion", "base_model": n, "models": pair},
+            (n,),
+        )
+        out[f"NearSwap owner / {n} t={NEARSWAP_T:g}"] = (
+            {"merge_method": "nearswap", "base_model": owner, "models": pair, "parameters": {"t": NEARSWAP_T}},
+            (n,),
+        )
         for w in NUSLERP_OWNER_WEIGHTS:
             out[f"NuSLERP owner {w:g} with {n}"] = (
                 {

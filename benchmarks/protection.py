@@ -835,8 +835,8 @@ def grid_table(name: str, res: dict[str, Any]) -> str:
         return lambda g: g[label]["owner"] if label in g else "–"
 
     def later(g: dict[str, Any]) -> Any:
-        # DELLA, Model Stock, SCE, Karcher, NuSLERP and the owner with one partner: the best of them, with the merge;
-        # rows measured before them have none.
+        # DELLA, Model Stock, SCE, Karcher, NuSLERP, the owner with one partner and mergekit's newer methods: the
+        # best of them, with the merge; rows measured before them have none.
         rows = {k: r["owner"] for k, r in g.items() if k.startswith(LATER_FAMILIES)}
         if not rows:
             return "–"
@@ -850,7 +850,11 @@ def grid_table(name: str, res: dict[str, Any]) -> str:
         ("TIES owner 3x", owner("TIES owner 3x")),
         ("DARE-TIES (study)", owner("DARE-TIES (study)")),
         ("AdaMerging", owner("AdaMerging")),
-        ("later merges: DELLA, Model Stock, SCE, NuSLERP, Karcher, owner + one partner (best)", later),
+        (
+            "later merges: DELLA, Model Stock, SCE, NuSLERP, Karcher, owner + one partner, Multi-SLERP, RAM, Arcee "
+            "Fusion, NearSwap (best)",
+            later,
+        ),
         *[(f"repair {n} steps", owner(f"repair TA λ=0.3, {n} steps")) for n in res["theta_pre_repair"]],
     ]
     rows = []

@@ -38,8 +38,9 @@ def test_merge_grid_covers_the_neighbourhood_and_its_worst_case_skips_seen_partn
     cfgs = grid_configs("own", ["a", "b"], [0.3, 1.0])
     # lambdas, owner x partner weights x 4 families, TIES kx, the study's 3 + DELLA's 3, Model Stock and 2 SCE, and
     # per partner WA, SLERP and NuSLERP at 2 owner weights
-    # Karcher, and per partner task arithmetic of the owner at 1 with that partner alone at 0.1 and 0.3
-    assert len(cfgs) == 2 + 4 * 3 * 4 + 4 + 3 + 3 + 3 + 1 + 2 * (2 + 2 + 2)
+    # Karcher, and per partner task arithmetic of the owner at 1 with that partner alone at 0.1 and 0.3; RAM, RAM+,
+    # Multi-SLERP at 2 owner weights, and per partner Arcee Fusion both ways and NearSwap
+    assert len(cfgs) == 2 + 4 * 3 * 4 + 4 + 3 + 3 + 3 + 1 + 2 + 2 + 2 * (2 + 2 + 2 + 3)
     assert cfgs["TA owner 1 with a 0.3"][1] == ("a",)
     assert cfgs["TIES owner 3x"][0]["models"][0]["parameters"]["weight"] == 3.0
     assert cfgs["WA with a"][1] == ("a",) and cfgs["uniform TA λ=0.3"][1] == ("a", "b")
@@ -64,6 +65,13 @@ def test_merge_grid_covers_the_neighbourhood_and_its_worst_case_skips_seen_partn
     assert grid["DELLA (study)"]["partners"] == ["a", "b"]
     assert grid["TA owner 1 with a 0.3"]["owner"] == pytest.approx(100.0)
     assert grid["TA owner 1 with a 0.3"]["partners_normalized"] == pytest.approx(0.3)
+    # mergekit's newer methods on disjoint changes: RAM keeps every unique change whole; Arcee Fusion of a into the
+    # owner finds no outlier among two equal changes (the owner stays); NearSwap moves each entry by t towards a
+    assert grid["RAM"]["owner"] == pytest.approx(100.0) and grid["RAM+"]["partners_normalized"] >= 1.0
+    assert grid["Arcee Fusion of a into owner"]["owner"] == pytest.approx(100.0)
+    assert grid["Arcee Fusion of a into owner"]["partners_normalized"] == pytest.approx(0.0)
+    assert grid["NearSwap owner / a t=0.0001"]["owner"] == pytest.approx(100 * (1 - 1e-4))
+    assert grid["Multi-SLERP owner 0.8"]["owner"] > 50 > grid["Multi-SLERP owner 0.8"]["partners_normalized"] * 100
     label, value = worst_case(grid)
     assert grid[label]["owner"] == value
     assert value == max(r["owner"] for r in grid.values())
