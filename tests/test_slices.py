@@ -260,3 +260,21 @@ def test_layer_ranges_are_read_from_each_source(tmp_path):
     out = merge(cfg, {str(base): state, "ft": ft})  # the same-base check does not compare different layers
     key = "model.layers.1.mlp.down_proj.weight"
     assert torch.allclose(out[key], (state[key] + ft["model.layers.3.mlp.down_proj.weight"]) / 2)
+
+
+def test_an_extension_inside_a_slice_is_not_written_as_a_mergekit_config():
+    sources = [{"model": "b", "layer_range": [0, 2]}, {"model": "a", "layer_range": [0, 2]}]
+    sources[1]["parameters"] = {"weight": 1.0, "density": 0.5}
+    cfg = MergeConfig.from_dict(
+        {
+            "merge_method": "dare_linear",
+            "base_model": "b",
+            "slices": [{"sources": sources, "parameters": {"rescale_mode": "density"}}],
+        }
+    )
+    assert cfg.uses_extensions
+    with pytest.raises(ConfigError, match="rescale_mode='density' is an extension of this engine"):
+        cfg.to_yaml()
+    assert "rescale_mode: density" in cfg.to_yaml(mergekit=False)
+    cfg.slices[0].parameters["rescale_mode"] = "l1"  # the default: mergekit's behaviour, left out of its YAML
+    assert not cfg.uses_extensions and "rescale_mode" not in cfg.to_yaml()

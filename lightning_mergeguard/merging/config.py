@@ -314,20 +314,20 @@ def _read_slices(entries: Any) -> list[OutputSlice]:
     return out
 
 
-def _slice_dict(out: OutputSlice) -> dict[str, Any]:
-    """One output slice as mergekit's YAML writes it."""
+def _slice_dict(out: OutputSlice, drop: Sequence[str] = ()) -> dict[str, Any]:
+    """One output slice as mergekit's YAML writes it, without the parameters named in ``drop``."""
+
+    def params(settings: Mapping[str, Any]) -> dict[str, Any]:
+        kept = {k: copy.deepcopy(v) for k, v in settings.items() if k not in drop}
+        return {"parameters": kept} if kept else {}
+
     sources = [
-        {
-            "model": src.model,
-            "layer_range": list(src.layer_range),
-            **({"parameters": copy.deepcopy(src.parameters)} if src.parameters else {}),
-        }
-        for src in out.sources
+        {"model": src.model, "layer_range": list(src.layer_range), **params(src.parameters)} for src in out.sources
     ]
     return {
         "sources": sources,
         **({"base_model": out.base_model} if out.base_model is not None else {}),
-        **({"parameters": copy.deepcopy(out.parameters)} if out.parameters else {}),
+        **params(out.parameters),
     }
 
 
@@ -704,6 +704,18 @@ class MergeConfig:
             out[name] = value
         return out
 
+    def _extension_settings(self) -> list[tuple[str, Any]]:
+        """Every setting of one of this engine's extensions, in the config, its slices and their sources."""
+        scopes = [self.parameters]
+        for out in self.slices or ():
+            scopes += [out.parameters, *(src.parameters for src in out.sources)]
+        return [(k, v) for scope in scopes for k, v in scope.items() if k in self.method.extensions]
+
+    @property
+    def uses_extensions(self) -> bool:
+        """Whether the config sets an extension of this engine away from its default (mergekit cannot replay it)."""
+        return any(v != self.method.extensions[k].default for k, v in self._extension_settings())
+
     # ------------------------------------------------------------------ writing
     def to_dict(self, *, mergekit: bool = True) -> dict[str, Any]:
         """A plain mapping. With ``mergekit=True`` it is a config ``mergekit-yaml`` accepts.
@@ -712,13 +724,9 @@ class MergeConfig:
             ValueError: If ``mergekit=True`` and the config sets an extension mergekit cannot replay.
         """
         spec = self.method
-        if mergekit:
-            for name, param in spec.extensions.items():
-                if name in self.parameters and self.parameters[name] != param.default:
-                    raise ConfigError(
-                        f"parameter {name}={self.parameters[name]!r} is an extension of this engine; "
-                        "mergekit cannot replay it"
-                    )
+        if mergekit and self.uses_extensions:
+            name, value = next((k, v) for k, v in self._extension_settings() if v != spec.extensions[k].default)
+            raise ConfigError(f"parameter {name}={value!r} is an extension of this engine; mergekit cannot replay it")
         params = {k: v for k, v in self.parameters.items() if not (mergekit and k in spec.extensions)}
         out: dict[str, Any] = {"merge_method": spec.name}
         if self.base_model is not None:
@@ -729,7 +737,7 @@ class MergeConfig:
                 for m in self.models
             ]
         else:
-            out["slices"] = [_slice_dict(s) for s in self.slices]
+            out["slices"] = [_slice_dict(s, list(spec.extensions) if mergekit else []) for s in self.slices]
         if params:
             out["parameters"] = copy.deepcopy(params)
         if self.dtype is not None:

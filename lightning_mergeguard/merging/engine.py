@@ -754,12 +754,7 @@ def merge(
                     (out / name).unlink(missing_ok=True)
             if template is not None and copy_tokenizer:
                 write_chat_template(out, template)
-            replay = cfg.to_yaml(
-                out / "mergekit_config.yml",
-                mergekit=not any(
-                    k in cfg.parameters and cfg.parameters[k] != p.default for k, p in cfg.method.extensions.items()
-                ),
-            )
+            replay = cfg.to_yaml(out / "mergekit_config.yml", mergekit=not cfg.uses_extensions)
             if model_card:
                 atomic_write_text(out / "README.md", model_card_text(cfg, out.name, replay))
             atomic_write_json(out / "mergeguard_merge.json", cfg.to_dict(mergekit=False))
