@@ -261,7 +261,8 @@ def iter_merge(
     ``prefetch_bytes``: read the next tensor while this one merges when its inputs (in the compute dtype) take at
     most this many bytes; 0 reads strictly in turn. ``layer_names``: every tensor name of the whole model, which
     sets the layer count that gradient parameters interpolate over (default: the sources' names; pass it when the
-    sources hold a subset, as a probe's ``include`` selects).
+    sources hold a subset, as a probe's ``include`` selects; a config with ``slices`` interpolates within each
+    slice and ignores it).
     """
     cfg = MergeConfig.coerce(config)
     base_src, donors = _resolve(cfg, models, base)
@@ -635,7 +636,8 @@ def merge(
     Args:
         config: A :class:`MergeConfig`, a mapping, a YAML path or YAML text.
         models: The donors' weights: ``None`` (open the paths named in the config), a mapping from the config's
-            model names to state dicts / modules / paths, or a sequence aligned with the config's non-base models.
+            model names to state dicts / modules / paths, or a sequence aligned with the config's non-base models
+            (with ``slices``: the models they name, in order of first appearance, less the base).
         base: The base model's weights (``None``: the config's ``base_model`` path, or ``models[base_model]``).
         out: Where to write. ``None`` returns a state dict; a path ending in ``.safetensors`` writes that file;
             any other path is a model directory (``model.safetensors`` plus the base's ``config.json`` and tokenizer
