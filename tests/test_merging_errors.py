@@ -451,3 +451,9 @@ def test_a_checkpoint_of_a_wrapper_is_named_with_its_prefix():
         merge(cfg, {"a": base}, {f"module.{k}": v for k, v in base.items()}, check_base=False)
     with pytest.raises(IncompatibleModelsError, match="Is it a fine-tune of the same base model"):
         merge(cfg, {"a": {"other.weight": torch.zeros(2, 2), "net.0.bias": torch.zeros(2)}}, base, check_base=False)
+
+
+def test_a_mergekit_multi_file_is_named():
+    text = "merge_method: linear\nmodels: [a]\n---\nname: second\nmerge_method: linear\nmodels: [b]\n"
+    with pytest.raises(ConfigError, match=r"several YAML documents \(a mergekit-multi file\?\)"):
+        MergeConfig.from_yaml(text)

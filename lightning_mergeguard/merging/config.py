@@ -455,6 +455,14 @@ class MergeConfig:
                 raise ConfigError(f"{where} is not UTF-8 text: {err}") from err
         try:
             data = yaml.safe_load(text)
+        except yaml.composer.ComposerError as err:
+            if "expected a single document" not in str(err):
+                raise ConfigError(f"{where} is not valid YAML: {err}") from err
+            raise ConfigError(
+                f"{where} holds several YAML documents (a mergekit-multi file?): this engine runs one merge per "
+                "config; write each stage to its own file and run them in order, each stage's output given as a "
+                "model of the next"
+            ) from err
         except yaml.YAMLError as err:
             raise ConfigError(f"{where} is not valid YAML: {err}") from err
         except RecursionError as err:
