@@ -34,6 +34,7 @@ import copy
 import json
 import shlex
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -897,7 +898,7 @@ def frontier_plot(name: str, res: dict[str, Any], path) -> None:
     import matplotlib.pyplot as plt
 
     v = res["variants"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.2))
     at: dict[tuple[float, float], list[str]] = {}  # defenses landing on the same point share one number
     for k, e in v.items():
         at.setdefault((round(e["own_loss"], 2), round(100 * e["worst_case_vs_unprotected_best"], 1)), []).append(k)
@@ -905,23 +906,25 @@ def frontier_plot(name: str, res: dict[str, Any], path) -> None:
         ax2.plot(lams, [e["grid"][f"uniform TA λ={lam:g}"]["owner"] for lam in lams], label=k)
     for i, (xy, names) in enumerate(at.items(), 1):
         # A number next to each point, the names in the legend: labels of nearby points never overlap.
-        ax.scatter(*xy, s=40, color=plt.cm.tab20((i - 1) % 20), label=f"{i}: " + "; ".join(names))
+        label = textwrap.fill(f"{i}: " + "; ".join(names), 100, subsequent_indent="    ")
+        ax.scatter(*xy, s=40, color=plt.cm.tab20((i - 1) % 20), label=label)
         ax.annotate(str(i), xy, fontsize=8, xytext=(5, 3), textcoords="offset points")
     ys = [y for _, y in at]
     ax.set_ylim(min(45.0, min(ys) - 5), max(ys) + 5)
-    ax.legend(fontsize=6, loc="center right", title="defense", title_fontsize=6)
+    # Below the axes: the defenses' names are long, and inside the axes the legend covered points.
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), title="defense", title_fontsize=6)
     ax.axhline(50, ls="--", c="grey", lw=0.8)
     ax.axvline(1.0, ls="--", c="grey", lw=0.8)
     ax.set_xlabel("own loss (points of the owner's metric vs unprotected)")
-    ax.set_ylabel("worst case over the grid (% of the unprotected best)")
+    ax.set_ylabel("worst case (% of the unprotected best)")
     ax.set_title(f"{name}: protection frontier (target: left of 1, below 50)")
     ax2.set_xlabel("uniform task arithmetic λ")
     ax2.set_ylabel("owner-task accuracy of the merge (%)")
     ax2.set_title("owner's task along the λ range")
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
 
