@@ -67,14 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_mergeguard.merging import MergeConfig, merge  # after parsing: --help needs no torch
 
         cfg = MergeConfig.from_yaml(args.config)
-        if args.device == "auto":
+        if args.device == "auto" or args.num_threads:
             import torch
 
-            args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if args.num_threads:
-            import torch
-
-            torch.set_num_threads(args.num_threads)
+            if args.device == "auto":
+                args.device = "cuda" if torch.cuda.is_available() else "cpu"
+            if args.num_threads:
+                torch.set_num_threads(args.num_threads)
         start = time.perf_counter()
         out = merge(
             cfg,
@@ -115,6 +114,10 @@ _NO_EFFECT = {
 """mergekit-yaml options accepted so that its command lines run unchanged, and why they change nothing here."""
 
 
+def _noted(flag: str) -> str:
+    return f"accepted; no effect ({_NO_EFFECT[flag]})"
+
+
 def _add_mergekit_options(parser: argparse.ArgumentParser) -> None:
     """mergekit-yaml's options, so that a mergekit command line runs as it is (see ``_NO_EFFECT``)."""
     group = parser.add_argument_group("mergekit-yaml options")
@@ -138,12 +141,12 @@ def _add_mergekit_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--unsafe-truncate-embeddings", action="store_true", help=argparse.SUPPRESS)
     group.add_argument("--lora-merge-dtype", default=None, help=argparse.SUPPRESS)
     for name in ("--trust-remote-code", "--lazy-unpickle", "--clone-tensors", "--async-write"):
-        group.add_argument(name, action=flag, default=False, help=f"accepted; no effect ({_NO_EFFECT[name]})")
+        group.add_argument(name, action=flag, default=False, help=_noted(name))
     for name in ("--low-cpu-memory", "--read-to-gpu", "--multi-gpu"):
-        group.add_argument(name, action="store_true", help=f"accepted; no effect ({_NO_EFFECT[name]})")
-    group.add_argument("--write-threads", type=int, default=None, help="accepted; no effect")
-    group.add_argument("--lora-merge-cache", default=None, help="accepted; no effect")
-    group.add_argument("-v", "--verbose", action="count", default=0, help="accepted; no effect")
+        group.add_argument(name, action="store_true", help=_noted(name))
+    group.add_argument("--write-threads", type=int, default=None, help=_noted("--write-threads"))
+    group.add_argument("--lora-merge-cache", default=None, help=_noted("--lora-merge-cache"))
+    group.add_argument("-v", "--verbose", action="count", default=0, help=_noted("--verbose"))
 
 
 def _refused_options(args: argparse.Namespace) -> str | None:

@@ -109,14 +109,16 @@ def _spec_from_mapping(method: Mapping[str, Any], donors: Sequence[str], coeffic
 
     spec = get_method(name)
     models = [LIVE, *donors]
-    if spec.name == "linear":
+    if spec.name in ("linear", "multislerp"):  # the live model at weight c, the donors sharing the rest
         c = 1.0 / len(models) if coefficient is None else coefficient
         rest = (1.0 - c) / max(1, len(donors))
         entries = [{"model": LIVE, "parameters": {**per_model, "weight": c}}] + [
             {"model": d, "parameters": {**per_model, "weight": rest}} for d in donors
         ]
-        label = label or (f"linear@{c:g}" if coefficient is not None else "linear")
-        cfg = {"merge_method": "linear", "models": entries, "parameters": shared}
+        label = label or (f"{spec.name}@{c:g}" if coefficient is not None else spec.name)
+        cfg = {"merge_method": spec.name, "models": entries, "parameters": shared}
+        if spec.name == "multislerp":
+            cfg["base_model"] = BASE  # the sphere around theta_pre: the task vectors are interpolated
     elif spec.name == "slerp":
         t = shared.get("t", 0.5) if coefficient is None else coefficient
         cfg = {
@@ -131,13 +133,6 @@ def _spec_from_mapping(method: Mapping[str, Any], donors: Sequence[str], coeffic
         entries = [{"model": LIVE, "parameters": {"weight": c}}, {"model": donors[0], "parameters": {"weight": 1 - c}}]
         cfg = {"merge_method": "nuslerp", "base_model": BASE, "models": entries, "parameters": shared}
         label = label or f"nuslerp@{c:g}"
-    elif spec.name == "multislerp":
-        c = 1.0 / len(models) if coefficient is None else coefficient
-        rest = (1.0 - c) / max(1, len(donors))
-        entries = [{"model": LIVE, "parameters": {"weight": c}}]
-        entries += [{"model": d, "parameters": {"weight": rest}} for d in donors]
-        cfg = {"merge_method": "multislerp", "base_model": BASE, "models": entries, "parameters": shared}
-        label = label or (f"multislerp@{c:g}" if coefficient is not None else "multislerp")
     elif spec.name in _INTO_DONOR:
         if per_model:
             raise ValueError(f"probe method {name!r} takes no model parameters, got {sorted(per_model)}")

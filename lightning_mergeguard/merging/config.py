@@ -530,6 +530,8 @@ class MergeConfig:
             raise ConfigError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.out_dtype is not None and self.out_dtype not in DTYPES:
             raise ConfigError(f"unknown out_dtype {self.out_dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.slices is not None:
             self._validate_slices(spec)
             return spec
@@ -597,19 +599,12 @@ class MergeConfig:
                         f"mergekit does, and needs its {name!r}: list it under models with one (or give a top-level "
                         f"{name!r}), or drop base_model to merge the models alone"
                     )
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         return spec
 
     def _validate_slices(self, spec: MethodSpec) -> None:
         """Each slice must be a valid whole-model merge of its sources, as mergekit plans it."""
         if not self.slices:
             raise ConfigError("'slices' is empty: list at least one output slice")
-        for dtype in (self.dtype, self.out_dtype):
-            if dtype is not None and dtype not in DTYPES:
-                raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         for i, out in enumerate(self.slices):
             if not out.sources:
                 raise ConfigError(f"slices[{i}] has no sources")
@@ -712,17 +707,18 @@ class MergeConfig:
             out[name] = value
         return out
 
-    def _extension_settings(self) -> list[tuple[str, Any]]:
-        """Every setting of one of this engine's extensions, in the config, its slices and their sources."""
+    def _changed_extensions(self) -> list[tuple[str, Any]]:
+        """This engine's extensions set away from their defaults, in the config, its slices and their sources."""
         scopes = [self.parameters]
         for out in self.slices or ():
             scopes += [out.parameters, *(src.parameters for src in out.sources)]
-        return [(k, v) for scope in scopes for k, v in scope.items() if k in self.method.extensions]
+        extensions = self.method.extensions
+        return [(k, v) for scope in scopes for k, v in scope.items() if k in extensions and v != extensions[k].default]
 
     @property
     def uses_extensions(self) -> bool:
         """Whether the config sets an extension of this engine away from its default (mergekit cannot replay it)."""
-        return any(v != self.method.extensions[k].default for k, v in self._extension_settings())
+        return bool(self._changed_extensions())
 
     # ------------------------------------------------------------------ writing
     def to_dict(self, *, mergekit: bool = True) -> dict[str, Any]:
@@ -732,8 +728,9 @@ class MergeConfig:
             ValueError: If ``mergekit=True`` and the config sets an extension mergekit cannot replay.
         """
         spec = self.method
-        if mergekit and self.uses_extensions:
-            name, value = next((k, v) for k, v in self._extension_settings() if v != spec.extensions[k].default)
+        changed = self._changed_extensions() if mergekit else []
+        if changed:
+            name, value = changed[0]
             raise ConfigError(f"parameter {name}={value!r} is an extension of this engine; mergekit cannot replay it")
         params = {k: v for k, v in self.parameters.items() if not (mergekit and k in spec.extensions)}
         out: dict[str, Any] = {"merge_method": spec.name}

@@ -19,16 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
-from typing_extensions import override
-
 from lightning_mergeguard.errors import ConfigError, IncompatibleModelsError
 from lightning_mergeguard.merging.config import MergeConfig
 from lightning_mergeguard.merging.layers import layer_index
-from lightning_mergeguard.merging.sources import WeightSource
+from lightning_mergeguard.merging.sources import RenamedSource, WeightSource
 
-__all__ = ["LAYER_COUNT_KEYS", "RenamedSource", "SlicePart", "output_model_config", "plan_slices"]
+__all__ = ["LAYER_COUNT_KEYS", "SlicePart", "output_model_config", "plan_slices"]
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 """``config.json`` keys that hold the layer count, which a slices merge sets to the output's."""
@@ -46,45 +42,6 @@ def is_pre_weight(name: str) -> bool:
     """
     parts = name.split(".")
     return any(p in _PRE_NAMES or ("emb" in p and p != "embed_out") for p in parts)
-
-
-class RenamedSource(WeightSource):
-    """A source seen under other tensor names: output name -> the source's own name.
-
-    Its config drops the layer-count keys (a slice of a 40-layer model and one of a 32-layer model may be merged).
-
-    Example:
-        >>> from lightning_mergeguard.merging.sources import StateDictSource
-        >>> view = RenamedSource(StateDictSource({"layers.3.w": torch.ones(2)}), {"layers.0.w": "layers.3.w"})
-        >>> view.keys(), view.source_key("layers.0.w")
-        (['layers.0.w'], 'layers.3.w')
-    """
-
-    def __init__(self, source: WeightSource, names: Mapping[str, str]) -> None:
-        self.source = source
-        self.name, self.directory, self.files = source.name, source.directory, source.files
-        self.config = {k: v for k, v in source.config.items() if k not in LAYER_COUNT_KEYS} if source.config else None
-        self._names = dict(names)
-
-    @override
-    def keys(self) -> list[str]:
-        return list(self._names)
-
-    @override
-    def source_key(self, key: str) -> str:
-        return self.source.source_key(self._names[key])
-
-    @override
-    def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        return self.source.meta(self._names[key])
-
-    @override
-    def get(self, key: str) -> Tensor:
-        return self.source.get(self._names[key])
-
-    @override
-    def read_flat(self, key: str, start: int, out: Tensor) -> None:
-        self.source.read_flat(self._names[key], start, out)
 
 
 @dataclass
@@ -159,7 +116,6 @@ def plan_slices(cfg: MergeConfig, sources: Mapping[str, WeightSource]) -> list[S
     if len(stacks) > 1:
         raise IncompatibleModelsError(f"the models' layers are in different stacks: {', '.join(sorted(stacks))}")
     stack = stacks.pop()
-    parts: list[SlicePart] = []
     layer_parts: list[SlicePart] = []
     out_layer = 0
     for i, out in enumerate(cfg.slices):
@@ -195,17 +151,12 @@ def plan_slices(cfg: MergeConfig, sources: Mapping[str, WeightSource]) -> list[S
         aligned = len({src.layer_range for src in out.sources}) == 1
         layer_parts.append(_part(sub, sources, names, list(positions), positions, aligned))
     pre, post = _outside(cfg, layers, sources)
-    if pre[1]:
-        parts.append(pre[0])
-    parts.extend(layer_parts)
-    if post[1]:
-        parts.append(post[0])
-    return parts
+    return [part for part in (pre, *layer_parts, post) if part.keys]
 
 
 def _outside(
     cfg: MergeConfig, layers: Mapping[str, _Layers], sources: Mapping[str, WeightSource]
-) -> tuple[tuple[SlicePart, list[str]], tuple[SlicePart, list[str]]]:
+) -> tuple[SlicePart, SlicePart]:
     """The tensors before the layers (from the first slice's sources) and after them (from the last slice's)."""
     assert cfg.slices is not None
     out = []
@@ -213,8 +164,7 @@ def _outside(
         models = [src.model for src in cfg.slices[index].sources]
         keys = [k for k in layers[models[0]].outside if is_pre_weight(k) == before]
         names = {m: {k: k for k in keys if k in set(sources[m].keys())} for m in models}
-        part = _part(cfg.slice_config(index), sources, names, keys, dict.fromkeys(keys, 0.0), True)
-        out.append((part, keys))
+        out.append(_part(cfg.slice_config(index), sources, names, keys, dict.fromkeys(keys, 0.0), True))
     return out[0], out[1]
 
 
@@ -226,7 +176,7 @@ def _part(
     positions: dict[str, float],
     aligned: bool,
 ) -> SlicePart:
-    views = {m: RenamedSource(sources[m], names[m]) for m in names}
+    views = {m: RenamedSource(sources[m], names[m], drop_config=LAYER_COUNT_KEYS) for m in names}
     base = views[sub.base_model] if sub.base_model is not None else None
     return SlicePart(sub, base, [views[m.model] for m in sub.donors], keys, positions, aligned)
 

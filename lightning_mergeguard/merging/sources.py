@@ -13,7 +13,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from lightning_mergeguard.errors import NonFiniteError, WeightsFileError
 from lightning_mergeguard.io import SAFETENSORS_DTYPES
 
 __all__ = [
+    "RenamedSource",
     "SafetensorsSource",
     "StateDictSource",
     "WeightSource",
@@ -121,6 +122,46 @@ class StateDictSource(WeightSource):
 
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+class RenamedSource(WeightSource):
+    """A source seen under other tensor names (shown name -> the source's own name); only those names are shown.
+
+    ``drop_config``: ``config.json`` keys the view does not share (a slice of a 40-layer model and one of a
+    32-layer model may be merged, so a slice's view drops the layer count).
+
+    Example:
+        >>> view = RenamedSource(StateDictSource({"layers.3.w": torch.ones(2)}), {"layers.0.w": "layers.3.w"})
+        >>> view.keys(), view.source_key("layers.0.w")
+        (['layers.0.w'], 'layers.3.w')
+    """
+
+    def __init__(self, source: WeightSource, names: Mapping[str, str], drop_config: Sequence[str] = ()) -> None:
+        self.source = source
+        self.name, self.directory, self.files = source.name, source.directory, source.files
+        config = source.config
+        self.config = {k: v for k, v in config.items() if k not in drop_config} if config and drop_config else config
+        self._names = dict(names)
+
+    @override
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    @override
+    def source_key(self, key: str) -> str:
+        return self.source.source_key(self._names[key])
+
+    @override
+    def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return self.source.meta(self._names[key])
+
+    @override
+    def get(self, key: str) -> Tensor:
+        return self.source.get(self._names[key])
+
+    @override
+    def read_flat(self, key: str, start: int, out: Tensor) -> None:
+        self.source.read_flat(self._names[key], start, out)
 
 
 def _read_exact(fd: int, buf: memoryview, offset: int, lock: threading.Lock | None) -> None:

@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_mergeguard.errors import IncompatibleModelsError
-from lightning_mergeguard.merging.sources import WeightSource
+from lightning_mergeguard.merging.sources import RenamedSource, WeightSource
 
 __all__ = ["HEAD", "TiedHeadView", "reconcile_tied_heads"]
 
@@ -25,8 +24,11 @@ HEAD = "lm_head.weight"
 _EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
-class TiedHeadView(WeightSource):
+class TiedHeadView(RenamedSource):
     """A source seen with some keys hidden and others read under another name (the rest is ``source`` itself).
+
+    An aliased head keeps its own name for parameter filters (``source_key``), as mergekit resolves a tied head's
+    settings by ``lm_head.weight`` while it reads the embeddings.
 
     Example:
         >>> from lightning_mergeguard.merging.sources import StateDictSource
@@ -36,30 +38,12 @@ class TiedHeadView(WeightSource):
     """
 
     def __init__(self, source: WeightSource, hide: Sequence[str] = (), alias: Mapping[str, str] | None = None) -> None:
-        self.source = source
-        self.name, self.config, self.directory, self.files = source.name, source.config, source.directory, source.files
-        self._hide = set(hide)
-        self._alias = dict(alias or {})
+        kept = {k: k for k in source.keys() if k not in set(hide)}
+        super().__init__(source, {**kept, **(alias or {})})
 
     @override
-    def keys(self) -> list[str]:
-        kept = [k for k in self.source.keys() if k not in self._hide]
-        return kept + [k for k in self._alias if k not in kept]
-
-    def _key(self, key: str) -> str:
-        return self._alias.get(key, key)
-
-    @override
-    def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        return self.source.meta(self._key(key))
-
-    @override
-    def get(self, key: str) -> Tensor:
-        return self.source.get(self._key(key))
-
-    @override
-    def read_flat(self, key: str, start: int, out: Tensor) -> None:
-        self.source.read_flat(self._key(key), start, out)
+    def source_key(self, key: str) -> str:
+        return key
 
 
 def _ties(sources: Sequence[WeightSource]) -> bool:
