@@ -156,3 +156,20 @@ def test_allow_crimes_merges_architectures_whose_tensors_match(llama_dirs, tmp_p
     want = merge({**cfg, "models": [{"model": str(llama_dirs["a"]), "parameters": {"weight": 0.5}}]})
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_model_card_lists_hub_ids_but_not_local_directories_named_like_them(tmp_path, monkeypatch):
+    from lightning_mergeguard.merging import MergeConfig
+    from lightning_mergeguard.merging.card import model_card_text
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)  # 'models/base' is a local directory, not a Hub model
+    cfg = MergeConfig.from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "models/base",
+            "models": [{"model": "org/ft@v2", "parameters": {"weight": 1.0}}],
+        }
+    )
+    metadata = model_card_text(cfg, "out").split("---")[1]
+    assert "- org/ft" in metadata and "models/base" not in metadata

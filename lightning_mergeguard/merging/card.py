@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import re
-
 import yaml
 
 from lightning_mergeguard.merging.config import MergeConfig
+from lightning_mergeguard.merging.sources import is_hub_id
 
 __all__ = ["model_card_text"]
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
 
 def _hub_ids(models: list[str]) -> list[str]:
-    """The references that look like Hugging Face Hub ids (``org/name``; not paths), for the card's metadata."""
+    """The references that name Hugging Face Hub models (``org/name``, not local paths), for the card's metadata."""
     out = []
     for ref in models:
         for part in ref.split("+"):  # BASE+ADAPTER
             name = part.split("@")[0]
-            if _HUB_ID.match(name) and not name.startswith((".", "/", "~")) and name not in out:
+            if is_hub_id(part) and name not in out:
                 out.append(name)
     return out
 

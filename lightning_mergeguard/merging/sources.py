@@ -30,6 +30,7 @@ __all__ = [
     "StateDictSource",
     "WeightSource",
     "count_nonfinite",
+    "is_hub_id",
     "iter_matching",
     "load_matching",
     "match_names",
@@ -390,6 +391,16 @@ def _index_shards(index: Path) -> list[Path]:
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.jinja"]
+
+
+def is_hub_id(reference: str) -> bool:
+    """Whether a model reference names a Hugging Face Hub model (``org/name[@revision]``, no such local path).
+
+    Example:
+        >>> is_hub_id("HuggingFaceTB/SmolLM2-135M@main"), is_hub_id("./models/base")
+        (True, False)
+    """
+    return bool(_HUB_ID.match(reference)) and not Path(reference).exists()
 
 
 def hub_directory(reference: str) -> Path | None:
