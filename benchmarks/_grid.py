@@ -6,8 +6,10 @@ base); the grid covers uniform task arithmetic over a lambda range, owner-weight
 pairwise weight averaging and SLERP with each partner, DELLA and DELLA-linear, Model Stock, SCE, Karcher, NuSLERP
 of the owner's and each partner's task vectors, task arithmetic of the owner at 1 with one partner, mergekit's newer
 methods (Multi-SLERP owner-weighted, RAM and RAM+, Arcee Fusion of each partner into the owner and of the owner into
-each partner, NearSwap of the owner with each partner), AdaMerging, and a post-merge repair (fine-tuning a merge on
-64 owner examples), compared with the same repair of ``theta_pre``.
+each partner, NearSwap of the owner with each partner), layer-wise merges (mergekit's gradient SLERP of the owner with
+each partner, task arithmetic whose weights run across the layers, and passthrough frankenmerges stacking half of the
+owner's layers on half of a partner's), AdaMerging, and a post-merge repair (fine-tuning a merge on 64 owner
+examples), compared with the same repair of ``theta_pre``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ LATER_FAMILIES = (
     "NearSwap",
 )
 """Merge families added to the grid after its first rows were measured (rows from before lack them)."""
+LAYERWISE_FAMILIES = ("gradient SLERP", "TA layer gradient", "layers: ")
+"""Merges whose weights change from layer to layer, or that take whole layers from one model (added last)."""
+GRADIENT_SLERP_T = (
+    {"filter": "attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+    {"value": 0.5},
+)
+"""The ``t`` of mergekit's ``examples/gradient-slerp.yml`` (its ``self_attn`` filter shortened to ``attn``, so it
+also matches open_clip's ``attn`` modules); the owner is the base, so ``t = 0`` keeps the owner's layer."""
 
 
 def grid_configs(
@@ -48,11 +59,13 @@ def grid_configs(
     lambdas: Sequence[float],
     full: bool = True,
     owner_weights: Sequence[float] | None = None,
+    layers: int | None = None,
 ) -> dict[str, Any]:
     """``label -> (mergekit config, partners it uses)`` for the whole neighbourhood.
 
     ``full=False`` drops owner-weighted normalised task arithmetic and un-normalised TIES, and ``owner_weights``
-    replaces :data:`OWNER_WEIGHTS` (for slow tracks).
+    replaces :data:`OWNER_WEIGHTS` (for slow tracks). ``layers``: the models' layer count; with two or more, the
+    layer-wise merges (:data:`LAYERWISE_FAMILIES`) join the grid.
     """
 
     def cfg(method: str, weights: dict[str, float], density: float | None = None, **shared: Any) -> dict[str, Any]:
@@ -151,6 +164,46 @@ def grid_configs(
                 },
                 (n,),
             )
+    if layers is not None and layers >= 2:
+        out.update(_layerwise(cfg, owner, everyone, layers))
+    return out
+
+
+def _layerwise(cfg: Callable[..., dict[str, Any]], owner: str, partners: Sequence[str], layers: int) -> dict[str, Any]:
+    """Layer-wise merges: gradient SLERP, task arithmetic with per-layer weights, and half/half frankenmerges."""
+    out: dict[str, Any] = {}
+    # The owner's weight falling (rising) across the layers and the partners' rising (falling): mergekit
+    # interpolates a list of weights over the layers, the tensors outside them taking the first value.
+    for o, p in (([1.0, 0.5], [0.1, 0.5]), ([0.5, 1.0], [0.5, 0.1])):
+        weights = {owner: o, **{n: p for n in partners}}
+        label = f"TA layer gradient owner {o[0]:g}→{o[1]:g} / partners {p[0]:g}→{p[1]:g}"
+        out[label] = (cfg("task_arithmetic", weights), tuple(partners))
+    half = layers // 2
+    for n in partners:
+        out[f"gradient SLERP with {n}"] = (
+            {
+                "merge_method": "slerp",
+                "base_model": owner,
+                "parameters": {"t": [dict(entry) for entry in GRADIENT_SLERP_T]},
+                "models": [{"model": owner}, {"model": n}],
+            },
+            (n,),
+        )
+        # Whole layers from each model (passthrough): the owner's embeddings and lower half under the partner's upper
+        # half and final norm, and the reverse.
+        for lower, upper in ((owner, n), (n, owner)):
+            name = "owner" if lower == owner else n
+            other = n if lower == owner else "owner"
+            out[f"layers: {name} 0-{half}, {other} {half}-{layers}"] = (
+                {
+                    "merge_method": "passthrough",
+                    "slices": [
+                        {"sources": [{"model": lower, "layer_range": [0, half]}]},
+                        {"sources": [{"model": upper, "layer_range": [half, layers]}]},
+                    ],
+                },
+                (n,),
+            )
     return out
 
 
@@ -179,6 +232,7 @@ def run_grid(
 
     states = {**partners, owner: state}
     out: dict[str, dict[str, Any]] = {}
+    layers = layer_count(state)
 
     def record(label: str, merged: State, used: Sequence[str]) -> None:
         acc = evaluate(merged, [owner, *used])
@@ -187,7 +241,7 @@ def run_grid(
         if bar is not None:
             bar.update()
 
-    for label, (cfg, used) in grid_configs(owner, list(partners), lambdas, full, owner_weights).items():
+    for label, (cfg, used) in grid_configs(owner, list(partners), lambdas, full, owner_weights, layers).items():
         # Defended models are merged on purpose (a re-parameterised model looks like another base): no base check.
         # SLERP's base_model is the owner (one end of the interpolation), the others' is theta_pre.
         base = pre if cfg.get("base_model") == "pre" else None
@@ -199,6 +253,14 @@ def run_grid(
         for steps in repair_steps:
             record(f"repair TA λ=0.3, {steps} steps", repair(ta, steps), list(partners))
     return out
+
+
+def layer_count(state: State) -> int | None:
+    """The number of layers of a state dict's layer stack (``None`` without one)."""
+    from lightning_mergeguard.merging.layers import layer_index
+
+    found = [f for f in map(layer_index, state) if f is not None]
+    return max(index for _, index in found) + 1 if found else None
 
 
 def worst_case(grid: dict[str, dict[str, Any]], seen: Sequence[str] = ()) -> tuple[str, float]:

@@ -711,7 +711,7 @@ def run_grid_track(
     that are not rerun are kept, and its unprotected row and theta_pre repair baseline are reused unless
     ``unprotected`` is named, provided it was measured on the same grid.
     """
-    from _grid import grid_configs, run_grid, worst_case
+    from _grid import grid_configs, layer_count, run_grid, worst_case
 
     assert track.grid_evaluate is not None and track.repair is not None
     g = GRID[track.name]
@@ -730,7 +730,16 @@ def run_grid_track(
     partners = {t: track.finetunes[t] for t in track.tasks if t != track.owner}
     individual = {t: track.evaluate(track.finetunes[t], [t])[t] for t in track.tasks}
     bar.total = (bar.total or 0) + len(chosen) * (
-        len(grid_configs(track.owner, list(partners), g["lambdas"], g["full"], g.get("owner_weights")))
+        len(
+            grid_configs(
+                track.owner,
+                list(partners),
+                g["lambdas"],
+                g["full"],
+                g.get("owner_weights"),
+                layer_count(track.finetunes[track.owner]),
+            )
+        )
         + 2
         + len(g["repair"])
     )
@@ -828,21 +837,23 @@ def _stage2_field(report: dict[str, Any], key: str) -> Any:
 
 def grid_table(name: str, res: dict[str, Any]) -> str:
     """Markdown: per variant, own loss, worst case and the merges a free-rider would try first."""
-    from _grid import LATER_FAMILIES
+    from _grid import LATER_FAMILIES, LAYERWISE_FAMILIES
 
     v = res["variants"]
 
     def owner(label: str) -> Callable[[dict[str, Any]], Any]:
         return lambda g: g[label]["owner"] if label in g else "–"
 
-    def later(g: dict[str, Any]) -> Any:
-        # DELLA, Model Stock, SCE, Karcher, NuSLERP, the owner with one partner and mergekit's newer methods: the
-        # best of them, with the merge; rows measured before them have none.
-        rows = {k: r["owner"] for k, r in g.items() if k.startswith(LATER_FAMILIES)}
-        if not rows:
-            return "–"
-        best = max(rows, key=lambda k: rows[k])
-        return f"{rows[best]:.1f} ({best})"
+    def best_of(families: tuple[str, ...]) -> Callable[[dict[str, Any]], Any]:
+        # The best merge of families added after the grid's first rows, with its label; older rows have none.
+        def best(g: dict[str, Any]) -> Any:
+            rows = {k: r["owner"] for k, r in g.items() if k.startswith(families)}
+            if not rows:
+                return "–"
+            top = max(rows, key=lambda k: rows[k])
+            return f"{rows[top]:.1f} ({top})"
+
+        return best
 
     probes = [
         ("uniform TA (best λ)", lambda g: max(r["owner"] for k, r in g.items() if k.startswith("uniform TA"))),
@@ -854,8 +865,9 @@ def grid_table(name: str, res: dict[str, Any]) -> str:
         (
             "later merges: DELLA, Model Stock, SCE, NuSLERP, Karcher, owner + one partner, Multi-SLERP, RAM, Arcee "
             "Fusion, NearSwap (best)",
-            later,
+            best_of(LATER_FAMILIES),
         ),
+        ("layer-wise: gradient SLERP, per-layer TA, half/half frankenmerges (best)", best_of(LAYERWISE_FAMILIES)),
         *[(f"repair {n} steps", owner(f"repair TA λ=0.3, {n} steps")) for n in res["theta_pre_repair"]],
     ]
     rows = []

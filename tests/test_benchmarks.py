@@ -101,3 +101,48 @@ def test_merge_speed_7b_shaped_flag_at_a_tiny_width(tmp_path):
     assert size["results"]["task_arithmetic"]["max_abs_diff_vs_mergekit"] < 1e-2
     assert size["results"]["task_arithmetic"]["tensors_only_in_ours"] == []
     assert size["results"]["ties"]["tensors_compared"] == 2 * 9 + 3
+
+
+def test_merge_grid_layerwise_rows_take_layers_from_the_model_they_name():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import torch
+        from _grid import LAYERWISE_FAMILIES, grid_configs, layer_count, run_grid
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert not any(k.startswith(LAYERWISE_FAMILIES) for k in grid_configs("own", ["a"], [0.3]))  # no layers known
+    n_layers = 4
+
+    def model(value: float) -> dict[str, torch.Tensor]:
+        state = {"emb.weight": torch.full((2,), value), "norm.weight": torch.full((2,), value)}
+        state.update({f"model.layers.{i}.mlp.up.weight": torch.full((2,), value) for i in range(n_layers)})
+        return state
+
+    pre, own, a = model(0.0), model(1.0), model(2.0)
+    assert layer_count(own) == n_layers and layer_count({"w": torch.zeros(1)}) is None
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+
+    def evaluate(state, which):  # records what each merge produced; the owner's "accuracy": its mean weight
+        seen[len(seen)] = state
+        return {t: float(torch.cat(list(state.values())).mean()) for t in which}
+
+    grid = run_grid("own", own, {"a": a}, pre, evaluate, {"own": 1.0, "a": 1.0}, [0.3])
+    merged = dict(zip(grid, seen.values(), strict=True))
+    lower = merged["layers: owner 0-2, a 2-4"]
+    assert lower["emb.weight"][0] == 1.0 and lower["norm.weight"][0] == 2.0
+    assert [float(lower[f"model.layers.{i}.mlp.up.weight"][0]) for i in range(n_layers)] == [1.0, 1.0, 2.0, 2.0]
+    upper = merged["layers: a 0-2, owner 2-4"]
+    assert [float(upper[f"model.layers.{i}.mlp.up.weight"][0]) for i in range(n_layers)] == [2.0, 2.0, 1.0, 1.0]
+    # Gradient SLERP with the owner as base: mlp layers at t = 1, 0.5, 0.7, 0.3, 0 sampled at 0, 1/3, 2/3, 1
+    # (parallel vectors: SLERP falls back to linear); tensors outside the layers at the default t = 0.5.
+    slerp = merged["gradient SLERP with a"]
+    assert float(slerp["model.layers.0.mlp.up.weight"][0]) == pytest.approx(2.0)
+    assert float(slerp["model.layers.3.mlp.up.weight"][0]) == pytest.approx(1.0)
+    assert float(slerp["emb.weight"][0]) == pytest.approx(1.5)
+    # Per-layer task arithmetic: the owner 1 -> 0.5 and the partner 0.1 -> 0.5 (task vectors 1 and 2) over the layers,
+    # the tensors outside the layers at the first value.
+    ta = merged["TA layer gradient owner 1→0.5 / partners 0.1→0.5"]
+    assert float(ta["model.layers.0.mlp.up.weight"][0]) == pytest.approx(1.0 + 0.2)
+    assert float(ta["model.layers.3.mlp.up.weight"][0]) == pytest.approx(0.5 + 1.0)
+    assert float(ta["norm.weight"][0]) == pytest.approx(1.2)
+    assert grid["layers: owner 0-2, a 2-4"]["partners"] == ["a"]
