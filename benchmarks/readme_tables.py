@@ -62,7 +62,8 @@ def main() -> None:
     if grid:
         out += [
             "### The merge neighbourhood: owner-weighted merges, every coefficient, DARE, DELLA, Model Stock, SCE, "
-            "NuSLERP, Multi-SLERP, RAM, Arcee Fusion, NearSwap, repair (`benchmarks/protection.py --grid`)",
+            "NuSLERP, Multi-SLERP, RAM, Arcee Fusion, NearSwap, layer-wise merges, repair (`benchmarks/protection.py "
+            "--grid`)",
             "",
             "Commands: "
             + ", ".join(f"`{c}`" for t in grid["tracks"].values() for c in t.get("commands", [t["command"]]))

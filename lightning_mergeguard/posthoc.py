@@ -36,6 +36,7 @@ from lightning_mergeguard.merging.engine import check_same_base_sources
 from lightning_mergeguard.merging.lora import LoraSource, is_lora_adapter, split_lora_reference
 from lightning_mergeguard.merging.sources import StateDictSource, match_names, open_source
 from lightning_mergeguard.parameters import name_patterns, refuse_non_finite, select_parameters
+from lightning_mergeguard.protection.residual import check_permute_residual
 from lightning_mergeguard.protection.stage2 import (
     DEFAULT_STAGE2_EXCLUDE,
     MergeNeighbourhood,
@@ -67,6 +68,7 @@ def protect_module(
     refit: Callable[[nn.Module], None] | None = None,
     progress: bool = False,
     amplify: float | None = None,
+    permute_residual: bool = False,
 ) -> dict[str, Any]:
     """Protect ``module`` in place; return the report.
 
@@ -85,11 +87,14 @@ def protect_module(
         progress: Show a progress bar.
         amplify: After stage 2, re-parameterise with exact symmetries of scales up to ``amplify`` (see
             :class:`~lightning_mergeguard.MergeGuardCallback`'s ``amplify``); ``None`` skips it.
+        permute_residual: With ``amplify``, also permute the residual stream's channels (see
+            :class:`~lightning_mergeguard.MergeGuardCallback`'s ``permute_residual``).
 
     Returns:
         ``score_before``, ``score_after``, ``stage2`` (the strategy's report), ``refit`` (whether it ran) and, with
         ``amplify``, ``amplify`` (the symmetries applied or why not, the score after them, whether they were reverted).
     """
+    check_permute_residual(permute_residual, amplify)
     stage2 = stage2 or ScaleAdversarial(steps=150)
     refuse_non_finite(module, "protect_module")
     src = open_source(base, name="base")
@@ -133,7 +138,9 @@ def protect_module(
         report["refit"] = True
         report["score_after"] = metric(module)
     if amplify is not None:
-        report["score_after"], report["amplify"] = amplify_checked(module, amplify, ctx, report["score_after"])
+        report["score_after"], report["amplify"] = amplify_checked(
+            module, amplify, ctx, report["score_after"], permute_residual=permute_residual
+        )
     report["validation_passes"] = passes[0]  # stage 2's, plus the check after the symmetries
     return report
 
@@ -336,6 +343,7 @@ def protect_checkpoint(
     seed: int = 0,
     progress: bool = True,
     amplify: float | None = None,
+    permute_residual: bool = False,
 ) -> dict[str, Any]:
     """Protect an existing fine-tune and write it protected, with a report and a model-card paragraph.
 
@@ -376,6 +384,9 @@ def protect_checkpoint(
         amplify: After stage 2, re-parameterise with exact symmetries of scales up to ``amplify`` (the same
             function; off-the-shelf merges collapse; undone by re-alignment to the base, see
             :mod:`~lightning_mergeguard.protection.symmetry`). ``None`` skips it.
+        permute_residual: With ``amplify``, also permute the residual stream's channels, so that merges taking
+            whole layers from the model (frankenmerges) mix mismatched channels too (undone by matching the
+            embeddings to the base; see :mod:`~lightning_mergeguard.protection.residual`).
 
     Returns:
         The report (also written to ``out/protection_report.json``).
@@ -394,6 +405,10 @@ def protect_checkpoint(
             amplify = check_strength(amplify, "amplify")
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    try:
+        check_permute_residual(permute_residual, amplify)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check_numbers(
         tolerance=tolerance, lr=lr, alpha=alpha, steps=steps, refit_steps=refit_steps, batch_size=batch_size,
         max_length=max_length,
@@ -437,6 +452,7 @@ def protect_checkpoint(
         refit=refit if refit_steps > 0 else None,
         progress=progress,
         amplify=amplify,
+        permute_residual=permute_residual,
     )
     report.update(
         kind=kind,
@@ -656,6 +672,14 @@ def model_card(report: dict[str, Any]) -> str:
             "fine-tuning of these weights are not advised.",
             "",
         ]
+        residual = amp.get("residual") or {}
+        if residual.get("applied"):
+            lines += [
+                f"The {residual['width']} channels of its residual stream were also permuted (the same function, "
+                "up to rounding), so merges that take whole layers from it mix mismatched channels; matching the "
+                "embeddings to the base model undoes this too.",
+                "",
+            ]
     elif amp:
         why = amp.get("skipped") or "it moved the score, so the weights were put back"
         lines += [f"Amplifying symmetries were requested and not applied: {why}.", ""]

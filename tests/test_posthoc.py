@@ -122,6 +122,7 @@ def test_partners_are_rehearsed_by_default(checkpoints, tmp_path):
         ({"partners": "one/path"}, "partners must be a list of paths"),
         ({"amplify": 1.5}, "amplify must be a finite number >= 2"),
         ({"amplify": float("nan")}, "amplify must be a finite number >= 2"),
+        ({"permute_residual": True}, "set amplify too"),
         # found before any model is loaded (they failed late, or as a traceback: RuntimeError for the device)
         ({"steps": -3}, "steps must be an integer >= 1, got -3"),
         ({"tolerance": -1.0}, "tolerance must be a number >= 0"),
@@ -205,6 +206,29 @@ def test_amplify_keeps_the_function_and_breaks_merges(checkpoints, tmp_path, cap
     base = AutoModelForCausalLM.from_pretrained(checkpoints / "base").state_dict()
     key = "model.layers.0.mlp.down_proj.weight"
     assert (written[key] - base[key]).norm() > 0.5 * base[key].norm()
+
+
+def test_amplify_with_a_permuted_stream_writes_the_same_function_with_its_channels_moved(checkpoints, tmp_path):
+    """--permute_residual true: the report and card say so; the written embeddings are the owner's, columns permuted
+    (stage 2 and amplify leave embeddings alone), and the held-out score is unchanged by both layers."""
+    from lightning_mergeguard.protection.residual import draw_permutation
+
+    out = tmp_path / "perm"
+    args = [*("--base", str(checkpoints / "base"), "--model", str(checkpoints / "owner")), "--out", str(out)]
+    args += ["--data", str(checkpoints / "rows.jsonl")]
+    args += [*("--stage2", "scale_adversarial", "--steps", "4", "--refit_steps", "0", "--tolerance", "13")]
+    args += ["--amplify", "1000", "--permute_residual", "true", "--progress", "false", "--device", "cpu"]
+    assert main(args) == 0
+    report = json.loads((out / "protection_report.json").read_text())
+    amp = report["amplify"]
+    assert amp["applied"] and amp["residual"]["applied"] and amp["score_after"] == amp["score_before"]
+    assert "residual stream were also permuted" in (out / "MERGEGUARD.md").read_text()
+    from transformers import AutoModelForCausalLM
+
+    written = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    owner = AutoModelForCausalLM.from_pretrained(checkpoints / "owner").state_dict()
+    key = "model.embed_tokens.weight"
+    assert torch.equal(written[key], owner[key][:, draw_permutation(owner[key].shape[1])])
 
 
 @pytest.mark.parametrize("check_misses", [False, True])

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
 from lightning_mergeguard.demos.digits import digits_task_data
+from lightning_mergeguard.protection.residual import draw_permutation
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -64,7 +65,7 @@ def test_guard_on_open_clip_tower_excludes_embeddings_and_norms(tmp_path):
     assert guard.report["parameters_perturbed"] == len(changed)
 
 
-def _fit_tiny_llama(tmp_path, guard):
+def _fit_tiny_llama(tmp_path, guard, frozen: str | None = None):
     """A tiny Llama's CausalLMModule, its initial weights, after one epoch on random tokens with ``guard``."""
     from conftest import tiny_llama
 
@@ -77,6 +78,8 @@ def _fit_tiny_llama(tmp_path, guard):
         for i in range(0, 32, 8)
     ]
     module = CausalLMModule(tiny_llama(), lr=1e-3)
+    if frozen is not None:
+        dict(module.named_parameters())[frozen].requires_grad_(False)
     initial = {n: p.detach().clone() for n, p in module.named_parameters()}
     loader = DataLoader(data, batch_size=None)
     trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(module, loader, loader)
@@ -117,9 +120,31 @@ def test_guard_amplify_on_tiny_llama_keeps_outputs_and_is_reported(tmp_path):
     assert all(torch.equal(p, amplified[n]) for n, p in module.named_parameters())
 
 
+def test_guard_permute_residual_on_tiny_llama_permutes_the_stream_after_amplify(tmp_path):
+    guard = MergeGuardCallback(
+        alpha=0.01,
+        stage2=ScaleAdversarial(steps=2),
+        eval_batches=2,
+        tolerance=100.0,
+        progress=False,
+        amplify=100.0,
+        permute_residual=True,
+    )
+    module, initial = _fit_tiny_llama(tmp_path, guard, frozen="model.model.embed_tokens.weight")
+    amp = guard.report["amplify"]
+    assert amp["applied"] and amp["residual"]["applied"] and amp["residual"]["change"] <= 1e-4
+    assert amp["residual"]["width"] == 16 and guard.report["settings"]["permute_residual"] is True
+    emb = module.model.model.embed_tokens.weight.detach()
+    before = initial["model.model.embed_tokens.weight"]
+    perm = draw_permutation(16)
+    assert torch.equal(emb, before[:, perm])  # frozen (not fine-tuned), then permuted all the same
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"permute_residual": True}, "set amplify too"),
+        ({"amplify": 10.0, "permute_residual": 1}, "True or False"),
         ({"amplify": 1.0}, "amplify must be a finite number >= 2"),
         ({"amplify": True}, "amplify must be a finite number >= 2"),
         ({"amplify": 10.0, "stage2": None}, "needs a stage 2"),

@@ -62,6 +62,7 @@ from lightning_mergeguard.parameters import (
 )
 from lightning_mergeguard.protection._adversarial import checkpointing_in_eval
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_, redistribution_value
+from lightning_mergeguard.protection.residual import check_permute_residual
 from lightning_mergeguard.protection.stage2 import (
     DEFAULT_STAGE2_EXCLUDE,
     MergeNeighbourhood,
@@ -157,6 +158,14 @@ class MergeGuardCallback(Callback):
             in blocks that only look like known ones, are left out with a warning), then the guard rail's score
             (one more validation pass; the weights are put back with a warning if it drops by more than
             ``tolerance``).
+        permute_residual: With ``amplify``, also permute the channels of the residual stream, everywhere alike
+            (:mod:`~lightning_mergeguard.protection.residual`; the embeddings, final norm and head too, whatever
+            ``include``/``exclude`` say). ``amplify``'s symmetries act inside each block, so a merge that takes whole
+            blocks from your model (a mergekit ``passthrough`` frankenmerge of your lower layers under a partner's
+            upper ones) computes what it did unamplified; with the stream permuted, such blocks read and write
+            mismatched channels. The same function up to rounding (a training batch's loss must not move by more
+            than 1e-4 relative in float32, or it is undone with a warning); recognised: Hugging Face Llama-style
+            causal LMs and open_clip ``VisionTransformer``. Undone by matching the embeddings to ``theta_pre``.
         **legacy_stage2: The per-strategy arguments older versions took here (``steps``, ``scales``, ``clip``,
             ``drop_density``, ``lr``; ``beta``, ``critical_fraction``, ``small_fraction``, ``granularity``):
             deprecated, pass them to the strategy object.
@@ -188,6 +197,7 @@ class MergeGuardCallback(Callback):
         progress: bool = True,
         keep_batches: Sequence[Any] | None = None,
         amplify: float | None = None,
+        permute_residual: bool = False,
         **legacy_stage2: Any,
     ) -> None:
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
@@ -246,6 +256,7 @@ class MergeGuardCallback(Callback):
                     "perturbation is what remains after it"
                 )
         self.amplify = amplify
+        self.permute_residual = check_permute_residual(permute_residual, amplify)
         # state
         self.stage2_done = False
         self.report: dict[str, Any] | None = None
@@ -620,7 +631,9 @@ class MergeGuardCallback(Callback):
             ctx, after, extra, tau, moved = self._run_stage2(trainer, pl_module, params)
             if self.amplify is not None:
                 # only the fine-tuned weights (include/exclude), as selected at fit start
-                after, extra["amplify"] = amplify_checked(pl_module, self.amplify, ctx, after, names=set(self._params))
+                after, extra["amplify"] = amplify_checked(
+                    pl_module, self.amplify, ctx, after, names=set(self._params), permute_residual=self.permute_residual
+                )
         else:
             ctx, after, extra, tau, moved = self._run_stage2_lora(trainer, pl_module)
         self.report = {
@@ -829,7 +842,7 @@ class MergeGuardCallback(Callback):
 
     def _settings(self) -> dict[str, Any]:
         keys = ["alpha", "target", "normalize", "include", "exclude", "stage2_exclude", "eval_batches"]
-        keys += ["tolerance", "amplify"]
+        keys += ["tolerance", "amplify", "permute_residual"]
         out = {k: getattr(self, k) for k in keys}
         out["reference"] = self.reference.source_label
         out["stage2"] = self.stage2.settings() if self.stage2 is not None else None

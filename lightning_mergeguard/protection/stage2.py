@@ -29,6 +29,7 @@ from lightning_mergeguard.protection.strategies import (
 
 __all__ = [
     "DEFAULT_STAGE2_EXCLUDE",
+    "RESIDUAL_TOLERANCE",
     "MergeNeighbourhood",
     "Negation",
     "ScaleAdversarial",
@@ -40,15 +41,23 @@ __all__ = [
 
 
 def amplify_checked(
-    module: nn.Module, strength: float, ctx: Stage2Context, after: float, names: Collection[str] | None = None
+    module: nn.Module,
+    strength: float,
+    ctx: Stage2Context,
+    after: float,
+    names: Collection[str] | None = None,
+    permute_residual: bool = False,
 ) -> tuple[float, dict[str, Any]]:
     """Apply :func:`~lightning_mergeguard.protection.symmetry.amplify_module_` after stage 2, checked twice.
 
     First, on one training batch, each kind of symmetry must leave the recognised blocks' outputs unchanged
     (:func:`~lightning_mergeguard.protection.symmetry.symmetry_errors`); kinds that do not (a block that only looks
-    like a known one) are left out with a warning. Then the guard rail's score: if it drops below
-    ``ctx.before - ctx.tolerance``, the weights are put back and a warning says so. When no kind passes, or the
-    forward pass cannot be checked, the model is left as stage 2 left it, with a warning.
+    like a known one) are left out with a warning. With ``permute_residual``, the residual stream's channels are
+    then permuted (:mod:`~lightning_mergeguard.protection.residual`), which touches the embeddings, the final norm
+    and the head too, whatever ``names`` says; the batch's loss must not move by more than
+    :data:`RESIDUAL_TOLERANCE` (relative) or the permutation is undone with a warning. Then the guard rail's score:
+    if it drops below ``ctx.before - ctx.tolerance``, the weights are put back and a warning says so. When no kind
+    passes, or the forward pass cannot be checked, the model is left as stage 2 left it, with a warning.
 
     Args:
         module: The model, after stage 2.
@@ -56,23 +65,28 @@ def amplify_checked(
         ctx: The stage-2 context (its ``batches``, ``loss_fn``, ``metric``, ``before``, ``tolerance``, ``warn``).
         after: The score stage 2 left.
         names: Parameter names the symmetries may touch (``None``: all).
+        permute_residual: Also permute the residual stream's channels (a model whose stream is not recognised
+            gets a warning and the symmetries alone).
 
     Returns:
         The score kept, and the report entry (``strength``, ``applied``, groups, ``checked``, ``dropped``,
-        ``score_before``, ``score_after``, ``reverted``; ``skipped``: why nothing was applied).
+        ``score_before``, ``score_after``, ``reverted``; ``skipped``: why nothing was applied; with
+        ``permute_residual``, ``residual``: ``applied``, ``width``, ``tensors``, the loss's ``change``, or why not).
     """
+    from lightning_mergeguard.protection.residual import find_residual_stream
     from lightning_mergeguard.protection.symmetry import amplify_module_, find_symmetries
 
     groups = find_symmetries(module, names)
-    touched = {f.name for g in groups for f in g.factors}
+    stream = find_residual_stream(module) if permute_residual else None
+    touched = {f.name for g in groups for f in g.factors} | {n for n, _ in (stream.axes if stream else ())}
     params = {n: p for n, p in module.named_parameters() if n in touched}
     with torch.no_grad():
         saved = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}  # for a revert; off the accelerator
     batch = next(ctx.batches, None)
 
-    def forward() -> None:
+    def forward() -> Any:
         with ctx.forward_context():
-            ctx.loss_fn(module, batch)
+            return ctx.loss_fn(module, batch)
 
     try:
         if batch is None:
@@ -91,6 +105,8 @@ def amplify_checked(
     if report["dropped"]:
         changes = ", ".join(f"{k}: {report['checked'][k]:.3g}" for k in report["dropped"])
         ctx.warn(f"amplify left out symmetries that change this model's blocks' outputs (relative change {changes}).")
+    if permute_residual:
+        report["residual"] = _permute_checked(module, stream, forward, ctx)
     score = ctx.metric()
     report.update(score_before=after, score_after=score, reverted=False, applied=True)
     if score < ctx.before - ctx.tolerance:
@@ -104,6 +120,56 @@ def amplify_checked(
         report.update(reverted=True, applied=False, score_after=after)
         return after, report
     return score, report
+
+
+RESIDUAL_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+"""Largest relative change of a batch's loss a residual permutation may cause, per dtype (half types: 1e-2).
+
+A permutation reorders sums (the norms' statistics, every reader's dot products), so the loss moves by rounding
+only; a reader of the stream the permutation missed moves it by order one."""
+
+
+def _permute_checked(module: nn.Module, stream: Any, forward: Any, ctx: Stage2Context) -> dict[str, Any]:
+    """Permute ``module``'s residual stream in place if one batch's loss stays put; the report entry."""
+    from lightning_mergeguard.evaluation import eval_mode, rng_kept
+    from lightning_mergeguard.protection.residual import draw_permutation
+
+    if stream is None:
+        why = (
+            "no residual stream recognised (a Hugging Face Llama-style causal LM or an open_clip VisionTransformer "
+            "with its proj, held once, whose layers are not wrapped or sharded)"
+        )
+        ctx.warn(f"permute_residual: {why}; the model is amplified without it.")
+        return {"applied": False, "skipped": why}
+    params = dict(module.named_parameters())
+    names = [n for n, _ in stream.axes]
+
+    def loss() -> float:
+        with eval_mode(module), torch.no_grad(), rng_kept(module):
+            torch.manual_seed(0)
+            return float(forward())
+
+    def permute(perm: torch.Tensor) -> None:  # in place, one tensor at a time: no copy of the model
+        for n, dim in stream.axes:
+            params[n].copy_(params[n].index_select(dim, perm.to(params[n].device)))
+
+    with torch.no_grad():
+        before = loss()
+        perm = draw_permutation(stream.width)
+        permute(perm)
+        change = abs(loss() - before) / max(abs(before), 1e-12)
+        if ctx.grad_reduce is not None:  # one decision on every process
+            device = params[names[0]].device
+            change = float(ctx.grad_reduce(torch.tensor([change], dtype=torch.float64, device=device)))
+        limit = RESIDUAL_TOLERANCE.get(params[names[0]].dtype, 1e-2)
+        if not change <= limit:
+            permute(torch.argsort(perm))  # a permutation is undone exactly
+            ctx.warn(
+                f"permute_residual changed a training batch's loss by {change:.3g} (relative, more than {limit:g}): "
+                "the model reads its residual stream somewhere this layout does not know; permutation undone."
+            )
+            return {"applied": False, "skipped": f"loss changed by {change:.3g}", "change": change}
+    return {"applied": True, "width": stream.width, "tensors": len(names), "change": change}
 
 
 STRATEGIES: dict[str, type[Stage2]] = {
