@@ -39,6 +39,7 @@ __all__ = [
     "estimate_permutation",
     "find_residual_stream",
     "permute_residual",
+    "permute_residual_",
     "unpermute_residual",
 ]
 
@@ -240,6 +241,21 @@ def permute_residual(state: Mapping[str, Tensor], stream: ResidualStream, perm: 
         t = state[name]
         out[name] = t.index_select(dim, perm.to(t.device))
     return out
+
+
+def permute_residual_(params: Mapping[str, Tensor], stream: ResidualStream, perm: Tensor) -> None:
+    """:func:`permute_residual` in place on live parameters, one tensor at a time (no copy of the model).
+
+    Example:
+        >>> s = ResidualStream(3, (("out", 0),), ("out",))
+        >>> w = torch.arange(3.0)
+        >>> permute_residual_({"out": w}, s, torch.tensor([2, 0, 1])); w
+        tensor([2., 0., 1.])
+    """
+    with torch.no_grad():
+        for name, dim in stream.axes:
+            t = params[name]
+            t.copy_(permute_residual({name: t}, ResidualStream(stream.width, ((name, dim),), ()), perm)[name])
 
 
 def unpermute_residual(state: Mapping[str, Tensor], stream: ResidualStream, perm: Tensor) -> dict[str, Tensor]:

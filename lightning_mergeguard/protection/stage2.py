@@ -132,7 +132,7 @@ only; a reader of the stream the permutation missed moves it by order one."""
 def _permute_checked(module: nn.Module, stream: Any, forward: Any, ctx: Stage2Context) -> dict[str, Any]:
     """Permute ``module``'s residual stream in place if one batch's loss stays put; the report entry."""
     from lightning_mergeguard.evaluation import eval_mode, rng_kept
-    from lightning_mergeguard.protection.residual import draw_permutation
+    from lightning_mergeguard.protection.residual import draw_permutation, permute_residual_
 
     if stream is None:
         why = (
@@ -149,21 +149,17 @@ def _permute_checked(module: nn.Module, stream: Any, forward: Any, ctx: Stage2Co
             torch.manual_seed(0)
             return float(forward())
 
-    def permute(perm: torch.Tensor) -> None:  # in place, one tensor at a time: no copy of the model
-        for n, dim in stream.axes:
-            params[n].copy_(params[n].index_select(dim, perm.to(params[n].device)))
-
     with torch.no_grad():
         before = loss()
         perm = draw_permutation(stream.width)
-        permute(perm)
+        permute_residual_(params, stream, perm)
         change = abs(loss() - before) / max(abs(before), 1e-12)
         if ctx.grad_reduce is not None:  # one decision on every process
             device = params[names[0]].device
             change = float(ctx.grad_reduce(torch.tensor([change], dtype=torch.float64, device=device)))
         limit = RESIDUAL_TOLERANCE.get(params[names[0]].dtype, 1e-2)
         if not change <= limit:
-            permute(torch.argsort(perm))  # a permutation is undone exactly
+            permute_residual_(params, stream, torch.argsort(perm))  # a permutation is undone exactly
             ctx.warn(
                 f"permute_residual changed a training batch's loss by {change:.3g} (relative, more than {limit:g}): "
                 "the model reads its residual stream somewhere this layout does not know; permutation undone."
