@@ -6,7 +6,8 @@ base); the grid covers uniform task arithmetic over a lambda range, owner-weight
 pairwise weight averaging and SLERP with each partner, DELLA and DELLA-linear, Model Stock, SCE, Karcher, NuSLERP
 of the owner's and each partner's task vectors, task arithmetic of the owner at 1 with one partner, mergekit's newer
 methods (Multi-SLERP owner-weighted, RAM and RAM+, Arcee Fusion of each partner into the owner and of the owner into
-each partner, NearSwap of the owner with each partner), layer-wise merges (mergekit's gradient SLERP of the owner with
+each partner, NearSwap of the owner with each partner), near copies (NearSwap at far smaller thresholds, the owner
+at 1 with one partner at 0.01 or 0.0001), layer-wise merges (mergekit's gradient SLERP of the owner with
 each partner, task arithmetic whose weights run across the layers, and passthrough frankenmerges stacking half of the
 owner's layers on half of a partner's), AdaMerging, and a post-merge repair (fine-tuning a merge on 64 owner
 examples), compared with the same repair of ``theta_pre``.
@@ -42,6 +43,12 @@ LATER_FAMILIES = (
     "NearSwap",
 )
 """Merge families added to the grid after its first rows were measured (rows from before lack them)."""
+NEAR_COPY_T = (1e-6, 1e-8)
+"""NearSwap thresholds far below :data:`NEARSWAP_T`: each weight moves at most ``t`` towards the partner's."""
+NEAR_COPY_WEIGHTS = (1e-2, 1e-4)
+"""Partner weights far below :data:`PAIR_PARTNER_WEIGHTS`, with the owner's task vector at exactly 1."""
+NEAR_COPY_FAMILIES = ("near copy: ",)
+"""Merges that are the owner's model up to a tiny change: the limit every merge family has (added last)."""
 LAYERWISE_FAMILIES = ("gradient SLERP", "TA layer gradient", "layers: ")
 """Merges whose weights change from layer to layer, or that take whole layers from one model (added last)."""
 GRADIENT_SLERP_T = (
@@ -152,6 +159,15 @@ def grid_configs(
             {"merge_method": "nearswap", "base_model": owner, "models": pair, "parameters": {"t": NEARSWAP_T}},
             (n,),
         )
+        # Near copies: no protection that keeps the owner's function can stop the owner's model itself, so these
+        # measure how close to a copy a merge has to stay to keep the owner's skill.
+        for t in NEAR_COPY_T:
+            out[f"near copy: NearSwap owner / {n} t={t:g}"] = (
+                {"merge_method": "nearswap", "base_model": owner, "models": pair, "parameters": {"t": t}},
+                (n,),
+            )
+        for p in NEAR_COPY_WEIGHTS:
+            out[f"near copy: TA owner 1 with {n} {p:g}"] = (cfg("task_arithmetic", {owner: 1.0, n: p}), (n,))
         for w in NUSLERP_OWNER_WEIGHTS:
             out[f"NuSLERP owner {w:g} with {n}"] = (
                 {

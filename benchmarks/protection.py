@@ -616,6 +616,8 @@ GRID = {
 
 AMPLIFY = 1000.0
 """Largest scale of the amplifying symmetries on the grid (``MergeGuardCallback(amplify=...)``)."""
+AMPLIFY_STRONG = 2.0**20
+"""A far larger scale: near copies (a merge that moves each weight by 1e-8) stop keeping the owner's skill."""
 
 
 def _partner_file(track: Track, task: str) -> str:
@@ -726,6 +728,17 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
                 draw_permutation(track.stream.width),
             ),
             {"amplify": AMPLIFY, "permute_residual": True},
+            (),
+        ),
+        # Scales up to 2**20: the divided weights are a million times smaller, so even a merge that moves each weight
+        # by 1e-6 (near copies) unbalances them; still exact in fp32 and bf16 (fp16 would flush them to zero).
+        "amp-2^20 + permuted stream: fine-tune, no stage 2": lambda: (
+            permute_residual(
+                amplify_state(track.finetunes[track.owner], track.symmetries, AMPLIFY_STRONG),
+                track.stream,
+                draw_permutation(track.stream.width),
+            ),
+            {"amplify": AMPLIFY_STRONG, "permute_residual": True},
             (),
         ),
         f"{amp} + permuted stream: scale-adversarial (default)": amplified["default-permuted"],
@@ -876,7 +889,7 @@ def _stage2_field(report: dict[str, Any], key: str) -> Any:
 
 def grid_table(name: str, res: dict[str, Any]) -> str:
     """Markdown: per variant, own loss, worst case and the merges a free-rider would try first."""
-    from _grid import LATER_FAMILIES, LAYERWISE_FAMILIES
+    from _grid import LATER_FAMILIES, LAYERWISE_FAMILIES, NEAR_COPY_FAMILIES
 
     v = res["variants"]
 
@@ -907,6 +920,7 @@ def grid_table(name: str, res: dict[str, Any]) -> str:
             best_of(LATER_FAMILIES),
         ),
         ("layer-wise: gradient SLERP, per-layer TA, half/half frankenmerges (best)", best_of(LAYERWISE_FAMILIES)),
+        ("near copies: NearSwap t=1e-6, 1e-8, owner 1 + one partner 0.01, 1e-4 (best)", best_of(NEAR_COPY_FAMILIES)),
         *[(f"repair {n} steps", owner(f"repair TA λ=0.3, {n} steps")) for n in res["theta_pre_repair"]],
     ]
     rows = []

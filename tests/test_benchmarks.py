@@ -39,8 +39,8 @@ def test_merge_grid_covers_the_neighbourhood_and_its_worst_case_skips_seen_partn
     # lambdas, owner x partner weights x 4 families, TIES kx, the study's 3 + DELLA's 3, Model Stock and 2 SCE, and
     # per partner WA, SLERP and NuSLERP at 2 owner weights
     # Karcher, and per partner task arithmetic of the owner at 1 with that partner alone at 0.1 and 0.3; RAM, RAM+,
-    # Multi-SLERP at 2 owner weights, and per partner Arcee Fusion both ways and NearSwap
-    assert len(cfgs) == 2 + 4 * 3 * 4 + 4 + 3 + 3 + 3 + 1 + 2 + 2 + 2 * (2 + 2 + 2 + 3)
+    # Multi-SLERP at 2 owner weights, and per partner Arcee Fusion both ways and NearSwap; per partner 4 near copies
+    assert len(cfgs) == 2 + 4 * 3 * 4 + 4 + 3 + 3 + 3 + 1 + 2 + 2 + 2 * (2 + 2 + 2 + 3) + 2 * 4
     assert cfgs["TA owner 1 with a 0.3"][1] == ("a",)
     assert cfgs["TIES owner 3x"][0]["models"][0]["parameters"]["weight"] == 3.0
     assert cfgs["WA with a"][1] == ("a",) and cfgs["uniform TA λ=0.3"][1] == ("a", "b")
@@ -71,6 +71,10 @@ def test_merge_grid_covers_the_neighbourhood_and_its_worst_case_skips_seen_partn
     assert grid["Arcee Fusion of a into owner"]["owner"] == pytest.approx(100.0)
     assert grid["Arcee Fusion of a into owner"]["partners_normalized"] == pytest.approx(0.0)
     assert grid["NearSwap owner / a t=0.0001"]["owner"] == pytest.approx(100 * (1 - 1e-4))
+    # Near copies: the owner's coordinate moves by t (NearSwap) or not at all (a partner at 1e-4 on its own axis)
+    assert grid["near copy: NearSwap owner / a t=1e-06"]["owner"] == pytest.approx(100 * (1 - 1e-6))
+    assert grid["near copy: TA owner 1 with b 0.0001"]["owner"] == pytest.approx(100.0)
+    assert grid["near copy: TA owner 1 with b 0.0001"]["partners_normalized"] == pytest.approx(1e-4)
     assert grid["Multi-SLERP owner 0.8"]["owner"] > 50 > grid["Multi-SLERP owner 0.8"]["partners_normalized"] * 100
     label, value = worst_case(grid)
     assert grid[label]["owner"] == value
