@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/protection.py
 	$(PY) benchmarks/protection.py --grid --track vision
 	$(PY) benchmarks/protection.py --grid --track llm
+	$(PY) benchmarks/near_copies.py
 	$(PY) benchmarks/protection_lora.py
 	$(PY) benchmarks/fsdp_memory.py
 	$(PY) benchmarks/ownership.py

@@ -90,6 +90,16 @@ def write_results(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def save_png(fig: Any, path: Path, **savefig: Any) -> None:
+    """Write a matplotlib figure to ``path`` atomically (a temporary file, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, **savefig)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     """A markdown table (floats with 3 significant decimals)."""
 

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 import torch
-from _common import CACHE, RESULTS, fit_lm, markdown_table, write_results
+from _common import CACHE, RESULTS, fit_lm, markdown_table, save_png, write_results
 from tqdm.auto import tqdm
 
 from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
@@ -236,10 +236,7 @@ def plot(results: dict[str, Any], path) -> None:
                 ax.set_xlabel("owner's merge weight")
     fig.suptitle("Ownership signals after merging with an independent fine-tune (owner w, donor 1 - w)")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

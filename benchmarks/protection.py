@@ -42,7 +42,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import CACHE, RESULTS, fit_lm, make_guard, markdown_table, write_results
+from _common import CACHE, RESULTS, fit_lm, make_guard, markdown_table, save_png, write_results
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -570,10 +570,7 @@ def plot(name: str, res: dict[str, Any], path) -> None:
     ax.set_title(f"{name}: the owner's model alone and inside merges")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def headline(name: str, res: dict[str, Any]) -> str:
@@ -609,6 +606,8 @@ GRID = {
             "post-hoc",
             "amp-1000: post-hoc neighbourhood, partners",
             "amp-1000 re-aligned: post-hoc neighbourhood, partners",
+            "amp-1000 + permuted stream: fine-tune, no stage 2",
+            "amp-2^20 + permuted stream: fine-tune, no stage 2",
         ),
     },
 }
@@ -988,10 +987,7 @@ def frontier_plot(name: str, res: dict[str, Any], path) -> None:
     ax2.set_title("owner's task along the λ range")
     ax2.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path, bbox_inches="tight")
 
 
 def grid_main(

@@ -62,8 +62,8 @@ def main() -> None:
     if grid:
         out += [
             "### The merge neighbourhood: owner-weighted merges, every coefficient, DARE, DELLA, Model Stock, SCE, "
-            "NuSLERP, Multi-SLERP, RAM, Arcee Fusion, NearSwap, layer-wise merges, repair (`benchmarks/protection.py "
-            "--grid`)",
+            "NuSLERP, Multi-SLERP, RAM, Arcee Fusion, NearSwap, layer-wise merges, near copies, repair "
+            "(`benchmarks/protection.py --grid`)",
             "",
             "Commands: "
             + ", ".join(f"`{c}`" for t in grid["tracks"].values() for c in t.get("commands", [t["command"]]))
@@ -75,6 +75,18 @@ def main() -> None:
             "",
         ]
         out += [f"![{n} frontier](benchmarks/results/protection_frontier_{n}.png)" for n in grid["tracks"]] + [""]
+    near = load("near_copies")
+    if near:
+        out += [
+            "### Near copies: where a merge becomes the owner's model (`benchmarks/near_copies.py`)",
+            "",
+            f"Command: `{near['command']}`. Baseline: {near['baseline']}. {near['seconds'] / 60:.0f} minutes.",
+            "",
+            (RESULTS / "near_copies.md").read_text().strip(),
+            "",
+            "![near copies](benchmarks/results/near_copies.png)",
+            "",
+        ]
     ownership = load("ownership")
     if ownership:
         out += [

@@ -71,7 +71,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "--amplify",
         type=float,
         default=None,
-        help="after stage 2, amplifying symmetries with scales up to this (e.g. 1000)",
+        help="after stage 2, amplifying symmetries with scales up to this (e.g. 1048576, 2**20; fp32/bf16 only)",
+    )
+    parser.add_argument(
+        "--permute-residual", action="store_true", help="with --amplify: also permute the residual stream"
+    )
+    parser.add_argument(
+        "--no-stage2",
+        action="store_true",
+        help="with --amplify: no stage-2 perturbation, the re-parameterisation alone (own score unchanged)",
     )
     parser.add_argument("--out", default="runs/llm")
     args = parser.parse_args(argv)
@@ -79,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error("--task generates the data; give --task or --data, not both")
     if args.steps < 1 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be positive")
+    if (args.permute_residual or args.no_stage2) and args.amplify is None:
+        parser.error("--permute-residual and --no-stage2 need --amplify")
 
     pl.seed_everything(0, verbose=False)
     model, tok = load_model(args.model)
@@ -108,7 +118,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     val = DataLoader(LMTaskDataset(tok, val_rows, max_length=val_length), batch_size=args.batch_size)
     guard = MergeGuardCallback(
         alpha=0.01,
-        stage2=MergeNeighbourhood(steps=args.stage2_steps, partners=args.partners)
+        stage2="none"
+        if args.no_stage2
+        else MergeNeighbourhood(steps=args.stage2_steps, partners=args.partners)
         if args.partners
         else ScaleAdversarial(steps=args.stage2_steps),
         score_fn=answer_exact_match,  # greedy exact match of whole answers, not token accuracy
@@ -116,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         keep_batches=keep,
         report_path=f"{args.out}/protection_report.json",
         amplify=args.amplify,
+        permute_residual=args.permute_residual,
     )
     trainer = pl.Trainer(
         max_steps=args.steps,

@@ -40,13 +40,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "--amplify",
         type=float,
         default=None,
-        help="after stage 2, amplifying symmetries with scales up to this (e.g. 1000)",
+        help="after stage 2, amplifying symmetries with scales up to this (e.g. 1048576, 2**20; fp32/bf16 only)",
+    )
+    parser.add_argument(
+        "--permute-residual", action="store_true", help="with --amplify: also permute the residual stream"
+    )
+    parser.add_argument(
+        "--no-stage2",
+        action="store_true",
+        help="with --amplify: no stage-2 perturbation, the re-parameterisation alone (own score unchanged)",
     )
     parser.add_argument("--precision", default=None, help="Lightning precision (default: bf16-mixed on a GPU)")
     parser.add_argument("--out", default="runs/open_clip")
     args = parser.parse_args(argv)
     if args.data is not None and not Path(args.data).is_dir():
         parser.error(f"--data {args.data!r}: expected an image folder with one sub-folder per class")
+    if (args.permute_residual or args.no_stage2) and args.amplify is None:
+        parser.error("--permute-residual and --no-stage2 need --amplify")
 
     pl.seed_everything(0, verbose=False)
     clip = build_open_clip(args.model, args.checkpoint)
@@ -59,9 +69,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     module = ClipImageClassifier(clip.visual, clip.visual.output_dim, num_classes=classes, lr=1e-3)
     guard = MergeGuardCallback(
         include=[r"^visual\."],  # protect the image tower; the head stays the owner's
-        stage2=ScaleAdversarial(steps=args.stage2_steps),
+        stage2="none" if args.no_stage2 else ScaleAdversarial(steps=args.stage2_steps),
         report_path=f"{args.out}/protection_report.json",
         amplify=args.amplify,
+        permute_residual=args.permute_residual,
         save_path=f"{args.out}/protected.safetensors",
     )
     trainer = pl.Trainer(

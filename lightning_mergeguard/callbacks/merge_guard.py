@@ -65,6 +65,7 @@ from lightning_mergeguard.protection.redistribution import add_redistribution_gr
 from lightning_mergeguard.protection.residual import check_permute_residual
 from lightning_mergeguard.protection.stage2 import (
     DEFAULT_STAGE2_EXCLUDE,
+    KeepWeights,
     MergeNeighbourhood,
     Stage2,
     Stage2Context,
@@ -136,7 +137,10 @@ class MergeGuardCallback(Callback):
             host-to-device copy of it per optimizer step). Default: the parameters' device.
         stage2: ``"scale_adversarial"`` (default settings), ``"merge_neighbourhood"``, ``"negation"``,
             ``"none"``/``None``, or a configured :class:`~lightning_mergeguard.protection.stage2.Stage2` object
-            such as ``ScaleAdversarial(steps=100)`` or ``MergeNeighbourhood(partners=[...])``.
+            such as ``ScaleAdversarial(steps=100)`` or ``MergeNeighbourhood(partners=[...])``. ``"none"`` with
+            ``amplify`` applies the re-parameterisation alone to the fine-tuned weights
+            (:class:`~lightning_mergeguard.protection.stage2.KeepWeights`): the own score does not move, and
+            re-alignment to ``theta_pre`` gives the plain fine-tune back.
         stage2_exclude: Regexes left out of stage 2 (default: embeddings, final norms, LM/task heads).
         score_fn: ``(module, batch) -> (score_sum, count)``, or one number (the batch's mean score); default:
             accuracy for ``(x, y)`` and HF LM batches.
@@ -153,7 +157,11 @@ class MergeGuardCallback(Callback):
             the same function bit for bit, but a merge sees every partner's update magnified and its own task vector
             out of balance, so off-the-shelf merges collapse. It is undone by re-alignment to ``theta_pre`` (what
             remains is stage 2's protection), and the rescaled weights suit neither per-row quantization nor further
-            fine-tuning: use it on the model you release. ``None`` (default) skips it. Checked twice: each kind of
+            fine-tuning: use it on the model you release. The larger ``amplify``, the closer to a copy of your model
+            a merge must stay to keep your skill (on the vision grid, a merge that moves each weight by at most
+            1e-6 kept it at ``1000`` and lost it at ``2**20``); ``2**20`` is exact in fp32 and bf16 but flushes the
+            divided weights to zero in fp16, where the check below puts the weights back. ``None`` (default) skips
+            it. Checked twice: each kind of
             symmetry must leave the recognised blocks' outputs unchanged on one training batch (kinds that do not,
             in blocks that only look like known ones, are left out with a warning), then the guard rail's score
             (one more validation pass; the weights are put back with a warning if it drops by more than
@@ -251,10 +259,8 @@ class MergeGuardCallback(Callback):
         if amplify is not None:
             amplify = check_strength(amplify, "amplify")
             if self.stage2 is None:
-                raise ValueError(
-                    "amplify needs a stage 2: re-alignment to theta_pre undoes the symmetries alone, and stage 2's "
-                    "perturbation is what remains after it"
-                )
+                # The re-parameterisation alone, on the fine-tuned weights (own score unchanged; see KeepWeights)
+                self.stage2 = KeepWeights()
         self.amplify = amplify
         self.permute_residual = check_permute_residual(permute_residual, amplify)
         # state

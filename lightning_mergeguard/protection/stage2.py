@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_mergeguard.protection.strategies import (
     DEFAULT_STAGE2_EXCLUDE,
+    KeepWeights,
     MergeNeighbourhood,
     Negation,
     ScaleAdversarial,
@@ -30,6 +31,7 @@ from lightning_mergeguard.protection.strategies import (
 __all__ = [
     "DEFAULT_STAGE2_EXCLUDE",
     "RESIDUAL_TOLERANCE",
+    "KeepWeights",
     "MergeNeighbourhood",
     "Negation",
     "ScaleAdversarial",
