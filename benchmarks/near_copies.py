@@ -72,16 +72,12 @@ def nearswap_sweep(
 
 def run_track(track: Any, bar: Any) -> dict[str, Any]:
     """The sweep for the unprotected fine-tune and each re-parameterised variant of one track."""
-    from lightning_mergeguard.protection.residual import draw_permutation, permute_residual
-    from lightning_mergeguard.protection.symmetry import amplify_state
+    from protection import reparameterised
 
     owner = track.owner
     partner = [t for t in track.tasks if t != owner][-1]
-    fine_tune = track.finetunes[owner]
-    variants = {"unprotected": fine_tune}
-    for name, strength in STRENGTHS.items():
-        amplified = amplify_state(fine_tune, track.symmetries, strength)
-        variants[name] = permute_residual(amplified, track.stream, draw_permutation(track.stream.width))
+    variants = {"unprotected": track.finetunes[owner]}
+    variants.update({name: reparameterised(track, strength) for name, strength in STRENGTHS.items()})
 
     def evaluate(state: State) -> float:
         return track.grid_evaluate(state, [owner])[owner]

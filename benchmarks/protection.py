@@ -619,6 +619,16 @@ AMPLIFY_STRONG = 2.0**20
 """A far larger scale: near copies (a merge that moves each weight by 1e-8) stop keeping the owner's skill."""
 
 
+def reparameterised(track: Track, strength: float) -> State:
+    """The owner's fine-tune with amplify's scales (up to ``strength``) and its residual stream permuted, no stage 2.
+
+    What ``MergeGuardCallback(stage2="none", amplify=strength, permute_residual=True)`` writes for that fine-tune
+    (tests/test_residual.py checks the two agree bit for bit).
+    """
+    amplified = amplify_state(track.finetunes[track.owner], track.symmetries, strength)
+    return permute_residual(amplified, track.stream, draw_permutation(track.stream.width))
+
+
 def _partner_file(track: Track, task: str) -> str:
     """A fine-tune written as safetensors, so a defense can be given it as a path (as a user would)."""
     from lightning_mergeguard.io import save_safetensors
@@ -721,22 +731,14 @@ def grid_variants(track: Track, size: dict[str, Any]) -> dict[str, Callable[[], 
         # The stream's channels permuted too (permute_residual=True): whole blocks taken from the owner's model
         # (frankenmerges) stop lining up with a partner's, which amplify's block-local symmetries leave alone.
         f"{amp} + permuted stream: fine-tune, no stage 2": lambda: (
-            permute_residual(
-                amplify_state(track.finetunes[track.owner], track.symmetries, AMPLIFY),
-                track.stream,
-                draw_permutation(track.stream.width),
-            ),
+            reparameterised(track, AMPLIFY),
             {"amplify": AMPLIFY, "permute_residual": True},
             (),
         ),
         # Scales up to 2**20: the divided weights are a million times smaller, so even a merge that moves each weight
         # by 1e-6 (near copies) unbalances them; still exact in fp32 and bf16 (fp16 would flush them to zero).
         "amp-2^20 + permuted stream: fine-tune, no stage 2": lambda: (
-            permute_residual(
-                amplify_state(track.finetunes[track.owner], track.symmetries, AMPLIFY_STRONG),
-                track.stream,
-                draw_permutation(track.stream.width),
-            ),
+            reparameterised(track, AMPLIFY_STRONG),
             {"amplify": AMPLIFY_STRONG, "permute_residual": True},
             (),
         ),

@@ -86,6 +86,15 @@ def _linear_axes(prefix: str, linear: nn.Module, width: int, dim: int) -> list[t
     return axes
 
 
+_LLAMA_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
+"""A decoder layer's norms over the stream (Gemma 2 adds the last two, around its MLP)."""
+
+
 def _llama_stream(prefix: str, model: nn.Module, head: nn.Module, head_name: str) -> ResidualStream:
     emb = model.embed_tokens
     if not isinstance(emb, nn.Embedding):
@@ -95,11 +104,9 @@ def _llama_stream(prefix: str, model: nn.Module, head: nn.Module, head_name: str
     for i, layer in enumerate(model.layers):
         p = f"{prefix}layers.{i}."
         attn, mlp = layer.self_attn, layer.mlp
-        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm"):
+        for norm in _LLAMA_NORMS:
             if hasattr(layer, norm):
                 axes += _norm_axes(f"{p}{norm}.", getattr(layer, norm), width)
-        if hasattr(layer, "post_feedforward_layernorm"):
-            axes += _norm_axes(f"{p}post_feedforward_layernorm.", layer.post_feedforward_layernorm, width)
         for x in "qkv":
             axes += _linear_axes(f"{p}self_attn.{x}_proj.", getattr(attn, f"{x}_proj", None), width, 1)
         axes += _linear_axes(f"{p}self_attn.o_proj.", getattr(attn, "o_proj", None), width, 0)
@@ -217,6 +224,11 @@ def _checked(stream: ResidualStream, perm: Tensor) -> Tensor:
     return perm
 
 
+def _reordered(t: Tensor, dim: int, perm: Tensor) -> Tensor:
+    """``t`` with its slices along ``dim`` taken in the order ``perm`` (a new tensor, on ``t``'s device)."""
+    return t.index_select(dim, perm.to(t.device))
+
+
 def permute_residual(state: Mapping[str, Tensor], stream: ResidualStream, perm: Tensor) -> dict[str, Tensor]:
     """A new state dict whose residual-stream channel ``i`` is the old channel ``perm[i]``.
 
@@ -238,8 +250,7 @@ def permute_residual(state: Mapping[str, Tensor], stream: ResidualStream, perm: 
     for name, dim in stream.axes:
         if name not in state:
             raise KeyError(f"the residual stream names parameter {name!r}, which the state does not hold")
-        t = state[name]
-        out[name] = t.index_select(dim, perm.to(t.device))
+        out[name] = _reordered(state[name], dim, perm)
     return out
 
 
@@ -252,10 +263,10 @@ def permute_residual_(params: Mapping[str, Tensor], stream: ResidualStream, perm
         >>> permute_residual_({"out": w}, s, torch.tensor([2, 0, 1])); w
         tensor([2., 0., 1.])
     """
+    perm = _checked(stream, perm)
     with torch.no_grad():
         for name, dim in stream.axes:
-            t = params[name]
-            t.copy_(permute_residual({name: t}, ResidualStream(stream.width, ((name, dim),), ()), perm)[name])
+            params[name].copy_(_reordered(params[name], dim, perm))
 
 
 def unpermute_residual(state: Mapping[str, Tensor], stream: ResidualStream, perm: Tensor) -> dict[str, Tensor]:
