@@ -129,7 +129,7 @@ def _worker(args: argparse.Namespace) -> None:
             coefficients=[0.3],
             eval_batches=2,
             progress=False,
-            max_relative_distance=None,
+            check_base=False,
         )
         callbacks = [sampler, guard, probe]
     strategy: Any = (

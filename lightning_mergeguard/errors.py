@@ -60,10 +60,12 @@ def one_line(err: BaseException) -> str:
         'No such file or directory: a.csv'
     """
     if isinstance(err, OSError) and not isinstance(err, MergeGuardError) and err.strerror:
-        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-    if isinstance(err, (MergeGuardError, ValueError, NotImplementedError, ImportError)):
-        return str(err)
-    return f"{type(err).__name__}: {err}"
+        text = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    elif isinstance(err, (MergeGuardError, ValueError, NotImplementedError, ImportError)):
+        text = str(err)
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return " ".join(text.split())  # one line, whatever a library put in its message
 
 
 def report_error(prog: str, err: BaseException) -> int:

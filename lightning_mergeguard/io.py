@@ -55,6 +55,12 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = _safetensors_dtypes()
 """torch dtype -> safetensors dtype name, for every dtype both this torch and safetensors have."""
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb"):
     """Open a temporary file next to ``path`` and move it into place only if the block succeeds.
@@ -69,12 +75,11 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb"):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_orphaned_temps(path.parent)
     # The temp name carries this process's id: concurrent writers never collide, and clean_orphaned_temps can tell
     # the files of a killed writer from those of a live one.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -104,7 +109,9 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_orphaned_temps(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmpdir", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the directory the permissions mkdir would
     try:
         yield tmp
         old = None
@@ -120,7 +127,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-_TEMP = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?:[A-Za-z0-9_]+\.(?P<kind>tmp|tmpdir)|(?P<old>old))$")
 
 
 def _alive(pid: int) -> bool:
@@ -134,29 +141,44 @@ def _alive(pid: int) -> bool:
 
 
 def clean_orphaned_temps(directory: str | os.PathLike[str]) -> list[Path]:
-    """Remove temp files left in ``directory`` by :func:`atomic_open` writers that no longer run (killed).
+    """Remove what killed writers left in ``directory``.
 
-    Files of live writers (this process included) are kept. Returns the paths removed.
+    That is: temp files and directories of :func:`atomic_open` and :func:`atomic_directory` whose process no
+    longer runs.
+
+    A directory moved aside by a replacing :func:`atomic_directory` (``.NAME.PID.old``) is put back where its
+    writer died before the new one was in place, and removed otherwise. Temps of live writers (this process
+    included) are kept. Every writer of this library calls this on its output's folder first. Returns the paths
+    removed (or restored).
 
     Example:
         >>> import tempfile, pathlib
         >>> d = pathlib.Path(tempfile.mkdtemp())
         >>> _ = (d / ".model.safetensors.999999999.abc123.tmp").write_bytes(b"partial")
-        >>> [p.name for p in clean_orphaned_temps(d)]
-        ['.model.safetensors.999999999.abc123.tmp']
+        >>> (d / ".protected.999999999.k2j_x.tmpdir").mkdir()
+        >>> sorted(p.name for p in clean_orphaned_temps(d))
+        ['.model.safetensors.999999999.abc123.tmp', '.protected.999999999.k2j_x.tmpdir']
     """
-    removed = []
+    removed: list[Path] = []
     directory = Path(directory)
     if not directory.is_dir():
         return removed
     for f in directory.iterdir():
         m = _TEMP.match(f.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))) and f.is_file():
-            try:
+        if m is None or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+            continue
+        try:
+            if m["old"] and f.is_dir() and not (directory / m["name"]).exists():
+                os.replace(f, directory / m["name"])  # its writer died between the two renames: put it back
+            elif (m["kind"] == "tmp" or m["old"]) and f.is_file():
                 f.unlink()
-                removed.append(f)
-            except FileNotFoundError:  # another cleaner was first
-                pass
+            elif f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f)
+            else:
+                continue
+            removed.append(f)
+        except FileNotFoundError:  # another cleaner was first
+            pass
     return removed
 
 

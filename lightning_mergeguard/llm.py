@@ -36,16 +36,25 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lightning_mergeguard.llm' has no attribute {name!r}")
 
 
+_CHARS_PER_TOKEN = 64
+"""Characters of a prompt or answer kept per token of ``max_length`` before tokenizing (no token is that long)."""
+
+
 class LMTaskDataset(torch.utils.data.Dataset):
-    """Tokenized prompt+answer rows; the loss covers the answer (and EOS) only, padding is masked."""
+    """Tokenized prompt+answer rows; the loss covers the answer (and EOS) only, padding is masked.
+
+    A prompt or answer is cut to ``64 * max_length`` characters before it is tokenized, so a huge row costs no
+    more than a long one (the first ``max_length`` tokens are the same).
+    """
 
     def __init__(self, tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int = 32) -> None:
         self.rows = []
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        chars = max_length * _CHARS_PER_TOKEN  # an untrusted row is cut before it is tokenized whole
         for prompt, answer in pairs:
-            p = tokenizer(prompt, add_special_tokens=False).input_ids
-            a = [*tokenizer(answer, add_special_tokens=False).input_ids, eos]
+            p = tokenizer(prompt[:chars], add_special_tokens=False).input_ids
+            a = [*tokenizer(answer[:chars], add_special_tokens=False).input_ids, eos]
             ids = (p + a)[:max_length]
             labels = ([-100] * len(p) + a)[:max_length]
             n = len(ids)

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -29,12 +30,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_mergeguard.callbacks._common import repeat
-from lightning_mergeguard.errors import ConfigError, IncompatibleModelsError, WeightsFileError, report_error
+from lightning_mergeguard.errors import ConfigError, IncompatibleModelsError, WeightsFileError
 from lightning_mergeguard.evaluation import LossFn, default_loss
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, atomic_write_text
 from lightning_mergeguard.merging.engine import check_same_base_sources
 from lightning_mergeguard.merging.lora import LoraSource, is_lora_adapter, split_lora_reference
-from lightning_mergeguard.merging.sources import StateDictSource, match_names, open_source
+from lightning_mergeguard.merging.sources import StateDictSource, match_names, open_source, read_json
 from lightning_mergeguard.parameters import name_patterns, refuse_non_finite, select_parameters
 from lightning_mergeguard.protection.residual import check_permute_residual
 from lightning_mergeguard.protection.stage2 import (
@@ -47,11 +48,18 @@ from lightning_mergeguard.protection.stage2 import (
     amplify_checked,
 )
 from lightning_mergeguard.protection.symmetry import check_strength
+from lightning_mergeguard.protection.verdict import check_castable, not_protected_reason
 from lightning_mergeguard.reference import ReferenceWeights, parse_device
 
-__all__ = ["hold_out", "image_data", "load_rows", "main", "protect_checkpoint", "protect_module"]
+__all__ = ["hold_out", "image_data", "load_causal_lm", "load_rows", "protect_checkpoint", "protect_module"]
 
 STAGE2_CHOICES = ("auto", "scale_adversarial", "merge_neighbourhood", "none")
+WRITE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASE_CHECK_SWITCH = "--no-base-check (base_check=False)"
+_PROTECT_WORDS = (
+    "raise --tolerance, --steps or --lr, give --partners, or set --refit-steps above 0 (Python: tolerance=, steps=, "
+    "lr=, partners=, refit_steps=)"
+)
 
 
 # --------------------------------------------------------------------------------------------- the core
@@ -70,6 +78,8 @@ def protect_module(
     progress: bool = False,
     amplify: float | None = None,
     permute_residual: bool = False,
+    who: str = "protect_module",
+    advice: str = "Raise tolerance=, the strategy's steps= or lr=, or pass refit=.",
 ) -> dict[str, Any]:
     """Protect ``module`` in place; return the report.
 
@@ -90,6 +100,8 @@ def protect_module(
             :class:`~lightning_mergeguard.MergeGuardCallback`'s ``amplify``); ``None`` skips it.
         permute_residual: With ``amplify``, also permute the residual stream's channels (see
             :class:`~lightning_mergeguard.MergeGuardCallback`'s ``permute_residual``).
+        who: The entry point, as warnings name it.
+        advice: What to change when stage 2 keeps no step, in the entry point's words.
 
     Returns:
         ``score_before``, ``score_after``, ``stage2`` (the strategy's report), ``refit`` (whether it ran) and, with
@@ -125,6 +137,8 @@ def protect_module(
         tolerance=tolerance,
         progress=progress,
         warn=lambda message: warnings.warn(message, stacklevel=3),
+        who=who,
+        advice=advice,
     )
     after, extra = stage2.run(ctx)
     report: dict[str, Any] = {
@@ -147,24 +161,68 @@ def protect_module(
 
 
 # ------------------------------------------------------------------------------------------------ data
-def load_rows(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+MAX_DATA_BYTES = 1 << 30
+"""Largest data file :func:`load_rows` reads (1 GiB)."""
+
+
+def load_rows(
+    path: str | os.PathLike[str], *, max_rows: int = 100_000, max_row_bytes: int = 1 << 20
+) -> list[tuple[str, str]]:
     """``(prompt, answer)`` rows from a JSONL file of ``{"prompt": ..., "answer": ...}`` objects.
 
+    The file is untrusted: it is read line by line with every line's length bounded before it is decoded, so a
+    huge line or file costs neither memory nor time.
+
+    Args:
+        path: The JSONL file (UTF-8).
+        max_rows: Most rows read (``mergeguard-protect --max-rows``).
+        max_row_bytes: Longest line, in bytes (``--max-row-bytes``).
+
+    Returns:
+        The rows, in file order.
+
     Raises:
-        ConfigError: Naming the file and line of the first row that is not such an object.
+        FileNotFoundError: No such file.
+        ConfigError: Naming the file (and line) of a row that is not such an object, is not UTF-8 or is too long,
+            a file over the limits, or fewer than 4 rows.
+
+    Example:
+        >>> import tempfile, pathlib, json
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "rows.jsonl"
+        >>> rows = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(4)]
+        >>> _ = p.write_text(chr(10).join(rows))
+        >>> load_rows(p)[0]
+        ('0+1=', '1')
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_DATA_BYTES:
+        raise ConfigError(f"{path}: {size / 2**30:.1f} GiB; data files of at most 1 GiB are read (sample the rows)")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for i in itertools.count(1):
+            raw = f.readline(max_row_bytes + 1)
+            if not raw:
+                break
+            if len(raw) > max_row_bytes:
+                raise ConfigError(
+                    f"{path}:{i}: a line longer than {max_row_bytes} bytes; shorten it or raise --max-row-bytes "
+                    "(max_row_bytes=)"
+                )
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(
+                    f"{path}:{i}: not UTF-8 text (byte {err.start} of the line: {raw[err.start : err.start + 1]!r})"
+                ) from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}:{i}: not a JSON object: {err}") from err
+                raise ConfigError(f"{path}:{i}: not a JSON object: {err}") from None
             if (
                 not isinstance(obj, dict)
                 or not isinstance(obj.get("prompt"), str)
@@ -173,6 +231,8 @@ def load_rows(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
                 raise ConfigError(
                     f'{path}:{i}: each line must be {{"prompt": "...", "answer": "..."}}, got {line[:80]!r}'
                 )
+            if len(rows) == max_rows:
+                raise ConfigError(f"{path}: more than {max_rows} rows; sample them or raise --max-rows (max_rows=)")
             rows.append((obj["prompt"], obj["answer"]))
     if len(rows) < 4:
         raise ConfigError(f"{path}: {len(rows)} rows; at least 4 are needed (a training and a held-out split)")
@@ -307,7 +367,9 @@ def _detect_kind(base: Path, model: Path, arch: str | None) -> str:
     if adapter is not None:
         model = base  # a LoRA adapter of a causal LM: protected as the base with the adapter merged in
     if model.is_dir() and (model / "config.json").is_file():
-        cfg = json.loads((model / "config.json").read_text())
+        cfg = read_json(model / "config.json", "the model config")
+        if not isinstance(cfg, dict):
+            raise WeightsFileError(f"{model / 'config.json'}: the model config must be a JSON object")
         if any(str(a).endswith("ForCausalLM") for a in cfg.get("architectures") or []):
             return "causal_lm"
         raise ConfigError(
@@ -345,6 +407,11 @@ def protect_checkpoint(
     progress: bool = True,
     amplify: float | None = None,
     permute_residual: bool = False,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    base_check: bool = True,
+    accept_unprotected: bool = False,
+    max_rows: int = 100_000,
+    max_row_bytes: int = 1 << 20,
 ) -> dict[str, Any]:
     """Protect an existing fine-tune and write it protected, with a report and a model-card paragraph.
 
@@ -390,14 +457,26 @@ def protect_checkpoint(
         permute_residual: With ``amplify``, also permute the residual stream's channels, so that merges taking
             whole layers from the model (frankenmerges) mix mismatched channels too (undone by matching the
             embeddings to the base; see :mod:`~lightning_mergeguard.protection.residual`).
+        dtype: Dtype of the written weights: ``"auto"`` (the input's) or one named. Refused, before anything is
+            written, where it would overflow weights or flush them to zero (an amplified model in float16, say).
+        base_check: Refuse a model or partner that is not a fine-tune of ``base`` (median per-matrix cosine), and
+            a LoRA adapter declared for another base (``--no-base-check`` turns it off).
+        accept_unprotected: Write the model even when the protection changed nothing or less than it claims (the
+            report and the card then say "NOT protected" and why); ``False`` writes only the report then.
+        max_rows: Most rows read from ``data`` (JSONL).
+        max_row_bytes: Longest line of ``data``, in bytes.
 
     Returns:
-        The report (also written to ``out/protection_report.json``).
+        The report (also written to ``out/protection_report.json``): the scores, the stage-2 report, ``protected``
+        (``False`` when no weight changed, stage 2 kept no step, or no reported merge lost more than the tolerance)
+        with ``not_protected`` saying why, ``dtype`` (of the written weights) and ``written`` (``None`` when the
+        model was not written).
 
     Raises:
         ConfigError: Data in the wrong format, an unsupported model kind.
         ForeignBaseError: A fine-tune of another base model.
-        WeightsFileError: A missing tokenizer or unreadable weights.
+        WeightsFileError: A missing tokenizer, an unreadable config or unreadable weights (named).
+        NonFiniteError: A ``dtype`` that would overflow the protected weights or flush them to zero.
     """
     if stage2 not in STAGE2_CHOICES:
         raise ConfigError(f"stage2 must be one of {STAGE2_CHOICES}, got {stage2!r}")
@@ -416,8 +495,10 @@ def protect_checkpoint(
         raise ConfigError("stage2 'none' perturbs nothing: set amplify too, or the model would be written unprotected")
     _check_numbers(
         tolerance=tolerance, lr=lr, alpha=alpha, steps=steps, refit_steps=refit_steps, batch_size=batch_size,
-        max_length=max_length,
+        max_length=max_length, max_rows=max_rows, max_row_bytes=max_row_bytes,
     )  # fmt: skip
+    if dtype != "auto" and dtype not in WRITE_DTYPES:
+        raise ConfigError(f"dtype must be auto or one of {sorted(WRITE_DTYPES)}, got {dtype!r}")
     partners = [str(p) for p in partners]
     base, model, out = Path(base), Path(model), Path(out)
     dev = _device(device)
@@ -428,11 +509,16 @@ def protect_checkpoint(
     _refuse_partners_that_are_not_others(base, model, partners)
     base_src = open_source(base, name="base")
     builder = _causal_lm if kind == "causal_lm" else _open_clip
-    module, train, metric, save, meta = builder(base, model, data, arch, batch_size, max_length, seed)
+    options = {"check_base": base_check, "max_rows": max_rows, "max_row_bytes": max_row_bytes}
+    module, train, metric, save, meta = builder(base, model, data, arch, batch_size, max_length, seed, options)
     include = meta.get("include")
+    write_dtype = meta["stored_dtype"] if dtype == "auto" else WRITE_DTYPES[dtype]
     # The same-base check on the tensors both have, before anything is computed.
-    model_state = StateDictSource({k: v for k, v in module.state_dict().items() if k in set(base_src.keys())}, "model")
-    check_same_base_sources(base_src, [model_state])
+    if base_check:
+        model_state = StateDictSource(
+            {k: v for k, v in module.state_dict().items() if k in set(base_src.keys())}, "model"
+        )
+        check_same_base_sources(base_src, [model_state], switch=BASE_CHECK_SWITCH)
     unprotected = {k: v.detach().clone() for k, v in module.state_dict().items()}
     module.to(dev)
     batches = repeat(
@@ -460,6 +546,8 @@ def protect_checkpoint(
         progress=progress,
         amplify=amplify,
         permute_residual=permute_residual,
+        who="mergeguard-protect",
+        advice=f"To protect it: {_PROTECT_WORDS}.",
     )
     report.update(
         kind=kind,
@@ -469,12 +557,21 @@ def protect_checkpoint(
         partners=partners,
         tolerance=tolerance,
         device=str(dev),
+        dtype=str(write_dtype).removeprefix("torch."),
     )
     if partners:
         report["merges"] = _merge_table(module, unprotected, base, partners, metric)
-    out.mkdir(parents=True, exist_ok=True)
     module.cpu()
-    report["written"] = str(save(module, out))
+    reason = not_protected_reason(report, unprotected, module.state_dict(), stage2_words=_PROTECT_WORDS)
+    report.update(protected=reason is None, not_protected=reason, written=None)
+    write = reason is None or accept_unprotected
+    if write:
+        check_castable(module.state_dict(), write_dtype, "--dtype (dtype=)")
+        module.to(write_dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    report["report"] = str(out / "protection_report.json")
+    if write:
+        report["written"] = str(save(module, out))
     atomic_write_json(out / "protection_report.json", report)
     atomic_write_text(out / "MERGEGUARD.md", model_card(report))
     return report
@@ -565,8 +662,62 @@ def _refit(
     )
 
 
-def _causal_lm(base: Path, model: Path, data: str, arch, batch_size: int, max_length: int, seed: int):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_causal_lm(directory: Path) -> tuple[nn.Module, torch.dtype]:
+    """A Hugging Face causal LM from an untrusted directory, in float32, and the dtype its weights were stored in.
+
+    The model is built from ``config.json`` and its weights are read by this library's readers (safetensors, or
+    ``.bin`` with ``weights_only=True``), never by transformers' loader: no model code and no pickle runs, and a
+    broken file ends in one line naming it.
+
+    Raises:
+        WeightsFileError: A ``config.json`` transformers cannot use, or weights that cannot be read.
+        IncompatibleModelsError: Weights that do not fit the config (missing or extra tensors, other shapes).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise WeightsFileError(
+            f"{directory / 'config.json'}: not a model config transformers can build: {reason}"
+        ) from None
+    src = open_source(directory, name=str(directory))
+    state = lm.state_dict()
+    found = match_names(list(state), src.keys(), what=str(directory), missing="skip")
+    tied = {n for n in state if n not in found and _is_tied(lm, n)}
+    missing = [n for n in state if n not in found and n not in tied]
+    if missing:
+        raise IncompatibleModelsError(
+            f"{directory}: the weights lack {missing[:3]} ({len(missing)} tensors) of its config"
+        )
+    stored = torch.float32
+    with torch.no_grad():
+        for name, key in found.items():
+            shape, dtype = src.meta(key)
+            if tuple(shape) != tuple(state[name].shape):
+                raise IncompatibleModelsError(
+                    f"{directory}: tensor {key!r} has shape {tuple(shape)}, its config says {tuple(state[name].shape)}"
+                )
+            if dtype.is_floating_point:
+                stored = dtype
+            state[name].copy_(src.get(key).to(torch.float32))
+    lm.float().eval()
+    return lm, stored
+
+
+def _is_tied(lm: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` is the input embedding itself (a tied LM head that checkpoints leave out)."""
+    params = dict(lm.named_parameters(remove_duplicate=False))
+    emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+    return (
+        emb is not None and name in params and params[name] is emb.weight and not name.endswith("embed_tokens.weight")
+    )
+
+
+def _causal_lm(base: Path, model: Path, data: str, arch, batch_size: int, max_length: int, seed: int, options):
+    from transformers import AutoTokenizer
 
     from lightning_mergeguard.llm import LMTaskDataset, exact_match
 
@@ -575,21 +726,27 @@ def _causal_lm(base: Path, model: Path, data: str, arch, batch_size: int, max_le
     tok_dir = own if any((own / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")) else base
     try:
         tok = AutoTokenizer.from_pretrained(tok_dir)
-    except (OSError, ValueError) as err:
-        raise WeightsFileError(f"no usable tokenizer in {own} or {base}: {err}") from err
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise WeightsFileError(f"no usable tokenizer in {own} or {base}: {reason}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if adapter is None:
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        lm, stored = load_causal_lm(model)
     else:  # the base with the adapter's update B @ A * scaling merged in: a full fine-tune, protected and written so
-        lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        lm, stored = load_causal_lm(base)
         merged = LoraSource(base, adapter)
+        if options["check_base"]:
+            merged.check_declared_base(switch=BASE_CHECK_SWITCH)
         state = lm.state_dict()
         with torch.no_grad():
             for name, key in match_names(list(state), merged.keys(), what=f"{base}+{adapter}", missing="skip").items():
                 state[name].copy_(merged.get(key))
-    train_rows, val_rows = hold_out(load_rows(data), seed)
-    answer_tokens = max(len(tok(a, add_special_tokens=False).input_ids) for _, a in val_rows) + 1
+    train_rows, val_rows = hold_out(
+        load_rows(data, max_rows=options["max_rows"], max_row_bytes=options["max_row_bytes"]), seed
+    )
+    answer_tokens = max(len(tok(a[: max_length * 64], add_special_tokens=False).input_ids) for _, a in val_rows) + 1
+    answer_tokens = min(answer_tokens, max_length)
 
     def metric(m: nn.Module) -> float:
         return 100.0 * exact_match(m, tok, val_rows, max_new_tokens=answer_tokens)
@@ -600,10 +757,12 @@ def _causal_lm(base: Path, model: Path, data: str, arch, batch_size: int, max_le
             tok.save_pretrained(tmp)
         return out / "model"
 
-    return lm, LMTaskDataset(tok, train_rows, max_length=max_length), metric, save, {}
+    return lm, LMTaskDataset(tok, train_rows, max_length=max_length), metric, save, {"stored_dtype": stored}
 
 
-def _open_clip(base: Path, model: Path, data: str, arch: str | None, batch_size: int, max_length: int, seed: int):
+def _open_clip(
+    base: Path, model: Path, data: str, arch: str | None, batch_size: int, max_length: int, seed: int, options
+):
     from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip, image_transform
     from lightning_mergeguard.evaluation import evaluate
     from lightning_mergeguard.io import save_safetensors
@@ -638,7 +797,9 @@ def _open_clip(base: Path, model: Path, data: str, arch: str | None, batch_size:
         save_safetensors(target, {k: v.detach().contiguous() for k, v in m.state_dict().items()})
         return target
 
-    return module, train, metric, save, {"include": [r"^visual\."]}
+    stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    module.float()
+    return module, train, metric, save, {"include": [r"^visual\."], "stored_dtype": stored}
 
 
 def _proxy_words(s2: dict[str, Any]) -> str:
@@ -671,12 +832,21 @@ def model_card(report: dict[str, Any]) -> str:
             f"proxy ({_proxy_words(s2)}) went from {s2.get('merge_proxy_before', math.nan):.1f} to "
             f"{s2.get('merge_proxy_after', math.nan):.1f}."
         )
-    lines = [
-        "## Merge protection (lightning-mergeguard)",
-        "",
-        f"This model was protected against unauthorized merging after training with `mergeguard-protect` {done}",
-        "",
-    ]
+    lines = ["## Merge protection (lightning-mergeguard)", ""]
+    if report.get("protected") is False:
+        lines += [
+            f"**NOT protected.** `mergeguard-protect` ran on this model, and {report['not_protected']}.",
+            "",
+            f"What it tried: {done}",
+            "",
+        ]
+    else:
+        lines += [
+            f"This model was protected against unauthorized merging after training with `mergeguard-protect` {done}",
+            "",
+        ]
+    if report.get("dtype"):
+        lines += [f"Weights written as {report['dtype']}.", ""]
     if amp and amp.get("applied"):
         left_out = f"; left out after the forward check: {', '.join(amp['dropped'])}" if amp.get("dropped") else ""
         lines += [
@@ -705,33 +875,3 @@ def model_card(report: dict[str, Any]) -> str:
         lines += [f"| {k} | {v['unprotected']:.1f} | {v['protected']:.1f} |" for k, v in merges.items()]
         lines.append("")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
-    """``mergeguard-protect``: the command line of :func:`protect_checkpoint` (``--config`` YAML works too)."""
-    import sys
-
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog="mergeguard-protect", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
-    parser.add_function_arguments(protect_checkpoint, fail_untyped=False)
-    try:
-        args = parser.parse_args(argv)
-        kwargs = {k: v for k, v in vars(args).items() if k not in ("config", "__path__")}
-        report = protect_checkpoint(**kwargs)
-    except KeyboardInterrupt:
-        print("mergeguard-protect: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, ImportError) as err:
-        return report_error("mergeguard-protect", err)
-    print(
-        f"protected {report['model']} -> {report['written']}: own score {report['score_before']:.1f} -> "
-        f"{report['score_after']:.1f}{' (after a stage-1 re-fit)' if report['refit'] else ''}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

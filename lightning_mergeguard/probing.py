@@ -13,12 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_mergeguard.errors import IncompatibleModelsError, NonFiniteError
-from lightning_mergeguard.merging.base_check import (
-    DEFAULT_MAX_RELATIVE_DISTANCE,
-    check_same_base,
-    relative_distance,
-    tensors_to_compare,
-)
+from lightning_mergeguard.merging.base_check import check_same_base, compare, median_cosine, tensors_to_compare
 from lightning_mergeguard.merging.config import MergeConfig
 from lightning_mergeguard.merging.sources import WeightSource, match_names, open_source
 from lightning_mergeguard.reference import ReferenceWeights
@@ -275,7 +270,7 @@ def donor_task_vector(
     *,
     device: torch.device,
     dtype: torch.dtype,
-    max_relative_distance: float | None = DEFAULT_MAX_RELATIVE_DISTANCE,
+    check_base: bool = True,
     who: str = "MergeProbe: donor",
     optional: Collection[str] = (),
 ) -> tuple[dict[str, Tensor], float]:
@@ -290,13 +285,13 @@ def donor_task_vector(
     such as BatchNorm's running statistics) may be missing from the donor: they are then left out of the result.
 
     Returns:
-        ``(name -> task-vector tensor, median relative distance of the donor's matrices to the base)``.
+        ``(name -> task-vector tensor, median cosine of the donor's matrices with the base's)``.
 
     Raises:
         IncompatibleModelsError: A missing tensor or another shape. ForeignBaseError: another base model.
         NonFiniteError: NaN/Inf in the donor.
     """
-    compare = set(tensors_to_compare({n: (tuple(p.shape), p.dtype) for n, p in params.items()}))
+    checked = set(tensors_to_compare({n: (tuple(p.shape), p.dtype) for n, p in params.items()}))
     pin = device.type == "cpu" and any(p.is_cuda for p in params.values())
     src = open_source(donor, name=name)
     tau, distances = {}, []
@@ -313,16 +308,15 @@ def donor_task_vector(
         ref = reference.get(pname, like=p) if isinstance(reference, ReferenceWeights) else reference[pname]
         if not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"{who} {name!r} tensor {key!r} has NaN/Inf values")
-        if pname in compare:  # the same-base check reads whole tensors (gathered, one at a time, when sharded)
-            distances.append((pname, relative_distance(t, full(ref).to(t.device))))
+        if pname in checked:  # the same-base check reads whole tensors (gathered, one at a time, when sharded)
+            distances.append(compare(pname, t, full(ref).to(t.device)))
         # Sharded (FSDP2) parameters: the task vector is kept as this rank's slice, a plain tensor.
         d = local_part(t, p).to(local(p).device, torch.float32) - local(ref).float()
         d = d.to(device, dtype)
         tau[pname] = d.pin_memory() if pin else d
+    if not check_base:
+        return tau, median_cosine(distances)
     median = check_same_base(
-        distances,
-        donor=name,
-        base=f"the model's reference weights ({who} check)",
-        max_relative_distance=max_relative_distance,
+        distances, donor=name, base=f"the model's reference weights ({who} check)", switch="check_base=False"
     )
     return tau, median

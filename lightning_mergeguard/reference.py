@@ -237,33 +237,34 @@ class ReferenceWeights:
         """Bytes held (the memory this reference costs)."""
         return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
-    def check_base_of(self, params: Mapping[str, Tensor], who: str, max_relative_distance: float | None) -> None:
+    def check_base_of(self, params: Mapping[str, Tensor], who: str, check: bool = True) -> None:
         """Refuse a reference read from ``source`` that is not the pretrained model of ``params``.
 
         A snapshot is the model itself; a path or state dict can be another model of the same shapes (another
         family, another size's sibling), which stage 1 and every task vector would then be measured from, silently.
         The test is the merge engine's same-base test on the weight matrices (unsharded parameters; the live weights
-        are pretrained or fine-tuned ones, a median 0.0-0.1x away, an independent model about 1.4x).
+        point the reference's way, a median cosine of 0.2-1.0, an independent model's about 0).
 
         Args:
             params: The live parameters, by name.
             who: The callback, for the message.
-            max_relative_distance: The bound on the median distance (``None``: no test).
+            check: ``False`` skips the test.
 
         Raises:
-            ForeignBaseError: Naming the farthest tensor and the median distance.
+            ForeignBaseError: Naming the least similar tensor and the median cosine.
         """
-        if self.is_snapshot or max_relative_distance is None or any(is_sharded(p) for p in params.values()):
+        if self.is_snapshot or not check or any(is_sharded(p) for p in params.values()):
             return
-        from lightning_mergeguard.merging.base_check import check_same_base, relative_distance, tensors_to_compare
+        from lightning_mergeguard.merging.base_check import check_same_base, compare, tensors_to_compare
 
         names = tensors_to_compare({n: (tuple(p.shape), p.dtype) for n, p in params.items()})
-        distances = [(n, relative_distance(params[n], self._tensors[n])) for n in names if n in self._tensors]
         check_same_base(
-            distances,
+            [compare(n, params[n], self._tensors[n]) for n in names if n in self._tensors],
             donor="the model being trained",
             base=f"{who}'s reference ({self.source_label})",
-            max_relative_distance=max_relative_distance,
+            switch=f"{who}(check_base=False)"
+            if who == "MergeProbe"
+            else f"{who}(reference=None), a snapshot at fit start",
         )
 
     def follow(self, module: nn.Module) -> bool:

@@ -143,7 +143,7 @@ def fit(args: argparse.Namespace, record: Record, ckpt_path: str | None = None) 
         eval_batches=2,  # gives each rank every world-th batch and sums the scores)
         strict=True,
         progress=False,
-        max_relative_distance=None,
+        check_base=False,
     )
     strategy = (
         ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1) if args.devices > 1 else "auto"

@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lightning_mergeguard.cli import main
+from lightning_mergeguard.cli.merge import main
 from lightning_mergeguard.merging import merge
 
 
@@ -90,7 +90,7 @@ def test_cli_help_needs_no_torch():
     code = "\n".join(
         [
             "import sys",
-            "from lightning_mergeguard.cli import main",
+            "from lightning_mergeguard.cli.merge import main",
             "try:",
             "    main(['--help'])",
             "except SystemExit:",

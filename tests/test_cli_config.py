@@ -106,7 +106,7 @@ def test_score_and_loss_functions_by_import_path_from_lightning_cli_yaml(tmp_pat
       init_args:
         donors: {{d: {tmp_path / "donor.pt"}}}
         score_fn: lightning_mergeguard.evaluation.default_score
-        max_relative_distance: null
+        check_base: false
         progress: false
 """,
     )

@@ -22,7 +22,7 @@ import yaml
 from conftest import perturbed_state_dict, tiny_llama
 from safetensors.torch import load_file, save_file
 
-from lightning_mergeguard.cli import main
+from lightning_mergeguard.cli.merge import main
 from lightning_mergeguard.errors import (
     ConfigError,
     ForeignBaseError,
@@ -324,7 +324,7 @@ def slow(self, name, tensor):
     time.sleep(float(sys.argv[1]))
     return orig(self, name, tensor)
 StreamingSafetensorsWriter.write = slow
-from lightning_mergeguard.cli import main
+from lightning_mergeguard.cli.merge import main
 raise SystemExit(main(sys.argv[2:]))
 """
 

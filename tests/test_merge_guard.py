@@ -289,7 +289,7 @@ def test_a_callback_reused_for_another_model_measures_from_that_models_weights(t
     donor = {k: v + 0.01 for k, v in TinyClassifier().state_dict().items()}
     guard = MergeGuardCallback(alpha=0.1, stage2=ScaleAdversarial(steps=2), progress=False)
     loader = DataLoader(blobs(64, 1), batch_size=32)
-    probe = MergeProbe({"d": donor}, eval_dataloaders=loader, every_n_epochs=1, max_relative_distance=None)
+    probe = MergeProbe({"d": donor}, eval_dataloaders=loader, every_n_epochs=1, check_base=False)
     for seed in (5, 6):
         torch.manual_seed(seed)
         model = TinyClassifier()
@@ -524,13 +524,55 @@ def test_a_bool_is_not_a_step_count():
         ScaleAdversarial(steps=True)
 
 
-def test_a_directory_as_save_path_of_a_full_model_is_refused_before_training(tmp_path):
-    guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=2), save_path=str(tmp_path), progress=False)
-    module = TinyClassifier()
-    before = {k: v.clone() for k, v in module.state_dict().items()}
-    with pytest.raises(ValueError, match="is a directory; the protected weights of a full fine-tune are one file"):
-        trainer(tmp_path, max_steps=2, callbacks=[guard]).fit(module)
-    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())  # refused before any step
+class _Unchanged(ScaleAdversarial):
+    """A stage 2 that keeps no step (as ScaleAdversarial does when no step stays within the tolerance)."""
+
+    def run(self, ctx):
+        return ctx.before, {"steps_used": 0}
+
+
+def test_a_stage2_that_changed_nothing_is_reported_not_protected(tmp_path):
+    """It used to print "score 100.0 -> 100.0" and write a card saying "protected"."""
+    guard = MergeGuardCallback(stage2=_Unchanged(steps=2), save_path=str(tmp_path / "release"), progress=False)
+    with pytest.warns(UserWarning, match="the model is NOT protected: no weight changed"):
+        trainer(tmp_path, max_steps=2, callbacks=[guard]).fit(TinyClassifier())
+    assert guard.report["protected"] is False and "stage 2 kept no step" in guard.report["not_protected"]
+    card = (tmp_path / "release" / "MERGEGUARD.md").read_text()
+    assert "**NOT protected.** MergeGuardCallback ran on this model, and no weight changed" in card
+    assert json.loads((tmp_path / "release" / "protection_report.json").read_text())["protected"] is False
+
+
+def test_save_path_directory_publishes_a_model_that_from_pretrained_loads(tmp_path):
+    """save_path wrote the LightningModule's names (model.model.layers...) and the tied head twice: not loadable."""
+    from conftest import TINY_LLAMA
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from lightning_mergeguard.llm import CausalLMModule
+
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "tie_word_embeddings": True}))
+    ids = torch.randint(0, 64, (8, 12))
+    loader = DataLoader([{"input_ids": i, "labels": i} for i in ids], batch_size=4)
+    module = CausalLMModule(tied, lr=1e-3)
+    guard = MergeGuardCallback(
+        stage2=ScaleAdversarial(steps=3, lr=1e-3), tolerance=100.0, save_path=str(tmp_path / "release"), progress=False
+    )
+    trainer(tmp_path, max_steps=3, callbacks=[guard]).fit(module, loader, loader)
+    release = tmp_path / "release"
+    assert {"config.json", "model.safetensors", "MERGEGUARD.md", "protection_report.json"} <= {
+        p.name for p in release.iterdir()
+    }
+    from safetensors import safe_open
+
+    with safe_open(release / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert "lm_head.weight" not in names and all(not n.startswith("model.model.") for n in names)
+    loaded = AutoModelForCausalLM.from_pretrained(release).eval()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
+    tied.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids[:2]).logits, tied(ids[:2]).logits)
+    assert guard.report["protected"] is (guard.report["steps_used"] > 0)
 
 
 def test_one_pattern_given_alone_is_one_regex_not_its_letters(tmp_path):

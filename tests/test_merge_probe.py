@@ -257,13 +257,13 @@ def test_donor_from_another_base_is_refused_before_training(tmp_path, strict):
         trainer(tmp_path, max_epochs=1, callbacks=[counter, probe]).fit(fresh_model())
     assert counter.steps == 0
     # The explicit opt-out accepts it.
-    ok = MergeProbe(donors={"other": other}, eval_dataloaders=val_loader(), max_relative_distance=None, progress=False)
+    ok = MergeProbe(donors={"other": other}, eval_dataloaders=val_loader(), check_base=False, progress=False)
     trainer(tmp_path, max_epochs=1, callbacks=[ok]).fit(fresh_model())
-    assert ok.results and ok.donor_distance["other"] > 1.0
+    assert ok.results and abs(ok.donor_cosine["other"]) < 0.2  # chance level for matrices this small
 
 
 def test_llama_donor_from_another_init_is_refused_despite_norm_weights(tmp_path):
-    """RMSNorm weights of 1.0 dominate ||theta_pre||; the per-matrix median still sees the foreign donor."""
+    """RMSNorm weights of 1.0 dominate ||theta_pre||; the per-matrix median cosine still sees the foreign donor."""
     from conftest import tiny_llama
 
     from lightning_mergeguard.llm import CausalLMModule
@@ -275,7 +275,7 @@ def test_llama_donor_from_another_init_is_refused_despite_norm_weights(tmp_path)
     loader = DataLoader([{k: v[i] for k, v in batch.items()} for i in range(4)], batch_size=2)
     good = MergeProbe(donors={"ft": finetune}, eval_dataloaders=loader, progress=False)
     trainer(tmp_path, max_steps=1, callbacks=[good]).fit(CausalLMModule(base, lr=1e-4), loader)
-    assert good.donor_distance["ft"] < 0.2
+    assert good.donor_cosine["ft"] > 0.9
     bad = MergeProbe(donors={"foreign": foreign}, eval_dataloaders=loader, progress=False)
     with pytest.raises(ForeignBaseError, match="'foreign' is not a fine-tune"):
         trainer(tmp_path, max_steps=1, callbacks=[bad]).fit(CausalLMModule(tiny_llama(seed=0), lr=1e-4), loader)

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from test_ownership import byte_tokenizer as byte_tokenizer
 from test_ownership import train_rows
 
+from lightning_mergeguard.cli.protect import main
 from lightning_mergeguard.errors import ConfigError, ForeignBaseError
 from lightning_mergeguard.merging.sources import open_source
-from lightning_mergeguard.posthoc import hold_out, load_rows, main, protect_checkpoint
+from lightning_mergeguard.posthoc import hold_out, load_rows, protect_checkpoint
 
 WORDS = ["".join(p) for p in itertools.permutations("abcdef", 2)]
 ROWS = [(f"Q:{w}\nA:", "X" if w[0] in "abc" else "Y") for w in WORDS]  # generalises to held-out words
@@ -166,8 +167,17 @@ def test_cli_with_a_yaml_config_and_clear_errors(checkpoints, tmp_path, capsys):
         f"base: {checkpoints / 'base'}\nmodel: {checkpoints / 'owner'}\ndata: {checkpoints / 'rows.jsonl'}\n"
         f"out: {tmp_path / 'out'}\nsteps: 4\nrefit_steps: 0\ntolerance: 100\nprogress: false\ndevice: cpu\n"
     )
-    assert main(["--config", str(config)]) == 0
-    assert "own score 87.5 ->" in capsys.readouterr().out
+    # Four steps at lr 1e-4 keep no stage-2 step: the model is the fine-tune, and the command says so (exit 3,
+    # only the report written), naming what to change; it used to print "protected ... 87.5 -> 87.5" and exit 0.
+    assert main(["--config", str(config)]) == 3
+    err = capsys.readouterr().err
+    assert "NOT protected: no weight changed" in err and "raise --tolerance, --steps or --lr" in err
+    assert not (tmp_path / "out" / "model").exists()
+    report = json.loads((tmp_path / "out" / "protection_report.json").read_text())
+    assert report["protected"] is False and report["written"] is None
+    assert "NOT protected" in (tmp_path / "out" / "MERGEGUARD.md").read_text()
+    assert main(["--config", str(config), "--accept-unprotected"]) == 0
+    assert "wrote the unprotected model" in capsys.readouterr().err
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
     code = main(["--config", str(config), "--model", str(checkpoints / "foreign"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
@@ -286,8 +296,10 @@ def test_amplify_is_undone_when_the_model_is_not_what_it_looks_like(checkpoints,
             progress=False,
             device="cpu",
             amplify=1000.0,
+            accept_unprotected=True,
         )
     assert report["score_after"] == report["amplify"]["score_after"] and not report["amplify"]["applied"]
+    assert report["protected"] is False and report["not_protected"]  # neither stage 2 nor amplify changed it
     assert "requested and not applied" in (tmp_path / "out" / "MERGEGUARD.md").read_text()
     if check_misses:
         assert report["amplify"]["reverted"] and report["score_after"] == report["amplify"]["score_before"]
@@ -366,7 +378,7 @@ def test_protects_an_open_clip_classifier_checkpoint(tmp_path):
 
     torch.save({f"module.{k}": v for k, v in original.items()}, tmp_path / "ddp.pt")
     loaded = _open_clip(
-        tmp_path / "base.safetensors", tmp_path / "ddp.pt", "test_posthoc:digit_images", str(arch), 64, 0, 0
+        tmp_path / "base.safetensors", tmp_path / "ddp.pt", "test_posthoc:digit_images", str(arch), 64, 0, 0, {}
     )
     assert all(torch.equal(v, original[k]) for k, v in loaded[0].state_dict().items())
 
@@ -423,6 +435,7 @@ def test_an_image_folder_is_read_at_the_towers_size_with_open_clips_preprocessin
         batch_size=8,
         progress=False,
         device="cpu",
+        accept_unprotected=True,  # two steps protect nothing: this test reads the images
     )
     assert report["kind"] == "open_clip" and 0.0 <= report["score_before"] <= 100.0
     assert (tmp_path / "out" / "protected.safetensors").is_file()
@@ -455,7 +468,9 @@ def test_a_lora_adapter_is_protected_as_its_base_with_the_adapter_merged_in(chec
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     lora.save_pretrained(tmp_path / "adapter")
     lora.merge_and_unload().save_pretrained(tmp_path / "merged")
-    settings = dict(steps=4, lr=1e-3, refit_steps=0, tolerance=100.0, progress=False, device="cpu")
+    settings = dict(
+        steps=4, lr=1e-3, refit_steps=0, tolerance=100.0, progress=False, device="cpu", accept_unprotected=True
+    )
     reports = {
         name: protect_checkpoint(base, model, str(checkpoints / "rows.jsonl"), tmp_path / name, **settings)
         for name, model in [
@@ -479,3 +494,192 @@ def test_a_lora_adapter_is_protected_as_its_base_with_the_adapter_merged_in(chec
     assert report["stage2"]["settings"]["method"] == "merge_neighbourhood" and set(report["merges"])
     with pytest.raises(ConfigError, match=r"the adapter's base .* is not --base"):
         protect_checkpoint(checkpoints / "owner", f"{base}+{tmp_path / 'adapter'}", "rows", tmp_path / "x", **settings)
+
+
+# ------------------------------------------------------------------------------ untrusted inputs of the command
+def _protect_args(checkpoints, out, *extra):
+    args = ["--base", str(checkpoints / "base"), "--model", str(checkpoints / "owner"), "--out", str(out)]
+    return [*args, "--data", str(checkpoints / "rows.jsonl"), "--no-progress", "--device", "cpu", *extra]
+
+
+def test_a_huge_line_a_non_utf8_file_and_too_many_rows_are_refused_by_name(tmp_path):
+    """A 50 MB line took 7.3 GB and minutes: lines are read with their length bounded, before decoding."""
+    rows = [json.dumps({"prompt": f"{i}", "answer": "a"}) for i in range(4)]
+    huge = tmp_path / "huge.jsonl"
+    huge.write_bytes(("\n".join(rows) + "\n").encode() + b'{"prompt": "' + b"x" * (3 << 20) + b'", "answer": "a"}\n')
+    with pytest.raises(ConfigError, match=r"huge.jsonl:5: a line longer than 1048576 bytes; .*--max-row-bytes"):
+        load_rows(huge)
+    assert len(load_rows(huge, max_row_bytes=4 << 20)) == 5
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(("\n".join(rows) + "\n").encode() + '{"prompt": "café", "answer": "a"}\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.jsonl:5: not UTF-8 text"):
+        load_rows(latin)
+    with pytest.raises(ConfigError, match=r"more than 3 rows; .*--max-rows"):
+        load_rows(huge, max_rows=3)
+
+
+def test_a_long_prompt_is_cut_before_it_is_tokenized(byte_tokenizer):
+    from lightning_mergeguard.llm import LMTaskDataset
+
+    seen = []
+
+    class Counting:
+        eos_token_id, pad_token_id = byte_tokenizer.eos_token_id, byte_tokenizer.pad_token_id
+
+        def __call__(self, text, **kwargs):
+            seen.append(len(text))
+            return byte_tokenizer(text, **kwargs)
+
+    row = LMTaskDataset(Counting(), [("p" * 5_000_000, "ok")], max_length=16)[0]
+    assert max(seen) <= 16 * 64 and row["input_ids"].shape == (16,)
+    short = LMTaskDataset(byte_tokenizer, [("abc", "ok")], max_length=16)[0]
+    assert short["labels"].tolist()[3:6] == [*byte_tokenizer("ok", add_special_tokens=False).input_ids, 256]
+
+
+@pytest.mark.parametrize("fault", ["pickle", "truncated", "config"])
+def test_a_malicious_or_broken_model_directory_ends_in_one_line_naming_the_file(checkpoints, tmp_path, capsys, fault):
+    import os
+    import pickle
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoints / "owner", bad)
+    if fault == "pickle":  # a payload that would run on a plain unpickle; it must never run, nor be advised
+        (bad / "model.safetensors").unlink()
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+        with open(bad / "pytorch_model.bin", "wb") as f:
+            pickle.dump({"w": Payload()}, f)
+        where = "pytorch_model.bin"
+    elif fault == "truncated":
+        data = (bad / "model.safetensors").read_bytes()
+        (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+        where = "model.safetensors"
+    else:
+        (bad / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": ')
+        where = "config.json"
+    code = main(_protect_args(checkpoints, tmp_path / "out", "--model", str(bad)))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert str(bad / where) in err and "weights_only=False" not in err and "weights_only` set to `False" not in err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out" / "model").exists()
+
+
+def test_a_lora_adapter_declared_for_another_base_is_refused_naming_the_switch(checkpoints, tmp_path, capsys):
+    """base + B @ A stays near any base, so the weights cannot tell; adapter_config.json's base can."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "other-base"
+    shutil.copytree(checkpoints / "foreign", other)
+    lora = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(other), peft.LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    lora.save_pretrained(tmp_path / "adapter")
+    declared = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert declared == str(other)
+    code = main(_protect_args(checkpoints, tmp_path / "out", "--model", str(tmp_path / "adapter")))
+    err = capsys.readouterr().err
+    assert code == 2 and "was trained on" in err and "--no-base-check" in err and "Traceback" not in err
+    # A Hub id that names another model than the base's own config: refused too; the same id: accepted.
+    from lightning_mergeguard.merging.lora import LoraSource
+
+    cfg = json.loads((checkpoints / "base" / "config.json").read_text())
+    named = tmp_path / "named-base"
+    shutil.copytree(checkpoints / "base", named)
+    (named / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "org/tiny-base"}))
+    for declared, ok in [("org/other-model", False), ("org/tiny-base", True), ("org/tiny-base@main", True)]:
+        (tmp_path / "adapter" / "adapter_config.json").write_text(
+            json.dumps({**json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()),
+                        "base_model_name_or_path": declared})
+        )  # fmt: skip
+        src = LoraSource(named, tmp_path / "adapter")
+        if ok:
+            src.check_declared_base()
+        else:
+            with pytest.raises(ForeignBaseError, match="org/other-model"):
+                src.check_declared_base()
+
+
+def test_an_fp16_checkpoint_is_written_in_fp16_and_an_overflowing_amplify_is_refused(checkpoints, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    half = tmp_path / "half"
+    AutoModelForCausalLM.from_pretrained(checkpoints / "owner").half().save_pretrained(half)
+    shutil.copy(checkpoints / "owner" / "tokenizer.json", half)
+    for f in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (checkpoints / "owner" / f).is_file():
+            shutil.copy(checkpoints / "owner" / f, half)
+    # 2**20 scales leave float16's range: refused before anything is written, naming --dtype
+    amp = ["--model", str(half), "--stage2", "none", "--amplify", str(2**20), "--permute-residual"]
+    code = main(_protect_args(checkpoints, tmp_path / "o1", *amp))
+    err = capsys.readouterr().err
+    assert code == 2 and "writing float16 would overflow" in err and "--dtype" in err
+    assert not (tmp_path / "o1" / "model").exists()
+    assert main(_protect_args(checkpoints, tmp_path / "o2", *amp, "--dtype", "bfloat16")) == 0
+    assert "(bfloat16)" in capsys.readouterr().out
+    written = load_file(tmp_path / "o2" / "model" / "model.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    # no amplify: the input's float16 is what is written (it was float32, silently)
+    args = ["--model", str(half), "--steps", "2", "--refit-steps", "0", "--accept-unprotected"]
+    assert main(_protect_args(checkpoints, tmp_path / "o3", *args)) == 0
+    written = load_file(tmp_path / "o3" / "model" / "model.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.float16}
+    assert json.loads((tmp_path / "o3" / "protection_report.json").read_text())["dtype"] == "float16"
+
+
+def test_one_command_line_style_and_help_before_torch(checkpoints, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom lightning_mergeguard.cli.protect import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "try:\n    main(['--steps', 'many'])\nexcept SystemExit as e:\n    assert e.code == 2\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "--permute-residual" in proc.stdout and "--no-base-check" in proc.stdout
+    assert "invalid int value: 'many'" in proc.stderr
+    from lightning_mergeguard.cli.protect import _arguments
+
+    bare = _arguments(_protect_args(checkpoints, tmp_path, "--permute-residual", "--no-base-check"))
+    old = _arguments(_protect_args(checkpoints, tmp_path, "--permute_residual", "true", "--refit_steps", "0"))
+    assert bare["permute_residual"] is True and bare["base_check"] is False
+    assert old["permute_residual"] is True and old["refit_steps"] == 0
+    listed = _arguments(_protect_args(checkpoints, tmp_path, "--partners", "[a, b]"))
+    spaced = _arguments(_protect_args(checkpoints, tmp_path, "--partners", "a", "b"))
+    assert listed["partners"] == spaced["partners"] == ["a", "b"]
+    config = tmp_path / "typo.yaml"
+    config.write_text("tolerence: 2\n")
+    assert main(["--config", str(config)]) == 2
+    assert "unknown option(s) 'tolerence' (did you mean 'tolerance'?)" in capsys.readouterr().err
+    # a refusal of the same-base check names the flag that turns it off
+    assert main(_protect_args(checkpoints, tmp_path / "x", "--model", str(checkpoints / "foreign"))) == 2
+    assert "--no-base-check" in capsys.readouterr().err
+
+
+def test_ctrl_c_and_sigterm_during_start_up_exit_cleanly(monkeypatch, capsys):
+    import os
+    import signal
+
+    import lightning_mergeguard.cli.protect as cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_arguments", interrupted)
+    assert cli.main([]) == 130
+    assert "mergeguard-protect: interrupted" in capsys.readouterr().err
+
+    def terminated(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(cli, "_arguments", terminated)
+    assert cli.main([]) == 143
+    assert "mergeguard-protect: terminated" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is not cli.__dict__.get("_on_sigterm")  # the handler is put back

@@ -14,7 +14,7 @@ import yaml
 from conftest import TINY_LLAMA, perturbed_state_dict
 from safetensors.torch import load_file
 
-from lightning_mergeguard.cli import main
+from lightning_mergeguard.cli.merge import main
 from lightning_mergeguard.errors import ConfigError, IncompatibleModelsError
 from lightning_mergeguard.merging import MergeConfig, merge
 from lightning_mergeguard.probing import build_probe_specs

@@ -224,16 +224,61 @@ def test_a_block_that_only_looks_symmetric_is_checked_and_left_out():
     assert "up/down" not in report["groups"] and report["groups"]["v/o"] == 2
     with torch.no_grad():
         assert torch.equal(model(ids).logits, want)
-    # without the check, the same call changes the model: that is what the check is for
+    # without a forward given, the check runs on random tokens (it used to trust the names and change the model)
     trusting = _llama()
     trusting.load_state_dict(model.state_dict())
     for layer in trusting.model.layers:
         down = layer.mlp.down_proj
         layer.mlp.down_proj = _SubNormLinear(down.in_features, down.out_features, bias=False)
         layer.mlp.down_proj.load_state_dict(down.state_dict())
-    amplify_module_(trusting, strength=1000.0)
+    report = amplify_module_(trusting, strength=1000.0)
+    assert report["dropped"] == ["up/down"]
     with torch.no_grad():
-        assert _rel(trusting(ids).logits, want) > 0.01
+        assert _rel(trusting(ids).logits, want) < 1e-5
+
+
+class _PostNormBlock(nn.Module):
+    """open_clip's attribute names (ln_1, attn, ln_2, mlp.c_fc) around a post-norm block: x = ln(x + f(x))."""
+
+    def __init__(self, width: int = 16, heads: int = 2):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        x = self.ln_1(x + self.attn(x, x, x, need_weights=False)[0])
+        return self.ln_2(x + self.mlp(x))
+
+
+def test_a_post_norm_block_with_open_clip_names_is_checked_without_a_forward():
+    """The names match open_clip's pre-norm block; rescaling its norms changed the output 540x. With no forward
+    given, each block is now run on random input first and the kinds that change it are left out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_PostNormBlock(), _PostNormBlock())
+    for norm in (m for m in model.modules() if isinstance(m, nn.LayerNorm)):
+        nn.init.normal_(norm.weight, 1.0, 0.3)
+    x = torch.randn(3, 6, 16)
+    with torch.no_grad():
+        want = model(x)
+    assert "norm->linear" in {g.kind for g in find_symmetries(model)}
+    report = amplify_module_(model, strength=1000.0)
+    assert "norm->linear" in report["dropped"] and "norm->linear" not in report["groups"]
+    with torch.no_grad():
+        assert _rel(model(x), want) < 1e-5
+
+
+def test_a_block_that_cannot_be_checked_alone_or_through_a_model_is_refused_by_name():
+    from lightning_mergeguard.protection.symmetry import self_check_forward
+
+    block = _PostNormBlock()
+    block.forward = lambda x, mask: x  # needs an argument the check cannot invent
+    groups = find_symmetries(nn.ModuleDict({"blk": block}))
+    with pytest.raises(ValueError, match=r"cannot check block 'blk' of ModuleDict on its own: pass forward="):
+        self_check_forward(nn.ModuleDict({"blk": block}), groups)
 
 
 def _amplify_family(model_type: str, **extra) -> dict:

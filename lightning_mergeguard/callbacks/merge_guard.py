@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_mergeguard.adapters import LoraPair, LoraView, is_adapted, lora_redistribution_grad_
@@ -50,7 +50,6 @@ from lightning_mergeguard.evaluation import (
     score_parts,
 )
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
-from lightning_mergeguard.merging.base_check import DEFAULT_MAX_RELATIVE_DISTANCE
 from lightning_mergeguard.merging.sources import uncompiled_name
 from lightning_mergeguard.parameters import (
     filter_names,
@@ -148,7 +147,12 @@ class MergeGuardCallback(Callback):
         eval_batches: Budget of validation batches for the guard rail.
         tolerance: Largest allowed drop of the score, in points (percent).
         report_path: Where to write the protection report (JSON).
-        save_path: Where to save the protected weights (``.safetensors``).
+        save_path: Where to save the protected model. A path ending in ``.safetensors``: the module's weights in
+            one file. Any other path is a directory to publish: for a Hugging Face model inside the LightningModule,
+            its ``save_pretrained`` layout (the bare model's names, tied weights kept tied, its config, and the
+            module's ``tokenizer`` when it has one), so ``from_pretrained`` loads it; otherwise ``model.safetensors``;
+            with ``MERGEGUARD.md`` (a model-card paragraph) and ``protection_report.json`` beside it. On a LoRA model,
+            a directory in PEFT's adapter format.
         progress: Show progress bars during stage 2.
         keep_batches: Batches whose behaviour stage 2 must keep: their loss joins the own-loss term of the
             optimisation (e.g. a fingerprint's rows, so protection and proof of ownership go together).
@@ -328,10 +332,14 @@ class MergeGuardCallback(Callback):
                     "MergeGuardCallback(amplify=...) rescales full weights: it does not support FSDP2 or LoRA "
                     "adapters; amplify the saved merged model with mergeguard-protect --amplify instead"
                 )
-            if self.save_path is not None and not is_adapted(pl_module) and os.path.isdir(self.save_path):
-                raise ValueError(  # a full model is one .safetensors file (a LoRA adapter is a directory)
-                    f"MergeGuardCallback: save_path {self.save_path!r} is a directory; the protected weights of a full "
-                    f"fine-tune are one file, e.g. '{self.save_path}/protected.safetensors'"
+            if (
+                self.save_path is not None
+                and os.path.isfile(self.save_path)
+                and not str(self.save_path).endswith(".safetensors")
+            ):
+                raise ValueError(
+                    f"MergeGuardCallback: save_path {self.save_path!r} is a file; pass a directory to publish the "
+                    "model in (or a path ending in .safetensors for its weights alone)"
                 )
             if is_fsdp2(trainer) and is_adapted(pl_module):
                 raise MisconfigurationException("MergeGuardCallback does not support LoRA adapters under FSDP2 yet")
@@ -381,7 +389,7 @@ class MergeGuardCallback(Callback):
         self._refuse_unaffordable_partners(trainer, pl_module)
         self.reference.refuse_resumed_snapshot(self._restores.resumed(trainer), "MergeGuardCallback", "alpha/target")
         self.reference.resolve(self._params)
-        self.reference.check_base_of(self._params, "MergeGuardCallback", DEFAULT_MAX_RELATIVE_DISTANCE)
+        self.reference.check_base_of(self._params, "MergeGuardCallback")
         self._judged = {id(p) for p in self._params.values()}
         if (
             self.stage2 is not None
@@ -656,6 +664,10 @@ class MergeGuardCallback(Callback):
             "seconds": time.perf_counter() - start,
             "fast_dev_run": bool(trainer.fast_dev_run),
         }
+        reason = _not_protected(self.report, moved)
+        self.report.update(protected=reason is None, not_protected=reason)
+        if reason is not None:
+            rank_zero_warn(f"MergeGuardCallback: the model is NOT protected: {reason}.")
         self.stage2_done = True
         self._publish(trainer, pl_module)
 
@@ -842,8 +854,10 @@ class MergeGuardCallback(Callback):
                 atomic_write_json(self.report_path, report)
             if self.save_path and self._view is not None:
                 _save_adapter(pl_module, self.save_path)
-            elif weights is not None:
+            elif weights is not None and str(self.save_path).endswith(".safetensors"):
                 save_safetensors(self.save_path, weights, metadata={"mergeguard": self.stage2.name})
+            elif weights is not None:
+                export_release(pl_module, self.save_path, weights, report)
         trainer.strategy.barrier("mergeguard_stage2")
 
     def _settings(self) -> dict[str, Any]:
@@ -904,6 +918,44 @@ def _batch_list(batches: Any) -> list[Any]:
             f"keep_batches must be a list of batches (dicts or (inputs, targets) tuples), got items of type {bad[:3]}"
         )
     return out
+
+
+_ADVICE = (
+    "stage 2 kept no step within the tolerance; give it more steps or a larger lr (stage2=ScaleAdversarial(steps=, "
+    "lr=)), a larger tolerance=, or partners to rehearse (stage2=MergeNeighbourhood(partners=...))"
+)
+
+
+def _not_protected(report: dict[str, Any], moved: float) -> str | None:
+    """Why the stage 2 in ``report`` left the model unprotected, or ``None``; ``moved``: how far the weights moved."""
+    amplified = bool((report.get("amplify") or {}).get("applied"))
+    if moved == 0 and not amplified:
+        return f"no weight changed ({_ADVICE})"
+    if report.get("steps_used") == 0 and not amplified:
+        return _ADVICE
+    return None
+
+
+def export_release(pl_module: nn.Module, path: str | os.PathLike[str], weights: dict[str, Tensor], report: Any) -> None:
+    """Write the protected model as users load it, atomically, into directory ``path``.
+
+    A Hugging Face model inside ``pl_module`` is written with its own ``save_pretrained`` (the bare model's names,
+    tied weights once, ``config.json``; the module's ``tokenizer`` beside it when it has one); any other model as
+    ``model.safetensors`` of ``weights``. ``MERGEGUARD.md`` and ``protection_report.json`` go beside them.
+    """
+    from lightning_mergeguard.protection.verdict import release_card
+
+    hf = next((m for m in pl_module.modules() if hasattr(m, "save_pretrained") and hasattr(m, "config")), None)
+    with atomic_directory(path) as tmp:
+        if hf is not None:
+            hf.save_pretrained(tmp, safe_serialization=True)
+            tokenizer = getattr(pl_module, "tokenizer", None)
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(tmp)
+        else:
+            save_safetensors(Path(tmp) / "model.safetensors", weights, metadata={"mergeguard": report["method"]})
+        atomic_write_json(Path(tmp) / "protection_report.json", report)
+        (Path(tmp) / "MERGEGUARD.md").write_text(release_card(report, "MergeGuardCallback"), encoding="utf-8")
 
 
 def _save_adapter(pl_module: pl.LightningModule, path: str) -> None:

@@ -34,9 +34,6 @@ from lightning_mergeguard.callbacks._common import (
 )
 from lightning_mergeguard.callbacks._restores import RestoreTracker
 from lightning_mergeguard.evaluation import ScoreFn, default_score, evaluate, rng_kept
-from lightning_mergeguard.merging.base_check import (
-    DEFAULT_MAX_RELATIVE_DISTANCE,
-)
 from lightning_mergeguard.merging.engine import iter_merge
 from lightning_mergeguard.merging.sources import StateDictSource, WeightSource
 from lightning_mergeguard.merging.task_vectors import task_vector_cosines
@@ -133,9 +130,9 @@ class MergeProbe(Callback):
         donor_device: Where donor task vectors live (``"cpu"``, the default, keeps them off the accelerator).
         backup_device: Where the live weights are kept while merges are evaluated (default: the model's device;
             ``"cpu"`` saves one model copy of accelerator memory at the cost of two transfers per probe).
-        max_relative_distance: A donor whose weight matrices are a median of more than this times their own norm
-            away from the base's is refused as a model of another base (see
-            :mod:`~lightning_mergeguard.merging.base_check`); ``None`` turns the check off.
+        check_base: Refuse a donor whose weight matrices do not point the base's way (median cosine below 0.05:
+            a model of another base), and warn where the test cannot tell (see
+            :mod:`~lightning_mergeguard.merging.base_check`); ``False`` turns the check off.
         seed: Seed of randomized merges (DARE), so probes repeat.
         strict: Raise on a failed probe instead of warning and skipping it.
         progress: Show a progress bar while a probe runs.
@@ -173,7 +170,7 @@ class MergeProbe(Callback):
         donor_dtype: str = "float32",
         donor_device: str = "cpu",
         backup_device: str | None = None,
-        max_relative_distance: float | None = DEFAULT_MAX_RELATIVE_DISTANCE,
+        check_base: bool = True,
         seed: int = 0,
         strict: bool = False,
         progress: bool = True,
@@ -210,10 +207,8 @@ class MergeProbe(Callback):
             raise ValueError(f"donor_dtype must be 'float32' or 'bfloat16', got {donor_dtype!r}")
         self.donor_device = parse_device(donor_device, "donor_device")
         self.backup_device = parse_device(backup_device, "backup_device")
-        if max_relative_distance is not None and not (
-            isinstance(max_relative_distance, (int, float)) and max_relative_distance > 0
-        ):
-            raise ValueError(f"max_relative_distance must be a positive number or None, got {max_relative_distance!r}")
+        if not isinstance(check_base, bool):
+            raise ValueError(f"check_base must be True or False, got {check_base!r}")
         if max_overhead is not None and not (isinstance(max_overhead, (int, float)) and max_overhead > 0):
             raise ValueError(f"max_overhead must be a positive fraction or None, got {max_overhead!r}")
         self.signals = named_signals(signals)
@@ -254,7 +249,7 @@ class MergeProbe(Callback):
         self.reference_path = reference
         self.reference_dtype = parse_dtype(reference_dtype, "reference_dtype")
         self.donor_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[donor_dtype]
-        self.max_relative_distance = None if max_relative_distance is None else float(max_relative_distance)
+        self.check_base = check_base
         self.seed = seed
         self.strict = strict
         self.progress = progress
@@ -272,7 +267,7 @@ class MergeProbe(Callback):
         self._restores = RestoreTracker()  # a tuner's restore (LearningRateFinder, BatchSizeFinder) is no resume
         self._reference: ReferenceWeights = self._own_reference
         self._donor_tau: dict[str, dict[str, Tensor]] = {}
-        self.donor_distance: dict[str, float] = {}
+        self.donor_cosine: dict[str, float] = {}
         self._backup: dict[str, Tensor] | None = None
         self._tasks: dict[str, tuple[list[Any] | Any, ScoreFn]] | None = None
         self._donor_individual: dict[str, float] = {}
@@ -326,7 +321,7 @@ class MergeProbe(Callback):
                 self._reference.refuse_resumed_snapshot(self._restores.resumed(trainer), "MergeProbe", "donors/methods")
             self._reference.resolve(self._params)
             if self._reference is self._own_reference:
-                self._reference.check_base_of(self._params, "MergeProbe", self.max_relative_distance)
+                self._reference.check_base_of(self._params, "MergeProbe", self.check_base)
         if not self._params:
             raise ValueError("MergeProbe: no trainable parameters match include/exclude")
         every = self._view.params if self._view is not None else dict(pl_module.named_parameters())
@@ -388,7 +383,7 @@ class MergeProbe(Callback):
 
     def _load_donors(self, trainer: pl.Trainer) -> None:
         """Read every donor now, check it against the base tensor by tensor, and keep its task vector."""
-        self._donor_tau, self.donor_distance = {}, {}
+        self._donor_tau, self.donor_cosine = {}, {}
         itemsize = torch.empty((), dtype=self.donor_dtype).element_size()
         per_process = len(self.donor_inputs) * itemsize * sum(local(p).numel() for p in self._merged.values())
         refuse_unaffordable(
@@ -400,14 +395,14 @@ class MergeProbe(Callback):
             "the model with FSDP2 (each rank then holds its rows)",
         )
         for name, obj in self.donor_inputs.items():
-            self._donor_tau[name], self.donor_distance[name] = donor_task_vector(
+            self._donor_tau[name], self.donor_cosine[name] = donor_task_vector(
                 obj,
                 name,
                 self._merged,
                 self._reference,
                 device=self.donor_device,
                 dtype=self.donor_dtype,
-                max_relative_distance=self.max_relative_distance,
+                check_base=self.check_base,
                 optional=self._buffers,
             )
         # A buffer merges only where every donor has it: the others keep their live values.

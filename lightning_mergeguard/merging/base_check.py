@@ -1,16 +1,37 @@
-"""Is a donor a fine-tune of this base? A per-tensor distance test that works for every architecture.
+"""Is a donor a fine-tune of this base? A per-matrix cosine test that works for every architecture.
 
-A global ``||theta - theta_pre|| / ||theta_pre||`` is dominated by tensors with a large norm and little
-information (RMSNorm weights initialised to 1.0, say), so a donor from another random init or another pretrained
-model of the same shape can pass it. Instead, each weight matrix is compared with its own base tensor, and the
-**median** of the relative distances ``||w - w_pre|| / ||w_pre||`` decides: fine-tunes move each matrix by a few
-percent (rarely past 0.5 even for aggressive fine-tunes), two independent models of the same shape are about
-``sqrt(2) = 1.41`` apart per matrix.
+A distance ``||w - w_pre|| / ||w_pre||`` does not separate the two cases it must: a heavily changed fine-tune of
+a small model sits further from its base (measured: 1.93x) than an independent model of the same shape (1.61x),
+because both are dominated by how much was added, not by what was kept. What a fine-tune keeps is its base's
+*direction*: each weight matrix ``w = w_pre + delta`` has cosine ``~ 1 / sqrt(1 + r**2)`` with ``w_pre`` for a
+change of relative size ``r`` (0.46 at ``r = 1.93``, 0.1 only past ``r = 10``), while two independently
+initialised or pretrained matrices of ``n`` entries have cosine ``~ N(0, 1/n)``, a few hundredths at most.
+
+So each weight matrix is compared with its own base tensor, and the **median** of the cosines decides, together
+with the median of ``z = cosine * sqrt(n)`` (about ``N(0, 1)`` for independent matrices, so small matrices are
+not taken for related by chance):
+
+- ``>= SAME_BASE_COSINE`` (0.2): a fine-tune of the base;
+- ``< FOREIGN_COSINE`` (0.05), or below 0.2 with a median ``z`` under :data:`RELATED_Z` (3): another model
+  (independent init, another pretrained model of the same shape, or a re-parameterised one such as a permuted
+  residual stream): refused, naming the switch that turns the check off;
+- in between (related beyond chance, but far): the test cannot tell, and warns instead of refusing.
+
+Example:
+    >>> import torch
+    >>> torch.manual_seed(0) is not None
+    True
+    >>> base = torch.randn(64, 64)
+    >>> round(cosine(base + 2 * torch.randn(64, 64), base), 1)  # a far fine-tune: 2x its norm moved
+    0.4
+    >>> abs(cosine(torch.randn(64, 64), base)) < 0.05  # an independent matrix
+    True
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,24 +40,45 @@ from torch import Tensor
 
 from lightning_mergeguard.errors import ForeignBaseError
 
-__all__ = ["DEFAULT_MAX_RELATIVE_DISTANCE", "check_same_base", "relative_distance", "tensors_to_compare"]
+__all__ = [
+    "FOREIGN_COSINE",
+    "RELATED_Z",
+    "SAME_BASE_COSINE",
+    "BaseCheckWarning",
+    "check_same_base",
+    "compare",
+    "cosine",
+    "median_cosine",
+    "tensors_to_compare",
+]
 
-DEFAULT_MAX_RELATIVE_DISTANCE = 1.0
-"""Median per-matrix relative distance above which a donor is taken for a model of another base."""
+SAME_BASE_COSINE = 0.2
+"""Median per-matrix cosine with the base at or above which a donor is taken for a fine-tune of it."""
+
+FOREIGN_COSINE = 0.05
+"""Median per-matrix cosine below which a donor is refused as a model of another base."""
+
+RELATED_Z = 3.0
+"""Median ``cosine * sqrt(entries)`` below which the cosines are what independent matrices give by chance."""
 
 
-def relative_distance(weights: Tensor, base: Tensor) -> float | None:
-    """``||weights - base|| / ||base||`` in float32 on ``base``'s device; ``None`` when ``base`` is zero.
+class BaseCheckWarning(UserWarning):
+    """The same-base test could not decide (median cosine between the two bounds, or nothing to compare)."""
+
+
+def cosine(weights: Tensor, base: Tensor) -> float | None:
+    """Cosine of the flattened tensors in float32 on ``base``'s device; ``None`` when either is zero or not finite.
 
     Example:
-        >>> relative_distance(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 0.0]))
-        1.3333
+        >>> cosine(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 0.0]))
+        0.6
     """
-    b = base.detach().float()
-    bn = float(b.norm())
-    if bn == 0 or not math.isfinite(bn):
+    b = base.detach().reshape(-1).float()
+    w = weights.detach().reshape(-1).to(b.device, torch.float32)
+    denom = float(w.norm()) * float(b.norm())
+    if denom == 0 or not math.isfinite(denom):
         return None
-    return float((weights.detach().to(b.device, torch.float32) - b).norm()) / bn
+    return float(torch.dot(w, b)) / denom
 
 
 def tensors_to_compare(shapes: dict[str, tuple[tuple[int, ...], Any]], limit: int | None = None) -> list[str]:
@@ -56,44 +98,81 @@ def tensors_to_compare(shapes: dict[str, tuple[tuple[int, ...], Any]], limit: in
     return names
 
 
+Comparison = tuple[str, "float | None", int]
+"""``(tensor name, cosine with the base's tensor or None, number of entries compared)``."""
+
+
+def compare(name: str, weights: Tensor, base: Tensor) -> Comparison:
+    """One tensor's entry for :func:`check_same_base`."""
+    return name, cosine(weights, base), base.numel()
+
+
+def _median(values: list[float]) -> float:
+    if not values:
+        return math.nan
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+
+def median_cosine(comparisons: Iterable[Comparison]) -> float:
+    """The median of the cosines that could be computed (``nan`` if none).
+
+    Example:
+        >>> median_cosine([("a", 0.9, 100), ("b", None, 100), ("c", 0.1, 100)])
+        0.5
+    """
+    return _median([c for _, c, _ in comparisons if c is not None])
+
+
 def check_same_base(
-    distances: Iterable[tuple[str, float | None]],
+    comparisons: Iterable[Comparison],
     *,
     donor: str,
     base: str = "the base model",
-    max_relative_distance: float | None = DEFAULT_MAX_RELATIVE_DISTANCE,
+    switch: str = "check_base=False",
+    refuse: bool = True,
 ) -> float:
-    """Raise if the median of per-tensor relative distances exceeds ``max_relative_distance``.
+    """Refuse (or warn about) a donor whose weight matrices do not point the base's way.
 
     Args:
-        distances: ``(tensor name, relative distance or None)`` pairs (``None`` for a zero base tensor).
+        comparisons: ``(tensor name, cosine with the base's tensor or None, entries)`` (see :func:`compare`;
+            ``None``: a zero tensor).
         donor: The donor's name, for the message.
         base: How to name the base in the message.
-        max_relative_distance: The bound; ``None`` turns the test off.
+        switch: The option that turns the check off, in the words of the entry point that runs it (for example
+            ``"--no-base-check"`` on the command line).
+        refuse: ``False`` only warns, also below :data:`FOREIGN_COSINE` (where the comparison has no base, say).
 
     Returns:
-        The median relative distance (``nan`` if no tensor could be compared).
+        The median cosine (``nan`` if no tensor could be compared).
 
     Raises:
-        ForeignBaseError: Naming the donor, the median and the farthest tensor.
+        ForeignBaseError: Naming the donor, the median, the least similar tensor and ``switch``.
 
     Example:
-        >>> check_same_base([("a", 0.02), ("b", 0.05), ("c", 0.9)], donor="d")
-        0.05
+        >>> check_same_base([("a", 0.98, 4096), ("b", 0.7, 4096), ("c", 0.01, 4096)], donor="d")
+        0.7
     """
-    pairs = [(k, d) for k, d in distances if d is not None]
-    if not pairs:
+    triples = [(k, c, n) for k, c, n in comparisons if c is not None]
+    if not triples:
         return math.nan
-    values = sorted(d for _, d in pairs)
-    median = (
-        values[len(values) // 2] if len(values) % 2 else 0.5 * (values[len(values) // 2 - 1] + values[len(values) // 2])
+    median = median_cosine(triples)
+    if median >= SAME_BASE_COSINE:
+        return median
+    z = _median([c * math.sqrt(n) for _, c, n in triples])
+    low_name, low, _ = min(triples, key=lambda p: p[1])
+    facts = (
+        f"its weight matrices have a median cosine of {median:.3f} with {base}'s (least similar {low_name!r} at "
+        f"{low:.3f}); fine-tunes keep 0.2-1.0 (0.46 for one that moved each matrix twice its norm), independent "
+        "models of the same shape about 0.0"
     )
-    if max_relative_distance is not None and median > max_relative_distance:
-        far_name, far = max(pairs, key=lambda p: p[1])
+    foreign = median < FOREIGN_COSINE or z < RELATED_Z
+    if foreign and refuse:
         raise ForeignBaseError(
-            f"model {donor!r} is not a fine-tune of {base}: its weight matrices are a median {median:.2f}x their "
-            f"own norm away from the base's (limit {max_relative_distance}; farthest {far_name!r} at {far:.2f}x). "
-            "Fine-tunes of one base are usually within 0.1x; independent models of the same shape about 1.4x. "
-            "Pass the right base, or turn the check off if this is intended."
+            f"model {donor!r} is not a fine-tune of {base}: {facts}. Pass the right base, or turn the check off "
+            f"with {switch} if this is intended (a re-parameterised or re-permuted model, say)"
         )
+    what = "does not look like" if foreign else "may not be"
+    warnings.warn(f"model {donor!r} {what} a fine-tune of {base}: {facts}", BaseCheckWarning, stacklevel=3)
     return median

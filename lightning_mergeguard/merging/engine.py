@@ -37,12 +37,7 @@ from lightning_mergeguard.io import (
     clean_orphaned_temps,
     parse_size,
 )
-from lightning_mergeguard.merging.base_check import (
-    DEFAULT_MAX_RELATIVE_DISTANCE,
-    check_same_base,
-    relative_distance,
-    tensors_to_compare,
-)
+from lightning_mergeguard.merging.base_check import check_same_base, compare, tensors_to_compare
 from lightning_mergeguard.merging.card import model_card_text
 from lightning_mergeguard.merging.config import MergeConfig
 from lightning_mergeguard.merging.layers import LAYER_STACKS, layer_fractions, layer_index
@@ -58,6 +53,8 @@ __all__ = ["check_compatible", "check_same_base_sources", "iter_merge", "merge"]
 DEFAULT_PREFETCH_BYTES = 512 << 20
 """Inputs of the next tensor read ahead while this one merges, when they take at most this much (compute dtype)."""
 _CHECK_ENTRIES = 1 << 20  # entries per tensor the same-base check compares
+CHECK_BASE_SWITCH = "check_base=False (mergeguard-merge --no-base-check)"
+"""How the engine's refusals name the switch that turns the same-base check off."""
 CHUNK = 1 << 20
 """Entries per slice when an elementwise method (linear, task arithmetic) merges a large tensor on the CPU."""
 DEFAULT_SHARD_SIZE = "5B"
@@ -165,24 +162,43 @@ def check_same_base_sources(
     donors: Sequence[WeightSource],
     *,
     device: torch.device | str = "cpu",
-    max_relative_distance: float | None = DEFAULT_MAX_RELATIVE_DISTANCE,
     sample: int = 16,
+    refuse: bool = True,
+    switch: str = CHECK_BASE_SWITCH,
 ) -> dict[str, float]:
     """Refuse donors that are not fine-tunes of ``base``, before any tensor is merged.
 
-    Compares up to ``sample`` weight matrices spread over the model, the first 2**20 entries of each (see
-    :mod:`~lightning_mergeguard.merging.base_check`); returns each donor's median relative distance.
+    Compares up to ``sample`` weight matrices spread over the model, the first 2**20 entries of each, by their
+    cosine with the base's (see :mod:`~lightning_mergeguard.merging.base_check`); a LoRA donor's declared base is
+    checked against the base it is applied to
+    (:meth:`~lightning_mergeguard.merging.lora.LoraSource.check_declared_base`).
+
+    Args:
+        base: The base (or, for a merge with no base, the first model: then pass ``refuse=False``).
+        donors: The models to check.
+        device: Where to compute the cosines.
+        sample: Matrices compared per donor.
+        refuse: ``False`` warns instead of refusing (a comparison with a stand-in for the base).
+        switch: The option that turns the check off, named in the refusal.
+
+    Returns:
+        Each donor's median cosine with the base.
 
     Raises:
-        ForeignBaseError: Naming the donor, its median distance and the farthest tensor.
+        ForeignBaseError: Naming the donor, its median cosine, the least similar tensor and ``switch``.
     """
+    from lightning_mergeguard.merging.lora import LoraSource
+
+    for src in (base, *donors):
+        if isinstance(src, LoraSource):
+            src.check_declared_base(switch=switch)
     shared = set(base.keys()).intersection(*(src.keys() for src in donors))  # a donor may hold only a sub-model
     names = tensors_to_compare({k: base.meta(k) for k in base.keys() if k in shared}, limit=sample)
     dev = torch.device(device)
 
     def head(src: WeightSource, key: str) -> Tensor:
-        # The first entries of a large matrix measure its distance as well as the whole (a foreign model is
-        # ~1.4x away everywhere), for a fixed cost per tensor at any model size.
+        # The first entries of a large matrix point the way the whole does (a foreign model is ~0 everywhere),
+        # for a fixed cost per tensor at any model size.
         shape, dtype = src.meta(key)
         buf = torch.empty(min(math.prod(shape), _CHECK_ENTRIES), dtype=dtype)
         src.read_flat(key, 0, buf)
@@ -191,9 +207,9 @@ def check_same_base_sources(
     base_heads = {k: head(base, k) for k in names}
     out = {}
     for src in donors:
-        distances = [(k, relative_distance(head(src, k), base_heads[k])) for k in names]
+        cosines = [compare(k, head(src, k), base_heads[k]) for k in names]
         out[src.name] = check_same_base(
-            distances, donor=src.name, base=f"base {base.name!r}", max_relative_distance=max_relative_distance
+            cosines, donor=src.name, base=f"base {base.name!r}", switch=switch, refuse=refuse
         )
     return out
 
@@ -345,8 +361,10 @@ def _merge_sources(
     spec = cfg.method
     reference = base_src if base_src is not None else donors[0]
     check_compatible(reference, donors if base_src is not None else donors[1:], allow_crimes=allow_crimes)
-    if check_base:
-        check_same_base_sources(reference, donors if base_src is not None else donors[1:], device=device)
+    if check_base:  # a merge with no base compares its models with the first one, and only warns
+        check_same_base_sources(
+            reference, donors if base_src is not None else donors[1:], device=device, refuse=base_src is not None
+        )
     compute = cfg.compute_dtype
     dev = torch.device(device)
     prepared = spec.prepare(cfg, base_src, donors, dev) if spec.prepare is not None else None
@@ -648,9 +666,12 @@ def merge(
         device: Where to compute (``"cuda"`` works when available).
         seed: Seed for randomized methods (overrides the config's).
         progress: Show a progress bar.
-        check_base: Refuse donors that are not fine-tunes of the base (a per-matrix distance test on up to 16
-            tensors, before anything is merged; see :mod:`~lightning_mergeguard.merging.base_check`). Turn it off
-            for models re-parameterised on purpose (a permuted PaRaMS copy looks like another model).
+        check_base: Refuse donors that are not fine-tunes of the base (a per-matrix cosine test on up to 16
+            tensors, before anything is merged; see :mod:`~lightning_mergeguard.merging.base_check`), and LoRA
+            adapters declared for another base. Merges with no base (``linear``, ``karcher``, ``nuslerp`` and
+            ``multislerp`` without ``base_model``) compare the models with the first one and only warn, as mergekit
+            runs them. Turn it off for models re-parameterised on purpose (a permuted PaRaMS copy looks like
+            another model).
         existing: ``"replace"`` (default) an existing model at ``out``, or ``"refuse"`` to write over one.
         out_shard_size: Largest output shard of a model directory (bytes, or ``"500M"``, ``"5B"``, ``"2GB"``;
             default ``"5B"`` as mergekit). A model that needs several shards is written as

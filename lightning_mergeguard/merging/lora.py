@@ -52,6 +52,24 @@ def lora_delta(a: Tensor, b: Tensor, scaling: float, *, transpose: bool = False)
     return (delta.T if transpose else delta) * scaling
 
 
+def _id_of(reference: Any) -> str | None:
+    """A model reference reduced to compare names: a Hub id ``org/name`` (no revision) or a folder's last name.
+
+    Example:
+        >>> _id_of("HuggingFaceTB/SmolLM2-135M@main"), _id_of("/cache/models--HuggingFaceTB--SmolLM2-135M/snapshots/ab")
+        ('huggingfacetb/smollm2-135m', 'huggingfacetb/smollm2-135m')
+    """
+    if not reference:
+        return None
+    text = str(reference).strip().rstrip("/").partition("@")[0]
+    for part in Path(text).parts:
+        if part.startswith("models--"):  # a Hugging Face cache folder: models--org--name/snapshots/<hash>
+            return part[len("models--") :].replace("--", "/", 1).lower()
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists():
+        return text.lower()
+    return Path(text).name.lower()
+
+
 def is_lora_adapter(path: str | Path) -> bool:
     """Whether ``path`` is a PEFT adapter directory (``adapter_config.json`` beside the adapter weights)."""
     p = Path(path)
@@ -107,6 +125,9 @@ class LoraSource(WeightSource):
         self.directory = self.base.directory
         self.files = (*self.base.files, *sorted(self.adapter.glob("adapter_model.*")))
         cfg = self._read_config()
+        declared = cfg.get("base_model_name_or_path")
+        self.declared_base: str | None = str(declared) if declared else None
+        """The base the adapter says it was trained on (``adapter_config.json``'s ``base_model_name_or_path``)."""
         weights = self._read_weights()
         self._fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
         self._updates: dict[str, tuple[Tensor, Tensor, bool]] = {}  # base key -> (A, B, is embedding)
@@ -149,6 +170,70 @@ class LoraSource(WeightSource):
             if "lora_B.bias" in parts:
                 self._bias[self._base_key(f"{module}.bias", base_keys)] = (target, parts["lora_B.bias"])
         self._full = {self._base_key(k, base_keys): v for k, v in full.items()}
+
+    def check_declared_base(self, switch: str = "check_base=False") -> None:
+        """Refuse an adapter that was trained on another base than the one it is applied to.
+
+        The adapter's update ``B @ A`` keeps ``base + BA`` close to any base, so the same-base test of the weights
+        cannot see this; what can: the base ``adapter_config.json`` declares (a local model whose weights are not
+        this base's, or a Hub id other than the one this base's ``config.json`` names). The whole tensors an adapter
+        saves beside its LoRA matrices (``modules_to_save``) are compared by cosine with the base's too, with a
+        warning only (a head may be re-initialised on purpose).
+
+        Where nothing tells (a Hub id declared, a local base that names none), it warns.
+
+        Args:
+            switch: The option that turns the check off, named in the refusal.
+
+        Raises:
+            ForeignBaseError: Naming the adapter, both bases and ``switch``.
+        """
+        import warnings
+
+        from lightning_mergeguard.errors import ForeignBaseError
+        from lightning_mergeguard.merging.base_check import BaseCheckWarning, check_same_base, compare, cosine
+
+        base_label = str(self.base.directory or self.base.name)
+        base_keys = set(self.base.keys())
+        whole = [(k, v) for k, v in self._full.items() if v.dim() >= 2 and k in base_keys]
+        if whole:  # a head re-initialised on purpose is no proof of another base: a warning, not a refusal
+            check_same_base(
+                [compare(k, v, self.base.get(k)) for k, v in whole],
+                donor=f"{self.adapter} (its saved whole tensors)",
+                base=f"LoRA base {base_label!r}",
+                switch=switch,
+                refuse=False,
+            )
+        declared = self.declared_base
+        if not declared:
+            return
+        refusal = (
+            f"LoRA adapter {str(self.adapter)!r} was trained on {declared!r} (adapter_config.json: "
+            f"base_model_name_or_path) but is applied to {base_label!r}"
+        )
+        if Path(declared).exists():
+            if self.base.directory is not None and Path(declared).resolve() == self.base.directory.resolve():
+                return
+            theirs = open_source(declared, name=declared)
+            same = [k for k in self.base.keys() if k in set(theirs.keys())]
+            matrices = [k for k in same if len(self.base.meta(k)[0]) >= 2][:16]
+            if matrices and all(
+                theirs.meta(k)[0] == self.base.meta(k)[0]
+                and (cosine(theirs.get(k), self.base.get(k)) or 0.0) > 1 - 1e-4
+                for k in matrices
+            ):
+                return  # a copy of the same weights elsewhere
+            raise ForeignBaseError(f"{refusal}, whose weights differ; pass that base, or {switch}")
+        names = {_id_of(self.base.directory), _id_of((self.base.config or {}).get("_name_or_path"))} - {None}
+        if _id_of(declared) in names:
+            return
+        if any("/" in n for n in names) and "/" in _id_of(declared):  # two Hub ids that differ
+            raise ForeignBaseError(f"{refusal}, a model named {sorted(names)}; pass that base, or {switch}")
+        warnings.warn(
+            f"{refusal}; this base does not name itself the same way, so it cannot be checked: make sure it is the one",
+            BaseCheckWarning,
+            stacklevel=3,
+        )
 
     # ------------------------------------------------------------------------------------------------- reading
     def _read_config(self) -> dict[str, Any]:

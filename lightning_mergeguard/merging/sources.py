@@ -336,6 +336,22 @@ class SafetensorsSource(WeightSource):
             h.close()
 
 
+def _unpickle_reason(err: Exception) -> str:
+    r"""What torch's weights-only unpickler refused, without its advice to turn the safety off.
+
+    Example:
+        >>> _unpickle_reason(RuntimeError("Weights only load failed. Re-running ... False ...\nWeightsUnpickler "
+        ...                               "error: Unsupported global: GLOBAL posix.system\n\nCheck the docs."))
+        'Unsupported global: GLOBAL posix.system'
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else "an unsupported object")
+    return next((line for line in lines if "weights_only" not in line), type(err).__name__)
+
+
 def _load_pickle_weights(path: Path) -> dict[str, Tensor]:
     import zipfile
 
@@ -345,9 +361,9 @@ def _load_pickle_weights(path: Path) -> dict[str, Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
         raise WeightsFileError(
-            f"{path} could not be loaded with torch.load(weights_only=True) (refusing to unpickle arbitrary "
-            f"objects): {err}"
-        ) from err
+            f"{path} is not a plain file of tensors and was not unpickled (it may hold code; torch.load with "
+            f"weights_only=True refused it: {_unpickle_reason(err)}); save it as safetensors where you trust it"
+        ) from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]  # a Lightning checkpoint
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):

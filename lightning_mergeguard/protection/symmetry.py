@@ -501,6 +501,52 @@ def symmetry_errors(
     return errors
 
 
+def _width(block: nn.Module) -> int | None:
+    """The residual width a block reads: the size of its first 1-d parameter (its first norm's weight)."""
+    for p in block.parameters():
+        if p.dim() == 1:
+            return p.shape[0]
+    return None
+
+
+def self_check_forward(module: nn.Module, groups: Sequence[SymmetryGroup]) -> Callable[[], Any]:
+    """A forward pass that exercises every block ``groups`` name, for a check with no real batch at hand.
+
+    Each block is called alone on seeded random input of its width (``(2, 5, width)``); a block that cannot be
+    called so (a Hugging Face decoder layer needs its rotary embeddings) is exercised by a pass of the enclosing
+    Hugging Face model on random token ids instead.
+
+    Raises:
+        ValueError: Naming the block when neither works.
+    """
+    subs = dict(module.named_modules())
+    blocks = sorted({g.block for g in groups})
+    param = next(module.parameters())
+    calls: list[Callable[[], Any]] = []
+    needs_model = []
+    for name in blocks:
+        width = _width(subs[name])
+        x = torch.randn(2, 5, width or 1, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
+        try:
+            with torch.no_grad(), eval_mode(subs[name]):
+                subs[name](x)
+        except Exception:  # any failure means: check it through the whole model instead
+            needs_model.append(name)
+            continue
+        calls.append(lambda block=subs[name], x=x: block(x))
+    if needs_model:
+        hf = next((m for m in module.modules() if hasattr(m, "get_input_embeddings") and hasattr(m, "config")), None)
+        vocab = getattr(getattr(hf, "config", None), "vocab_size", None)
+        if hf is None or not vocab:
+            raise ValueError(
+                f"amplify cannot check block {needs_model[0]!r} of {type(module).__name__} on its own: pass "
+                "forward= (one forward pass of the model on a real batch)"
+            )
+        ids = torch.randint(0, int(vocab), (2, 9), generator=torch.Generator().manual_seed(0)).to(param.device)
+        calls.append(lambda: hf(input_ids=ids))
+    return lambda: [call() for call in calls]
+
+
 def amplify_module_(
     module: nn.Module,
     strength: float = 100.0,
@@ -517,9 +563,11 @@ def amplify_module_(
         strength: Largest scale; scales are powers of two, log-uniform in ``[1, strength]``.
         seed: Seed of the draw.
         groups: The symmetries to apply (default: :func:`find_symmetries` of ``module``).
-        forward: One forward pass of the model on a real batch. When given, every kind of symmetry is checked
-            first with :func:`symmetry_errors`, and kinds that change the blocks' outputs by more than
-            ``tolerance`` (relative) are left out: the model is never silently changed. ``None``: trust ``groups``.
+        forward: One forward pass of the model on a real batch. Every kind of symmetry is checked first with
+            :func:`symmetry_errors`, and kinds that change the blocks' outputs by more than ``tolerance``
+            (relative) are left out: the model is never silently changed. ``None``: the check runs on
+            :func:`self_check_forward` (each block on random input, or the Hugging Face model on random tokens),
+            since a block can carry the known names and compute something else (a post-norm block, say).
         reduce: Mean across processes of a tensor (DDP), so that every rank drops the same kinds.
         tolerance: Largest relative change of a block's output a kept kind may cause (exact symmetries with
             power-of-two scales cause none).
@@ -550,33 +598,34 @@ def amplify_module_(
         )
     scales = draw_scales(groups, strength, seed)
     extra: dict[str, Any] = {}
-    if forward is not None:
-        checked = symmetry_errors(module, groups, scales, forward)
-        if reduce is not None:  # one decision on every process
-            device = next(iter(params.values())).device
-            mean = reduce(torch.tensor(list(checked.values()), dtype=torch.float64, device=device))
-            checked = dict(zip(checked, mean.tolist(), strict=True))
-        if not checked["repeat"] <= tolerance:
-            raise ValueError(
-                "amplify cannot check the symmetries on this model: two seeded forward passes with the same weights "
-                f"differ by {checked['repeat']:.3g} (relative), or the blocks' outputs were never seen"
+    if forward is None:
+        forward = self_check_forward(module, groups)
+    checked = symmetry_errors(module, groups, scales, forward)
+    if reduce is not None:  # one decision on every process
+        device = next(iter(params.values())).device
+        mean = reduce(torch.tensor(list(checked.values()), dtype=torch.float64, device=device))
+        checked = dict(zip(checked, mean.tolist(), strict=True))
+    if not checked["repeat"] <= tolerance:
+        raise ValueError(
+            "amplify cannot check the symmetries on this model: two seeded forward passes with the same weights "
+            f"differ by {checked['repeat']:.3g} (relative), or the blocks' outputs were never seen"
+        )
+    dropped = sorted(k for k, e in checked.items() if k != "repeat" and not e <= tolerance)
+    kept = [i for i, g in enumerate(groups) if g.kind not in dropped]
+    if not kept:
+        fp16 = any(params[f.name].dtype == torch.float16 for g in groups for f in g.factors)
+        raise ValueError(
+            f"amplify found no exact symmetry in {type(module).__name__}: each kind changed the blocks' outputs "
+            f"({', '.join(f'{k}: {checked[k]:.3g}' for k in dropped)} relative), so "
+            + (
+                "the rescaled float16 weights lost precision (below 6.1e-5 float16 is subnormal) or overflowed: "
+                "amplify a float32 or bfloat16 copy, or lower the strength"
+                if fp16
+                else "its blocks are not the ones they look like"
             )
-        dropped = sorted(k for k, e in checked.items() if k != "repeat" and not e <= tolerance)
-        kept = [i for i, g in enumerate(groups) if g.kind not in dropped]
-        if not kept:
-            fp16 = any(params[f.name].dtype == torch.float16 for g in groups for f in g.factors)
-            raise ValueError(
-                f"amplify found no exact symmetry in {type(module).__name__}: each kind changed the blocks' outputs "
-                f"({', '.join(f'{k}: {checked[k]:.3g}' for k in dropped)} relative), so "
-                + (
-                    "the rescaled float16 weights lost precision (below 6.1e-5 float16 is subnormal) or overflowed: "
-                    "amplify a float32 or bfloat16 copy, or lower the strength"
-                    if fp16
-                    else "its blocks are not the ones they look like"
-                )
-            )
-        groups, scales = [groups[i] for i in kept], [scales[i] for i in kept]
-        extra = {"checked": checked, "dropped": dropped}
+        )
+    groups, scales = [groups[i] for i in kept], [scales[i] for i in kept]
+    extra = {"checked": checked, "dropped": dropped}
     names = sorted({f.name for g in groups for f in g.factors})
     _apply_scales_(params, groups, scales)
     kinds: dict[str, int] = {}

@@ -48,6 +48,8 @@ class Stage2Context:
         partners: Task vectors of other fine-tunes of the same base known to the trainer (a MergeProbe's donors),
             name -> (parameter name -> tensor); strategies that rehearse merges use them.
         keep_batches: Batches whose behaviour stage 2 must keep (a fingerprint's rows): they join the own loss.
+        who: The entry point that runs stage 2, as its warnings name it.
+        advice: What to change when stage 2 keeps no step, in that entry point's words.
     """
 
     module: nn.Module
@@ -64,6 +66,8 @@ class Stage2Context:
     warn: Callable[[str], None] = field(default=lambda message: None)
     partners: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict)
     keep_batches: Sequence[Any] = ()
+    who: str = "MergeGuardCallback"
+    advice: str = "Try more stage-2 steps, a lower lr or a larger tolerance (stage2=...(steps=, lr=), tolerance=)."
 
 
 class Stage2(ABC):
@@ -147,9 +151,9 @@ class _GuardRail:
         steps_used = int(self.best["step"])
         if steps_used == 0:
             self.ctx.warn(
-                f"MergeGuardCallback: no stage-2 weights stayed within {self.ctx.tolerance} points while lowering "
-                "the merge proxy below the stage-1 weights'; kept the stage-1 weights. Try more steps, a lower lr "
-                "or a larger tolerance."
+                f"{self.ctx.who}: no stage-2 weights stayed within {self.ctx.tolerance} points while lowering "
+                f"the merge proxy below the weights it started from; kept those (NOT protected by stage 2). "
+                f"{self.ctx.advice}"
             )
         return float(self.best["score"]), {
             "steps_used": steps_used,

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from lightning_mergeguard.errors import MergeGuardError, report_error
+from lightning_mergeguard.cli._args import add_switch, hyphenated, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     Example:
         ``mergeguard-merge ties.yml ./merged --seed 0``
     """
+    return run("mergeguard-merge", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="mergeguard-merge", description=__doc__)
     parser.add_argument("config", help="mergekit YAML file")
     parser.add_argument("out", help="output model directory, or a path ending in .safetensors")
@@ -28,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed for randomized methods (DARE)")
     parser.add_argument("--random-seed", type=int, dest="seed", help="alias of --seed, as in mergekit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument(
-        "--no-base-check",
-        action="store_true",
-        help="merge donors even if they do not look like fine-tunes of the base (e.g. re-parameterised models)",
+    add_switch(
+        parser,
+        "base-check",
+        True,
+        "refuse donors that are not fine-tunes of the base (median per-matrix cosine with it); --no-base-check "
+        "merges them anyway (e.g. re-parameterised models)",
     )
     parser.add_argument(
         "--no-overwrite", action="store_true", help="refuse to write over a model already at OUT (default: replace it)"
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         help="read one tensor at a time with no read-ahead and drop input pages once read (least memory, slower)",
     )
     _add_mergekit_options(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(hyphenated(sys.argv[1:] if argv is None else argv))
     refused = _refused_options(args)
     if refused:
         parser.error(refused)
@@ -63,38 +69,31 @@ def main(argv: list[str] | None = None) -> int:
     # tensor, and with 4 KiB pages every fresh buffer costs page faults (at 1B parameters, ~40% of the wall time).
     # torch reads this when it is imported, which here is only now; the user's own setting wins.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    try:
-        from lightning_mergeguard.merging import MergeConfig, merge  # after parsing: --help needs no torch
+    from lightning_mergeguard.merging import MergeConfig, merge  # after parsing: --help needs no torch
 
-        cfg = MergeConfig.from_yaml(args.config)
-        if args.device == "auto" or args.num_threads:
-            import torch
+    cfg = MergeConfig.from_yaml(args.config)
+    if args.device == "auto" or args.num_threads:
+        import torch
 
-            if args.device == "auto":
-                args.device = "cuda" if torch.cuda.is_available() else "cpu"
-            if args.num_threads:
-                torch.set_num_threads(args.num_threads)
-        start = time.perf_counter()
-        out = merge(
-            cfg,
-            out=args.out,
-            device=args.device,
-            seed=args.seed,
-            progress=not (args.no_progress or args.quiet),
-            check_base=not args.no_base_check,
-            existing="refuse" if args.no_overwrite else "replace",
-            out_shard_size=args.out_shard_size,
-            low_memory=args.low_memory,
-            allow_crimes=args.allow_crimes,
-            copy_tokenizer=args.copy_tokenizer,
-            model_card=args.write_model_card,
-        )
-    except KeyboardInterrupt:
-        print("mergeguard-merge: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except (MergeGuardError, ValueError, NotImplementedError, OSError, RuntimeError) as err:
-        # Every expected failure is one line (the typed errors name the file, model, tensor or key): no traceback.
-        return report_error("mergeguard-merge", err)
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+    start = time.perf_counter()
+    out = merge(
+        cfg,
+        out=args.out,
+        device=args.device,
+        seed=args.seed,
+        progress=not (args.no_progress or args.quiet),
+        check_base=args.base_check,
+        existing="refuse" if args.no_overwrite else "replace",
+        out_shard_size=args.out_shard_size,
+        low_memory=args.low_memory,
+        allow_crimes=args.allow_crimes,
+        copy_tokenizer=args.copy_tokenizer,
+        model_card=args.write_model_card,
+    )
     print(f"merged with {cfg.merge_method} into {out} in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -1,0 +1,134 @@
+"""Whether a protection did what it claims, and whether its weights survive the dtype they are written in.
+
+Both the callback and ``mergeguard-protect`` end with these two checks, so that an unchanged model is never called
+protected and a release is never written in a dtype that overflows it or flushes it to zero.
+
+Example:
+    >>> import torch
+    >>> w = {"w": torch.ones(2)}
+    >>> not_protected_reason({"stage2": {"steps_used": 3}}, w, w)
+    'no weight changed: the written model is the unprotected fine-tune'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_mergeguard.errors import NonFiniteError
+
+__all__ = ["check_castable", "not_protected_reason"]
+
+CAST_TOLERANCE = 1e-2
+"""Largest relative change of a tensor (``||cast - w|| / ||w||``) its dtype cast may cause (bf16 rounds at 4e-3)."""
+
+
+def not_protected_reason(
+    report: Mapping[str, Any],
+    before: Mapping[str, Tensor],
+    after: Mapping[str, Tensor],
+    *,
+    stage2_words: str = "",
+) -> str | None:
+    """Why the protection in ``report`` did nothing, or less than it claims; ``None`` when it did what it says.
+
+    Not protected: no weight changed; stage 2 kept no step and no re-parameterisation was applied (so the
+    release is the fine-tune, give or take a re-fit); or every merge in ``report["merges"]`` kept the owner's score
+    within the tolerance (the merges measured are not stopped).
+
+    Args:
+        report: A protection report (``stage2``, optional ``refit``, ``amplify``, ``merges``, ``tolerance``).
+        before: The weights before protection.
+        after: The weights written.
+        stage2_words: What to change, in the entry point's words, appended to the reason for a stage 2 that kept
+            no step.
+
+    Returns:
+        The reason, or ``None``.
+    """
+    changed = [k for k, v in after.items() if k in before and not torch.equal(v.detach().cpu(), before[k].cpu())]
+    if not changed:
+        return "no weight changed: the written model is the unprotected fine-tune" + (
+            f" (stage 2 kept no step: {stage2_words})" if stage2_words else ""
+        )
+    amplified = bool((report.get("amplify") or {}).get("applied"))
+    kept = (report.get("stage2") or {}).get("steps_used")
+    if kept == 0 and not amplified and not report.get("refit"):
+        return "stage 2 kept no step within the tolerance" + (f": {stage2_words}" if stage2_words else "")
+    merges = report.get("merges") or {}
+    tolerance = float(report.get("tolerance", 1.0))
+    if merges and all(m["protected"] >= m["unprotected"] - tolerance for m in merges.values()):
+        scores = "; ".join(f"{k}: {m['unprotected']:.1f} -> {m['protected']:.1f}" for k, m in merges.items())
+        return f"no merge measured lost more than the tolerance ({tolerance} points) of the owner's score ({scores})"
+    return None
+
+
+def check_castable(state: Mapping[str, Tensor], dtype: torch.dtype, switch: str) -> None:
+    """Refuse to write ``state`` in ``dtype`` where the cast overflows a weight or loses a tensor to rounding.
+
+    Args:
+        state: The weights, in the dtype they were computed in.
+        dtype: The dtype to write.
+        switch: The option that picks another dtype, for the message.
+
+    Raises:
+        NonFiniteError: Naming the tensor, the dtype, what happens, and ``switch``.
+
+    Example:
+        >>> check_castable({"w": torch.tensor([1.0, 2.0**20])}, torch.float16, "dtype=")
+        Traceback (most recent call last):
+        ...
+        lightning_mergeguard.errors.NonFiniteError: writing float16 would overflow 1 weight(s) of 'w' (largest ...
+    """
+    name = str(dtype).removeprefix("torch.")
+    for key, t in state.items():
+        if not t.is_floating_point() or t.dtype == dtype:
+            continue
+        w = t.detach().float()
+        cast = w.to(dtype)
+        over = int((~torch.isfinite(cast) & torch.isfinite(w)).sum())
+        if over:
+            raise NonFiniteError(
+                f"writing {name} would overflow {over} weight(s) of {key!r} (largest {float(w.abs().max()):.3g}; "
+                f"{name} ends at {torch.finfo(dtype).max:.3g}): write another dtype with {switch}, or a smaller amplify"
+            )
+        norm = float(w.norm())
+        if norm > 0:
+            change = float((cast.float() - w).norm()) / norm
+            if change > CAST_TOLERANCE:
+                raise NonFiniteError(
+                    f"writing {name} would change {key!r} by {change:.3g} (relative): its smallest weights fall "
+                    f"below {name}'s precision (an amplified model's divided channels, say); write another dtype with "
+                    f"{switch}, or a smaller amplify"
+                )
+
+
+def release_card(report: Mapping[str, Any], who: str) -> str:
+    """A model-card paragraph for a model protected by ``who``.
+
+    It says what was done and the measured scores, or why the model is NOT protected; it names what was embedded
+    and done, never a secret.
+
+    Example:
+        >>> print(release_card({"method": "keep_weights", "protected": False, "not_protected": "no weight changed",
+        ...                     "score_before": 90.0, "score_after": 90.0}, "MergeGuardCallback").splitlines()[2])
+        **NOT protected.** MergeGuardCallback ran on this model, and no weight changed.
+    """
+    lines = ["## Merge protection (lightning-mergeguard)", ""]
+    scores = f"own score {report['score_before']:.1f} -> {report['score_after']:.1f} on the owner's held-out data"
+    if report.get("protected") is False:
+        lines += [f"**NOT protected.** {who} ran on this model, and {report['not_protected']}.", "", f"({scores}.)"]
+    else:
+        lines.append(f"Protected against unauthorized merging by {who} (stage 2: {report['method']}; {scores}).")
+    amp = report.get("amplify") or {}
+    if amp.get("applied"):
+        lines += [
+            "",
+            f"Re-parameterised with exact symmetries (power-of-two scales up to {amp['strength']:g}): the same "
+            "function, but re-alignment to the base model undoes it, and these weights overflow float16 and lose "
+            "their function under per-row int8 and 4-bit quantization.",
+        ]
+    return "\n".join(lines) + "\n"
