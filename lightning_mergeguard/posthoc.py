@@ -203,10 +203,10 @@ def load_rows(
     rows = []
     with path.open("rb") as f:
         for i in itertools.count(1):
-            raw = f.readline(max_row_bytes + 1)
+            raw = f.readline(max_row_bytes + 2)  # the line and its "\r\n": a longer one stops here, unread
             if not raw:
                 break
-            if len(raw) > max_row_bytes:
+            if len(raw.rstrip(b"\r\n")) > max_row_bytes:
                 raise ConfigError(
                     f"{path}:{i}: a line longer than {max_row_bytes} bytes; shorten it or raise --max-row-bytes "
                     "(max_row_bytes=)"
