@@ -412,6 +412,7 @@ def protect_checkpoint(
     accept_unprotected: bool = False,
     max_rows: int = 100_000,
     max_row_bytes: int = 1 << 20,
+    deployment_check: bool = False,
 ) -> dict[str, Any]:
     """Protect an existing fine-tune and write it protected, with a report and a model-card paragraph.
 
@@ -465,6 +466,10 @@ def protect_checkpoint(
             report and the card then say "NOT protected" and why); ``False`` writes only the report then.
         max_rows: Most rows read from ``data`` (JSONL).
         max_row_bytes: Longest line of ``data``, in bytes.
+        deployment_check: Also score the unprotected and the protected model under what users do to a release
+            (fp16, bf16, int8 per row, 4-bit groups of 32 and 128, GGUF Q8_0 and Q4_0, 50 steps of full and of LoRA
+            fine-tuning on the owner's data; :mod:`~lightning_mergeguard.protection.deployment`), into the report's
+            ``deployment`` entry and the card.
 
     Returns:
         The report (also written to ``out/protection_report.json``): the scores, the stage-2 report, ``protected``
@@ -561,6 +566,8 @@ def protect_checkpoint(
     )
     if partners:
         report["merges"] = _merge_table(module, unprotected, base, partners, metric)
+    if deployment_check:
+        report["deployment"] = _deployment_table(module, unprotected, metric, _to_device(batches, dev))
     module.cpu()
     reason = not_protected_reason(report, unprotected, module.state_dict(), stage2_words=_PROTECT_WORDS)
     report.update(protected=reason is None, not_protected=reason, written=None)
@@ -611,6 +618,20 @@ def _merge_table(
         table[label] = row
     module.load_state_dict(protected)
     return table
+
+
+def _deployment_table(
+    module: nn.Module, unprotected: dict[str, Tensor], metric: Callable[[nn.Module], float], batches: Iterable[Any]
+) -> dict[str, dict[str, float]]:
+    """Own score under each deployment treatment, of the unprotected and the protected model (module restored)."""
+    from lightning_mergeguard.protection.deployment import deployment_check
+
+    protected = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(unprotected)
+    before = deployment_check(module, metric, batches=batches, loss_fn=default_loss)
+    module.load_state_dict(protected)
+    after = deployment_check(module, metric, batches=batches, loss_fn=default_loss)
+    return {t: {"unprotected": before[t], "protected": after[t]} for t in after}
 
 
 def _to_device(batches: Iterable[Any], device: torch.device) -> Iterable[Any]:
@@ -869,6 +890,18 @@ def model_card(report: dict[str, Any]) -> str:
     elif amp:
         why = amp.get("skipped") or "it moved the score, so the weights were put back"
         lines += [f"Amplifying symmetries were requested and not applied: {why}.", ""]
+    deployment = report.get("deployment")
+    if deployment:
+        worst = max(v["unprotected"] - v["protected"] for v in deployment.values())
+        lines += [
+            f"Deployed as users deploy it, its own score stays within {max(worst, 0.0):.1f} points of the unprotected "
+            "model's under the same treatment:",
+            "",
+            "| treatment | own score, unprotected | protected |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {k} | {v['unprotected']:.1f} | {v['protected']:.1f} |" for k, v in deployment.items()]
+        lines.append("")
     merges = report.get("merges")
     if merges:
         lines += ["| merge | owner-task score, unprotected | protected |", "|---|---|---|"]

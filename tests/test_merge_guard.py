@@ -936,3 +936,15 @@ def test_the_default_loss_fn_failing_on_the_batches_says_to_pass_one(tmp_path):
     guard = MergeGuardCallback(progress=False)
     with pytest.raises(MisconfigurationException, match=r"the default loss_fn fails .* pass your own loss_fn="):
         trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[guard]).fit(DictBatches())
+
+
+def test_deployment_check_after_stage2_reports_both_models(tmp_path):
+    guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=4, lr=0.01), tolerance=100.0, deployment_check=True)
+    module = TinyClassifier()
+    trainer(tmp_path, max_steps=4, callbacks=[guard]).fit(module)
+    table = guard.report["deployment"]
+    assert {"none", "fp16", "bf16", "int8-row", "int4-g32", "finetune", "finetune-lora"} <= set(table)
+    assert table["none"]["protected"] == pytest.approx(guard.report["score_after"])
+    assert table["fp16"]["protected"] == pytest.approx(table["none"]["protected"], abs=5)  # fp16 keeps a plain model
+    with pytest.raises(ValueError, match="deployment_check must be True or False"):
+        MergeGuardCallback(deployment_check="yes")

@@ -683,3 +683,25 @@ def test_ctrl_c_and_sigterm_during_start_up_exit_cleanly(monkeypatch, capsys):
     assert cli.main([]) == 143
     assert "mergeguard-protect: terminated" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is not cli.__dict__.get("_on_sigterm")  # the handler is put back
+
+
+def test_deployment_check_scores_both_models_under_each_treatment(checkpoints, tmp_path):
+    report = protect_checkpoint(
+        checkpoints / "base",
+        checkpoints / "owner",
+        str(checkpoints / "rows.jsonl"),
+        tmp_path / "out",
+        stage2="none",
+        amplify=2.0**20,
+        permute_residual=True,
+        progress=False,
+        device="cpu",
+        deployment_check=True,
+    )
+    table = report["deployment"]
+    assert {"none", "fp16", "int8-row", "gguf-q8_0", "finetune", "finetune-lora"} <= set(table)
+    assert table["none"]["protected"] == table["none"]["unprotected"] == report["score_before"]
+    assert table["fp16"]["unprotected"] >= table["none"]["unprotected"] - 13  # a plain fine-tune survives fp16...
+    assert table["fp16"]["protected"] < table["fp16"]["unprotected"]  # ... the 2**20 release does not
+    card = (tmp_path / "out" / "MERGEGUARD.md").read_text()
+    assert "| fp16 |" in card and "Deployed as users deploy it" in card

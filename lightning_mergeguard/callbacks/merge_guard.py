@@ -178,6 +178,10 @@ class MergeGuardCallback(Callback):
             mismatched channels. The same function up to rounding (a training batch's loss must not move by more
             than 1e-4 relative in float32, or it is undone with a warning); recognised: Hugging Face Llama-style
             causal LMs and open_clip ``VisionTransformer``. Undone by matching the embeddings to ``theta_pre``.
+        deployment_check: After stage 2, score the fine-tune and the protected model under what users do to a
+            release (fp16, bf16, int8 per row, 4-bit groups, GGUF Q8_0/Q4_0, 50 steps of full and LoRA fine-tuning
+            on the training batches; :mod:`~lightning_mergeguard.protection.deployment`), into the report's
+            ``deployment`` entry. Single process, full fine-tunes; it costs 20 scorings and 200 training steps.
         **legacy_stage2: The per-strategy arguments older versions took here (``steps``, ``scales``, ``clip``,
             ``drop_density``, ``lr``; ``beta``, ``critical_fraction``, ``small_fraction``, ``granularity``):
             deprecated, pass them to the strategy object.
@@ -210,6 +214,7 @@ class MergeGuardCallback(Callback):
         keep_batches: Sequence[Any] | None = None,
         amplify: float | None = None,
         permute_residual: bool = False,
+        deployment_check: bool = False,
         **legacy_stage2: Any,
     ) -> None:
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
@@ -267,6 +272,9 @@ class MergeGuardCallback(Callback):
                 self.stage2 = KeepWeights()
         self.amplify = amplify
         self.permute_residual = check_permute_residual(permute_residual, amplify)
+        if not isinstance(deployment_check, bool):
+            raise ValueError(f"deployment_check must be True or False, got {deployment_check!r}")
+        self.deployment_check = deployment_check
         # state
         self.stage2_done = False
         self.report: dict[str, Any] | None = None
@@ -640,6 +648,7 @@ class MergeGuardCallback(Callback):
         # Pruning applied to the model by hand during fit (ModelPruning itself is refused at setup).
         refuse_pruning(trainer, pl_module, "MergeGuardCallback with a stage 2", _PRUNING_WHY, _PRUNING_INSTEAD)
         start = time.perf_counter()
+        fine_tune = self._snapshot_for_deployment(trainer, pl_module)
         if self._view is None:
             params = select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
             ctx, after, extra, tau, moved = self._run_stage2(trainer, pl_module, params)
@@ -664,12 +673,46 @@ class MergeGuardCallback(Callback):
             "seconds": time.perf_counter() - start,
             "fast_dev_run": bool(trainer.fast_dev_run),
         }
+        if fine_tune is not None:
+            self.report["deployment"] = self._deployment_table(pl_module, ctx, fine_tune)
         reason = _not_protected(self.report, moved)
         self.report.update(protected=reason is None, not_protected=reason)
         if reason is not None:
             rank_zero_warn(f"MergeGuardCallback: the model is NOT protected: {reason}.")
         self.stage2_done = True
         self._publish(trainer, pl_module)
+
+    def _snapshot_for_deployment(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor] | None:
+        """The fine-tune's weights before stage 2 (on the CPU), when a deployment check will compare with them."""
+        if not self.deployment_check:
+            return None
+        if trainer.world_size > 1 or self._view is not None:
+            rank_zero_warn(
+                "MergeGuardCallback: deployment_check runs in a single process on a full fine-tune; skipped here "
+                "(run mergeguard-protect --deployment-check on the saved model)"
+            )
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+
+    def _deployment_table(
+        self, pl_module: pl.LightningModule, ctx: Stage2Context, fine_tune: dict[str, Tensor]
+    ) -> dict[str, dict[str, float]]:
+        """Own score under each deployment treatment, of the fine-tune before stage 2 and the protected model."""
+        from lightning_mergeguard.protection.deployment import deployment_check
+
+        def run() -> dict[str, float]:
+            return deployment_check(pl_module, lambda m: ctx.metric(), batches=ctx.batches, loss_fn=ctx.loss_fn)
+
+        protected = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        pl_module.load_state_dict(fine_tune)
+        before = run()
+        pl_module.load_state_dict(protected)
+        after = run()
+        rank_zero_info(
+            "MergeGuardCallback deployment check (own score, unprotected -> protected): "
+            + ", ".join(f"{t} {before[t]:.1f} -> {after[t]:.1f}" for t in after)
+        )
+        return {t: {"unprotected": before[t], "protected": after[t]} for t in after}
 
     def _run_stage2(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, candidates: dict[str, nn.Parameter]
@@ -862,7 +905,7 @@ class MergeGuardCallback(Callback):
 
     def _settings(self) -> dict[str, Any]:
         keys = ["alpha", "target", "normalize", "include", "exclude", "stage2_exclude", "eval_batches"]
-        keys += ["tolerance", "amplify", "permute_residual"]
+        keys += ["tolerance", "amplify", "permute_residual", "deployment_check"]
         out = {k: getattr(self, k) for k in keys}
         out["reference"] = self.reference.source_label
         out["stage2"] = self.stage2.settings() if self.stage2 is not None else None

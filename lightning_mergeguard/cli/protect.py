@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_.add_argument("--seed", type=int, default=0, help="seed of the split and the optimisation (0)")
     add_switch(run_, "progress", True, "progress bars")
     add_switch(run_, "base-check", True, "refuse a --model or --partners that is no fine-tune of --base")
+    add_switch(run_, "deployment-check", False, "also score both models under fp16, bf16, int8, 4-bit, GGUF and "
+               "50 fine-tuning steps (full and LoRA), into the report and the card")  # fmt: skip
     add_switch(run_, "accept-unprotected", False, "write the model and exit 0 even when the protection changed "
                "nothing or less than it claims")  # fmt: skip
     return p
