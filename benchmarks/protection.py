@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import shlex
 import sys
@@ -95,6 +96,7 @@ class Track:
     stage2_lr: float | None = None  # the stage-2 lr of the track's training-time guard (None: the strategy's)
     symmetries: list[Any] = field(default_factory=list)  # the model's amplifying symmetries (state-dict names)
     stream: Any = None  # the model's residual stream (state-dict names), for the permuted-stream variants
+    finetune: Callable[[State, int, bool], State] | None = None  # (state, steps, lora): a user's further fine-tune
 
 
 # ---------------------------------------------------------------------------------------------- merges
@@ -269,6 +271,22 @@ def vision_track(size: dict[str, Any]) -> Track:
     def refinetune(state: State) -> State:
         return repair(state, size["refit_steps"])
 
+    def user_finetune(state: State, steps: int, lora: bool) -> State:
+        # What a user of the release does: AdamW on the owner's task, lr 1e-5 (full) or 1e-4 (rank-8 LoRA).
+        from lightning_mergeguard.protection.deployment import finetune_
+
+        model = copy.deepcopy(visual)
+        model.load_state_dict(state)
+        head = heads[owner].requires_grad_(False)
+        x, y = image_task_data(owner, "train").tensors
+        g = torch.Generator().manual_seed(0)
+        batches = (
+            (x[idx], y[idx]) for _ in itertools.count() for idx in torch.randperm(len(x), generator=g)[:64].split(64)
+        )
+        finetune_(model, batches, lambda m, b: torch.nn.functional.cross_entropy(head(m(b[0])), b[1]), steps,
+                  1e-4 if lora else 1e-5, lora)  # fmt: skip
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
     test_sets = {t: image_task_data(t, "test").tensors for t in tasks}
     live = copy.deepcopy(visual).eval()
 
@@ -332,6 +350,7 @@ def vision_track(size: dict[str, Any]) -> Track:
         repair=repair,
         posthoc=posthoc,
         grid_evaluate=grid_evaluate,
+        finetune=user_finetune,
         symmetries=find_symmetries(visual),
         stream=find_residual_stream(visual),
         notes={
@@ -424,6 +443,22 @@ def llm_track(size: dict[str, Any]) -> Track:
     def repair(state: State, n_steps: int) -> State:
         return train(state, owner, n_steps, rows=64)
 
+    def user_finetune(state: State, n_steps: int, lora: bool) -> State:
+        # What a user of the release does: AdamW on the owner's task, lr 1e-5 (full) or 1e-4 (rank-8 LoRA).
+        from torch.utils.data import DataLoader
+
+        from lightning_mergeguard.evaluation import default_loss
+        from lightning_mergeguard.llm import LMTaskDataset
+        from lightning_mergeguard.protection.deployment import finetune_
+
+        m = copy.deepcopy(model)
+        m.load_state_dict(state, strict=False)
+        rows = LMTaskDataset(tok, generate_task(owner, 8 * n_steps, seed=1), max_length=32)
+        order = torch.Generator().manual_seed(0)
+        batches = (b for _ in itertools.count() for b in DataLoader(rows, batch_size=8, shuffle=True, generator=order))
+        finetune_(m, batches, default_loss, n_steps, 1e-4 if lora else 1e-5, lora)
+        return {k: v.detach().clone() for k, v in m.state_dict().items() if k not in skip}
+
     def grid_evaluate(state: State, which: Sequence[str]) -> dict[str, float]:
         # The owner's task on every held-out prompt, the partners' on the first 16 (their normalized accuracy).
         live.load_state_dict(state, strict=False)
@@ -478,6 +513,7 @@ def llm_track(size: dict[str, Any]) -> Track:
         repair=repair,
         posthoc=posthoc,
         grid_evaluate=grid_evaluate,
+        finetune=user_finetune,
         stage2_lr=1e-4,
         symmetries=find_symmetries(model),
         stream=find_residual_stream(model),

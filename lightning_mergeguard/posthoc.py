@@ -47,7 +47,7 @@ from lightning_mergeguard.protection.stage2 import (
     Stage2Context,
     amplify_checked,
 )
-from lightning_mergeguard.protection.symmetry import check_strength
+from lightning_mergeguard.protection.symmetry import check_strength, warn_amplify
 from lightning_mergeguard.protection.verdict import check_castable, not_protected_reason
 from lightning_mergeguard.reference import ReferenceWeights, parse_device
 
@@ -492,6 +492,7 @@ def protect_checkpoint(
             amplify = check_strength(amplify, "amplify")
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        warn_amplify(amplify, "mergeguard-protect --amplify")
     try:
         check_permute_residual(permute_residual, amplify)
     except ValueError as err:

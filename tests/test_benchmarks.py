@@ -174,3 +174,40 @@ def test_near_copy_sweep_measures_how_far_nearswap_moves_from_the_owner():
     }
     assert "| guarded | 100 | 10.0 (50%) | 60.0 (50%) |" in table("toy", res)
     assert "guarded keeps 60.0% = 0.60x the unprotected 99.9% first at t=0.001" in headline("toy", res)
+
+
+def test_deployment_benchmark_scores_each_setting_under_each_treatment_and_merges_its_copies(monkeypatch):
+    """A toy track whose 'model' is one weight vector: the table, the worst loss and a non-finite fp16 copy."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import deployment
+        import torch
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    pre = {"w": torch.zeros(2, 4)}
+    owner = {"w": torch.tensor([[1.0, 0.5, 0.25, 0.125]] * 2)}
+    big = {"w": owner["w"] * 1e6}  # a release fp16 cannot hold
+
+    track = SimpleNamespace(
+        name="toy",
+        owner="o",
+        tasks=["o", "p"],
+        pre=pre,
+        finetunes={"o": owner, "p": {"w": torch.full((2, 4), -0.1)}},
+        grid_evaluate=lambda s, which: {"o": 100.0 * float((s["w"][0, 0] > 0.5) & (s["w"][0, 0] < 10))},
+        finetune=lambda s, steps, lora: {"w": s["w"] * 0.9},
+        notes={},
+    )
+    monkeypatch.setattr(deployment, "variants", lambda t: {"unprotected": lambda: owner, "huge": lambda: big})
+    bar = SimpleNamespace(set_postfix_str=lambda s: None, update=lambda: None)
+    res = deployment.run_track(track, bar)
+    plain, huge = res["variants"]["unprotected"], res["variants"]["huge"]
+    assert plain["scores"]["fp16"] == 100.0 and plain["worst_loss"] == 0.0 and plain["within_bound"]
+    assert huge["scores"]["none"] == 0.0 and huge["scores"]["fp16"] == 0.0 and not huge["within_bound"]
+    assert huge["merges"]["fp16"]["TA λ=0.3"] is None  # the fp16 copy is not finite: no merge of it exists
+    assert plain["merges"]["none"]["owner 1 + partners 0.1"] == 100.0  # 1 - 0.01: the owner's weights kept
+    md = deployment.table("toy", res)
+    assert "| huge | 0.0 | 0.0 |" in md and "not finite" in md
+    assert "huge: worst +100.0 points (OUTSIDE 1.0)" in deployment.headline("toy", res)

@@ -71,7 +71,7 @@ from lightning_mergeguard.protection.stage2 import (
     amplify_checked,
     resolve_stage2,
 )
-from lightning_mergeguard.protection.symmetry import check_strength
+from lightning_mergeguard.protection.symmetry import check_strength, warn_amplify
 from lightning_mergeguard.reference import ReferenceWeights
 from lightning_mergeguard.sharding import any_sharded, full, local, sum_across_ranks
 
@@ -267,6 +267,7 @@ class MergeGuardCallback(Callback):
         self.keep_batches = _batch_list(keep_batches)
         if amplify is not None:
             amplify = check_strength(amplify, "amplify")
+            warn_amplify(amplify, "MergeGuardCallback")
             if self.stage2 is None:
                 # The re-parameterisation alone, on the fine-tuned weights (own score unchanged; see KeepWeights)
                 self.stage2 = KeepWeights()

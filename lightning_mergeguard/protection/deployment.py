@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_TREATMENTS",
     "QUANTIZERS",
     "deployment_check",
+    "finetune_",
     "gguf_roundtrip",
     "int4_groups",
     "int8_rows",
@@ -142,7 +143,7 @@ class _LoRA(nn.Module):
         return w + self.b @ self.a * self.scale
 
 
-def _finetune_(
+def finetune_(
     model: nn.Module,
     batches: Iterable[Any],
     loss_fn: Callable[[nn.Module, Any], Tensor],
@@ -150,7 +151,11 @@ def _finetune_(
     lr: float,
     lora: bool,
 ) -> None:
-    """``steps`` AdamW steps on ``model`` in place: every weight, or LoRA factors on every ``nn.Linear`` (merged in)."""
+    """``steps`` AdamW steps on ``model`` in place: every weight, or LoRA factors on every ``nn.Linear`` (merged in).
+
+    The further fine-tuning a user of a release does (rank-8 LoRA, alpha 16, on every linear but a head tied to the
+    embeddings). ``batches`` is iterated for ``steps`` batches; ``loss_fn(model, batch)`` is minimised.
+    """
     from torch.nn.utils import parametrize
 
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -160,8 +165,9 @@ def _finetune_(
         if lora:
             for p in model.parameters():
                 p.requires_grad_(False)
+            tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # a tied LM head stays
             for sub in list(model.modules()):
-                if isinstance(sub, nn.Linear) and not parametrize.is_parametrized(sub):
+                if isinstance(sub, nn.Linear) and not parametrize.is_parametrized(sub) and id(sub.weight) not in tied:
                     parametrize.register_parametrization(sub, "weight", _LoRA(sub.weight.detach()))
             params = [p for n, p in model.named_parameters() if "parametrizations" in n and n.endswith((".a", ".b"))]
         else:
@@ -230,7 +236,7 @@ def deployment_check(
             else:
                 assert batches is not None and loss_fn is not None
                 lora = t == "finetune-lora"
-                _finetune_(module, batches, loss_fn, steps, lora_lr if lora else lr, lora)
+                finetune_(module, batches, loss_fn, steps, lora_lr if lora else lr, lora)
                 out[t] = metric(module)
                 module.load_state_dict(saved)
     finally:

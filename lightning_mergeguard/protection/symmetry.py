@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from lightning_mergeguard.evaluation import eval_mode, rng_kept
 
 __all__ = [
+    "AmplifyWarning",
     "Factor",
     "SymmetryGroup",
     "amplify_module_",
@@ -57,6 +58,7 @@ __all__ = [
     "find_symmetries",
     "realign",
     "symmetry_errors",
+    "warn_amplify",
 ]
 
 
@@ -159,6 +161,40 @@ def _scaled(t: Tensor, shares: Sequence[tuple[Factor, int, Tensor]]) -> Tensor:
         view = _slice(work, f, size)
         view.mul_(_expand(scale.to(device=work.device, dtype=torch.float64), f, view))
     return work.to(t.dtype)
+
+
+class AmplifyWarning(UserWarning):
+    """``amplify`` was asked for: what it costs the owner's users, and who undoes it."""
+
+
+def warn_amplify(strength: float, who: str) -> None:
+    """Warn, where ``amplify`` is used, what it costs and what undoes it (measured: benchmarks/results/deployment.md).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn_amplify(2.0**20, "MergeGuardCallback")
+        >>> "not a recommended setting" in str(seen[0].message)
+        True
+    """
+    import warnings
+
+    costly = strength > 16
+    warnings.warn(
+        f"{who}: amplify={strength:g} is not a recommended setting. It is undone without theta_pre: any other "
+        "fine-tune of the same base serves as the anchor (scales from norm ratios, a permuted stream from the "
+        "embeddings), so it stops only merges run blindly"
+        + (
+            "; and its divided channels do not survive deployment: the weights overflow float16, and per-row int8, "
+            "4-bit groups and further fine-tuning lose the model's function (benchmarks/results/deployment.md)"
+            if costly
+            else "; scales up to 16 stay inside float16's range (see benchmarks/results/deployment.md for what "
+            "quantization keeps)"
+        ),
+        AmplifyWarning,
+        stacklevel=3,
+    )
 
 
 def check_strength(value: Any, name: str = "strength") -> float:
