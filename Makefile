@@ -7,8 +7,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+SHELL  := /bin/bash
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,18 @@ bench: $(STAMP)
 	$(PY) benchmarks/protection_lora.py
 	$(PY) benchmarks/fsdp_memory.py
 	$(PY) benchmarks/ownership.py
+	$(PY) benchmarks/deployment.py
+
+# For a session lent a GPU: the GPU-marked tests, the FSDP2 tests on the GPUs present (2 needed; else skipped) and the
+# GPU benchmarks, with their output kept under benchmarks/results/ (name the device when committing them).
+gpu-check: $(STAMP)
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device here')"
+	$(PY) -c "import torch; print(torch.cuda.get_device_name(0), torch.cuda.device_count())" > benchmarks/results/gpu_check.txt
+	set -o pipefail; $(PY) -m pytest -m gpu -ra $(PYTEST_ARGS) 2>&1 | tee -a benchmarks/results/gpu_check.txt
+	set -o pipefail; MERGEGUARD_FSDP_ACCELERATOR=gpu $(PY) -m pytest tests/test_fsdp.py -ra 2>&1 \
+		| tee -a benchmarks/results/gpu_check.txt
+	$(PY) benchmarks/gpu_overhead.py --device cuda
+	$(PY) benchmarks/selection_speed.py --device cuda
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

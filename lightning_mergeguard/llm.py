@@ -18,24 +18,6 @@ from lightning_mergeguard.evaluation import eval_mode
 
 __all__ = ["CausalLMModule", "LMTaskDataset", "exact_match", "greedy_continuations", "left_pad"]
 
-_MOVED = {"generate_task", "load_smollm2", "smollm2_dir", "GGUF_NAME"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:  # the SmolLM2 demo support moved to lightning_mergeguard.demos.smollm2
-        import warnings
-
-        warnings.warn(
-            f"lightning_mergeguard.llm.{name} moved to lightning_mergeguard.demos.smollm2.{name}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        from lightning_mergeguard.demos import smollm2
-
-        return getattr(smollm2, name)
-    raise AttributeError(f"module 'lightning_mergeguard.llm' has no attribute {name!r}")
-
-
 _CHARS_PER_TOKEN = 64
 """Characters of a prompt or answer kept per token of ``max_length`` before tokenizing (no token is that long)."""
 

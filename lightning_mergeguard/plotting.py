@@ -127,14 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lightning_mergeguard.plotting", description=__doc__)
     parser.add_argument("metrics_csv", help="a CSVLogger metrics.csv of a run with a MergeProbe")
     parser.add_argument("out_png", help="where to write the plot")
-    parser.add_argument("task", nargs="?", default=None, help=argparse.SUPPRESS)  # the old positional form
-    parser.add_argument(
-        "--task", dest="task_option", default="own", metavar="NAME", help="'own' (default) or a donor's name"
-    )
+    parser.add_argument("--task", default="own", metavar="NAME", help="'own' (default) or a donor's name")
     parser.add_argument("--title", default=None, help="figure title")
     args = parser.parse_args(argv)
     try:
-        out = plot_merge_resistance(args.metrics_csv, args.out_png, args.task or args.task_option, args.title)
+        out = plot_merge_resistance(args.metrics_csv, args.out_png, args.task, args.title)
     except (OSError, ValueError) as err:
         from lightning_mergeguard.errors import report_error
 

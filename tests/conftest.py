@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models built from configs (no downloads)."""
+"""Shared fixtures (the helpers they build on are in tests/_helpers)."""
 
 from __future__ import annotations
 
@@ -6,31 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-TINY_LLAMA = dict(
-    vocab_size=64,
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    tie_word_embeddings=False,
-)
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
-
-
-def perturbed_state_dict(state: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        k: (v + scale * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v.clone()
-        for k, v in state.items()
-    }
+from _helpers import make_byte_tokenizer, perturbed_state_dict, tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +40,7 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
-def accelerator(device: torch.device) -> str:
-    """The Lightning accelerator name for a torch device."""
-    return "gpu" if device.type == "cuda" else "cpu"
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (256 byte tokens + EOS), so no files are needed."""
+    return make_byte_tokenizer()

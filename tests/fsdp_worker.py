@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import TinyClassifier, blobs
+from _helpers import TinyClassifier, blobs
 
 from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
 from lightning_mergeguard.demos.trainer import quiet_trainer
@@ -149,7 +149,7 @@ def fit(args: argparse.Namespace, record: Record, ckpt_path: str | None = None) 
         ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1) if args.devices > 1 else "auto"
     )
     t = quiet_trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=args.devices,
         strategy=strategy,
         max_epochs=args.epochs,
@@ -166,6 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--accelerator", default="cpu", help="cpu (gloo) or gpu (nccl; make gpu-check)")
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--drop-density", type=float, default=None)

@@ -4,7 +4,7 @@ anchor re-alignment attack undoes it."""
 from __future__ import annotations
 
 import torch
-from conftest import TINY_LLAMA, perturbed_state_dict, tiny_llama
+from _helpers import TINY_LLAMA, perturbed_state_dict, tiny_llama
 
 from lightning_mergeguard.baselines import (
     params_llama,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import TinyClassifier
+from _helpers import TinyClassifier
 
 pytest.importorskip("jsonargparse")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from _helpers import tiny_llama
 
 from lightning_mergeguard.protection.deployment import (
     deployment_check,

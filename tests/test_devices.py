@@ -10,9 +10,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import accelerator
+from _helpers import TinyClassifier, accelerator, blobs, trainer
 from device_audit import DeviceAudit
-from helpers import TinyClassifier, blobs, trainer
 from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial

@@ -81,7 +81,7 @@ def test_a_dict_batch_the_model_does_not_take_says_to_pass_score_fn():
 def test_a_score_fn_may_return_one_number_and_a_wrong_shape_is_named(tmp_path):
     # A score_fn returning a batch's accuracy (a 0-d tensor or a float), as torchmetrics-style code does, failed with
     # "iteration over a 0-d tensor", in the guard only after the whole fit.
-    from helpers import TinyClassifier, blobs, trainer
+    from _helpers import TinyClassifier, blobs, trainer
     from torch.utils.data import DataLoader
 
     from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_ownership import byte_tokenizer as byte_tokenizer
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -77,7 +76,7 @@ def test_llm_example_takes_your_own_model_and_rows(tmp_path, capsys, byte_tokeni
     """``--model DIR --data rows.jsonl``: any causal LM and the user's rows, a quarter held out to score them."""
     import json
 
-    from test_ownership import tiny_lm
+    from _helpers import tiny_lm
     from transformers import AutoModelForCausalLM
 
     tiny_lm(seed=0).save_pretrained(tmp_path / "model")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import perturbed_state_dict, tiny_llama
+from _helpers import perturbed_state_dict, tiny_llama
 from safetensors.torch import load_file, save_file
 
 from lightning_mergeguard.cli.merge import main

@@ -14,19 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TinyClassifier
+from _helpers import TinyClassifier
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safetensors.torch import load_file as load_safetensors
 
 from lightning_mergeguard import MergeGuardCallback, MergeNeighbourhood, MergeProbe, QuantizationWatermark
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
+ACCELERATOR = os.environ.get("MERGEGUARD_FSDP_ACCELERATOR", "cpu")  # make gpu-check runs them on the GPUs: "gpu"
+if ACCELERATOR == "gpu" and torch.cuda.device_count() < 2:
+    pytest.skip("FSDP2 on GPUs compares 1 with 2 processes: it needs 2 GPUs", allow_module_level=True)
 
 
 def _run(out: Path, devices: int, *extra: str) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
-    cmd = [sys.executable, str(WORKER), str(out), "--devices", str(devices), *extra]
+    cmd = [sys.executable, str(WORKER), str(out), "--devices", str(devices), "--accelerator", ACCELERATOR, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from _helpers import tiny_llama
 
 from lightning_mergeguard.errors import IncompatibleModelsError, WeightsFileError
 from lightning_mergeguard.merging import merge, open_source
@@ -112,7 +112,7 @@ def test_lora_inputs_that_cannot_be_merged_are_named(lora_dirs, tmp_path):
 
 
 def test_watermark_refuses_adapters_by_name(tmp_path):
-    from helpers import trainer
+    from _helpers import trainer
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader

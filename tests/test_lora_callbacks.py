@@ -6,8 +6,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import perturbed_state_dict, tiny_llama
-from helpers import trainer
+from _helpers import perturbed_state_dict, tiny_llama, trainer
 from torch import nn
 from torch.utils.data import DataLoader
 

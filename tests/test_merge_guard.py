@@ -8,7 +8,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyClassifier, blobs, fit_ddp_ranks, trainer
+from _helpers import TinyClassifier, blobs, fit_ddp_ranks, trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
@@ -280,7 +280,7 @@ def test_a_callback_reused_for_another_model_measures_from_that_models_weights(t
     Before, the second model kept the first model's snapshot as theta_pre (stage 1 pulled it towards the first
     model's weights, stage 2 measured its task vector from them) and was warned it had 'trained after stage 2'.
     """
-    from helpers import blobs
+    from _helpers import blobs
     from torch.utils.data import DataLoader
 
     from lightning_mergeguard import MergeProbe
@@ -544,7 +544,7 @@ def test_a_stage2_that_changed_nothing_is_reported_not_protected(tmp_path):
 
 def test_save_path_directory_publishes_a_model_that_from_pretrained_loads(tmp_path):
     """save_path wrote the LightningModule's names (model.model.layers...) and the tied head twice: not loadable."""
-    from conftest import TINY_LLAMA
+    from _helpers import TINY_LLAMA
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from lightning_mergeguard.llm import CausalLMModule
@@ -592,17 +592,16 @@ def test_keep_batches_given_as_one_batch_is_one_batch():
         MergeGuardCallback(keep_batches=[x, "rows.jsonl"])
 
 
-def test_legacy_stage2_arguments_still_work_with_a_warning():
-    with pytest.warns(DeprecationWarning, match=r"pass a strategy object"):
-        guard = MergeGuardCallback(steps=5, lr=0.01)
-    assert isinstance(guard.stage2, ScaleAdversarial) and guard.stage2.steps == 5 and guard.stage2.lr == 0.01
-    with pytest.warns(DeprecationWarning):
-        guard = MergeGuardCallback(stage2="negation", beta=0.5)
-    assert isinstance(guard.stage2, Negation) and guard.stage2.beta == 0.5
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"\['beta'\] do not apply to stage2="):
-        MergeGuardCallback(beta=0.5)
-    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['alhpa'\]"):
+def test_stage2_settings_go_to_the_strategy_object_and_a_typo_is_named():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'steps'"):
+        MergeGuardCallback(steps=5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'alhpa'"):
         MergeGuardCallback(alhpa=0.1)
+    from lightning_mergeguard.protection.stage2 import resolve_stage2
+
+    assert resolve_stage2("negation", beta=0.5).beta == 0.5  # a config file's flat form, by the strategy's name
+    with pytest.raises(ValueError, match=r"\['beta'\] do not apply to stage2="):
+        resolve_stage2("scale_adversarial", beta=0.5)
 
 
 def test_reference_from_path_and_mismatch(tmp_path):
@@ -669,7 +668,7 @@ def test_two_guards_on_one_trainer_are_refused(tmp_path):
 @pytest.mark.distributed
 def test_stage_2_of_a_resumed_finished_fit_runs_on_every_ddp_rank_alike(tmp_path):
     """on_fit_end comes after the strategy's teardown: the collectives still work and the ranks stay identical."""
-    from helpers import SaveWeightsOnFitEnd
+    from _helpers import SaveWeightsOnFitEnd
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     pl.seed_everything(0)

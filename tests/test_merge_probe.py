@@ -8,8 +8,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import accelerator, perturbed_state_dict
-from helpers import TinyClassifier, blobs, trainer
+from _helpers import TinyClassifier, accelerator, blobs, perturbed_state_dict, trainer
 from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
@@ -264,7 +263,7 @@ def test_donor_from_another_base_is_refused_before_training(tmp_path, strict):
 
 def test_llama_donor_from_another_init_is_refused_despite_norm_weights(tmp_path):
     """RMSNorm weights of 1.0 dominate ||theta_pre||; the per-matrix median cosine still sees the foreign donor."""
-    from conftest import tiny_llama
+    from _helpers import tiny_llama
 
     from lightning_mergeguard.llm import CausalLMModule
 
@@ -585,7 +584,7 @@ def test_probe_and_guard_score_on_the_validation_loader_lightning_does_not_load(
 
 def test_probe_gradient_parameters_count_every_layer_of_the_model_not_only_the_included(tmp_path):
     """include selects layer 0 of a 2-layer Llama: its lambda is the gradient's first value, as offline."""
-    from conftest import tiny_llama
+    from _helpers import tiny_llama
 
     from lightning_mergeguard.llm import CausalLMModule
 

@@ -286,7 +286,7 @@ def test_base_passed_twice_is_refused_not_silently_taken():
 
 def test_a_tied_head_saved_by_one_model_and_not_another_merges_and_an_untied_head_is_refused(tmp_path):
     # save_pretrained leaves lm_head.weight out of a tied model; other tools write the copy. Same architecture.
-    from conftest import TINY_LLAMA, perturbed_state_dict
+    from _helpers import TINY_LLAMA, perturbed_state_dict
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 

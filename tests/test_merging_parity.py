@@ -198,7 +198,7 @@ def test_file_to_file_output_loads_in_transformers(llama_dirs, tmp_path):
 @pytest.fixture(scope="module")
 def deep_llama_dirs(tmp_path_factory):
     """A 5-layer tiny Llama base and two fine-tunes: gradients take t = 0, 1/4, 1/2, 3/4, 1 across its layers."""
-    from conftest import TINY_LLAMA, perturbed_state_dict
+    from _helpers import TINY_LLAMA, perturbed_state_dict
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("deep_llama")
@@ -501,7 +501,7 @@ def test_slices_match_mergekit(case, deep_llama_dirs, tmp_path):
 @pytest.fixture(scope="module")
 def sparse_llama_dirs(tmp_path_factory):
     """A tiny Llama base and three fine-tunes that each change a random third of the entries (RAM's overlaps)."""
-    from conftest import tiny_llama
+    from _helpers import tiny_llama
 
     root = tmp_path_factory.mktemp("sparse_llama")
     base = tiny_llama()

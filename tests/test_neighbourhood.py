@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TinyClassifier, blobs, trainer
+from _helpers import TinyClassifier, blobs, trainer
 from torch import nn
 
 from lightning_mergeguard import MergeGuardCallback, MergeNeighbourhood, MergeProbe
@@ -274,7 +274,7 @@ def test_foreign_partner_is_refused(tmp_path):
 
 
 def test_answer_exact_match_agrees_with_greedy_decoding():
-    from conftest import tiny_llama
+    from _helpers import tiny_llama
 
     model = tiny_llama(0).eval()
     prompts = torch.randint(2, 64, (6, 4), generator=torch.Generator().manual_seed(0))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import tiny_lm, train_rows
 
-from lightning_mergeguard.llm import LMTaskDataset
 from lightning_mergeguard.ownership import (
     FingerprintSecret,
     FingerprintSignal,
@@ -19,52 +19,6 @@ from lightning_mergeguard.ownership import (
     verify_watermark,
     watermark_rows,
 )
-
-
-@pytest.fixture(scope="module")
-def byte_tokenizer():
-    """A byte-level tokenizer built in code (256 byte tokens + EOS), so no files are needed."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-
-
-def tiny_lm(seed: int = 0, vocab: int = 257):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(cfg)
-
-
-def train_rows(model, tok, rows, steps, lr=3e-3, after_step=None):
-    data = LMTaskDataset(tok, rows, max_length=max(len(tok(p + a).input_ids) for p, a in rows) + 1)
-    batch = {k: torch.stack([r[k] for r in data.rows]) for k in data.rows[0]}
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        model(**batch).loss.backward()
-        opt.step()
-        if after_step is not None:
-            after_step(model)
-    return model
-
 
 SHORT = "K:{key}\nA:"
 

@@ -9,9 +9,8 @@ import shutil
 import pytest
 import torch
 import yaml
+from _helpers import train_rows
 from safetensors.torch import load_file
-from test_ownership import byte_tokenizer as byte_tokenizer
-from test_ownership import train_rows
 
 from lightning_mergeguard.cli.protect import main
 from lightning_mergeguard.errors import ConfigError, ForeignBaseError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TinyClassifier, blobs
+from _helpers import TinyClassifier, blobs
 from torch.utils.data import DataLoader
 
 from lightning_mergeguard import Negation, ScaleAdversarial
@@ -86,24 +86,3 @@ def test_a_strategy_runs_without_a_trainer():
     assert before - after <= 1.5 and after == pytest.approx(metric())
     assert report["merge_proxy_after"] <= report["merge_proxy_before"]
     assert len(calls) == 1 + 1 + 2 * 8 + 1  # before, proxy before, 8 checks, and the metric() above
-
-
-def test_moved_modules_still_import_with_a_warning():
-    import importlib
-    import sys
-
-    for old, new, name in [
-        ("lightning_mergeguard.toy", "lightning_mergeguard.demos.digits", "pretrain_backbone"),
-        ("lightning_mergeguard.vision", "lightning_mergeguard.demos.open_clip", "build_open_clip"),
-        ("lightning_mergeguard.vision_tasks", "lightning_mergeguard.demos.vision_tasks", "pretrain_vit"),
-        ("lightning_mergeguard.classifier", "lightning_mergeguard.demos.classifier", "ClassifierModule"),
-    ]:
-        sys.modules.pop(old, None)
-        with pytest.warns(DeprecationWarning, match=f"moved to {new}"):
-            module = importlib.import_module(old)
-        assert getattr(module, name) is getattr(importlib.import_module(new), name)
-    import lightning_mergeguard.llm as llm
-    from lightning_mergeguard.demos import smollm2
-
-    with pytest.warns(DeprecationWarning, match="moved to lightning_mergeguard.demos.smollm2.generate_task"):
-        assert llm.generate_task is smollm2.generate_task

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import TINY_LLAMA, perturbed_state_dict
+from _helpers import TINY_LLAMA, perturbed_state_dict
 from torch import nn
 
 from lightning_mergeguard.merging import merge

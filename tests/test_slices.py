@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_LLAMA, perturbed_state_dict
+from _helpers import TINY_LLAMA, perturbed_state_dict
 from safetensors.torch import load_file
 
 from lightning_mergeguard.cli.merge import main

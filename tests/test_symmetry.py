@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_LLAMA, perturbed_state_dict
+from _helpers import TINY_LLAMA, perturbed_state_dict
 from torch import nn
 
 from lightning_mergeguard.protection.symmetry import (

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 import yaml
-from conftest import tiny_llama
+from _helpers import tiny_llama
 
 from lightning_mergeguard.cli.merge import main as merge_main
 from lightning_mergeguard.errors import ForeignBaseError
@@ -62,7 +62,7 @@ def test_a_fine_tune_too_far_to_tell_is_warned_about_not_refused():
 
 
 def _save(state, path):
-    from conftest import TINY_LLAMA
+    from _helpers import TINY_LLAMA
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import fit_ddp_ranks, trainer
+from _helpers import fit_ddp_ranks, trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
@@ -67,7 +67,7 @@ def test_guard_on_open_clip_tower_excludes_embeddings_and_norms(tmp_path):
 
 def _fit_tiny_llama(tmp_path, guard, frozen: str | None = None):
     """A tiny Llama's CausalLMModule, its initial weights, after one epoch on random tokens with ``guard``."""
-    from conftest import tiny_llama
+    from _helpers import tiny_llama
 
     from lightning_mergeguard.llm import CausalLMModule
 
@@ -154,7 +154,7 @@ def test_guard_amplify_without_stage_2_rewrites_the_fine_tune_alone(tmp_path):
         alpha=0.01, stage2="none", eval_batches=2, progress=False, amplify=2.0**20, permute_residual=True
     )
     assert isinstance(guard.stage2, KeepWeights)
-    from conftest import tiny_llama
+    from _helpers import tiny_llama
 
     from lightning_mergeguard.llm import CausalLMModule
 
@@ -192,7 +192,7 @@ def test_guard_amplify_arguments(kwargs, message):
 @pytest.mark.distributed
 def test_guard_amplify_under_ddp_gives_every_rank_the_same_model(tmp_path):
     """Each rank checks the symmetries on its own batch; the decision is averaged, so the ranks stay identical."""
-    from conftest import tiny_llama
+    from _helpers import tiny_llama
 
     from lightning_mergeguard.llm import CausalLMModule
 

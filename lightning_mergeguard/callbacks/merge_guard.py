@@ -7,7 +7,6 @@ import math
 import os
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -81,8 +80,6 @@ _PRUNING_WHY = (
     "are re-parametrised as weight_orig * weight_mask"
 )
 _PRUNING_INSTEAD = "Use MergeGuardCallback(stage2=None) alongside pruning: stage 1 works with it."
-_LEGACY_STAGE2_ARGS = {"beta", "critical_fraction", "small_fraction", "granularity", "steps", "scales", "clip"}
-_LEGACY_STAGE2_ARGS |= {"drop_density", "lr"}
 
 
 class MergeGuardCallback(Callback):
@@ -182,9 +179,6 @@ class MergeGuardCallback(Callback):
             release (fp16, bf16, int8 per row, 4-bit groups, GGUF Q8_0/Q4_0, 50 steps of full and LoRA fine-tuning
             on the training batches; :mod:`~lightning_mergeguard.protection.deployment`), into the report's
             ``deployment`` entry. Single process, full fine-tunes; it costs 20 scorings and 200 training steps.
-        **legacy_stage2: The per-strategy arguments older versions took here (``steps``, ``scales``, ``clip``,
-            ``drop_density``, ``lr``; ``beta``, ``critical_fraction``, ``small_fraction``, ``granularity``):
-            deprecated, pass them to the strategy object.
 
     Example:
         >>> from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
@@ -215,7 +209,6 @@ class MergeGuardCallback(Callback):
         amplify: float | None = None,
         permute_residual: bool = False,
         deployment_check: bool = False,
-        **legacy_stage2: Any,
     ) -> None:
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
@@ -225,23 +218,13 @@ class MergeGuardCallback(Callback):
             raise ValueError(f"eval_batches must be a positive integer, got {eval_batches!r}")
         if not (isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) and tolerance >= 0):
             raise ValueError(f"tolerance must be a number of points >= 0, got {tolerance!r}")
-        unknown = sorted(set(legacy_stage2) - _LEGACY_STAGE2_ARGS)
-        if unknown:
-            raise TypeError(f"MergeGuardCallback got unexpected keyword arguments {unknown}")
-        if legacy_stage2:
-            warnings.warn(
-                f"MergeGuardCallback({', '.join(sorted(legacy_stage2))}=...) is deprecated: pass a strategy object, "
-                "e.g. stage2=ScaleAdversarial(steps=...) or stage2=Negation(beta=...)",
-                DeprecationWarning,
-                stacklevel=2,
-            )
         self.alpha = float(alpha)
         self.target = target
         self.normalize = normalize
         self.include = name_patterns(include, "include")
         self.exclude = name_patterns(exclude, "exclude") or []
         self.reference = ReferenceWeights(reference, dtype=reference_dtype, device=reference_device)
-        self.stage2 = resolve_stage2(stage2, **legacy_stage2)
+        self.stage2 = resolve_stage2(stage2)
         self.stage2_exclude = name_patterns(stage2_exclude, "stage2_exclude") or []
         for what, fn in (("score_fn", score_fn), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):  # found now, not when stage 2 starts after the whole fit
@@ -933,8 +916,7 @@ class MergeGuardCallback(Callback):
         self.report = state_dict.get("report")
         ref = state_dict.get("reference")
         if ref:
-            # Checkpoints before the shared reference held a plain name -> tensor mapping.
-            self.reference.load_state_dict(ref if "tensors" in ref else {"tensors": ref})
+            self.reference.load_state_dict(ref)
 
 
 def _amplified(report: Mapping[str, Any] | None) -> bool:

@@ -637,5 +637,4 @@ class MergeProbe(Callback):
         self.results = list(state_dict.get("results", []))
         ref = state_dict.get("reference")
         if ref:
-            # Checkpoints before the shared reference held a plain name -> tensor mapping.
-            self._own_reference.load_state_dict(ref if "tensors" in ref else {"tensors": ref})
+            self._own_reference.load_state_dict(ref)

@@ -177,23 +177,26 @@ STRATEGIES: dict[str, type[Stage2]] = {
 }
 
 
-def resolve_stage2(stage2: str | Stage2 | None, **legacy: Any) -> Stage2 | None:
+def resolve_stage2(stage2: str | Stage2 | None, **settings: Any) -> Stage2 | None:
     """A strategy from a name (``"scale_adversarial"``, ``"negation"``, ``"none"``), an object, or ``None``.
 
-    ``legacy`` holds the per-strategy keyword arguments older versions took on the callback; only the chosen
-    strategy's are used, and the others must be absent.
+    ``settings`` are the named strategy's keyword arguments (a config file's flat form); settings of another
+    strategy are refused by name.
+
+    Raises:
+        ValueError: An unknown name, or settings the strategy does not take.
 
     Example:
         >>> resolve_stage2("negation", beta=0.5)
         Negation(beta=0.5, critical_fraction=0.1, small_fraction=0.1, granularity='block')
     """
     if stage2 is None or stage2 == "none":
-        if legacy:
-            raise ValueError(f"{sorted(legacy)} configure stage 2, but stage2 is {stage2!r}")
+        if settings:
+            raise ValueError(f"{sorted(settings)} configure stage 2, but stage2 is {stage2!r}")
         return None
     if isinstance(stage2, Stage2):
-        if legacy:
-            raise ValueError(f"pass {sorted(legacy)} to the {type(stage2).__name__} object, not to the callback")
+        if settings:
+            raise ValueError(f"pass {sorted(settings)} to the {type(stage2).__name__} object")
         return stage2
     if not isinstance(stage2, str) or stage2 not in STRATEGIES:
         raise ValueError(f"stage2 must be one of {[*STRATEGIES, 'none']}, None or a Stage2 object, got {stage2!r}")
@@ -201,7 +204,7 @@ def resolve_stage2(stage2: str | Stage2 | None, **legacy: Any) -> Stage2 | None:
     import inspect
 
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    foreign = sorted(set(legacy) - accepted)
+    foreign = sorted(set(settings) - accepted)
     if foreign:
         raise ValueError(f"{foreign} do not apply to stage2={stage2!r} (it takes {sorted(accepted)})")
-    return cls(**legacy)
+    return cls(**settings)

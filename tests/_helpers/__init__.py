@@ -1,4 +1,6 @@
-"""Small LightningModules and callbacks for tests (module-level so they pickle for ddp_spawn)."""
+"""What the tests build on: small LightningModules and callbacks (module-level, so they pickle for ddp_spawn),
+the tiny Llama factory, perturbed fine-tunes, a byte-level tokenizer and a tiny causal LM trained on rows.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mergeguard.demos.trainer import quiet_trainer
+from lightning_mergeguard.llm import LMTaskDataset
 
 
 def blobs(n: int = 256, seed: int = 0, dim: int = 8, classes: int = 3) -> TensorDataset:
@@ -99,3 +102,80 @@ class SaveWeightsOnFitEnd(SaveWeightsOnTrainEnd):
 
     def on_fit_end(self, trainer, pl_module):
         super().on_train_end(trainer, pl_module)
+
+
+# ------------------------------------------------------------------ tiny language models and their data
+TINY_LLAMA = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """The tests' tiny Llama (``TINY_LLAMA``, any field overridden), seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides}))
+
+
+def perturbed_state_dict(state: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: (v + scale * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v.clone()
+        for k, v in state.items()
+    }
+
+
+def accelerator(device: torch.device) -> str:
+    """The Lightning accelerator name for a torch device."""
+    return "gpu" if device.type == "cuda" else "cpu"
+
+
+def make_byte_tokenizer():
+    """A byte-level tokenizer built in code (256 byte tokens + EOS), so no files are needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_lm(seed: int = 0, vocab: int = 257):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def train_rows(model, tok, rows, steps, lr=3e-3, after_step=None):
+    data = LMTaskDataset(tok, rows, max_length=max(len(tok(p + a).input_ids) for p, a in rows) + 1)
+    batch = {k: torch.stack([r[k] for r in data.rows]) for k in data.rows[0]}
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step(model)
+    return model
