@@ -36,6 +36,7 @@ from lightning_mergeguard.callbacks._common import (
     weight_replacers_after,
 )
 from lightning_mergeguard.callbacks._restores import RestoreTracker
+from lightning_mergeguard.callbacks._sharing import has_probe_donors, probe_donors
 from lightning_mergeguard.callbacks.quantization_watermark import QuantizationWatermark
 from lightning_mergeguard.errors import NonFiniteError
 from lightning_mergeguard.evaluation import (
@@ -185,6 +186,9 @@ class MergeGuardCallback(Callback):
         >>> guard = MergeGuardCallback(alpha=0.01, stage2=ScaleAdversarial(steps=100))
         >>> # trainer = pl.Trainer(callbacks=[guard]); trainer.fit(model, datamodule)
     """
+
+    shares_reference = True
+    """A MergeProbe on the same trainer uses this callback's reference (held once), in any order of callbacks."""
 
     def __init__(
         self,
@@ -401,10 +405,8 @@ class MergeGuardCallback(Callback):
         """
         if not isinstance(self.stage2, MergeNeighbourhood):
             return
-        from lightning_mergeguard.callbacks.merge_probe import MergeProbe
-
         # A probe's donors are shared with it, not copied; they count as partners for the default surrogates.
-        probed = self.stage2.use_probe_donors and any(isinstance(c, MergeProbe) for c in trainer.callbacks)
+        probed = self.stage2.use_probe_donors and has_probe_donors(trainer)
         copies = len(self.stage2.partners) + self.stage2.surrogate_count(bool(self.stage2.partners) or probed)
         perturbed = select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
         refuse_unaffordable(
@@ -822,9 +824,7 @@ class MergeGuardCallback(Callback):
                 f"MergeGuardCallback: stage 2 {self.stage2.name!r} does not support FSDP2-sharded parameters yet"
             )
         fp16 = str(trainer.precision) == "16-mixed"
-        partners: dict[str, Any] = {}
-        for cb in trainer.callbacks:  # a MergeProbe's donors are partners for strategies that rehearse merges
-            partners.update(getattr(cb, "donor_task_vectors", None) or {})
+        partners = probe_donors(trainer)  # a MergeProbe's donors are partners for strategies that rehearse merges
         return Stage2Context(
             module=pl_module,
             params=params,

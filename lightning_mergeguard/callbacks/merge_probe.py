@@ -33,6 +33,7 @@ from lightning_mergeguard.callbacks._common import (
     weight_replacers_after,
 )
 from lightning_mergeguard.callbacks._restores import RestoreTracker
+from lightning_mergeguard.callbacks._sharing import guard_reference
 from lightning_mergeguard.evaluation import ScoreFn, default_score, evaluate, rng_kept
 from lightning_mergeguard.merging.engine import iter_merge
 from lightning_mergeguard.merging.sources import StateDictSource, WeightSource
@@ -364,11 +365,9 @@ class MergeProbe(Callback):
     def _shared_reference(self, trainer: pl.Trainer) -> ReferenceWeights:
         """The guard's reference when a guard is attached and this probe has no reference of its own."""
         if self.reference_path is None:
-            from lightning_mergeguard.callbacks.merge_guard import MergeGuardCallback
-
-            guard = next((c for c in trainer.callbacks if isinstance(c, MergeGuardCallback)), None)
-            if guard is not None:
-                return guard.reference
+            shared = guard_reference(trainer)
+            if shared is not None:
+                return shared
         return self._own_reference
 
     @property
