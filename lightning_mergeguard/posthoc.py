@@ -689,7 +689,8 @@ def load_causal_lm(directory: Path) -> tuple[nn.Module, torch.dtype]:
 
     The model is built from ``config.json`` and its weights are read by this library's readers (safetensors, or
     ``.bin`` with ``weights_only=True``), never by transformers' loader: no model code and no pickle runs, and a
-    broken file ends in one line naming it.
+    broken file ends in one line naming it. The config is first built on the meta device and checked against the
+    weights' names and shapes, so a config that asks for a far bigger model than its weights allocates nothing.
 
     Raises:
         WeightsFileError: A ``config.json`` transformers cannot use, or weights that cannot be read.
@@ -697,33 +698,39 @@ def load_causal_lm(directory: Path) -> tuple[nn.Module, torch.dtype]:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    read_json(directory / "config.json", "the model config")  # names the file if it is not JSON (or too large)
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        with torch.device("meta"):  # shapes only: nothing is allocated before the weights are known to fit
+            shapes = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise WeightsFileError(
             f"{directory / 'config.json'}: not a model config transformers can build: {reason}"
         ) from None
     src = open_source(directory, name=str(directory))
-    state = lm.state_dict()
-    found = match_names(list(state), src.keys(), what=str(directory), missing="skip")
-    tied = {n for n in state if n not in found and _is_tied(lm, n)}
-    missing = [n for n in state if n not in found and n not in tied]
+    wanted = shapes.state_dict()
+    found = match_names(list(wanted), src.keys(), what=str(directory), missing="skip")
+    tied = {n for n in wanted if n not in found and _is_tied(shapes, n)}
+    missing = [n for n in wanted if n not in found and n not in tied]
     if missing:
         raise IncompatibleModelsError(
             f"{directory}: the weights lack {missing[:3]} ({len(missing)} tensors) of its config"
         )
     stored = torch.float32
+    for name, key in found.items():
+        shape, dtype = src.meta(key)
+        if tuple(shape) != tuple(wanted[name].shape):
+            raise IncompatibleModelsError(
+                f"{directory}: tensor {key!r} has shape {tuple(shape)}, its config says {tuple(wanted[name].shape)}"
+            )
+        if dtype.is_floating_point:
+            stored = dtype
+    del shapes, wanted
+    lm = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    state = lm.state_dict()
     with torch.no_grad():
         for name, key in found.items():
-            shape, dtype = src.meta(key)
-            if tuple(shape) != tuple(state[name].shape):
-                raise IncompatibleModelsError(
-                    f"{directory}: tensor {key!r} has shape {tuple(shape)}, its config says {tuple(state[name].shape)}"
-                )
-            if dtype.is_floating_point:
-                stored = dtype
             state[name].copy_(src.get(key).to(torch.float32))
     lm.float().eval()
     return lm, stored

@@ -704,3 +704,28 @@ def test_deployment_check_scores_both_models_under_each_treatment(checkpoints, t
     assert table["fp16"]["protected"] < table["fp16"]["unprotected"]  # ... the 2**20 release does not
     card = (tmp_path / "out" / "MERGEGUARD.md").read_text()
     assert "| fp16 |" in card and "Deployed as users deploy it" in card
+
+
+def test_a_config_asking_for_a_huge_model_allocates_nothing_and_bad_partner_lists_are_named(
+    checkpoints, tmp_path, capsys
+):
+    """A config.json of 64 layers of width 16384 (~200 GB in float32) beside tiny weights: refused from shapes alone."""
+    import resource
+
+    bomb = tmp_path / "bomb"
+    shutil.copytree(checkpoints / "owner", bomb)
+    cfg = json.loads((bomb / "config.json").read_text())
+    cfg.update(hidden_size=16384, intermediate_size=65536, num_hidden_layers=64, num_attention_heads=128)
+    (bomb / "config.json").write_text(json.dumps(cfg))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert main(_protect_args(checkpoints, tmp_path / "o", "--model", str(bomb))) == 2
+    err = capsys.readouterr().err
+    assert "its config says" in err or "the weights lack" in err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2 << 20  # KiB: under 2 GiB more at peak
+    for bad in ("[a, {b: c}]", "[a, b"):  # an argument error, answered as argparse answers them (exit 2)
+        with pytest.raises(SystemExit) as exit_:
+            main(_protect_args(checkpoints, tmp_path / "o", "--partners", bad))
+        assert exit_.value.code == 2 and f"--partners {bad!r}: give paths" in capsys.readouterr().err
+    (bomb / "config.json").write_bytes(b" " * (65 << 20))
+    assert main(_protect_args(checkpoints, tmp_path / "o", "--model", str(bomb))) == 2
+    assert "a config of more than 64 MiB is refused" in capsys.readouterr().err

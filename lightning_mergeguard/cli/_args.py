@@ -74,6 +74,8 @@ def load_config(path: str, known: Sequence[str]) -> dict[str, Any]:
     import yaml
 
     try:
+        if Path(path).stat().st_size > 1 << 20:
+            raise ConfigError(f"--config {path}: more than 1 MiB; an options file is a few lines")
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None

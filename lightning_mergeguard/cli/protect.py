@@ -93,7 +93,12 @@ def _arguments(argv: list[str]) -> dict[str, Any]:
         import yaml  # the list form "[a, b]" (and a YAML config's plain string)
 
         text = partners if isinstance(partners, str) else partners[0]
-        loaded = yaml.safe_load(text) if text.startswith("[") else [text]
+        try:
+            loaded = yaml.safe_load(text) if text.startswith("[") else [text]
+        except yaml.YAMLError:
+            loaded = None
+        if not isinstance(loaded, list) or not all(isinstance(x, (str, int, float)) for x in loaded):
+            parser.error(f"--partners {text!r}: give paths (--partners a b), or a list [a, b]")
         args["partners"] = [str(x) for x in loaded]
     return args
 

@@ -371,8 +371,15 @@ def _load_pickle_weights(path: Path) -> dict[str, Tensor]:
     return dict(obj)
 
 
+MAX_JSON_BYTES = 64 << 20
+"""Largest JSON file (a model config, an adapter config, a shard index) read: such files are kilobytes."""
+
+
 def read_json(path: Path, what: str) -> Any:
-    """Parse a JSON file; a clear error naming the file if it is not valid JSON."""
+    """Parse a JSON file; a clear error naming the file if it is not valid JSON, or larger than 64 MiB."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise WeightsFileError(f"{path}: {what} is {size / 2**20:.0f} MiB; a config of more than 64 MiB is refused")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
