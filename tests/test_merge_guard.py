@@ -506,7 +506,6 @@ def test_refuses_sharded_strategy():
         (dict(tolerance=float("nan")), "tolerance must be a number of points"),
         (dict(exclude=["("]), "invalid parameter-name regex"),
         (dict(include=[3]), "include must be parameter-name regexes"),
-        (dict(stage2=Negation(), beta=0.5), r"pass \['beta'\] to the Negation object"),
         (dict(reference="runs/base.safetensors", save_path="runs/../runs/base.safetensors"), "over the reference"),
         (dict(reference="runs/base/model.safetensors", save_path="runs/base"), "over the reference"),
         (dict(report_path="."), r"report_path '\.' is a directory"),  # it failed after the whole fit

@@ -9,7 +9,7 @@ from _helpers import fit_ddp_ranks, trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import KeepWeights, MergeGuardCallback, ScaleAdversarial
+from lightning_mergeguard import KeepWeights, MergeGuardCallback, Negation, ScaleAdversarial
 from lightning_mergeguard.demos.digits import digits_task_data
 from lightning_mergeguard.protection.residual import draw_permutation
 
@@ -38,9 +38,7 @@ def test_guard_on_open_clip_tower_excludes_embeddings_and_norms(tmp_path):
     module = ClipImageClassifier(clip.visual, clip.visual.output_dim)
     guard = MergeGuardCallback(
         include=[r"^visual\."],
-        stage2="negation",
-        critical_fraction=0.0,
-        small_fraction=0.0,
+        stage2=Negation(critical_fraction=0.0, small_fraction=0.0),
         tolerance=100.0,
         progress=False,
     )
