@@ -50,6 +50,7 @@ from lightning_mergeguard.protection.stage2 import (
 from lightning_mergeguard.protection.symmetry import check_strength, warn_amplify
 from lightning_mergeguard.protection.verdict import check_castable, not_protected_reason
 from lightning_mergeguard.reference import ReferenceWeights, parse_device
+from lightning_mergeguard.validation import is_number
 
 __all__ = ["hold_out", "image_data", "load_causal_lm", "load_rows", "protect_checkpoint", "protect_module"]
 
@@ -274,7 +275,7 @@ def _refuse_writing_over_inputs(written: Path, base: Path, model: Path, partners
 def _check_numbers(**values: Any) -> None:
     """Refuse settings that cannot work before any model is loaded (names as on the command line)."""
     for name, value in values.items():
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        number = is_number(value)
         if name in ("tolerance", "alpha"):
             ok = number and value >= 0
             want = "a number >= 0"

@@ -12,6 +12,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_mergeguard.validation import is_int
+
 _SHARDED = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"}
 
 
@@ -233,7 +235,7 @@ def debug_run_stage2(strategy: Any) -> Any:
     quick = copy.copy(strategy)
     for attr, most in (("steps", 2), ("checks", 1)):
         value = getattr(quick, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             setattr(quick, attr, min(value, most))
     return quick
 

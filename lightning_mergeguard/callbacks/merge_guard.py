@@ -74,6 +74,7 @@ from lightning_mergeguard.protection.stage2 import (
 from lightning_mergeguard.protection.symmetry import check_strength, warn_amplify
 from lightning_mergeguard.reference import ReferenceWeights
 from lightning_mergeguard.sharding import any_sharded, full, local, sum_across_ranks
+from lightning_mergeguard.validation import check_int, check_number
 
 _PRUNING_WHY = (
     "stage 2 moves every guarded weight, the pruned zeros included, so a pruned model would come out dense "
@@ -218,10 +219,8 @@ class MergeGuardCallback(Callback):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         if target not in ("task_vector", "weights"):
             raise ValueError(f"target must be 'task_vector' or 'weights', got {target!r}")
-        if not (isinstance(eval_batches, int) and not isinstance(eval_batches, bool) and eval_batches >= 1):
-            raise ValueError(f"eval_batches must be a positive integer, got {eval_batches!r}")
-        if not (isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) and tolerance >= 0):
-            raise ValueError(f"tolerance must be a number of points >= 0, got {tolerance!r}")
+        check_int(eval_batches, "eval_batches", low=1, want="a positive integer")
+        check_number(tolerance, "tolerance", want="a number of points >= 0")
         self.alpha = float(alpha)
         self.target = target
         self.normalize = normalize

@@ -57,6 +57,7 @@ from lightning_mergeguard.probing import (
 )
 from lightning_mergeguard.reference import ReferenceWeights, parse_device, parse_dtype
 from lightning_mergeguard.sharding import GatheredSource, any_sharded, local, write_full_
+from lightning_mergeguard.validation import check_int, is_number
 
 OWN = "own"
 
@@ -196,14 +197,10 @@ class MergeProbe(Callback):
                 raise ValueError(f"donors {seen[key]!r} and {name!r} are the same model; list each donor once")
             seen[key] = name
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+            check_int(value, name, low=1, want="a positive integer or None", optional=True)
         if every_n_steps is None and every_n_epochs is None:
             every_n_epochs = 1
-        if eval_batches is not None and (
-            not isinstance(eval_batches, int) or isinstance(eval_batches, bool) or eval_batches < 1
-        ):
-            raise ValueError(f"eval_batches must be a positive integer or None, got {eval_batches!r}")
+        check_int(eval_batches, "eval_batches", low=1, want="a positive integer or None", optional=True)
         if donor_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"donor_dtype must be 'float32' or 'bfloat16', got {donor_dtype!r}")
         self.donor_device = parse_device(donor_device, "donor_device")
@@ -213,7 +210,7 @@ class MergeProbe(Callback):
         if max_overhead is not None and not (isinstance(max_overhead, (int, float)) and max_overhead > 0):
             raise ValueError(f"max_overhead must be a positive fraction or None, got {max_overhead!r}")
         self.signals = named_signals(signals)
-        if isinstance(coefficients, (int, float)) and not isinstance(coefficients, bool):
+        if is_number(coefficients):
             coefficients = [coefficients]  # one coefficient given alone
         if coefficients is not None and (
             not isinstance(coefficients, (list, tuple))

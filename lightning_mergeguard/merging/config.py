@@ -25,6 +25,7 @@ import yaml
 from lightning_mergeguard.errors import ConfigError
 from lightning_mergeguard.merging.registry import get_method
 from lightning_mergeguard.merging.spec import REQUIRED, MethodSpec, Param
+from lightning_mergeguard.validation import is_int
 
 __all__ = ["DTYPES", "MergeConfig", "ModelEntry", "OutputSlice", "SliceSource", "resolve_param"]
 
@@ -258,7 +259,7 @@ def _chain(first: Mapping[str, Any], then: Mapping[str, Any]) -> dict[str, Any]:
 
 def _layer_range(value: Any, where: str) -> tuple[int, int]:
     ok = isinstance(value, (list, tuple)) and len(value) == 2
-    if ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value) and 0 <= value[0] < value[1]:
+    if ok and all(is_int(v) for v in value) and 0 <= value[0] < value[1]:
         return int(value[0]), int(value[1])
     raise ConfigError(
         f"{where}: layer_range must be [start, end] with 0 <= start < end (layers start..end-1), got {value!r}"

@@ -23,6 +23,7 @@ from lightning_mergeguard.errors import ConfigError, IncompatibleModelsError
 from lightning_mergeguard.merging.config import MergeConfig
 from lightning_mergeguard.merging.layers import layer_index
 from lightning_mergeguard.merging.sources import RenamedSource, WeightSource
+from lightning_mergeguard.validation import is_int
 
 __all__ = ["LAYER_COUNT_KEYS", "SlicePart", "output_model_config", "plan_slices"]
 
@@ -196,7 +197,7 @@ def output_model_config(
     out = dict(reference)
     total = sum(s.sources[0].num_layers for s in cfg.slices)
     for key in LAYER_COUNT_KEYS:
-        if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
+        if is_int(out.get(key)):
             out[key] = total
     if isinstance(reference.get("layer_types"), list):
         types = []

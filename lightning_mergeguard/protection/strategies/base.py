@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mergeguard.evaluation import LossFn
+from lightning_mergeguard.validation import check_int, is_number
 
 __all__ = ["DEFAULT_STAGE2_EXCLUDE", "Stage2", "Stage2Context"]
 
@@ -163,15 +164,11 @@ class _GuardRail:
         }
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _numbers(value: Any, what: str) -> tuple[float, ...]:
     """A list of finite numbers; one number given alone is a list of one."""
-    if _is_number(value):
+    if is_number(value):
         return (float(value),)
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(_is_number(v) for v in value):
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(is_number(v) for v in value):
         raise ValueError(f"{what} must be a number or a list of finite numbers, got {value!r}")
     return tuple(float(v) for v in value)
 
@@ -189,12 +186,10 @@ def _weight_range(value: Any, what: str, upper: float) -> tuple[float, float]:
 
 
 def _check_common(steps: Any, clip: float, lr: float, checks: Any) -> None:
-    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0):
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    check_int(steps, "steps")
     if not (clip > 0 and lr > 0):
         raise ValueError(f"clip and lr must be > 0, got clip={clip!r}, lr={lr!r}")
-    if not (isinstance(checks, int) and not isinstance(checks, bool) and checks >= 1):
-        raise ValueError(f"checks must be a positive integer, got {checks!r}")
+    check_int(checks, "checks", low=1, want="a positive integer")
 
 
 def _guarded_loop(

@@ -21,10 +21,10 @@ from lightning_mergeguard.protection.strategies.base import (
     Stage2Context,
     _check_common,
     _guarded_loop,
-    _is_number,
     _scores_at,
     _weight_range,
 )
+from lightning_mergeguard.validation import is_number
 
 __all__ = ["MergeNeighbourhood"]
 
@@ -103,7 +103,7 @@ class MergeNeighbourhood(Stage2):
         densities = _weight_range(densities, "densities", 1.0)
         if isinstance(methods, str):
             methods = [methods]
-        if isinstance(proxies, Sequence) and len(proxies) == 2 and all(_is_number(p) for p in proxies):
+        if isinstance(proxies, Sequence) and len(proxies) == 2 and all(is_number(p) for p in proxies):
             proxies = [proxies]
         unknown = [m for m in methods if m not in MERGE_FAMILIES]
         if not methods or unknown:
@@ -114,7 +114,7 @@ class MergeNeighbourhood(Stage2):
             raise ValueError(f"surrogate_rank must be a positive integer or None, got {surrogate_rank!r}")
         if isinstance(partners, str):
             raise ValueError("partners must be a list of paths, not one string")
-        pairs = [isinstance(p, Sequence) and len(p) == 2 and all(_is_number(x) for x in p) for p in proxies]
+        pairs = [isinstance(p, Sequence) and len(p) == 2 and all(is_number(x) for x in p) for p in proxies]
         if not proxies or not all(pairs) or any(not (p[0] > 0 and p[1] >= 0) for p in proxies):
             raise ValueError(
                 f"proxies must be a non-empty list of (owner weight > 0, partner weight >= 0), got {proxies!r}"

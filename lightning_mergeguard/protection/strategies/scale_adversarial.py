@@ -11,10 +11,10 @@ from lightning_mergeguard.protection.strategies.base import (
     Stage2Context,
     _check_common,
     _guarded_loop,
-    _is_number,
     _numbers,
     _scores_at,
 )
+from lightning_mergeguard.validation import is_number
 
 __all__ = ["ScaleAdversarial"]
 
@@ -54,7 +54,7 @@ class ScaleAdversarial(Stage2):
         checks: int = 8,
     ) -> None:
         _check_common(steps, clip, lr, checks)
-        if not _is_number(scales) and (isinstance(scales, (str, bytes)) or not scales):
+        if not is_number(scales) and (isinstance(scales, (str, bytes)) or not scales):
             raise ValueError(f"scales must be a non-empty list of merge scales in (0, 1), got {scales!r}")
         if any(not 0.0 < s < 1.0 for s in _numbers(scales, "scales")):
             raise ValueError(f"scales must be a non-empty list of merge scales in (0, 1), got {scales!r}")
