@@ -90,6 +90,17 @@ def write_results(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def track_axes(results: dict[str, Any], width: float, height: float) -> tuple[Any, list[tuple[Any, str, Any]]]:
+    """A figure with one panel per track: ``(fig, [(axes, track name, track results), ...])`` (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(width * len(results), height), squeeze=False)
+    return fig, [(ax, name, res) for ax, (name, res) in zip(axes[0], results.items(), strict=True)]
+
+
 def save_png(fig: Any, path: Path, **savefig: Any) -> None:
     """Write a matplotlib figure to ``path`` atomically (a temporary file, then a rename) and close it."""
     import matplotlib.pyplot as plt

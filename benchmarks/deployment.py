@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import RESULTS, markdown_table, save_png, write_results
+from _common import RESULTS, markdown_table, save_png, track_axes, write_results
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.errors import NonFiniteError
@@ -147,13 +147,8 @@ def table(name: str, res: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path) -> None:
     """One panel per track: own score per treatment, one line per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
-    for ax, (name, res) in zip(axes[0], results.items(), strict=True):
+    fig, panels = track_axes(results, 7, 4.5)
+    for ax, name, res in panels:
         for k, v in res["variants"].items():
             ax.plot(range(len(TREATMENTS)), [v["scores"][t] for t in TREATMENTS], marker="o", label=k)
         ax.set_xticks(range(len(TREATMENTS)), TREATMENTS, rotation=35, ha="right")

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from _common import RESULTS, markdown_table, save_png, write_results
+from _common import RESULTS, markdown_table, save_png, track_axes, write_results
 from tqdm.auto import tqdm
 
 State = dict[str, torch.Tensor]
@@ -112,13 +112,8 @@ def table(name: str, res: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path) -> None:
     """One panel per track: owner-task accuracy against t (log scale, copies to the right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
-    for ax, (name, res) in zip(axes[0], results.items(), strict=True):
+    fig, panels = track_axes(results, 6, 4)
+    for ax, name, res in panels:
         for k, v in res["variants"].items():
             ax.plot([r["t"] for r in v["sweep"]], [r["owner"] for r in v["sweep"]], marker="o", label=k)
         ax.set_xscale("log")

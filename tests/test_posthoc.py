@@ -209,7 +209,8 @@ def test_amplify_keeps_the_function_and_breaks_merges(checkpoints, tmp_path, cap
     # both standard merges fall to (or below) what they give unprotected, and task arithmetic collapses
     ta = report["merges"]["task arithmetic λ=0.3"]
     assert ta["protected"] <= 12.5 < ta["unprotected"], report["merges"]
-    assert "re-parameterised with exact symmetries" in (out / "MERGEGUARD.md").read_text()
+    card = (out / "MERGEGUARD.md").read_text()
+    assert "**Deploy with care: these weights are re-parameterised" in card and "0% in float16" in card
     from transformers import AutoModelForCausalLM
 
     written = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
@@ -256,7 +257,7 @@ def test_stage2_none_with_amplify_rewrites_the_fine_tune_alone_and_keeps_its_fun
     assert report["score_after"] == report["score_before"] and report["amplify"]["residual"]["applied"]
     assert report["validation_passes"] == 2  # the score before, and the check after the symmetries
     card = (out / "MERGEGUARD.md").read_text()
-    assert "re-parameterisation below alone" in card and "gives the unprotected fine-tune back" in card
+    assert "re-parameterisation below alone" in card and "giving the unprotected fine-tune back" in card
     written = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     owner = AutoModelForCausalLM.from_pretrained(checkpoints / "owner").eval()
     norm = written.model.layers[0].input_layernorm.weight

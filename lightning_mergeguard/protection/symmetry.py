@@ -180,18 +180,12 @@ def warn_amplify(strength: float, who: str) -> None:
     """
     import warnings
 
-    costly = strength > 16
     warnings.warn(
         f"{who}: amplify={strength:g} is not a recommended setting. It is undone without theta_pre: any other "
         "fine-tune of the same base serves as the anchor (scales from norm ratios, a permuted stream from the "
-        "embeddings), so it stops only merges run blindly"
-        + (
-            "; and its divided channels do not survive deployment: the weights overflow float16, and per-row int8, "
-            "4-bit groups and further fine-tuning lose the model's function (benchmarks/results/deployment.md)"
-            if costly
-            else "; scales up to 16 stay inside float16's range (see benchmarks/results/deployment.md for what "
-            "quantization keeps)"
-        ),
+        "embeddings), so it stops only merges run blindly. And amplified releases do not survive deployment: on "
+        "SmolLM2, amplify=16 scores 0% under every 4-bit format, and 2**20 scores 0% in float16, int8 and after 50 "
+        "fine-tuning steps (benchmarks/results/deployment.md)",
         AmplifyWarning,
         stacklevel=3,
     )

@@ -152,19 +152,11 @@ def make_byte_tokenizer():
 
 
 def tiny_lm(seed: int = 0, vocab: int = 257):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+    """A tiny Llama over the byte tokenizer's vocabulary, wide enough to learn rows (fingerprints, watermarks)."""
+    return tiny_llama(
+        seed, vocab_size=vocab, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
         max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(cfg)
+    )  # fmt: skip
 
 
 def train_rows(model, tok, rows, steps, lr=3e-3, after_step=None):
