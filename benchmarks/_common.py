@@ -90,6 +90,26 @@ def write_results(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def publish_tracks(
+    name: str,
+    meta: dict[str, Any],
+    results: dict[str, Any],
+    table: Any,
+    plot: Any,
+    headline: Any,
+) -> Path:
+    """Write a per-track benchmark's JSON (``meta`` plus ``tracks``), its markdown tables and plot; print them."""
+    path = write_results(name, {**meta, "tracks": results})
+    md = "\n".join(table(n, r) for n, r in results.items())
+    (RESULTS / f"{name}.md").write_text(md + "\n")
+    plot(results, RESULTS / f"{name}.png")
+    print(md)
+    for n, r in results.items():
+        print(headline(n, r))
+    print(f"wrote {path}")
+    return path
+
+
 def track_axes(results: dict[str, Any], width: float, height: float) -> tuple[Any, list[tuple[Any, str, Any]]]:
     """A figure with one panel per track: ``(fig, [(axes, track name, track results), ...])`` (Agg backend)."""
     import matplotlib

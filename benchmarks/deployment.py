@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import RESULTS, markdown_table, save_png, track_axes, write_results
+from _common import RESULTS, markdown_table, publish_tracks, save_png, track_axes
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.errors import NonFiniteError
@@ -191,24 +191,14 @@ def main() -> None:
 
         kept = json.loads(previous.read_text()).get("tracks", {})
         results = {**{k: v for k, v in kept.items() if k not in results}, **results}
-    path = write_results(
-        "deployment",
-        {
-            "baseline": "the unprotected fine-tune under the same treatment, same run",
-            "treatments": list(TREATMENTS),
-            "finetune_steps": FINETUNE_STEPS,
-            "bound_points": BOUND,
-            "seconds": time.perf_counter() - start,
-            "tracks": results,
-        },
-    )
-    md = "\n".join(table(n, r) for n, r in results.items())
-    (RESULTS / "deployment.md").write_text(md + "\n")
-    plot(results, RESULTS / "deployment.png")
-    print(md)
-    for n, r in results.items():
-        print(headline(n, r))
-    print(f"wrote {path}")
+    meta = {
+        "baseline": "the unprotected fine-tune under the same treatment, same run",
+        "treatments": list(TREATMENTS),
+        "finetune_steps": FINETUNE_STEPS,
+        "bound_points": BOUND,
+        "seconds": time.perf_counter() - start,
+    }
+    publish_tracks("deployment", meta, results, table, plot, headline)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from _common import RESULTS, markdown_table, save_png, track_axes, write_results
+from _common import markdown_table, publish_tracks, save_png, track_axes
 from tqdm.auto import tqdm
 
 State = dict[str, torch.Tensor]
@@ -162,22 +162,12 @@ def main() -> None:
             bar.update()
             results[name] = run_track(track, bar)
             results[name]["command"] = shlex.join(["python", *sys.argv])
-    path = write_results(
-        "near_copies",
-        {
-            "baseline": "the unprotected fine-tune, merged the same way in the same run",
-            "thresholds": list(THRESHOLDS),
-            "seconds": time.perf_counter() - start,
-            "tracks": results,
-        },
-    )
-    md = "\n".join(table(n, r) for n, r in results.items())
-    (RESULTS / "near_copies.md").write_text(md + "\n")
-    plot(results, RESULTS / "near_copies.png")
-    print(md)
-    for n, r in results.items():
-        print(headline(n, r))
-    print(f"wrote {path}")
+    meta = {
+        "baseline": "the unprotected fine-tune, merged the same way in the same run",
+        "thresholds": list(THRESHOLDS),
+        "seconds": time.perf_counter() - start,
+    }
+    publish_tracks("near_copies", meta, results, table, plot, headline)
 
 
 if __name__ == "__main__":
