@@ -17,6 +17,7 @@ from lightning_mergeguard.merging.dare import dare_merge
 from lightning_mergeguard.merging.engine import check_compatible, iter_merge, merge
 from lightning_mergeguard.merging.generalized import generalized_task_arithmetic
 from lightning_mergeguard.merging.linear import linear_merge
+from lightning_mergeguard.merging.lora import LoraSource  # registers mergekit's BASE+ADAPTER with open_source
 from lightning_mergeguard.merging.registry import METHODS, get_method, register_method
 from lightning_mergeguard.merging.slerp import slerp
 from lightning_mergeguard.merging.sources import SafetensorsSource, StateDictSource, WeightSource, open_source
@@ -34,6 +35,7 @@ from lightning_mergeguard.merging.ties import ties_merge
 __all__ = [
     "METHODS",
     "REQUIRED",
+    "LoraSource",
     "MergeConfig",
     "MethodSpec",
     "ModelEntry",

@@ -31,6 +31,7 @@ from lightning_mergeguard.merging.sources import (
     match_names,
     open_source,
     read_json,
+    register_opener,
 )
 
 __all__ = ["LoraSource", "is_lora_adapter", "lora_delta", "split_lora_reference"]
@@ -324,3 +325,17 @@ class LoraSource(WeightSource):
         out = {k: self._delta(k) for k in self._updates}
         out.update({k: b.float() * self._scaling[w] for k, (w, b) in self._bias.items()})
         return out
+
+
+@register_opener
+def _open_lora_reference(reference: str, name: str | None) -> WeightSource | None:
+    """``BASE+ADAPTER`` as a :class:`LoraSource`; a bare adapter directory is refused with what to pass instead."""
+    pair = split_lora_reference(reference)
+    if pair is not None:
+        return LoraSource(pair[0], pair[1], name=name or reference)
+    path = Path(reference)
+    if is_lora_adapter(path) and not set(path.glob("*.safetensors")) - {path / "adapter_model.safetensors"}:
+        raise WeightsFileError(
+            f"{path} is a PEFT adapter, not a model: name its base too, as mergekit does: BASE_PATH+{path}"
+        )
+    return None

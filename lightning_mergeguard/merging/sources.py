@@ -13,7 +13,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "match_names",
     "open_source",
     "read_checked",
+    "register_opener",
 ]
 
 _ST_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
@@ -460,6 +461,21 @@ def hub_directory(reference: str) -> Path | None:
     return local
 
 
+Opener = Callable[[str, "str | None"], "WeightSource | None"]
+_OPENERS: list[Opener] = []
+
+
+def register_opener(opener: Opener) -> Opener:
+    """Let :func:`open_source` try ``opener(reference, name)`` on every path-like reference first.
+
+    An opener returns a source for the references it knows (``None`` for the others) or raises for one it knows
+    to be wrong; :mod:`~lightning_mergeguard.merging.lora` registers mergekit's ``BASE+ADAPTER`` this way, so this
+    module needs no import of it.
+    """
+    _OPENERS.append(opener)
+    return opener
+
+
 def open_source(obj: Any, name: str | None = None, *, drop_pages: bool = False) -> WeightSource:
     """Turn whatever the user passed into a :class:`WeightSource`.
 
@@ -487,17 +503,12 @@ def open_source(obj: Any, name: str | None = None, *, drop_pages: bool = False) 
         return StateDictSource(obj, name=name or "state_dict")
     if not isinstance(obj, (str, os.PathLike)):
         raise TypeError(f"cannot read weights from a {type(obj).__name__}; pass a state dict, module or path")
-    from lightning_mergeguard.merging.lora import LoraSource, is_lora_adapter, split_lora_reference
-
-    lora = split_lora_reference(str(obj))
-    if lora is not None:
-        return LoraSource(lora[0], lora[1], name=name or str(obj))
+    for opener in _OPENERS:  # references other modules know how to open (mergekit's BASE+ADAPTER, say)
+        opened = opener(str(obj), name)
+        if opened is not None:
+            return opened
     path = Path(obj)
     label = name or str(path)
-    if is_lora_adapter(path) and not set(path.glob("*.safetensors")) - {path / "adapter_model.safetensors"}:
-        raise WeightsFileError(
-            f"{path} is a PEFT adapter, not a model: name its base too, as mergekit does: BASE_PATH+{path}"
-        )
     if path.is_file():
         one: WeightSource
         if path.suffix == ".safetensors":
