@@ -223,8 +223,8 @@ def vision_track(size: dict[str, Any]) -> Track:
     from torch import nn
 
     from lightning_mergeguard.baselines import params_open_clip, realign_open_clip
+    from lightning_mergeguard.demos.open_clip import SMALL_VIT
     from lightning_mergeguard.demos.vision_tasks import (
-        SMALL_VIT,
         VISION_TASKS,
         finetune_vit_task,
         fit_task_heads,

@@ -384,8 +384,7 @@ def test_protects_an_open_clip_classifier_checkpoint(tmp_path):
 
 
 def test_open_clip_architecture_from_a_name_or_a_config_file(tmp_path):
-    from lightning_mergeguard.demos.open_clip import build_open_clip
-    from lightning_mergeguard.demos.vision_tasks import SMALL_VIT
+    from lightning_mergeguard.demos.open_clip import SMALL_VIT, build_open_clip
 
     small = build_open_clip("small")
     assert sum(p.numel() for p in small.visual.parameters()) == sum(

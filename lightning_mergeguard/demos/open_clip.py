@@ -12,7 +12,15 @@ from torch import Tensor, nn
 from lightning_mergeguard.demos._optional import require
 from lightning_mergeguard.demos.classifier import ClassifierModule
 
-__all__ = ["TINY_VIT", "ClipImageClassifier", "build_open_clip", "digits_as_images", "image_size", "image_transform"]
+__all__ = [
+    "SMALL_VIT",
+    "TINY_VIT",
+    "ClipImageClassifier",
+    "build_open_clip",
+    "digits_as_images",
+    "image_size",
+    "image_transform",
+]
 
 TINY_VIT: dict[str, Any] = {
     "embed_dim": 64,
@@ -20,6 +28,13 @@ TINY_VIT: dict[str, Any] = {
     "text_cfg": {"context_length": 16, "vocab_size": 256, "width": 32, "heads": 2, "layers": 1},
 }
 """A 4-block ViT (about 0.3M image-tower parameters) for CPU tests and demos; no pretrained weights exist here."""
+
+SMALL_VIT: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 6, "head_width": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 256, "width": 32, "heads": 2, "layers": 1},
+}
+"""A 6-block open_clip ViT (patch 8 on 32x32 images, width 128; about 0.8M image-tower parameters)."""
 
 
 def _config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -45,7 +60,7 @@ def build_open_clip(
 
     Args:
         model: ``"tiny"`` (:data:`TINY_VIT`), ``"small"`` (the benchmarks' ViT,
-            :data:`~lightning_mergeguard.demos.vision_tasks.SMALL_VIT`), an open_clip config name (``"ViT-B-32"``,
+            :data:`SMALL_VIT`), an open_clip config name (``"ViT-B-32"``,
             ``"ViT-L-14"``...), a dict of ``open_clip.CLIP`` keyword arguments, or the path of a JSON/YAML file
             holding such a dict (open_clip's own model-config files work: their ``embed_dim``, ``vision_cfg`` and
             ``text_cfg``).
@@ -65,8 +80,6 @@ def build_open_clip(
     if isinstance(model, (str, os.PathLike)) and str(model).endswith((".json", ".yaml", ".yml")):
         model = _config_file(model)
     if model == "small":
-        from lightning_mergeguard.demos.vision_tasks import SMALL_VIT
-
         model = SMALL_VIT
     if isinstance(model, dict) or model == "tiny":
         clip = open_clip.CLIP(**(TINY_VIT if model == "tiny" else model))

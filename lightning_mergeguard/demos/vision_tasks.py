@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mergeguard.demos._optional import require
 from lightning_mergeguard.demos.digits import DigitsTaskModule
+from lightning_mergeguard.demos.open_clip import SMALL_VIT, build_open_clip
 from lightning_mergeguard.demos.trainer import quiet_trainer
 
 __all__ = [
     "PRETEXT_TASKS",
-    "SMALL_VIT",
     "VISION_TASKS",
     "finetune_vit_task",
     "fit_task_heads",
@@ -40,13 +40,6 @@ __all__ = [
     "pretrain_vit",
     "vit_task_accuracy",
 ]
-
-SMALL_VIT: dict[str, Any] = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 6, "head_width": 32, "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 16, "vocab_size": 256, "width": 32, "heads": 2, "layers": 1},
-}
-"""A 6-block open_clip ViT (patch 8 on 32x32 images, width 128; about 0.8M image-tower parameters)."""
 
 _TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
     "plain": lambda x: x,
@@ -157,8 +150,6 @@ def pretrain_vit(
         The image tower (``clip.visual``): ``theta_pre`` of the vision setting.
     """
     from lightning.pytorch.utilities.combined_loader import CombinedLoader
-
-    from lightning_mergeguard.demos.open_clip import build_open_clip
 
     pl.seed_everything(seed, verbose=False)
     clip = build_open_clip(SMALL_VIT if model == "small" else model)
