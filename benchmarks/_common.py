@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lightning_mergeguard.demos.trainer import quiet_trainer
+from lightning_mergeguard.models.trainer import quiet_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("MERGEGUARD_RESULTS_DIR", ROOT / "benchmarks" / "results"))  # tests redirect it

@@ -48,7 +48,7 @@ def _worker(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
-    from lightning_mergeguard.demos.trainer import quiet_trainer
+    from lightning_mergeguard.models.trainer import quiet_trainer
     from lightning_mergeguard.sharding import local
 
     class Stack(pl.LightningModule):

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
-from lightning_mergeguard.demos.trainer import quiet_trainer
+from lightning_mergeguard.models.trainer import quiet_trainer
 
 SIZES: dict[str, dict[str, Any]] = {
     "full": {
@@ -103,7 +103,7 @@ def llama_setting(size: dict[str, Any], steps: int):
 
 
 def vit_setting(size: dict[str, Any], steps: int):
-    from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip
+    from lightning_mergeguard.models.open_clip import ClipImageClassifier, build_open_clip
 
     torch.manual_seed(0)
     clip = build_open_clip(size["vit"])

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
-from lightning_mergeguard.demos.trainer import quiet_trainer
 from lightning_mergeguard.evaluation import evaluate
+from lightning_mergeguard.models.trainer import quiet_trainer
 
 
 class TimedGuard(MergeGuardCallback):

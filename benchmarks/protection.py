@@ -223,7 +223,6 @@ def vision_track(size: dict[str, Any]) -> Track:
     from torch import nn
 
     from lightning_mergeguard.baselines import params_open_clip, realign_open_clip
-    from lightning_mergeguard.demos.open_clip import SMALL_VIT
     from lightning_mergeguard.demos.vision_tasks import (
         VISION_TASKS,
         finetune_vit_task,
@@ -234,6 +233,7 @@ def vision_track(size: dict[str, Any]) -> Track:
     )
     from lightning_mergeguard.evaluation import evaluate as evaluate_batches
     from lightning_mergeguard.merging import adamerging, prediction_entropy
+    from lightning_mergeguard.models.open_clip import SMALL_VIT
 
     tasks, owner = list(VISION_TASKS), "mnist"
     visual = pretrain_vit("small", epochs=size["pretrain_epochs"])

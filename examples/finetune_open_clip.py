@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
 from lightning_mergeguard.demos.digits import digits_task_data
-from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip, image_transform
-from lightning_mergeguard.demos.trainer import default_precision
 from lightning_mergeguard.evaluation import evaluate
+from lightning_mergeguard.models.open_clip import ClipImageClassifier, build_open_clip, image_transform
+from lightning_mergeguard.models.trainer import default_precision
 from lightning_mergeguard.posthoc import image_data
 
 

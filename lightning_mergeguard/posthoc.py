@@ -325,7 +325,7 @@ def image_data(data: str, seed: int, transform: Any) -> tuple[Dataset, Dataset]:
         data: A folder with one sub-folder per class (read through ``transform``; a seeded quarter is held out as
             ``val``), or ``"module:function"``.
         seed: Seed of the held-out split.
-        transform: The images' preprocessing, e.g. :func:`~lightning_mergeguard.demos.open_clip.image_transform`.
+        transform: The images' preprocessing, e.g. :func:`~lightning_mergeguard.models.open_clip.image_transform`.
 
     Raises:
         ConfigError: For a path that is neither, or an entry point that cannot be loaded.
@@ -649,7 +649,7 @@ def _refit(
     import lightning.pytorch as pl
 
     from lightning_mergeguard.callbacks.merge_guard import MergeGuardCallback
-    from lightning_mergeguard.demos.trainer import quiet_trainer
+    from lightning_mergeguard.models.trainer import quiet_trainer
 
     class Wrapped(pl.LightningModule):
         def __init__(self) -> None:
@@ -793,9 +793,9 @@ def _causal_lm(base: Path, model: Path, data: str, arch, batch_size: int, max_le
 def _open_clip(
     base: Path, model: Path, data: str, arch: str | None, batch_size: int, max_length: int, seed: int, options
 ):
-    from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip, image_transform
     from lightning_mergeguard.evaluation import evaluate
     from lightning_mergeguard.io import save_safetensors
+    from lightning_mergeguard.models.open_clip import ClipImageClassifier, build_open_clip, image_transform
 
     try:
         clip = build_open_clip(arch or "tiny")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _helpers import TinyClassifier, blobs
 
 from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
-from lightning_mergeguard.demos.trainer import quiet_trainer
+from lightning_mergeguard.models.trainer import quiet_trainer
 
 
 class ShardedTinyClassifier(TinyClassifier):

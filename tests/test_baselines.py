@@ -88,7 +88,7 @@ def test_realign_llama_undoes_params_with_grouped_query_attention():
 
 
 def test_params_open_clip_preserves_the_tower_and_realign_undoes_it():
-    from lightning_mergeguard.demos.open_clip import build_open_clip
+    from lightning_mergeguard.models.open_clip import build_open_clip
 
     torch.manual_seed(0)
     base = build_open_clip("tiny").visual.eval()

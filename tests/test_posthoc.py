@@ -335,9 +335,9 @@ def test_protects_an_open_clip_classifier_checkpoint(tmp_path):
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip
-    from lightning_mergeguard.demos.trainer import quiet_trainer
     from lightning_mergeguard.io import save_safetensors
+    from lightning_mergeguard.models.open_clip import ClipImageClassifier, build_open_clip
+    from lightning_mergeguard.models.trainer import quiet_trainer
 
     pl.seed_everything(0)
     clip = build_open_clip("tiny")
@@ -346,7 +346,7 @@ def test_protects_an_open_clip_classifier_checkpoint(tmp_path):
     train, _ = digit_images()
     quiet_trainer(max_epochs=3, accelerator="cpu").fit(module, DataLoader(train, batch_size=64, shuffle=True))
     save_safetensors(tmp_path / "finetune.safetensors", module.state_dict())
-    from lightning_mergeguard.demos.open_clip import TINY_VIT
+    from lightning_mergeguard.models.open_clip import TINY_VIT
 
     arch = tmp_path / "arch.json"  # the architecture as a config file, as for the benchmark's inline ViT config
     arch.write_text(json.dumps(TINY_VIT))
@@ -384,7 +384,7 @@ def test_protects_an_open_clip_classifier_checkpoint(tmp_path):
 
 
 def test_open_clip_architecture_from_a_name_or_a_config_file(tmp_path):
-    from lightning_mergeguard.demos.open_clip import SMALL_VIT, build_open_clip
+    from lightning_mergeguard.models.open_clip import SMALL_VIT, build_open_clip
 
     small = build_open_clip("small")
     assert sum(p.numel() for p in small.visual.parameters()) == sum(
@@ -409,8 +409,8 @@ def test_an_image_folder_is_read_at_the_towers_size_with_open_clips_preprocessin
     """
     from PIL import Image
 
-    from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip
     from lightning_mergeguard.io import save_safetensors
+    from lightning_mergeguard.models.open_clip import ClipImageClassifier, build_open_clip
 
     torch.manual_seed(0)
     clip = build_open_clip("tiny")
@@ -442,7 +442,7 @@ def test_an_image_folder_is_read_at_the_towers_size_with_open_clips_preprocessin
 
 def test_the_classifier_feeds_flattened_digits_at_the_towers_size():
     """A tower built for 48-pixel images (a real checkpoint's is 224) gets 48-pixel digits, not the tiny ViT's 32."""
-    from lightning_mergeguard.demos.open_clip import TINY_VIT, ClipImageClassifier, build_open_clip
+    from lightning_mergeguard.models.open_clip import TINY_VIT, ClipImageClassifier, build_open_clip
 
     config = {**TINY_VIT, "vision_cfg": {**TINY_VIT["vision_cfg"], "image_size": 48}}
     module = ClipImageClassifier(build_open_clip(config).visual, 64, num_classes=10)

@@ -69,7 +69,7 @@ def test_a_causal_lm_computes_the_same_function_with_its_stream_permuted(device,
 
 
 def test_an_open_clip_tower_computes_the_same_function_with_its_stream_permuted():
-    from lightning_mergeguard.demos.open_clip import build_open_clip
+    from lightning_mergeguard.models.open_clip import build_open_clip
 
     torch.manual_seed(0)
     visual = build_open_clip("tiny").visual.eval()
@@ -234,7 +234,7 @@ def test_a_stream_reader_the_layout_misses_is_caught_and_the_permutation_undone(
 
 
 def test_a_model_without_a_recognised_stream_is_amplified_without_it():
-    from lightning_mergeguard.demos.open_clip import build_open_clip
+    from lightning_mergeguard.models.open_clip import build_open_clip
 
     torch.manual_seed(0)
     clip = build_open_clip("tiny")

@@ -62,7 +62,7 @@ def test_llama_function_is_kept_exactly_and_every_block_kind_is_found(device, he
 
 
 def test_open_clip_tower_is_kept_exactly():
-    from lightning_mergeguard.demos.open_clip import build_open_clip
+    from lightning_mergeguard.models.open_clip import build_open_clip
 
     torch.manual_seed(0)
     visual = build_open_clip("tiny").visual.eval()

@@ -17,7 +17,7 @@ open_clip = pytest.importorskip("open_clip")
 
 
 def test_open_clip_local_checkpoint_roundtrip(tmp_path):
-    from lightning_mergeguard.demos.open_clip import build_open_clip
+    from lightning_mergeguard.models.open_clip import build_open_clip
 
     torch.manual_seed(0)
     clip = build_open_clip("tiny")
@@ -31,7 +31,7 @@ def test_open_clip_local_checkpoint_roundtrip(tmp_path):
 
 
 def test_guard_on_open_clip_tower_excludes_embeddings_and_norms(tmp_path):
-    from lightning_mergeguard.demos.open_clip import ClipImageClassifier, build_open_clip
+    from lightning_mergeguard.models.open_clip import ClipImageClassifier, build_open_clip
 
     pl.seed_everything(0)
     clip = build_open_clip("tiny")

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mergeguard.demos._optional import require
-from lightning_mergeguard.demos.classifier import ClassifierModule
-from lightning_mergeguard.demos.trainer import quiet_trainer
+from lightning_mergeguard.models.classifier import ClassifierModule
+from lightning_mergeguard.models.extras import require
+from lightning_mergeguard.models.trainer import quiet_trainer
 
 __all__ = [
     "TASKS",

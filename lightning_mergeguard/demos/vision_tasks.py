@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mergeguard.demos._optional import require
 from lightning_mergeguard.demos.digits import DigitsTaskModule
-from lightning_mergeguard.demos.open_clip import SMALL_VIT, build_open_clip
-from lightning_mergeguard.demos.trainer import quiet_trainer
+from lightning_mergeguard.models.extras import require
+from lightning_mergeguard.models.open_clip import SMALL_VIT, build_open_clip
+from lightning_mergeguard.models.trainer import quiet_trainer
 
 __all__ = [
     "PRETEXT_TASKS",

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mergeguard.demos.trainer import quiet_trainer
 from lightning_mergeguard.llm import LMTaskDataset
+from lightning_mergeguard.models.trainer import quiet_trainer
 
 
 def blobs(n: int = 256, seed: int = 0, dim: int = 8, classes: int = 3) -> TensorDataset:

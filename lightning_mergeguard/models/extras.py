@@ -1,4 +1,4 @@
-"""Optional dependencies of the demos, with an error that names the extra to install."""
+"""Optional dependencies (open_clip, scikit-learn...), imported with an error that names the extra to install."""
 
 from __future__ import annotations
 

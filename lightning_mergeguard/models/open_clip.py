@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_mergeguard.demos._optional import require
-from lightning_mergeguard.demos.classifier import ClassifierModule
+from lightning_mergeguard.models.classifier import ClassifierModule
+from lightning_mergeguard.models.extras import require
 
 __all__ = [
     "SMALL_VIT",
