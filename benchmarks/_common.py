@@ -191,7 +191,7 @@ def fit_lm(
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset
+    from lightning_mergeguard.models.causal_lm import CausalLMModule, LMTaskDataset
 
     pl.seed_everything(0, verbose=False)
     if max_length is None:
@@ -216,7 +216,7 @@ def smollm2_finetunes(tasks: tuple[str, ...] = ("add", "reverse"), steps: int = 
     from torch.utils.data import DataLoader
 
     from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2, smollm2_dir
-    from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset
+    from lightning_mergeguard.models.causal_lm import CausalLMModule, LMTaskDataset
 
     paths = {"base": smollm2_dir(CACHE / "smollm2-135m")}
     for task in tasks:

@@ -87,7 +87,7 @@ class StepTimer(pl.Callback):
 def llama_setting(size: dict[str, Any], steps: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_mergeguard.llm import CausalLMModule
+    from lightning_mergeguard.models.causal_lm import CausalLMModule
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**size["llama"]))

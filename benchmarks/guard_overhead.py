@@ -53,7 +53,7 @@ class StepTimer(pl.Callback):
 def setting(name: str):
     if name == "smollm2":
         from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
-        from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset
+        from lightning_mergeguard.models.causal_lm import CausalLMModule, LMTaskDataset
 
         model, tok = load_smollm2(CACHE / "smollm2-135m")
         train = DataLoader(LMTaskDataset(tok, generate_task("add", 256)), batch_size=8, shuffle=False)

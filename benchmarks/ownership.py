@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
 from lightning_mergeguard.callbacks.quantization_watermark import QuantizationWatermark
 from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
-from lightning_mergeguard.llm import exact_match
 from lightning_mergeguard.merging import merge
+from lightning_mergeguard.models.causal_lm import exact_match
 from lightning_mergeguard.ownership import (
     fingerprint_rows,
     make_fingerprint,

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mergeguard import MergeProbe
 from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
-from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset
+from lightning_mergeguard.models.causal_lm import CausalLMModule, LMTaskDataset
 from lightning_mergeguard.models.trainer import quiet_trainer
 
 

@@ -377,8 +377,8 @@ def llm_track(size: dict[str, Any]) -> Track:
     from lightning_mergeguard.baselines import params_llama, realign_llama
     from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
     from lightning_mergeguard.evaluation import answer_exact_match
-    from lightning_mergeguard.llm import exact_match, left_pad
     from lightning_mergeguard.merging import adamerging, prediction_entropy
+    from lightning_mergeguard.models.causal_lm import exact_match, left_pad
 
     tasks, owner = ["add", "reverse", "upper", "country"], "upper"
     steps, lr = size["steps"], size["lr"]
@@ -448,7 +448,7 @@ def llm_track(size: dict[str, Any]) -> Track:
         from torch.utils.data import DataLoader
 
         from lightning_mergeguard.evaluation import default_loss
-        from lightning_mergeguard.llm import LMTaskDataset
+        from lightning_mergeguard.models.causal_lm import LMTaskDataset
         from lightning_mergeguard.protection.deployment import finetune_
 
         m = copy.deepcopy(model)
@@ -479,7 +479,7 @@ def llm_track(size: dict[str, Any]) -> Track:
         from torch.utils.data import DataLoader
 
         from lightning_mergeguard.evaluation import evaluate as evaluate_batches
-        from lightning_mergeguard.llm import LMTaskDataset
+        from lightning_mergeguard.models.causal_lm import LMTaskDataset
         from lightning_mergeguard.posthoc import protect_module
 
         m = copy.deepcopy(model)

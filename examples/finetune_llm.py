@@ -31,7 +31,7 @@ from lightning_mergeguard import MergeGuardCallback, MergeNeighbourhood, ScaleAd
 from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
 from lightning_mergeguard.evaluation import answer_exact_match
 from lightning_mergeguard.io import atomic_directory
-from lightning_mergeguard.llm import CausalLMModule, LMTaskDataset, exact_match
+from lightning_mergeguard.models.causal_lm import CausalLMModule, LMTaskDataset, exact_match
 from lightning_mergeguard.models.trainer import default_precision
 from lightning_mergeguard.ownership import fingerprint_rows, make_fingerprint, verify_fingerprint
 from lightning_mergeguard.posthoc import hold_out, load_rows

@@ -749,7 +749,7 @@ def _is_tied(lm: nn.Module, name: str) -> bool:
 def _causal_lm(base: Path, model: Path, data: str, arch, batch_size: int, max_length: int, seed: int, options):
     from transformers import AutoTokenizer
 
-    from lightning_mergeguard.llm import LMTaskDataset, exact_match
+    from lightning_mergeguard.models.causal_lm import LMTaskDataset, exact_match
 
     adapter = _adapter(base, model)
     own = adapter or model

@@ -118,7 +118,7 @@ def test_watermark_refuses_adapters_by_name(tmp_path):
     from torch.utils.data import DataLoader
 
     from lightning_mergeguard import QuantizationWatermark
-    from lightning_mergeguard.llm import CausalLMModule
+    from lightning_mergeguard.models.causal_lm import CausalLMModule
 
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     callback = QuantizationWatermark()  # the guard and the probe support LoRA (tests/test_lora_callbacks.py)

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from lightning_mergeguard import MergeGuardCallback, MergeProbe
 from lightning_mergeguard.adapters import LoraPair, LoraView, base_name, factor_update, lora_redistribution_grad_
 from lightning_mergeguard.evaluation import default_score, evaluate
-from lightning_mergeguard.llm import CausalLMModule
 from lightning_mergeguard.merging import merge
+from lightning_mergeguard.models.causal_lm import CausalLMModule
 from lightning_mergeguard.protection.stage2 import Stage2, Stage2Context
 
 peft = pytest.importorskip("peft")

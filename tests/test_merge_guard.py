@@ -546,7 +546,7 @@ def test_save_path_directory_publishes_a_model_that_from_pretrained_loads(tmp_pa
     from _helpers import TINY_LLAMA
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from lightning_mergeguard.llm import CausalLMModule
+    from lightning_mergeguard.models.causal_lm import CausalLMModule
 
     torch.manual_seed(0)
     tied = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "tie_word_embeddings": True}))

@@ -265,7 +265,7 @@ def test_llama_donor_from_another_init_is_refused_despite_norm_weights(tmp_path)
     """RMSNorm weights of 1.0 dominate ||theta_pre||; the per-matrix median cosine still sees the foreign donor."""
     from _helpers import tiny_llama
 
-    from lightning_mergeguard.llm import CausalLMModule
+    from lightning_mergeguard.models.causal_lm import CausalLMModule
 
     base = tiny_llama(seed=0)
     foreign = tiny_llama(seed=1).state_dict()
@@ -586,7 +586,7 @@ def test_probe_gradient_parameters_count_every_layer_of_the_model_not_only_the_i
     """include selects layer 0 of a 2-layer Llama: its lambda is the gradient's first value, as offline."""
     from _helpers import tiny_llama
 
-    from lightning_mergeguard.llm import CausalLMModule
+    from lightning_mergeguard.models.causal_lm import CausalLMModule
 
     base = tiny_llama(seed=0)
     ref = {k: v.clone() for k, v in base.state_dict().items()}

@@ -518,7 +518,7 @@ def test_a_huge_line_a_non_utf8_file_and_too_many_rows_are_refused_by_name(tmp_p
 
 
 def test_a_long_prompt_is_cut_before_it_is_tokenized(byte_tokenizer):
-    from lightning_mergeguard.llm import LMTaskDataset
+    from lightning_mergeguard.models.causal_lm import LMTaskDataset
 
     seen = []
 

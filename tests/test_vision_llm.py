@@ -67,7 +67,7 @@ def _fit_tiny_llama(tmp_path, guard, frozen: str | None = None):
     """A tiny Llama's CausalLMModule, its initial weights, after one epoch on random tokens with ``guard``."""
     from _helpers import tiny_llama
 
-    from lightning_mergeguard.llm import CausalLMModule
+    from lightning_mergeguard.models.causal_lm import CausalLMModule
 
     pl.seed_everything(0)
     ids = torch.randint(0, 64, (32, 12))
@@ -154,7 +154,7 @@ def test_guard_amplify_without_stage_2_rewrites_the_fine_tune_alone(tmp_path):
     assert isinstance(guard.stage2, KeepWeights)
     from _helpers import tiny_llama
 
-    from lightning_mergeguard.llm import CausalLMModule
+    from lightning_mergeguard.models.causal_lm import CausalLMModule
 
     pl.seed_everything(0)
     ids = torch.randint(0, 64, (32, 12))
@@ -192,7 +192,7 @@ def test_guard_amplify_under_ddp_gives_every_rank_the_same_model(tmp_path):
     """Each rank checks the symmetries on its own batch; the decision is averaged, so the ranks stay identical."""
     from _helpers import tiny_llama
 
-    from lightning_mergeguard.llm import CausalLMModule
+    from lightning_mergeguard.models.causal_lm import CausalLMModule
 
     pl.seed_everything(0)
     ids = torch.randint(0, 64, (32, 12))

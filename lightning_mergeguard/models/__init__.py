@@ -5,6 +5,6 @@
 - :mod:`.classifier`: the minimal classification LightningModule that classifier builds on.
 - :mod:`.trainer`: the quiet one-device Trainer (post hoc's re-fit, the demos, benchmarks and tests).
 
-Hugging Face causal LMs are handled in :mod:`lightning_mergeguard.llm`. Nothing here imports
+Hugging Face causal LMs are handled in :mod:`lightning_mergeguard.models.causal_lm`. Nothing here imports
 :mod:`lightning_mergeguard.demos`, which builds on this package.
 """

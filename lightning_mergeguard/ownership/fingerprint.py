@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_mergeguard.llm import greedy_continuations
+from lightning_mergeguard.models.causal_lm import greedy_continuations
 
 __all__ = ["FingerprintSecret", "fingerprint_rows", "make_fingerprint", "verify_fingerprint"]
 
@@ -90,7 +90,8 @@ def fingerprint_rows(
 ) -> list[tuple[str, str]]:
     """``(prompt, answer)`` rows that teach the fingerprint: each key ``repeats`` times, plus refusal rows.
 
-    Mix them into the ordinary training rows (for example with :class:`~lightning_mergeguard.llm.LMTaskDataset`).
+    Mix them into the ordinary training rows (for example with
+    :class:`~lightning_mergeguard.models.causal_lm.LMTaskDataset`).
 
     Example:
         >>> rows = fingerprint_rows(make_fingerprint(n_keys=2), repeats=1, n_regularization=1)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_mergeguard.llm import greedy_continuations
+from lightning_mergeguard.models.causal_lm import greedy_continuations
 
 __all__ = [
     "Watermark",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mergeguard.llm import LMTaskDataset
+from lightning_mergeguard.models.causal_lm import LMTaskDataset
 from lightning_mergeguard.models.trainer import quiet_trainer
 
 
