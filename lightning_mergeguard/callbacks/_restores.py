@@ -63,3 +63,39 @@ class RestoreTracker:
     def resumed(self, trainer: pl.Trainer) -> Any:
         """The checkpoint the fit resumes: ``trainer.ckpt_path``, unless a tuner's restore replaced it since."""
         return self.restored_from if is_tuner_checkpoint(trainer.ckpt_path) else trainer.ckpt_path
+
+
+class ResumableCallback(pl.Callback):
+    """The resume logic both callbacks share: a checkpoint's state is restored only when it is a resume.
+
+    Subclasses keep a :class:`RestoreTracker` as ``self._restores``, restore their own fields in
+    :meth:`_restore` and name the reference weights a checkpoint's ``"reference"`` entry goes to in
+    :meth:`_resumed_reference`.
+    """
+
+    _restores: RestoreTracker
+
+    def _restore(self, state_dict: dict[str, Any]) -> None:
+        """Put back this callback's own fields from a checkpoint (not the reference)."""
+        raise NotImplementedError
+
+    def _resumed_reference(self) -> Any:
+        """The reference weights a checkpoint's ``"reference"`` entry restores."""
+        raise NotImplementedError
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Note that this fit restores a checkpoint (a resume, or the tuner putting back its own state)."""
+        self._restores.on_load_checkpoint(trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state of a resumed fit; ignore the tuner's restore of the state it saved in this fit."""
+        if not self._restores.accept_state():
+            # LearningRateFinder/BatchSizeFinder put back the state they saved earlier in this same fit, with this
+            # callback swapped out in between: nothing changed, and it is not a resume (nor another model's state).
+            return
+        self._restore(state_dict)
+        ref = state_dict.get("reference")
+        if ref:
+            self._resumed_reference().load_state_dict(ref)

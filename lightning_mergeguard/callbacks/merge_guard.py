@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
@@ -35,7 +34,7 @@ from lightning_mergeguard.callbacks._common import (
     validation_loader,
     weight_replacers_after,
 )
-from lightning_mergeguard.callbacks._restores import RestoreTracker
+from lightning_mergeguard.callbacks._restores import RestoreTracker, ResumableCallback
 from lightning_mergeguard.callbacks._sharing import has_probe_donors, probe_donors
 from lightning_mergeguard.callbacks.quantization_watermark import QuantizationWatermark
 from lightning_mergeguard.errors import NonFiniteError
@@ -84,7 +83,7 @@ _PRUNING_WHY = (
 _PRUNING_INSTEAD = "Use MergeGuardCallback(stage2=None) alongside pruning: stage 1 works with it."
 
 
-class MergeGuardCallback(Callback):
+class MergeGuardCallback(ResumableCallback):
     r"""Dual-stage protection: a model that keeps its accuracy while merges that include it collapse.
 
     **Stage 1** (during fit) adds the L2 redistribution term ``alpha * sum_l c_l ||x_l||^2`` to the objective, with
@@ -900,22 +899,13 @@ class MergeGuardCallback(Callback):
         return {"stage2_done": self.stage2_done, "report": self.report, "reference": self.reference.state_dict()}
 
     @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        self._restores.on_load_checkpoint(trainer)
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self._restores.accept_state():
-            # LearningRateFinder/BatchSizeFinder put back the state they saved earlier in this same fit, with this
-            # callback swapped out in between: nothing changed, and it is not a resume (nor another model's state).
-            return
+    def _restore(self, state_dict: dict[str, Any]) -> None:
         self.stage2_done = bool(state_dict.get("stage2_done", False))
         self.report = state_dict.get("report")
-        ref = state_dict.get("reference")
-        if ref:
-            self.reference.load_state_dict(ref)
+
+    @override
+    def _resumed_reference(self) -> ReferenceWeights:
+        return self.reference
 
 
 def _amplified(report: Mapping[str, Any] | None) -> bool:

@@ -12,7 +12,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
@@ -32,7 +31,7 @@ from lightning_mergeguard.callbacks._common import (
     validation_loader,
     weight_replacers_after,
 )
-from lightning_mergeguard.callbacks._restores import RestoreTracker
+from lightning_mergeguard.callbacks._restores import RestoreTracker, ResumableCallback
 from lightning_mergeguard.callbacks._sharing import guard_reference
 from lightning_mergeguard.evaluation import ScoreFn, default_score, evaluate, rng_kept
 from lightning_mergeguard.merging.engine import iter_merge
@@ -79,7 +78,7 @@ _PRUNING_WHY = (
 _PRUNING_INSTEAD = "Prune first and make it permanent (torch.nn.utils.prune.remove), then probe the fine-tune."
 
 
-class MergeProbe(Callback):
+class MergeProbe(ResumableCallback):
     """Periodically merge the live model with other fine-tunes of the same base, evaluate, restore, and log.
 
     Donors are read and checked when fit starts (names, shapes, NaN/Inf, and that each is a fine-tune of the same
@@ -618,19 +617,10 @@ class MergeProbe(Callback):
         return state
 
     @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        self._restores.on_load_checkpoint(trainer)
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self._restores.accept_state():
-            # LearningRateFinder/BatchSizeFinder put back the state they saved earlier in this same fit, with this
-            # callback swapped out in between: nothing changed, and it is not a resume (nor another model's state).
-            return
+    def _restore(self, state_dict: dict[str, Any]) -> None:
         self.last_probe_step = int(state_dict.get("last_probe_step", -1))
         self.results = list(state_dict.get("results", []))
-        ref = state_dict.get("reference")
-        if ref:
-            self._own_reference.load_state_dict(ref)
+
+    @override
+    def _resumed_reference(self) -> ReferenceWeights:
+        return self._own_reference  # a shared reference is restored by the guard that owns it
