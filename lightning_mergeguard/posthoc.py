@@ -105,8 +105,10 @@ def protect_module(
         advice: What to change when stage 2 keeps no step, in the entry point's words.
 
     Returns:
-        ``score_before``, ``score_after``, ``stage2`` (the strategy's report), ``refit`` (whether it ran) and, with
-        ``amplify``, ``amplify`` (the symmetries applied or why not, the score after them, whether they were reverted).
+        ``score_before``, ``score_after``, ``stage2`` (the strategy's report), ``refit`` (whether it ran),
+        ``protected`` and ``not_protected`` (why not, or ``None``: no weight changed, or stage 2 kept no step and
+        nothing else was applied; a warning says so too) and, with ``amplify``, ``amplify`` (the symmetries applied or
+        why not, the score after them, whether they were reverted).
     """
     check_permute_residual(permute_residual, amplify)
     stage2 = stage2 or ScaleAdversarial(steps=150)
@@ -126,6 +128,7 @@ def protect_module(
         return metric(module)
 
     before = counted()
+    start = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}  # for the verdict
 
     ctx = Stage2Context(
         module=module,
@@ -158,6 +161,10 @@ def protect_module(
             module, amplify, ctx, report["score_after"], permute_residual=permute_residual
         )
     report["validation_passes"] = passes[0]  # stage 2's, plus the check after the symmetries
+    reason = not_protected_reason(report, start, module.state_dict(), stage2_words=advice)
+    report.update(protected=reason is None, not_protected=reason)
+    if reason is not None:
+        warnings.warn(f"{who}: the model is NOT protected: {reason}", stacklevel=2)
     return report
 
 

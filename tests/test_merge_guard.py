@@ -946,3 +946,15 @@ def test_deployment_check_after_stage2_reports_both_models(tmp_path):
     assert table["fp16"]["protected"] == pytest.approx(table["none"]["protected"], abs=5)  # fp16 keeps a plain model
     with pytest.raises(ValueError, match="deployment_check must be True or False"):
         MergeGuardCallback(deployment_check="yes")
+
+
+def test_protect_module_says_when_it_changed_nothing():
+    """The Python entry point of post-hoc protection is as honest as the command and the callback."""
+    from lightning_mergeguard.posthoc import protect_module
+
+    model = TinyClassifier()
+    base = {k: v + 0.01 for k, v in model.state_dict().items()}
+    batches = iter(lambda: (torch.randn(8, 8), torch.randint(0, 3, (8,))), None)
+    with pytest.warns(UserWarning, match="protect_module: the model is NOT protected: no weight changed"):
+        report = protect_module(model, base, batches, lambda m: 50.0, stage2=_Unchanged(steps=2), exclude="head")
+    assert report["protected"] is False and "Raise tolerance=" in report["not_protected"]
