@@ -175,14 +175,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--track", choices=["llm", "vision", "both"], default="both")
     args = parser.parse_args()
-    names = ["vision", "llm"] if args.track == "both" else [args.track]
+    names = protection.track_names(args.track)
     size = protection.SIZES["cpu"]
     results: dict[str, Any] = {}
     start = time.perf_counter()
     with tqdm(total=len(names) * 5 * len(TREATMENTS), desc="deployment") as bar:
         for name in names:
             bar.set_postfix_str(f"{name}: setting up")
-            track = protection.vision_track(size["vision"]) if name == "vision" else protection.llm_track(size["llm"])
+            track = protection.make_track(name, size)
             results[name] = run_track(track, bar)
             results[name]["command"] = shlex.join(["python", *sys.argv])
     previous = RESULTS / "deployment.json"

@@ -365,6 +365,20 @@ def vision_track(size: dict[str, Any]) -> Track:
     )
 
 
+TRACKS = ("vision", "llm")
+"""The benchmark tracks, in the order they run."""
+
+
+def track_names(choice: str) -> list[str]:
+    """The tracks a ``--track`` choice (``vision``, ``llm`` or ``both``) names."""
+    return list(TRACKS) if choice == "both" else [choice]
+
+
+def make_track(name: str, size: dict[str, Any]) -> Track:
+    """Build track ``name`` at ``size`` (one of :data:`SIZES`, keyed by track)."""
+    return vision_track(size["vision"]) if name == "vision" else llm_track(size["llm"])
+
+
 def _report_summary(report: dict[str, Any] | None) -> dict[str, Any]:
     if not report:
         return {}
@@ -1044,7 +1058,7 @@ def grid_main(
     with tqdm(total=len(names), desc="merge-neighbourhood grid") as bar:
         for name in names:
             track_start = time.perf_counter()
-            track = vision_track(size["vision"]) if name == "vision" else llm_track(size["llm"])
+            track = make_track(name, size)
             bar.update()
             results[name] = run_grid_track(track, size[name], bar, variants, stored.get(name))
             results[name]["sizes"] = size[name]
@@ -1118,7 +1132,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     size = SIZES["full" if args.full else "cpu"]
-    names = ["vision", "llm"] if args.track == "both" else [args.track]
+    names = track_names(args.track)
     if args.grid and args.report_only:
         grid_report(json.loads((RESULTS / "protection_grid.json").read_text())["tracks"], names)
         return
@@ -1134,7 +1148,7 @@ def main() -> None:
         for name in names:
             track_start = time.perf_counter()
             bar.set_postfix_str(f"{name}: setting up")
-            track = vision_track(size["vision"]) if name == "vision" else llm_track(size["llm"])
+            track = make_track(name, size)
             bar.update()
             bar.set_postfix_str(name)
             results[name] = run_track(track, VISION_ABLATIONS if name == "vision" else {}, bar)
