@@ -48,7 +48,12 @@ from lightning_mergeguard.protection.stage2 import (
     amplify_checked,
 )
 from lightning_mergeguard.protection.symmetry import check_strength, warn_amplify
-from lightning_mergeguard.protection.verdict import check_castable, not_protected_reason
+from lightning_mergeguard.protection.verdict import (
+    check_castable,
+    not_protected_reason,
+    weights_changed,
+    weights_digest,
+)
 from lightning_mergeguard.reference import ReferenceWeights, parse_device
 from lightning_mergeguard.validation import is_number
 
@@ -106,9 +111,9 @@ def protect_module(
 
     Returns:
         ``score_before``, ``score_after``, ``stage2`` (the strategy's report), ``refit`` (whether it ran),
-        ``protected`` and ``not_protected`` (why not, or ``None``: no weight changed, or stage 2 kept no step and
-        nothing else was applied; a warning says so too) and, with ``amplify``, ``amplify`` (the symmetries applied or
-        why not, the score after them, whether they were reverted).
+        ``weights_changed``, ``protected`` and ``not_protected`` (why not, or ``None``: no weight changed, or stage 2
+        kept no step and nothing else was applied; a warning says so too) and, with ``amplify``, ``amplify`` (the
+        symmetries applied or why not, the score after them, whether they were reverted).
     """
     check_permute_residual(permute_residual, amplify)
     stage2 = stage2 or ScaleAdversarial(steps=150)
@@ -128,7 +133,7 @@ def protect_module(
         return metric(module)
 
     before = counted()
-    start = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}  # for the verdict
+    start = weights_digest(module.state_dict())  # for the verdict: a digest per tensor, not a copy of the model
 
     ctx = Stage2Context(
         module=module,
@@ -161,7 +166,8 @@ def protect_module(
             module, amplify, ctx, report["score_after"], permute_residual=permute_residual
         )
     report["validation_passes"] = passes[0]  # stage 2's, plus the check after the symmetries
-    reason = not_protected_reason(report, start, module.state_dict(), stage2_words=advice)
+    report["weights_changed"] = weights_changed(start, module.state_dict())
+    reason = not_protected_reason(report, report["weights_changed"], stage2_words=advice)
     report.update(protected=reason is None, not_protected=reason)
     if reason is not None:
         warnings.warn(f"{who}: the model is NOT protected: {reason}", stacklevel=2)
@@ -533,7 +539,9 @@ def protect_checkpoint(
             {k: v for k, v in module.state_dict().items() if k in set(base_src.keys())}, "model"
         )
         check_same_base_sources(base_src, [model_state], switch=BASE_CHECK_SWITCH)
-    unprotected = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    # The fine-tune kept aside only where a table compares it with the protected model (a copy of the model).
+    compared = bool(partners) or deployment_check
+    unprotected = {k: v.detach().clone() for k, v in module.state_dict().items()} if compared else {}
     module.to(dev)
     batches = repeat(
         DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
@@ -578,7 +586,7 @@ def protect_checkpoint(
     if deployment_check:
         report["deployment"] = _deployment_table(module, unprotected, metric, _to_device(batches, dev))
     module.cpu()
-    reason = not_protected_reason(report, unprotected, module.state_dict(), stage2_words=_PROTECT_WORDS)
+    reason = not_protected_reason(report, report["weights_changed"], stage2_words=_PROTECT_WORDS)  # merges now too
     report.update(protected=reason is None, not_protected=reason, written=None)
     write = reason is None or accept_unprotected
     if write:

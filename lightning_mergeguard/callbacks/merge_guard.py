@@ -71,6 +71,7 @@ from lightning_mergeguard.protection.stage2 import (
     resolve_stage2,
 )
 from lightning_mergeguard.protection.symmetry import check_strength, warn_amplify
+from lightning_mergeguard.protection.verdict import not_protected_reason, release_card
 from lightning_mergeguard.reference import ReferenceWeights
 from lightning_mergeguard.sharding import any_sharded, full, local, sum_across_ranks
 from lightning_mergeguard.validation import check_int, check_number
@@ -659,7 +660,8 @@ class MergeGuardCallback(ResumableCallback):
         }
         if fine_tune is not None:
             self.report["deployment"] = self._deployment_table(pl_module, ctx, fine_tune)
-        reason = _not_protected(self.report, moved)
+        changed = moved > 0 or bool((extra.get("amplify") or {}).get("applied"))
+        reason = not_protected_reason(self.report, changed, stage2_words=_ADVICE)
         self.report.update(protected=reason is None, not_protected=reason)
         if reason is not None:
             rank_zero_warn(f"MergeGuardCallback: the model is NOT protected: {reason}.")
@@ -936,19 +938,9 @@ def _batch_list(batches: Any) -> list[Any]:
 
 
 _ADVICE = (
-    "stage 2 kept no step within the tolerance; give it more steps or a larger lr (stage2=ScaleAdversarial(steps=, "
-    "lr=)), a larger tolerance=, or partners to rehearse (stage2=MergeNeighbourhood(partners=...))"
+    "give it more steps or a larger lr (stage2=ScaleAdversarial(steps=, lr=)), a larger tolerance=, or partners to "
+    "rehearse (stage2=MergeNeighbourhood(partners=...))"
 )
-
-
-def _not_protected(report: dict[str, Any], moved: float) -> str | None:
-    """Why the stage 2 in ``report`` left the model unprotected, or ``None``; ``moved``: how far the weights moved."""
-    amplified = bool((report.get("amplify") or {}).get("applied"))
-    if moved == 0 and not amplified:
-        return f"no weight changed ({_ADVICE})"
-    if report.get("steps_used") == 0 and not amplified:
-        return _ADVICE
-    return None
 
 
 def export_release(pl_module: nn.Module, path: str | os.PathLike[str], weights: dict[str, Tensor], report: Any) -> None:
@@ -958,8 +950,6 @@ def export_release(pl_module: nn.Module, path: str | os.PathLike[str], weights: 
     tied weights once, ``config.json``; the module's ``tokenizer`` beside it when it has one); any other model as
     ``model.safetensors`` of ``weights``. ``MERGEGUARD.md`` and ``protection_report.json`` go beside them.
     """
-    from lightning_mergeguard.protection.verdict import release_card
-
     hf = next((m for m in pl_module.modules() if hasattr(m, "save_pretrained") and hasattr(m, "config")), None)
     with atomic_directory(path) as tmp:
         if hf is not None:

@@ -1,17 +1,19 @@
 """Whether a protection did what it claims, and whether its weights survive the dtype they are written in.
 
-Both the callback and ``mergeguard-protect`` end with these two checks, so that an unchanged model is never called
-protected and a release is never written in a dtype that overflows it or flushes it to zero.
+The callback, ``protect_module`` and ``mergeguard-protect`` end with these checks, so that an unchanged model is
+never called protected and a release is never written in a dtype that overflows it or flushes it to zero.
 
 Example:
     >>> import torch
     >>> w = {"w": torch.ones(2)}
-    >>> not_protected_reason({"stage2": {"steps_used": 3}}, w, w)
+    >>> changed = weights_changed(weights_digest(w), w)
+    >>> not_protected_reason({"stage2": {"steps_used": 3}}, changed)
     'no weight changed: the written model is the unprotected fine-tune'
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,19 +22,33 @@ from torch import Tensor
 
 from lightning_mergeguard.errors import NonFiniteError
 
-__all__ = ["check_castable", "not_protected_reason"]
+__all__ = ["check_castable", "not_protected_reason", "release_card", "weights_changed", "weights_digest"]
 
 CAST_TOLERANCE = 1e-2
 """Largest relative change of a tensor (``||cast - w|| / ||w||``) its dtype cast may cause (bf16 rounds at 4e-3)."""
 
 
-def not_protected_reason(
-    report: Mapping[str, Any],
-    before: Mapping[str, Tensor],
-    after: Mapping[str, Tensor],
-    *,
-    stage2_words: str = "",
-) -> str | None:
+def weights_digest(state: Mapping[str, Tensor]) -> dict[str, bytes]:
+    """A digest of each tensor's bytes: what :func:`weights_changed` compares with, without a copy of the model.
+
+    Example:
+        >>> weights_digest({"w": torch.ones(2)}) == weights_digest({"w": torch.ones(2)})
+        True
+    """
+    out = {}
+    for k, v in state.items():
+        raw = v.detach().contiguous().reshape(-1).view(torch.uint8).cpu()  # one tensor at a time off the device
+        out[k] = hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).digest()
+    return out
+
+
+def weights_changed(digest: Mapping[str, bytes], state: Mapping[str, Tensor]) -> bool:
+    """Whether any tensor of ``state`` differs, bit for bit, from the one ``digest`` was taken of."""
+    now = weights_digest({k: v for k, v in state.items() if k in digest})
+    return any(now[k] != digest[k] for k in now)
+
+
+def not_protected_reason(report: Mapping[str, Any], changed: bool, *, stage2_words: str = "") -> str | None:
     """Why the protection in ``report`` did nothing, or less than it claims; ``None`` when it did what it says.
 
     Not protected: no weight changed; stage 2 kept no step and no re-parameterisation was applied (so the
@@ -40,22 +56,22 @@ def not_protected_reason(
     within the tolerance (the merges measured are not stopped).
 
     Args:
-        report: A protection report (``stage2``, optional ``refit``, ``amplify``, ``merges``, ``tolerance``).
-        before: The weights before protection.
-        after: The weights written.
+        report: A protection report: ``steps_used`` in its ``stage2`` entry (post hoc) or at its top (the callback),
+            and optionally ``refit``, ``amplify``, ``merges``, ``tolerance``.
+        changed: Whether any weight changed (:func:`weights_changed`).
         stage2_words: What to change, in the entry point's words, appended to the reason for a stage 2 that kept
             no step.
 
     Returns:
         The reason, or ``None``.
     """
-    changed = [k for k, v in after.items() if k in before and not torch.equal(v.detach().cpu(), before[k].cpu())]
     if not changed:
         return "no weight changed: the written model is the unprotected fine-tune" + (
             f" (stage 2 kept no step: {stage2_words})" if stage2_words else ""
         )
     amplified = bool((report.get("amplify") or {}).get("applied"))
-    kept = (report.get("stage2") or {}).get("steps_used")
+    stage2 = report.get("stage2")
+    kept = (stage2 if isinstance(stage2, Mapping) else report).get("steps_used")
     if kept == 0 and not amplified and not report.get("refit"):
         return "stage 2 kept no step within the tolerance" + (f": {stage2_words}" if stage2_words else "")
     merges = report.get("merges") or {}
