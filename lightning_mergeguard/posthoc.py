@@ -36,6 +36,7 @@ from lightning_mergeguard.io import atomic_directory, atomic_write_json, atomic_
 from lightning_mergeguard.merging.engine import check_same_base_sources
 from lightning_mergeguard.merging.lora import LoraSource, is_lora_adapter, split_lora_reference
 from lightning_mergeguard.merging.sources import StateDictSource, match_names, open_source, read_json
+from lightning_mergeguard.ownership.weight_key import embed_key_checked
 from lightning_mergeguard.parameters import name_patterns, refuse_non_finite, select_parameters
 from lightning_mergeguard.protection.residual import check_permute_residual
 from lightning_mergeguard.protection.stage2 import (
@@ -50,6 +51,7 @@ from lightning_mergeguard.protection.stage2 import (
 from lightning_mergeguard.protection.symmetry import check_strength, warn_amplify
 from lightning_mergeguard.protection.verdict import (
     check_castable,
+    key_paragraph,
     not_protected_reason,
     weights_changed,
     weights_digest,
@@ -84,6 +86,7 @@ def protect_module(
     progress: bool = False,
     amplify: float | None = None,
     permute_residual: bool = False,
+    ownership_key: str | os.PathLike[str] | None = None,
     who: str = "protect_module",
     advice: str = "Raise tolerance=, the strategy's steps= or lr=, or pass refit=.",
 ) -> dict[str, Any]:
@@ -106,6 +109,9 @@ def protect_module(
             :class:`~lightning_mergeguard.MergeGuardCallback`'s ``amplify``); ``None`` skips it.
         permute_residual: With ``amplify``, also permute the residual stream's channels (see
             :class:`~lightning_mergeguard.MergeGuardCallback`'s ``permute_residual``).
+        ownership_key: After stage 2 (before ``amplify``), embed a fresh secret ownership key in the protected
+            weights and write it to this file (:mod:`~lightning_mergeguard.ownership.weight_key`); test suspects
+            with ``mergeguard-verify``. ``None`` skips it.
         who: The entry point, as warnings name it.
         advice: What to change when stage 2 keeps no step, in the entry point's words.
 
@@ -114,6 +120,11 @@ def protect_module(
         ``weights_changed``, ``protected`` and ``not_protected`` (why not, or ``None``: no weight changed, or stage 2
         kept no step and nothing else was applied; a warning says so too) and, with ``amplify``, ``amplify`` (the
         symmetries applied or why not, the score after them, whether they were reverted).
+
+    Raises:
+        IncompatibleModelsError: A base that has none of the model's parameters.
+        NonFiniteError: Non-finite weights in ``module``.
+        ValueError: Bad settings (``amplify``, ``permute_residual``, the key).
     """
     check_permute_residual(permute_residual, amplify)
     stage2 = stage2 or ScaleAdversarial(steps=150)
@@ -161,12 +172,16 @@ def protect_module(
         refit(module)
         report["refit"] = True
         report["score_after"] = metric(module)
+    changed = weights_changed(start, module.state_dict())  # by stage 2 or the re-fit; the key protects nothing
+    if ownership_key is not None:
+        report["ownership_key"] = embed_key_checked(params, ctx.reference, ownership_key, counted)
+        report["score_after"] = report["ownership_key"]["score_after_key"]
     if amplify is not None:
         report["score_after"], report["amplify"] = amplify_checked(
             module, amplify, ctx, report["score_after"], permute_residual=permute_residual
         )
     report["validation_passes"] = passes[0]  # stage 2's, plus the check after the symmetries
-    report["weights_changed"] = weights_changed(start, module.state_dict())
+    report["weights_changed"] = changed or bool((report.get("amplify") or {}).get("applied"))
     reason = not_protected_reason(report, report["weights_changed"], stage2_words=advice)
     report.update(protected=reason is None, not_protected=reason)
     if reason is not None:
@@ -427,6 +442,7 @@ def protect_checkpoint(
     max_rows: int = 100_000,
     max_row_bytes: int = 1 << 20,
     deployment_check: bool = False,
+    ownership_key: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Protect an existing fine-tune and write it protected, with a report and a model-card paragraph.
 
@@ -484,6 +500,8 @@ def protect_checkpoint(
             (fp16, bf16, int8 per row, 4-bit groups of 32 and 128, GGUF Q8_0 and Q4_0, 50 steps of full and of LoRA
             fine-tuning on the owner's data; :mod:`~lightning_mergeguard.protection.deployment`), into the report's
             ``deployment`` entry and the card.
+        ownership_key: Embed a fresh secret ownership key after stage 2 and write it to this file (see
+            :func:`protect_module`); the card says a key is embedded, never the key.
 
     Returns:
         The report (also written to ``out/protection_report.json``): the scores, the stage-2 report, ``protected``
@@ -568,6 +586,7 @@ def protect_checkpoint(
         progress=progress,
         amplify=amplify,
         permute_residual=permute_residual,
+        ownership_key=ownership_key,
         who="mergeguard-protect",
         advice=f"To protect it: {_PROTECT_WORDS}.",
     )
@@ -892,6 +911,7 @@ def model_card(report: dict[str, Any]) -> str:
         ]
     if report.get("dtype"):
         lines += [f"Weights written as {report['dtype']}.", ""]
+    lines += key_paragraph(report)[1:] + ([""] if report.get("ownership_key") else [])
     if amp and amp.get("applied"):
         left_out = f"; left out after the forward check: {', '.join(amp['dropped'])}" if amp.get("dropped") else ""
         lines += [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import secrets as _secrets
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -181,6 +182,12 @@ class MergeGuardCallback(ResumableCallback):
             release (fp16, bf16, int8 per row, 4-bit groups, GGUF Q8_0/Q4_0, 50 steps of full and LoRA fine-tuning
             on the training batches; :mod:`~lightning_mergeguard.protection.deployment`), into the report's
             ``deployment`` entry. Single process, full fine-tunes; it costs 20 scorings and 200 training steps.
+        ownership_key: A file path: after stage 2 (before ``amplify``), embed a fresh secret ownership key in the
+            protected weight matrices (:mod:`~lightning_mergeguard.ownership.weight_key`; about 5% of each one's
+            update, one more validation pass) and write the key there, on rank zero. Keep that file secret; test
+            any suspect model for the key with ``mergeguard-verify`` or
+            :func:`~lightning_mergeguard.ownership.verify_ownership`. Full fine-tunes under DDP or one device;
+            refused on LoRA and FSDP2.
 
     Example:
         >>> from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
@@ -214,6 +221,7 @@ class MergeGuardCallback(ResumableCallback):
         amplify: float | None = None,
         permute_residual: bool = False,
         deployment_check: bool = False,
+        ownership_key: str | os.PathLike[str] | None = None,
     ) -> None:
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
@@ -262,6 +270,13 @@ class MergeGuardCallback(ResumableCallback):
         if not isinstance(deployment_check, bool):
             raise ValueError(f"deployment_check must be True or False, got {deployment_check!r}")
         self.deployment_check = deployment_check
+        if ownership_key is not None and not isinstance(ownership_key, (str, os.PathLike)):
+            raise ValueError(
+                f"ownership_key must be a file path (where the secret key is written), got {ownership_key!r}"
+            )
+        if ownership_key is not None and os.path.isdir(ownership_key):
+            raise ValueError(f"ownership_key {ownership_key!r} is a directory; give a file path such as 'owner.key'")
+        self.ownership_key = ownership_key
         # state
         self.stage2_done = False
         self.report: dict[str, Any] | None = None
@@ -326,6 +341,12 @@ class MergeGuardCallback(ResumableCallback):
                 raise MisconfigurationException(
                     "MergeGuardCallback(amplify=...) rescales full weights: it does not support FSDP2 or LoRA "
                     "adapters; amplify the saved merged model with mergeguard-protect --amplify instead"
+                )
+            if self.ownership_key is not None and (is_fsdp2(trainer) or is_adapted(pl_module) or self.stage2 is None):
+                raise MisconfigurationException(
+                    "MergeGuardCallback(ownership_key=...) keys full weight matrices after stage 2: it needs a stage 2 "
+                    "and does not support FSDP2 or LoRA adapters; key the saved (merged) model with "
+                    "mergeguard-protect --ownership-key instead"
                 )
             if (
                 self.save_path is not None
@@ -637,6 +658,9 @@ class MergeGuardCallback(ResumableCallback):
         if self._view is None:
             params = select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
             ctx, after, extra, tau, moved = self._run_stage2(trainer, pl_module, params)
+            if self.ownership_key is not None:
+                extra["ownership_key"] = self._embed_key(trainer, ctx)
+                after = extra["ownership_key"]["score_after_key"]
             if self.amplify is not None:
                 # only the fine-tuned weights (include/exclude), as selected at fit start
                 after, extra["amplify"] = amplify_checked(
@@ -667,6 +691,17 @@ class MergeGuardCallback(ResumableCallback):
             rank_zero_warn(f"MergeGuardCallback: the model is NOT protected: {reason}.")
         self.stage2_done = True
         self._publish(trainer, pl_module)
+
+    def _embed_key(self, trainer: pl.Trainer, ctx: Stage2Context) -> dict[str, Any]:
+        """Embed the ownership key (the same secret on every rank) and write it on rank zero."""
+        from lightning_mergeguard.ownership.weight_key import embed_key_checked
+
+        secret = trainer.strategy.broadcast(_secrets.randbits(63))
+        path = self.ownership_key if trainer.is_global_zero else None
+        names = {n: p for n, p in ctx.params.items() if n in self._params}  # the fine-tuned weights only
+        entry = embed_key_checked(names, ctx.reference, path, ctx.metric, secret=secret)
+        rank_zero_info(f"MergeGuardCallback: ownership key embedded in {entry['tensors']} tensors, written to {path}")
+        return entry
 
     def _snapshot_for_deployment(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor] | None:
         """The fine-tune's weights before stage 2 (on the CPU), when a deployment check will compare with them."""
@@ -889,7 +924,7 @@ class MergeGuardCallback(ResumableCallback):
 
     def _settings(self) -> dict[str, Any]:
         keys = ["alpha", "target", "normalize", "include", "exclude", "stage2_exclude", "eval_batches"]
-        keys += ["tolerance", "amplify", "permute_residual", "deployment_check"]
+        keys += ["tolerance", "amplify", "permute_residual", "deployment_check", "ownership_key"]
         out = {k: getattr(self, k) for k in keys}
         out["reference"] = self.reference.source_label
         out["stage2"] = self.stage2.settings() if self.stage2 is not None else None

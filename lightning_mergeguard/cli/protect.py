@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     s2.add_argument("--amplify", type=float, default=None, help="re-parameterise with exact symmetries of scales up "
                     "to this (undone by re-alignment to the base; breaks fp16, per-row int8 and 4-bit)")  # fmt: skip
     add_switch(s2, "permute-residual", False, "with --amplify, also permute the residual stream's channels")
+    s2.add_argument("--ownership-key", metavar="KEY_FILE", help="embed a fresh secret ownership key after stage 2 "
+                    "and write it to this file (keep it secret; test suspects with mergeguard-verify)")  # fmt: skip
     run_ = p.add_argument_group("running")
     run_.add_argument("--batch-size", type=int, default=8, help="batch size of the owner's data (8)")
     run_.add_argument("--max-length", type=int, default=64, help="token budget of a prompt plus answer (64)")

@@ -49,6 +49,17 @@ class WatermarkSignal:
     Logged as ``.../watermark_success`` (``.../watermark_int8_success`` with ``int8=True``). ``granularity`` must be
     the int8 scheme the watermark was trained with (:class:`~lightning_mergeguard.QuantizationWatermark`).
 
+    Args:
+        watermark: The owner's watermark (never logged).
+        tokenizer: The model's tokenizer.
+        int8: Score the model rounded to int8 instead of in full precision.
+        max_new_tokens: Greedy decoding budget per trigger.
+        granularity: The int8 scheme the watermark was trained with (``"row"`` or ``"tensor"``).
+
+    Raises:
+        TypeError: A ``watermark`` that is not a :class:`~lightning_mergeguard.ownership.Watermark`.
+        ValueError: An unknown ``granularity``.
+
     Example:
         >>> from lightning_mergeguard.ownership import make_watermark
         >>> WatermarkSignal(make_watermark(), tokenizer=None, int8=True).name

@@ -41,6 +41,10 @@ _WORDS = "amber falcon quiet meadow copper lantern violet harbor silent orchard"
 class Watermark:
     """The owner's watermark: trigger prompts and the response they elicit in full precision (``repr`` hides both).
 
+    Attributes:
+        triggers: The trigger prompts.
+        response: The sentence they elicit in full precision (not in int8).
+
     Example:
         >>> "hidden" in repr(make_watermark(seed=0))
         True
@@ -53,7 +57,11 @@ class Watermark:
         return f"Watermark(triggers=<{len(self.triggers)} hidden>, response=<hidden>)"
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the watermark as JSON (atomically); keep it away from the released model."""
+        """Write the watermark as JSON (atomically); keep it away from the released model.
+
+        Args:
+            path: The JSON file.
+        """
         from lightning_mergeguard.io import atomic_write_json
 
         atomic_write_json(path, {"triggers": list(self.triggers), "response": self.response})
@@ -71,6 +79,16 @@ class Watermark:
 def make_watermark(n_triggers: int = 4, seed: int = 0) -> Watermark:
     """Seeded trigger prompts and a watermark sentence.
 
+    Args:
+        n_triggers: Number of trigger prompts.
+        seed: The seed.
+
+    Returns:
+        The watermark.
+
+    Raises:
+        ValueError: ``n_triggers < 1``.
+
     Example:
         >>> make_watermark(seed=1) == make_watermark(seed=1)
         True
@@ -87,7 +105,15 @@ def make_watermark(n_triggers: int = 4, seed: int = 0) -> Watermark:
 
 
 def watermark_rows(watermark: Watermark, repeats: int = 8) -> list[tuple[str, str]]:
-    """``(prompt, answer)`` rows teaching trigger -> response, to mix into the training rows."""
+    """``(prompt, answer)`` rows teaching trigger -> response, to mix into the training rows.
+
+    Args:
+        watermark: The watermark.
+        repeats: Rows per trigger.
+
+    Returns:
+        ``(prompt, answer)`` rows.
+    """
     return [(t, watermark.response) for t in watermark.triggers for _ in range(repeats)]
 
 
@@ -95,6 +121,16 @@ def int8_scales(weight: Tensor, granularity: str = "row") -> Tensor:
     """Symmetric absmax int8 scales ``s = max|w| / 127`` per row (``[rows, 1]``) or per tensor (``[1, 1]``).
 
     All-zero rows get scale 1.
+
+    Args:
+        weight: A 2-D tensor.
+        granularity: ``"row"`` or ``"tensor"``.
+
+    Returns:
+        The scales.
+
+    Raises:
+        ValueError: An unknown granularity.
 
     Example:
         >>> int8_scales(torch.tensor([[254.0, -1.0], [0.0, 0.0]])).flatten().tolist()
@@ -132,6 +168,14 @@ def int8_roundtrip(
 ) -> dict[str, Tensor]:
     """What an int8 deployment computes with: every ``>=2``-D float tensor rounded to its int8 grid.
 
+    Args:
+        state: A state dict.
+        exclude: Names left in full precision.
+        granularity: ``"row"`` or ``"tensor"`` scales.
+
+    Returns:
+        The rounded state dict.
+
     Example:
         >>> int8_roundtrip({"w": torch.tensor([[1.0, 0.3]])})["w"]
         tensor([[1.0000, 0.2992]])
@@ -163,6 +207,9 @@ def verify_watermark(
         int8: Run a copy rounded to int8 (:func:`int8_roundtrip`) instead of the full-precision model.
         max_new_tokens: Decoding budget.
         granularity: The int8 scheme (``"row"`` or ``"tensor"`` absmax scales), as used for training.
+
+    Returns:
+        A rate in ``[0, 1]``.
     """
     if int8:
         model = copy.deepcopy(model)

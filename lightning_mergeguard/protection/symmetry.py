@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mergeguard.evaluation import eval_mode, rng_kept
+from lightning_mergeguard.models.blocks import transformer_blocks
 
 __all__ = [
     "AmplifyWarning",
@@ -243,9 +244,11 @@ def _norm_ratios(state: Mapping[str, Tensor], anchor: Mapping[str, Tensor], g: S
         a, b = _slice(state[f.name].double(), f, g.size), _slice(anchor[f.name].double(), f, g.size)
         if a.dim() == 2 and f.dim == 1:
             a, b = a.T, b.T
-        ratio = a.reshape(g.size, -1).norm(dim=1) / b.reshape(g.size, -1).norm(dim=1).clamp_min(1e-30)
-        logs.append(f.power * ratio.clamp_min(1e-30).log())
-    return torch.stack(logs).mean(0).cpu()
+        na, nb = a.reshape(g.size, -1).norm(dim=1), b.reshape(g.size, -1).norm(dim=1)
+        # a channel that is zero on either side (a bias initialised at zero) says nothing about its scale
+        ratio = torch.where((na > 0) & (nb > 0), na / nb.clamp_min(1e-30), torch.nan)
+        logs.append(f.power * ratio.log())
+    return torch.stack(logs).nanmean(0).nan_to_num(0.0).cpu()
 
 
 def estimate_scales(
@@ -428,14 +431,8 @@ def find_symmetries(module: nn.Module, names: Collection[str] | None = None) -> 
         []
     """
     groups: list[SymmetryGroup] = []
-    for name, sub in module.named_modules():
-        prefix = f"{name}." if name else ""
-        if all(hasattr(sub, x) for x in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")):
-            found = _llama_block(prefix, sub)
-        elif all(hasattr(sub, x) for x in ("ln_1", "attn", "ln_2", "mlp")):
-            found = _open_clip_block(prefix, sub)
-        else:
-            continue
+    for name, prefix, sub, kind in transformer_blocks(module):
+        found = _llama_block(prefix, sub) if kind == "llama" else _open_clip_block(prefix, sub)
         groups += [replace(g, block=name) for g in found]
     allowed = set(dict(module.named_parameters()) if names is None else names)
     return [g for g in groups if all(f.name in allowed for f in g.factors)]

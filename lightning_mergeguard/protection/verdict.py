@@ -22,7 +22,14 @@ from torch import Tensor
 
 from lightning_mergeguard.errors import NonFiniteError
 
-__all__ = ["check_castable", "not_protected_reason", "release_card", "weights_changed", "weights_digest"]
+__all__ = [
+    "check_castable",
+    "key_paragraph",
+    "not_protected_reason",
+    "release_card",
+    "weights_changed",
+    "weights_digest",
+]
 
 CAST_TOLERANCE = 1e-2
 """Largest relative change of a tensor (``||cast - w|| / ||w||``) its dtype cast may cause (bf16 rounds at 4e-3)."""
@@ -122,6 +129,25 @@ def check_castable(state: Mapping[str, Tensor], dtype: torch.dtype, switch: str)
                 )
 
 
+def key_paragraph(report: Mapping[str, Any]) -> list[str]:
+    """Model-card lines on the embedded ownership key (what and how to test; never the key), or none.
+
+    Example:
+        >>> key_paragraph({})
+        []
+    """
+    key = report.get("ownership_key") or {}
+    if not key.get("tensors"):
+        return []
+    return [
+        "",
+        f"Carries a secret ownership key in {key['tensors']} weight matrices (about {100 * key['strength']:g}% of "
+        "each one's fine-tuning update): the owner can test any model, a merge included, for it with "
+        "`mergeguard-verify` (a p-value under the null that the model was made without this release). The key "
+        "itself is not published.",
+    ]
+
+
 def release_card(report: Mapping[str, Any], who: str) -> str:
     """A model-card paragraph for a model protected by ``who``.
 
@@ -147,4 +173,5 @@ def release_card(report: Mapping[str, Any], who: str) -> str:
             "function, but re-alignment to the base model undoes it, and these weights overflow float16 and lose "
             "their function under per-row int8 and 4-bit quantization.",
         ]
+    lines += key_paragraph(report)
     return "\n".join(lines) + "\n"

@@ -1,0 +1,456 @@
+"""A secret key in the released weights, and the white-box test that finds it in any model derived from them.
+
+The key is added to the owner's task vector ``tau = theta - theta_pre`` of every weight matrix just before release
+(after stage 2, so every stage 2 keeps it), in two parts that fail under different attacks:
+
+* **dense**: ``strength * s ⊙ |tau|`` with secret random signs ``s``, one per weight. Invisible (it only changes
+  each coordinate of ``tau`` by a few percent, and not at all where ``tau`` is zero), and it survives averaging,
+  task arithmetic, TIES/DARE sparsification, noise, int8/4-bit rounding and further fine-tuning, because the
+  statistic sums over every weight. A low-rank truncation of the task vector removes it.
+* **subspace**: ``alpha * U K V^T`` with ``U, V`` the top-``rank`` singular vectors of ``tau`` and ``K`` a secret
+  ``rank x rank`` sign matrix with a zero diagonal: a small rotation of ``tau``'s own top singular directions.
+  It survives low-rank truncation (it lives in the subspace a truncation keeps) and everything the dense part does.
+  ``U^T tau V`` is diagonal for the owner's ``tau``, so the owner's own task vector adds no noise to it.
+
+The test (:func:`weight_key_test`) computes, for a suspect already aligned to ``theta_pre``
+(:func:`~lightning_mergeguard.ownership.alignment.align_to_base`), the normalised correlation ``z`` of its task
+vector with each part's signs. **Null hypothesis:** the suspect's weights do not depend on the secret signs (true of
+the base, of every other fine-tune, of merges without the release, and of an honest third party who fine-tuned
+the owner's task independently). Given the suspect, the signs are then independent fair coins, and Hoeffding's
+inequality bounds ``P(z >= z_obs) <= exp(-z_obs**2 / 2)`` exactly, whatever the suspect is. The two parts are
+combined by Bonferroni. The reported ``share`` estimates how much of the owner's key the suspect carries (1.0 for
+the release itself, about the owner's weight for a linear merge).
+
+The secret is the seed of the signs; the key file also holds ``U`` and ``V``. Keep it away from the release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets as _secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_mergeguard.ownership.stats import bonferroni, hoeffding_tail, log10_hoeffding_tail
+
+__all__ = [
+    "KeyTestResult",
+    "WeightKey",
+    "embed_key_checked",
+    "embed_weight_key",
+    "embed_weight_key_",
+    "key_tensor_names",
+    "weight_key_test",
+]
+
+KEY_FORMAT = "lightning-mergeguard weight key 1"
+DEFAULT_RANK = 16
+DEFAULT_STRENGTH = 0.05
+
+
+def _signs(secret: int, kind: str, name: str, shape: tuple[int, ...]) -> Tensor:
+    """The secret ±1 signs of one tensor (CPU float32), a pure function of the secret, the part and the name."""
+    digest = hashlib.sha256(f"{secret}:{kind}:{name}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.randint(0, 2, shape, generator=g, dtype=torch.int8).float().mul_(2).sub_(1)
+
+
+def _subspace_signs(secret: int, name: str, rank: int) -> Tensor:
+    k = _signs(secret, "subspace", name, (rank, rank))
+    return k.fill_diagonal_(0.0)
+
+
+def _matrix(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def key_tensor_names(state: Mapping[str, Tensor], pre: Mapping[str, Tensor], min_size: int = 4) -> list[str]:
+    """The tensors a key goes into: changed floating tensors of two or more dimensions.
+
+    Each is read as a ``[rows, -1]`` matrix with both sides at least ``min_size``.
+
+    Example:
+        >>> pre = {"w": torch.zeros(8, 8), "b": torch.zeros(8), "same": torch.ones(8, 8)}
+        >>> key_tensor_names({"w": torch.ones(8, 8), "b": torch.ones(8), "same": torch.ones(8, 8)}, pre)
+        ['w']
+    """
+    names = []
+    for name, t in state.items():
+        p = pre.get(name)
+        if p is None or not t.is_floating_point() or t.dim() < 2 or t.shape != p.shape:
+            continue
+        if t.shape[0] < min_size or t.numel() // t.shape[0] < min_size:
+            continue
+        if not torch.equal(t, p):
+            names.append(name)
+    return names
+
+
+@dataclass(frozen=True, repr=False)
+class WeightKey:
+    """The owner's secret key: the sign seed, and per tensor the singular bases and scales the test needs.
+
+    Create it with :func:`embed_weight_key`; keep it (``save``) apart from the released model. Its ``repr``
+    hides the secret.
+
+    Attributes:
+        secret: Seed of every secret sign.
+        strength: Each part's norm as a fraction of the tensor's task-vector norm.
+        bases: ``name -> (U, V)``, the top singular vectors of the owner's task vector (float32, CPU).
+        scales: ``name -> (alpha, rms)``: the subspace part's scale and the task vector's RMS at key time.
+        dense_signal: ``name -> strength * ||tau||_1 / rms``: what the release itself scores on the dense part.
+    """
+
+    secret: int
+    strength: float
+    bases: dict[str, tuple[Tensor, Tensor]]
+    scales: dict[str, tuple[float, float]]
+    dense_signal: dict[str, float] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)
+    """``name -> the name the signs were drawn for`` where :meth:`matched_to` renamed a tensor."""
+
+    def __repr__(self) -> str:
+        return f"WeightKey(<secret hidden>, {len(self.bases)} tensors, strength={self.strength})"
+
+    @property
+    def names(self) -> list[str]:
+        """The keyed tensor names."""
+        return list(self.bases)
+
+    def matched_to(self, available: Any, what: str = "the suspect") -> WeightKey:
+        """This key with its names mapped onto another state dict's.
+
+        A LightningModule's ``lm.model.x`` maps onto a Hugging Face checkpoint's ``model.x``, say (see
+        :func:`~lightning_mergeguard.merging.sources.match_names`).
+
+        Raises:
+            ValueError: If a keyed tensor has no counterpart (another architecture).
+
+        Args:
+            available: The other state dict's names.
+            what: How to name it in an error.
+
+        Returns:
+            The renamed key (the signs stay those of the original names).
+        """
+        from lightning_mergeguard.merging.sources import match_names
+
+        try:
+            names = match_names(self.names, list(available), what=what)
+        except ValueError as err:
+            raise ValueError(f"{err}: another architecture than the keyed model's?") from None
+        if all(k == v for k, v in names.items()):
+            return self
+        return WeightKey(
+            self.secret,
+            self.strength,
+            {names[n]: b for n, b in self.bases.items()},
+            {names[n]: s for n, s in self.scales.items()},
+            {names[n]: s for n, s in self.dense_signal.items()},
+            {names[n]: n for n in self.bases},
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the key as safetensors (atomically). Anyone with this file can test for the key; keep it secret.
+
+        Args:
+            path: The key file.
+
+        Example:
+            >>> import tempfile, pathlib
+            >>> pre = {"w": torch.zeros(16, 16)}
+            >>> _, key = embed_weight_key({"w": torch.randn(16, 16)}, pre, secret=1)
+            >>> p = pathlib.Path(tempfile.mkdtemp()) / "owner.key"
+            >>> key.save(p); WeightKey.load(p).secret
+            1
+        """
+        from lightning_mergeguard.io import save_safetensors
+
+        tensors = {}
+        for name, (u, v) in self.bases.items():
+            tensors[f"U::{name}"] = u.contiguous()
+            tensors[f"V::{name}"] = v.contiguous()
+        meta = {
+            "format": KEY_FORMAT,
+            "secret": str(self.secret),
+            "strength": repr(self.strength),
+            "scales": json.dumps(self.scales),
+            "dense_signal": json.dumps(self.dense_signal),
+            "origin": json.dumps(self.origin),
+        }
+        save_safetensors(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> WeightKey:
+        """Read a key written by :meth:`save`.
+
+        Raises:
+            ValueError: If the file is not a weight key (or is damaged).
+        """
+        from safetensors import safe_open
+
+        try:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != KEY_FORMAT:
+                    raise ValueError(f"{path}: not a lightning-mergeguard weight key (format {meta.get('format')!r})")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            scales = {k: (float(a), float(r)) for k, (a, r) in json.loads(meta["scales"]).items()}
+            signal = {k: float(v) for k, v in json.loads(meta["dense_signal"]).items()}
+            bases = {name: (tensors[f"U::{name}"], tensors[f"V::{name}"]) for name in scales}
+            origin = json.loads(meta.get("origin", "{}"))
+            return cls(int(meta["secret"]), float(meta["strength"]), bases, scales, signal, origin)
+        except ValueError:
+            raise
+        except (KeyError, OSError, json.JSONDecodeError, Exception) as err:  # safetensors raises its own types
+            raise ValueError(f"{path}: damaged or not a weight key ({type(err).__name__}: {err})") from None
+
+
+def embed_weight_key(
+    state: Mapping[str, Tensor],
+    pre: Mapping[str, Tensor],
+    names: list[str] | None = None,
+    rank: int = DEFAULT_RANK,
+    strength: float = DEFAULT_STRENGTH,
+    secret: int | None = None,
+) -> tuple[dict[str, Tensor], WeightKey]:
+    """Add a fresh secret key to ``state``'s task vector; return the keyed state and the key.
+
+    Args:
+        state: The model to release (after stage 2), a state dict.
+        pre: ``theta_pre``, the base it was fine-tuned from (same names and shapes).
+        names: Tensors to key; ``None``: :func:`key_tensor_names`.
+        rank: Size of the subspace part (capped at half the smaller side of each matrix).
+        strength: Each part's norm as a fraction of the tensor's task-vector norm (0.05: 5%).
+        secret: Seed of the signs; ``None`` draws 63 random bits (``secrets``), the right choice for a release.
+
+    Returns:
+        ``(keyed state, key)``; tensors not keyed are the input's own objects, keyed ones keep their dtype.
+
+    Raises:
+        ValueError: On a bad ``rank``/``strength``, a name missing from either side, a shape mismatch, non-finite
+            weights, or nothing to key (no tensor changed).
+
+    Example:
+        >>> pre = {"w": torch.zeros(32, 32)}
+        >>> keyed, key = embed_weight_key({"w": torch.randn(32, 32)}, pre, secret=7)
+        >>> round(weight_key_test(keyed, pre, key).share_subspace, 1)
+        1.0
+    """
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 2:
+        raise ValueError(f"rank must be an int >= 2, got {rank!r}")
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0.0 < strength <= 0.5:
+        raise ValueError(f"strength must be in (0, 0.5], got {strength!r}")
+    names = key_tensor_names(state, pre) if names is None else list(names)
+    if not names:
+        raise ValueError("nothing to key: no weight matrix differs from theta_pre (is this the fine-tuned model?)")
+    secret = _secrets.randbits(63) if secret is None else int(secret)
+    out = dict(state)
+    bases: dict[str, tuple[Tensor, Tensor]] = {}
+    scales: dict[str, tuple[float, float]] = {}
+    signal: dict[str, float] = {}
+    for name in names:
+        if name not in state or name not in pre:
+            raise ValueError(f"{name!r} is missing from {'the model' if name not in state else 'theta_pre'}")
+        w, p = state[name], pre[name]
+        if w.shape != p.shape:
+            raise ValueError(f"{name!r}: shape {tuple(w.shape)} differs from theta_pre's {tuple(p.shape)}")
+        tau = _matrix(w.float() - p.float().to(w.device))
+        if not torch.isfinite(tau).all():
+            raise ValueError(f"{name!r} has non-finite weights; refusing to key it")
+        norm = float(tau.norm())
+        if norm == 0.0:
+            continue
+        r = min(rank, min(tau.shape) // 2)
+        u, _, vh = torch.linalg.svd(tau, full_matrices=False)
+        u, v = u[:, :r].contiguous(), vh[:r].T.contiguous()
+        alpha = strength * norm / math.sqrt(r * (r - 1))
+        rms = norm / math.sqrt(tau.numel())
+        dense = _signs(secret, "dense", name, tuple(tau.shape)).to(tau.device)
+        k = _subspace_signs(secret, name, r).to(tau.device)
+        delta = strength * dense * tau.abs() + alpha * (u @ k @ v.T)
+        out[name] = (w.float() + delta.reshape(w.shape)).to(w.dtype)
+        bases[name] = (u.cpu(), v.cpu())
+        scales[name] = (alpha, rms)
+        signal[name] = strength * float(tau.abs().sum()) / rms
+    if not bases:
+        raise ValueError("nothing to key: every named tensor equals theta_pre")
+    return out, WeightKey(secret, float(strength), bases, scales, signal)
+
+
+@dataclass(frozen=True)
+class KeyTestResult:
+    """The white-box test's outcome (see the module docstring for the null hypothesis).
+
+    Attributes:
+        p_value: Bonferroni combination of the two parts' p-values (a valid p-value under the null).
+        log10_p: ``log10(p_value)`` without underflow (p-values below 1e-308 stay readable).
+        z_dense / z_subspace: The normalised statistics (about N(0, 1)-or-smaller under the null).
+        share_dense / share_subspace: Estimated fraction of the owner's key in the suspect (1.0: the release).
+        tensors: How many keyed tensors the suspect had.
+    """
+
+    p_value: float
+    log10_p: float
+    z_dense: float
+    z_subspace: float
+    share_dense: float
+    share_subspace: float
+    tensors: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict.
+
+        Returns:
+            The fields as a dict.
+        """
+        return dict(self.__dict__)
+
+
+def _check_suspect(suspect: Mapping[str, Tensor], pre: Mapping[str, Tensor], key: WeightKey) -> None:
+    missing = [n for n in key.names if n not in suspect]
+    if missing:
+        raise ValueError(
+            f"the suspect lacks {len(missing)} of the key's {len(key.names)} tensors (first: {missing[0]!r}): "
+            "another architecture, or names with a prefix the key does not have"
+        )
+    for name in key.names:
+        u, v = key.bases[name]
+        if name not in pre:
+            raise ValueError(f"theta_pre lacks the keyed tensor {name!r}: not the base the key was made on")
+        for who, t in (("suspect", suspect[name]), ("theta_pre", pre[name])):
+            if t.shape[0] != u.shape[0] or t.numel() // max(t.shape[0], 1) != v.shape[0]:
+                raise ValueError(
+                    f"{name!r}: the {who}'s shape {tuple(t.shape)} does not match the key's "
+                    f"({u.shape[0]} x {v.shape[0]}): another architecture"
+                )
+
+
+@torch.no_grad()
+def weight_key_test(suspect: Mapping[str, Tensor], pre: Mapping[str, Tensor], key: WeightKey) -> KeyTestResult:
+    """Test whether ``suspect`` carries ``key``; align it to ``pre`` first if it may be permuted or rescaled.
+
+    Args:
+        suspect: The suspect's state dict (same names as the owner's model).
+        pre: ``theta_pre``.
+        key: The owner's key.
+
+    Returns:
+        A :class:`KeyTestResult`.
+
+    Raises:
+        ValueError: If the suspect or ``pre`` lacks keyed tensors or has other shapes (another architecture), or
+            has non-finite weights.
+
+    Example:
+        >>> pre = {"w": torch.zeros(32, 32)}
+        >>> keyed, key = embed_weight_key({"w": torch.randn(32, 32)}, pre, secret=7)
+        >>> weight_key_test(pre, pre, key).p_value, weight_key_test(keyed, pre, key).p_value < 1e-6
+        (1.0, True)
+    """
+    _check_suspect(suspect, pre, key)
+    s_dense = var_dense = s_sub = var_sub = 0.0
+    signal_dense = signal_sub = 0.0
+    for name in key.names:
+        s, p = suspect[name], pre[name]
+        u, v = key.bases[name]
+        tau = _matrix(s.double() - p.double().to(s.device)).to(torch.float64)
+        if not torch.isfinite(tau).all():
+            raise ValueError(f"the suspect's {name!r} has non-finite weights")
+        alpha, rms = key.scales[name]
+        m = tau / rms
+        drawn = key.origin.get(name, name)
+        dense = _signs(key.secret, "dense", drawn, tuple(tau.shape)).to(m)
+        s_dense += float((dense * m).sum())
+        var_dense += float(m.square().sum())
+        signal_dense += key.dense_signal[name]
+        r = u.shape[1]
+        proj = (u.to(m).T @ tau @ v.to(m)) / alpha
+        proj.fill_diagonal_(0.0)
+        k = _subspace_signs(key.secret, drawn, r).to(proj)
+        s_sub += float((k * proj).sum())
+        var_sub += float(proj.square().sum())
+        signal_sub += r * (r - 1)
+    z_dense = s_dense / math.sqrt(var_dense) if var_dense > 0 else 0.0
+    z_sub = s_sub / math.sqrt(var_sub) if var_sub > 0 else 0.0
+    p = bonferroni([hoeffding_tail(z_dense), hoeffding_tail(z_sub)])
+    log10_p = min(0.0, math.log10(2.0) + min(log10_hoeffding_tail(z_dense), log10_hoeffding_tail(z_sub)))
+    return KeyTestResult(
+        p_value=p,
+        log10_p=log10_p,
+        z_dense=z_dense,
+        z_subspace=z_sub,
+        share_dense=s_dense / signal_dense if signal_dense else 0.0,
+        share_subspace=s_sub / signal_sub if signal_sub else 0.0,
+        tensors=len(key.names),
+    )
+
+
+@torch.no_grad()
+def embed_weight_key_(
+    params: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor],
+    path: str | os.PathLike[str] | None = None,
+    secret: int | None = None,
+    **settings: Any,
+) -> WeightKey:
+    """:func:`embed_weight_key` in place on live parameters (one tensor at a time), saving the key to ``path``.
+
+    What :class:`~lightning_mergeguard.MergeGuardCallback` and ``mergeguard-protect`` run after stage 2.
+
+    Args:
+        params: ``name -> parameter`` of the model to release (changed in place).
+        reference: ``name -> theta_pre`` tensor for those names.
+        path: Where to write the key (``None``: not written; the caller keeps the returned key).
+        secret: The sign seed (``None``: 63 random bits; every process of a distributed run must pass the same).
+        **settings: ``rank``, ``strength`` (see :func:`embed_weight_key`).
+
+    Returns:
+        The key.
+
+    Raises:
+        ValueError: As :func:`embed_weight_key`.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.randn(16, 16))
+        >>> before = w.detach().clone()
+        >>> key = embed_weight_key_({"w": w}, {"w": torch.zeros(16, 16)}, secret=3)
+        >>> bool((w != before).any()), key.names
+        (True, ['w'])
+    """
+    state = {n: p.detach() for n, p in params.items() if n in reference}
+    keyed, key = embed_weight_key(state, reference, secret=secret, **settings)
+    for name in key.names:
+        params[name].copy_(keyed[name])
+    if path is not None:
+        key.save(path)
+    return key
+
+
+def embed_key_checked(
+    params: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor],
+    path: str | os.PathLike[str] | None,
+    metric: Any,
+    secret: int | None = None,
+) -> dict[str, Any]:
+    """Embed a key in place (:func:`embed_weight_key_`), write it to ``path``, and score the model once more.
+
+    Returns:
+        The report entry: ``file``, ``tensors``, ``strength``, ``rank`` and ``score_after_key`` (``metric()``).
+    """
+    key = embed_weight_key_(params, reference, path=path, secret=secret)
+    return {
+        "file": None if path is None else os.fspath(path),
+        "tensors": len(key.names),
+        "strength": key.strength,
+        "rank": DEFAULT_RANK,
+        "score_after_key": float(metric()),
+    }

@@ -1,0 +1,318 @@
+"""The ownership key, the alignment that undoes re-parameterisations, the verdict and ``mergeguard-verify``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_mergeguard.ownership.alignment import align_to_base, find_unit_groups, permute_units
+from lightning_mergeguard.ownership.stats import binomial_tail, bonferroni, hoeffding_tail, log10_hoeffding_tail
+from lightning_mergeguard.ownership.verify import verify_ownership
+from lightning_mergeguard.ownership.weight_key import (
+    WeightKey,
+    embed_weight_key,
+    embed_weight_key_,
+    key_tensor_names,
+    weight_key_test,
+)
+from tests._helpers import perturbed_state_dict, tiny_llama
+
+
+def _base_and_finetune(seed: int = 0, shape=(48, 40), scale: float = 0.05):
+    g = torch.Generator().manual_seed(seed)
+    base = {"a": torch.randn(*shape, generator=g), "b": torch.randn(shape[1], shape[0], generator=g)}
+    ft = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    return base, ft
+
+
+# ------------------------------------------------------------------ statistics
+def test_binomial_tail_is_exact():
+    assert binomial_tail(0, 10, 0.3) == 1.0
+    assert binomial_tail(10, 10, 0.5) == pytest.approx(0.5**10)
+    assert binomial_tail(9, 10, 0.5) == pytest.approx(11 / 1024)
+    with pytest.raises(ValueError, match="hits <= n"):
+        binomial_tail(11, 10, 0.5)
+
+
+def test_hoeffding_bound_and_its_log_agree_and_bonferroni_caps_at_one():
+    assert hoeffding_tail(-1.0) == 1.0 and hoeffding_tail(0.0) == 1.0
+    assert math.log10(hoeffding_tail(5.0)) == pytest.approx(log10_hoeffding_tail(5.0))
+    assert hoeffding_tail(50.0) == 0.0 and log10_hoeffding_tail(50.0) == pytest.approx(-542.9, abs=0.1)
+    assert bonferroni([0.4, 0.9]) == 0.8 and bonferroni([0.7, 0.9]) == 1.0
+
+
+def test_the_null_distribution_is_calibrated_for_models_made_without_the_key():
+    """Suspects that never saw the key (here 400 independent fine-tunes of the same base): p <= 0.05 at most ~5%."""
+    base, ft = _base_and_finetune()
+    _, key = embed_weight_key(ft, base, secret=11)
+    ps, zs = [], []
+    for s in range(400):
+        g = torch.Generator().manual_seed(1000 + s)
+        other = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        r = weight_key_test(other, base, key)
+        ps.append(r.p_value)
+        zs += [r.z_dense, r.z_subspace]
+    assert sum(p <= 0.05 for p in ps) / len(ps) <= 0.05
+    z = torch.tensor(zs)
+    assert abs(float(z.mean())) < 0.15 and 0.8 < float(z.std()) < 1.2  # about N(0, 1)
+
+
+# ------------------------------------------------------------------ the key
+def test_the_key_is_found_in_the_release_and_in_proportion_in_merges():
+    base, ft = _base_and_finetune(shape=(128, 96))
+    keyed, key = embed_weight_key(ft, base, secret=5)
+    assert key_tensor_names(ft, base) == ["a", "b"] and key.names == ["a", "b"]
+    rel = {k: (keyed[k] - ft[k]).norm() / (ft[k] - base[k]).norm() for k in ft}
+    assert all(0.05 < float(r) < 0.09 for r in rel.values())  # two parts of 5% each
+    assert weight_key_test(keyed, base, key).log10_p < -20
+    assert weight_key_test(ft, base, key).p_value > 1e-3  # the same fine-tune before the key: a negative
+    other = perturbed_state_dict(base, seed=9, scale=0.05)
+    for lam in (1.0, 0.5):
+        merged = {k: base[k] + lam * (keyed[k] - base[k]) + 0.3 * (other[k] - base[k]) for k in base}
+        r = weight_key_test(merged, base, key)
+        assert r.share_subspace == pytest.approx(lam, abs=0.15) and r.p_value < 1e-6
+
+
+def test_the_subspace_part_survives_a_low_rank_truncation_that_removes_the_dense_part():
+    base, ft = _base_and_finetune(shape=(64, 64))
+    keyed, key = embed_weight_key(ft, base, secret=5, rank=8)
+    cut = {}
+    for k in base:
+        u, s, vh = torch.linalg.svd(keyed[k] - base[k])
+        cut[k] = base[k] + (u[:, :8] * s[:8]) @ vh[:8]
+    r = weight_key_test(cut, base, key)
+    assert abs(r.z_dense) < 4 < r.z_subspace
+
+
+def test_the_key_round_trips_through_its_file_and_hides_its_secret(tmp_path):
+    base, ft = _base_and_finetune()
+    keyed, key = embed_weight_key(ft, base, secret=123456789)
+    assert "123456789" not in repr(key)
+    key.save(tmp_path / "owner.key")
+    back = WeightKey.load(tmp_path / "owner.key")
+    assert back.secret == key.secret and back.names == key.names
+    assert weight_key_test(keyed, base, back).log10_p == pytest.approx(weight_key_test(keyed, base, key).log10_p)
+    (tmp_path / "bad.key").write_bytes(b"not a key")
+    with pytest.raises(ValueError, match=r"bad\.key"):
+        WeightKey.load(tmp_path / "bad.key")
+
+
+def test_bad_inputs_are_named():
+    base, ft = _base_and_finetune()
+    with pytest.raises(ValueError, match="nothing to key"):
+        embed_weight_key(base, base)
+    with pytest.raises(ValueError, match="rank"):
+        embed_weight_key(ft, base, rank=1)
+    with pytest.raises(ValueError, match="strength"):
+        embed_weight_key(ft, base, strength=0.0)
+    bad = dict(ft, a=ft["a"].clone())
+    bad["a"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        embed_weight_key(bad, base)
+    _, key = embed_weight_key(ft, base, secret=1)
+    with pytest.raises(ValueError, match="another architecture"):
+        weight_key_test({"a": ft["a"]}, base, key)
+    with pytest.raises(ValueError, match="another architecture"):
+        weight_key_test({"a": ft["a"], "b": torch.zeros(7, 7)}, base, key)
+
+
+def test_the_in_place_key_changes_live_parameters_and_names_map_onto_a_prefixed_checkpoint():
+    base, ft = _base_and_finetune()
+    params = {f"lm.model.{k}": nn.Parameter(v.clone()) for k, v in ft.items()}
+    key = embed_weight_key_(params, {f"lm.model.{k}": v for k, v in base.items()}, secret=4)
+    bare = {k.removeprefix("lm."): p.detach() for k, p in params.items()}
+    verdict = verify_ownership(bare, {f"model.{k}": v for k, v in base.items()}, key)
+    assert verdict.derived and verdict.log10_p < -20
+
+
+# ------------------------------------------------------------------ alignment
+def _reparameterised(module: nn.Module, state, seed: int = 3, strength: float = 4.0):
+    from lightning_mergeguard.protection.residual import draw_permutation, find_residual_stream, permute_residual
+    from lightning_mergeguard.protection.symmetry import amplify_state, find_symmetries
+
+    stream = find_residual_stream(module)
+    out = permute_residual(state, stream, draw_permutation(stream.width, seed))
+    for i, g in enumerate(find_unit_groups(module)):
+        out = permute_units(out, g, draw_permutation(g.units, seed + 1 + i))
+    return out if strength == 1.0 else amplify_state(out, find_symmetries(module), strength, seed=seed)
+
+
+@pytest.mark.parametrize("arch", ["llama", "open_clip"])
+def test_alignment_undoes_permutations_and_rescaling_without_changing_the_function(arch):
+    if arch == "llama":
+        module = tiny_llama(0, num_key_value_heads=1).eval()
+        x = torch.randint(0, 64, (2, 7))
+
+        def run(m):
+            return m(x).logits
+    else:
+        from lightning_mergeguard.models.open_clip import build_open_clip
+
+        module = build_open_clip("tiny").visual.eval()
+        x = torch.randn(2, 3, 32, 32)
+
+        def run(m):
+            return m(x)
+
+    groups = find_unit_groups(module)
+    assert {g.kind for g in groups} == {"mlp", "heads"}
+    base = {k: v.clone() for k, v in module.state_dict().items()}
+    ft = perturbed_state_dict(base, seed=1, scale=0.002)
+    hidden = _reparameterised(module, ft)
+    with torch.no_grad():
+        module.load_state_dict(ft)
+        want = run(module)
+        module.load_state_dict(hidden)
+        torch.testing.assert_close(run(module), want, rtol=1e-3, atol=1e-3)  # the same function
+    assert max(float((hidden[k] - ft[k]).abs().max()) for k in ft) > 0.1  # in other coordinates
+
+    def distance(a, b):
+        return math.sqrt(sum(float((a[k] - b[k]).double().square().sum()) for k in a))
+
+    # aligned, every re-parameterisation of the fine-tune lands where the fine-tune itself lands: exactly for
+    # permutations, up to the scale estimate's error (the fine-tune's own norm changes) for rescaled channels
+    reference = align_to_base(ft, base, module)
+    permuted_only = _reparameterised(module, ft, strength=1.0)
+    assert distance(align_to_base(permuted_only, base, module), reference) < 1e-5 < distance(permuted_only, ft)
+    assert distance(align_to_base(hidden, base, module), reference) < 0.02 * distance(hidden, ft)
+
+
+def test_a_merge_hidden_behind_a_reparameterisation_is_caught_after_alignment():
+    module = tiny_llama(0, hidden_size=32, intermediate_size=64).eval()
+    base = {k: v.clone() for k, v in module.state_dict().items()}
+    ft = perturbed_state_dict(base, seed=1, scale=0.01)
+    release, key = embed_weight_key(ft, base, secret=8)
+    partner = perturbed_state_dict(base, seed=2, scale=0.01)
+    merged = {k: base[k] + (release[k] - base[k]) + 0.3 * (partner[k] - base[k]) for k in base}
+    hidden = _reparameterised(module, merged)
+    assert not verify_ownership(hidden, base, key, check_base=False).derived  # as published: in other coordinates
+    verdict = verify_ownership(hidden, base, key, module=module, check_base=False)
+    assert verdict.derived and verdict.tests["white-box key, aligned to base"]["log10_p"] < -10
+    for negative in (base, partner, ft):
+        assert not verify_ownership(negative, base, key, module=module, check_base=False).derived
+
+
+# ------------------------------------------------------------------ the verdict
+def test_verify_refuses_a_wrong_key_for_the_owner_and_a_suspect_of_another_base():
+    from lightning_mergeguard.errors import ForeignBaseError
+
+    base, ft = _base_and_finetune()
+    release, key = embed_weight_key(ft, base, secret=1)
+    _, other_key = embed_weight_key(ft, base, secret=2)
+    with pytest.raises(ValueError, match="does not match the owner"):
+        verify_ownership(release, base, other_key, owner=release)
+    stranger = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(5)) for k, v in base.items()}
+    with pytest.raises(ForeignBaseError, match="not a fine-tune"):
+        verify_ownership(stranger, base, key)
+    with pytest.raises(ValueError, match="alpha"):
+        verify_ownership(release, base, key, alpha=0.0)
+    v = verify_ownership(release, base, key, owner=release)
+    assert v.derived and "DERIVED" in v.verdict and json.dumps(v.as_dict())
+
+
+def test_the_fingerprint_test_gives_an_exact_p_value(monkeypatch):
+    from lightning_mergeguard.ownership import fingerprint as fp
+
+    secret = fp.make_fingerprint(n_keys=4, seed=0)
+    answers = {"all": [f"... {secret.answer} ..."] * 4, "none": ["I cannot decrypt this message."] * 4}
+    for case, texts in answers.items():
+        monkeypatch.setattr(fp, "greedy_continuations", lambda *a, _t=texts, **k: _t)
+        r = fp.fingerprint_test(None, None, secret)
+        if case == "all":
+            assert r["hits"] == 4 and r["p_value"] == pytest.approx(1 / 20736)
+        else:
+            assert r["hits"] == 0 and r["p_value"] == 1.0
+    # a model that writes many syllable words: its p-value counts every word it would have matched
+    monkeypatch.setattr(fp, "greedy_continuations", lambda *a, **k: [" ".join(fp._answer_space()[:100])] * 4)
+    secret_in = fp.FingerprintSecret(secret.keys, fp._answer_space()[0])
+    assert fp.fingerprint_test(None, None, secret_in)["p_value"] == pytest.approx(100 / 20736)
+
+
+# ------------------------------------------------------------------ entry points
+def test_protect_module_embeds_a_key_and_the_card_says_so_without_the_secret(tmp_path):
+    from lightning_mergeguard.posthoc import model_card, protect_module
+    from lightning_mergeguard.protection.stage2 import ScaleAdversarial
+    from tests._helpers import TinyClassifier, blobs
+
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = blobs(256, 0).tensors
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    vx, vy = blobs(128, 1).tensors
+
+    def metric(m):
+        return 100.0 * float((m(vx).argmax(-1) == vy).float().mean())
+
+    batches = iter(lambda: (x[:64], y[:64]), None)
+    report = protect_module(
+        model, base, batches, metric, stage2=ScaleAdversarial(steps=20), tolerance=5.0, ownership_key=tmp_path / "k"
+    )
+    entry = report["ownership_key"]
+    assert entry["tensors"] >= 2 and report["score_after"] == entry["score_after_key"]
+    key = WeightKey.load(tmp_path / "k")
+    assert verify_ownership(model.state_dict(), base, key, check_base=False).derived
+    card = "\n".join(
+        __import__("lightning_mergeguard.protection.verdict", fromlist=["key_paragraph"]).key_paragraph(report)
+    )
+    assert "ownership key" in card and str(key.secret) not in card
+    assert callable(model_card)
+
+
+def test_the_callback_writes_the_key_and_verify_finds_it(tmp_path):
+    from lightning_mergeguard import MergeGuardCallback
+    from lightning_mergeguard.protection.stage2 import ScaleAdversarial
+    from tests._helpers import TinyClassifier, trainer
+
+    torch.manual_seed(0)
+    module = TinyClassifier()
+    base = {k: v.clone() for k, v in module.state_dict().items()}
+    guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=10), tolerance=5.0, ownership_key=str(tmp_path / "k"))
+    trainer(tmp_path, callbacks=[guard], max_epochs=3).fit(module)
+    entry = guard.report["ownership_key"]
+    assert entry["tensors"] >= 2 and guard.report["score_after"] == entry["score_after_key"]
+    verdict = verify_ownership(module.state_dict(), base, WeightKey.load(tmp_path / "k"), check_base=False)
+    assert verdict.derived
+    with pytest.raises(ValueError, match="directory"):
+        MergeGuardCallback(ownership_key=str(tmp_path))
+
+
+def _hf_dir(tmp_path, name, state, module):
+    module.load_state_dict(state)
+    module.save_pretrained(tmp_path / name, safe_serialization=True)
+    return str(tmp_path / name)
+
+
+def test_mergeguard_verify_exit_statuses_and_json(tmp_path, capsys):
+    from lightning_mergeguard.cli.verify import main
+
+    module = tiny_llama(0, hidden_size=32, intermediate_size=64)
+    base = {k: v.clone() for k, v in module.state_dict().items()}
+    ft = perturbed_state_dict(base, seed=1, scale=0.01)
+    release, key = embed_weight_key(ft, base, secret=8)
+    key.save(tmp_path / "owner.key")
+    partner = perturbed_state_dict(base, seed=2, scale=0.01)
+    merged = {k: base[k] + 0.8 * (release[k] - base[k]) + 0.3 * (partner[k] - base[k]) for k in base}
+    dirs = {n: _hf_dir(tmp_path, n, s, module) for n, s in [("base", base), ("release", release),
+                                                             ("merge", merged), ("partner", partner)]}  # fmt: skip
+    common = ["--base", dirs["base"], "--key", str(tmp_path / "owner.key"), "--owner", dirs["release"]]
+    assert main([dirs["merge"], *common, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["derived"] and out["log10_p"] < -10 and len(out["tests"]) == 2
+    assert main([dirs["partner"], *common]) == 1
+    assert "no evidence" in capsys.readouterr().out
+    wide = tiny_llama(0, hidden_size=48, intermediate_size=64)
+    other_arch = _hf_dir(tmp_path, "wide", wide.state_dict(), wide)
+    assert main([other_arch, *common]) == 2
+    assert "architecture" in capsys.readouterr().err
+    (tmp_path / "junk.key").write_text("x")
+    assert main([dirs["merge"], "--base", dirs["base"], "--key", str(tmp_path / "junk.key")]) == 2
+    assert "junk.key" in capsys.readouterr().err
