@@ -174,6 +174,12 @@ class ReferenceWeights:
         Those already resolved; then, from a checkpoint's restored tensors, those it holds; from a source, those the
         source has; for a snapshot taken now, all of them.
 
+        Args:
+            names: Parameter names.
+
+        Returns:
+            Those among ``names`` this reference holds.
+
         Example:
             >>> ReferenceWeights({"a": torch.zeros(1)}).provides(["a", "b"])
             ['a']
@@ -208,11 +214,23 @@ class ReferenceWeights:
         return len(self._tensors)
 
     def names(self) -> list[str]:
-        """Names resolved so far."""
+        """Names resolved so far.
+
+        Returns:
+            The names.
+        """
         return list(self._tensors)
 
     def get(self, name: str, like: Tensor | None = None) -> Tensor:
-        """The tensor for ``name``, moved to ``like``'s device and dtype (no copy when they already match)."""
+        """The tensor for ``name``, moved to ``like``'s device and dtype (no copy when they already match).
+
+        Args:
+            name: A parameter name.
+            like: A tensor whose device and dtype the result takes.
+
+        Returns:
+            The reference tensor.
+        """
         t = self._tensors[name]
         if like is None:
             return t
@@ -221,7 +239,15 @@ class ReferenceWeights:
     def as_dict(
         self, names: Iterable[str] | None = None, like: Mapping[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
-        """Name -> tensor for ``names`` (default: all), each on its ``like`` tensor's device and dtype if given."""
+        """Name -> tensor for ``names`` (default: all), each on its ``like`` tensor's device and dtype if given.
+
+        Args:
+            names: The names (default: all resolved).
+            like: ``name -> tensor`` whose devices and dtypes the results take.
+
+        Returns:
+            ``name -> tensor``.
+        """
         keys = list(self._tensors) if names is None else list(names)
         return {n: self.get(n, like[n] if like is not None else None) for n in keys}
 
@@ -229,6 +255,12 @@ class ReferenceWeights:
         """The tensors for ``params`` (in order) on each parameter's device, in the storage dtype.
 
         No copy when the reference already lives there; an offloaded reference is copied (non-blocking, pinned).
+
+        Args:
+            params: ``name -> parameter``.
+
+        Returns:
+            One tensor per parameter.
         """
         return [self._tensors[n].to(p.device, non_blocking=True) for n, p in params.items()]
 
@@ -277,6 +309,12 @@ class ReferenceWeights:
 
         Returns:
             Whether the tensors were forgotten.
+
+        Args:
+            module: The model about to be fitted.
+
+        Returns:
+            Whether the tensors were forgotten.
         """
         if not weights_changed(self, module):
             return False
@@ -297,6 +335,9 @@ class ReferenceWeights:
         """The tensors (on the CPU, whole even when sharded) when the reference is a snapshot.
 
         A path or state dict given by the user is not stored again.
+
+        Returns:
+            ``{"tensors": ...}`` for a snapshot, else an empty dict.
         """
         if not self.is_snapshot:
             return {}
@@ -304,7 +345,11 @@ class ReferenceWeights:
         return {"tensors": {n: full(t).detach().cpu() for n, t in self._tensors.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore snapshot tensors saved by :meth:`state_dict` (used by the next :meth:`resolve`)."""
+        """Restore snapshot tensors saved by :meth:`state_dict` (used by the next :meth:`resolve`).
+
+        Args:
+            state: What :meth:`state_dict` returned.
+        """
         tensors = state.get("tensors")
         if tensors:
             self._restored = dict(tensors)

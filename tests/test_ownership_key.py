@@ -196,6 +196,19 @@ def test_a_merge_hidden_behind_a_reparameterisation_is_caught_after_alignment():
         assert not verify_ownership(negative, base, key, module=module, check_base=False).derived
 
 
+def test_removing_the_base_directions_recovers_what_a_scale_estimate_error_hides():
+    """An aligned suspect keeps ``(s_hat - s) * theta_pre`` per channel; the aligned test removes those directions."""
+    base, ft = _base_and_finetune(shape=(96, 80), scale=0.02)
+    release, key = embed_weight_key(ft, base, secret=3)
+    g = torch.Generator().manual_seed(1)
+    off = {k: (1 + 0.01 * torch.randn(v.shape[0], 1, generator=g)) * v for k, v in release.items()}  # 1% row errors
+    plain, projected = weight_key_test(off, base, key), weight_key_test(off, base, key, aligned=True)
+    assert projected.z_subspace > 1.5 * plain.z_subspace and projected.log10_p < plain.log10_p - 20
+    others = [perturbed_state_dict(base, seed=s, scale=0.02) for s in range(50)]
+    nulls = [weight_key_test(other, base, key, aligned=True) for other in others]
+    assert max(r.z_dense for r in nulls) < 4 and max(r.z_subspace for r in nulls) < 4
+
+
 # ------------------------------------------------------------------ the verdict
 def test_verify_refuses_a_wrong_key_for_the_owner_and_a_suspect_of_another_base():
     from lightning_mergeguard.errors import ForeignBaseError

@@ -514,6 +514,14 @@ class MergeProbe(ResumableCallback):
         On a LoRA model the adapters are merged into their base weights for the probe's duration (the merges see
         ``W + B @ A * s``) and the base weights are restored bit for bit afterwards. The probe leaves the training
         run as it found it: the weights, every submodule's train/eval mode and the global random state.
+
+        Args:
+            trainer: The running trainer.
+            pl_module: Its LightningModule.
+            force: Probe even off the cadence (``every_n_*``).
+
+        Returns:
+            ``metric name -> value``, as logged (empty when no probe was due).
         """
         if not force and trainer.global_step == self.last_probe_step:
             return {}

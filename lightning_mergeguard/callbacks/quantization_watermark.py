@@ -71,7 +71,11 @@ class QuantizationWatermark(Callback):
 
     @torch.no_grad()
     def project_(self, module: nn.Module) -> None:
-        """Project ``module``'s weights into their intervals (idempotent)."""
+        """Project ``module``'s weights into their intervals (idempotent).
+
+        Args:
+            module: The model being trained (its weights are changed in place).
+        """
         params = dict(module.named_parameters())
         for name, (q0, s, pinned) in self._bounds.items():
             p = params[name]

@@ -28,6 +28,12 @@ EntropyFn = Callable[[Callable[..., Any], Any], Tensor]
 def prediction_entropy(logits: Tensor) -> Tensor:
     """Mean Shannon entropy (nats) of the softmax of ``logits`` over the last dimension.
 
+    Args:
+        logits: ``[..., classes]``.
+
+    Returns:
+        A scalar tensor.
+
     Example:
         >>> round(float(prediction_entropy(torch.zeros(3, 4))), 4)  # uniform over 4 classes: log 4
         1.3863
@@ -66,6 +72,10 @@ def adamerging(
 
     Returns:
         ``(merged state, {model: {layer: lambda}})``.
+
+    Raises:
+        ValueError: ``steps < 0`` or no task vector.
+        KeyError: A task vector that lacks tensors of ``base``.
 
     Example:
         >>> net = nn.Linear(2, 3)

@@ -198,7 +198,12 @@ def _model_path(value: Any, where: str) -> str:
 
 @dataclass
 class ModelEntry:
-    """One ``models:`` entry: a model reference (path or name) and its parameters."""
+    """One ``models:`` entry: a model reference (path or name) and its parameters.
+
+    Attributes:
+        model: The model's path or name, as the config lists it.
+        parameters: Its parameters (``weight``, ``density``...), as the config gives them.
+    """
 
     model: str
     parameters: dict[str, Any] = field(default_factory=dict)
@@ -501,6 +506,12 @@ class MergeConfig:
 
         ``out_dtype``, else ``dtype``, else ``stored`` as mergekit keeps it, except a storage-only dtype (float8),
         which is written in the compute dtype.
+
+        Args:
+            stored: The dtype the tensor is stored in.
+
+        Returns:
+            ``out_dtype`` if set, else ``dtype`` if set, else ``stored``.
         """
         name = self.out_dtype or self.dtype
         if name is not None:
@@ -525,7 +536,15 @@ class MergeConfig:
         return [base, *self.donors]
 
     def validate(self) -> MethodSpec:
-        """Check method, parameter names and values, and model counts; raise a ``ValueError`` naming the problem."""
+        """Check method, parameter names and values, and model counts; raise a ``ValueError`` naming the problem.
+
+        Returns:
+            The method's :class:`~lightning_mergeguard.merging.MethodSpec`.
+
+        Raises:
+            ConfigError: An unknown method, parameter, dtype or model, a bad value or count (the message names it and
+                suggests the closest known name for a typo).
+        """
         spec = self.method
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
@@ -637,6 +656,16 @@ class MergeConfig:
         Raises:
             ConfigError: Naming the slice, for a slice that is not a valid merge.
 
+        Args:
+            index: The output slice.
+
+        Returns:
+            A whole-model config of that slice's sources.
+
+        Raises:
+            ValueError: If this config lists whole models, not slices.
+            ConfigError: If the slice is malformed.
+
         Example:
             >>> cfg = MergeConfig.from_dict({
             ...     "merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.5},
@@ -683,7 +712,15 @@ class MergeConfig:
         return any(_has_gradient(v) for v in settings)
 
     def shared_params(self, tensor_name: str = "", t: float = 0.0) -> dict[str, Any]:
-        """Method-level parameters for one tensor at layer position ``t``, defaults filled in."""
+        """Method-level parameters for one tensor at layer position ``t``, defaults filled in.
+
+        Args:
+            tensor_name: The tensor being merged (for per-tensor filters).
+            t: Its layer position in ``[0, 1]`` (for gradients).
+
+        Returns:
+            ``parameter -> value``.
+        """
         spec = self.method
         out = {}
         for name, param in spec.all_shared_params.items():
@@ -692,7 +729,19 @@ class MergeConfig:
         return out
 
     def model_params(self, entry: ModelEntry, tensor_name: str = "", t: float = 0.0) -> dict[str, Any]:
-        """One donor's parameters for one tensor at layer position ``t`` (own, else top-level, else default)."""
+        """One donor's parameters for one tensor at layer position ``t`` (own, else top-level, else default).
+
+        Args:
+            entry: The donor.
+            tensor_name: The tensor being merged (for per-tensor filters).
+            t: Its layer position in ``[0, 1]`` (for gradients).
+
+        Returns:
+            ``parameter -> value``.
+
+        Raises:
+            ConfigError: If a required parameter has no value for this tensor.
+        """
         spec = self.method
         out = {}
         for name, param in spec.model_params.items():
@@ -727,6 +776,15 @@ class MergeConfig:
 
         Raises:
             ValueError: If ``mergekit=True`` and the config sets an extension mergekit cannot replay.
+
+        Args:
+            mergekit: Refuse this engine's extensions, so that ``mergekit-yaml`` accepts the result.
+
+        Returns:
+            The config as plain dicts and lists.
+
+        Raises:
+            ConfigError: With ``mergekit=True``, a parameter mergekit does not have.
         """
         spec = self.method
         changed = self._changed_extensions() if mergekit else []
@@ -756,7 +814,15 @@ class MergeConfig:
         return out
 
     def to_yaml(self, path: str | os.PathLike[str] | None = None, *, mergekit: bool = True) -> str:
-        """Serialise to YAML; write it atomically to ``path`` if given. A seed is kept as a comment for mergekit."""
+        """Serialise to YAML; write it atomically to ``path`` if given. A seed is kept as a comment for mergekit.
+
+        Args:
+            path: Where to write it (atomically); ``None``: only return it.
+            mergekit: As :meth:`to_dict`.
+
+        Returns:
+            The YAML text.
+        """
         text = yaml.safe_dump(self.to_dict(mergekit=mergekit), sort_keys=False)
         if mergekit and self.seed is not None:
             text = f"# replay with: mergekit-yaml THIS_FILE OUT --random-seed {self.seed}\n" + text

@@ -23,6 +23,9 @@ def sign_consensus_mask(weighted_deltas: Tensor, method: Literal["sum", "count"]
     Returns:
         A bool tensor of shape ``(num_models, *shape)``.
 
+    Raises:
+        ValueError: An unknown ``method``.
+
     Example:
         >>> d = torch.tensor([[1.0, -2.0], [-3.0, 1.0]])
         >>> sign_consensus_mask(d)

@@ -109,6 +109,11 @@ def check_compatible(reference: WeightSource, others: Sequence[WeightSource], *,
 
     Raises:
         IncompatibleModelsError: Naming the model and the first mismatching keys, shapes or config fields.
+
+    Args:
+        reference: The base (or first) model.
+        others: The other sources.
+        allow_crimes: Accept different architectures (mergekit's ``--allow-crimes``).
     """
     ref_keys = reference.keys()
     ref_set = set(ref_keys)
@@ -279,6 +284,19 @@ def iter_merge(
     sets the layer count that gradient parameters interpolate over (default: the sources' names; pass it when the
     sources hold a subset, as a probe's ``include`` selects; a config with ``slices`` interpolates within each
     slice and ignores it).
+
+    Args:
+        config: As :func:`merge`.
+        models: As :func:`merge`.
+        base: As :func:`merge`.
+        device: As :func:`merge`.
+        seed: As :func:`merge`.
+        progress: As :func:`merge`.
+        keys: Only these output tensors (default: all).
+        check_base: As :func:`merge`.
+        prefetch_bytes: See above.
+        layer_names: See above.
+        allow_crimes: As :func:`merge`.
     """
     cfg = MergeConfig.coerce(config)
     base_src, donors = _resolve(cfg, models, base)

@@ -58,6 +58,9 @@ def generalized_task_arithmetic(
     Returns:
         The merged tensor, in ``base.dtype``.
 
+    Raises:
+        ValueError: If ``tensors`` and ``weights`` differ in length.
+
     Example:
         >>> base = torch.zeros(3)
         >>> generalized_task_arithmetic(base, [torch.ones(3), -torch.ones(3)], [0.5, 0.5])

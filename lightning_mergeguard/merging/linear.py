@@ -23,6 +23,10 @@ def linear_merge(tensors: Sequence[Tensor], weights: Sequence[float], *, normali
     Returns:
         The merged tensor in the first tensor's dtype.
 
+    Raises:
+        ValueError: No tensor, or as many weights as tensors not given.
+        TypeError: Non-floating tensors.
+
     Example:
         >>> linear_merge([torch.zeros(2), torch.ones(2)], [1.0, 3.0])
         tensor([0.7500, 0.7500])

@@ -321,7 +321,11 @@ class LoraSource(WeightSource):
             self.base.read_flat(key, start, out)
 
     def task_vector(self) -> dict[str, Tensor]:
-        """The adapter's update per base tensor: ``B @ A * scaling`` (and bias updates), without the base."""
+        """The adapter's update per base tensor: ``B @ A * scaling`` (and bias updates), without the base.
+
+        Returns:
+            ``base tensor name -> update``.
+        """
         out = {k: self._delta(k) for k in self._updates}
         out.update({k: b.float() * self._scaling[w] for k, (w, b) in self._bias.items()})
         return out

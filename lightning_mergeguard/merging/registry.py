@@ -61,6 +61,12 @@ def get_method(name: str) -> MethodSpec:
     Raises:
         ValueError: For an unknown name, with the closest known names.
 
+    Args:
+        name: The method's name.
+
+    Returns:
+        Its :class:`~lightning_mergeguard.merging.MethodSpec`.
+
     Example:
         >>> get_method("ties").shared_params["normalize"].default
         True
@@ -78,6 +84,10 @@ def register_method(spec: MethodSpec, *, overwrite: bool = False) -> None:
 
     Raises:
         ValueError: If the name is taken and ``overwrite`` is false.
+
+    Args:
+        spec: The method.
+        overwrite: Replace a method of the same name.
     """
     if spec.name in METHODS and not overwrite:
         raise ValueError(f"merge method {spec.name!r} is already registered; pass overwrite=True to replace it")

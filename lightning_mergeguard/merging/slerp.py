@@ -26,6 +26,9 @@ def slerp(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.9995, ep
     Returns:
         The interpolated tensor, in ``v0.dtype``.
 
+    Raises:
+        ValueError: Tensors of different shapes.
+
     Example:
         >>> slerp(0.5, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
         tensor([0.7071, 0.7071])

@@ -59,16 +59,43 @@ class WeightSource:
     files: tuple[Path, ...] = ()
 
     def keys(self) -> list[str]:
-        """Tensor names, in storage order."""
+        """Tensor names, in storage order.
+
+        Returns:
+            The names.
+
+        Raises:
+            NotImplementedError: In the abstract base class.
+        """
         raise NotImplementedError
 
     @override
     def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        """Shape and dtype of one tensor, without loading it."""
+        """Shape and dtype of one tensor, without loading it.
+
+        Args:
+            key: A tensor name.
+
+        Returns:
+            ``(shape, dtype)``.
+
+        Raises:
+            NotImplementedError: In the abstract base class.
+        """
         raise NotImplementedError
 
     def get(self, key: str) -> Tensor:
-        """Load one tensor (on CPU)."""
+        """Load one tensor (on CPU).
+
+        Args:
+            key: A tensor name.
+
+        Returns:
+            The tensor.
+
+        Raises:
+            NotImplementedError: In the abstract base class.
+        """
         raise NotImplementedError
 
     def read_flat(self, key: str, start: int, out: Tensor) -> None:
@@ -76,23 +103,46 @@ class WeightSource:
 
         ``out`` is a CPU tensor of the stored dtype: this is how a merge streams one large tensor through small
         reused buffers.
+
+        Args:
+            key: A tensor name.
+            start: First flat index.
+            out: The buffer to fill (its ``numel()`` entries).
         """
         out.copy_(self.get(key).reshape(-1)[start : start + out.numel()])
 
     def source_key(self, key: str) -> str:
-        """The name ``key`` has in the model itself (a view may show a tensor under another name)."""
+        """The name ``key`` has in the model itself (a view may show a tensor under another name).
+
+        Args:
+            key: A tensor name as this source shows it.
+
+        Returns:
+            The name in the underlying model.
+        """
         return key
 
     def __contains__(self, key: str) -> bool:
         return key in set(self.keys())
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Load everything."""
+        """Load everything.
+
+        Returns:
+            ``name -> tensor``.
+        """
         return {k: self.get(k) for k in self.keys()}
 
 
 class StateDictSource(WeightSource):
     """Tensors already in memory (a state dict or a module's parameters and buffers). Nothing is copied.
+
+    Args:
+        tensors: A state dict, or a module (its ``state_dict()``).
+        name: How errors name this source.
+
+    Raises:
+        TypeError: An entry that is not a tensor.
 
     Example:
         >>> src = StateDictSource({"w": torch.zeros(2, 3)}, name="mine")
@@ -251,6 +301,15 @@ class SafetensorsSource(WeightSource):
     Tensors are read with positional reads into fresh buffers, not memory-mapped: the process's resident memory
     holds the tensors being merged and no file pages, however large the model. ``drop_pages=True`` also tells the
     kernel to drop each tensor's pages from the page cache once read (a merge reads every byte once).
+
+    Args:
+        files: The safetensors files (the shards of one checkpoint).
+        name: How errors name this source (default: the first file).
+        config: The model's ``config.json`` contents, when known (architecture checks).
+        drop_pages: Drop each tensor's pages from the page cache once read.
+
+    Raises:
+        FileNotFoundError: No file given.
 
     Example:
         >>> import tempfile, pathlib

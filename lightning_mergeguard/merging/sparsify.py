@@ -234,6 +234,9 @@ def magnitude_outliers_prune(
     Returns:
         The trimmed tensor.
 
+    Raises:
+        ValueError: If ``gamma`` is outside ``[0, 1)``.
+
     Example:
         >>> magnitude_outliers_prune(torch.tensor([0.1, -3.0, 2.0, 0.5]), density=0.5, gamma=0.25)
         tensor([0.0000, -0.0000, 2.0000, 0.5000])

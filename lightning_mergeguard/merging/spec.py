@@ -115,7 +115,15 @@ class TensorContext:
     prepared: Any = None
 
     def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator | None:
-        """A generator seeded from ``(seed, model_index, key)``, independent of the order tensors are merged in."""
+        """A generator seeded from ``(seed, model_index, key)``, independent of the order tensors are merged in.
+
+        Args:
+            model_index: The donor's index in the config.
+            device: Where the generator draws.
+
+        Returns:
+            The generator, or ``None`` when the config has no seed.
+        """
         if self.seed is None:
             return None
         g = torch.Generator(device=device)

@@ -55,6 +55,14 @@ def task_vector(
 def add_task_vector(base: Mapping[str, Tensor], tau: Mapping[str, Tensor], scale: float = 1.0) -> dict[str, Tensor]:
     """``base + scale * tau`` (tensors missing from ``tau`` are copied from ``base``).
 
+    Args:
+        base: ``theta_pre``.
+        tau: The task vector.
+        scale: Its coefficient.
+
+    Returns:
+        The new state dict.
+
     Example:
         >>> add_task_vector({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.3)
         {'w': tensor([0.3000, 0.3000])}
@@ -68,6 +76,12 @@ def add_task_vector(base: Mapping[str, Tensor], tau: Mapping[str, Tensor], scale
 def task_vector_norm(tau: Mapping[str, Tensor]) -> float:
     """Global L2 norm of a task vector.
 
+    Args:
+        tau: A task vector.
+
+    Returns:
+        ``sqrt(sum ||tau_k||^2)``.
+
     Example:
         >>> task_vector_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
         5.0
@@ -80,6 +94,16 @@ def task_vector_cosine(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> floa
 
     ``b``'s tensors are moved to the device of ``a``'s, so task vectors held on different devices (a donor on the
     CPU, the live model on a GPU) can be compared.
+
+    Args:
+        a: A task vector.
+        b: Another.
+
+    Returns:
+        The cosine.
+
+    Raises:
+        ValueError: If they share no tensor.
 
     Example:
         >>> task_vector_cosine({"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([1.0, 1.0])})

@@ -138,7 +138,7 @@ def verify_ownership(
         from lightning_mergeguard.ownership.alignment import align_to_base
 
         aligned = align_to_base(suspect, base, module)
-        tests["white-box key, aligned to base"] = weight_key_test(aligned, base, key).as_dict()
+        tests["white-box key, aligned to base"] = weight_key_test(aligned, base, key, aligned=True).as_dict()
     if fingerprint is not None:
         tests["black-box fingerprint"] = dict(fingerprint)
     usable = [t for t in tests.values() if not math.isnan(t["p_value"])]

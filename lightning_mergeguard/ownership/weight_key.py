@@ -333,14 +333,36 @@ def _check_suspect(suspect: Mapping[str, Tensor], pre: Mapping[str, Tensor], key
                 )
 
 
+def _without_base_directions(tau: Tensor, base: Tensor, rounds: int = 3) -> Tensor:
+    """``tau`` with each row's and each column's component along ``base``'s row / column removed.
+
+    A suspect aligned to ``theta_pre`` keeps what the scale estimate missed, ``(s_hat - s) * base`` per channel:
+    a nuisance along ``base``'s rows and columns that can swamp the key. It is a function of the suspect and the
+    base only, so removing it keeps the test's null distribution (the key's own share along those ``rows + cols``
+    directions out of ``rows * cols`` is negligible).
+    """
+    w = base.to(tau)
+    row_norm = w.square().sum(1, keepdim=True).clamp_min(1e-30)
+    col_norm = w.square().sum(0, keepdim=True).clamp_min(1e-30)
+    for _ in range(rounds):
+        tau = tau - (tau * w).sum(1, keepdim=True) / row_norm * w
+        tau = tau - (tau * w).sum(0, keepdim=True) / col_norm * w
+    return tau
+
+
 @torch.no_grad()
-def weight_key_test(suspect: Mapping[str, Tensor], pre: Mapping[str, Tensor], key: WeightKey) -> KeyTestResult:
+def weight_key_test(
+    suspect: Mapping[str, Tensor], pre: Mapping[str, Tensor], key: WeightKey, aligned: bool = False
+) -> KeyTestResult:
     """Test whether ``suspect`` carries ``key``; align it to ``pre`` first if it may be permuted or rescaled.
 
     Args:
         suspect: The suspect's state dict (same names as the owner's model).
         pre: ``theta_pre``.
         key: The owner's key.
+        aligned: The suspect was aligned to ``pre`` (:func:`~lightning_mergeguard.ownership.alignment.align_to_base`):
+            remove from its task vector the directions a scale estimate's error lies along (each matrix's base rows
+            and columns) before testing.
 
     Returns:
         A :class:`KeyTestResult`.
@@ -364,6 +386,8 @@ def weight_key_test(suspect: Mapping[str, Tensor], pre: Mapping[str, Tensor], ke
         tau = _matrix(s.double() - p.double().to(s.device)).to(torch.float64)
         if not torch.isfinite(tau).all():
             raise ValueError(f"the suspect's {name!r} has non-finite weights")
+        if aligned:
+            tau = _without_base_directions(tau, _matrix(p.double()))
         alpha, rms = key.scales[name]
         m = tau / rms
         drawn = key.origin.get(name, name)

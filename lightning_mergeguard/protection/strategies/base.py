@@ -80,10 +80,18 @@ class Stage2(ABC):
 
     @abstractmethod
     def run(self, ctx: Stage2Context) -> tuple[float, dict[str, Any]]:
-        """Apply the strategy; return the score of the weights kept and what the report should hold."""
+        """Apply the strategy; return the score of the weights kept and what the report should hold.
+
+        Args:
+            ctx: What stage 2 may use: the module, the parameters it may change, the reference, batches, the metric.
+        """
 
     def settings(self) -> dict[str, Any]:
-        """The strategy's settings (for the protection report)."""
+        """The strategy's settings (for the protection report).
+
+        Returns:
+            A JSON-ready dict of the constructor's arguments and the strategy's name.
+        """
         return {"method": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
 
     def __repr__(self) -> str:

@@ -28,5 +28,12 @@ class KeepWeights(Stage2):
     supports_sharded = True  # it touches no weight
 
     def run(self, ctx: Stage2Context) -> tuple[float, dict[str, Any]]:
-        """Return the score before stage 2, unchanged, and an empty report."""
+        """Return the score before stage 2, unchanged, and an empty report.
+
+        Args:
+            ctx: What stage 2 may use: the module, the parameters it may change, the reference, batches, the metric.
+
+        Returns:
+            ``(score of the weights kept, the strategy's report entries)``.
+        """
         return ctx.before, {"perturbed": False}

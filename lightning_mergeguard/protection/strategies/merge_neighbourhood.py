@@ -136,13 +136,30 @@ class MergeNeighbourhood(Stage2):
         self.seed = seed
 
     def surrogate_count(self, has_partners: bool) -> int:
-        """Surrogates added: ``surrogates``, or by default three when there is no real partner, none otherwise."""
+        """Surrogates added: ``surrogates``, or by default three when there is no real partner, none otherwise.
+
+        Args:
+            has_partners: Whether real partners (paths or probe donors) are rehearsed.
+
+        Returns:
+            The number of surrogate partners.
+        """
         if self.surrogates is not None:
             return self.surrogates
         return 0 if has_partners else 3
 
     def partner_task_vectors(self, ctx: Stage2Context) -> dict[str, dict[str, Tensor]]:
-        """Every partner rehearsed, as task vectors on the CPU: given paths, probe donors, surrogates."""
+        """Every partner rehearsed, as task vectors on the CPU: given paths, probe donors, surrogates.
+
+        Args:
+            ctx: What stage 2 may use: the module, the parameters it may change, the reference, batches, the metric.
+
+        Returns:
+            ``partner name -> task vector`` (CPU tensors, the names of ``ctx.params``).
+
+        Raises:
+            ValueError: A partner or probe donor that lacks tensors stage 2 perturbs, or has other shapes.
+        """
         from lightning_mergeguard.probing import donor_task_vector
 
         params, ref = ctx.params, ctx.reference
@@ -170,7 +187,14 @@ class MergeNeighbourhood(Stage2):
         return out
 
     def run(self, ctx: Stage2Context) -> tuple[float, dict[str, Any]]:
-        """See the class docstring."""
+        """See the class docstring.
+
+        Args:
+            ctx: What stage 2 may use: the module, the parameters it may change, the reference, batches, the metric.
+
+        Returns:
+            ``(score of the weights kept, the strategy's report entries)``.
+        """
         params, ref = ctx.params, ctx.reference
         partners = self.partner_task_vectors(ctx)
         taus = list(partners.values())

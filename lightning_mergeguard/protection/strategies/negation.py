@@ -53,7 +53,14 @@ class Negation(Stage2):
         self.granularity = granularity
 
     def run(self, ctx: Stage2Context) -> tuple[float, dict[str, Any]]:
-        """See the class docstring."""
+        """See the class docstring.
+
+        Args:
+            ctx: What stage 2 may use: the module, the parameters it may change, the reference, batches, the metric.
+
+        Returns:
+            ``(score of the weights kept, the strategy's report entries)``.
+        """
         params, ref = ctx.params, ctx.reference
         layers = group_layers(params, self.granularity)
         _, scores = layer_importance(params, ref, layers, ctx.metric, progress=ctx.progress)

@@ -74,7 +74,14 @@ class ScaleAdversarial(Stage2):
         return min(self.scales, key=lambda s: abs(s - mean))
 
     def run(self, ctx: Stage2Context) -> tuple[float, dict[str, Any]]:
-        """See the class docstring."""
+        """See the class docstring.
+
+        Args:
+            ctx: What stage 2 may use: the module, the parameters it may change, the reference, batches, the metric.
+
+        Returns:
+            ``(score of the weights kept, the strategy's report entries)``.
+        """
         params, ref = ctx.params, ctx.reference
         scale = self.proxy_scale
 
