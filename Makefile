@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 SHELL  := /bin/bash
 
-.PHONY: install demo test test-fast lint bench gpu-check clean
+.PHONY: install demo test test-fast lint docs bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,14 +28,14 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: lint
+test: lint docs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) examples/demo.py --results benchmarks/results/demo.json --plots docs
+	$(PY) examples/demo.py --results benchmarks/results/demo.json --plots docs/_static
 	$(PY) benchmarks/stage2_choice.py
 	$(PY) benchmarks/merge_speed.py
 	$(PY) benchmarks/selection_speed.py
@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/fsdp_memory.py
 	$(PY) benchmarks/ownership.py
 	$(PY) benchmarks/deployment.py
+	$(PY) benchmarks/stop_or_catch.py
 
 # For a session lent a GPU: the GPU-marked tests, the FSDP2 tests on the GPUs present (2 needed; else skipped) and the
 # GPU benchmarks, with their output kept under benchmarks/results/ (name the device when committing them).
@@ -63,3 +64,6 @@ gpu-check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html

@@ -1,6 +1,7 @@
-"""Print the README's results section from the committed JSON files (so the README quotes measured numbers).
+"""The benchmark pages of the documentation, from the committed results (so the docs quote measured numbers).
 
-python benchmarks/readme_tables.py > /tmp/results.md
+``python benchmarks/readme_tables.py`` prints them as one Markdown text; the documentation build
+(``docs/conf.py``) writes one page per section with :func:`sections`.
 """
 
 from __future__ import annotations
@@ -38,8 +39,27 @@ def lora_table(res: dict) -> str:
     return path.read_text().split("\n", 2)[2].strip() if path.is_file() else ""
 
 
-def main() -> None:
+def sections() -> list[tuple[str, str]]:
+    """``(title, Markdown body)`` of every section, in order; image paths relative to the repository root."""
+    parts: list[tuple[str, str]] = []
+    for block in ("\n" + text()).split("\n### ")[1:]:
+        title, _, body = block.partition("\n")
+        parts.append((title.strip(), body.strip()))
+    return parts
+
+
+def text() -> str:
+    """Every section, as one Markdown text."""
     out: list[str] = []
+    for name, title in (
+        ("stop_or_catch", "Stop or catch: every merge is stopped or traced (`benchmarks/stop_or_catch.py`)"),
+        ("deployment", "The release under what users do to it (`benchmarks/deployment.py`)"),
+    ):
+        data = load(name)
+        if data:
+            out += [f"### {title}", "", f"Command: `{data['command']}`; baseline: {data['baseline']}.", ""]
+            out += [(RESULTS / f"{name}.md").read_text().strip(), ""]
+            out += [f"![{name}](benchmarks/results/{p.name})" for p in sorted(RESULTS.glob(f"{name}*.png"))] + [""]
     protection = load("protection")
     if protection:
         minutes = protection["seconds_all_tracks"] / 60
@@ -111,7 +131,7 @@ def main() -> None:
             "",
             demo["table"],
             "",
-            "![merge resistance during fine-tuning](docs/merge_resistance_protected.png)",
+            "![merge resistance during fine-tuning](docs/_static/merge_resistance_protected.png)",
             "",
         ]
     choice = load("stage2_choice")
@@ -226,7 +246,11 @@ def main() -> None:
             probe["table"],
             "",
         ]
-    print("\n".join(out).rstrip())
+    return "\n".join(out).rstrip()
+
+
+def main() -> None:
+    print(text())
 
 
 if __name__ == "__main__":
