@@ -88,22 +88,12 @@ _PRUNING_INSTEAD = "Use MergeGuardCallback(stage2=None) alongside pruning: stage
 class MergeGuardCallback(ResumableCallback):
     r"""Dual-stage protection: a model that keeps its accuracy while merges that include it collapse.
 
-    **Stage 1** (during fit) adds the L2 redistribution term ``alpha * sum_l c_l ||x_l||^2`` to the objective, with
-    ``x_l = theta_l - theta_pre_l`` (``target="task_vector"``) or ``theta_l`` (``target="weights"``) and
-    ``c_l = 1/numel`` when ``normalize``. A callback cannot change the loss Lightning backpropagates, so the term's
-    exact gradient is added to ``.grad`` in ``on_before_optimizer_step``: after AMP unscaling, before gradient
-    clipping, once per optimizer step (so gradient accumulation is handled). Under DDP the term is a function of
-    replicated weights, hence identical on every rank, and needs no all-reduce. Its value is logged as
-    ``mergeguard/l2_term``.
-
-    **LoRA / PEFT models** are protected as the weights a merge combines, ``W + B @ A * s``: stage 1 penalises each
-    adapter's update through ``A`` and ``B``, and stage 2 runs on the merged weights and is written back into the
-    adapters at their rank (see :meth:`_run_stage2_lora`); ``save_path`` is then a directory in PEFT's format.
-
-    **FSDP2** (``ModelParallelStrategy`` with ``fully_shard``, data parallel): stage 1 runs on each rank's shard
-    against ``theta_pre`` sharded the same way, and ``ScaleAdversarial`` runs with the sharded forward and backward;
-    the guard rail, the report and the saved weights are those of one process (tested on 2 gloo ranks). FSDP1,
-    DeepSpeed and tensor parallelism are refused, and so are other stage-2 strategies and LoRA under FSDP2.
+    **Stage 1** (during fit) adds the L2 redistribution term ``alpha * sum_l c_l ||x_l||^2``, as its exact gradient
+    added to ``.grad`` in ``on_before_optimizer_step`` (a callback cannot change the loss Lightning
+    backpropagates); it is logged as ``mergeguard/l2_term``. LoRA models are protected as the weights a merge
+    combines (``W + B @ A * s``), and FSDP2 runs on each rank's shard. The method, and how the callback behaves with
+    AMP, accumulation, DDP, FSDP2, LoRA, resume, pruning and weight averaging, is explained once, in the *How it
+    works* guide (``docs/guides/how-it-works.md``); the LoRA and FSDP2 guides give the details of each.
 
     **Stage 2** (in ``on_train_end``; in ``on_fit_end`` when a resumed fit had no step left) perturbs the trained
     weights with a strategy object (:mod:`~lightning_mergeguard.protection.stage2`):
