@@ -329,3 +329,21 @@ def test_mergeguard_verify_exit_statuses_and_json(tmp_path, capsys):
     (tmp_path / "junk.key").write_text("x")
     assert main([dirs["merge"], "--base", dirs["base"], "--key", str(tmp_path / "junk.key")]) == 2
     assert "junk.key" in capsys.readouterr().err
+
+
+def test_the_key_alone_is_embedded_but_never_reported_as_protection(tmp_path):
+    from lightning_mergeguard import KeepWeights, MergeGuardCallback
+    from tests._helpers import TinyClassifier, trainer
+
+    torch.manual_seed(0)
+    module = TinyClassifier()
+    base = {k: v.clone() for k, v in module.state_dict().items()}
+    guard = MergeGuardCallback(stage2=KeepWeights(), ownership_key=str(tmp_path / "k"), progress=False)
+    with pytest.warns(UserWarning, match="NOT protected"):
+        trainer(tmp_path, callbacks=[guard], max_epochs=2).fit(module)
+    assert guard.report["protected"] is False and guard.report["ownership_key"]["tensors"] >= 2
+    assert verify_ownership(module.state_dict(), base, WeightKey.load(tmp_path / "k"), check_base=False).derived
+    with pytest.raises(Exception, match="KeepWeights"):
+        trainer(tmp_path, callbacks=[MergeGuardCallback(stage2="none", ownership_key=str(tmp_path / "k2"))]).fit(
+            TinyClassifier()
+        )

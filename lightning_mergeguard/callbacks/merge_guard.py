@@ -335,8 +335,8 @@ class MergeGuardCallback(ResumableCallback):
             if self.ownership_key is not None and (is_fsdp2(trainer) or is_adapted(pl_module) or self.stage2 is None):
                 raise MisconfigurationException(
                     "MergeGuardCallback(ownership_key=...) keys full weight matrices after stage 2: it needs a stage 2 "
-                    "and does not support FSDP2 or LoRA adapters; key the saved (merged) model with "
-                    "mergeguard-protect --ownership-key instead"
+                    "(stage2=KeepWeights() for the key alone) and does not support FSDP2 or LoRA adapters; key the "
+                    "saved (merged) model with mergeguard-protect --ownership-key instead"
                 )
             if (
                 self.save_path is not None
