@@ -57,7 +57,30 @@ def make_guard(**settings: Any):
     foreign = set().union(*(accepted(c) for c in STRATEGIES.values())) - own
     settings = {k: v for k, v in settings.items() if k not in foreign}
     strategy = resolve_stage2(stage2, **{k: settings.pop(k) for k in list(settings) if k in own})
-    return MergeGuardCallback(stage2=strategy, **settings)
+    return MergeGuardCallback(stage2=strategy, **guard_objects(settings))
+
+
+_RELEASE_KEYS = ("amplify", "permute_residual", "ownership_key", "deployment_check", "dtype")
+_SELECTION_KEYS = ("include", "exclude", "stage2_exclude")
+
+
+def guard_objects(settings: dict[str, Any]) -> dict[str, Any]:
+    """The callback's arguments from the tables' flat form: release and selection keys go into their objects."""
+    from lightning_mergeguard import ParameterSelection, ReferenceWeights, Release
+
+    settings = dict(settings)
+    release = {k: settings.pop(k) for k in _RELEASE_KEYS if k in settings}
+    if release:
+        settings["release"] = Release(**release)
+    selection = {k: settings.pop(k) for k in _SELECTION_KEYS if k in settings}
+    if selection:
+        settings["parameters"] = ParameterSelection(**selection)
+    storage = {
+        k.removeprefix("reference_"): settings.pop(k) for k in ("reference_dtype", "reference_device") if k in settings
+    }
+    if storage:
+        settings["reference"] = ReferenceWeights(settings.pop("reference", None), **storage)
+    return settings
 
 
 def add_device_argument(parser: Any) -> None:
@@ -238,3 +261,28 @@ def smollm2_finetunes(tasks: tuple[str, ...] = ("add", "reverse"), steps: int = 
         tok.save_pretrained(tmp)
         os.replace(tmp, out)
     return paths
+
+
+def vit_user_finetune(visual: Any, head: Any, state: dict[str, torch.Tensor], task: str, steps: int, lora: bool):
+    """What a user of a vision release does: ``steps`` AdamW steps on ``task`` (lr 1e-5 full, 1e-4 rank-8 LoRA).
+
+    Batches of 64 training images of the task, shuffled with seed 0; ``head`` (the task's linear head) is frozen.
+    Returns the tower's state after the steps (``visual`` itself is not changed).
+    """
+    import copy
+    import itertools
+
+    from lightning_mergeguard.demos.vision_tasks import image_task_data
+    from lightning_mergeguard.protection.release.deployment import finetune_
+
+    model = copy.deepcopy(visual)
+    model.load_state_dict(state)
+    head = head.requires_grad_(False)
+    x, y = image_task_data(task, "train").tensors
+    g = torch.Generator().manual_seed(0)
+    batches = (
+        (x[idx], y[idx]) for _ in itertools.count() for idx in torch.randperm(len(x), generator=g)[:64].split(64)
+    )
+    finetune_(model, batches, lambda m, b: torch.nn.functional.cross_entropy(head(m(b[0])), b[1]), steps,
+              1e-4 if lora else 1e-5, lora)  # fmt: skip
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -5,11 +5,11 @@
 
 Owners publish a model so that others run it: in fp16 or bf16, quantized (int8 per row, 4-bit groups, GGUF), or
 fine-tuned further. For each setting below, the owner-task score of the released model under each treatment of
-:mod:`lightning_mergeguard.protection.deployment` (fp16, bf16, int8-row, int4-g32, int4-g128, gguf-q8_0, gguf-q4_0,
-50 steps of full fine-tuning at lr 1e-5 and of rank-8 LoRA at lr 1e-4 on the owner's task), next to the unprotected
-fine-tune under the same treatment (the baseline, same run). And, since a merge of the treated release must not be
-an escape: the owner-task score of merges of the fp16 and int8 copies (uniform task arithmetic at 0.3, and the
-owner at 1 with every partner at 0.1).
+:mod:`lightning_mergeguard.protection.release.deployment` (fp16, bf16, int8-row, int4-g32, int4-g128, gguf-q8_0,
+gguf-q4_0, 50 steps of full fine-tuning at lr 1e-5 and of rank-8 LoRA at lr 1e-4 on the owner's task), next to the
+unprotected fine-tune under the same treatment (the baseline, same run). And, since a merge of the treated release
+must not be an escape: the owner-task score of merges of the fp16 and int8 copies (uniform task arithmetic at 0.3, and
+the owner at 1 with every partner at 0.1).
 
 Settings: the unprotected fine-tune; the default protection (stage 1 + scale-adversarial stage 2, the callback's
 defaults); and the re-parameterisations ``permute_residual`` alone, ``amplify=16`` with it (powers of two that stay
@@ -32,7 +32,7 @@ from _common import RESULTS, markdown_table, publish_tracks, save_png, track_axe
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.errors import NonFiniteError
-from lightning_mergeguard.protection.deployment import QUANTIZERS, treated_state
+from lightning_mergeguard.protection.release.deployment import QUANTIZERS, treated_state
 
 State = dict[str, torch.Tensor]
 FINETUNE_STEPS = 50
@@ -45,7 +45,7 @@ def variants(track: Any) -> dict[str, Callable[[], State]]:
     """The settings compared: ``name -> () -> released state``."""
     from protection import reparameterised
 
-    from lightning_mergeguard.protection.residual import draw_permutation, permute_residual
+    from lightning_mergeguard.protection.release.residual import draw_permutation, permute_residual
 
     owner = track.finetunes[track.owner]
     return {

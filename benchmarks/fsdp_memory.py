@@ -47,7 +47,7 @@ def _worker(args: argparse.Namespace) -> None:
     from torch import nn
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-    from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
+    from lightning_mergeguard import Donors, MergeGuardCallback, MergeProbe, ProbeSchedule, ScaleAdversarial
     from lightning_mergeguard.models.trainer import quiet_trainer
     from lightning_mergeguard.sharding import local
 
@@ -124,12 +124,12 @@ def _worker(args: argparse.Namespace) -> None:
     if args.callbacks:
         guard = MergeGuardCallback(alpha=0.01, stage2=ScaleAdversarial(steps=2, checks=1), eval_batches=2)
         probe = MergeProbe(
-            donors={"d": str(donor)},
+            donors=Donors({"d": str(donor)}, check_base=False),
             methods=["task_arithmetic", "ties"],
             coefficients=[0.3],
             eval_batches=2,
             progress=False,
-            check_base=False,
+            schedule=ProbeSchedule(max_overhead=None),  # every epoch, as measured
         )
         callbacks = [sampler, guard, probe]
     strategy: Any = (

@@ -29,7 +29,7 @@ from _common import accelerator, add_device_argument, markdown_table, resolve_de
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
+from lightning_mergeguard import MergeGuardCallback, MergeProbe, ProbeSchedule, ReferenceWeights, ScaleAdversarial
 from lightning_mergeguard.models.trainer import quiet_trainer
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -184,15 +184,20 @@ def main() -> None:
         runs = {}
         for label, kwargs in [
             ("stage 1, reference as parameters", {}),
-            ("stage 1, bf16 reference", {"reference_dtype": "bfloat16"}),
-            ("stage 1, reference on the CPU", {"reference_device": "cpu"}),
+            ("stage 1, bf16 reference", {"reference": ReferenceWeights(dtype="bfloat16")}),
+            ("stage 1, reference on the CPU", {"reference": ReferenceWeights(device="cpu")}),
         ]:
             runs[label] = fit(make, train, val, device, [MergeGuardCallback(stage2="none", **kwargs)], precision)
             bar.update()
         guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=args.stage2_steps), eval_batches=2, progress=False)
         fit(make, train, val, device, [guard], precision)
         bar.update()
-        probe = MergeProbe(donors=fake_donors(state), eval_dataloaders=val, progress=False, probe_on_train_end=False)
+        probe = MergeProbe(
+            donors=fake_donors(state),
+            eval_dataloaders=val,
+            progress=False,
+            schedule=ProbeSchedule(on_train_end=False, max_overhead=None),
+        )
         probed = fit(make, train, val, device, [probe], precision)
         bar.update()
         probe_s = [r["mergeprobe/seconds"] for r in probe.results]

@@ -43,19 +43,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import CACHE, RESULTS, fit_lm, make_guard, markdown_table, save_png, write_results
+from _common import CACHE, RESULTS, fit_lm, make_guard, markdown_table, save_png, vit_user_finetune, write_results
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.merging import merge, task_vector
-from lightning_mergeguard.protection.residual import (
+from lightning_mergeguard.protection.release import Release
+from lightning_mergeguard.protection.release.residual import (
     draw_permutation,
     estimate_permutation,
     find_residual_stream,
     permute_residual,
     unpermute_residual,
 )
-from lightning_mergeguard.protection.symmetry import amplify_state, find_symmetries, realign
+from lightning_mergeguard.protection.release.symmetry import amplify_state, find_symmetries, realign
 
 State = dict[str, Tensor]
 
@@ -272,20 +273,7 @@ def vision_track(size: dict[str, Any]) -> Track:
         return repair(state, size["refit_steps"])
 
     def user_finetune(state: State, steps: int, lora: bool) -> State:
-        # What a user of the release does: AdamW on the owner's task, lr 1e-5 (full) or 1e-4 (rank-8 LoRA).
-        from lightning_mergeguard.protection.deployment import finetune_
-
-        model = copy.deepcopy(visual)
-        model.load_state_dict(state)
-        head = heads[owner].requires_grad_(False)
-        x, y = image_task_data(owner, "train").tensors
-        g = torch.Generator().manual_seed(0)
-        batches = (
-            (x[idx], y[idx]) for _ in itertools.count() for idx in torch.randperm(len(x), generator=g)[:64].split(64)
-        )
-        finetune_(model, batches, lambda m, b: torch.nn.functional.cross_entropy(head(m(b[0])), b[1]), steps,
-                  1e-4 if lora else 1e-5, lora)  # fmt: skip
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return vit_user_finetune(visual, heads[owner], state, owner, steps, lora)
 
     test_sets = {t: image_task_data(t, "test").tensors for t in tasks}
     live = copy.deepcopy(visual).eval()
@@ -326,7 +314,7 @@ def vision_track(size: dict[str, Any]) -> Track:
             metric,
             stage2=stage2,
             tolerance=1.0,
-            amplify=amplify,
+            release=Release(amplify=amplify),
         )
         return {k: v.detach().clone() for k, v in model[0].state_dict().items()}, _report_summary(report)
 
@@ -463,7 +451,7 @@ def llm_track(size: dict[str, Any]) -> Track:
 
         from lightning_mergeguard.evaluation import default_loss
         from lightning_mergeguard.models.causal_lm import LMTaskDataset
-        from lightning_mergeguard.protection.deployment import finetune_
+        from lightning_mergeguard.protection.release.deployment import finetune_
 
         m = copy.deepcopy(model)
         m.load_state_dict(state, strict=False)
@@ -509,7 +497,9 @@ def llm_track(size: dict[str, Any]) -> Track:
         def metric(module: Any) -> float:
             return 100.0 * evaluate_batches(module, val, answer_exact_match)
 
-        report = protect_module(m, pre, batches(), metric, stage2=stage2, tolerance=1.0, amplify=amplify)
+        report = protect_module(
+            m, pre, batches(), metric, stage2=stage2, tolerance=1.0, release=Release(amplify=amplify)
+        )
         return {k: v.detach().clone() for k, v in m.state_dict().items() if k not in skip}, _report_summary(report)
 
     return Track(

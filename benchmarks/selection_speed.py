@@ -21,7 +21,7 @@ import torch
 from _common import add_device_argument, markdown_table, resolve_device, write_results
 from tqdm.auto import tqdm
 
-from lightning_mergeguard.merging.sparsify import bisect_select, magnitude_prune, select_ranks
+from lightning_mergeguard.merging.methods.sparsify import bisect_select, magnitude_prune, select_ranks
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:

@@ -16,7 +16,11 @@ Vision track (the open_clip ViT of ``benchmarks/protection.py``: pre-trained her
 3. a cell is **stopped** when its owner-task accuracy is at most half the unprotected model's best merge, **caught**
    when ``verify_ownership`` (white-box key test, as published and aligned to theta_pre; Bonferroni) gives
    p <= 1e-3;
-4. negatives (never derived from the release): theta_pre, the partners, the unprotected owner fine-tune, five
+4. the release under deployment: the owner-task accuracy of the release and of the unprotected fine-tune of the
+   same seed under fp16, bf16, int8 per row, 4-bit groups of 32 and 128, GGUF Q8_0 and Q4_0, and 50 AdamW steps of
+   full and of rank-8 LoRA fine-tuning on the owner's task (``lightning_mergeguard.protection.release.deployment``);
+   the recommended setting may lose at most 1 point to the unprotected model under each;
+5. negatives (never derived from the release): theta_pre, the partners, the unprotected owner fine-tune, five
    independent fine-tunes of the owner's task (other seeds and other training data) and the whole grid with an
    independent fine-tune in the owner's place; the smallest p-value any of them reached is reported.
 
@@ -45,7 +49,15 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import RESULTS, environment, make_guard, markdown_table, save_png, write_results
+from benchmarks._common import (
+    RESULTS,
+    environment,
+    make_guard,
+    markdown_table,
+    save_png,
+    vit_user_finetune,
+    write_results,
+)
 from benchmarks._grid import grid_configs, layer_count
 
 State = dict[str, Tensor]
@@ -140,8 +152,12 @@ def train_on_owner(visual, heads, state: State, steps: int, lr: float, examples:
 def reparameterised(visual, state: State, seed: int) -> State:
     """The merge in other coordinates: stream and units permuted, channels rescaled (outputs unchanged)."""
     from lightning_mergeguard.ownership.alignment import find_unit_groups, permute_units
-    from lightning_mergeguard.protection.residual import draw_permutation, find_residual_stream, permute_residual
-    from lightning_mergeguard.protection.symmetry import amplify_state, find_symmetries
+    from lightning_mergeguard.protection.release.residual import (
+        draw_permutation,
+        find_residual_stream,
+        permute_residual,
+    )
+    from lightning_mergeguard.protection.release.symmetry import amplify_state, find_symmetries
 
     stream = find_residual_stream(visual)
     out = permute_residual(state, stream, draw_permutation(stream.width, seed))
@@ -165,7 +181,7 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
     from lightning_mergeguard.demos.vision_tasks import vit_task_accuracy
     from lightning_mergeguard.merging import merge
     from lightning_mergeguard.ownership.verify import verify_ownership
-    from lightning_mergeguard.protection.deployment import treated_state
+    from lightning_mergeguard.protection.release.deployment import treated_state
 
     t0 = time.perf_counter()
     b = build(seed)
@@ -213,6 +229,8 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
             a = acc(state)
             cells[f"{label} | {how}"] = {"merge": label, "attack": how, "owner": a, "ratio": a / best, **test(state)}
             bar.update()
+    deployment = deployed(b, acc)
+    bar.update()
     # negatives
     negatives: dict[str, dict[str, Any]] = {}
 
@@ -239,12 +257,59 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
         "release_own": acc(b["release"]),
         "stage2_score": {"before": report.get("score_before"), "after": report.get("score_after")},
         "key": {k: v for k, v in (report.get("ownership_key") or {}).items() if k != "file"},
+        "deployment": deployment,
         "unprotected_best": best,
         "unprotected_best_merge": best_label,
         "cells": cells,
         "negatives": negatives,
         "seconds": time.perf_counter() - t0,
     }
+
+
+DEPLOYMENT = ("none", "fp16", "bf16", "int8-row", "int4-g32", "int4-g128", "gguf-q8_0", "gguf-q4_0", "finetune",
+              "finetune-lora")  # fmt: skip
+BOUND = 1.0  # points of own accuracy the recommended setting may lose to the unprotected model under a treatment
+
+
+def deployed(b: dict[str, Any], acc) -> dict[str, Any]:
+    """Owner-task accuracy of the unprotected fine-tune and of the release under each deployment treatment."""
+    from lightning_mergeguard.protection.release.deployment import QUANTIZERS, treated_state
+
+    out: dict[str, Any] = {}
+    for which in ("unprotected", "release"):
+        scores = {}
+        for t in DEPLOYMENT:
+            if t == "none":
+                state = b[which]
+            elif t in QUANTIZERS:
+                state = treated_state(b[which], t)
+            else:
+                state = vit_user_finetune(b["visual"], b["heads"][OWNER], b[which], OWNER, 50, t == "finetune-lora")
+            finite = all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+            scores[t] = acc(state) if finite else 0.0
+        out[which] = scores
+    out["loss"] = {t: out["unprotected"][t] - out["release"][t] for t in DEPLOYMENT}
+    out["worst_loss"] = max(out["loss"].values())
+    return out
+
+
+def deployment_table(res: dict[str, Any]) -> str:
+    """Markdown: per treatment, the release's accuracy and its loss against the unprotected model, every seed."""
+    runs = [r for r in res["seeds"] if "deployment" in r]
+    if not runs:
+        return ""
+    header = ["treatment", *[f"seed {r['seed']}: unprotected → release" for r in runs], "largest loss (points)"]
+    rows = []
+    for t in DEPLOYMENT:
+        cells = [f"{r['deployment']['unprotected'][t]:.1f} → {r['deployment']['release'][t]:.1f}" for r in runs]
+        rows.append([t, *cells, f"{max(r['deployment']['loss'][t] for r in runs):+.1f}"])
+    worst = max(r["deployment"]["worst_loss"] for r in runs)
+    return (
+        "#### The release under deployment, vision track (owner-task accuracy %)\n\n"
+        + markdown_table(header, rows)
+        + f"\n\nLargest loss against the unprotected fine-tune of the same seed, over every treatment and seed: "
+        f"{worst:+.1f} points ({'within' if worst <= BOUND else 'OUTSIDE'} the {BOUND:g}-point bound).\n"
+    )
 
 
 def classify(cell: dict[str, Any]) -> str:
@@ -361,6 +426,9 @@ def report(res: dict[str, Any]) -> None:
     table, neither = summary(res)
     text = "#### Stop or catch, vision track\n\n" + table + "\n\n"
     text += "Cells neither stopped nor caught:\n\n" + ("\n".join(f"- {n}" for n in neither) or "- none") + "\n"
+    deployment = deployment_table(res)
+    if deployment:
+        text += "\n" + deployment
     (RESULTS / "stop_or_catch.md").write_text(text, encoding="utf-8")
     plot(res, RESULTS / "stop_or_catch.png")
     print(text)
@@ -369,6 +437,11 @@ def report(res: dict[str, Any]) -> None:
     caught = sum(classify(c) != "neither" for r in runs for c in r["cells"].values())
     neg = min(n["p"] for r in runs for n in r["negatives"].values())
     print(f"headline: {caught}/{cells} cells stopped or caught; smallest negative p {neg:.3g} (alpha {ALPHA:g})")
+    deployed_runs = [r for r in runs if "deployment" in r]
+    if deployed_runs:
+        worst = max(r["deployment"]["worst_loss"] for r in deployed_runs)
+        print(f"headline: the release loses at most {worst:+.1f} points to the unprotected fine-tune under any "
+              f"deployment treatment ({len(deployed_runs)} seeds; bound {BOUND:g})")  # fmt: skip
     if not math.isfinite(neg):
         raise SystemExit("a negative's p-value is not finite")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeGuardCallback, MergeProbe
+from lightning_mergeguard import MergeGuardCallback, MergeProbe, ParameterSelection, ProbeSchedule
 from lightning_mergeguard.demos.digits import TASKS, HeadScore, digits_task_data, finetune_task, pretrain_backbone
 from lightning_mergeguard.plotting import plot_merge_resistance
 
@@ -43,10 +43,10 @@ def probe(donors):
         donors=donors,
         methods=METHODS,
         coefficients=[0.3],
-        include=[r"^backbone\."],
+        parameters=ParameterSelection(include=r"^backbone\."),
         eval_dataloaders={"own": loader(OWNER, "test"), **{t: (loader(t, "test"), HeadScore(t)) for t in donors}},
         eval_batches=None,
-        every_n_epochs=1,
+        schedule=ProbeSchedule(every_n_epochs=1, max_overhead=None),  # every epoch: the plot's points
         progress=False,
     )
 
@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     finetune_task(backbone, heads, OWNER, [plain_probe], logger=plain_logger)
     print("4/4 fine-tuning the owner's task with MergeGuardCallback (stage 2 at the end), probing merges ...")
     guard = MergeGuardCallback(
-        include=[r"^backbone\."], report_path=str(OUT / "protection_report.json"), progress=False
+        parameters=ParameterSelection(include=r"^backbone\."),
+        report_path=str(OUT / "protection_report.json"),
+        progress=False,
     )
     guarded_probe = probe(donors)
     guarded_logger = CSVLogger(OUT, name="protected", version=0)

@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeGuardCallback, MergeNeighbourhood, ScaleAdversarial
+from lightning_mergeguard import MergeGuardCallback, MergeNeighbourhood, Release, ScaleAdversarial
 from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
 from lightning_mergeguard.evaluation import answer_exact_match
 from lightning_mergeguard.io import atomic_directory
@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eval_batches=4,
         keep_batches=keep,
         report_path=f"{args.out}/protection_report.json",
-        amplify=args.amplify,
-        permute_residual=args.permute_residual,
+        release=Release(amplify=args.amplify, permute_residual=args.permute_residual),
     )
     trainer = pl.Trainer(
         max_steps=args.steps,

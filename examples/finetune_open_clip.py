@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
+from lightning_mergeguard import MergeGuardCallback, ParameterSelection, Release, ScaleAdversarial
 from lightning_mergeguard.demos.digits import digits_task_data
 from lightning_mergeguard.evaluation import evaluate
 from lightning_mergeguard.models.open_clip import ClipImageClassifier, build_open_clip, image_transform
@@ -68,11 +68,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         test_set, classes = val_set, len(train_set.dataset.classes)
     module = ClipImageClassifier(clip.visual, clip.visual.output_dim, num_classes=classes, lr=1e-3)
     guard = MergeGuardCallback(
-        include=[r"^visual\."],  # protect the image tower; the head stays the owner's
+        parameters=ParameterSelection(include=r"^visual\."),  # the image tower; the head stays the owner's
         stage2="none" if args.no_stage2 else ScaleAdversarial(steps=args.stage2_steps),
         report_path=f"{args.out}/protection_report.json",
-        amplify=args.amplify,
-        permute_residual=args.permute_residual,
+        release=Release(amplify=args.amplify, permute_residual=args.permute_residual),
         save_path=f"{args.out}/protected.safetensors",
     )
     trainer = pl.Trainer(

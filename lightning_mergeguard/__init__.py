@@ -14,14 +14,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
+    "Donors",
     "KeepWeights",
     "MergeConfig",
     "MergeGuardCallback",
     "MergeNeighbourhood",
     "MergeProbe",
     "Negation",
+    "ParameterSelection",
+    "ProbeSchedule",
     "QuantizationWatermark",
     "ReferenceWeights",
+    "Release",
     "ScaleAdversarial",
     "Stage2",
     "merge",
@@ -29,6 +33,10 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Donors": "lightning_mergeguard.donors",
+    "ParameterSelection": "lightning_mergeguard.parameters",
+    "ProbeSchedule": "lightning_mergeguard.callbacks.probe_schedule",
+    "Release": "lightning_mergeguard.protection.release.settings",
     "MergeGuardCallback": "lightning_mergeguard.callbacks.merge_guard",
     "MergeProbe": "lightning_mergeguard.callbacks.merge_probe",
     "QuantizationWatermark": "lightning_mergeguard.callbacks.quantization_watermark",
@@ -45,9 +53,13 @@ _LAZY = {
 if TYPE_CHECKING:
     from lightning_mergeguard.callbacks.merge_guard import MergeGuardCallback
     from lightning_mergeguard.callbacks.merge_probe import MergeProbe
+    from lightning_mergeguard.callbacks.probe_schedule import ProbeSchedule
     from lightning_mergeguard.callbacks.quantization_watermark import QuantizationWatermark
+    from lightning_mergeguard.donors import Donors
     from lightning_mergeguard.merging.config import MergeConfig
     from lightning_mergeguard.merging.engine import merge
+    from lightning_mergeguard.parameters import ParameterSelection
+    from lightning_mergeguard.protection.release.settings import Release
     from lightning_mergeguard.protection.stage2 import (
         KeepWeights,
         MergeNeighbourhood,

@@ -1,19 +1,22 @@
-"""Which parameters a callback touches, and how they group into "layers"."""
+"""Which parameters the callbacks and ``protect_*`` touch: :class:`ParameterSelection` and the name filters."""
 
 from __future__ import annotations
 
 import re
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 from torch import nn
 
 __all__ = [
+    "DEFAULT_STAGE2_EXCLUDE",
+    "ParameterSelection",
     "filter_names",
-    "group_layers",
     "name_patterns",
+    "parameter_selection",
     "refuse_non_finite",
     "select_parameters",
     "weights_changed",
@@ -22,7 +25,118 @@ __all__ = [
 
 T = TypeVar("T")
 
-_BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|resblocks|block)\.\d+)\.")
+DEFAULT_STAGE2_EXCLUDE: tuple[str, ...] = (
+    r"embed",  # token / position embeddings (LLMs), open_clip token_embedding
+    r"(^|\.)wte\.|(^|\.)wpe\.",
+    r"lm_head",
+    r"(^|\.)(norm|final_layernorm|ln_f|ln_final|ln_post)\.",  # final norms
+    r"(^|\.)(head|classifier|score)\.",  # task heads
+    r"(^|\.)(text_projection|logit_scale|proj)$",
+)
+"""Stage 2 leaves these out by default: embeddings, final norm, LM and task heads (as the method prescribes)."""
+
+
+@dataclass(frozen=True)
+class ParameterSelection:
+    r"""Which parameters the guard, the probe and ``protect_*`` touch: one object, passed as ``parameters=``.
+
+    Patterns are regexes searched in parameter names (``re.search``); one string is one pattern. Each is compiled
+    here, so a typo fails when the object is built.
+
+    Args:
+        include: Names protected and merged (``None``: every trainable floating-point parameter).
+        exclude: Names left out of everything (stage 1, stage 2 and the probe's merges), e.g. a task head.
+        stage2_exclude: Names stage 2 (and the release steps) also leave alone: by default embeddings, final norms,
+            LM and task heads (:data:`DEFAULT_STAGE2_EXCLUDE`), as the method prescribes.
+
+    Example:
+        >>> sel = ParameterSelection(include=r"layers\.", exclude="bias")
+        >>> net = nn.ModuleDict({"layers": nn.ModuleList([nn.Linear(2, 2)]), "head": nn.Linear(2, 1)})
+        >>> list(sel.select(net)), list(sel.select_stage2(net))
+        (['layers.0.weight'], ['layers.0.weight'])
+    """
+
+    include: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] = ()
+    stage2_exclude: str | Sequence[str] = field(default=DEFAULT_STAGE2_EXCLUDE)
+
+    def __post_init__(self) -> None:
+        include = name_patterns(self.include, "include")
+        object.__setattr__(self, "include", tuple(include) if include is not None else None)
+        for what in ("exclude", "stage2_exclude"):
+            object.__setattr__(self, what, tuple(name_patterns(getattr(self, what), what) or ()))
+
+    def filter(self, named: Mapping[str, T]) -> dict[str, T]:
+        """The entries both stages and the probe use (``include`` and not ``exclude``), in order.
+
+        Args:
+            named: Name -> anything (parameters, tensors, adapter pairs).
+
+        Returns:
+            The selected entries.
+        """
+        return filter_names(named, self.include, self.exclude)
+
+    def filter_stage2(self, named: Mapping[str, T]) -> dict[str, T]:
+        """The entries stage 2 may change: :meth:`filter`'s, less ``stage2_exclude``.
+
+        Args:
+            named: Name -> anything.
+
+        Returns:
+            The entries stage 2 may change, in order.
+        """
+        return filter_names(named, self.include, [*self.exclude, *self.stage2_exclude])
+
+    def select(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The module's trainable floating-point parameters :meth:`filter` keeps.
+
+        Args:
+            module: The model.
+
+        Returns:
+            Name -> parameter, in module order.
+        """
+        return select_parameters(module, self.include, self.exclude)
+
+    def select_stage2(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The module's trainable floating-point parameters stage 2 may change.
+
+        Args:
+            module: The model.
+
+        Returns:
+            Name -> parameter, in module order, without those ``stage2_exclude`` matches.
+        """
+        return select_parameters(module, self.include, [*self.exclude, *self.stage2_exclude])
+
+    def settings(self) -> dict[str, list[str] | None]:
+        """The patterns, JSON-ready (for reports).
+
+        Returns:
+            ``include`` (``None``: all), ``exclude`` and ``stage2_exclude`` as lists.
+        """
+        return {
+            "include": list(self.include) if self.include is not None else None,
+            "exclude": list(self.exclude),
+            "stage2_exclude": list(self.stage2_exclude),
+        }
+
+
+def parameter_selection(value: ParameterSelection | None) -> ParameterSelection:
+    """A :class:`ParameterSelection` from the ``parameters=`` argument (``None``: the default one).
+
+    Raises:
+        TypeError: Anything else (the old ``include=``/``exclude=`` go into the object).
+    """
+    if value is None:
+        return ParameterSelection()
+    if not isinstance(value, ParameterSelection):
+        raise TypeError(
+            f"parameters must be a ParameterSelection (e.g. ParameterSelection(include=..., exclude=...)) or None, "
+            f"got {type(value).__name__}"
+        )
+    return value
 
 
 def select_parameters(
@@ -95,30 +209,6 @@ def filter_names(
     }
 
 
-def group_layers(names: Iterable[str], granularity: str = "block") -> dict[str, list[str]]:
-    """Group parameter names into layers.
-
-    ``"tensor"``: every tensor is a layer. ``"module"``: parameters of one module (``x.weight``, ``x.bias``) form a
-    layer. ``"block"``: transformer blocks (``...layers.3.``, ``...resblocks.3.``, ``...h.3.``) form one layer each;
-    parameters outside blocks fall back to their module.
-
-    Example:
-        >>> group_layers(["model.layers.0.mlp.w", "model.layers.0.attn.q", "lm_head.weight"])
-        {'model.layers.0': ['model.layers.0.mlp.w', 'model.layers.0.attn.q'], 'lm_head': ['lm_head.weight']}
-    """
-    if granularity not in {"tensor", "module", "block"}:
-        raise ValueError(f"granularity must be 'tensor', 'module' or 'block', got {granularity!r}")
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        if granularity == "tensor":
-            key = name
-        else:
-            m = _BLOCK.match(name) if granularity == "block" else None
-            key = m.group(1) if m else (name.rsplit(".", 1)[0] if "." in name else name)
-        groups.setdefault(key, []).append(name)
-    return groups
-
-
 def refuse_non_finite(module: nn.Module, who: str) -> None:
     """Refuse to protect weights that hold NaN or inf (a diverged fit): stage 2 would score, perturb and save them.
 
@@ -131,12 +221,11 @@ def refuse_non_finite(module: nn.Module, who: str) -> None:
         >>> refuse_non_finite(nn.Linear(2, 2), "stage 2")  # finite: nothing happens
     """
     from lightning_mergeguard.errors import NonFiniteError
-    from lightning_mergeguard.merging.sources import count_nonfinite
     from lightning_mergeguard.sharding import local, sum_across_ranks
 
     params = dict(module.named_parameters())
     with torch.no_grad():
-        bad = [n for n, p in params.items() if count_nonfinite(local(p))]
+        bad = [n for n, p in params.items() if p.is_floating_point() and not bool(torch.isfinite(local(p)).all())]
     total = int(sum_across_ranks(torch.tensor(float(len(bad))), list(params.values())))
     if total:
         names = ", ".join(repr(n) for n in bad[:3]) + (" ..." if len(bad) > 3 else "")

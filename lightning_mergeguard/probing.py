@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,18 +12,13 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_mergeguard.errors import IncompatibleModelsError, NonFiniteError
-from lightning_mergeguard.merging.base_check import check_same_base, compare, median_cosine, tensors_to_compare
 from lightning_mergeguard.merging.config import MergeConfig
-from lightning_mergeguard.merging.sources import WeightSource, match_names, open_source
-from lightning_mergeguard.reference import ReferenceWeights
-from lightning_mergeguard.sharding import full, local, local_part
+from lightning_mergeguard.merging.sources import WeightSource
 
 __all__ = [
     "ProbeSpec",
     "TaskVectorSource",
     "build_probe_specs",
-    "donor_task_vector",
     "merge_metrics",
     "named_signals",
 ]
@@ -260,63 +255,3 @@ def named_signals(signals: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
         if "/" in name or not name:
             raise ValueError(f"signal name {name!r} must be non-empty and contain no '/'")
     return named
-
-
-def donor_task_vector(
-    donor: Any,
-    name: str,
-    params: Mapping[str, Tensor],
-    reference: ReferenceWeights | Mapping[str, Tensor],
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    check_base: bool = True,
-    who: str = "MergeProbe: donor",
-    optional: Collection[str] = (),
-) -> tuple[dict[str, Tensor], float]:
-    """One donor's task vector against ``reference`` for the names of ``params``, checked tensor by tensor.
-
-    The donor (state dict, module, file or directory) is read one tensor at a time; each tensor is checked for
-    shape and NaN/Inf, subtracted from the reference on the parameter's device, and stored in ``dtype`` on
-    ``device`` (pinned when the model is on a GPU and ``device`` is the CPU). The donor is refused if it is not a
-    fine-tune of the same base (:func:`~lightning_mergeguard.merging.base_check.check_same_base`).
-
-    ``who`` starts the error messages (the caller and what the donor is to it). Names in ``optional`` (buffers
-    such as BatchNorm's running statistics) may be missing from the donor: they are then left out of the result.
-
-    Returns:
-        ``(name -> task-vector tensor, median cosine of the donor's matrices with the base's)``.
-
-    Raises:
-        IncompatibleModelsError: A missing tensor or another shape. ForeignBaseError: another base model.
-        NonFiniteError: NaN/Inf in the donor.
-    """
-    checked = set(tensors_to_compare({n: (tuple(p.shape), p.dtype) for n, p in params.items()}))
-    pin = device.type == "cpu" and any(p.is_cuda for p in params.values())
-    src = open_source(donor, name=name)
-    tau, distances = {}, []
-    keys = src.keys()
-    found = match_names([n for n in params if n not in optional], keys, what=f"{who} {name!r}")
-    found.update(match_names([n for n in params if n in optional], keys, missing="skip"))
-    for pname, key in found.items():
-        p = params[pname]
-        t = src.get(key)
-        if tuple(t.shape) != tuple(p.shape):
-            raise IncompatibleModelsError(
-                f"{who} {name!r} tensor {key!r} has shape {tuple(t.shape)}, the model's {pname!r} has {tuple(p.shape)}"
-            )
-        ref = reference.get(pname, like=p) if isinstance(reference, ReferenceWeights) else reference[pname]
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(f"{who} {name!r} tensor {key!r} has NaN/Inf values")
-        if pname in checked:  # the same-base check reads whole tensors (gathered, one at a time, when sharded)
-            distances.append(compare(pname, t, full(ref).to(t.device)))
-        # Sharded (FSDP2) parameters: the task vector is kept as this rank's slice, a plain tensor.
-        d = local_part(t, p).to(local(p).device, torch.float32) - local(ref).float()
-        d = d.to(device, dtype)
-        tau[pname] = d.pin_memory() if pin else d
-    if not check_base:
-        return tau, median_cosine(distances)
-    median = check_same_base(
-        distances, donor=name, base=f"the model's reference weights ({who} check)", switch="check_base=False"
-    )
-    return tau, median

@@ -21,7 +21,11 @@ from lightning_mergeguard.errors import IncompatibleModelsError
 from lightning_mergeguard.parameters import weights_changed, without_weights_ref
 from lightning_mergeguard.sharding import full, is_sharded, shard_like
 
-__all__ = ["ReferenceWeights", "parse_dtype"]
+__all__ = [
+    "ReferenceWeights",
+    "parse_dtype",
+    "reference_weights",
+]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -84,8 +88,8 @@ class ReferenceWeights:
         if source is not None and not isinstance(source, (str, os.PathLike, Mapping)):
             raise TypeError(f"reference must be a path, a state dict or None, got {type(source).__name__}")
         self.source = source
-        self.dtype = parse_dtype(dtype, "reference_dtype")
-        self.device = parse_device(device, "reference_device")
+        self.dtype = parse_dtype(dtype, "ReferenceWeights dtype")
+        self.device = parse_device(device, "ReferenceWeights device")
         self._tensors: dict[str, Tensor] = {}
         self._restored: dict[str, Tensor] | None = None
         self._restored_in_fit = False  # load_state_dict ran in the current fit
@@ -359,3 +363,18 @@ class ReferenceWeights:
             # snapshot already taken then is replaced now, each tensor stored as the one it replaces.
             if resolved:
                 self.resolve(resolved)
+
+
+def reference_weights(
+    value: str | os.PathLike[str] | Mapping[str, Tensor] | ReferenceWeights | None,
+) -> ReferenceWeights:
+    """The callbacks' ``reference=`` argument as a :class:`ReferenceWeights`.
+
+    An object is used as given; a path, a state dict or ``None`` (a snapshot at fit start) is stored with the
+    parameters' own dtype and device.
+
+    Example:
+        >>> reference_weights(None).is_snapshot
+        True
+    """
+    return value if isinstance(value, ReferenceWeights) else ReferenceWeights(value)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, str(Path(__file__).parent))
 from _helpers import TinyClassifier, blobs
 
-from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
+from lightning_mergeguard import Donors, MergeGuardCallback, MergeProbe, ProbeSchedule, ScaleAdversarial
 from lightning_mergeguard.models.trainer import quiet_trainer
 
 
@@ -136,14 +136,14 @@ def fit(args: argparse.Namespace, record: Record, ckpt_path: str | None = None) 
         save_path=args.save,
     )
     probe = MergeProbe(
-        donors={"d": {k: v.clone() for k, v in donor.state_dict().items()}},
         methods=args.methods,
         coefficients=[0.5],
         eval_dataloaders=DataLoader(blobs(128, 1), batch_size=64),  # the same batches on every rank (the probe
         eval_batches=2,  # gives each rank every world-th batch and sums the scores)
         strict=True,
         progress=False,
-        check_base=False,
+        donors=Donors({"d": {k: v.clone() for k, v in donor.state_dict().items()}}, check_base=False),
+        schedule=ProbeSchedule(max_overhead=None),  # every epoch, on every rank alike
     )
     strategy = (
         ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1) if args.devices > 1 else "auto"

@@ -104,9 +104,12 @@ def test_score_and_loss_functions_by_import_path_from_lightning_cli_yaml(tmp_pat
         tolerance: 100.0
     - class_path: lightning_mergeguard.MergeProbe
       init_args:
-        donors: {{d: {tmp_path / "donor.pt"}}}
+        donors:
+          class_path: lightning_mergeguard.Donors
+          init_args:
+            sources: {{d: {tmp_path / "donor.pt"}}}
+            check_base: false
         score_fn: lightning_mergeguard.evaluation.default_score
-        check_base: false
         progress: false
 """,
     )

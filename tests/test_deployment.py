@@ -6,7 +6,7 @@ import pytest
 import torch
 from _helpers import tiny_llama
 
-from lightning_mergeguard.protection.deployment import (
+from lightning_mergeguard.protection.release.deployment import (
     deployment_check,
     gguf_roundtrip,
     int4_groups,
@@ -44,7 +44,7 @@ def _agreement(model, ids, want):
 
 def test_the_check_sees_a_release_that_fp16_and_int8_break_and_restores_the_model():
     """2**20 amplifying scales keep the fp32 function but not fp16's or per-row int8's: the check must show it."""
-    from lightning_mergeguard.protection.symmetry import amplify_module_
+    from lightning_mergeguard.protection.release.symmetry import amplify_module_
 
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
     plain = tiny_llama(seed=0).eval()

@@ -14,9 +14,16 @@ from _helpers import TinyClassifier, accelerator, blobs, trainer
 from device_audit import DeviceAudit
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
+from lightning_mergeguard import (
+    Donors,
+    MergeGuardCallback,
+    MergeProbe,
+    ProbeSchedule,
+    ReferenceWeights,
+    ScaleAdversarial,
+)
 from lightning_mergeguard.merging import merge
-from lightning_mergeguard.merging.sparsify import bisect_select, select_ranks
+from lightning_mergeguard.merging.methods.sparsify import bisect_select, select_ranks
 
 
 def base_state():
@@ -110,19 +117,19 @@ class AuditedProbe(MergeProbe):
 
 
 @pytest.mark.parametrize(
-    ("guard_kwargs", "probe_kwargs"),
+    ("guard_kwargs", "probe_kwargs", "donor_dtype"),
     [
-        (None, {}),
-        (None, {"backup_device": "cpu", "donor_dtype": "bfloat16"}),
-        ({"reference_device": "cpu", "reference_dtype": "bfloat16"}, {"backup_device": "cpu"}),
+        (None, {}, "float32"),
+        (None, {"backup_device": "cpu"}, "bfloat16"),
+        ({"reference": ReferenceWeights(device="cpu", dtype="bfloat16")}, {"backup_device": "cpu"}, "float32"),
     ],
     ids=["donors", "donors+backup", "shared-offloaded-reference"],
 )
-def test_probe_never_combines_tensors_across_devices(tmp_path, guard_kwargs, probe_kwargs):
+def test_probe_never_combines_tensors_across_devices(tmp_path, guard_kwargs, probe_kwargs, donor_dtype):
     audit = DeviceAudit()
     probe = AuditedProbe(
         audit,
-        donors=donor_states(),
+        donors=Donors(donor_states(), dtype=donor_dtype),
         methods=["task_arithmetic", "ties", "dare_ties", "linear", "breadcrumbs"],
         coefficients=[0.3],
         eval_dataloaders={"own": DataLoader(blobs(64, 1), batch_size=32), "d0": DataLoader(blobs(64, 2), batch_size=8)},
@@ -170,7 +177,7 @@ def test_guard_stage1_with_offloaded_bf16_reference_is_exact_and_device_clean(tm
             guard.alpha = guard_alpha[0]
 
     guard_alpha = [0.0]
-    guard = MergeGuardCallback(alpha=0.1, stage2="none", reference_dtype="bfloat16", reference_device="cpu")
+    guard = MergeGuardCallback(alpha=0.1, stage2="none", reference=ReferenceWeights(dtype="bfloat16", device="cpu"))
     check = Check()
     trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[check, guard]).fit(fresh_model())
     assert guard.reference["net.0.weight"].dtype == torch.bfloat16
@@ -180,7 +187,7 @@ def test_guard_stage1_with_offloaded_bf16_reference_is_exact_and_device_clean(tm
 
 
 def test_probe_and_guard_share_one_reference(tmp_path):
-    guard = MergeGuardCallback(stage2="none", reference_dtype="bfloat16")
+    guard = MergeGuardCallback(stage2="none", reference=ReferenceWeights(dtype="bfloat16"))
     probe = MergeProbe(donors=donor_states(1), eval_dataloaders=DataLoader(blobs(64, 1), batch_size=32), progress=False)
     trainer(tmp_path, max_epochs=1, callbacks=[probe, guard]).fit(fresh_model())  # order does not matter
     assert probe.reference is guard.reference
@@ -190,7 +197,11 @@ def test_probe_and_guard_share_one_reference(tmp_path):
 
 def test_probe_resolves_the_trainer_validation_loader_when_it_first_probes(tmp_path):
     """No eval_dataloaders, a probe due before the first validation: the fit's val loader is loaded and used."""
-    probe = MergeProbe(donors=donor_states(1), every_n_steps=2, probe_on_train_end=False, progress=False)
+    probe = MergeProbe(
+        donors=donor_states(1),
+        progress=False,
+        schedule=ProbeSchedule(every_n_steps=2, on_train_end=False, max_overhead=None),
+    )
     model = fresh_model()
     trainer(tmp_path, max_epochs=1, limit_train_batches=4, num_sanity_val_steps=0, callbacks=[probe]).fit(
         model, DataLoader(blobs(128, 0), batch_size=32), DataLoader(blobs(64, 1), batch_size=32)
@@ -217,6 +228,7 @@ def test_guard_and_probe_end_to_end_on_device(tmp_path, device):
         eval_dataloaders=DataLoader(blobs(64, 1), batch_size=32),
         strict=True,
         progress=False,
+        schedule=ProbeSchedule(max_overhead=None),  # every epoch
     )
     guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=16), eval_batches=2, progress=False)
     model = fresh_model()

@@ -10,7 +10,7 @@ from _helpers import perturbed_state_dict, tiny_llama, trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeGuardCallback, MergeProbe
+from lightning_mergeguard import MergeGuardCallback, MergeProbe, ProbeSchedule
 from lightning_mergeguard.adapters import LoraPair, LoraView, base_name, factor_update, lora_redistribution_grad_
 from lightning_mergeguard.evaluation import default_score, evaluate
 from lightning_mergeguard.merging import merge
@@ -220,11 +220,9 @@ def test_probe_on_lora_merges_the_effective_weights_and_restores_the_model(tmp_p
         coefficients=[0.5],
         eval_dataloaders=DataLoader(data, batch_size=None),
         eval_batches=2,
-        every_n_steps=None,
-        every_n_epochs=None,
-        probe_on_train_end=True,
         progress=False,
         strict=True,
+        schedule=ProbeSchedule(every_n_steps=None, every_n_epochs=None, on_train_end=True),
     )
     module = _fit(tmp_path, model, [probe], steps=2)
     live = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -12,7 +12,17 @@ from _helpers import TinyClassifier, blobs, fit_ddp_ranks, trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeGuardCallback, Negation, ScaleAdversarial
+from lightning_mergeguard import (
+    Donors,
+    MergeGuardCallback,
+    Negation,
+    ParameterSelection,
+    ProbeSchedule,
+    Release,
+    ScaleAdversarial,
+)
+from lightning_mergeguard.errors import NonFiniteError
+from lightning_mergeguard.protection.stage2 import KeepWeights
 
 
 class GradProbe(pl.Callback):
@@ -162,7 +172,9 @@ def test_weights_unfrozen_during_fit_join_stage1_and_stage2(tmp_path):
 
 def test_raw_weight_target_and_filters(tmp_path):
     store = {}
-    guard = MergeGuardCallback(alpha=0.1, target="weights", exclude=[r"bias"], stage2="none")
+    guard = MergeGuardCallback(
+        alpha=0.1, target="weights", stage2="none", parameters=ParameterSelection(exclude=[r"bias"])
+    )
     t = trainer(
         tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[GradProbe(store, "b"), guard, GradProbe(store, "a")]
     )
@@ -289,7 +301,9 @@ def test_a_callback_reused_for_another_model_measures_from_that_models_weights(t
     donor = {k: v + 0.01 for k, v in TinyClassifier().state_dict().items()}
     guard = MergeGuardCallback(alpha=0.1, stage2=ScaleAdversarial(steps=2), progress=False)
     loader = DataLoader(blobs(64, 1), batch_size=32)
-    probe = MergeProbe({"d": donor}, eval_dataloaders=loader, every_n_epochs=1, check_base=False)
+    probe = MergeProbe(
+        Donors({"d": donor}, check_base=False), eval_dataloaders=loader, schedule=ProbeSchedule(every_n_epochs=1)
+    )
     for seed in (5, 6):
         torch.manual_seed(seed)
         model = TinyClassifier()
@@ -378,7 +392,9 @@ def test_a_head_only_fine_tune_is_warned_at_fit_start_not_only_at_its_end(tmp_pa
     ):
         trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[guard]).fit(model)
     model.head.reset_parameters()
-    guard = MergeGuardCallback(alpha=0.1, stage2=ScaleAdversarial(steps=4), stage2_exclude=[], progress=False)
+    guard = MergeGuardCallback(
+        alpha=0.1, stage2=ScaleAdversarial(steps=4), progress=False, parameters=ParameterSelection(stage2_exclude=[])
+    )
     trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[guard]).fit(model)
     assert guard.report["parameters_perturbed"] == 2
 
@@ -504,8 +520,8 @@ def test_refuses_sharded_strategy():
         (dict(tolerance="1"), "tolerance must be a number of points"),
         (dict(tolerance=-0.5), "tolerance must be a number of points"),
         (dict(tolerance=float("nan")), "tolerance must be a number of points"),
-        (dict(exclude=["("]), "invalid parameter-name regex"),
-        (dict(include=[3]), "include must be parameter-name regexes"),
+        (dict(parameters={"include": "attn"}), "parameters must be a ParameterSelection"),
+        (dict(release={"ownership_key": "k"}), "release must be a Release"),
         (dict(reference="runs/base.safetensors", save_path="runs/../runs/base.safetensors"), "over the reference"),
         (dict(reference="runs/base/model.safetensors", save_path="runs/base"), "over the reference"),
         (dict(report_path="."), r"report_path '\.' is a directory"),  # it failed after the whole fit
@@ -514,8 +530,27 @@ def test_refuses_sharded_strategy():
     ],
 )
 def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         MergeGuardCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (ParameterSelection, dict(exclude=["("]), "invalid parameter-name regex"),
+        (ParameterSelection, dict(include=[3]), "include must be parameter-name regexes"),
+        (ParameterSelection, dict(stage2_exclude=["[a"]), "stage2_exclude: invalid parameter-name regex"),
+        (Release, dict(ownership_key=3), "ownership_key must be a file path"),
+        (Release, dict(deployment_check="yes"), "deployment_check must be True or False"),
+        (Release, dict(dtype="fp16"), "dtype must be 'auto' or one of"),
+        (Release, dict(permute_residual=True), "set amplify too"),
+        (Release, dict(amplify=1.5), "amplify must be a finite number >= 2"),
+    ],
+)
+def test_settings_objects_refuse_bad_values_when_built(cls, kwargs, match):
+    """A typo in an injected object fails when the object is built, before any training."""
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
 
 
 def test_a_bool_is_not_a_step_count():
@@ -574,10 +609,64 @@ def test_save_path_directory_publishes_a_model_that_from_pretrained_loads(tmp_pa
     assert guard.report["protected"] is (guard.report["steps_used"] > 0)
 
 
+def test_release_dtype_writes_the_published_model_in_it_and_leaves_the_trained_one_alone(tmp_path):
+    """Release(dtype="bfloat16"): from_pretrained reads a bf16 model, tied weights stay tied, and the LightningModule
+    the user keeps training or evaluating is still float32."""
+    from _helpers import TINY_LLAMA
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from lightning_mergeguard.models.causal_lm import CausalLMModule
+
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "tie_word_embeddings": True}))
+    ids = torch.randint(0, 64, (8, 12))
+    loader = DataLoader([{"input_ids": i, "labels": i} for i in ids], batch_size=4)
+    guard = MergeGuardCallback(
+        stage2=ScaleAdversarial(steps=3, lr=1e-3),
+        tolerance=100.0,
+        save_path=str(tmp_path / "release"),
+        progress=False,
+        release=Release(dtype="bfloat16"),
+    )
+    trainer(tmp_path, max_steps=3, callbacks=[guard]).fit(CausalLMModule(tied, lr=1e-3), loader, loader)
+    with safe_open(tmp_path / "release" / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "release", torch_dtype="auto")
+    assert loaded.dtype == torch.bfloat16 and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert next(tied.parameters()).dtype == torch.float32
+    assert json.loads((tmp_path / "release" / "protection_report.json").read_text())["dtype"] == "bfloat16"
+    # a weights file too
+    guard = MergeGuardCallback(
+        stage2=ScaleAdversarial(steps=2), save_path=str(tmp_path / "w.safetensors"), release=Release(dtype="float16")
+    )
+    trainer(tmp_path, max_steps=2, callbacks=[guard]).fit(TinyClassifier())
+    with safe_open(tmp_path / "w.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+
+
+def test_a_release_dtype_that_would_overflow_is_refused_before_anything_is_written(tmp_path):
+    module = TinyClassifier()
+    with torch.no_grad():
+        module.net[0].weight[0, 0] = 1e6  # beyond float16's 65504
+    guard = MergeGuardCallback(
+        stage2=KeepWeights(),
+        save_path=str(tmp_path / "release"),
+        report_path=str(tmp_path / "report.json"),
+        release=Release(dtype="float16"),
+    )
+    with pytest.raises(NonFiniteError, match=r"writing float16 would overflow 1 weight\(s\) of 'net.0.weight'"):
+        trainer(tmp_path, max_steps=1, callbacks=[guard]).fit(module)
+    assert not (tmp_path / "release").exists() and not (tmp_path / "report.json").exists()
+
+
 def test_one_pattern_given_alone_is_one_regex_not_its_letters(tmp_path):
     # include="net.0" used to become ['n', 'e', 't', '.', '0'] and select every parameter with an 'e' or a '.'.
-    guard = MergeGuardCallback(alpha=0.1, include="net.0", exclude="bias", stage2_exclude="head", stage2="none")
-    assert (guard.include, guard.exclude, guard.stage2_exclude) == (["net.0"], ["bias"], ["head"])
+    guard = MergeGuardCallback(
+        alpha=0.1, stage2="none", parameters=ParameterSelection(include="net.0", exclude="bias", stage2_exclude="head")
+    )
+    assert guard.selection == ParameterSelection(include=["net.0"], exclude=["bias"], stage2_exclude=["head"])
+    assert (guard.selection.include, guard.selection.exclude) == (("net.0",), ("bias",))
     trainer(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[guard]).fit(TinyClassifier())
     assert list(guard._params) == ["net.0.weight"]
 
@@ -792,8 +881,8 @@ def test_lightnings_tuner_callbacks_are_not_resumes(tmp_path, kind):
     probe = MergeProbe(
         {"d": {k: v + 0.01 for k, v in models[0].state_dict().items()}},
         eval_dataloaders=DataLoader(blobs(64, 1), batch_size=32),
-        every_n_epochs=1,
         progress=False,
+        schedule=ProbeSchedule(every_n_epochs=1),
     )
     probed = []
     for model, start in zip(models, starts):  # the second fit reuses both callbacks for another model
@@ -937,7 +1026,9 @@ def test_the_default_loss_fn_failing_on_the_batches_says_to_pass_one(tmp_path):
 
 
 def test_deployment_check_after_stage2_reports_both_models(tmp_path):
-    guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=4, lr=0.01), tolerance=100.0, deployment_check=True)
+    guard = MergeGuardCallback(
+        stage2=ScaleAdversarial(steps=4, lr=0.01), tolerance=100.0, release=Release(deployment_check=True)
+    )
     module = TinyClassifier()
     trainer(tmp_path, max_steps=4, callbacks=[guard]).fit(module)
     table = guard.report["deployment"]
@@ -945,7 +1036,7 @@ def test_deployment_check_after_stage2_reports_both_models(tmp_path):
     assert table["none"]["protected"] == pytest.approx(guard.report["score_after"])
     assert table["fp16"]["protected"] == pytest.approx(table["none"]["protected"], abs=5)  # fp16 keeps a plain model
     with pytest.raises(ValueError, match="deployment_check must be True or False"):
-        MergeGuardCallback(deployment_check="yes")
+        MergeGuardCallback(release=Release(deployment_check="yes"))
 
 
 def test_protect_module_says_when_it_changed_nothing():
@@ -956,5 +1047,12 @@ def test_protect_module_says_when_it_changed_nothing():
     base = {k: v + 0.01 for k, v in model.state_dict().items()}
     batches = iter(lambda: (torch.randn(8, 8), torch.randint(0, 3, (8,))), None)
     with pytest.warns(UserWarning, match="protect_module: the model is NOT protected: no weight changed"):
-        report = protect_module(model, base, batches, lambda m: 50.0, stage2=_Unchanged(steps=2), exclude="head")
+        report = protect_module(
+            model,
+            base,
+            batches,
+            lambda m: 50.0,
+            stage2=_Unchanged(steps=2),
+            parameters=ParameterSelection(exclude="head"),
+        )
     assert report["protected"] is False and "Raise tolerance=" in report["not_protected"]

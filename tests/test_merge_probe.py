@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from time import sleep as _sleep
 
 import lightning.pytorch as pl
 import pytest
@@ -11,7 +12,14 @@ import torch
 from _helpers import TinyClassifier, accelerator, blobs, perturbed_state_dict, trainer
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import MergeGuardCallback, MergeProbe, ScaleAdversarial
+from lightning_mergeguard import (
+    Donors,
+    MergeGuardCallback,
+    MergeProbe,
+    ParameterSelection,
+    ProbeSchedule,
+    ScaleAdversarial,
+)
 from lightning_mergeguard.errors import ForeignBaseError
 from lightning_mergeguard.evaluation import default_score, evaluate
 from lightning_mergeguard.merging import merge
@@ -89,8 +97,8 @@ def test_probe_equals_offline_merge_and_leaves_weights_bit_identical(tmp_path, c
         coefficients=[0.3, 0.7],
         eval_dataloaders=val_loader(),
         eval_batches=None,
-        probe_on_train_end=False,
         progress=False,
+        schedule=ProbeSchedule(on_train_end=False),
     )
     store = {}
     model = fresh_model()
@@ -123,7 +131,11 @@ def test_probe_logs_through_csv_logger_and_plots(tmp_path, capsys):
 
     pl.seed_everything(0)
     probe = MergeProbe(
-        donors=donor_states(1), coefficients=[0.3, 0.5], every_n_steps=4, eval_dataloaders=val_loader(), progress=False
+        donors=donor_states(1),
+        coefficients=[0.3, 0.5],
+        eval_dataloaders=val_loader(),
+        progress=False,
+        schedule=ProbeSchedule(every_n_steps=4, max_overhead=None),
     )
     logger = CSVLogger(tmp_path, name="run")
     trainer(tmp_path, max_epochs=2, logger=logger, callbacks=[probe]).fit(fresh_model())
@@ -154,8 +166,8 @@ def test_donor_tasks_with_their_own_score_fn(tmp_path):
     probe = MergeProbe(
         donors=donor_states(1),
         eval_dataloaders={"own": val_loader(), "d0": (val_loader(), always_half)},
-        probe_on_train_end=False,
         progress=False,
+        schedule=ProbeSchedule(on_train_end=False),
     )
     trainer(tmp_path, max_epochs=1, callbacks=[probe]).fit(fresh_model())
     r = probe.results[-1]
@@ -256,7 +268,7 @@ def test_donor_from_another_base_is_refused_before_training(tmp_path, strict):
         trainer(tmp_path, max_epochs=1, callbacks=[counter, probe]).fit(fresh_model())
     assert counter.steps == 0
     # The explicit opt-out accepts it.
-    ok = MergeProbe(donors={"other": other}, eval_dataloaders=val_loader(), check_base=False, progress=False)
+    ok = MergeProbe(eval_dataloaders=val_loader(), progress=False, donors=Donors({"other": other}, check_base=False))
     trainer(tmp_path, max_epochs=1, callbacks=[ok]).fit(fresh_model())
     assert ok.results and abs(ok.donor_cosine["other"]) < 0.2  # chance level for matrices this small
 
@@ -302,13 +314,12 @@ def test_failed_probe_warns_unless_strict(tmp_path):
         (dict(donors=[(same := {"w": torch.zeros(1)}), same]), "donors 'donor0' and 'donor1' are the same model"),
         (dict(methods=["tie"]), "unknown merge_method 'tie'"),
         (dict(methods=[{"merge_method": "ties", "parameters": {"lamda": 1}}]), "did you mean 'lambda'"),
-        (dict(every_n_steps=0), "every_n_steps must be"),
-        (dict(every_n_epochs=True), "every_n_epochs must be"),
+        (dict(schedule={"every_n_steps": 10}), "schedule must be a ProbeSchedule"),
         (dict(coefficients=[]), "coefficients must be"),
         (dict(coefficients="0.3"), "coefficients must be"),
         (dict(coefficients=[0.3, True]), "coefficients must be"),
         (dict(coefficients=[float("nan")]), "coefficients must be"),
-        (dict(donor_dtype="fp8"), "donor_dtype must be"),
+        (dict(donors="ft/x"), "donors must be a mapping or a list"),
         (dict(methods=[]), "methods must name at least one merge method"),
         # these failed at every probe, each time as a warning, and the run went on with no merge metrics
         (dict(eval_dataloaders={"own": ([], "accuracy")}), r"eval_dataloaders\['own'\] must be a loader or"),
@@ -319,12 +330,49 @@ def test_failed_probe_warns_unless_strict(tmp_path):
 )
 def test_bad_arguments(kwargs, match):
     args = {"donors": {"d": {}}, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         MergeProbe(**args)
 
 
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (ProbeSchedule, dict(every_n_steps=0), "every_n_steps must be"),
+        (ProbeSchedule, dict(every_n_epochs=True), "every_n_epochs must be"),
+        (ProbeSchedule, dict(on_train_end="yes"), "on_train_end must be True or False"),
+        (ProbeSchedule, dict(max_overhead=-1), "max_overhead must be a positive fraction"),
+        (Donors, dict(sources={"d": {}}, dtype="fp8"), "donor dtype must be 'float32' or 'bfloat16'"),
+        (Donors, dict(sources={"d": {}}, check_base="no"), "check_base must be True or False"),
+        (Donors, dict(sources={"own": {}}), "reserved"),
+    ],
+)
+def test_settings_objects_refuse_bad_values_when_built(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
+
+
+def test_the_default_schedule_keeps_probing_within_its_budget(tmp_path):
+    """By default a probe runs every epoch only while probing took at most 5% of the training time: on a run whose
+    probes cost far more than its training (what a user with 4-batch epochs met), the first and the last run."""
+
+    def slow_score(module, batch):
+        _sleep(0.05)
+        x, y = batch
+        return (module(x).argmax(-1) == y).sum(), len(y)
+
+    probe = MergeProbe(donors=donor_states(1), eval_dataloaders=val_loader(), score_fn=slow_score, progress=False)
+    assert probe.schedule == ProbeSchedule(every_n_epochs=1, max_overhead=0.05)
+    trainer(tmp_path, max_epochs=6, limit_train_batches=2, callbacks=[probe]).fit(fresh_model())
+    assert [r["step"] for r in probe.results] == [2.0, 12.0]  # epoch 1, then the end of fit
+    assert probe.skipped_for_budget == 5
+
+
 def test_evaluation_data_without_batches_is_refused_at_the_first_probe(tmp_path):
-    probe = MergeProbe(donors=donor_states(1), eval_dataloaders={"own": val_loader(), "d0": []}, every_n_steps=1)
+    probe = MergeProbe(
+        donors=donor_states(1),
+        eval_dataloaders={"own": val_loader(), "d0": []},
+        schedule=ProbeSchedule(every_n_steps=1),
+    )
     with pytest.raises(ValueError, match="the evaluation data of 'd0' has no batches"):
         trainer(tmp_path, max_steps=2, callbacks=[probe]).fit(fresh_model())
 
@@ -341,14 +389,14 @@ def test_one_method_may_be_given_alone():
 
 def test_bf16_donors_and_resume_keeps_reference(tmp_path):
     pl.seed_everything(0)
-    probe = MergeProbe(donors=donor_states(1), donor_dtype="bfloat16", eval_dataloaders=val_loader(), progress=False)
+    probe = MergeProbe(eval_dataloaders=val_loader(), progress=False, donors=Donors(donor_states(1), dtype="bfloat16"))
     model = fresh_model()
     t = trainer(tmp_path, max_epochs=1, callbacks=[probe])
     t.fit(model)
     assert all(v.dtype == torch.bfloat16 for v in probe._donor_tau["d0"].values())
     ckpt = tmp_path / "p.ckpt"
     t.save_checkpoint(ckpt)
-    probe2 = MergeProbe(donors=donor_states(1), donor_dtype="bfloat16", eval_dataloaders=val_loader(), progress=False)
+    probe2 = MergeProbe(eval_dataloaders=val_loader(), progress=False, donors=Donors(donor_states(1), dtype="bfloat16"))
     trainer(tmp_path, max_epochs=2, callbacks=[probe2]).fit(fresh_model(), ckpt_path=ckpt)
     for n, t_ref in probe.reference.as_dict().items():
         assert torch.equal(probe2.reference[n], t_ref)
@@ -368,15 +416,14 @@ def test_overhead_budget_skips_probes(tmp_path):
         donors=donor_states(1),
         eval_dataloaders=val_loader(),
         score_fn=slow_score,
-        every_n_steps=1,
-        max_overhead=0.05,
         progress=False,
+        schedule=ProbeSchedule(every_n_steps=1, max_overhead=0.05),
     )
     trainer(tmp_path, max_epochs=1, callbacks=[probe]).fit(fresh_model())
     assert probe.skipped_for_budget > 0
     assert 2 <= len(probe.results) < 8  # 8 steps were due; the first and the end-of-fit probe always run
     with pytest.raises(ValueError, match="max_overhead must be"):
-        MergeProbe(donors={"d": {}}, max_overhead=0)
+        MergeProbe(donors={"d": {}}, schedule=ProbeSchedule(max_overhead=0))
 
 
 class WeightSignal:
@@ -400,9 +447,9 @@ def test_signals_are_logged_per_merge_and_secrets_stay_out_of_files(tmp_path):
         methods=["task_arithmetic", "ties"],
         coefficients=[0.3, 0.7],
         eval_dataloaders=val_loader(),
-        probe_on_train_end=False,
         progress=False,
         signals=[WeightSignal()],
+        schedule=ProbeSchedule(on_train_end=False),
     )
     store = {}
     model = fresh_model()
@@ -479,9 +526,8 @@ def test_guard_and_probe_feed_inputs_in_the_weights_dtype_like_the_loops(tmp_pat
         coefficients=[0.5],
         eval_dataloaders=val_loader(),
         eval_batches=None,
-        every_n_epochs=1,
-        probe_on_train_end=False,
         progress=False,
+        schedule=ProbeSchedule(every_n_epochs=1, on_train_end=False),
     )
     guard = MergeGuardCallback(alpha=0.1, stage2=ScaleAdversarial(steps=4, lr=0.01), progress=False)
     model = fresh_model()
@@ -544,9 +590,8 @@ def test_a_probe_and_stage_2_leave_the_training_run_as_it_would_be_without_them(
     probe = MergeProbe(
         {"d0": donor},
         methods=["task_arithmetic", "dare_linear"],
-        every_n_steps=3,
-        probe_on_train_end=False,
         progress=False,
+        schedule=ProbeSchedule(every_n_steps=3, on_train_end=False, max_overhead=None),
     )
     probed, probed_modes, model = fit([probe])
     assert len(probe.results) >= 5  # probes ran mid-epoch and at epoch ends
@@ -570,7 +615,7 @@ def test_probe_and_guard_score_on_the_validation_loader_lightning_does_not_load(
     """limit_val_batches=0 or no validation_step: the module's val_dataloader is still the held-out data."""
     pl.seed_everything(0)
     model = fresh_model(module_cls)
-    probe = MergeProbe(donor_states(1), every_n_epochs=1, progress=False, eval_batches=None)
+    probe = MergeProbe(donor_states(1), progress=False, eval_batches=None, schedule=ProbeSchedule(every_n_epochs=1))
     guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=2), tolerance=100.0, progress=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*scoring stage 2 on training batches")
@@ -605,14 +650,13 @@ def test_probe_gradient_parameters_count_every_layer_of_the_model_not_only_the_i
         {"ft": finetune},
         methods=[method],
         coefficients=None,
-        include=r"layers\.0\.",
         eval_dataloaders=loader,
         score_fn=record,
         eval_batches=1,
-        every_n_epochs=None,
-        every_n_steps=10**6,
         progress=False,
         strict=True,
+        parameters=ParameterSelection(include=r"layers\.0\."),
+        schedule=ProbeSchedule(every_n_steps=10**6, every_n_epochs=None),
     )
     module = CausalLMModule(base, lr=1e-3)
     trainer(tmp_path, max_steps=1, callbacks=[probe]).fit(module, loader)
@@ -686,10 +730,8 @@ def test_probe_metrics_are_callback_metrics_that_model_checkpoint_can_monitor(tm
         donors=donor_states(),
         methods=["task_arithmetic"],
         coefficients=[0.5],
-        every_n_steps=4,
-        every_n_epochs=None,
-        probe_on_train_end=False,
         progress=False,
+        schedule=ProbeSchedule(every_n_steps=4, every_n_epochs=None, on_train_end=False, max_overhead=None),
     )
     best = ModelCheckpoint(dirpath=tmp_path, monitor=key, mode="min", save_top_k=1)
     t = trainer(
@@ -717,7 +759,7 @@ def test_donors_this_machine_cannot_hold_are_refused_before_loading(tmp_path, mo
     probe = MergeProbe(donors=donor_states(2), eval_dataloaders=val_loader(), progress=False)
     with pytest.raises(MisconfigurationException, match=r"holding 2 donors' task vectors needs .* GiB on cpu"):
         trainer(tmp_path, max_steps=1, callbacks=[probe]).fit(fresh_model())
-    probe = MergeProbe(donors=donor_states(2), eval_dataloaders=val_loader(), donor_dtype="bfloat16", progress=False)
+    probe = MergeProbe(eval_dataloaders=val_loader(), progress=False, donors=Donors(donor_states(2), dtype="bfloat16"))
     trainer(tmp_path, max_steps=1, callbacks=[probe]).fit(fresh_model())  # the remedy it names: half the bytes
 
     class EightRanks:

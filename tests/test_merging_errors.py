@@ -226,7 +226,7 @@ def test_int8_mask_gives_identical_results():
 
 def test_a_user_method_declared_as_data():
     from lightning_mergeguard.merging import register_method
-    from lightning_mergeguard.merging.generalized import task_vector_method
+    from lightning_mergeguard.merging.methods.generalized import task_vector_method
     from lightning_mergeguard.merging.registry import METHODS
 
     spec = task_vector_method("mean_task_vectors", normalize=True, description="mean of the task vectors")

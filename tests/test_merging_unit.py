@@ -24,10 +24,10 @@ from lightning_mergeguard.merging import (
     ties_merge,
 )
 from lightning_mergeguard.merging.config import MergeConfig
-from lightning_mergeguard.merging.model_stock import model_stock_merge
-from lightning_mergeguard.merging.nuslerp import nuslerp, nuslerp_merge
-from lightning_mergeguard.merging.sce import sce_merge
-from lightning_mergeguard.merging.sparsify import della_keep_probabilities, della_prune, rank_window_mask
+from lightning_mergeguard.merging.methods.model_stock import model_stock_merge
+from lightning_mergeguard.merging.methods.nuslerp import nuslerp, nuslerp_merge
+from lightning_mergeguard.merging.methods.sce import sce_merge
+from lightning_mergeguard.merging.methods.sparsify import della_keep_probabilities, della_prune, rank_window_mask
 
 
 def test_rank_window_mask_breaks_ties_by_index():
@@ -352,7 +352,7 @@ def test_new_methods_merge_tensors_of_every_rank(method):
 
 def test_della_draws_blocks_of_rows_with_the_same_keep_probabilities(monkeypatch):
     """Large tensors are masked a block of rows at a time (bounded sort memory); each row keeps its probabilities."""
-    from lightning_mergeguard.merging import sparsify
+    from lightning_mergeguard.merging.methods import sparsify
 
     x = torch.randn(120, 40)
     whole = torch.stack([(della_prune(x, 0.4, 0.15, None, torch.Generator().manual_seed(s)) != 0) for s in range(60)])
@@ -368,7 +368,7 @@ def test_della_draws_blocks_of_rows_with_the_same_keep_probabilities(monkeypatch
 
 
 def test_karcher_mean_on_the_sphere():
-    from lightning_mergeguard.merging.karcher import karcher_mean
+    from lightning_mergeguard.merging.methods.karcher import karcher_mean
 
     a, b = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 1.0])
     # equal weights: the direction halfway between (45 degrees), times the mean norm 2

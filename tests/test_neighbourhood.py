@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from _helpers import TinyClassifier, blobs, trainer
 from torch import nn
 
-from lightning_mergeguard import MergeGuardCallback, MergeNeighbourhood, MergeProbe
+from lightning_mergeguard import MergeGuardCallback, MergeNeighbourhood, MergeProbe, ParameterSelection, ProbeSchedule
 from lightning_mergeguard.evaluation import answer_exact_match
 from lightning_mergeguard.merging import merge
-from lightning_mergeguard.merging.generalized import generalized_task_arithmetic
-from lightning_mergeguard.merging.sparsify import magnitude_prune, random_prune
-from lightning_mergeguard.protection.neighbourhood import (
+from lightning_mergeguard.merging.methods.generalized import generalized_task_arithmetic
+from lightning_mergeguard.merging.methods.sparsify import magnitude_prune, random_prune
+from lightning_mergeguard.protection.stage2 import Stage2Context, resolve_stage2
+from lightning_mergeguard.protection.stage2.merge_neighbourhood import (
     MERGE_FAMILIES,
     MergeDraw,
     draw_merge,
@@ -25,7 +26,6 @@ from lightning_mergeguard.protection.neighbourhood import (
     neighbourhood_adversarial_,
     surrogate_task_vectors,
 )
-from lightning_mergeguard.protection.stage2 import Stage2Context, resolve_stage2
 
 
 def _tensors(seed=0, dtype=torch.float32):
@@ -248,7 +248,7 @@ def test_callback_rehearses_partner_files_and_probe_donors(tmp_path):
         report_path=str(report),
         progress=False,
     )
-    probe = MergeProbe(donors={"d1": donors[1]}, probe_on_train_end=False, progress=False)
+    probe = MergeProbe(donors={"d1": donors[1]}, progress=False, schedule=ProbeSchedule(on_train_end=False))
     trainer(tmp_path, max_epochs=15, callbacks=[guard, probe]).fit(base)
     data = json.loads(report.read_text())
     assert data["method"] == "merge_neighbourhood"
@@ -320,7 +320,9 @@ def test_partners_this_machine_cannot_hold_are_refused_at_fit_start(tmp_path, mo
     import lightning_mergeguard.callbacks._common as common
 
     monkeypatch.setattr(common, "available_bytes", lambda device: 1024)
-    guard = MergeGuardCallback(stage2=MergeNeighbourhood(steps=2), stage2_exclude=[], progress=False)
+    guard = MergeGuardCallback(
+        stage2=MergeNeighbourhood(steps=2), progress=False, parameters=ParameterSelection(stage2_exclude=[])
+    )
     module = TinyClassifier()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     with pytest.raises(MisconfigurationException, match="MergeNeighbourhood's 3 partners and surrogates"):

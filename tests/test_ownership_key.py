@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_mergeguard import Release
 from lightning_mergeguard.ownership.alignment import align_to_base, find_unit_groups, permute_units
 from lightning_mergeguard.ownership.stats import binomial_tail, bonferroni, hoeffding_tail, log10_hoeffding_tail
 from lightning_mergeguard.ownership.verify import verify_ownership
@@ -131,8 +132,12 @@ def test_the_in_place_key_changes_live_parameters_and_names_map_onto_a_prefixed_
 
 # ------------------------------------------------------------------ alignment
 def _reparameterised(module: nn.Module, state, seed: int = 3, strength: float = 4.0):
-    from lightning_mergeguard.protection.residual import draw_permutation, find_residual_stream, permute_residual
-    from lightning_mergeguard.protection.symmetry import amplify_state, find_symmetries
+    from lightning_mergeguard.protection.release.residual import (
+        draw_permutation,
+        find_residual_stream,
+        permute_residual,
+    )
+    from lightning_mergeguard.protection.release.symmetry import amplify_state, find_symmetries
 
     stream = find_residual_stream(module)
     out = permute_residual(state, stream, draw_permutation(stream.width, seed))
@@ -267,7 +272,13 @@ def test_protect_module_embeds_a_key_and_the_card_says_so_without_the_secret(tmp
 
     batches = iter(lambda: (x[:64], y[:64]), None)
     report = protect_module(
-        model, base, batches, metric, stage2=ScaleAdversarial(steps=20), tolerance=5.0, ownership_key=tmp_path / "k"
+        model,
+        base,
+        batches,
+        metric,
+        stage2=ScaleAdversarial(steps=20),
+        tolerance=5.0,
+        release=Release(ownership_key=tmp_path / "k"),
     )
     entry = report["ownership_key"]
     assert entry["tensors"] >= 2 and report["score_after"] == entry["score_after_key"]
@@ -288,14 +299,16 @@ def test_the_callback_writes_the_key_and_verify_finds_it(tmp_path):
     torch.manual_seed(0)
     module = TinyClassifier()
     base = {k: v.clone() for k, v in module.state_dict().items()}
-    guard = MergeGuardCallback(stage2=ScaleAdversarial(steps=10), tolerance=5.0, ownership_key=str(tmp_path / "k"))
+    guard = MergeGuardCallback(
+        stage2=ScaleAdversarial(steps=10), tolerance=5.0, release=Release(ownership_key=str(tmp_path / "k"))
+    )
     trainer(tmp_path, callbacks=[guard], max_epochs=3).fit(module)
     entry = guard.report["ownership_key"]
     assert entry["tensors"] >= 2 and guard.report["score_after"] == entry["score_after_key"]
     verdict = verify_ownership(module.state_dict(), base, WeightKey.load(tmp_path / "k"), check_base=False)
     assert verdict.derived
     with pytest.raises(ValueError, match="directory"):
-        MergeGuardCallback(ownership_key=str(tmp_path))
+        MergeGuardCallback(release=Release(ownership_key=str(tmp_path)))
 
 
 def _hf_dir(tmp_path, name, state, module):
@@ -338,12 +351,12 @@ def test_the_key_alone_is_embedded_but_never_reported_as_protection(tmp_path):
     torch.manual_seed(0)
     module = TinyClassifier()
     base = {k: v.clone() for k, v in module.state_dict().items()}
-    guard = MergeGuardCallback(stage2=KeepWeights(), ownership_key=str(tmp_path / "k"), progress=False)
+    guard = MergeGuardCallback(stage2=KeepWeights(), progress=False, release=Release(ownership_key=str(tmp_path / "k")))
     with pytest.warns(UserWarning, match="NOT protected"):
         trainer(tmp_path, callbacks=[guard], max_epochs=2).fit(module)
     assert guard.report["protected"] is False and guard.report["ownership_key"]["tensors"] >= 2
     assert verify_ownership(module.state_dict(), base, WeightKey.load(tmp_path / "k"), check_base=False).derived
     with pytest.raises(Exception, match="KeepWeights"):
-        trainer(tmp_path, callbacks=[MergeGuardCallback(stage2="none", ownership_key=str(tmp_path / "k2"))]).fit(
-            TinyClassifier()
-        )
+        trainer(
+            tmp_path, callbacks=[MergeGuardCallback(stage2="none", release=Release(ownership_key=str(tmp_path / "k2")))]
+        ).fit(TinyClassifier())

@@ -12,10 +12,11 @@ import yaml
 from _helpers import train_rows
 from safetensors.torch import load_file
 
+from lightning_mergeguard import MergeNeighbourhood, Release, ScaleAdversarial
 from lightning_mergeguard.cli.protect import main
 from lightning_mergeguard.errors import ConfigError, ForeignBaseError
 from lightning_mergeguard.merging.sources import open_source
-from lightning_mergeguard.posthoc import hold_out, load_rows, protect_checkpoint
+from lightning_mergeguard.posthoc import OwnerData, Refit, hold_out, load_rows, protect_checkpoint
 
 WORDS = ["".join(p) for p in itertools.permutations("abcdef", 2)]
 ROWS = [(f"Q:{w}\nA:", "X" if w[0] in "abc" else "Y") for w in WORDS]  # generalises to held-out words
@@ -62,13 +63,11 @@ def test_protects_a_causal_lm_directory_end_to_end(checkpoints, tmp_path):
         str(checkpoints / "rows.jsonl"),
         out,
         partners=[str(checkpoints / "partner")],
-        stage2="scale_adversarial",
         tolerance=13.0,  # 8 held-out rows: one row is 12.5 points
-        steps=16,
-        lr=1e-3,
-        refit_steps=0,
         progress=False,
         device="cpu",
+        refit=None,
+        stage2=ScaleAdversarial(steps=16, lr=1e-3),
     )
     assert report["score_before"] == 87.5  # the owner's fine-tune solves 7 of its 8 held-out rows
     assert report["score_before"] - report["score_after"] <= 13.0
@@ -88,20 +87,16 @@ def test_protects_a_causal_lm_directory_end_to_end(checkpoints, tmp_path):
 
 
 def test_partners_are_rehearsed_by_default(checkpoints, tmp_path):
-    """With partners, "auto" runs MergeNeighbourhood against them: the guard rail's proxy merges with the partner."""
-    report = protect_checkpoint(
-        checkpoints / "base",
-        checkpoints / "owner",
-        str(checkpoints / "rows.jsonl"),
-        tmp_path / "out",
-        partners=[str(checkpoints / "partner")],
-        tolerance=13.0,
-        steps=16,
-        lr=1e-3,
-        refit_steps=0,
-        progress=False,
-        device="cpu",
-    )
+    """With partners, "auto" runs MergeNeighbourhood against them: the guard rail's proxy merges with the partner.
+
+    Through the command, whose --steps/--lr configure the strategy "auto" picks."""
+    from lightning_mergeguard.cli.protect import main
+
+    main(["--base", str(checkpoints / "base"), "--model", str(checkpoints / "owner"), "--data",
+          str(checkpoints / "rows.jsonl"), "--out", str(tmp_path / "out"), "--partners", str(checkpoints / "partner"),
+          "--tolerance", "13", "--no-progress", "--device", "cpu", "--refit-steps", "0", "--steps", "16",
+          "--lr", "1e-3"])  # fmt: skip
+    report = json.loads((tmp_path / "out" / "protection_report.json").read_text())
     s2 = report["stage2"]
     assert s2["settings"]["method"] == "merge_neighbourhood" and s2["partners"] == ["partner0"]
     assert s2["settings"]["partners"] == report["partners"] == [str(checkpoints / "partner")]
@@ -120,16 +115,11 @@ def test_partners_are_rehearsed_by_default(checkpoints, tmp_path):
     [
         ({"stage2": "neighbourhood"}, "stage2 must be one of"),
         ({"partners": "one/path"}, "partners must be a list of paths"),
-        ({"amplify": 1.5}, "amplify must be a finite number >= 2"),
-        ({"amplify": float("nan")}, "amplify must be a finite number >= 2"),
-        ({"permute_residual": True}, "set amplify too"),
-        ({"stage2": "none"}, "stage2 'none' perturbs nothing: set amplify too"),
+        ({"stage2": "none"}, "stage2 'none' perturbs nothing: set amplify or an ownership key too"),
         # found before any model is loaded (they failed late, or as a traceback: RuntimeError for the device)
-        ({"steps": -3}, "steps must be an integer >= 1, got -3"),
         ({"tolerance": -1.0}, "tolerance must be a number >= 0"),
-        ({"lr": 0.0}, "lr must be a number > 0"),
-        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
-        ({"refit_steps": 2.5}, "refit_steps must be an integer >= 0"),
+        ({"refit": 50}, "refit must be a Refit"),
+        ({"release": {"amplify": 4.0}}, "release must be a Release"),
         ({"device": "banana"}, "device 'banana' is not a device"),
         ({"device": "cuda:99"}, "device 'cuda:99'"),
     ],
@@ -139,6 +129,48 @@ def test_bad_stage2_options_name_the_problem(checkpoints, tmp_path, kwargs, mess
         protect_checkpoint(
             checkpoints / "base", checkpoints / "owner", str(checkpoints / "rows.jsonl"), tmp_path, **kwargs
         )
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (lambda: Release(amplify=1.5), ValueError, "amplify must be a finite number >= 2"),
+        (lambda: Release(amplify=float("nan")), ValueError, "amplify must be a finite number >= 2"),
+        (lambda: Release(permute_residual=True), ValueError, "set amplify too"),
+        (lambda: ScaleAdversarial(steps=-3), ValueError, "steps must be an integer >= 0, got -3"),
+        (lambda: ScaleAdversarial(lr=0.0), ValueError, "lr must be > 0"),
+        (lambda: OwnerData("rows.jsonl", batch_size=0), ConfigError, "batch_size must be an integer >= 1"),
+        (lambda: OwnerData(3), ConfigError, "data must be a path"),
+        (lambda: Refit(steps=2.5), ConfigError, "refit steps must be an integer >= 1"),
+        (lambda: Refit(lr=0.0), ConfigError, "refit lr must be a number > 0"),
+    ],
+)
+def test_the_objects_protect_checkpoint_takes_refuse_bad_values_when_built(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "-3"], "steps must be an integer >= 0, got -3"),
+        (["--lr", "0"], "lr must be > 0"),
+        (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+        (["--amplify", "1.5"], "amplify must be a finite number >= 2"),
+        (["--permute-residual"], "set amplify too"),
+        (["--stage2", "none", "--steps", "5"], "--steps/--lr configure stage 2, but --stage2 is none"),
+    ],
+)
+def test_the_command_refuses_bad_flags_in_one_line_before_loading_anything(
+    checkpoints, tmp_path, capsys, argv, message
+):
+    from lightning_mergeguard.cli.protect import main
+
+    code = main(["--base", str(checkpoints / "base"), "--model", str(checkpoints / "owner"), "--data",
+                 str(checkpoints / "rows.jsonl"), "--out", str(tmp_path / "out"), *argv])  # fmt: skip
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -164,7 +196,7 @@ def test_cli_with_a_yaml_config_and_clear_errors(checkpoints, tmp_path, capsys):
     config = tmp_path / "protect.yaml"
     config.write_text(
         f"base: {checkpoints / 'base'}\nmodel: {checkpoints / 'owner'}\ndata: {checkpoints / 'rows.jsonl'}\n"
-        f"out: {tmp_path / 'out'}\nsteps: 4\nrefit_steps: 0\ntolerance: 100\nprogress: false\ndevice: cpu\n"
+        f"out: {tmp_path / 'out'}\nsteps: 4\nlr: 1.0e-4\nrefit_steps: 0\ntolerance: 100\nprogress: false\ndevice: cpu\n"
     )
     # Four steps at lr 1e-4 keep no stage-2 step: the model is the fine-tune, and the command says so (exit 3,
     # only the report written), naming what to change; it used to print "protected ... 87.5 -> 87.5" and exit 0.
@@ -222,7 +254,7 @@ def test_amplify_keeps_the_function_and_breaks_merges(checkpoints, tmp_path, cap
 def test_amplify_with_a_permuted_stream_writes_the_same_function_with_its_channels_moved(checkpoints, tmp_path):
     """--permute_residual true: the report and card say so; the written embeddings are the owner's, columns permuted
     (stage 2 and amplify leave embeddings alone), and the held-out score is unchanged by both layers."""
-    from lightning_mergeguard.protection.residual import draw_permutation
+    from lightning_mergeguard.protection.release.residual import draw_permutation
 
     out = tmp_path / "perm"
     args = [*("--base", str(checkpoints / "base"), "--model", str(checkpoints / "owner")), "--out", str(out)]
@@ -271,7 +303,7 @@ def test_stage2_none_with_amplify_rewrites_the_fine_tune_alone_and_keeps_its_fun
 def test_amplify_is_undone_when_the_model_is_not_what_it_looks_like(checkpoints, tmp_path, monkeypatch, check_misses):
     """A block that only looks symmetric (here: V rescaled without O) is caught by the forward check; if that check
     missed it, the guard rail's score puts the weights back. Either way the written model is not amplified."""
-    from lightning_mergeguard.protection import symmetry
+    from lightning_mergeguard.protection.release import amplify, symmetry
 
     real = symmetry.find_symmetries
 
@@ -279,7 +311,7 @@ def test_amplify_is_undone_when_the_model_is_not_what_it_looks_like(checkpoints,
         groups = real(module, names)
         return [symmetry.SymmetryGroup(g.kind, g.size, g.factors[:1], g.block) for g in groups if g.kind == "v/o"]
 
-    monkeypatch.setattr(symmetry, "find_symmetries", broken)
+    monkeypatch.setattr(amplify, "find_symmetries", broken)
     if check_misses:
         missed = dict.fromkeys(["repeat", "v/o"], 0.0)
         monkeypatch.setattr(symmetry, "symmetry_errors", lambda *a, **k: dict(missed))
@@ -289,14 +321,13 @@ def test_amplify_is_undone_when_the_model_is_not_what_it_looks_like(checkpoints,
             checkpoints / "owner",
             str(checkpoints / "rows.jsonl"),
             tmp_path / "out",
-            stage2="scale_adversarial",
             tolerance=13.0,
-            steps=4,
-            refit_steps=0,
             progress=False,
             device="cpu",
-            amplify=1000.0,
             accept_unprotected=True,
+            release=Release(amplify=1000.0),
+            refit=None,
+            stage2=ScaleAdversarial(steps=4, lr=1e-4),  # four steps at lr 1e-4 keep no stage-2 step
         )
     assert report["score_after"] == report["amplify"]["score_after"] and not report["amplify"]["applied"]
     assert report["protected"] is False and report["not_protected"]  # neither stage 2 nor amplify changed it
@@ -353,16 +384,14 @@ def test_protects_an_open_clip_classifier_checkpoint(tmp_path):
     report = protect_checkpoint(
         tmp_path / "base.safetensors",
         tmp_path / "finetune.safetensors",
-        "test_posthoc:digit_images",
+        OwnerData("test_posthoc:digit_images", batch_size=64),
         tmp_path / "out",
         arch=str(arch),
         tolerance=1.5,
-        steps=24,
-        lr=1e-3,
-        refit_steps=0,
-        batch_size=64,
         progress=False,
         device="cpu",
+        refit=None,
+        stage2=ScaleAdversarial(steps=24, lr=1e-3),
     )
     assert report["kind"] == "open_clip" and report["score_before"] > 60
     assert report["score_before"] - report["score_after"] <= 1.5
@@ -374,12 +403,11 @@ def test_protects_an_open_clip_classifier_checkpoint(tmp_path):
     )
     # A classifier saved from a DDP-wrapped model ('module.' before every key) is read as the bare one (it had been
     # refused: "needs 'head.weight'").
-    from lightning_mergeguard.posthoc import _open_clip
+    from lightning_mergeguard.posthoc.models import _open_clip
 
     torch.save({f"module.{k}": v for k, v in original.items()}, tmp_path / "ddp.pt")
-    loaded = _open_clip(
-        tmp_path / "base.safetensors", tmp_path / "ddp.pt", "test_posthoc:digit_images", str(arch), 64, 0, 0, {}
-    )
+    data = OwnerData("test_posthoc:digit_images", batch_size=64)
+    loaded = _open_clip(tmp_path / "base.safetensors", tmp_path / "ddp.pt", data, str(arch), 0, False)
     assert all(torch.equal(v, original[k]) for k, v in loaded[0].state_dict().items())
 
 
@@ -425,16 +453,15 @@ def test_an_image_folder_is_read_at_the_towers_size_with_open_clips_preprocessin
     report = protect_checkpoint(
         tmp_path / "base.safetensors",
         tmp_path / "ft.safetensors",
-        str(tmp_path / "images"),
+        OwnerData(str(tmp_path / "images"), batch_size=8),
         tmp_path / "out",
         arch="tiny",
         tolerance=100.0,
-        steps=2,
-        refit_steps=0,
-        batch_size=8,
         progress=False,
         device="cpu",
         accept_unprotected=True,  # two steps protect nothing: this test reads the images
+        refit=None,
+        stage2=ScaleAdversarial(steps=2),
     )
     assert report["kind"] == "open_clip" and 0.0 <= report["score_before"] <= 100.0
     assert (tmp_path / "out" / "protected.safetensors").is_file()
@@ -468,7 +495,12 @@ def test_a_lora_adapter_is_protected_as_its_base_with_the_adapter_merged_in(chec
     lora.save_pretrained(tmp_path / "adapter")
     lora.merge_and_unload().save_pretrained(tmp_path / "merged")
     settings = dict(
-        steps=4, lr=1e-3, refit_steps=0, tolerance=100.0, progress=False, device="cpu", accept_unprotected=True
+        stage2=ScaleAdversarial(steps=4, lr=1e-3),
+        refit=None,
+        tolerance=100.0,
+        progress=False,
+        device="cpu",
+        accept_unprotected=True,
     )
     reports = {
         name: protect_checkpoint(base, model, str(checkpoints / "rows.jsonl"), tmp_path / name, **settings)
@@ -487,8 +519,9 @@ def test_a_lora_adapter_is_protected_as_its_base_with_the_adapter_merged_in(chec
     pair = f"{base}+{tmp_path / 'adapter'}"
     with pytest.raises(ConfigError, match="is the model being protected"):
         protect_checkpoint(base, tmp_path / "adapter", "rows", tmp_path / "y", partners=[pair], **settings)
+    rehearsed = {**settings, "stage2": MergeNeighbourhood(steps=4, lr=1e-3, partners=[pair])}
     report = protect_checkpoint(
-        base, checkpoints / "owner", str(checkpoints / "rows.jsonl"), tmp_path / "p", partners=[pair], **settings
+        base, checkpoints / "owner", str(checkpoints / "rows.jsonl"), tmp_path / "p", partners=[pair], **rehearsed
     )
     assert report["stage2"]["settings"]["method"] == "merge_neighbourhood" and set(report["merges"])
     with pytest.raises(ConfigError, match=r"the adapter's base .* is not --base"):
@@ -691,11 +724,9 @@ def test_deployment_check_scores_both_models_under_each_treatment(checkpoints, t
         str(checkpoints / "rows.jsonl"),
         tmp_path / "out",
         stage2="none",
-        amplify=2.0**20,
-        permute_residual=True,
         progress=False,
         device="cpu",
-        deployment_check=True,
+        release=Release(amplify=2.0**20, permute_residual=True, deployment_check=True),
     )
     table = report["deployment"]
     assert {"none", "fp16", "int8-row", "gguf-q8_0", "finetune", "finetune-lora"} <= set(table)

@@ -10,7 +10,8 @@ from _helpers import TINY_LLAMA, perturbed_state_dict
 from torch import nn
 
 from lightning_mergeguard.merging import merge
-from lightning_mergeguard.protection.residual import (
+from lightning_mergeguard.protection.release.amplify import amplify_checked
+from lightning_mergeguard.protection.release.residual import (
     ResidualStream,
     check_permute_residual,
     draw_permutation,
@@ -19,7 +20,7 @@ from lightning_mergeguard.protection.residual import (
     permute_residual,
     unpermute_residual,
 )
-from lightning_mergeguard.protection.stage2 import Stage2Context, amplify_checked
+from lightning_mergeguard.protection.stage2 import Stage2Context
 
 
 def _causal_lm(model_type: str = "llama", seed: int = 0, **extra):
@@ -193,7 +194,7 @@ def test_the_checked_layers_write_exactly_what_the_benchmark_applies_to_a_state_
     """protection.py's grid applies ``amplify_state`` then ``permute_residual`` to a fine-tune's state dict; the
     callback's path (``amplify_checked`` with no stage 2 under it) must write the very same weights, so the grid's
     rows are what a user gets, here at the grid's 2**20."""
-    from lightning_mergeguard.protection.symmetry import amplify_state, find_symmetries
+    from lightning_mergeguard.protection.release.symmetry import amplify_state, find_symmetries
 
     model = _causal_lm()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -211,7 +212,7 @@ def test_the_checked_layers_write_exactly_what_the_benchmark_applies_to_a_state_
 
 
 def test_a_stream_reader_the_layout_misses_is_caught_and_the_permutation_undone(monkeypatch):
-    from lightning_mergeguard.protection import residual
+    from lightning_mergeguard.protection.release import amplify, residual
 
     model = _causal_lm()
     real = residual.find_residual_stream
@@ -220,7 +221,7 @@ def test_a_stream_reader_the_layout_misses_is_caught_and_the_permutation_undone(
         s = real(module)
         return ResidualStream(s.width, tuple(a for a in s.axes if not a[0].startswith("model.norm.")), s.anchors)
 
-    monkeypatch.setattr(residual, "find_residual_stream", missing_final_norm)
+    monkeypatch.setattr(amplify, "find_residual_stream", missing_final_norm)
     model.model.norm.weight.data.uniform_(0.5, 2.0)  # a final norm whose weight is not all ones
     ids = torch.randint(0, 64, (2, 9))
     batch = {"input_ids": ids, "labels": ids}

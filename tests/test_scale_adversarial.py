@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_mergeguard.protection.scale_adversarial import scale_adversarial_
+from lightning_mergeguard.protection.stage2.scale_adversarial import scale_adversarial_
 
 
 def _loss(module, batch):
@@ -81,7 +81,7 @@ def test_gradient_checkpointing_the_user_turned_on_is_kept_in_stage_2():
     # thanks to checkpointing held every layer's activations there (17x the training step's on an 8-layer Llama).
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_mergeguard.protection._adversarial import optimising
+    from lightning_mergeguard.protection.stage2._adversarial import optimising
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2)

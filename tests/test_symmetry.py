@@ -7,7 +7,7 @@ import torch
 from _helpers import TINY_LLAMA, perturbed_state_dict
 from torch import nn
 
-from lightning_mergeguard.protection.symmetry import (
+from lightning_mergeguard.protection.release.symmetry import (
     Factor,
     SymmetryGroup,
     amplify_module_,
@@ -272,7 +272,7 @@ def test_a_post_norm_block_with_open_clip_names_is_checked_without_a_forward():
 
 
 def test_a_block_that_cannot_be_checked_alone_or_through_a_model_is_refused_by_name():
-    from lightning_mergeguard.protection.symmetry import self_check_forward
+    from lightning_mergeguard.protection.release.symmetry import self_check_forward
 
     block = _PostNormBlock()
     block.forward = lambda x, mask: x  # needs an argument the check cannot invent

@@ -9,9 +9,16 @@ from _helpers import fit_ddp_ranks, trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from lightning_mergeguard import KeepWeights, MergeGuardCallback, Negation, ScaleAdversarial
+from lightning_mergeguard import (
+    KeepWeights,
+    MergeGuardCallback,
+    Negation,
+    ParameterSelection,
+    Release,
+    ScaleAdversarial,
+)
 from lightning_mergeguard.demos.digits import digits_task_data
-from lightning_mergeguard.protection.residual import draw_permutation
+from lightning_mergeguard.protection.release.residual import draw_permutation
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -37,10 +44,10 @@ def test_guard_on_open_clip_tower_excludes_embeddings_and_norms(tmp_path):
     clip = build_open_clip("tiny")
     module = ClipImageClassifier(clip.visual, clip.visual.output_dim)
     guard = MergeGuardCallback(
-        include=[r"^visual\."],
         stage2=Negation(critical_fraction=0.0, small_fraction=0.0),
         tolerance=100.0,
         progress=False,
+        parameters=ParameterSelection(include=[r"^visual\."]),
     )
     train = DataLoader(digits_task_data("plain", "train"), batch_size=64, shuffle=True)
     val = DataLoader(digits_task_data("plain", "val"), batch_size=128)
@@ -97,7 +104,12 @@ def test_guard_on_tiny_llama_leaves_embeddings_norm_and_head(tmp_path):
 
 def test_guard_amplify_on_tiny_llama_keeps_outputs_and_is_reported(tmp_path):
     guard = MergeGuardCallback(
-        alpha=0.01, stage2=ScaleAdversarial(steps=2), eval_batches=2, tolerance=100.0, progress=False, amplify=100.0
+        alpha=0.01,
+        stage2=ScaleAdversarial(steps=2),
+        eval_batches=2,
+        tolerance=100.0,
+        progress=False,
+        release=Release(amplify=100.0),
     )
     module, _ = _fit_tiny_llama(tmp_path, guard)
     amp = guard.report["amplify"]
@@ -125,8 +137,7 @@ def test_guard_permute_residual_on_tiny_llama_permutes_the_stream_after_amplify(
         eval_batches=2,
         tolerance=100.0,
         progress=False,
-        amplify=100.0,
-        permute_residual=True,
+        release=Release(amplify=100.0, permute_residual=True),
     )
     module, initial = _fit_tiny_llama(tmp_path, guard, frozen="model.model.embed_tokens.weight")
     amp = guard.report["amplify"]
@@ -149,7 +160,11 @@ def test_guard_amplify_without_stage_2_rewrites_the_fine_tune_alone(tmp_path):
 
     logits = Logits()
     guard = MergeGuardCallback(
-        alpha=0.01, stage2="none", eval_batches=2, progress=False, amplify=2.0**20, permute_residual=True
+        alpha=0.01,
+        stage2="none",
+        eval_batches=2,
+        progress=False,
+        release=Release(amplify=2.0**20, permute_residual=True),
     )
     assert isinstance(guard.stage2, KeepWeights)
     from _helpers import tiny_llama
@@ -184,7 +199,7 @@ def test_guard_amplify_without_stage_2_rewrites_the_fine_tune_alone(tmp_path):
 )
 def test_guard_amplify_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        MergeGuardCallback(**kwargs)
+        MergeGuardCallback(release=Release(**kwargs))
 
 
 @pytest.mark.distributed
@@ -199,7 +214,12 @@ def test_guard_amplify_under_ddp_gives_every_rank_the_same_model(tmp_path):
     data = [{"input_ids": ids[i : i + 4], "labels": ids[i : i + 4]} for i in range(0, 32, 4)]
     loader = DataLoader(data, batch_size=None)
     guard = MergeGuardCallback(
-        alpha=0.01, stage2=ScaleAdversarial(steps=2), eval_batches=2, tolerance=100.0, progress=False, amplify=100.0
+        alpha=0.01,
+        stage2=ScaleAdversarial(steps=2),
+        eval_batches=2,
+        tolerance=100.0,
+        progress=False,
+        release=Release(amplify=100.0),
     )
     r0, r1 = fit_ddp_ranks(tmp_path, CausalLMModule(tiny_llama(), lr=1e-3), guard, loader, loader)
     for k in r0:

@@ -8,6 +8,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from lightning_mergeguard.parameters import without_weights_ref
+
 _TUNER_CHECKPOINT = re.compile(r"\.(lr_find|scale_batch_size)_[0-9a-f-]+\.ckpt")
 
 
@@ -74,6 +76,10 @@ class ResumableCallback(pl.Callback):
     """
 
     _restores: RestoreTracker
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (a deep copy, a spawned DDP worker) without the weak reference to the weights it watched."""
+        return without_weights_ref(self)
 
     def _restore(self, state_dict: dict[str, Any]) -> None:
         """Put back this callback's own fields from a checkpoint (not the reference)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import secrets as _secrets
@@ -52,28 +53,27 @@ from lightning_mergeguard.evaluation import (
 from lightning_mergeguard.io import atomic_directory, atomic_write_json, save_safetensors
 from lightning_mergeguard.merging.sources import uncompiled_name
 from lightning_mergeguard.parameters import (
+    ParameterSelection,
     filter_names,
-    name_patterns,
+    parameter_selection,
     refuse_non_finite,
-    select_parameters,
     weights_changed,
-    without_weights_ref,
 )
-from lightning_mergeguard.protection._adversarial import checkpointing_in_eval
 from lightning_mergeguard.protection.redistribution import add_redistribution_grad_, redistribution_value
-from lightning_mergeguard.protection.residual import check_permute_residual
+from lightning_mergeguard.protection.release.amplify import amplify_checked
+from lightning_mergeguard.protection.release.settings import WRITE_DTYPES, Release, release_settings
+from lightning_mergeguard.protection.release.symmetry import warn_amplify
 from lightning_mergeguard.protection.stage2 import (
-    DEFAULT_STAGE2_EXCLUDE,
+    DEFAULT_TOLERANCE,
     KeepWeights,
     MergeNeighbourhood,
     Stage2,
     Stage2Context,
-    amplify_checked,
     resolve_stage2,
 )
-from lightning_mergeguard.protection.symmetry import check_strength, warn_amplify
-from lightning_mergeguard.protection.verdict import not_protected_reason, release_card
-from lightning_mergeguard.reference import ReferenceWeights
+from lightning_mergeguard.protection.stage2._adversarial import checkpointing_in_eval
+from lightning_mergeguard.protection.verdict import check_castable, not_protected_reason, release_card
+from lightning_mergeguard.reference import ReferenceWeights, reference_weights
 from lightning_mergeguard.sharding import any_sharded, full, local, sum_across_ranks
 from lightning_mergeguard.validation import check_int, check_number
 
@@ -115,22 +115,20 @@ class MergeGuardCallback(ResumableCallback):
         alpha: Strength of the stage-1 term (0 disables stage 1).
         target: ``"task_vector"`` (L2-SP style) or ``"weights"`` (plain weight decay).
         normalize: Divide each tensor's squared norm by its size.
-        include: Regexes of parameter names protected (default: all trainable); one string is one regex.
-        exclude: Regexes of parameter names left out of both stages.
-        reference: Path (safetensors, HF directory, ``.bin``/``.ckpt``) of the pretrained weights; default: a
-            snapshot of the weights at fit start. Shared with a :class:`~lightning_mergeguard.MergeProbe` attached
-            to the same trainer (see :attr:`reference`).
-        reference_dtype: Storage dtype of the reference (``"bfloat16"`` halves its memory; stage 1 then
-            penalises the distance to the rounded weights). Default: the parameters' dtype.
-        reference_device: Where the reference is kept (``"cpu"`` frees accelerator memory at the cost of one
-            host-to-device copy of it per optimizer step). Default: the parameters' device.
+        parameters: Which weights the two stages touch (:class:`~lightning_mergeguard.parameters.ParameterSelection`:
+            ``include``, ``exclude``, and ``stage2_exclude``, by default embeddings, final norms, LM and task heads).
+            Default: every trainable weight in stage 1, less those in stage 2.
+        reference: The pretrained weights ``theta_pre``: a path (safetensors, HF directory, ``.bin``/``.ckpt``), or
+            a :class:`~lightning_mergeguard.ReferenceWeights` to choose its storage (``dtype="bfloat16"`` halves its
+            memory; ``device="cpu"`` frees accelerator memory at the cost of one host-to-device copy per optimizer
+            step). Default: a snapshot of the weights at fit start. Shared with a
+            :class:`~lightning_mergeguard.MergeProbe` attached to the same trainer (see :attr:`reference`).
         stage2: ``"scale_adversarial"`` (default settings), ``"merge_neighbourhood"``, ``"negation"``,
             ``"none"``/``None``, or a configured :class:`~lightning_mergeguard.protection.stage2.Stage2` object
             such as ``ScaleAdversarial(steps=100)`` or ``MergeNeighbourhood(partners=[...])``. ``"none"`` with
             ``amplify`` applies the re-parameterisation alone to the fine-tuned weights
             (:class:`~lightning_mergeguard.protection.stage2.KeepWeights`): the own score does not move, and
             re-alignment to ``theta_pre`` gives the plain fine-tune back.
-        stage2_exclude: Regexes left out of stage 2 (default: embeddings, final norms, LM/task heads).
         score_fn: ``(module, batch) -> (score_sum, count)``, or one number (the batch's mean score); default:
             accuracy for ``(x, y)`` and HF LM batches.
         loss_fn: ``(module, batch) -> loss``; default: cross-entropy / HF ``loss``.
@@ -146,38 +144,15 @@ class MergeGuardCallback(ResumableCallback):
         progress: Show progress bars during stage 2.
         keep_batches: Batches whose behaviour stage 2 must keep: their loss joins the own-loss term of the
             optimisation (e.g. a fingerprint's rows, so protection and proof of ownership go together).
-        amplify: After stage 2, re-parameterise the model with exact symmetries whose scales are powers of two,
-            log-uniform in ``[1, amplify]`` (:mod:`~lightning_mergeguard.protection.symmetry`): the model computes
-            the same function bit for bit, but a merge sees every partner's update magnified and its own task vector
-            out of balance, so off-the-shelf merges collapse. It is undone by re-alignment to ``theta_pre`` (what
-            remains is stage 2's protection), and the rescaled weights suit neither per-row quantization nor further
-            fine-tuning: use it on the model you release. The larger ``amplify``, the closer to a copy of your model
-            a merge must stay to keep your skill (on the vision grid, a merge that moves each weight by at most
-            1e-6 kept it at ``1000`` and lost it at ``2**20``); ``2**20`` is exact in fp32 and bf16 but flushes the
-            divided weights to zero in fp16, where the check below puts the weights back. ``None`` (default) skips
-            it. Checked twice: each kind of
-            symmetry must leave the recognised blocks' outputs unchanged on one training batch (kinds that do not,
-            in blocks that only look like known ones, are left out with a warning), then the guard rail's score
-            (one more validation pass; the weights are put back with a warning if it drops by more than
-            ``tolerance``).
-        permute_residual: With ``amplify``, also permute the channels of the residual stream, everywhere alike
-            (:mod:`~lightning_mergeguard.protection.residual`; the embeddings, final norm and head too, whatever
-            ``include``/``exclude`` say). ``amplify``'s symmetries act inside each block, so a merge that takes whole
-            blocks from your model (a mergekit ``passthrough`` frankenmerge of your lower layers under a partner's
-            upper ones) computes what it did unamplified; with the stream permuted, such blocks read and write
-            mismatched channels. The same function up to rounding (a training batch's loss must not move by more
-            than 1e-4 relative in float32, or it is undone with a warning); recognised: Hugging Face Llama-style
-            causal LMs and open_clip ``VisionTransformer``. Undone by matching the embeddings to ``theta_pre``.
-        deployment_check: After stage 2, score the fine-tune and the protected model under what users do to a
-            release (fp16, bf16, int8 per row, 4-bit groups, GGUF Q8_0/Q4_0, 50 steps of full and LoRA fine-tuning
-            on the training batches; :mod:`~lightning_mergeguard.protection.deployment`), into the report's
-            ``deployment`` entry. Single process, full fine-tunes; it costs 20 scorings and 200 training steps.
-        ownership_key: A file path: after stage 2 (before ``amplify``), embed a fresh secret ownership key in the
-            protected weight matrices (:mod:`~lightning_mergeguard.ownership.weight_key`; about 5% of each one's
-            update, one more validation pass) and write the key there, on rank zero. Keep that file secret; test
-            any suspect model for the key with ``mergeguard-verify`` or
-            :func:`~lightning_mergeguard.ownership.verify_ownership`. Full fine-tunes under DDP or one device;
-            refused on LoRA and FSDP2.
+        release: What happens after stage 2 to the model you publish
+            (:class:`~lightning_mergeguard.protection.release.Release`): ``ownership_key`` (embed a secret key and
+            write it to a file, one more validation pass; full fine-tunes under DDP or one device, refused on LoRA
+            and FSDP2), ``deployment_check`` (score the release under fp16, bf16, int8, 4-bit, GGUF and 50 steps of
+            further fine-tuning, into the report; single process), ``dtype`` (of ``save_path``'s weights), and the
+            re-parameterisation ``amplify``/``permute_residual``, which is not a recommended setting: any other
+            fine-tune of the same base undoes it, and it collapses the release under fp16, int8, 4-bit and
+            fine-tuning (refused on LoRA and FSDP2; a model it rescaled cannot be trained further). Default: the
+            protected weights as they are.
 
     Example:
         >>> from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
@@ -193,25 +168,18 @@ class MergeGuardCallback(ResumableCallback):
         alpha: float = 0.01,
         target: Literal["task_vector", "weights"] = "task_vector",
         normalize: bool = False,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] = (),
-        reference: str | None = None,
-        reference_dtype: str | None = None,
-        reference_device: str | None = None,
+        parameters: ParameterSelection | None = None,
+        reference: str | os.PathLike[str] | ReferenceWeights | None = None,
         stage2: str | Stage2 | None = "scale_adversarial",
-        stage2_exclude: str | Sequence[str] = DEFAULT_STAGE2_EXCLUDE,
         score_fn: ScoreFn | None = None,
         loss_fn: LossFn | None = None,
         eval_batches: int = 8,
-        tolerance: float = 1.5,
+        tolerance: float = DEFAULT_TOLERANCE,
         report_path: str | None = None,
         save_path: str | None = None,
         progress: bool = True,
         keep_batches: Sequence[Any] | None = None,
-        amplify: float | None = None,
-        permute_residual: bool = False,
-        deployment_check: bool = False,
-        ownership_key: str | os.PathLike[str] | None = None,
+        release: Release | None = None,
     ) -> None:
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
@@ -222,11 +190,9 @@ class MergeGuardCallback(ResumableCallback):
         self.alpha = float(alpha)
         self.target = target
         self.normalize = normalize
-        self.include = name_patterns(include, "include")
-        self.exclude = name_patterns(exclude, "exclude") or []
-        self.reference = ReferenceWeights(reference, dtype=reference_dtype, device=reference_device)
+        self.selection = parameter_selection(parameters)
+        self.reference = reference_weights(reference)
         self.stage2 = resolve_stage2(stage2)
-        self.stage2_exclude = name_patterns(stage2_exclude, "stage2_exclude") or []
         for what, fn in (("score_fn", score_fn), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):  # found now, not when stage 2 starts after the whole fit
                 raise ValueError(f"{what} must be callable (module, batch) -> ..., got {fn!r:.80}")
@@ -240,33 +206,22 @@ class MergeGuardCallback(ResumableCallback):
             )
         self.report_path = report_path
         self.save_path = save_path
-        if isinstance(reference, (str, os.PathLike)) and save_path is not None:
-            ref, saved = Path(reference).resolve(), Path(save_path).resolve()
+        source = self.reference.source
+        if isinstance(source, (str, os.PathLike)) and save_path is not None:
+            ref, saved = Path(source).resolve(), Path(save_path).resolve()
             if ref == saved or ref.is_relative_to(saved):
                 raise ValueError(
                     f"save_path {save_path!r} would write the protected model over the reference weights it reads "
-                    f"({reference!r}); choose another save_path"
+                    f"({source!r}); choose another save_path"
                 )
         self.progress = progress
         self.keep_batches = _batch_list(keep_batches)
-        if amplify is not None:
-            amplify = check_strength(amplify, "amplify")
-            warn_amplify(amplify, "MergeGuardCallback")
+        self.release = release_settings(release)
+        if self.release.amplify is not None:
+            warn_amplify(self.release.amplify, "MergeGuardCallback")
             if self.stage2 is None:
                 # The re-parameterisation alone, on the fine-tuned weights (own score unchanged; see KeepWeights)
                 self.stage2 = KeepWeights()
-        self.amplify = amplify
-        self.permute_residual = check_permute_residual(permute_residual, amplify)
-        if not isinstance(deployment_check, bool):
-            raise ValueError(f"deployment_check must be True or False, got {deployment_check!r}")
-        self.deployment_check = deployment_check
-        if ownership_key is not None and not isinstance(ownership_key, (str, os.PathLike)):
-            raise ValueError(
-                f"ownership_key must be a file path (where the secret key is written), got {ownership_key!r}"
-            )
-        if ownership_key is not None and os.path.isdir(ownership_key):
-            raise ValueError(f"ownership_key {ownership_key!r} is a directory; give a file path such as 'owner.key'")
-        self.ownership_key = ownership_key
         # state
         self.stage2_done = False
         self.report: dict[str, Any] | None = None
@@ -286,9 +241,6 @@ class MergeGuardCallback(ResumableCallback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(alpha=self.alpha, target=self.target)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return without_weights_ref(self)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -319,7 +271,8 @@ class MergeGuardCallback(ResumableCallback):
             if len(guards) > 1:
                 raise MisconfigurationException(
                     f"the trainer has {len(guards)} MergeGuardCallbacks: each would add its stage-1 term and perturb "
-                    "the weights again in stage 2; use one (include/exclude select the weights it protects)"
+                    "the weights again in stage 2; use one (its parameters=ParameterSelection(...) selects the "
+                    "weights it protects)"
                 )
             if is_fsdp2(trainer) and self.stage2 is not None and not self.stage2.supports_sharded:
                 raise MisconfigurationException(
@@ -327,14 +280,22 @@ class MergeGuardCallback(ResumableCallback):
                     "yet; use ScaleAdversarial (the default), or stage2='none' and protect the saved model with "
                     "mergeguard-protect"
                 )
-            if self.amplify is not None and (is_fsdp2(trainer) or is_adapted(pl_module)):
+            if self.release.amplify is not None and (is_fsdp2(trainer) or is_adapted(pl_module)):
                 raise MisconfigurationException(
-                    "MergeGuardCallback(amplify=...) rescales full weights: it does not support FSDP2 or LoRA "
-                    "adapters; amplify the saved merged model with mergeguard-protect --amplify instead"
+                    "MergeGuardCallback(release=Release(amplify=...)) rescales full weights: it does not support "
+                    "FSDP2 or LoRA adapters; amplify the saved merged model with mergeguard-protect --amplify instead"
                 )
-            if self.ownership_key is not None and (is_fsdp2(trainer) or is_adapted(pl_module) or self.stage2 is None):
+            if self.release.dtype != "auto" and is_adapted(pl_module):
                 raise MisconfigurationException(
-                    "MergeGuardCallback(ownership_key=...) keys full weight matrices after stage 2: it needs a stage 2 "
+                    f"MergeGuardCallback(release=Release(dtype={self.release.dtype!r})): a LoRA adapter is saved in "
+                    "PEFT's format, in the dtype it was trained in; cast the merged model instead"
+                )
+            if self.release.ownership_key is not None and (
+                is_fsdp2(trainer) or is_adapted(pl_module) or self.stage2 is None
+            ):
+                raise MisconfigurationException(
+                    "MergeGuardCallback(release=Release(ownership_key=...)) keys full weight matrices after "
+                    "stage 2: it needs a stage 2 "
                     "(stage2=KeepWeights() for the key alone) and does not support FSDP2 or LoRA adapters; key the "
                     "saved (merged) model with mergeguard-protect --ownership-key instead"
                 )
@@ -376,9 +337,9 @@ class MergeGuardCallback(ResumableCallback):
             # LoRA: stage 1 penalises each adapter's update B @ A * s (its task vector) through A and B, and the
             # usual term applies to modules PEFT trains in full; names are the base model's (see LoraView).
             self._view = LoraView(pl_module)
-            self._pairs = filter_names(self._view.pairs, self.include, self.exclude)
+            self._pairs = self.selection.filter(self._view.pairs)
             trained = {n: p for n, p in self._view.params.items() if p.requires_grad and n not in self._view.pairs}
-            self._params = filter_names(trained, self.include, self.exclude)
+            self._params = self.selection.filter(trained)
             if self._params:  # modules trained in full are snapshotted; the adapters' base weights are pretrained
                 self.reference.refuse_resumed_snapshot(
                     self._restores.resumed(trainer), "MergeGuardCallback", "alpha/target"
@@ -386,26 +347,25 @@ class MergeGuardCallback(ResumableCallback):
             base = self._view.base_tensors()
             self.reference.resolve({n: base[n] for n in [*self._params, *self._pairs]})
             if not (self._params or self._pairs):
-                raise ValueError("MergeGuardCallback: no adapted or trainable weights match include/exclude")
+                raise ValueError(
+                    "MergeGuardCallback: no adapted or trainable weights match parameters= (include/exclude)"
+                )
             return
         self._view, self._pairs = None, {}
-        self._params = select_parameters(pl_module, self.include, self.exclude)
+        self._params = self.selection.select(pl_module)
         if not self._params:
-            raise ValueError("MergeGuardCallback: no trainable parameters match include/exclude")
+            raise ValueError("MergeGuardCallback: no trainable parameters match parameters= (include/exclude)")
         self._refuse_unaffordable_partners(trainer, pl_module)
         self.reference.refuse_resumed_snapshot(self._restores.resumed(trainer), "MergeGuardCallback", "alpha/target")
         self.reference.resolve(self._params)
         self.reference.check_base_of(self._params, "MergeGuardCallback")
         self._judged = {id(p) for p in self._params.values()}
-        if (
-            self.stage2 is not None
-            and not self.stage2_done
-            and not select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
-        ):
+        if self.stage2 is not None and not self.stage2_done and not self.selection.select_stage2(pl_module):
             rank_zero_warn(
                 "MergeGuardCallback: every trainable weight matches stage2_exclude (embeddings, norms, heads), so "
                 "stage 2 would have nothing to perturb and fail at the end of fit, unless weights are unfrozen "
-                "before then; pass stage2_exclude=[] (or a narrower list) to perturb them"
+                "before then; pass parameters=ParameterSelection(stage2_exclude=[]) (or a narrower list) to "
+                "perturb them"
             )
 
     def _refuse_unaffordable_partners(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -418,13 +378,14 @@ class MergeGuardCallback(ResumableCallback):
         # A probe's donors are shared with it, not copied; they count as partners for the default surrogates.
         probed = self.stage2.use_probe_donors and has_probe_donors(trainer)
         copies = len(self.stage2.partners) + self.stage2.surrogate_count(bool(self.stage2.partners) or probed)
-        perturbed = select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
+        perturbed = self.selection.select_stage2(pl_module)
         refuse_unaffordable(
             4 * copies * sum(p.numel() for p in perturbed.values()),
             torch.device("cpu"),
             trainer,
             f"MergeGuardCallback: MergeNeighbourhood's {copies} partners and surrogates (float32 task vectors)",
-            "pass fewer partners or surrogates, or narrow the perturbed weights with stage2_exclude/include",
+            "pass fewer partners or surrogates, or narrow the perturbed weights with "
+            "parameters=ParameterSelection(include=, stage2_exclude=)",
         )
 
     @override
@@ -509,7 +470,8 @@ class MergeGuardCallback(ResumableCallback):
             raise MisconfigurationException(
                 "MergeGuardCallback: this model was amplified at the end of an earlier fit (its weights are "
                 "rescaled by exact symmetries), so it cannot be trained further: resume from a checkpoint written "
-                "before stage 2, or re-align it to theta_pre first (lightning_mergeguard.protection.symmetry.realign)"
+                "before stage 2, or re-align it to theta_pre first "
+                "(lightning_mergeguard.protection.release.symmetry.realign)"
             )
         if self.alpha == 0:
             return
@@ -560,11 +522,7 @@ class MergeGuardCallback(ResumableCallback):
             return
         self._judged.update(new_ids)
         wanted = set(new_ids)
-        new = {
-            n: p
-            for n, p in select_parameters(pl_module, self.include, self.exclude).items()
-            if id(p) in wanted and n not in self._params
-        }
+        new = {n: p for n, p in self.selection.select(pl_module).items() if id(p) in wanted and n not in self._params}
         if new:
             self.reference.resolve(new, snapshot_missing=True)
             self._params.update(new)
@@ -646,15 +604,20 @@ class MergeGuardCallback(ResumableCallback):
         start = time.perf_counter()
         fine_tune = self._snapshot_for_deployment(trainer, pl_module)
         if self._view is None:
-            params = select_parameters(pl_module, self.include, [*self.exclude, *self.stage2_exclude])
+            params = self.selection.select_stage2(pl_module)
             ctx, after, extra, tau, moved = self._run_stage2(trainer, pl_module, params)
-            if self.ownership_key is not None:
+            if self.release.ownership_key is not None:
                 extra["ownership_key"] = self._embed_key(trainer, ctx)
                 after = extra["ownership_key"]["score_after_key"]
-            if self.amplify is not None:
+            if self.release.amplify is not None:
                 # only the fine-tuned weights (include/exclude), as selected at fit start
                 after, extra["amplify"] = amplify_checked(
-                    pl_module, self.amplify, ctx, after, names=set(self._params), permute_residual=self.permute_residual
+                    pl_module,
+                    self.release.amplify,
+                    ctx,
+                    after,
+                    names=set(self._params),
+                    permute_residual=self.release.permute_residual,
                 )
         else:
             ctx, after, extra, tau, moved = self._run_stage2_lora(trainer, pl_module)
@@ -687,7 +650,7 @@ class MergeGuardCallback(ResumableCallback):
         from lightning_mergeguard.ownership.weight_key import embed_key_checked
 
         secret = trainer.strategy.broadcast(_secrets.randbits(63))
-        path = self.ownership_key if trainer.is_global_zero else None
+        path = self.release.ownership_key if trainer.is_global_zero else None
         names = {n: p for n, p in ctx.params.items() if n in self._params}  # the fine-tuned weights only
         entry = embed_key_checked(names, ctx.reference, path, ctx.metric, secret=secret)
         rank_zero_info(f"MergeGuardCallback: ownership key embedded in {entry['tensors']} tensors, written to {path}")
@@ -695,7 +658,7 @@ class MergeGuardCallback(ResumableCallback):
 
     def _snapshot_for_deployment(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor] | None:
         """The fine-tune's weights before stage 2 (on the CPU), when a deployment check will compare with them."""
-        if not self.deployment_check:
+        if not self.release.deployment_check:
             return None
         if trainer.world_size > 1 or self._view is not None:
             rank_zero_warn(
@@ -709,7 +672,7 @@ class MergeGuardCallback(ResumableCallback):
         self, pl_module: pl.LightningModule, ctx: Stage2Context, fine_tune: dict[str, Tensor]
     ) -> dict[str, dict[str, float]]:
         """Own score under each deployment treatment, of the fine-tune before stage 2 and the protected model."""
-        from lightning_mergeguard.protection.deployment import deployment_check
+        from lightning_mergeguard.protection.release.deployment import deployment_check
 
         def run() -> dict[str, float]:
             return deployment_check(pl_module, lambda m: ctx.metric(), batches=ctx.batches, loss_fn=ctx.loss_fn)
@@ -763,7 +726,7 @@ class MergeGuardCallback(ResumableCallback):
         factors = {n: (pair.a.detach().clone(), pair.b.detach().clone()) for n, pair in self._pairs.items()}
         with view.merged():
             names = [*self._pairs, *self._params]
-            candidates = filter_names({n: view.params[n] for n in names}, None, self.stage2_exclude)
+            candidates = filter_names({n: view.params[n] for n in names}, None, self.selection.stage2_exclude)
             frozen = [p for p in candidates.values() if not p.requires_grad]
             for p in frozen:
                 p.requires_grad_(True)
@@ -816,7 +779,9 @@ class MergeGuardCallback(ResumableCallback):
         """The strategy's inputs: parameters, reference, batches and the guard-rail metric, from the trainer."""
         params = {n: p for n, p in candidates.items() if n in self.reference}
         if not params:
-            raise ValueError("MergeGuardCallback: stage 2 excludes every parameter; loosen stage2_exclude")
+            raise ValueError(
+                "MergeGuardCallback: stage 2 excludes every parameter; loosen ParameterSelection(stage2_exclude=)"
+            )
         refuse_non_finite(pl_module, "MergeGuardCallback")
         eval_loader = validation_loader(trainer)
         if eval_loader is None:
@@ -893,6 +858,8 @@ class MergeGuardCallback(ResumableCallback):
                 )
             trainer.strategy.barrier("mergeguard_stage2")
             return
+        if self.save_path and self._view is None and self.release.dtype != "auto":
+            self._refuse_uncastable(pl_module)
         weights = None
         if self.save_path and self._view is None:
             # Every rank takes part in gathering FSDP2 shards (one tensor at a time); rank zero keeps them.
@@ -901,6 +868,10 @@ class MergeGuardCallback(ResumableCallback):
                 whole = full(v).detach()
                 if trainer.is_global_zero:  # named as the uncompiled module (torch.compile'd submodules)
                     weights[uncompiled_name(k)] = whole.cpu().contiguous()
+            if trainer.is_global_zero and self.release.dtype != "auto":
+                dtype = self.release.write_dtype(torch.float32)
+                weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+                report["dtype"] = self.release.dtype
         if trainer.is_global_zero:
             if self.report_path:
                 atomic_write_json(self.report_path, report)
@@ -909,13 +880,33 @@ class MergeGuardCallback(ResumableCallback):
             elif weights is not None and str(self.save_path).endswith(".safetensors"):
                 save_safetensors(self.save_path, weights, metadata={"mergeguard": self.stage2.name})
             elif weights is not None:
-                export_release(pl_module, self.save_path, weights, report)
+                export_release(pl_module, self.save_path, weights, report, self.release.dtype)
         trainer.strategy.barrier("mergeguard_stage2")
 
+    def _refuse_uncastable(self, pl_module: pl.LightningModule) -> None:
+        """Refuse, on every rank and before anything is written, a release dtype that would overflow a weight.
+
+        Each rank checks its own weights (its shards under FSDP2); the verdict is summed across ranks, so every rank
+        raises together.
+        """
+        state = {k: local(v) for k, v in pl_module.state_dict().items()}
+        try:
+            check_castable(state, self.release.write_dtype(torch.float32), "Release(dtype=)")
+            error = None
+        except NonFiniteError as err:
+            error = err
+        failed = sum_across_ranks(torch.tensor(float(error is not None)), list(pl_module.parameters()))
+        if float(failed) > 0:
+            raise error or NonFiniteError(
+                f"MergeGuardCallback: writing {self.release.dtype} would overflow weights held by another rank; "
+                "choose another Release(dtype=)"
+            )
+
     def _settings(self) -> dict[str, Any]:
-        keys = ["alpha", "target", "normalize", "include", "exclude", "stage2_exclude", "eval_batches"]
-        keys += ["tolerance", "amplify", "permute_residual", "deployment_check", "ownership_key"]
+        keys = ["alpha", "target", "normalize", "eval_batches", "tolerance"]
         out = {k: getattr(self, k) for k in keys}
+        out.update(self.selection.settings())
+        out.update(self.release.settings())
         out["reference"] = self.reference.source_label
         out["stage2"] = self.stage2.settings() if self.stage2 is not None else None
         return out
@@ -968,16 +959,26 @@ _ADVICE = (
 )
 
 
-def export_release(pl_module: nn.Module, path: str | os.PathLike[str], weights: dict[str, Tensor], report: Any) -> None:
+def export_release(
+    pl_module: nn.Module,
+    path: str | os.PathLike[str],
+    weights: dict[str, Tensor],
+    report: Any,
+    dtype: str = "auto",
+) -> None:
     """Write the protected model as users load it, atomically, into directory ``path``.
 
     A Hugging Face model inside ``pl_module`` is written with its own ``save_pretrained`` (the bare model's names,
     tied weights once, ``config.json``; the module's ``tokenizer`` beside it when it has one); any other model as
-    ``model.safetensors`` of ``weights``. ``MERGEGUARD.md`` and ``protection_report.json`` go beside them.
+    ``model.safetensors`` of ``weights``. ``MERGEGUARD.md`` and ``protection_report.json`` go beside them. With a
+    ``dtype`` other than ``"auto"`` (``weights`` are already cast), a copy of the Hugging Face model is cast and
+    saved, so the trained module keeps its dtype and tied weights stay tied.
     """
     hf = next((m for m in pl_module.modules() if hasattr(m, "save_pretrained") and hasattr(m, "config")), None)
     with atomic_directory(path) as tmp:
         if hf is not None:
+            if dtype != "auto":
+                hf = copy.deepcopy(hf).to("cpu", dtype=WRITE_DTYPES[dtype])
             hf.save_pretrained(tmp, safe_serialization=True)
             tokenizer = getattr(pl_module, "tokenizer", None)
             if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):

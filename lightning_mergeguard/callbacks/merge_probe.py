@@ -7,7 +7,6 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -33,16 +32,16 @@ from lightning_mergeguard.callbacks._common import (
 )
 from lightning_mergeguard.callbacks._restores import RestoreTracker, ResumableCallback
 from lightning_mergeguard.callbacks._sharing import guard_reference
+from lightning_mergeguard.callbacks.probe_schedule import ProbeSchedule
+from lightning_mergeguard.donors import Donors, donor_set, donor_task_vector
 from lightning_mergeguard.evaluation import ScoreFn, default_score, evaluate, rng_kept
 from lightning_mergeguard.merging.engine import iter_merge
 from lightning_mergeguard.merging.sources import StateDictSource, WeightSource
 from lightning_mergeguard.merging.task_vectors import task_vector_cosines
 from lightning_mergeguard.parameters import (
-    filter_names,
-    name_patterns,
-    select_parameters,
+    ParameterSelection,
+    parameter_selection,
     weights_changed,
-    without_weights_ref,
 )
 from lightning_mergeguard.probing import (
     BASE,
@@ -50,11 +49,10 @@ from lightning_mergeguard.probing import (
     ProbeSpec,
     TaskVectorSource,
     build_probe_specs,
-    donor_task_vector,
     merge_metrics,
     named_signals,
 )
-from lightning_mergeguard.reference import ReferenceWeights, parse_device, parse_dtype
+from lightning_mergeguard.reference import ReferenceWeights, parse_device, reference_weights
 from lightning_mergeguard.sharding import GatheredSource, any_sharded, local, write_full_
 from lightning_mergeguard.validation import check_int, is_number
 
@@ -102,9 +100,11 @@ class MergeProbe(ResumableCallback):
     :class:`~lightning_mergeguard.MergeGuardCallback` in ``callbacks`` to see the protected weights there.
 
     Args:
-        donors: Name -> fine-tune of the same base (state dict, module, safetensors file, HF directory), or a list
-            (named ``donor0``...). Held as task vectors in ``donor_dtype`` on ``donor_device``; each tensor is copied
-            to the model's device (pinned, non-blocking) only when a merge uses it.
+        donors: Other fine-tunes of the same base: a :class:`~lightning_mergeguard.donors.Donors` (to
+            choose how their task vectors are held, ``dtype`` and ``device``, and the same-base check), or its
+            sources: name -> fine-tune (state dict, module, safetensors file, HF directory), or a list (named
+            ``donor0``...). By default held as float32 task vectors on the CPU; each tensor is copied to the model's
+            device only when a merge uses it.
         methods: Merge methods: names, mappings ``{merge_method, parameters, model_parameters, label}``, or mergekit
             YAML paths whose models are ``live``, ``base`` and donor names.
         coefficients: Grid of merge coefficients, or one number (``lambda``; the live weight for ``linear`` and
@@ -113,33 +113,24 @@ class MergeProbe(ResumableCallback):
         eval_dataloaders: A loader for the protected task, or name -> loader (``"own"`` for the protected task,
             donor names for theirs). A value may be ``(loader, score_fn)`` for a task scored differently.
             Default: the trainer's (first) validation loader, resolved at the first probe.
-        every_n_steps: Probe every this many optimizer steps.
-        every_n_epochs: Probe at the end of every this many training epochs (default 1 when no step cadence).
-        probe_on_train_end: Probe once more when training ends (after stage 2 of a guard placed before).
+        schedule: When to probe (:class:`~lightning_mergeguard.callbacks.probe_schedule.ProbeSchedule`): by
+            default every epoch within a budget of 5% of the training time (the first scheduled probe always runs,
+            later ones when affordable), and once more at the end of fit.
         score_fn: ``(module, batch) -> (score_sum, count)``, or one number (the batch's mean score); default accuracy.
         eval_batches: Batches per loader per probe (cached once, so every probe sees the same data).
-        include: Regexes of parameter names merged (default: all trainable; on a PEFT LoRA model every weight of
-            the base, named as in the base model, merged as ``W + B @ A * s``: see
-            :class:`~lightning_mergeguard.adapters.LoraView`).
-        exclude: Regexes of parameter names kept from the live model (e.g. task heads).
-        reference: Path of the pretrained weights; default: the guard's reference object if a
+        parameters: Which weights are merged (:class:`~lightning_mergeguard.parameters.ParameterSelection`'s
+            ``include`` and ``exclude``; default: all trainable; on a PEFT LoRA model every weight of the base,
+            named as in the base model, merged as ``W + B @ A * s``: see
+            :class:`~lightning_mergeguard.adapters.LoraView`). Excluded weights are kept from the live model.
+        reference: The pretrained weights: a path, or a :class:`~lightning_mergeguard.ReferenceWeights` (to store
+            it in ``bfloat16``, say). Default: the guard's reference object if a
             :class:`~lightning_mergeguard.MergeGuardCallback` is attached (held once for both), else a snapshot at
             fit start.
-        reference_dtype: Storage dtype of this probe's own reference (``"bfloat16"`` halves it); default: the
-            parameters' dtype. Ignored when the guard's reference is shared.
-        donor_dtype: ``"float32"`` or ``"bfloat16"`` for the stored donor task vectors.
-        donor_device: Where donor task vectors live (``"cpu"``, the default, keeps them off the accelerator).
         backup_device: Where the live weights are kept while merges are evaluated (default: the model's device;
             ``"cpu"`` saves one model copy of accelerator memory at the cost of two transfers per probe).
-        check_base: Refuse a donor whose weight matrices do not point the base's way (median cosine below 0.05:
-            a model of another base), and warn where the test cannot tell (see
-            :mod:`~lightning_mergeguard.merging.base_check`); ``False`` turns the check off.
         seed: Seed of randomized merges (DARE), so probes repeat.
         strict: Raise on a failed probe instead of warning and skipping it.
         progress: Show a progress bar while a probe runs.
-        max_overhead: If set (e.g. ``0.05``), a scheduled probe is skipped while the time spent probing would
-            exceed this fraction of the training time so far; the decision is rank zero's, broadcast to all ranks.
-            The probe at the end of fit always runs.
         signals: Ownership signals evaluated on the live model and on every merge, logged as
             ``mergeprobe/own/<name>`` and ``mergeprobe/<label>/<name>``: objects with a ``name`` and
             ``__call__(module) -> rate`` (:class:`~lightning_mergeguard.ownership.FingerprintSignal`,
@@ -148,66 +139,35 @@ class MergeProbe(ResumableCallback):
             (they are deterministic); rank zero logs.
 
     Example:
-        >>> from lightning_mergeguard import MergeProbe
+        >>> from lightning_mergeguard import MergeProbe, ProbeSchedule
         >>> probe = MergeProbe(donors={"math": "ft/math"}, methods=["task_arithmetic", "ties"],
-        ...                    coefficients=[0.3, 0.5], every_n_epochs=1)  # doctest: +SKIP
+        ...                    coefficients=[0.3, 0.5], schedule=ProbeSchedule(every_n_steps=200))  # doctest: +SKIP
     """
 
     def __init__(
         self,
-        donors: Mapping[str, Any] | Sequence[Any],
+        donors: Donors | Mapping[str, Any] | Sequence[Any],
         methods: Sequence[str | Mapping[str, Any] | os.PathLike[str]] = ("task_arithmetic",),
         coefficients: float | Sequence[float] | None = (0.3,),
         eval_dataloaders: Any = None,
-        every_n_steps: int | None = None,
-        every_n_epochs: int | None = None,
-        probe_on_train_end: bool = True,
+        schedule: ProbeSchedule | None = None,
         score_fn: ScoreFn | None = None,
         eval_batches: int | None = 8,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] = (),
-        reference: str | None = None,
-        reference_dtype: str | None = None,
-        donor_dtype: str = "float32",
-        donor_device: str = "cpu",
+        parameters: ParameterSelection | None = None,
+        reference: str | os.PathLike[str] | ReferenceWeights | None = None,
         backup_device: str | None = None,
-        check_base: bool = True,
         seed: int = 0,
         strict: bool = False,
         progress: bool = True,
-        max_overhead: float | None = None,
         signals: Sequence[Any] | Mapping[str, Any] = (),
     ) -> None:
-        if isinstance(donors, Mapping):
-            self.donor_inputs = dict(donors)
-        elif isinstance(donors, (list, tuple)):
-            self.donor_inputs = {f"donor{i}": d for i, d in enumerate(donors)}
-        else:
-            raise TypeError(f"donors must be a mapping or a list, got {type(donors).__name__}")
-        if not self.donor_inputs:
-            raise ValueError("MergeProbe needs at least one donor")
-        bad = [n for n in self.donor_inputs if n in (LIVE, BASE, OWN) or "/" in n]
-        if bad:
-            raise ValueError(f"donor names {bad} are reserved or contain '/'")
-        seen: dict[Any, str] = {}
-        for name, obj in self.donor_inputs.items():  # one model under two names would be merged in twice
-            key = Path(obj).resolve() if isinstance(obj, (str, os.PathLike)) else id(obj)
-            if key in seen:
-                raise ValueError(f"donors {seen[key]!r} and {name!r} are the same model; list each donor once")
-            seen[key] = name
-        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            check_int(value, name, low=1, want="a positive integer or None", optional=True)
-        if every_n_steps is None and every_n_epochs is None:
-            every_n_epochs = 1
+        self.donors = donor_set(donors)
+        self.donor_inputs = self.donors.sources
+        if schedule is not None and not isinstance(schedule, ProbeSchedule):
+            raise TypeError(f"schedule must be a ProbeSchedule or None, got {type(schedule).__name__}")
+        self.schedule = schedule or ProbeSchedule()
         check_int(eval_batches, "eval_batches", low=1, want="a positive integer or None", optional=True)
-        if donor_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"donor_dtype must be 'float32' or 'bfloat16', got {donor_dtype!r}")
-        self.donor_device = parse_device(donor_device, "donor_device")
         self.backup_device = parse_device(backup_device, "backup_device")
-        if not isinstance(check_base, bool):
-            raise ValueError(f"check_base must be True or False, got {check_base!r}")
-        if max_overhead is not None and not (isinstance(max_overhead, (int, float)) and max_overhead > 0):
-            raise ValueError(f"max_overhead must be a positive fraction or None, got {max_overhead!r}")
         self.signals = named_signals(signals)
         if is_number(coefficients):
             coefficients = [coefficients]  # one coefficient given alone
@@ -236,21 +196,13 @@ class MergeProbe(ResumableCallback):
         if score_fn is not None and not callable(score_fn):
             raise ValueError("MergeProbe: score_fn must be callable (module, batch) -> (score_sum, count)")
         self.eval_dataloaders = eval_dataloaders
-        self.every_n_steps = every_n_steps
-        self.every_n_epochs = every_n_epochs
-        self.probe_on_train_end = probe_on_train_end
         self.score_fn = score_fn or default_score
         self.eval_batches = eval_batches
-        self.include = name_patterns(include, "include")
-        self.exclude = name_patterns(exclude, "exclude") or []
-        self.reference_path = reference
-        self.reference_dtype = parse_dtype(reference_dtype, "reference_dtype")
-        self.donor_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[donor_dtype]
-        self.check_base = check_base
+        self.selection = parameter_selection(parameters)
+        self._reference_given = reference is not None
         self.seed = seed
         self.strict = strict
         self.progress = progress
-        self.max_overhead = max_overhead
         self.skipped_for_budget = 0
         self._probe_time = 0.0
         self._train_start: float | None = None
@@ -260,7 +212,7 @@ class MergeProbe(ResumableCallback):
         self._params: dict[str, nn.Parameter] = {}
         self._buffers: dict[str, Tensor] = {}  # floating buffers merged too (BatchNorm running statistics)
         self._view: LoraView | None = None
-        self._own_reference = ReferenceWeights(reference, dtype=self.reference_dtype)
+        self._own_reference = reference_weights(reference)
         self._restores = RestoreTracker()  # a tuner's restore (LearningRateFinder, BatchSizeFinder) is no resume
         self._reference: ReferenceWeights = self._own_reference
         self._donor_tau: dict[str, dict[str, Tensor]] = {}
@@ -276,9 +228,6 @@ class MergeProbe(ResumableCallback):
     def state_key(self) -> str:
         return self._generate_state_key(donors=sorted(self.donor_inputs), labels=[s.label for s in self.specs])
 
-    def __getstate__(self) -> dict[str, Any]:
-        return without_weights_ref(self)
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -287,7 +236,7 @@ class MergeProbe(ResumableCallback):
             refuse_sharded(trainer, "MergeProbe", allow_fsdp2=True)
             refuse_pruning(trainer, pl_module, "MergeProbe", _PRUNING_WHY, _PRUNING_INSTEAD)
             replacers = weight_replacers_after(trainer, self)
-            if replacers and self.probe_on_train_end:
+            if replacers and self.schedule.on_train_end:
                 rank_zero_warn(
                     f"MergeProbe comes before {replacers[0]} in callbacks, which replaces the weights with their "
                     "average at the end of training: the probe at the end of fit sees the weights before that. Put "
@@ -308,19 +257,19 @@ class MergeProbe(ResumableCallback):
             # A LoRA model is merged as its effective weights W + B @ A * s under the base model's names: every
             # weight of the base (a donor may have changed any), with theta_pre read from the frozen base weights.
             self._view = LoraView(pl_module)
-            self._params = filter_names(self._view.params, self.include, self.exclude)
+            self._params = self.selection.filter(self._view.params)
             base = self._view.base_tensors()
             self._reference.resolve({n: base[n] for n in self._params})
         else:
             self._view = None
-            self._params = select_parameters(pl_module, self.include, self.exclude)
+            self._params = self.selection.select(pl_module)
             if self._reference is self._own_reference:  # a guard's reference is checked by the guard
                 self._reference.refuse_resumed_snapshot(self._restores.resumed(trainer), "MergeProbe", "donors/methods")
             self._reference.resolve(self._params)
             if self._reference is self._own_reference:
-                self._reference.check_base_of(self._params, "MergeProbe", self.check_base)
+                self._reference.check_base_of(self._params, "MergeProbe", self.donors.check_base)
         if not self._params:
-            raise ValueError("MergeProbe: no trainable parameters match include/exclude")
+            raise ValueError("MergeProbe: no trainable parameters match parameters= (include/exclude)")
         every = self._view.params if self._view is not None else dict(pl_module.named_parameters())
         self._sharded = any_sharded(self._params)
         self._buffers = {} if self._view is not None or self._sharded else self._mergeable_buffers(pl_module)
@@ -338,7 +287,7 @@ class MergeProbe(ResumableCallback):
         """
         persistent = set(pl_module.state_dict())
         found = {n: b for n, b in pl_module.named_buffers() if b.is_floating_point() and n in persistent}
-        found = filter_names(found, self.include, self.exclude)
+        found = self.selection.filter(found)
         buffers = {n: found[n] for n in self._reference.provides(found)} if found else {}
         self._reference.resolve(buffers)
         self._warn_unmerged_buffers(len(found) - len(buffers), [n for n in found if n not in buffers])
@@ -360,7 +309,7 @@ class MergeProbe(ResumableCallback):
 
     def _shared_reference(self, trainer: pl.Trainer) -> ReferenceWeights:
         """The guard's reference when a guard is attached and this probe has no reference of its own."""
-        if self.reference_path is None:
+        if not self._reference_given:
             shared = guard_reference(trainer)
             if shared is not None:
                 return shared
@@ -379,15 +328,15 @@ class MergeProbe(ResumableCallback):
     def _load_donors(self, trainer: pl.Trainer) -> None:
         """Read every donor now, check it against the base tensor by tensor, and keep its task vector."""
         self._donor_tau, self.donor_cosine = {}, {}
-        itemsize = torch.empty((), dtype=self.donor_dtype).element_size()
+        itemsize = torch.empty((), dtype=self.donors.dtype).element_size()
         per_process = len(self.donor_inputs) * itemsize * sum(local(p).numel() for p in self._merged.values())
         refuse_unaffordable(
             per_process,
-            self.donor_device,
+            self.donors.device,
             trainer,
             f"MergeProbe: holding {len(self.donor_inputs)} donors' task vectors",
-            "pass donor_dtype='bfloat16' (half), fewer donors, include=/exclude= to probe fewer weights, or shard "
-            "the model with FSDP2 (each rank then holds its rows)",
+            "pass Donors(..., dtype='bfloat16') (half), fewer donors, parameters=ParameterSelection(include=...) "
+            "to probe fewer weights, or shard the model with FSDP2 (each rank then holds its rows)",
         )
         for name, obj in self.donor_inputs.items():
             self._donor_tau[name], self.donor_cosine[name] = donor_task_vector(
@@ -395,9 +344,9 @@ class MergeProbe(ResumableCallback):
                 name,
                 self._merged,
                 self._reference,
-                device=self.donor_device,
-                dtype=self.donor_dtype,
-                check_base=self.check_base,
+                device=self.donors.device,
+                dtype=self.donors.dtype,
+                check_base=self.donors.check_base,
                 optional=self._buffers,
             )
         # A buffer merges only where every donor has it: the others keep their live values.
@@ -436,12 +385,13 @@ class MergeProbe(ResumableCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_start = time.perf_counter()
+        self._probe_time = 0.0  # the budget is per fit: a reused probe starts afresh
 
     def _within_budget(self, trainer: pl.Trainer) -> bool:
-        if self.max_overhead is None or self._train_start is None:
+        if self.schedule.max_overhead is None or self._train_start is None:
             return True
         elapsed = time.perf_counter() - self._train_start - self._probe_time
-        ok = self._probe_time <= self.max_overhead * max(elapsed, 1e-9)
+        ok = self._probe_time <= self.schedule.max_overhead * max(elapsed, 1e-9)
         ok = bool(trainer.strategy.broadcast(ok, src=0))
         if not ok:
             self.skipped_for_budget += 1
@@ -450,19 +400,21 @@ class MergeProbe(ResumableCallback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        due = self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.last_probe_step
+        every = self.schedule.every_n_steps
+        due = every and step > 0 and step % every == 0 and step != self.last_probe_step
         if due and self._within_budget(trainer):
             self.probe(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        due = self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        every = self.schedule.every_n_epochs
+        due = every and (trainer.current_epoch + 1) % every == 0
         if due and trainer.global_step != self.last_probe_step and self._within_budget(trainer):
             self.probe(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.probe_on_train_end:
+        if self.schedule.on_train_end:
             self.probe(trainer, pl_module, force=True)
 
     # ------------------------------------------------------------------ probing

@@ -48,11 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     s2.add_argument("--stage2", default="auto", choices=stage2_choices,
                     help="the perturbation (auto: merge_neighbourhood with --partners, else "
                     "scale_adversarial)")  # fmt: skip
-    s2.add_argument("--tolerance", type=float, default=1.0, help="largest allowed own-score drop, points (1.0)")
-    s2.add_argument("--steps", type=int, default=150, help="stage-2 optimisation steps (150)")
-    s2.add_argument("--lr", type=float, default=1e-4, help="stage-2 and re-fit learning rate (1e-4)")
+    s2.add_argument("--tolerance", type=float, default=1.0, help="largest allowed own-score drop, points (1.0, as "
+                    "the callback's)")  # fmt: skip
+    s2.add_argument("--steps", type=int, default=None, help="stage-2 optimisation steps (the strategy's default, "
+                    "300, as the callback's)")  # fmt: skip
+    s2.add_argument("--lr", type=float, default=None, help="stage-2 learning rate (the strategy's default: 1e-3 "
+                    "scale_adversarial, 5e-4 merge_neighbourhood, as the callback's)")  # fmt: skip
     s2.add_argument("--refit-steps", type=int, default=50, help="stage-1 re-fit steps when stage 2 alone keeps no "
                     "step (50; 0: never)")  # fmt: skip
+    s2.add_argument("--refit-lr", type=float, default=1e-4, help="AdamW learning rate of that re-fit (1e-4)")
     s2.add_argument("--alpha", type=float, default=0.01, help="stage-1 strength of that re-fit (0.01)")
     s2.add_argument("--amplify", type=float, default=None, help="re-parameterise with exact symmetries of scales up "
                     "to this (undone by re-alignment to the base; breaks fp16, per-row int8 and 4-bit)")  # fmt: skip
@@ -110,8 +114,40 @@ def main(argv: list[str] | None = None) -> int:
     return run("mergeguard-protect", lambda: _main(sys.argv[1:] if argv is None else argv))
 
 
+def _call(args: dict[str, Any]) -> dict[str, Any]:
+    """``protect_checkpoint``'s keyword arguments from the flat options: the objects it takes, built from them."""
+    from lightning_mergeguard.errors import ConfigError
+    from lightning_mergeguard.posthoc import OwnerData, Refit
+    from lightning_mergeguard.protection.release.settings import Release
+    from lightning_mergeguard.protection.stage2 import MergeNeighbourhood, ScaleAdversarial
+
+    args = dict(args)
+    try:
+        args["release"] = Release(**{k: args.pop(k) for k in ("ownership_key", "deployment_check", "amplify",
+                                                               "permute_residual", "dtype")})  # fmt: skip
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    args["data"] = OwnerData(args.pop("data"), **{k: args.pop(k) for k in ("batch_size", "max_length", "max_rows",
+                                                                           "max_row_bytes")})  # fmt: skip
+    refit_steps, alpha, refit_lr = args.pop("refit_steps"), args.pop("alpha"), args.pop("refit_lr")
+    args["refit"] = Refit(steps=refit_steps, alpha=alpha, lr=refit_lr) if refit_steps != 0 else None
+    tuned = {k: v for k in ("steps", "lr") if (v := args.pop(k)) is not None}
+    if tuned:  # the named (or automatic) strategy with these settings
+        choice = args["stage2"]
+        if choice == "none":
+            raise ConfigError("--steps/--lr configure stage 2, but --stage2 is none")
+        try:
+            if choice == "merge_neighbourhood" or (choice == "auto" and args["partners"]):
+                args["stage2"] = MergeNeighbourhood(partners=args["partners"], seed=args["seed"], **tuned)
+            else:
+                args["stage2"] = ScaleAdversarial(**tuned)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return args
+
+
 def _main(argv: list[str]) -> int:
-    kwargs = _arguments(argv)
+    kwargs = _call(_arguments(argv))
     from lightning_mergeguard.posthoc import protect_checkpoint  # after parsing: --help needs no torch
 
     report = protect_checkpoint(**kwargs)

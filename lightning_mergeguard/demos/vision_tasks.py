@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mergeguard.demos.digits import DigitsTaskModule
+from lightning_mergeguard.demos.digits import TASKS, DigitsTaskModule
 from lightning_mergeguard.models.extras import require
 from lightning_mergeguard.models.open_clip import SMALL_VIT, build_open_clip
 from lightning_mergeguard.models.trainer import quiet_trainer
@@ -41,13 +41,8 @@ __all__ = [
     "vit_task_accuracy",
 ]
 
-_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
-    "plain": lambda x: x,
-    "rot90": lambda x: torch.rot90(x, 1, dims=(-2, -1)),
-    "invert": lambda x: 1.0 - x,
-    "hflip": lambda x: torch.flip(x, dims=(-1,)),
-    "transpose": lambda x: x.transpose(-2, -1),
-}
+_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {**TASKS, "hflip": lambda x: torch.flip(x, dims=(-1,))}
+"""The image transforms of the vision tasks: the digits demo's (plain, rot90, transpose, invert) and a flip."""
 
 VISION_TASKS: dict[str, tuple[str, str]] = {
     "mnist": ("mnist", "plain"),

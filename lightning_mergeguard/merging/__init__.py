@@ -10,27 +10,27 @@ Example:
 """
 
 from lightning_mergeguard.merging.adamerging import adamerging, prediction_entropy
-from lightning_mergeguard.merging.breadcrumbs import breadcrumbs_merge
 from lightning_mergeguard.merging.config import MergeConfig, ModelEntry
-from lightning_mergeguard.merging.consensus import sign_consensus_mask
-from lightning_mergeguard.merging.dare import dare_merge
 from lightning_mergeguard.merging.engine import check_compatible, iter_merge, merge
-from lightning_mergeguard.merging.generalized import generalized_task_arithmetic
-from lightning_mergeguard.merging.linear import linear_merge
 from lightning_mergeguard.merging.lora import LoraSource  # registers mergekit's BASE+ADAPTER with open_source
+from lightning_mergeguard.merging.methods.breadcrumbs import breadcrumbs_merge
+from lightning_mergeguard.merging.methods.consensus import sign_consensus_mask
+from lightning_mergeguard.merging.methods.dare import dare_merge
+from lightning_mergeguard.merging.methods.generalized import generalized_task_arithmetic
+from lightning_mergeguard.merging.methods.linear import linear_merge
+from lightning_mergeguard.merging.methods.slerp import slerp
+from lightning_mergeguard.merging.methods.sparsify import magnitude_outliers_prune, magnitude_prune, random_prune
+from lightning_mergeguard.merging.methods.task_arithmetic import task_arithmetic_merge
+from lightning_mergeguard.merging.methods.ties import ties_merge
 from lightning_mergeguard.merging.registry import METHODS, get_method, register_method
-from lightning_mergeguard.merging.slerp import slerp
 from lightning_mergeguard.merging.sources import SafetensorsSource, StateDictSource, WeightSource, open_source
-from lightning_mergeguard.merging.sparsify import magnitude_outliers_prune, magnitude_prune, random_prune
 from lightning_mergeguard.merging.spec import REQUIRED, MethodSpec, TensorContext
-from lightning_mergeguard.merging.task_arithmetic import task_arithmetic_merge
 from lightning_mergeguard.merging.task_vectors import (
     add_task_vector,
     task_vector,
     task_vector_cosine,
     task_vector_norm,
 )
-from lightning_mergeguard.merging.ties import ties_merge
 
 __all__ = [
     "METHODS",

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.evaluation import eval_mode
+from lightning_mergeguard.merging.layers import group_layers
 
 __all__ = ["adamerging", "prediction_entropy"]
 
@@ -67,7 +68,7 @@ def adamerging(
         lr: Adam learning rate.
         init: Initial coefficient of every task vector and layer.
         layers: Groups of tensor names sharing one coefficient (default: one group per transformer block, see
-            :func:`~lightning_mergeguard.parameters.group_layers`).
+            :func:`~lightning_mergeguard.merging.layers.group_layers`).
         progress: Show a progress bar.
 
     Returns:
@@ -86,8 +87,6 @@ def adamerging(
         >>> torch.allclose(merged["weight"], base["weight"] + 0.5 * tvs["a"]["weight"])
         True
     """
-    from lightning_mergeguard.parameters import group_layers
-
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if not task_vectors:

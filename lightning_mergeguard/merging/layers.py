@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["LAYER_STACKS", "layer_fractions", "layer_index"]
+__all__ = ["LAYER_STACKS", "group_layers", "layer_fractions", "layer_index"]
 
 LAYER_STACKS = ("layers", "layer", "h", "blocks", "block", "resblocks")
 """Names of the module lists that hold a model's layers."""
@@ -66,3 +66,27 @@ def layer_fractions(names: Iterable[str]) -> dict[str, float]:
         layers = depth[stack]
         out[name] = index / (layers - 1) if layers > 1 else 1.0
     return out
+
+
+def group_layers(names: Iterable[str], granularity: str = "block") -> dict[str, list[str]]:
+    """Group parameter names into layers.
+
+    ``"tensor"``: every tensor is a layer. ``"module"``: parameters of one module (``x.weight``, ``x.bias``) form a
+    layer. ``"block"``: transformer blocks (``...layers.3.``, ``...resblocks.3.``, ``...h.3.``) form one layer each;
+    parameters outside blocks fall back to their module.
+
+    Example:
+        >>> group_layers(["model.layers.0.mlp.w", "model.layers.0.attn.q", "lm_head.weight"])
+        {'model.layers.0': ['model.layers.0.mlp.w', 'model.layers.0.attn.q'], 'lm_head': ['lm_head.weight']}
+    """
+    if granularity not in {"tensor", "module", "block"}:
+        raise ValueError(f"granularity must be 'tensor', 'module' or 'block', got {granularity!r}")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        if granularity == "tensor":
+            key = name
+        else:
+            found = layer_index(name) if granularity == "block" else None
+            key = f"{found[0]}.{found[1]}" if found else (name.rsplit(".", 1)[0] if "." in name else name)
+        groups.setdefault(key, []).append(name)
+    return groups

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from lightning_mergeguard.errors import ConfigError
-from lightning_mergeguard.merging import (
+from lightning_mergeguard.merging.methods import (
     arcee_fusion,
     breadcrumbs,
     dare,

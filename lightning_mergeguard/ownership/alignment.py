@@ -158,8 +158,12 @@ def align_to_base(state: Mapping[str, Tensor], base: Mapping[str, Tensor], modul
         >>> align_to_base({"weight": torch.ones(2, 2)}, {"weight": torch.ones(2, 2)}, nn.Linear(2, 2))["weight"].sum()
         tensor(4.)
     """
-    from lightning_mergeguard.protection.residual import estimate_permutation, find_residual_stream, permute_residual
-    from lightning_mergeguard.protection.symmetry import find_symmetries, realign
+    from lightning_mergeguard.protection.release.residual import (
+        estimate_permutation,
+        find_residual_stream,
+        permute_residual,
+    )
+    from lightning_mergeguard.protection.release.symmetry import find_symmetries, realign
 
     out = dict(state)
     stream = find_residual_stream(module)

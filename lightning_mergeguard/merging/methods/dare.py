@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_mergeguard.merging.generalized import Sparsifier, generalized_task_arithmetic, task_vector_method
-from lightning_mergeguard.merging.sparsify import RescaleNorm, random_prune
+from lightning_mergeguard.merging.methods.generalized import Sparsifier, sparse_merge, task_vector_method
+from lightning_mergeguard.merging.methods.sparsify import RescaleNorm, random_prune
 from lightning_mergeguard.merging.spec import DENSITY, Param, TensorContext, flag
 
 __all__ = ["DARE_LINEAR", "DARE_TIES", "dare_merge"]
@@ -54,15 +54,8 @@ def dare_merge(
         tensor([1., 1., 1.])
     """
     gens = list(generators) if generators is not None else [None] * len(tensors)
-    return generalized_task_arithmetic(
-        base,
-        tensors,
-        weights,
-        sparsify=_drop(densities, rescale_norm, gens),
-        consensus="sum" if consensus else None,
-        normalize=normalize,
-        lambda_=lambda_,
-    )
+    sparsify = _drop(densities, rescale_norm, gens)
+    return sparse_merge(base, tensors, weights, sparsify, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
 def _drop(

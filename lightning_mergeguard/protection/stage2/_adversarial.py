@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from lightning_mergeguard.evaluation import LossFn, eval_mode
-from lightning_mergeguard.sharding import is_sharded
+from lightning_mergeguard.evaluation import LossFn, eval_mode, move_batch
+from lightning_mergeguard.sharding import is_sharded, mean_across_ranks
 
 __all__ = [
     "accumulate_grads_",
     "add_grads_",
+    "adversarial_loop",
     "backward_own_loss",
     "checkpointing_in_eval",
     "optimising",
@@ -174,3 +177,61 @@ def reduce_grads_(tensors: Sequence[nn.Parameter], grad_reduce: Callable[[Tensor
     for p in tensors:
         if p.grad is not None:
             p.grad.copy_(grad_reduce(p.grad))
+
+
+Adversary = Callable[[int, Any, Mapping[str, Tensor]], Mapping[str, float]]
+"""``(step, batch, live weights) -> history entries``: adds the adversarial gradients of one step to ``.grad``."""
+
+
+def adversarial_loop(
+    module: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+    adversary: Adversary,
+    *,
+    steps: int,
+    lr: float,
+    device: torch.device,
+    desc: str,
+    keep_batches: Sequence[Any] = (),
+    grad_reduce: Callable[[Tensor], Tensor] | None = None,
+    check_every: int = 0,
+    check: Callable[[int], None] | None = None,
+    progress: bool = False,
+    forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    history: list[dict[str, float]] | None = None,
+) -> list[dict[str, float]]:
+    """The loop both adversarial strategies share, one Adam step per batch.
+
+    Each step backpropagates the owner's loss (with the ``keep_batches``), snapshots the live weights, lets
+    ``adversary`` add its gradients (it may write other weights into ``params``: the live ones are put back after
+    it), reduces the gradients across processes, steps, records ``own_loss`` with the adversary's entries, and calls
+    the guard rail's ``check`` every ``check_every`` steps.
+
+    Returns:
+        The per-step history (``history`` itself when given, so ``check`` can read it while the loop runs).
+    """
+    names = list(params)
+    tensors = [params[n] for n in names]
+    opt = torch.optim.Adam(tensors, lr=lr)
+    history = [] if history is None else history
+    it = itertools.cycle(batches)
+    keep = [move_batch(b, device) for b in keep_batches]
+    with optimising(module, tensors):
+        for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+            batch = move_batch(next(it), device)
+            opt.zero_grad(set_to_none=True)
+            own = backward_own_loss(module, batch, keep, loss_fn, forward_context)
+            with torch.no_grad():
+                live = {n: params[n].detach().clone() for n in names}
+            entries = adversary(step, batch, live)
+            with torch.no_grad():
+                for n in names:
+                    params[n].copy_(live[n])
+            reduce_grads_(tensors, grad_reduce)
+            opt.step()
+            history.append({"own_loss": float(mean_across_ranks(own, tensors)), **entries})
+            if check is not None and check_every > 0 and len(history) % check_every == 0:
+                check(len(history))
+    return history

@@ -1,13 +1,7 @@
-"""Stage-2 strategies: each validates its own settings and runs as a pure function of a :class:`Stage2Context`.
+"""The release's re-parameterisation, checked after stage 2.
 
-:class:`~lightning_mergeguard.MergeGuardCallback` builds the context from the trainer (the model, the parameters
-stage 2 may change, the reference, the owner's training batches, a metric on validation batches) and calls
-:meth:`Stage2.run`; tests and scripts can call it directly without a Trainer.
-
-Example:
-    >>> strategy = ScaleAdversarial(steps=100, scales=(0.2, 0.3, 0.5))
-    >>> strategy.settings()["steps"]
-    100
+:func:`amplify_checked` applies exact symmetries (and optionally a permutation of the residual stream) and undoes
+what a check on the live model refuses.
 """
 
 from __future__ import annotations
@@ -18,28 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_mergeguard.protection.strategies import (
-    DEFAULT_STAGE2_EXCLUDE,
-    KeepWeights,
-    MergeNeighbourhood,
-    Negation,
-    ScaleAdversarial,
-    Stage2,
-    Stage2Context,
-)
+from lightning_mergeguard.evaluation import eval_mode, rng_kept
+from lightning_mergeguard.protection.release.residual import draw_permutation, find_residual_stream, permute_residual_
+from lightning_mergeguard.protection.release.symmetry import amplify_module_, find_symmetries
+from lightning_mergeguard.protection.stage2.base import Stage2Context
 
-__all__ = [
-    "DEFAULT_STAGE2_EXCLUDE",
-    "RESIDUAL_TOLERANCE",
-    "KeepWeights",
-    "MergeNeighbourhood",
-    "Negation",
-    "ScaleAdversarial",
-    "Stage2",
-    "Stage2Context",
-    "amplify_checked",
-    "resolve_stage2",
-]
+__all__ = ["RESIDUAL_TOLERANCE", "amplify_checked"]
 
 
 def amplify_checked(
@@ -50,13 +28,13 @@ def amplify_checked(
     names: Collection[str] | None = None,
     permute_residual: bool = False,
 ) -> tuple[float, dict[str, Any]]:
-    """Apply :func:`~lightning_mergeguard.protection.symmetry.amplify_module_` after stage 2, checked twice.
+    """Apply :func:`~lightning_mergeguard.protection.release.symmetry.amplify_module_` after stage 2, checked twice.
 
     First, on one training batch, each kind of symmetry must leave the recognised blocks' outputs unchanged
-    (:func:`~lightning_mergeguard.protection.symmetry.symmetry_errors`); kinds that do not (a block that only looks
-    like a known one) are left out with a warning. With ``permute_residual``, the residual stream's channels are
-    then permuted (:mod:`~lightning_mergeguard.protection.residual`), which touches the embeddings, the final norm
-    and the head too, whatever ``names`` says; the batch's loss must not move by more than
+    (:func:`~lightning_mergeguard.protection.release.symmetry.symmetry_errors`); kinds that do not (a block that only
+    looks like a known one) are left out with a warning. With ``permute_residual``, the residual stream's channels are
+    then permuted (:mod:`~lightning_mergeguard.protection.release.residual`), which touches the embeddings, the final
+    norm and the head too, whatever ``names`` says; the batch's loss must not move by more than
     :data:`RESIDUAL_TOLERANCE` (relative) or the permutation is undone with a warning. Then the guard rail's score:
     if it drops below ``ctx.before - ctx.tolerance``, the weights are put back and a warning says so. When no kind
     passes, or the forward pass cannot be checked, the model is left as stage 2 left it, with a warning.
@@ -75,9 +53,6 @@ def amplify_checked(
         ``score_before``, ``score_after``, ``reverted``; ``skipped``: why nothing was applied; with
         ``permute_residual``, ``residual``: ``applied``, ``width``, ``tensors``, the loss's ``change``, or why not).
     """
-    from lightning_mergeguard.protection.residual import find_residual_stream
-    from lightning_mergeguard.protection.symmetry import amplify_module_, find_symmetries
-
     groups = find_symmetries(module, names)
     stream = find_residual_stream(module) if permute_residual else None
     touched = {f.name for g in groups for f in g.factors} | {n for n, _ in (stream.axes if stream else ())}
@@ -133,9 +108,6 @@ only; a reader of the stream the permutation missed moves it by order one."""
 
 def _permute_checked(module: nn.Module, stream: Any, forward: Any, ctx: Stage2Context) -> dict[str, Any]:
     """Permute ``module``'s residual stream in place if one batch's loss stays put; the report entry."""
-    from lightning_mergeguard.evaluation import eval_mode, rng_kept
-    from lightning_mergeguard.protection.residual import draw_permutation, permute_residual_
-
     if stream is None:
         why = (
             "no residual stream recognised (a Hugging Face Llama-style causal LM or an open_clip VisionTransformer "
@@ -168,43 +140,3 @@ def _permute_checked(module: nn.Module, stream: Any, forward: Any, ctx: Stage2Co
             )
             return {"applied": False, "skipped": f"loss changed by {change:.3g}", "change": change}
     return {"applied": True, "width": stream.width, "tensors": len(names), "change": change}
-
-
-STRATEGIES: dict[str, type[Stage2]] = {
-    "scale_adversarial": ScaleAdversarial,
-    "merge_neighbourhood": MergeNeighbourhood,
-    "negation": Negation,
-}
-
-
-def resolve_stage2(stage2: str | Stage2 | None, **settings: Any) -> Stage2 | None:
-    """A strategy from a name (``"scale_adversarial"``, ``"negation"``, ``"none"``), an object, or ``None``.
-
-    ``settings`` are the named strategy's keyword arguments (a config file's flat form); settings of another
-    strategy are refused by name.
-
-    Raises:
-        ValueError: An unknown name, or settings the strategy does not take.
-
-    Example:
-        >>> resolve_stage2("negation", beta=0.5)
-        Negation(beta=0.5, critical_fraction=0.1, small_fraction=0.1, granularity='block')
-    """
-    if stage2 is None or stage2 == "none":
-        if settings:
-            raise ValueError(f"{sorted(settings)} configure stage 2, but stage2 is {stage2!r}")
-        return None
-    if isinstance(stage2, Stage2):
-        if settings:
-            raise ValueError(f"pass {sorted(settings)} to the {type(stage2).__name__} object")
-        return stage2
-    if not isinstance(stage2, str) or stage2 not in STRATEGIES:
-        raise ValueError(f"stage2 must be one of {[*STRATEGIES, 'none']}, None or a Stage2 object, got {stage2!r}")
-    cls = STRATEGIES[stage2]
-    import inspect
-
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    foreign = sorted(set(settings) - accepted)
-    if foreign:
-        raise ValueError(f"{foreign} do not apply to stage2={stage2!r} (it takes {sorted(accepted)})")
-    return cls(**settings)

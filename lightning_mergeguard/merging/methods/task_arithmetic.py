@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from lightning_mergeguard.merging.generalized import generalized_task_arithmetic, task_vector_method
+from lightning_mergeguard.merging.methods.generalized import generalized_task_arithmetic, task_vector_method
 
 __all__ = ["SPEC", "task_arithmetic_merge"]
 

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from lightning_mergeguard.errors import ConfigError
-from lightning_mergeguard.merging.generalized import Sparsifier, generalized_task_arithmetic, task_vector_method
+from lightning_mergeguard.merging.methods.generalized import Sparsifier, generalized_task_arithmetic, task_vector_method
+from lightning_mergeguard.merging.methods.sparsify import RescaleNorm, magnitude_prune, rescale_masked, select_ranks
 from lightning_mergeguard.merging.sources import WeightSource, read_checked
-from lightning_mergeguard.merging.sparsify import RescaleNorm, magnitude_prune, rescale_masked, select_ranks
 from lightning_mergeguard.merging.spec import DENSITY, Param, TensorContext, flag
 
 __all__ = ["SPEC", "model_thresholds", "threshold_prune", "ties_merge"]

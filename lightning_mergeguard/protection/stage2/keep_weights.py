@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_mergeguard.protection.strategies.base import Stage2, Stage2Context
+from lightning_mergeguard.protection.stage2.base import Stage2, Stage2Context
 
 __all__ = ["KeepWeights"]
 

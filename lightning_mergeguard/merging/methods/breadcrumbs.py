@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_mergeguard.merging.generalized import Sparsifier, generalized_task_arithmetic, task_vector_method
-from lightning_mergeguard.merging.sparsify import magnitude_outliers_prune
+from lightning_mergeguard.merging.methods.generalized import Sparsifier, sparse_merge, task_vector_method
+from lightning_mergeguard.merging.methods.sparsify import magnitude_outliers_prune
 from lightning_mergeguard.merging.spec import DENSITY, GAMMA, TensorContext, flag
 
 __all__ = ["BREADCRUMBS", "BREADCRUMBS_TIES", "breadcrumbs_merge"]
@@ -47,15 +47,8 @@ def breadcrumbs_merge(
         >>> breadcrumbs_merge(torch.zeros(2), [torch.ones(2)], [1.0], [1.0], [0.01])
         tensor([1., 1.])
     """
-    return generalized_task_arithmetic(
-        base,
-        tensors,
-        weights,
-        sparsify=_trim(densities, gammas, rescale),
-        consensus="sum" if consensus else None,
-        normalize=normalize,
-        lambda_=lambda_,
-    )
+    sparsify = _trim(densities, gammas, rescale)
+    return sparse_merge(base, tensors, weights, sparsify, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
 def _trim(densities: Sequence[float], gammas: Sequence[float], rescale: bool) -> Sparsifier:

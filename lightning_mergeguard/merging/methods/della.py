@@ -2,7 +2,7 @@
 
 ``della`` elects signs and takes the disjoint mean (TIES); ``della_linear`` sums. Each model's ``density`` is its
 mean keep probability and ``epsilon`` (mergekit default 0.15) spreads it by magnitude rank, see
-:func:`~lightning_mergeguard.merging.sparsify.della_prune`. Defaults follow mergekit: ``rescale: true`` (match
+:func:`~lightning_mergeguard.merging.methods.sparsify.della_prune`. Defaults follow mergekit: ``rescale: true`` (match
 each task vector's L1 norm), ``normalize: true`` for ``della`` and ``false`` for ``della_linear``. Randomness comes
 from a generator seeded per (seed, model, tensor name), so a seeded merge repeats exactly.
 """
@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from lightning_mergeguard.errors import ConfigError
-from lightning_mergeguard.merging.generalized import Sparsifier, generalized_task_arithmetic, task_vector_method
-from lightning_mergeguard.merging.sparsify import della_prune
+from lightning_mergeguard.merging.methods.generalized import Sparsifier, sparse_merge, task_vector_method
+from lightning_mergeguard.merging.methods.sparsify import della_prune
 from lightning_mergeguard.merging.spec import DENSITY, Param, TensorContext, flag
 
 __all__ = ["DELLA", "DELLA_LINEAR", "EPSILON", "check_della", "della_merge"]
@@ -41,31 +41,32 @@ def della_merge(
     """DELLA (``consensus=True``) or DELLA-linear (``consensus=False``) for one tensor.
 
     Args:
-        base: Base tensor.
-        tensors: Fine-tuned tensors.
-        weights: One weight per model.
+        base: The base model's tensor.
+        tensors: The fine-tuned models' tensors, one per model.
+        weights: The models' weights, in the same order.
         densities: Mean keep probability per model.
         epsilons: Spread of the keep probability per model.
         consensus: TIES sign election after the drop.
         normalize: Divide by the (agreeing) weights' sum; ``None`` takes mergekit's default (``consensus``).
         lambda_: Scale of the merged task vector.
         rescale: Rescale each dropped task vector to its L1 norm.
-        generators: One generator per model (``None`` entries use torch's global generator).
+        generators: The random generator of each model's drop (``None``: torch's global one).
 
     Returns:
-        The merged tensor.
+        The merged tensor (the base's shape and dtype).
 
     Example:
         >>> della_merge(torch.zeros(3), [torch.ones(3)], [1.0], [1.0], [0.15], consensus=False)
         tensor([1., 1., 1.])
     """
     gens = list(generators) if generators is not None else [None] * len(tensors)
-    return generalized_task_arithmetic(
+    sparsify = _drop(densities, epsilons, rescale, gens)
+    return sparse_merge(
         base,
         tensors,
         weights,
-        sparsify=_drop(densities, epsilons, rescale, gens),
-        consensus="sum" if consensus else None,
+        sparsify,
+        consensus=consensus,
         normalize=consensus if normalize is None else normalize,
         lambda_=lambda_,
     )

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_mergeguard.merging.consensus import sign_consensus_mask
+from lightning_mergeguard.merging.methods.consensus import sign_consensus_mask
 from lightning_mergeguard.merging.spec import (
     INT8_MASK,
     LAMBDA,
@@ -26,7 +26,7 @@ from lightning_mergeguard.merging.spec import (
     TensorContext,
 )
 
-__all__ = ["SparsifierFactory", "generalized_task_arithmetic", "task_vector_method"]
+__all__ = ["SparsifierFactory", "generalized_task_arithmetic", "sparse_merge", "task_vector_method"]
 
 Sparsifier = Callable[[Tensor, int], Tensor]
 SparsifierFactory = Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any], TensorContext, torch.device], Sparsifier]
@@ -105,6 +105,41 @@ def generalized_task_arithmetic(
     if lambda_ != 1:
         mixed *= lambda_
     return (base + mixed).to(base.dtype)
+
+
+def sparse_merge(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    weights: Sequence[float],
+    sparsify: Sparsifier,
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+) -> Tensor:
+    """:func:`generalized_task_arithmetic` as the sparsifying methods call it (DARE, DELLA, Breadcrumbs).
+
+    Args:
+        base: The base model's tensor.
+        tensors: The fine-tuned models' tensors.
+        weights: One weight per model.
+        sparsify: The method's per-model sparsifier.
+        consensus: TIES's sign election (``"sum"``) after sparsifying.
+        normalize: Divide by the (agreeing) weights' sum.
+        lambda_: Scale of the merged task vector.
+
+    Returns:
+        The merged tensor.
+    """
+    return generalized_task_arithmetic(
+        base,
+        tensors,
+        weights,
+        sparsify=sparsify,
+        consensus="sum" if consensus else None,
+        normalize=normalize,
+        lambda_=lambda_,
+    )
 
 
 def task_vector_method(

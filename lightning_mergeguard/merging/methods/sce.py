@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_mergeguard.merging.consensus import sign_consensus_mask
-from lightning_mergeguard.merging.sparsify import rank_window_mask
+from lightning_mergeguard.merging.methods.consensus import sign_consensus_mask
+from lightning_mergeguard.merging.methods.sparsify import rank_window_mask
 from lightning_mergeguard.merging.spec import INT8_MASK, MethodSpec, Param
 
 __all__ = ["SPEC", "sce_merge"]

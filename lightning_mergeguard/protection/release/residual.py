@@ -6,7 +6,7 @@ projections. Permuting the stream's channels with one permutation everywhere (th
 norm's weight and bias, the input columns of every reader, the output rows and biases of every writer, the final
 norm and the head's input columns) leaves the function unchanged, up to floating-point summation order.
 
-What it adds to :mod:`~lightning_mergeguard.protection.symmetry` (``amplify``): those symmetries act inside each
+What it adds to :mod:`~lightning_mergeguard.protection.release.symmetry` (``amplify``): those symmetries act inside each
 block, so a merge that takes whole blocks from the owner's model (a mergekit ``passthrough`` frankenmerge: the
 owner's lower layers under a partner's upper ones) computes what it computed without them; on the vision grid such
 a merge kept 88.5% of the owner's task on an amplified model. Under a stream permutation the owner's blocks and a
@@ -15,8 +15,8 @@ entry, mixes mismatched channels.
 
 What it does not resist: fine-tuning moves the embeddings little, so matching their channels against
 ``theta_pre``'s finds the permutation (:func:`estimate_permutation`, the attack the benchmark runs), as
-:func:`~lightning_mergeguard.protection.symmetry.realign` finds amplify's scales. Like ``amplify`` it sits on top of
-a stage-2 perturbation, which is what remains after the attack.
+:func:`~lightning_mergeguard.protection.release.symmetry.realign` finds amplify's scales. Like ``amplify`` it sits on
+top of a stage-2 perturbation, which is what remains after the attack.
 
 Example:
     >>> from torch import nn

@@ -14,19 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mergeguard.evaluation import LossFn
+from lightning_mergeguard.parameters import DEFAULT_STAGE2_EXCLUDE
 from lightning_mergeguard.validation import check_int, is_number
 
-__all__ = ["DEFAULT_STAGE2_EXCLUDE", "Stage2", "Stage2Context"]
+__all__ = ["DEFAULT_STAGE2_EXCLUDE", "DEFAULT_TOLERANCE", "Stage2", "Stage2Context"]
 
-DEFAULT_STAGE2_EXCLUDE: tuple[str, ...] = (
-    r"embed",  # token / position embeddings (LLMs), open_clip token_embedding
-    r"(^|\.)wte\.|(^|\.)wpe\.",
-    r"lm_head",
-    r"(^|\.)(norm|final_layernorm|ln_f|ln_final|ln_post)\.",  # final norms
-    r"(^|\.)(head|classifier|score)\.",  # task heads
-    r"(^|\.)(text_projection|logit_scale|proj)$",
-)
-"""Stage 2 leaves these out by default: embeddings, final norm, LM and task heads (as the method prescribes)."""
+DEFAULT_TOLERANCE = 1.0
+"""The guard rail's default: the largest drop of the owner's score stage 2 may cost, in points (one set of defaults
+for the callback, ``protect_module``, ``protect_checkpoint`` and ``mergeguard-protect``)."""
 
 
 @dataclass
