@@ -8,7 +8,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from _helpers import TinyClassifier, blobs, fit_ddp_ranks, trainer
+from _helpers import TinyClassifier, blobs, fit_ddp_ranks, tiny_llama, trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
@@ -578,13 +578,11 @@ def test_a_stage2_that_changed_nothing_is_reported_not_protected(tmp_path):
 
 def test_save_path_directory_publishes_a_model_that_from_pretrained_loads(tmp_path):
     """save_path wrote the LightningModule's names (model.model.layers...) and the tied head twice: not loadable."""
-    from _helpers import TINY_LLAMA
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from lightning_mergeguard.models.causal_lm import CausalLMModule
 
-    torch.manual_seed(0)
-    tied = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "tie_word_embeddings": True}))
+    tied = tiny_llama(0, tie_word_embeddings=True)
     ids = torch.randint(0, 64, (8, 12))
     loader = DataLoader([{"input_ids": i, "labels": i} for i in ids], batch_size=4)
     module = CausalLMModule(tied, lr=1e-3)
@@ -612,14 +610,12 @@ def test_save_path_directory_publishes_a_model_that_from_pretrained_loads(tmp_pa
 def test_release_dtype_writes_the_published_model_in_it_and_leaves_the_trained_one_alone(tmp_path):
     """Release(dtype="bfloat16"): from_pretrained reads a bf16 model, tied weights stay tied, and the LightningModule
     the user keeps training or evaluating is still float32."""
-    from _helpers import TINY_LLAMA
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from lightning_mergeguard.models.causal_lm import CausalLMModule
 
-    torch.manual_seed(0)
-    tied = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "tie_word_embeddings": True}))
+    tied = tiny_llama(0, tie_word_embeddings=True)
     ids = torch.randint(0, 64, (8, 12))
     loader = DataLoader([{"input_ids": i, "labels": i} for i in ids], batch_size=4)
     guard = MergeGuardCallback(

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from _helpers import train_rows
+from _helpers import tiny_llama, train_rows
 from safetensors.torch import load_file
 
 from lightning_mergeguard import MergeNeighbourhood, Release, ScaleAdversarial
@@ -25,12 +25,15 @@ OTHER = [(f"R:{w}\nA:", "Z" if w[1] in "abc" else "W") for w in WORDS]
 
 def tiny_lm(seed: int = 0):
     """A tiny Llama whose init scale (0.2) makes a short fine-tune move it like a real one (a few % per matrix)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-    return LlamaForCausalLM(
-        LlamaConfig(**cfg, num_key_value_heads=4, max_position_embeddings=256, initializer_range=0.2)
+    return tiny_llama(
+        seed,
+        vocab_size=257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        initializer_range=0.2,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import tiny_llama
 from torch import nn
 
 from lightning_mergeguard.protection.stage2.scale_adversarial import scale_adversarial_
@@ -79,13 +80,10 @@ def _saved_mib(fn) -> float:
 def test_gradient_checkpointing_the_user_turned_on_is_kept_in_stage_2():
     # Hugging Face layers checkpoint only in train mode; stage 2 optimises in eval mode, so a model that trains only
     # thanks to checkpointing held every layer's activations there (17x the training step's on an 8-layer Llama).
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from lightning_mergeguard.protection.stage2._adversarial import optimising
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2)
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama(0, hidden_size=32, intermediate_size=64, num_hidden_layers=4)
     model.gradient_checkpointing_enable()
     x = torch.randint(0, 64, (2, 48))
     hooked = []

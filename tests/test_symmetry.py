@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import TINY_LLAMA, perturbed_state_dict
+from _helpers import TINY_LLAMA, perturbed_state_dict, tiny_llama
 from torch import nn
 
 from lightning_mergeguard.protection.release.symmetry import (
@@ -21,11 +21,7 @@ from lightning_mergeguard.protection.release.symmetry import (
 
 
 def _llama(heads: int = 2, kv_heads: int = 2, seed: int = 0, **extra):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = {**TINY_LLAMA, "num_attention_heads": heads, "num_key_value_heads": kv_heads, **extra}
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    return tiny_llama(seed, num_attention_heads=heads, num_key_value_heads=kv_heads, **extra).eval()
 
 
 def _pair(make, scale=0.002):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -174,7 +173,7 @@ class MergeProbe(ResumableCallback):
         if coefficients is not None and (
             not isinstance(coefficients, (list, tuple))
             or not coefficients
-            or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) for c in coefficients)
+            or not all(is_number(c) for c in coefficients)
         ):
             raise ValueError(f"coefficients must be a non-empty list of finite numbers or None, got {coefficients!r}")
         if isinstance(methods, (str, os.PathLike, Mapping)):  # one method given alone, not a list of its letters

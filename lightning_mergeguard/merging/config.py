@@ -97,7 +97,7 @@ def _is_gradient(value: Any) -> bool:
 
 def _interpolate(values: list[Any], t: float) -> Any:
     """Mergekit's gradient evaluation at ``t``: numbers interpolate linearly, booleans and strings are picked."""
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+    if not all(is_int(v) or isinstance(v, float) for v in values):  # numbers, not bools
         return values[int(t * (len(values) - 1))]
     scaled = t * (len(values) - 1)
     i0 = int(scaled)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_mergeguard.ownership.stats import bonferroni
 from lightning_mergeguard.ownership.weight_key import WeightKey, weight_key_test
+from lightning_mergeguard.validation import is_number
 
 __all__ = ["DEFAULT_ALPHA", "OwnershipVerdict", "verify_ownership"]
 
@@ -120,7 +121,7 @@ def verify_ownership(
         >>> verify_ownership(merge, base, key).derived, verify_ownership(base, base, key).derived
         (True, False)
     """
-    if not isinstance(alpha, float | int) or isinstance(alpha, bool) or not 0.0 < alpha < 1.0:
+    if not is_number(alpha) or not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     key = key.matched_to(suspect.keys())
     if owner is not None:

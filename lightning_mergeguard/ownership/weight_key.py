@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from lightning_mergeguard.ownership.stats import bonferroni, hoeffding_tail, log10_hoeffding_tail
+from lightning_mergeguard.validation import is_int, is_number
 
 __all__ = [
     "KeyTestResult",
@@ -244,9 +245,9 @@ def embed_weight_key(
         >>> round(weight_key_test(keyed, pre, key).share_subspace, 1)
         1.0
     """
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 2:
+    if not is_int(rank) or rank < 2:
         raise ValueError(f"rank must be an int >= 2, got {rank!r}")
-    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0.0 < strength <= 0.5:
+    if not is_number(strength) or not 0.0 < strength <= 0.5:
         raise ValueError(f"strength must be in (0, 0.5], got {strength!r}")
     names = key_tensor_names(state, pre) if names is None else list(names)
     if not names:

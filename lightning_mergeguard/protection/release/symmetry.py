@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from lightning_mergeguard.evaluation import eval_mode, rng_kept
 from lightning_mergeguard.models.blocks import transformer_blocks
+from lightning_mergeguard.validation import is_number
 
 __all__ = [
     "AmplifyWarning",
@@ -199,7 +200,7 @@ def check_strength(value: Any, name: str = "strength") -> float:
         >>> check_strength(1000)
         1000.0
     """
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 2):
+    if not (is_number(value) and value >= 2):
         raise ValueError(
             f"{name} must be a finite number >= 2 (the largest scale; scales are powers of two), got {value!r}"
         )
