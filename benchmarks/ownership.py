@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 import torch
-from _common import CACHE, RESULTS, fit_lm, markdown_table, save_png, write_results
+from _common import CACHE, MEASURED_TOLERANCE, RESULTS, fit_lm, markdown_table, save_png, write_results
 from tqdm.auto import tqdm
 
 from lightning_mergeguard import MergeGuardCallback, ScaleAdversarial
@@ -94,7 +94,10 @@ def main() -> None:
         if name == "MergeGuard":
             callbacks = [
                 MergeGuardCallback(
-                    stage2=ScaleAdversarial(steps=SIZES["stage2_steps"], lr=1e-4), eval_batches=4, progress=False
+                    stage2=ScaleAdversarial(steps=SIZES["stage2_steps"], lr=1e-4),
+                    eval_batches=4,
+                    progress=False,
+                    tolerance=MEASURED_TOLERANCE,
                 )
             ]
         fit(m, tok, task_rows + fp_rows, SIZES["fp_steps"], callbacks, val_rows=generate_task(OWNER_TASK, 32, 7))

@@ -43,7 +43,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import CACHE, RESULTS, fit_lm, make_guard, markdown_table, save_png, vit_user_finetune, write_results
+from _common import (
+    CACHE,
+    MEASURED_TOLERANCE,
+    RESULTS,
+    fit_lm,
+    make_guard,
+    markdown_table,
+    save_png,
+    vit_user_finetune,
+    write_results,
+)
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -319,7 +329,7 @@ def vision_track(size: dict[str, Any]) -> Track:
         return {k: v.detach().clone() for k, v in model[0].state_dict().items()}, _report_summary(report)
 
     def protect(kwargs: dict[str, Any]) -> tuple[State, dict[str, Any]]:
-        guard = make_guard(progress=False, **{"steps": size["stage2_steps"], **kwargs})
+        guard = make_guard(progress=False, **{"steps": size["stage2_steps"], "tolerance": MEASURED_TOLERANCE, **kwargs})
         state = finetune_vit_task(visual, heads, owner, callbacks=[guard], epochs=size["epochs"])
         return state, _report_summary(guard.report)
 
@@ -472,7 +482,8 @@ def llm_track(size: dict[str, Any]) -> Track:
 
     def protect(kwargs: dict[str, Any]) -> tuple[State, dict[str, Any]]:
         # The guard rail judges greedy exact match of whole answers on 32 validation prompts (4 batches of 8).
-        settings = {"steps": size["stage2_steps"], "lr": 1e-4, "eval_batches": 4, "score_fn": answer_exact_match}
+        settings = {"steps": size["stage2_steps"], "lr": 1e-4, "eval_batches": 4, "score_fn": answer_exact_match,
+                    "tolerance": MEASURED_TOLERANCE}  # fmt: skip
         guard = make_guard(progress=False, **{**settings, **kwargs})
         state = train(pre, owner, steps, callbacks=[guard])
         return state, _report_summary(guard.report)

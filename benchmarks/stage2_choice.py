@@ -10,7 +10,7 @@ Writes benchmarks/results/stage2_choice.json.
 
 from __future__ import annotations
 
-from _common import make_guard, markdown_table, write_results
+from _common import MEASURED_TOLERANCE, make_guard, markdown_table, write_results
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.demos.digits import TASKS, finetune_task, pretrain_backbone, task_accuracy
@@ -49,7 +49,7 @@ def main() -> None:
     donors = {t: finetune_task(backbone, heads, t) for t in TASKS if t != OWNER}
     rows, results = [], {}
     for name, kwargs in tqdm(VARIANTS.items(), desc="variants"):
-        callbacks = [make_guard(progress=False, **kwargs)] if kwargs else []
+        callbacks = [make_guard(progress=False, tolerance=MEASURED_TOLERANCE, **kwargs)] if kwargs else []
         state = finetune_task(backbone, heads, OWNER, callbacks)
         entry = {"own": task_accuracy(backbone, heads, state, OWNER)}
         for label, m in MERGES.items():
