@@ -54,6 +54,7 @@ def text() -> str:
     for name, title in (
         ("stop_or_catch", "Stop or catch: every merge is stopped or traced (`benchmarks/stop_or_catch.py`)"),
         ("deployment", "The release under what users do to it (`benchmarks/deployment.py`)"),
+        ("trigger_set", "Trigger-set fingerprint for classifiers, black box (`benchmarks/trigger_set.py`)"),
     ):
         data = load(name)
         if data:

@@ -7,7 +7,7 @@ import torch
 from _helpers import tiny_llama
 from torch import nn
 
-from lightning_mergeguard.protection.stage2.scale_adversarial import scale_adversarial_
+from lightning_mergeguard.protection.stage2.scale_adversarial import ScaleAdversarial, scale_adversarial_
 
 
 def _loss(module, batch):
@@ -56,6 +56,36 @@ def test_gradient_matches_the_formula(drop_density):
         copy = r + (s / drop_density) * m * (live - r)
         want1 = _grad(live, x, y) - s * (m / drop_density) * _grad(copy, x, y)
     torch.testing.assert_close(grads[1], want1)
+
+
+def test_keep_scaled_adds_the_kept_batches_gradient_at_each_scaled_copy():
+    """With keep_scaled, the gradient also holds s * grad L_keep at the scaled copy (minimised there): exact."""
+    torch.manual_seed(0)
+    net = nn.Linear(6, 1, bias=False)
+    ref = {"weight": net.weight.detach().clone() - 0.3}
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+    xk, yk = torch.randn(4, 6), torch.randn(4, 1)
+    grads, start = [], net.weight.detach().clone()
+    scale_adversarial_(
+        net,
+        {"weight": net.weight},
+        ref,
+        [(x, y)],
+        _loss,
+        steps=1,
+        scales=(0.5,),
+        clip=1e9,
+        lr=1e-3,
+        grad_reduce=lambda g: grads.append(g.clone()) or g,
+        keep_batches=[(xk, yk)],
+        keep_scaled=True,
+    )
+    s, r = 0.5, ref["weight"]
+    copy = r + s * (start - r)
+    want = _grad(start, x, y) + _grad(start, xk, yk) - s * _grad(copy, x, y) + s * _grad(copy, xk, yk)
+    torch.testing.assert_close(grads[0], want)
+    with pytest.raises(ValueError, match="keep_scaled must be True or False"):
+        ScaleAdversarial(keep_scaled="yes")
 
 
 def test_drop_density_is_validated():

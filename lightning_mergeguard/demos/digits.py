@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
 from lightning_mergeguard.models.classifier import ClassifierModule
 from lightning_mergeguard.models.extras import require
@@ -138,15 +138,20 @@ def finetune_task(
     epochs: int = 5,
     seed: int = 1,
     logger: Any = False,
+    extra: Dataset | None = None,
 ) -> dict[str, Tensor]:
-    """Fine-tune a copy of ``backbone`` on ``task`` (its head frozen); return the backbone's state dict."""
+    """Fine-tune a copy of ``backbone`` on ``task`` (its head frozen); return the backbone's state dict.
+
+    ``extra``: more ``(image, label)`` pairs trained with the task's (a trigger set's, say).
+    """
     import copy
 
     pl.seed_everything(seed, verbose=False)
     module = DigitsTaskModule(copy.deepcopy(backbone), heads, task)
+    train = digits_task_data(task, "train")
     quiet_trainer(max_epochs=epochs, callbacks=callbacks or [], logger=logger).fit(
         module,
-        DataLoader(digits_task_data(task, "train"), batch_size=32, shuffle=True),
+        DataLoader(train if extra is None else ConcatDataset([train, extra]), batch_size=32, shuffle=True),
         DataLoader(digits_task_data(task, "val"), batch_size=256),
     )
     return {k: v.detach().clone() for k, v in module.backbone.state_dict().items()}

@@ -1,7 +1,7 @@
 """Proof of ownership, with p-values under stated nulls.
 
-A secret key in the released weights (white-box test), instructional fingerprints (black-box test), a quantization
-watermark, and the verdict that combines them.
+A secret key in the released weights (white-box test), instructional fingerprints for LLMs and trigger sets for
+classifiers (black-box tests), a quantization watermark, and the verdict that combines them.
 """
 
 from lightning_mergeguard.ownership.alignment import align_to_base
@@ -13,6 +13,7 @@ from lightning_mergeguard.ownership.fingerprint import (
     verify_fingerprint,
 )
 from lightning_mergeguard.ownership.signals import FingerprintSignal, WatermarkSignal
+from lightning_mergeguard.ownership.trigger_set import TriggerSet, TriggerTest
 from lightning_mergeguard.ownership.verify import OwnershipVerdict, verify_ownership
 from lightning_mergeguard.ownership.watermark import (
     Watermark,
@@ -29,6 +30,8 @@ __all__ = [
     "FingerprintSignal",
     "KeyTestResult",
     "OwnershipVerdict",
+    "TriggerSet",
+    "TriggerTest",
     "Watermark",
     "WatermarkSignal",
     "WeightKey",

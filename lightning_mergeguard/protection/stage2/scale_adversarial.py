@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_mergeguard.evaluation import LossFn
+from lightning_mergeguard.evaluation import LossFn, move_batch
 from lightning_mergeguard.protection.stage2._adversarial import (
     accumulate_grads_,
     adversarial_loop,
@@ -98,6 +98,7 @@ def scale_adversarial_(
     forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
     history: list[dict[str, float]] | None = None,
     keep_batches: Sequence[Any] = (),
+    keep_scaled: bool = False,
 ) -> list[dict[str, float]]:
     """Run the optimisation in place on ``params``.
 
@@ -126,6 +127,8 @@ def scale_adversarial_(
             ``precision_plugin.forward_context`` for autocast); the backward runs outside it, as in training.
         history: A list to append the per-step history to (so ``check`` can read it while the loop runs).
         keep_batches: Batches whose loss joins the own term every step (behaviour to keep, e.g. a fingerprint).
+        keep_scaled: Also minimise the ``keep_batches``' loss at each scaled copy, so what they hold (a trigger set)
+            is still answered by the merges whose own task stage 2 makes fail.
 
     Returns:
         Per-step history: ``own_loss`` and ``scaled_loss`` (mean over scales).
@@ -140,6 +143,7 @@ def scale_adversarial_(
     tensors = [params[n] for n in names]
     device = device or next(iter(params.values())).device
     gen = torch.Generator(device=device).manual_seed(seed)
+    kept = [move_batch(b, device) for b in keep_batches] if keep_scaled else []
 
     def adversary(step: int, batch: Any, live: Mapping[str, Tensor]) -> dict[str, float]:
         scaled_total = 0.0
@@ -154,9 +158,13 @@ def scale_adversarial_(
                 loss_s = loss_fn(module, batch)
             value = float(mean_across_ranks(loss_s.detach(), tensors))  # FSDP2 ranks must agree on the clip
             scaled_total += value
+            factors = [masks[n] for n in names] if masks is not None else None
+            if kept:  # the kept behaviour must hold at the scaled copy too: its loss is minimised there
+                with forward_context():
+                    loss_k = sum(loss_fn(module, b) for b in kept) / len(kept)
+                accumulate_grads_((factor / len(scales)) * loss_k, tensors, factors)
             if value >= clip:
                 continue
-            factors = [masks[n] for n in names] if masks is not None else None
             accumulate_grads_(-(factor / len(scales)) * loss_s, tensors, factors)
         return {"scaled_loss": scaled_total / len(scales)}
 
@@ -187,6 +195,8 @@ class ScaleAdversarial(Stage2):
         drop_density: Also sabotage DARE-style copies (random keep rate ``drop_density``, rescaled) on every other
             step; ``None`` sabotages the exact scaled copies only.
         checks: Guard-rail checks.
+        keep_scaled: Also keep the callback's ``keep_batches`` (a trigger set) answered at the scaled copies, so
+            merges whose own task stage 2 makes fail still answer them (``benchmarks/trigger_set.py``).
     """
 
     name = "scale_adversarial"
@@ -200,6 +210,7 @@ class ScaleAdversarial(Stage2):
         lr: float = 1e-3,
         drop_density: float | None = None,
         checks: int = 8,
+        keep_scaled: bool = False,
     ) -> None:
         _check_common(steps, clip, lr, checks)
         if not is_number(scales) and (isinstance(scales, (str, bytes)) or not scales):
@@ -214,6 +225,9 @@ class ScaleAdversarial(Stage2):
         self.lr = float(lr)
         self.drop_density = drop_density
         self.checks = checks
+        if not isinstance(keep_scaled, bool):
+            raise ValueError(f"keep_scaled must be True or False, got {keep_scaled!r}")
+        self.keep_scaled = keep_scaled
 
     @property
     def proxy_scale(self) -> float:
@@ -248,6 +262,7 @@ class ScaleAdversarial(Stage2):
                 clip=self.clip,
                 drop_density=self.drop_density,
                 lr=self.lr,
+                keep_scaled=self.keep_scaled,
                 **settings,
             )
 
