@@ -154,6 +154,9 @@ class TriggerSet:
 
         Returns:
             The matches and the p-value.
+
+        Raises:
+            ValueError: A suspect that answered another number of triggers than it was asked.
         """
         device = next((p.device for p in predict.parameters()), None) if isinstance(predict, nn.Module) else None
         answers = []
