@@ -54,13 +54,15 @@ def text() -> str:
     for name, title in (
         ("stop_or_catch", "Stop or catch: every merge is stopped or traced (`benchmarks/stop_or_catch.py`)"),
         ("deployment", "The release under what users do to it (`benchmarks/deployment.py`)"),
+        ("deployment_seeds", "The recommended setting under deployment, per seed (`benchmarks/deployment_seeds.py`)"),
         ("trigger_set", "Trigger-set fingerprint for classifiers, black box (`benchmarks/trigger_set.py`)"),
     ):
         data = load(name)
         if data:
             out += [f"### {title}", "", f"Command: `{data['command']}`; baseline: {data['baseline']}.", ""]
             out += [(RESULTS / f"{name}.md").read_text().strip(), ""]
-            out += [f"![{name}](benchmarks/results/{p.name})" for p in sorted(RESULTS.glob(f"{name}*.png"))] + [""]
+            png = RESULTS / f"{name}.png"
+            out += ([f"![{name}](benchmarks/results/{png.name})"] if png.is_file() else []) + [""]
     protection = load("protection")
     if protection:
         minutes = protection["seconds_all_tracks"] / 60

@@ -1,0 +1,133 @@
+"""The recommended setting under deployment, over seeds: does the release keep its own accuracy within 1 point?
+
+The README's recommended setting, ``MergeGuardCallback(release=Release(ownership_key=...))`` with every other
+setting at its default (stage 1, the scale-adversarial stage 2, the guard rail's tolerance of 1.0 point), on the
+vision track of ``benchmarks/stop_or_catch.py`` (the open_clip ViT pre-trained here, owner task ``mnist``), per
+seed: the owner-task accuracy of the release and of the unprotected fine-tune of the same seed (the baseline) under
+fp16, bf16, int8 per row, 4-bit groups of 32 and 128, GGUF Q8_0 and Q4_0, and 50 AdamW steps of full (lr 1e-5) and
+of rank-8 LoRA (lr 1e-4) fine-tuning on the owner's task (``lightning_mergeguard.protection.release.deployment``).
+
+    python benchmarks/deployment_seeds.py             # seeds 0 1 2, about 20 minutes on 2 CPU cores
+
+Writes ``benchmarks/results/deployment_seeds.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import RESULTS, environment, markdown_table, save_png, vit_user_finetune, write_results
+
+TREATMENTS = ("none", "fp16", "bf16", "int8-row", "int4-g32", "int4-g128", "gguf-q8_0", "gguf-q4_0", "finetune",
+              "finetune-lora")  # fmt: skip
+BOUND = 1.0  # points of own accuracy the recommended setting may lose to the unprotected model under a treatment
+
+
+def deployed(b: dict[str, Any], acc) -> dict[str, Any]:
+    """Owner-task accuracy of the unprotected fine-tune and of the release under each deployment treatment."""
+    from benchmarks.stop_or_catch import OWNER
+    from lightning_mergeguard.protection.release.deployment import QUANTIZERS, treated_state
+
+    out: dict[str, Any] = {}
+    for which in ("unprotected", "release"):
+        scores = {}
+        for t in TREATMENTS:
+            if t == "none":
+                state = b[which]
+            elif t in QUANTIZERS:
+                state = treated_state(b[which], t)
+            else:
+                state = vit_user_finetune(b["visual"], b["heads"][OWNER], b[which], OWNER, 50, t == "finetune-lora")
+            finite = all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+            scores[t] = acc(state) if finite else 0.0
+        out[which] = scores
+    out["loss"] = {t: out["unprotected"][t] - out["release"][t] for t in TREATMENTS}
+    out["worst_loss"] = max(out["loss"].values())
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    """Markdown: per treatment, the release's accuracy and its loss against the unprotected model, every seed."""
+    runs = res["seeds"]
+    header = ["treatment", *[f"seed {r['seed']}: unprotected → release" for r in runs], "largest loss (points)"]
+    rows = []
+    for t in TREATMENTS:
+        cells = [f"{r['unprotected'][t]:.1f} → {r['release'][t]:.1f}" for r in runs]
+        rows.append([t, *cells, f"{max(r['loss'][t] for r in runs):+.1f}"])
+    worst = max(r["worst_loss"] for r in runs)
+    return (
+        "#### The recommended setting under deployment, vision track (owner-task accuracy %)\n\n"
+        + markdown_table(header, rows)
+        + "\n\nLargest loss against the unprotected fine-tune of the same seed, over every treatment and seed: "
+        f"{worst:+.1f} points ({'within' if worst <= BOUND else 'OUTSIDE'} the {BOUND:g}-point bound).\n"
+    )
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for r in res["seeds"]:
+        ax.plot(range(len(TREATMENTS)), [r["loss"][t] for t in TREATMENTS], marker="o", label=f"seed {r['seed']}")
+    ax.axhline(BOUND, color="r", ls="--", lw=1, label=f"bound ({BOUND:g} point)")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(range(len(TREATMENTS)), TREATMENTS, rotation=35, ha="right")
+    ax.set_ylabel("own accuracy lost to the unprotected fine-tune (points)")
+    ax.set_title("The recommended setting under what users do to the release (vision)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def main() -> None:
+    from tqdm.auto import tqdm
+
+    from benchmarks.stop_or_catch import OWNER, build
+    from lightning_mergeguard.demos.vision_tasks import vit_task_accuracy
+    from lightning_mergeguard.protection.stage2 import DEFAULT_TOLERANCE
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (0 1 2)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    runs = []
+    for seed in tqdm(args.seeds, desc="deployment over seeds", unit="seed"):
+        t0 = time.perf_counter()
+        b = build(seed, tolerance=DEFAULT_TOLERANCE)
+        out = deployed(b, lambda s, b=b: vit_task_accuracy(b["visual"], b["heads"], s, OWNER))
+        report = b["report"] or {}
+        runs.append({"seed": seed, **out, "stage2": {k: report.get(k) for k in ("score_before", "score_after")},
+                     "seconds": time.perf_counter() - t0})  # fmt: skip
+    res = {
+        "command": "python benchmarks/deployment_seeds.py --seeds " + " ".join(map(str, args.seeds)),
+        "environment": environment(),
+        "baseline": "the unprotected fine-tune of the same seed under the same treatment",
+        "setting": "MergeGuardCallback(release=Release(ownership_key=...)), every other setting at its default "
+        f"(tolerance {DEFAULT_TOLERANCE:g})",
+        "treatments": list(TREATMENTS),
+        "bound_points": BOUND,
+        "seeds": runs,
+        "seconds": time.perf_counter() - start,
+    }
+    write_results("deployment_seeds", res)
+    text = table(res)
+    (RESULTS / "deployment_seeds.md").write_text(text, encoding="utf-8")
+    plot(res, RESULTS / "deployment_seeds.png")
+    print(text)
+    worst = max(r["worst_loss"] for r in runs)
+    print(f"headline: the release loses at most {worst:+.1f} points of own accuracy to the unprotected fine-tune "
+          f"under any treatment, {len(runs)} seeds (bound {BOUND:g})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
