@@ -24,8 +24,9 @@ Vision track (the open_clip ViT of ``benchmarks/protection.py``: pre-trained her
     python benchmarks/stop_or_catch.py                       # seeds 0 1 2, about an hour on 2 CPU cores
     python benchmarks/stop_or_catch.py --seeds 1 2 --append  # add seeds to the committed results
     python benchmarks/stop_or_catch.py --report-only         # table and plot again from the JSON
+    python benchmarks/stop_or_catch.py --seeds 0 --tolerance 1.0  # at today's default guard rail
 
-Writes ``benchmarks/results/stop_or_catch.{json,md,png}``.
+Writes ``benchmarks/results/stop_or_catch.{json,md,png}`` (``stop_or_catch_tolerance<T>.*`` with ``--tolerance``).
 """
 
 from __future__ import annotations
@@ -177,14 +178,14 @@ def low_rank(state: State, pre: State, names, keep: float = 0.1) -> State:
     return out
 
 
-def run_seed(seed: int, bar) -> dict[str, Any]:
+def run_seed(seed: int, bar, tolerance: float = MEASURED_TOLERANCE) -> dict[str, Any]:
     from lightning_mergeguard.demos.vision_tasks import vit_task_accuracy
     from lightning_mergeguard.merging import merge
     from lightning_mergeguard.ownership.verify import verify_ownership
     from lightning_mergeguard.protection.release.deployment import treated_state
 
     t0 = time.perf_counter()
-    b = build(seed)
+    b = build(seed, tolerance)
     visual, heads, pre, key = b["visual"], b["heads"], b["pre"], b["key"]
     partners = b["partners"]
 
@@ -347,18 +348,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (0 1 2)")
     parser.add_argument("--append", action="store_true", help="add these seeds to the committed results file")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")
+    parser.add_argument("--tolerance", type=float, default=None, help="the guard rail's tolerance (default: 1.5, "
+                        "as the committed results; another value writes stop_or_catch_tolerance<T>.*)")  # fmt: skip
     args = parser.parse_args()
-    path = RESULTS / "stop_or_catch.json"
+    name = "stop_or_catch" if args.tolerance is None else f"stop_or_catch_tolerance{args.tolerance:g}"
+    tolerance = MEASURED_TOLERANCE if args.tolerance is None else args.tolerance
+    path = RESULTS / f"{name}.json"
     if args.report_only:
-        report(json.loads(path.read_text()))
+        report(json.loads(path.read_text()), name)
         return
     start = time.perf_counter()
     old = json.loads(path.read_text()) if args.append and path.is_file() else None
     runs = [r for r in (old or {}).get("seeds", []) if r["seed"] not in args.seeds]
     with tqdm(desc="stop or catch", unit="cell") as bar:
         for seed in args.seeds:
-            runs.append(run_seed(seed, bar))
+            runs.append(run_seed(seed, bar, tolerance))
     command = "python benchmarks/stop_or_catch.py --seeds " + " ".join(map(str, args.seeds))
+    command += "" if args.tolerance is None else f" --tolerance {args.tolerance:g}"
     res = {
         "command": command if old is None else f"{old['command']}; {command} --append",
         "environment": environment(),
@@ -366,19 +372,21 @@ def main() -> None:
         "accuracy at most 0.5x that); negatives: models never derived from the release",
         "alpha": ALPHA,
         "stop": STOP,
+        "tolerance": tolerance,
         "seeds": sorted(runs, key=lambda r: r["seed"]),
         "seconds": time.perf_counter() - start + (old or {}).get("seconds", 0.0),
     }
-    write_results("stop_or_catch", res)
-    report(res)
+    write_results(name, res)
+    report(res, name)
 
 
-def report(res: dict[str, Any]) -> None:
+def report(res: dict[str, Any], name: str = "stop_or_catch") -> None:
     table, neither = summary(res)
-    text = "#### Stop or catch, vision track\n\n" + table + "\n\n"
+    tolerance = res.get("tolerance", MEASURED_TOLERANCE)
+    text = f"#### Stop or catch, vision track (guard rail at {tolerance:g} points)\n\n" + table + "\n\n"
     text += "Cells neither stopped nor caught:\n\n" + ("\n".join(f"- {n}" for n in neither) or "- none") + "\n"
-    (RESULTS / "stop_or_catch.md").write_text(text, encoding="utf-8")
-    plot(res, RESULTS / "stop_or_catch.png")
+    (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
+    plot(res, RESULTS / f"{name}.png")
     print(text)
     runs = res["seeds"]
     cells = sum(len(r["cells"]) for r in runs)
