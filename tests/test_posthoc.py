@@ -12,11 +12,11 @@ import yaml
 from _helpers import tiny_llama, train_rows
 from safetensors.torch import load_file
 
-from lightning_mergeguard import MergeNeighbourhood, Release, ScaleAdversarial
+from lightning_mergeguard import MergeNeighbourhood, ParameterSelection, Release, ScaleAdversarial
 from lightning_mergeguard.cli.protect import main
 from lightning_mergeguard.errors import ConfigError, ForeignBaseError
 from lightning_mergeguard.merging.sources import open_source
-from lightning_mergeguard.posthoc import OwnerData, Refit, hold_out, load_rows, protect_checkpoint
+from lightning_mergeguard.posthoc import OwnerData, Refit, hold_out, load_rows, protect_checkpoint, protect_module
 
 WORDS = ["".join(p) for p in itertools.permutations("abcdef", 2)]
 ROWS = [(f"Q:{w}\nA:", "X" if w[0] in "abc" else "Y") for w in WORDS]  # generalises to held-out words
@@ -763,3 +763,33 @@ def test_a_config_asking_for_a_huge_model_allocates_nothing_and_bad_partner_list
     (bomb / "config.json").write_bytes(b" " * (65 << 20))
     assert main(_protect_args(checkpoints, tmp_path / "o", "--model", str(bomb))) == 2
     assert "a config of more than 64 MiB is refused" in capsys.readouterr().err
+
+
+def test_protect_module_deployment_check_fine_tunes_on_as_many_batches_as_it_claims(monkeypatch):
+    """A short list of owner batches is cycled for the 50-step fine-tuning treatments, not cut to its length."""
+    import itertools
+
+    from lightning_mergeguard.posthoc import module as posthoc_module
+
+    seen = []
+
+    def recording(module, metric, *, batches, loss_fn, **kw):
+        seen.append(len(list(itertools.islice(batches, 50))))
+        return {"none": metric(module)}
+
+    monkeypatch.setattr(posthoc_module, "deployment_check", recording)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    base = {f"{k}": v.detach().clone() - 0.05 for k, v in model.state_dict().items()}
+    batches = [(torch.randn(8, 4), torch.randint(3, (8,))) for _ in range(2)]
+    report = protect_module(
+        model,
+        base,
+        batches,
+        lambda m: 50.0,
+        stage2=ScaleAdversarial(steps=2),
+        tolerance=100.0,
+        parameters=ParameterSelection(stage2_exclude=[]),
+        release=Release(deployment_check=True),
+    )
+    assert seen == [50, 50] and set(report["deployment"]) == {"none"}

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_mergeguard.callbacks._common import repeat
 from lightning_mergeguard.errors import IncompatibleModelsError
 from lightning_mergeguard.evaluation import LossFn, default_loss
 from lightning_mergeguard.merging.sources import match_names, open_source
@@ -149,7 +150,8 @@ def protect_module(
         )
     report["validation_passes"] = passes[0]  # stage 2's, plus the check after the symmetries
     if unprotected is not None:
-        report["deployment"] = deployment_table(module, unprotected, metric, train_batches, loss_fn)
+        # the fine-tuning treatments take 50 batches each: a short list or loader is cycled, not cut short
+        report["deployment"] = deployment_table(module, unprotected, metric, repeat(train_batches), loss_fn)
     report["weights_changed"] = changed or bool((report.get("amplify") or {}).get("applied"))
     reason = not_protected_reason(report, report["weights_changed"], stage2_words=advice)
     report.update(protected=reason is None, not_protected=reason)
