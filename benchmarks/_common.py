@@ -209,18 +209,19 @@ def fit_lm(
     val_rows=None,
     max_length: int | None = None,
     accelerator: str = "auto",
+    seed: int = 0,
 ) -> None:
     """Full fine-tune of a causal LM in place on ``(prompt, answer)`` rows, batch 8, on one device.
 
     Validation (for callbacks that score on it, like MergeGuard's guard rail) runs only when ``val_rows`` is given;
-    ``max_length`` defaults to the longest row.
+    ``max_length`` defaults to the longest row; ``seed`` seeds the shuffling (and everything else).
     """
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
     from lightning_mergeguard.models.causal_lm import CausalLMModule, LMTaskDataset
 
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(seed, verbose=False)
     if max_length is None:
         max_length = max(len(tok(p + a, add_special_tokens=False).input_ids) for p, a in rows) + 2
     data = LMTaskDataset(tok, rows, max_length=max_length)

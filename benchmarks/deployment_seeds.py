@@ -7,14 +7,20 @@ seed: the owner-task accuracy of the release and of the unprotected fine-tune of
 fp16, bf16, int8 per row, 4-bit groups of 32 and 128, GGUF Q8_0 and Q4_0, and 50 AdamW steps of full (lr 1e-5) and
 of rank-8 LoRA (lr 1e-4) fine-tuning on the owner's task (``lightning_mergeguard.protection.release.deployment``).
 
-    python benchmarks/deployment_seeds.py             # seeds 0 1 2, about 20 minutes on 2 CPU cores
+With ``--track llm``, the same on the LLM track of ``benchmarks/stop_or_catch_llm.py`` (SmolLM2-135M, owner task
+``upper``; its owner fine-tunes and releases, cached per seed), exact match on 256 held-out prompts (the
+unprotected SmolLM2 itself loses about 10 points under 4-bit formats, so 64 prompts could not resolve 1 point).
 
-Writes ``benchmarks/results/deployment_seeds.{json,md,png}``.
+    python benchmarks/deployment_seeds.py             # seeds 0 1 2, about 20 minutes on 2 CPU cores
+    python benchmarks/deployment_seeds.py --track llm --seeds 0  # about 10 minutes a seed (5 more to build it)
+
+Writes ``benchmarks/results/deployment_seeds.{json,md,png}`` (``deployment_seeds_llm.*`` with ``--track llm``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -30,9 +36,14 @@ TREATMENTS = ("none", "fp16", "bf16", "int8-row", "int4-g32", "int4-g128", "gguf
 BOUND = 1.0  # points of own accuracy the recommended setting may lose to the unprotected model under a treatment
 
 
-def deployed(b: dict[str, Any], acc) -> dict[str, Any]:
-    """Owner-task accuracy of the unprotected fine-tune and of the release under each deployment treatment."""
-    from benchmarks.stop_or_catch import OWNER
+LLM_EVAL = 256
+
+
+def deployed(b: dict[str, Any], acc, finetune) -> dict[str, Any]:
+    """Owner-task accuracy of the unprotected fine-tune and of the release under each deployment treatment.
+
+    ``finetune(state, steps, lora)``: the track's further fine-tuning on the owner's task.
+    """
     from lightning_mergeguard.protection.release.deployment import QUANTIZERS, treated_state
 
     out: dict[str, Any] = {}
@@ -44,7 +55,7 @@ def deployed(b: dict[str, Any], acc) -> dict[str, Any]:
             elif t in QUANTIZERS:
                 state = treated_state(b[which], t)
             else:
-                state = vit_user_finetune(b["visual"], b["heads"][OWNER], b[which], OWNER, 50, t == "finetune-lora")
+                state = finetune(b[which], 50, t == "finetune-lora")
             finite = all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
             scores[t] = acc(state) if finite else 0.0
         out[which] = scores
@@ -62,8 +73,10 @@ def table(res: dict[str, Any]) -> str:
         cells = [f"{r['unprotected'][t]:.1f} → {r['release'][t]:.1f}" for r in runs]
         rows.append([t, *cells, f"{max(r['loss'][t] for r in runs):+.1f}"])
     worst = max(r["worst_loss"] for r in runs)
+    track = res.get("track", "vision")
+    metric = "exact match %" if track == "llm" else "owner-task accuracy %"
     return (
-        "#### The recommended setting under deployment, vision track (owner-task accuracy %)\n\n"
+        f"#### The recommended setting under deployment, {track} track ({metric})\n\n"
         + markdown_table(header, rows)
         + "\n\nLargest loss against the unprotected fine-tune of the same seed, over every treatment and seed: "
         f"{worst:+.1f} points ({'within' if worst <= BOUND else 'OUTSIDE'} the {BOUND:g}-point bound).\n"
@@ -83,50 +96,71 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xticks(range(len(TREATMENTS)), TREATMENTS, rotation=35, ha="right")
     ax.set_ylabel("own accuracy lost to the unprotected fine-tune (points)")
-    ax.set_title("The recommended setting under what users do to the release (vision)")
+    ax.set_title(f"The recommended setting under what users do to the release ({res.get('track', 'vision')})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_png(fig, path)
 
 
+def track_parts(track: str, seed: int) -> tuple[dict[str, Any], Any, Any]:
+    """``(built models, accuracy, further fine-tuning)`` of ``track`` at ``seed``."""
+    from lightning_mergeguard.protection.stage2 import DEFAULT_TOLERANCE
+
+    if track == "llm":
+        from benchmarks import stop_or_catch_llm as llm
+
+        return llm.build(seed), functools.partial(llm.owner_accuracy, rows=LLM_EVAL), llm.user_finetune
+    from benchmarks.stop_or_catch import OWNER, build
+    from lightning_mergeguard.demos.vision_tasks import vit_task_accuracy
+
+    b = build(seed, tolerance=DEFAULT_TOLERANCE)
+    return (
+        b,
+        lambda s: vit_task_accuracy(b["visual"], b["heads"], s, OWNER),
+        lambda s, steps, lora: vit_user_finetune(b["visual"], b["heads"][OWNER], s, OWNER, steps, lora),
+    )
+
+
 def main() -> None:
     from tqdm.auto import tqdm
 
-    from benchmarks.stop_or_catch import OWNER, build
-    from lightning_mergeguard.demos.vision_tasks import vit_task_accuracy
     from lightning_mergeguard.protection.stage2 import DEFAULT_TOLERANCE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (0 1 2)")
+    parser.add_argument("--track", choices=["vision", "llm"], default="vision")
     args = parser.parse_args()
+    name = "deployment_seeds" if args.track == "vision" else "deployment_seeds_llm"
     start = time.perf_counter()
     runs = []
     for seed in tqdm(args.seeds, desc="deployment over seeds", unit="seed"):
         t0 = time.perf_counter()
-        b = build(seed, tolerance=DEFAULT_TOLERANCE)
-        out = deployed(b, lambda s, b=b: vit_task_accuracy(b["visual"], b["heads"], s, OWNER))
+        b, acc, finetune = track_parts(args.track, seed)
+        out = deployed(b, acc, finetune)
         report = b["report"] or {}
         runs.append({"seed": seed, **out, "stage2": {k: report.get(k) for k in ("score_before", "score_after")},
                      "seconds": time.perf_counter() - t0})  # fmt: skip
+    command = "python benchmarks/deployment_seeds.py --seeds " + " ".join(map(str, args.seeds))
     res = {
-        "command": "python benchmarks/deployment_seeds.py --seeds " + " ".join(map(str, args.seeds)),
+        "command": command + ("" if args.track == "vision" else " --track llm"),
         "environment": environment(),
+        "track": args.track,
         "baseline": "the unprotected fine-tune of the same seed under the same treatment",
         "setting": "MergeGuardCallback(release=Release(ownership_key=...)), every other setting at its default "
-        f"(tolerance {DEFAULT_TOLERANCE:g})",
+        f"(tolerance {DEFAULT_TOLERANCE:g})" + ("; stage 2 16 steps at lr 1e-4" if args.track == "llm" else ""),
         "treatments": list(TREATMENTS),
         "bound_points": BOUND,
         "seeds": runs,
         "seconds": time.perf_counter() - start,
     }
-    write_results("deployment_seeds", res)
+    write_results(name, res)
     text = table(res)
-    (RESULTS / "deployment_seeds.md").write_text(text, encoding="utf-8")
-    plot(res, RESULTS / "deployment_seeds.png")
+    (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
+    plot(res, RESULTS / f"{name}.png")
     print(text)
     worst = max(r["worst_loss"] for r in runs)
-    print(f"headline: the release loses at most {worst:+.1f} points of own accuracy to the unprotected fine-tune "
-          f"under any treatment, {len(runs)} seeds (bound {BOUND:g})")  # fmt: skip
+    print(f"headline: the release loses at most {worst:+.1f} points of own score to the unprotected fine-tune "
+          f"under any treatment, {len(runs)} seeds, {args.track} track (bound {BOUND:g})")  # fmt: skip
 
 
 if __name__ == "__main__":

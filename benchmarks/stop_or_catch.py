@@ -311,7 +311,7 @@ def summary(res: dict[str, Any]) -> tuple[str, list[str]]:
     return markdown_table(headers, rows), neither
 
 
-def plot(res: dict[str, Any], path: Path) -> None:
+def plot(res: dict[str, Any], path: Path, track: str = "vision") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,7 +335,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.scatter([], [], color="k", marker="x", label="negatives (never derived)")
     ax.set_xlabel("owner-task accuracy / unprotected model's best merge")
     ax.set_ylabel("-log10 p (white-box key test; capped at 300)")
-    ax.set_title("Stop or catch, vision track: every merge of the protected release")
+    ax.set_title(f"Stop or catch, {track} track: every merge of the protected release")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     save_png(fig, path)
@@ -380,13 +380,14 @@ def main() -> None:
     report(res, name)
 
 
-def report(res: dict[str, Any], name: str = "stop_or_catch") -> None:
+def report(res: dict[str, Any], name: str = "stop_or_catch", track: str = "vision") -> None:
+    """Write ``<name>.md`` (the per-seed table and every cell neither stopped nor caught) and ``<name>.png``."""
     table, neither = summary(res)
     tolerance = res.get("tolerance", MEASURED_TOLERANCE)
-    text = f"#### Stop or catch, vision track (guard rail at {tolerance:g} points)\n\n" + table + "\n\n"
+    text = f"#### Stop or catch, {track} track (guard rail at {tolerance:g} points)\n\n" + table + "\n\n"
     text += "Cells neither stopped nor caught:\n\n" + ("\n".join(f"- {n}" for n in neither) or "- none") + "\n"
     (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
-    plot(res, RESULTS / f"{name}.png")
+    plot(res, RESULTS / f"{name}.png", track)
     print(text)
     runs = res["seeds"]
     cells = sum(len(r["cells"]) for r in runs)

@@ -211,3 +211,70 @@ def test_deployment_benchmark_scores_each_setting_under_each_treatment_and_merge
     md = deployment.table("toy", res)
     assert "| huge | 0.0 | 0.0 |" in md and "not finite" in md
     assert "huge: worst +100.0 points (OUTSIDE 1.0)" in deployment.headline("toy", res)
+
+
+@pytest.mark.slow
+def test_llm_stop_or_catch_runs_every_cell_and_negative_on_a_tiny_llama(monkeypatch, tmp_path):
+    """The LLM track end to end on a tiny Llama: each merge under each attack, the negatives, the table."""
+    from types import SimpleNamespace
+
+    from tests._helpers import make_byte_tokenizer, perturbed_state_dict, tiny_llama
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import stop_or_catch
+        from benchmarks import stop_or_catch_llm as llm
+    finally:
+        sys.path.remove(str(ROOT))
+    from lightning_mergeguard.demos.smollm2 import generate_task
+
+    shape = dict(vocab_size=260, hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
+    model = tiny_llama(0, **shape).eval()
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    partners = {t: perturbed_state_dict(pre, i, 0.02) for i, t in enumerate(("add", "reverse", "country"))}
+    parts = {"model": model, "tok": make_byte_tokenizer(), "pre": pre, "partners": partners,
+             "live": tiny_llama(1, **shape), "eval": generate_task("upper", 4, 99)}  # fmt: skip
+    monkeypatch.setattr(llm, "shared", lambda: parts)
+    monkeypatch.setattr(llm, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(llm, "STEPS", 2)
+    monkeypatch.setattr(llm, "STAGE2_STEPS", 2)
+    monkeypatch.setattr(llm, "INDEPENDENT", 3)
+    monkeypatch.setattr(llm, "MERGES", ("TA owner 1 / partners 0.1", "uniform TA λ=0.3", "WA with add"))
+    monkeypatch.setattr(llm, "ATTACKED", ("TA owner 1 / partners 0.1",))
+    monkeypatch.setattr(llm, "REPAIR", (1, 2))
+    monkeypatch.setattr(llm, "REMOVAL", (2, 3))
+    monkeypatch.setattr(stop_or_catch, "RESULTS", tmp_path)
+    bar = SimpleNamespace(update=lambda: None)
+    run = llm.run_seed(0, bar)
+    attacks = {"as merged", "re-parameterised", "int8 per row", "low-rank 10%"}
+    slow = {"repair 1", "repair 2", "removal 2", "removal 3"}
+    assert len(run["cells"]) == 4 * 4 + 2 * 4  # (release alone + 3 merges) x 4, and 2 attacked x 4 more
+    assert {c["attack"] for c in run["cells"].values()} == attacks | slow
+    # 1 base + 3 partners + unprotected + 3 independent + 3 merges of one + 3 averages + 2 partner-only merges
+    assert len(run["negatives"]) == 16
+    assert all(0.0 <= c["p"] <= 1.0 and math.isfinite(c["log10_p"]) for c in run["cells"].values())
+    assert run["cells"]["release alone | as merged"]["p"] <= llm.ALPHA  # the release carries its key
+    assert run["cells"]["release alone | re-parameterised"]["p"] <= llm.ALPHA  # alignment undoes the hiding
+    assert run["cells"]["release alone | re-parameterised"]["aligned"]  # the full test where alignment matters
+    assert not run["cells"]["release alone | as merged"]["aligned"]  # its bound elsewhere
+    assert min(n["p"] for n in run["negatives"].values()) > llm.ALPHA
+    stop_or_catch.report({"seeds": [run], "tolerance": 1.0}, "llm_smoke", track="LLM")
+    assert "LLM track" in (tmp_path / "llm_smoke.md").read_text() and (tmp_path / "llm_smoke.png").is_file()
+
+
+def test_low_rank_attack_keeps_the_top_of_each_task_vector():
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.stop_or_catch_llm import low_rank
+    finally:
+        sys.path.remove(str(ROOT))
+    g = torch.Generator().manual_seed(0)
+    pre = {"w": torch.randn(40, 30, generator=g)}
+    u, v = torch.randn(40, 3, generator=g), torch.randn(30, 3, generator=g)
+    tau = u @ v.T + 1e-3 * torch.randn(40, 30, generator=g)  # rank 3 plus noise; 10% of 30 is rank 3
+    out = low_rank({"w": pre["w"] + tau}, pre, ["w"])
+    kept = out["w"] - pre["w"]
+    assert torch.linalg.matrix_rank(kept, atol=1e-4) == 3
+    assert float((kept - u @ v.T).norm() / (u @ v.T).norm()) < 1e-2

@@ -352,9 +352,11 @@ def test_the_key_alone_is_embedded_but_never_reported_as_protection(tmp_path):
     module = TinyClassifier()
     base = {k: v.clone() for k, v in module.state_dict().items()}
     guard = MergeGuardCallback(stage2=KeepWeights(), progress=False, release=Release(ownership_key=str(tmp_path / "k")))
-    with pytest.warns(UserWarning, match="NOT protected"):
+    with pytest.warns(UserWarning, match="NOT protected: no weight changed but the ownership key's"):
         trainer(tmp_path, callbacks=[guard], max_epochs=2).fit(module)
     assert guard.report["protected"] is False and guard.report["ownership_key"]["tensors"] >= 2
+    assert "traceable (mergeguard-verify), not stopped" in guard.report["not_protected"]
+    assert "unprotected fine-tune" not in guard.report["not_protected"]  # the key did change the weights
     assert verify_ownership(module.state_dict(), base, WeightKey.load(tmp_path / "k"), check_base=False).derived
     with pytest.raises(Exception, match="KeepWeights"):
         trainer(

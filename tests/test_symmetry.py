@@ -352,3 +352,33 @@ def test_float16_weights_that_would_lose_precision_are_refused_with_the_reason()
 def test_other_llama_style_families_are_kept_bit_for_bit(model_type, kinds):
     report = _amplify_family(model_type)
     assert set(report["groups"]) == kinds and report["dropped"] == []
+
+
+def test_estimate_scales_stops_once_converged_and_agrees_with_thirty_rounds():
+    """The default stops when no scale moves by more than ``exp(tol)``; it leaves the input untouched."""
+    from lightning_mergeguard.protection.release.symmetry import estimate_scales
+
+    base, ft = _pair(lambda: _llama(4, 2))
+    groups = find_symmetries(ft)
+    pre, sd = base.state_dict(), ft.state_dict()
+    amplified = amplify_state(sd, groups, strength=64.0, seed=2)
+    kept = {k: v.clone() for k, v in amplified.items()}
+    full = estimate_scales(amplified, pre, groups, rounds=30, tol=0.0)
+    fast = estimate_scales(amplified, pre, groups)
+    assert all(torch.equal(kept[k], amplified[k]) for k in kept)
+    worst = max(float((a.log() - b.log()).abs().max()) for a, b in zip(fast, full, strict=True))
+    assert worst < 1e-3, worst
+    drawn = draw_scales(groups, 64.0, seed=2)
+    off = max(float((a.log() - b.log()).abs().max()) for a, b in zip(fast, drawn, strict=True))
+    assert off < 0.1, off  # the drawn scales, up to what the fine-tune's drift hides (log 64 = 4.2)
+
+
+def test_estimate_scales_reads_channels_along_any_dim_of_a_conv_weight():
+    """A factor on dim 1 of a 4-D weight: each channel's norm is over every other dim (the slice, not a reshape)."""
+    from lightning_mergeguard.protection.release.symmetry import estimate_scales
+
+    g = SymmetryGroup("conv", 3, (Factor("w", 1, 1),))
+    anchor = {"w": torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(0))}
+    scales = torch.tensor([2.0, 0.5, 8.0])
+    scaled = apply_scales(anchor, [g], [scales])
+    assert torch.allclose(estimate_scales(scaled, anchor, [g])[0], scales.double(), rtol=1e-6)

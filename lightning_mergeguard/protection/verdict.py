@@ -58,7 +58,7 @@ def weights_changed(digest: Mapping[str, bytes], state: Mapping[str, Tensor]) ->
 def not_protected_reason(report: Mapping[str, Any], changed: bool, *, stage2_words: str = "") -> str | None:
     """Why the protection in ``report`` did nothing, or less than it claims; ``None`` when it did what it says.
 
-    Not protected: no weight changed; stage 2 kept no step and no re-parameterisation was applied (so the
+    Not protected: no weight changed (but the ownership key's, if ``report["ownership_key"]``); stage 2 kept no step and no re-parameterisation was applied (so the
     release is the fine-tune, give or take a re-fit); or every merge in ``report["merges"]`` kept the owner's score
     within the tolerance (the merges measured are not stopped).
 
@@ -73,9 +73,13 @@ def not_protected_reason(report: Mapping[str, Any], changed: bool, *, stage2_wor
         The reason, or ``None``.
     """
     if not changed:
-        return "no weight changed: the written model is the unprotected fine-tune" + (
-            f" (stage 2 kept no step: {stage2_words})" if stage2_words else ""
+        what = (
+            "no weight changed but the ownership key's: merges of the written model are traceable "
+            "(mergeguard-verify), not stopped"
+            if report.get("ownership_key")
+            else "no weight changed: the written model is the unprotected fine-tune"
         )
+        return what + (f" (stage 2 kept no step: {stage2_words})" if stage2_words else "")
     amplified = bool((report.get("amplify") or {}).get("applied"))
     stage2 = report.get("stage2")
     kept = (stage2 if isinstance(stage2, Mapping) else report).get("steps_used")

