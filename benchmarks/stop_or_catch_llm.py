@@ -22,7 +22,7 @@ fine-tunes ``protection.py`` caches). Per seed:
    get the full test;
 4. negatives: ``theta_pre``, the partners, the unprotected fine-tune, five independent fine-tunes of ``upper``
    (other prompts, other seeds), :data:`MERGES` with an independent fine-tune in the owner's place, averages of
-   independent fine-tunes and merges of the partners alone.
+   independent fine-tunes (six pairs) and merges of the partners alone.
 
 Owner accuracy is exact match of greedy decoding on 64 held-out prompts (one prompt = 1.6 points).
 
@@ -61,11 +61,9 @@ STEPS, LR, STAGE2_STEPS, EVAL_N = 30, 2e-4, 16, 64
 LAMBDAS = (0.3, 1.0)
 MERGES = (
     "TA owner 1 / partners 0.1",
-    "TA owner 1 / partners 0.3",
     "TA owner 0.6 / partners 0.1",
     "TIES-norm owner 1 / partners 0.1",
     "TIES owner 5x",
-    "DELLA-linear owner 1 / partners 0.3",
     "TA owner 1 with add 0.1",
     "NuSLERP owner 0.8 with add",
     "Multi-SLERP owner 0.8",
@@ -73,10 +71,8 @@ MERGES = (
     "NearSwap owner / add t=0.0001",
     "layers: owner 0-15, add 15-30",
     "uniform TA λ=0.3",
-    "uniform TA λ=1",
     "TIES (study)",
     "DARE-TIES (study)",
-    "WA with add",
     "SLERP with add",
 )
 """The merges of the grid (``benchmarks/_grid.py`` labels) this track runs: the whole grid (121 merges) does not fit
@@ -295,7 +291,7 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
         negative(f"independent fine-tune {k}", st)
     for label, merged in grid(indep[0]).items():
         negative(f"{label} (independent fine-tune 0 as owner)", merged)
-    for k1, k2 in itertools.combinations(range(3), 2):
+    for k1, k2 in itertools.combinations(range(min(4, INDEPENDENT)), 2):
         negative(f"average of independent fine-tunes {k1}, {k2}", {n: (indep[k1][n] + indep[k2][n]) / 2 for n in pre})
     names = list(partners)
     for lam in LAMBDAS:
