@@ -14,7 +14,8 @@ fine-tunes ``protection.py`` caches). Per seed:
    open on the LLM grid of ``protection_grid.md``) first, each as merged, re-parameterised (residual stream and
    units permuted, channels rescaled up to 4x), int8 per row, and low-rank (the task vector of every keyed matrix
    truncated to 10% of its rank); for :data:`ATTACKED` also a repair (10 and 50 AdamW steps at lr 2e-4 on 64
-   owner-task prompts) and a removal attempt (50 and 200 steps at lr 1e-4 on 1,600 fresh owner-task prompts);
+   owner-task prompts), a removal attempt (50 and 200 steps at lr 1e-4 on 1,600 fresh owner-task prompts), and the
+   same merges of the release as users store it, int8 per row or fp16, before merging;
 3. stopped: owner-task exact match at most half the unprotected model's best merge on the same merges; caught:
    ``verify_ownership`` (white-box key test as published and after alignment to ``theta_pre``; Bonferroni) p <= 1e-3.
    To fit 2 cores, cells that were not re-parameterised get an upper bound of that p-value, twice the test as
@@ -78,6 +79,8 @@ MERGES = (
 """The merges of the grid (``benchmarks/_grid.py`` labels) this track runs: the whole grid (121 merges) does not fit
 on 2 CPU cores (a SmolLM2 merge takes 5-30 s, a key test with alignment about 20 s)."""
 ATTACKED = ("TA owner 1 / partners 0.1", "uniform TA λ=0.3")
+DEPLOYED_FIRST = ("int8-row", "fp16")
+"""Formats the release is stored in before :data:`ATTACKED` merges take it (a merge of a quantized copy)."""
 REPAIR = (10, 50)
 """AdamW steps of the repairs (lr 2e-4, 64 owner-task prompts)."""
 REMOVAL = (50, 200)
@@ -272,6 +275,14 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
             ratio = a / best if best > 0 else math.nan  # nothing to stop if no merge of the unprotected works
             p = test(state, aligned=how == "re-parameterised")
             cells[f"{label} | {how}"] = {"merge": label, "attack": how, "owner": a, "ratio": ratio, **p}
+            bar.update()
+    # what users deploy is merged too: the release stored in int8 / fp16 first, then merged (its own cells)
+    for fmt in DEPLOYED_FIRST:
+        for label, merged in grid(treated_state(b["release"], fmt), ATTACKED).items():
+            a = acc(merged)
+            how, ratio = f"{fmt} release, then merged", a / best if best > 0 else math.nan
+            cells[f"{label} | {how}"] = {"merge": label, "attack": how, "owner": a, "ratio": ratio}
+            cells[f"{label} | {how}"].update(test(merged, False))
             bar.update()
     negatives: dict[str, dict[str, Any]] = {}
 
