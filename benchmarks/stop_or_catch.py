@@ -318,7 +318,9 @@ def plot(res: dict[str, Any], path: Path, track: str = "vision") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 5))
-    colors = {"as merged": "C0", "re-parameterised": "C1", "int8 per row": "C2", "low-rank 10%": "C3"}
+    colors = {"as merged": "C0", "re-parameterised": "C1", "int8 per row": "C2", "low-rank 10%": "C3",
+              "int8-row release, then merged": "C5", "fp16 release, then merged": "C6"}  # fmt: skip
+    present = {c["attack"] for run in res["seeds"] for c in run["cells"].values()}
     for run in res["seeds"]:
         for cell in run["cells"].values():
             y = min(-cell["log10_p"], 300)
@@ -330,8 +332,11 @@ def plot(res: dict[str, Any], path: Path, track: str = "vision") -> None:
     ax.axvline(STOP, color="g", ls="--", lw=1)
     ax.text(STOP + 0.01, 0.3, "stopped ←", color="g")
     ax.text(0.05, 4, "caught ↑ (p ≤ 1e-3)", color="r")
-    for label, c in {**colors, "repair / removal": "C4"}.items():
-        ax.scatter([], [], color=c, label=label)
+    for label, c in colors.items():
+        if label in present:
+            ax.scatter([], [], color=c, label=label)
+    if present - set(colors):
+        ax.scatter([], [], color="C4", label="repair / removal")
     ax.scatter([], [], color="k", marker="x", label="negatives (never derived)")
     ax.set_xlabel("owner-task accuracy / unprotected model's best merge")
     ax.set_ylabel("-log10 p (white-box key test; capped at 300)")
