@@ -13,9 +13,9 @@ fine-tunes ``protection.py`` caches). Per seed:
 2. :data:`MERGES`, merges of the committed grid chosen to cover every family, owner-weighted ones (those that stay
    open on the LLM grid of ``protection_grid.md``) first, each as merged, re-parameterised (residual stream and
    units permuted, channels rescaled up to 4x), int8 per row, and low-rank (the task vector of every keyed matrix
-   truncated to 10% of its rank); for :data:`ATTACKED` also a repair (10 and 50 AdamW steps at lr 2e-4 on 64
-   owner-task prompts), a removal attempt (50 and 200 steps at lr 1e-4 on 1,600 fresh owner-task prompts), and the
-   same merges of the release as users store it, int8 per row or fp16, before merging;
+   truncated to 10% of its rank); for the release alone and :data:`ATTACKED` also a repair (10 AdamW steps at lr
+   2e-4 on 64 owner-task prompts) and a removal attempt (50 steps at lr 1e-4 on fresh owner-task prompts), and
+   the same merges of the release as users store it, int8 per row or fp16, before merging;
 3. stopped: owner-task exact match at most half the unprotected model's best merge on the same merges; caught:
    ``verify_ownership`` (white-box key test as published and after alignment to ``theta_pre``; Bonferroni) p <= 1e-3.
    To fit 2 cores, cells that were not re-parameterised get an upper bound of that p-value, twice the test as
@@ -45,6 +45,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +79,14 @@ MERGES = (
 )
 """The merges of the grid (``benchmarks/_grid.py`` labels) this track runs: the whole grid (121 merges) does not fit
 on 2 CPU cores (a SmolLM2 merge takes 5-30 s, a key test with alignment about 20 s)."""
-ATTACKED = ("TA owner 1 / partners 0.1", "uniform TA λ=0.3")
+ATTACKED = ("TA owner 1 / partners 0.1",)
+"""The merges (besides the release alone) also repaired and fine-tuned further: the open merge a free-rider wants
+(a SmolLM2 training step takes about 3 s on 2 CPU cores, so these are the track's most expensive cells)."""
 DEPLOYED_FIRST = ("int8-row", "fp16")
 """Formats the release is stored in before :data:`ATTACKED` merges take it (a merge of a quantized copy)."""
-REPAIR = (10, 50)
+REPAIR = (10,)
 """AdamW steps of the repairs (lr 2e-4, 64 owner-task prompts)."""
-REMOVAL = (50, 200)
+REMOVAL = (50,)
 """AdamW steps of the removal attempts (lr 1e-4, 1,600 fresh owner-task prompts)."""
 INDEPENDENT = 5
 
@@ -241,19 +244,18 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
     if missing:
         raise SystemExit(f"MERGES names merges the grid does not have: {missing}")
 
-    def grid(owner_state: State, labels=MERGES) -> dict[str, State]:
+    def grid(owner_state: State, labels=MERGES) -> Iterator[tuple[str, State]]:
+        """``(label, merge)`` one at a time: a SmolLM2 merge is 540 MB, so no more than one is held."""
         states = {**partners, OWNER: owner_state}
-        out = {}
         for label in labels:
             cfg, used = configs[label]
             base = pre if cfg.get("base_model") == "pre" else None
-            out[label] = merge(cfg, {n: states[n] for n in {OWNER, *used}}, base, seed=0, check_base=False)
-        return out
+            yield label, merge(cfg, {n: states[n] for n in {OWNER, *used}}, base, seed=0, check_base=False)
 
     def on_owner(state: State, steps: int, lr: float, rows: int, data_seed: int) -> State:
         return train(model, tok, state, generate_task(OWNER, rows, seed=data_seed), steps, lr, seed=7)
 
-    unprotected_grid = {label: acc(m) for label, m in grid(b["unprotected"]).items()}
+    unprotected_grid = {label: acc(m) for label, m in grid(b["unprotected"])}
     best_label = max(unprotected_grid, key=unprotected_grid.get)
     best = unprotected_grid[best_label]
     treatments = {
@@ -267,7 +269,7 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
         **{f"removal {n}": functools.partial(on_owner, steps=n, lr=1e-4, rows=1600, data_seed=501) for n in REMOVAL},
     }
     cells: dict[str, dict[str, Any]] = {}
-    for label, merged in {"release alone": b["release"], **grid(b["release"])}.items():
+    for label, merged in itertools.chain([("release alone", b["release"])], grid(b["release"])):
         chosen = {**treatments, **(expensive if label in ATTACKED or label == "release alone" else {})}
         for how, fn in chosen.items():
             state = fn(merged)
@@ -278,7 +280,7 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
             bar.update()
     # what users deploy is merged too: the release stored in int8 / fp16 first, then merged (its own cells)
     for fmt in DEPLOYED_FIRST:
-        for label, merged in grid(treated_state(b["release"], fmt), ATTACKED).items():
+        for label, merged in grid(treated_state(b["release"], fmt), ATTACKED):
             a = acc(merged)
             how, ratio = f"{fmt} release, then merged", a / best if best > 0 else math.nan
             cells[f"{label} | {how}"] = {"merge": label, "attack": how, "owner": a, "ratio": ratio}
@@ -300,7 +302,7 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
     }
     for k, st in indep.items():
         negative(f"independent fine-tune {k}", st)
-    for label, merged in grid(indep[0]).items():
+    for label, merged in grid(indep[0]):
         negative(f"{label} (independent fine-tune 0 as owner)", merged)
     for k1, k2 in itertools.combinations(range(min(4, INDEPENDENT)), 2):
         negative(f"average of independent fine-tunes {k1}, {k2}", {n: (indep[k1][n] + indep[k2][n]) / 2 for n in pre})
