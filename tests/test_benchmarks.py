@@ -280,3 +280,26 @@ def test_low_rank_attack_keeps_the_top_of_each_task_vector():
     kept = out["w"] - pre["w"]
     assert torch.linalg.matrix_rank(kept, atol=1e-4) == 3
     assert float((kept - u @ v.T).norm() / (u @ v.T).norm()) < 1e-2
+
+
+def test_deployment_seeds_scores_both_models_under_every_treatment_with_the_tracks_finetune():
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.deployment_seeds import TREATMENTS, deployed
+    finally:
+        sys.path.remove(str(ROOT))
+    plain = {"w": torch.full((4, 8), 0.5)}
+    huge = {"w": torch.full((4, 8), 1e6)}  # fp16 cannot hold it: that treatment scores 0, not NaN
+    tuned = []
+
+    def finetune(state, steps, lora):
+        tuned.append((steps, lora))
+        return {"w": state["w"] * 0.5}
+
+    out = deployed({"unprotected": plain, "release": huge}, lambda s: float(s["w"].mean() > 0.1) * 100, finetune)
+    assert set(out["unprotected"]) == set(TREATMENTS) and out["unprotected"]["int8-row"] == 100.0
+    assert out["release"]["fp16"] == 0.0 and out["release"]["bf16"] == 100.0
+    assert out["loss"]["fp16"] == 100.0 and out["worst_loss"] == 100.0
+    assert sorted(tuned) == [(50, False), (50, False), (50, True), (50, True)]
