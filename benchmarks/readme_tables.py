@@ -53,11 +53,12 @@ def text() -> str:
     out: list[str] = []
     for name, title in (
         ("stop_or_catch", "Stop or catch: every merge is stopped or traced (`benchmarks/stop_or_catch.py`)"),
-        ("stop_or_catch_tolerance1", "Stop or catch at today's default guard rail of 1 point"),
+        ("stop_or_catch_tolerance1", "Stop or catch at today's default guard rail of 1 point, seed 0"),
         ("stop_or_catch_llm", "Stop or catch, LLM track (`benchmarks/stop_or_catch_llm.py`)"),
         ("deployment", "The release under what users do to it (`benchmarks/deployment.py`)"),
         ("deployment_seeds", "The recommended setting under deployment, per seed (`benchmarks/deployment_seeds.py`)"),
         ("deployment_seeds_llm", "The recommended setting under deployment, LLM (`deployment_seeds.py --track llm`)"),
+        ("llm_release_parts", "Which part of the LLM release costs own score (`benchmarks/llm_release_parts.py`)"),
         ("trigger_set", "Trigger-set fingerprint for classifiers, black box (`benchmarks/trigger_set.py`)"),
     ):
         data = load(name)

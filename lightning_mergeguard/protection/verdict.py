@@ -58,9 +58,9 @@ def weights_changed(digest: Mapping[str, bytes], state: Mapping[str, Tensor]) ->
 def not_protected_reason(report: Mapping[str, Any], changed: bool, *, stage2_words: str = "") -> str | None:
     """Why the protection in ``report`` did nothing, or less than it claims; ``None`` when it did what it says.
 
-    Not protected: no weight changed (but the ownership key's, if ``report["ownership_key"]``); stage 2 kept no step and no re-parameterisation was applied (so the
-    release is the fine-tune, give or take a re-fit); or every merge in ``report["merges"]`` kept the owner's score
-    within the tolerance (the merges measured are not stopped).
+    Not protected: no weight changed (but the ownership key's, if ``report["ownership_key"]``); stage 2 kept no step
+    and no re-parameterisation was applied (so the release is the fine-tune, give or take a re-fit); or every merge
+    in ``report["merges"]`` kept the owner's score within the tolerance (the merges measured are not stopped).
 
     Args:
         report: A protection report: ``steps_used`` in its ``stage2`` entry (post hoc) or at its top (the callback),
