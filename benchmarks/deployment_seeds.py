@@ -12,7 +12,7 @@ With ``--track llm``, the same on the LLM track of ``benchmarks/stop_or_catch_ll
 unprotected SmolLM2 itself loses about 10 points under 4-bit formats, so 64 prompts could not resolve 1 point).
 
     python benchmarks/deployment_seeds.py             # seeds 0 1 2, about 20 minutes on 2 CPU cores
-    python benchmarks/deployment_seeds.py --track llm --seeds 0  # about 10 minutes a seed (5 more to build it)
+    python benchmarks/deployment_seeds.py --track llm --seeds 0  # 8 minutes a seed (6 more to build it)
 
 Writes ``benchmarks/results/deployment_seeds.{json,md,png}`` (``deployment_seeds_llm.*`` with ``--track llm``).
 """
@@ -34,9 +34,7 @@ from benchmarks._common import RESULTS, environment, markdown_table, save_png, v
 TREATMENTS = ("none", "fp16", "bf16", "int8-row", "int4-g32", "int4-g128", "gguf-q8_0", "gguf-q4_0", "finetune",
               "finetune-lora")  # fmt: skip
 BOUND = 1.0  # points of own accuracy the recommended setting may lose to the unprotected model under a treatment
-
-
-LLM_EVAL = 256
+LLM_EVAL = 256  # held-out prompts of the LLM track's score (one prompt: 0.4 points)
 
 
 def deployed(b: dict[str, Any], acc, finetune) -> dict[str, Any]:
