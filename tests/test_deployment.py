@@ -6,13 +6,8 @@ import pytest
 import torch
 from _helpers import tiny_llama
 
-from lightning_mergeguard.protection.release.deployment import (
-    deployment_check,
-    gguf_roundtrip,
-    int4_groups,
-    int8_rows,
-    treated_state,
-)
+from lightning_mergeguard.protection.release.deployment import deployment_check
+from lightning_mergeguard.quantization import gguf_roundtrip, int4_groups, int8_rows, treated_state
 
 
 def test_quantizers_round_to_their_grids():

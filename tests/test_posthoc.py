@@ -161,7 +161,8 @@ def test_the_objects_protect_checkpoint_takes_refuse_bad_values_when_built(build
         (["--batch-size", "0"], "batch_size must be an integer >= 1"),
         (["--amplify", "1.5"], "amplify must be a finite number >= 2"),
         (["--permute-residual"], "set amplify too"),
-        (["--stage2", "none", "--steps", "5"], "--steps/--lr configure stage 2, but --stage2 is none"),
+        (["--stage2", "none", "--steps", "5"], "--steps/--lr/--deployed configure stage 2, but --stage2 is none"),
+        (["--deployed", "int5"], "deployed: unknown weight format(s) ['int5']; known:"),
     ],
 )
 def test_the_command_refuses_bad_flags_in_one_line_before_loading_anything(

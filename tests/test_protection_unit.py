@@ -40,6 +40,11 @@ def test_redistribution_grad_equals_autograd(normalize, with_reference):
         (lambda: ScaleAdversarial(scales=(0.3, 1.5)), "scales must be"),
         (lambda: ScaleAdversarial(drop_density=1.0), "drop_density must be"),
         (lambda: ScaleAdversarial(checks=0), "checks must be"),
+        (
+            lambda: ScaleAdversarial(deployed="int5-g32"),
+            r"unknown weight format\(s\) \['int5-g32'\]; known: .*int4-g32",
+        ),
+        (lambda: ScaleAdversarial(deployed=[4]), "deployed must be weight format names"),
     ],
 )
 def test_strategies_validate_their_own_settings(make, match):
@@ -86,3 +91,97 @@ def test_a_strategy_runs_without_a_trainer():
     assert before - after <= 1.5 and after == pytest.approx(metric())
     assert report["merge_proxy_after"] <= report["merge_proxy_before"]
     assert len(calls) == 1 + 1 + 2 * 8 + 1  # before, proxy before, 8 checks, and the metric() above
+
+
+def _one_row_context():
+    """A one-parameter context whose score reads ``w[0, 1] > 0.4`` (int4-g32 rounds 0.45 to 0 in a row of max 7)."""
+    from torch import nn
+
+    from lightning_mergeguard.protection.stage2 import Stage2Context
+
+    w = nn.Parameter(torch.tensor([[7.0, 0.6] + [0.0] * 30]))
+    ctx = Stage2Context(
+        module=nn.Identity(),
+        params={"w": w},
+        reference={"w": torch.zeros_like(w)},
+        batches=iter(()),
+        metric=lambda: 100.0 if float(w.detach()[0, 1]) > 0.4 else 0.0,
+        loss_fn=lambda module, batch: torch.zeros(()),
+        before=100.0,
+        tolerance=1.0,
+    )
+    return w, ctx
+
+
+@pytest.mark.parametrize(("deployed", "kept"), [((), 1), (("int4-g32",), 0)])
+def test_the_guard_rail_holds_the_score_in_each_deployed_format(deployed, kept):
+    """A step that keeps the full-precision score but loses it once quantized is kept only without ``deployed``."""
+    from lightning_mergeguard.protection.stage2.base import _GuardRail
+
+    w, ctx = _one_row_context()
+    proxies = iter([50.0, 10.0])  # the stage-1 weights' merge proxy, then the step's (better protected)
+    rail = _GuardRail(ctx, lambda: next(proxies), deployed)
+    with torch.no_grad():
+        w[0, 1] = 0.45  # 100 at full precision, 0 in int4-g32
+    rail.check(1)
+    score, report = rail.finish(1)
+    assert report["steps_used"] == kept and score == 100.0
+    assert float(w[0, 1]) == pytest.approx(0.45 if kept else 0.6)  # the kept weights are written back
+    if deployed:
+        assert report["deployed_before"] == {"int4-g32": 100.0} and report["deployed_after"] == {"int4-g32": 100.0}
+        assert report["checks"][0]["deployed"] == {"int4-g32": 0.0}
+    else:
+        assert "deployed_before" not in report and "deployed" not in report["checks"][0]
+
+
+def test_stage2_trains_against_a_deployed_format_and_keeps_full_precision_weights():
+    """``deployed=``: the own loss is also taken in the format (logged), the rail scores it, the weights stay float."""
+    import itertools
+
+    from lightning_mergeguard.evaluation import default_loss, evaluate
+    from lightning_mergeguard.protection.stage2 import Stage2Context
+    from lightning_mergeguard.quantization import int4_groups, treated_state
+
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    reference = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = list(DataLoader(blobs(256, 0), batch_size=32))
+    for batch in data * 5:
+        opt.zero_grad()
+        default_loss(model, batch).backward()
+        opt.step()
+    val = list(DataLoader(blobs(128, 1), batch_size=64))
+    params = {n: p for n, p in model.named_parameters() if not n.startswith("head")}
+
+    def metric():
+        return 100 * evaluate(model, val)
+
+    def metric_in(fmt):
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(treated_state(saved, fmt))
+        try:
+            return metric()
+        finally:
+            model.load_state_dict(saved)
+
+    stage1_int4 = metric_in("int4-g32")
+    ctx = Stage2Context(
+        module=model,
+        params=params,
+        reference={n: reference[n] for n in params},
+        batches=itertools.cycle(data),
+        metric=metric,
+        loss_fn=default_loss,
+        before=metric(),
+        tolerance=1.5,
+    )
+    after, report = ScaleAdversarial(steps=8, lr=0.01, checks=4, deployed="int4-g32").run(ctx)
+    assert report["deployed_before"]["int4-g32"] == pytest.approx(stage1_int4)
+    assert all(set(c["deployed"]) == {"int4-g32"} for c in report["checks"]) and len(report["checks"]) == 4
+    assert report["deployed_loss_first"] is not None and report["deployed_loss_last"] is not None
+    assert after == pytest.approx(metric())  # the kept weights are live, and the model restored to them
+    assert report["deployed_after"]["int4-g32"] == pytest.approx(metric_in("int4-g32"))
+    assert stage1_int4 - metric_in("int4-g32") <= 1.5
+    w = params["net.0.weight"]
+    assert not torch.equal(w, int4_groups(w.detach()))  # straight-through: the weights are not left quantized

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "300, as the callback's)")  # fmt: skip
     s2.add_argument("--lr", type=float, default=None, help="stage-2 learning rate (the strategy's default: 1e-3 "
                     "scale_adversarial, 5e-4 merge_neighbourhood, as the callback's)")  # fmt: skip
+    s2.add_argument("--deployed", nargs="+", default=None, metavar="FORMAT", help="weight formats the model's users "
+                    "run it in (int4-g128, int4-g32, int8-row, fp16, bf16, gguf-q4_0, gguf-q8_0): stage 2 also keeps "
+                    "the own score within --tolerance in each")  # fmt: skip
     s2.add_argument("--refit-steps", type=int, default=50, help="stage-1 re-fit steps when stage 2 alone keeps no "
                     "step (50; 0: never)")  # fmt: skip
     s2.add_argument("--refit-lr", type=float, default=1e-4, help="AdamW learning rate of that re-fit (1e-4)")
@@ -131,11 +134,11 @@ def _call(args: dict[str, Any]) -> dict[str, Any]:
                                                                            "max_row_bytes")})  # fmt: skip
     refit_steps, alpha, refit_lr = args.pop("refit_steps"), args.pop("alpha"), args.pop("refit_lr")
     args["refit"] = Refit(steps=refit_steps, alpha=alpha, lr=refit_lr) if refit_steps != 0 else None
-    tuned = {k: v for k in ("steps", "lr") if (v := args.pop(k)) is not None}
+    tuned = {k: v for k in ("steps", "lr", "deployed") if (v := args.pop(k)) is not None}
     if tuned:  # the named (or automatic) strategy with these settings
         choice = args["stage2"]
         if choice == "none":
-            raise ConfigError("--steps/--lr configure stage 2, but --stage2 is none")
+            raise ConfigError("--steps/--lr/--deployed configure stage 2, but --stage2 is none")
         try:
             if choice == "merge_neighbourhood" or (choice == "auto" and args["partners"]):
                 args["stage2"] = MergeNeighbourhood(partners=args["partners"], seed=args["seed"], **tuned)

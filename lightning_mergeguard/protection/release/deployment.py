@@ -13,119 +13,30 @@ each treatment, next to the unprotected model under the same treatment:
 - ``finetune`` / ``finetune-lora``: ``steps`` AdamW steps on the owner's task, of every weight or of rank-8 LoRA
   factors on every ``nn.Linear``.
 
-Weight quantizers act on the floating matrices (2 or more dimensions) as deployments do; norms and biases stay. Each
-is a pure function of a tensor, the check a loop over them that restores the model.
+The weight formats are the pure functions of :mod:`lightning_mergeguard.quantization` (which stage 2's
+``deployed=`` option also trains against); the check is a loop over them that restores the model.
 
 Example:
-    >>> import torch
-    >>> w = torch.tensor([[1.0, -0.5, 0.25, 0.0]])
-    >>> int8_rows(w)
-    tensor([[ 1.0000, -0.5039,  0.2520,  0.0000]])
+    >>> "int4-g128" in DEFAULT_TREATMENTS
+    True
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "DEFAULT_TREATMENTS",
-    "QUANTIZERS",
-    "deployment_check",
-    "finetune_",
-    "gguf_roundtrip",
-    "int4_groups",
-    "int8_rows",
-    "treated_state",
-]
+from lightning_mergeguard.quantization import QUANTIZERS, treated_state
 
+__all__ = ["DEFAULT_TREATMENTS", "deployment_check", "finetune_"]
 
-def int8_rows(w: Tensor) -> Tensor:
-    """Round ``w`` to int8 with one absmax scale per output row (dim 0), and back.
-
-    Example:
-        >>> int8_rows(torch.tensor([[127.0, 1.4]]))
-        tensor([[127.,   1.]])
-    """
-    flat = w.float().reshape(w.shape[0], -1)
-    scale = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127
-    return ((flat / scale).round().clamp(-127, 127) * scale).reshape(w.shape).to(w.dtype)
-
-
-def int4_groups(w: Tensor, group: int = 32) -> Tensor:
-    """Round ``w`` to 4-bit integers (-8..7) with one absmax scale per ``group`` entries of a row, and back.
-
-    A row whose length is not a multiple of ``group`` ends in a shorter group.
-
-    Example:
-        >>> int4_groups(torch.tensor([[7.0, 1.2, -3.4, 0.4]]), group=4)
-        tensor([[ 7.,  1., -3.,  0.]])
-    """
-    flat = w.float().reshape(w.shape[0], -1)
-    cols = flat.shape[1]
-    pad = (-cols) % group
-    padded = torch.nn.functional.pad(flat, (0, pad)).reshape(flat.shape[0], -1, group)
-    scale = padded.abs().amax(dim=2, keepdim=True).clamp_min(1e-30) / 7
-    q = (padded / scale).round().clamp(-8, 7) * scale
-    return q.reshape(flat.shape[0], -1)[:, :cols].reshape(w.shape).to(w.dtype)
-
-
-def gguf_roundtrip(w: Tensor, kind: str = "Q8_0") -> Tensor:
-    """Quantize ``w`` with the ``gguf`` package's ``kind`` quantizer (``Q8_0``, ``Q4_0``...) and dequantize it.
-
-    Matrices whose rows are not whole blocks (32 entries) are returned unchanged, as llama.cpp keeps such tensors
-    in a float type.
-    """
-    from gguf import GGMLQuantizationType, quants
-
-    qtype = GGMLQuantizationType[kind]
-    block = 32
-    flat = w.detach().float().reshape(w.shape[0], -1)
-    if flat.shape[1] % block:
-        return w
-    data = flat.cpu().numpy()
-    back = quants.dequantize(quants.quantize(data, qtype), qtype)
-    return torch.from_numpy(back).reshape(w.shape).to(w.device, w.dtype)
-
-
-def _cast(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
-    return lambda w: w.to(dtype).to(w.dtype)
-
-
-QUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
-    "fp16": _cast(torch.float16),
-    "bf16": _cast(torch.bfloat16),
-    "int8-row": int8_rows,
-    "int4-g32": lambda w: int4_groups(w, 32),
-    "int4-g128": lambda w: int4_groups(w, 128),
-    "gguf-q8_0": lambda w: gguf_roundtrip(w, "Q8_0"),
-    "gguf-q4_0": lambda w: gguf_roundtrip(w, "Q4_0"),
-}
-"""Weight treatments by name: each a pure function of one tensor."""
 
 DEFAULT_TREATMENTS = (*QUANTIZERS, "finetune", "finetune-lora")
 """Every treatment :func:`deployment_check` runs by default."""
-
-
-def treated_state(state: Mapping[str, Tensor], treatment: str) -> dict[str, Tensor]:
-    """``state`` with ``treatment`` applied to its floating matrices (``fp16``/``bf16`` to every floating tensor).
-
-    Raises:
-        ValueError: An unknown treatment.
-
-    Example:
-        >>> treated_state({"w": torch.tensor([[1e5]]), "b": torch.tensor([0.1])}, "fp16")["w"]
-        tensor([[inf]])
-    """
-    if treatment not in QUANTIZERS:
-        raise ValueError(f"unknown weight treatment {treatment!r}; known: {sorted(QUANTIZERS)}")
-    fn = QUANTIZERS[treatment]
-    cast_all = treatment in ("fp16", "bf16")
-    return {k: fn(v) if v.is_floating_point() and (cast_all or v.dim() >= 2) else v.clone() for k, v in state.items()}
 
 
 class _LoRA(nn.Module):

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_mergeguard.evaluation import LossFn, eval_mode, move_batch
+from lightning_mergeguard.quantization import write_format_
 from lightning_mergeguard.sharding import is_sharded, mean_across_ranks
 
 __all__ = [
@@ -201,6 +202,7 @@ def adversarial_loop(
     progress: bool = False,
     forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
     history: list[dict[str, float]] | None = None,
+    deployed: Sequence[str] = (),
 ) -> list[dict[str, float]]:
     """The loop both adversarial strategies share, one Adam step per batch.
 
@@ -208,6 +210,11 @@ def adversarial_loop(
     ``adversary`` add its gradients (it may write other weights into ``params``: the live ones are put back after
     it), reduces the gradients across processes, steps, records ``own_loss`` with the adversary's entries, and calls
     the guard rail's ``check`` every ``check_every`` steps.
+
+    With ``deployed`` weight formats (:data:`lightning_mergeguard.quantization.QUANTIZERS` names), each step also
+    backpropagates the owner's loss at the live weights in one of them, in turn, and adds that gradient to the live
+    weights' (straight-through, as quantization-aware training does): the own score is kept where the owner's users
+    run the model, not only at full precision.
 
     Returns:
         The per-step history (``history`` itself when given, so ``check`` can read it while the loop runs).
@@ -225,7 +232,12 @@ def adversarial_loop(
             own = backward_own_loss(module, batch, keep, loss_fn, forward_context)
             with torch.no_grad():
                 live = {n: params[n].detach().clone() for n in names}
-            entries = adversary(step, batch, live)
+            entries: dict[str, float] = {}
+            if deployed:
+                write_format_(params, live, deployed[step % len(deployed)])
+                at_format = backward_own_loss(module, batch, keep, loss_fn, forward_context)
+                entries["deployed_loss"] = float(mean_across_ranks(at_format, tensors))
+            entries.update(adversary(step, batch, live))
             with torch.no_grad():
                 for n in names:
                     params[n].copy_(live[n])

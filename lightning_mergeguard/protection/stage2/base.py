@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from abc import ABC, abstractmethod
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_mergeguard.evaluation import LossFn
 from lightning_mergeguard.parameters import DEFAULT_STAGE2_EXCLUDE
+from lightning_mergeguard.quantization import write_format_
 from lightning_mergeguard.validation import check_int, is_number
 
 __all__ = ["DEFAULT_STAGE2_EXCLUDE", "DEFAULT_TOLERANCE", "Stage2", "Stage2Context"]
@@ -94,6 +96,10 @@ class Stage2(ABC):
         return f"{type(self).__name__}({args})"
 
 
+def _write_format(ctx: Stage2Context, fmt: str, live: Mapping[str, Tensor]) -> None:
+    write_format_(ctx.params, live, fmt)
+
+
 def _scores_at(ctx: Stage2Context, writes: Sequence[Callable[[Mapping[str, Tensor]], None]]) -> list[float]:
     """The metric after each ``write(live)`` of other weights into ``ctx.params``; the live weights restored."""
     with torch.no_grad():
@@ -111,35 +117,55 @@ def _scores_at(ctx: Stage2Context, writes: Sequence[Callable[[Mapping[str, Tenso
     return scores
 
 
+def _quality(check: Mapping[str, Any]) -> tuple[float, float]:
+    """How well a check keeps the owner's score: the own score, then the mean score in the deployed formats."""
+    deployed = check.get("deployed") or {}
+    return float(check["score"]), sum(deployed.values()) / max(1, len(deployed))
+
+
 class _GuardRail:
     """Keeps the best checked weights: within tolerance, and protecting better than the stage-1 weights.
 
     A check is eligible if its score is within ``tolerance`` of the starting score and its merge proxy (lower is
-    better protected) is below the stage-1 weights'. Eligible checks whose proxy is within ``tolerance`` points of
-    the lowest count as equally protective, and the one with the best own score is kept.
+    better protected) is below the stage-1 weights'. With ``deployed`` weight formats, its score in each format must
+    also be within ``tolerance`` of the stage-1 weights' in that format (one validation pass per format and check).
+    Eligible checks whose proxy is within ``tolerance`` points of the lowest count as equally protective, and the one
+    with the best own score is kept (ties: the best mean score in the deployed formats).
     """
 
-    def __init__(self, ctx: Stage2Context, proxy: Callable[[], float]) -> None:
-        self.ctx, self.proxy = ctx, proxy
-        self.checks: list[dict[str, float]] = []
+    def __init__(self, ctx: Stage2Context, proxy: Callable[[], float], deployed: Sequence[str] = ()) -> None:
+        self.ctx, self.proxy, self.deployed = ctx, proxy, tuple(deployed)
+        self.checks: list[dict[str, Any]] = []
         self.lowest = math.inf
         with torch.no_grad():
             self.weights = {n: p.detach().clone() for n, p in ctx.params.items()}
         self.proxy_before = proxy()  # the stage-1 weights, kept if no check is eligible
-        self.best: dict[str, float] = {"step": 0, "score": ctx.before, "merge_proxy": self.proxy_before}
+        self.deployed_before = self._deployed_scores()
+        self.best: dict[str, Any] = {"step": 0, "score": ctx.before, "merge_proxy": self.proxy_before}
+        if self.deployed:
+            self.best["deployed"] = dict(self.deployed_before)
+
+    def _deployed_scores(self) -> dict[str, float]:
+        """The own score of the live weights in each deployed weight format."""
+        writes = [functools.partial(_write_format, self.ctx, fmt) for fmt in self.deployed]
+        return dict(zip(self.deployed, _scores_at(self.ctx, writes)))
 
     def check(self, step: int) -> None:
-        """Score the live weights (own score and merge proxy) and keep them if they are the best so far."""
-        entry = {"step": step, "score": self.ctx.metric(), "merge_proxy": self.proxy()}
+        """Score the live weights (own score, merge proxy, deployed formats); keep them if the best so far."""
+        entry: dict[str, Any] = {"step": step, "score": self.ctx.metric(), "merge_proxy": self.proxy()}
+        if self.deployed:
+            entry["deployed"] = self._deployed_scores()
         self.checks.append(entry)
         if self.ctx.before - entry["score"] > self.ctx.tolerance or entry["merge_proxy"] >= self.proxy_before:
             return  # costs too much, or protects no better than the stage-1 weights
+        if any(self.deployed_before[f] - v > self.ctx.tolerance for f, v in entry.get("deployed", {}).items()):
+            return  # costs too much in a format the owner's users deploy
         self.lowest = min(self.lowest, entry["merge_proxy"])
         band = self.lowest + self.ctx.tolerance
         if entry["merge_proxy"] > band:
             return
         best = self.best
-        if best["step"] == 0 or best["merge_proxy"] > band or entry["score"] > best["score"]:
+        if best["step"] == 0 or best["merge_proxy"] > band or _quality(entry) > _quality(best):
             best.update(entry)
             with torch.no_grad():
                 for n, p in self.ctx.params.items():
@@ -159,12 +185,16 @@ class _GuardRail:
                 f"the merge proxy below the weights it started from; kept those (NOT protected by stage 2). "
                 f"{self.ctx.advice}"
             )
-        return float(self.best["score"]), {
+        report: dict[str, Any] = {
             "steps_used": steps_used,
             "merge_proxy_before": self.proxy_before,
             "merge_proxy_after": self.best["merge_proxy"],
             "checks": self.checks,
         }
+        if self.deployed:
+            report["deployed_before"] = self.deployed_before
+            report["deployed_after"] = self.best["deployed"]
+        return float(self.best["score"]), report
 
 
 def _numbers(value: Any, what: str) -> tuple[float, ...]:
@@ -202,17 +232,21 @@ def _guarded_loop(
     checks: int,
     loop: Callable[[Iterator[Any], dict[str, Any]], object],
     losses: tuple[str, ...],
+    deployed: Sequence[str] = (),
 ) -> tuple[float, dict[str, Any], dict[str, float | None]]:
     """Run an optimising loop on ``steps`` of the context's batches, the guard rail checking its weights.
 
     ``loop(batches, settings)`` runs it, with ``settings`` the keyword arguments every loop takes from the context
-    and the rail (which checks every ``ceil(steps / checks)`` steps, against ``proxy``).
+    and the rail (which checks every ``ceil(steps / checks)`` steps, against ``proxy``). With ``deployed`` weight
+    formats, the loop also minimises the own loss in them and the rail holds each to the tolerance.
 
     Returns:
         The rail's score and report, and the first and last of each logged loss in ``losses``.
     """
     history: list[dict[str, float]] = []
-    rail = _GuardRail(ctx, proxy)
+    rail = _GuardRail(ctx, proxy, deployed)
+    if deployed:
+        losses = (*losses, "deployed_loss")
     settings = {
         "grad_reduce": ctx.grad_reduce,
         "check_every": max(1, math.ceil(steps / checks)),
@@ -221,6 +255,7 @@ def _guarded_loop(
         "forward_context": ctx.forward_context,
         "history": history,
         "keep_batches": ctx.keep_batches,
+        "deployed": tuple(deployed),
     }
     loop(itertools.islice(ctx.batches, steps), settings)
     score, report = rail.finish(steps)

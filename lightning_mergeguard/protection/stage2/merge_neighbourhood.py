@@ -44,6 +44,7 @@ from lightning_mergeguard.protection.stage2.base import (
     _scores_at,
     _weight_range,
 )
+from lightning_mergeguard.quantization import check_formats
 from lightning_mergeguard.validation import is_number
 
 __all__ = [
@@ -245,6 +246,7 @@ def neighbourhood_adversarial_(
     seed: int = 0,
     forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
     history: list[dict[str, float]] | None = None,
+    deployed: Sequence[str] = (),
 ) -> list[dict[str, float]]:
     """Run the neighbourhood optimisation in place on ``params``.
 
@@ -272,6 +274,7 @@ def neighbourhood_adversarial_(
         seed: Seed of the draws and of DARE's masks.
         forward_context: Context around forward passes (autocast).
         history: A list the per-step history is appended to.
+        deployed: Weight formats whose own loss is also minimised, one per step in turn (straight-through).
 
     Returns:
         Per-step history: ``own_loss``, ``merged_loss`` (mean over draws).
@@ -311,6 +314,7 @@ def neighbourhood_adversarial_(
         module, params, batches, loss_fn, adversary, steps=steps, lr=lr, device=device,
         desc="stage 2: merge neighbourhood", keep_batches=keep_batches, grad_reduce=grad_reduce,
         check_every=check_every, check=check, progress=progress, forward_context=forward_context, history=history,
+        deployed=deployed,
     )  # fmt: skip
 
 
@@ -353,6 +357,11 @@ class MergeNeighbourhood(Stage2):
         checks: Guard-rail checks.
         proxies: ``(owner weight, partner weight)`` of the task-arithmetic merges the guard rail scores, or one pair.
         seed: Seed of the draws and surrogates.
+        deployed: Weight formats the owner's users run the model in (``"int4-g128"``, ``"int8-row"``, ``"fp16"``...,
+            :data:`lightning_mergeguard.quantization.QUANTIZERS`; one name alone is a list of one): each step also
+            minimises the own loss at the weights in one of them (straight-through), and the guard rail holds the own
+            score in each to ``tolerance`` of the stage-1 weights' in that format (one more validation pass per
+            format and check). Off by default.
 
     Example:
         >>> MergeNeighbourhood(steps=100).settings()["owner_weights"]
@@ -378,6 +387,7 @@ class MergeNeighbourhood(Stage2):
         checks: int = 8,
         proxies: Sequence[float] | Sequence[Sequence[float]] = ((1.0, 0.3), (0.3, 0.3)),
         seed: int = 0,
+        deployed: str | Sequence[str] = (),
     ) -> None:
         _check_common(steps, clip, lr, checks)
         if not (isinstance(draws, int) and draws >= 1):
@@ -419,6 +429,7 @@ class MergeNeighbourhood(Stage2):
         self.checks = checks
         self.proxies = tuple((float(a), float(b)) for a, b in proxies)
         self.seed = seed
+        self.deployed = check_formats(deployed)
 
     def surrogate_count(self, has_partners: bool) -> int:
         """Surrogates added: ``surrogates``, or by default three when there is no real partner, none otherwise.
@@ -516,5 +527,6 @@ class MergeNeighbourhood(Stage2):
                 **settings,
             )
 
-        score, report, losses = _guarded_loop(ctx, proxy, self.steps, self.checks, loop, ("own_loss", "merged_loss"))
+        losses_logged = ("own_loss", "merged_loss")
+        score, report, losses = _guarded_loop(ctx, proxy, self.steps, self.checks, loop, losses_logged, self.deployed)
         return score, {**report, "partners": list(partners), **losses}

@@ -33,6 +33,7 @@ from lightning_mergeguard.protection.stage2.base import (
     _numbers,
     _scores_at,
 )
+from lightning_mergeguard.quantization import check_formats
 from lightning_mergeguard.sharding import local, mean_across_ranks, shard_like
 from lightning_mergeguard.validation import is_number
 
@@ -97,6 +98,7 @@ def scale_adversarial_(
     seed: int = 0,
     forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
     history: list[dict[str, float]] | None = None,
+    deployed: Sequence[str] = (),
     keep_batches: Sequence[Any] = (),
     keep_scaled: bool = False,
 ) -> list[dict[str, float]]:
@@ -126,6 +128,7 @@ def scale_adversarial_(
         forward_context: Context entered around every forward pass (a Trainer's
             ``precision_plugin.forward_context`` for autocast); the backward runs outside it, as in training.
         history: A list to append the per-step history to (so ``check`` can read it while the loop runs).
+        deployed: Weight formats whose own loss is also minimised, one per step in turn (straight-through).
         keep_batches: Batches whose loss joins the own term every step (behaviour to keep, e.g. a fingerprint).
         keep_scaled: Also minimise the ``keep_batches``' loss at each scaled copy, so what they hold (a trigger set)
             is still answered by the merges whose own task stage 2 makes fail.
@@ -172,6 +175,7 @@ def scale_adversarial_(
         module, params, batches, loss_fn, adversary, steps=steps, lr=lr, device=device,
         desc="stage 2: scale-adversarial", keep_batches=keep_batches, grad_reduce=grad_reduce,
         check_every=check_every, check=check, progress=progress, forward_context=forward_context, history=history,
+        deployed=deployed,
     )  # fmt: skip
 
 
@@ -197,6 +201,11 @@ class ScaleAdversarial(Stage2):
         checks: Guard-rail checks.
         keep_scaled: Also keep the callback's ``keep_batches`` (a trigger set) answered at the scaled copies, so
             merges whose own task stage 2 makes fail still answer them (``benchmarks/trigger_set.py``).
+        deployed: Weight formats the owner's users run the model in (``"int4-g128"``, ``"int8-row"``, ``"fp16"``...,
+            :data:`lightning_mergeguard.quantization.QUANTIZERS`; one name alone is a list of one): each step also
+            minimises the own loss at the weights in one of them (straight-through), and the guard rail holds the own
+            score in each to ``tolerance`` of the stage-1 weights' in that format (one more validation pass per
+            format and check). Off by default.
     """
 
     name = "scale_adversarial"
@@ -211,6 +220,7 @@ class ScaleAdversarial(Stage2):
         drop_density: float | None = None,
         checks: int = 8,
         keep_scaled: bool = False,
+        deployed: str | Sequence[str] = (),
     ) -> None:
         _check_common(steps, clip, lr, checks)
         if not is_number(scales) and (isinstance(scales, (str, bytes)) or not scales):
@@ -228,6 +238,7 @@ class ScaleAdversarial(Stage2):
         if not isinstance(keep_scaled, bool):
             raise ValueError(f"keep_scaled must be True or False, got {keep_scaled!r}")
         self.keep_scaled = keep_scaled
+        self.deployed = check_formats(deployed)
 
     @property
     def proxy_scale(self) -> float:
@@ -266,5 +277,6 @@ class ScaleAdversarial(Stage2):
                 **settings,
             )
 
-        score, report, losses = _guarded_loop(ctx, proxy, self.steps, self.checks, loop, ("own_loss", "scaled_loss"))
+        losses_logged = ("own_loss", "scaled_loss")
+        score, report, losses = _guarded_loop(ctx, proxy, self.steps, self.checks, loop, losses_logged, self.deployed)
         return score, {**report, "merge_proxy_scale": scale, **losses}

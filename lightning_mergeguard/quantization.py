@@ -1,0 +1,164 @@
+"""The weight formats a released model is deployed in, as pure functions of a tensor.
+
+- ``fp16`` / ``bf16``: the weights stored in that dtype (and computed back in the tensor's dtype);
+- ``int8-row``: LLM.int8-style absmax round-to-nearest per output row;
+- ``int4-g32`` / ``int4-g128``: 4-bit symmetric absmax round-to-nearest in groups of 32 / 128 along the input
+  dimension (GPTQ/AWQ-style group size, without their error correction: the plainest 4-bit a user can apply);
+- ``gguf-q8_0`` / ``gguf-q4_0``: the ``gguf`` package's own quantizers (llama.cpp's formats), on matrices whose rows
+  are whole blocks.
+
+Quantizers act on the floating matrices (2 or more dimensions) as deployments do; norms and biases stay
+(:func:`treated_state`, :func:`write_format_`). The deployment check
+(:mod:`lightning_mergeguard.protection.release.deployment`) scores a model in each format; stage 2's ``deployed=``
+option keeps the owner's score in the formats it names.
+
+Example:
+    >>> import torch
+    >>> w = torch.tensor([[1.0, -0.5, 0.25, 0.0]])
+    >>> int8_rows(w)
+    tensor([[ 1.0000, -0.5039,  0.2520,  0.0000]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_mergeguard.sharding import local
+
+__all__ = [
+    "QUANTIZERS",
+    "check_formats",
+    "gguf_roundtrip",
+    "int4_groups",
+    "int8_rows",
+    "treated_state",
+    "write_format_",
+]
+
+
+def int8_rows(w: Tensor) -> Tensor:
+    """Round ``w`` to int8 with one absmax scale per output row (dim 0), and back.
+
+    Example:
+        >>> int8_rows(torch.tensor([[127.0, 1.4]]))
+        tensor([[127.,   1.]])
+    """
+    flat = w.float().reshape(w.shape[0], -1)
+    scale = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127
+    return ((flat / scale).round().clamp(-127, 127) * scale).reshape(w.shape).to(w.dtype)
+
+
+def int4_groups(w: Tensor, group: int = 32) -> Tensor:
+    """Round ``w`` to 4-bit integers (-8..7) with one absmax scale per ``group`` entries of a row, and back.
+
+    A row whose length is not a multiple of ``group`` ends in a shorter group.
+
+    Example:
+        >>> int4_groups(torch.tensor([[7.0, 1.2, -3.4, 0.4]]), group=4)
+        tensor([[ 7.,  1., -3.,  0.]])
+    """
+    flat = w.float().reshape(w.shape[0], -1)
+    cols = flat.shape[1]
+    pad = (-cols) % group
+    padded = torch.nn.functional.pad(flat, (0, pad)).reshape(flat.shape[0], -1, group)
+    scale = padded.abs().amax(dim=2, keepdim=True).clamp_min(1e-30) / 7
+    q = (padded / scale).round().clamp(-8, 7) * scale
+    return q.reshape(flat.shape[0], -1)[:, :cols].reshape(w.shape).to(w.dtype)
+
+
+def gguf_roundtrip(w: Tensor, kind: str = "Q8_0") -> Tensor:
+    """Quantize ``w`` with the ``gguf`` package's ``kind`` quantizer (``Q8_0``, ``Q4_0``...) and dequantize it.
+
+    Matrices whose rows are not whole blocks (32 entries) are returned unchanged, as llama.cpp keeps such tensors
+    in a float type.
+    """
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = GGMLQuantizationType[kind]
+    block = 32
+    flat = w.detach().float().reshape(w.shape[0], -1)
+    if flat.shape[1] % block:
+        return w
+    data = flat.cpu().numpy()
+    back = quants.dequantize(quants.quantize(data, qtype), qtype)
+    return torch.from_numpy(back).reshape(w.shape).to(w.device, w.dtype)
+
+
+def _cast(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    return lambda w: w.to(dtype).to(w.dtype)
+
+
+QUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
+    "fp16": _cast(torch.float16),
+    "bf16": _cast(torch.bfloat16),
+    "int8-row": int8_rows,
+    "int4-g32": lambda w: int4_groups(w, 32),
+    "int4-g128": lambda w: int4_groups(w, 128),
+    "gguf-q8_0": lambda w: gguf_roundtrip(w, "Q8_0"),
+    "gguf-q4_0": lambda w: gguf_roundtrip(w, "Q4_0"),
+}
+"""Weight treatments by name: each a pure function of one tensor."""
+
+
+def treated_state(state: Mapping[str, Tensor], treatment: str) -> dict[str, Tensor]:
+    """``state`` with ``treatment`` applied to its floating matrices (``fp16``/``bf16`` to every floating tensor).
+
+    Raises:
+        ValueError: An unknown treatment.
+
+    Example:
+        >>> treated_state({"w": torch.tensor([[1e5]]), "b": torch.tensor([0.1])}, "fp16")["w"]
+        tensor([[inf]])
+    """
+    if treatment not in QUANTIZERS:
+        raise ValueError(f"unknown weight treatment {treatment!r}; known: {sorted(QUANTIZERS)}")
+    fn = QUANTIZERS[treatment]
+    return {k: fn(v) if _applies(v, treatment) else v.clone() for k, v in state.items()}
+
+
+def _applies(t: Tensor, fmt: str) -> bool:
+    """Whether ``fmt`` changes ``t``: every floating tensor for a dtype cast, floating matrices for quantizers."""
+    return t.is_floating_point() and (fmt in ("fp16", "bf16") or t.dim() >= 2)
+
+
+def check_formats(formats: Any, what: str = "deployed") -> tuple[str, ...]:
+    """Weight format names (:data:`QUANTIZERS`' keys) as a tuple; one name given alone is a tuple of one.
+
+    Raises:
+        ValueError: Not names, or an unknown one (the known ones are listed).
+
+    Example:
+        >>> check_formats("int4-g128")
+        ('int4-g128',)
+    """
+    if isinstance(formats, str):
+        formats = (formats,)
+    if not isinstance(formats, Sequence) or not all(isinstance(f, str) for f in formats):
+        raise ValueError(f"{what} must be weight format names from {sorted(QUANTIZERS)}, got {formats!r}")
+    unknown = [f for f in formats if f not in QUANTIZERS]
+    if unknown:
+        raise ValueError(f"{what}: unknown weight format(s) {unknown}; known: {sorted(QUANTIZERS)}")
+    return tuple(dict.fromkeys(formats))
+
+
+@torch.no_grad()
+def write_format_(params: Mapping[str, Tensor], live: Mapping[str, Tensor], fmt: str) -> None:
+    """In place: each of ``params`` set to ``live`` in weight format ``fmt`` (as :func:`treated_state` does).
+
+    FSDP2-sharded tensors are treated shard by shard: FSDP2 shards dim 0, so every row (and every quantization group
+    along it) is whole on one rank and the result is the one of the unsharded tensor.
+
+    Example:
+        >>> p = {"w": torch.zeros(1, 4)}
+        >>> write_format_(p, {"w": torch.tensor([[7.0, 1.2, -3.4, 0.4]])}, "int8-row")
+        >>> p["w"]
+        tensor([[ 7.0000,  1.2126, -3.4173,  0.3858]])
+    """
+    fn = QUANTIZERS[fmt]
+    for n, p in params.items():
+        source = local(live[n])
+        local(p).copy_(fn(source) if _applies(source, fmt) else source)
