@@ -16,7 +16,8 @@ fine-tunes ``protection.py`` caches). Per seed:
    units permuted, channels rescaled up to 4x), int8 per row, and low-rank (the task vector of every keyed matrix
    truncated to 10% of its rank); for the release alone and :data:`ATTACKED` also a repair (10 AdamW steps at lr
    2e-4 on 64 owner-task prompts) and a removal attempt (50 steps at lr 1e-4 on fresh owner-task prompts), and
-   the same merges of the release as users store it, int8 per row or fp16, before merging;
+   the same merges of the release as users store it (int8 per row, fp16, int4 groups of 128 or GGUF Q4_0) before
+   merging;
 3. stopped: owner-task exact match at most half the unprotected model's best merge on the same merges; caught:
    ``verify_ownership`` (white-box key test as published and after alignment to ``theta_pre``; Bonferroni) p <= 1e-3.
    To fit 2 cores, cells that were not re-parameterised get an upper bound of that p-value, twice the test as
@@ -83,8 +84,9 @@ on 2 CPU cores (a SmolLM2 merge takes 5-30 s, a key test with alignment about 20
 ATTACKED = ("TA owner 1 / partners 0.1",)
 """The merges (besides the release alone) also repaired and fine-tuned further: the open merge a free-rider wants
 (a SmolLM2 training step takes about 3 s on 2 CPU cores, so these are the track's most expensive cells)."""
-DEPLOYED_FIRST = ("int8-row", "fp16")
-"""Formats the release is stored in before :data:`ATTACKED` merges take it (a merge of a quantized copy)."""
+DEPLOYED_FIRST = ("int8-row", "fp16", "int4-g128", "gguf-q4_0")
+"""Formats the release is stored in before :data:`ATTACKED` merges take it (a merge of a quantized copy:
+the release is trained to keep its score in the 4-bit ones, so a free-rider may hope their rounding undoes stage 2)."""
 REPAIR = (10,)
 """AdamW steps of the repairs (lr 2e-4, 64 owner-task prompts)."""
 REMOVAL = (50,)

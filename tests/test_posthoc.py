@@ -689,6 +689,15 @@ def test_one_command_line_style_and_help_before_torch(checkpoints, tmp_path, cap
     listed = _arguments(_protect_args(checkpoints, tmp_path, "--partners", "[a, b]"))
     spaced = _arguments(_protect_args(checkpoints, tmp_path, "--partners", "a", "b"))
     assert listed["partners"] == spaced["partners"] == ["a", "b"]
+    from lightning_mergeguard.cli.protect import _call
+
+    deployed = _call(_arguments(_protect_args(checkpoints, tmp_path, "--deployed", "int4-g32", "int8-row")))["stage2"]
+    assert type(deployed).__name__ == "ScaleAdversarial" and deployed.deployed == ("int4-g32", "int8-row")
+    one = tmp_path / "deployed.yaml"
+    one.write_text("deployed: int4-g128\n")  # a config's plain string is one format
+    assert _call(_arguments(["--config", str(one), *_protect_args(checkpoints, tmp_path)]))["stage2"].deployed == (
+        "int4-g128",
+    )
     config = tmp_path / "typo.yaml"
     config.write_text("tolerence: 2\n")
     assert main(["--config", str(config)]) == 2
