@@ -100,6 +100,7 @@ def _one_row_context():
     from lightning_mergeguard.protection.stage2 import Stage2Context
 
     w = nn.Parameter(torch.tensor([[7.0, 0.6] + [0.0] * 30]))
+    warnings: list[str] = []
     ctx = Stage2Context(
         module=nn.Identity(),
         params={"w": w},
@@ -109,8 +110,9 @@ def _one_row_context():
         loss_fn=lambda module, batch: torch.zeros(()),
         before=100.0,
         tolerance=1.0,
+        warn=warnings.append,
     )
-    return w, ctx
+    return w, ctx, warnings
 
 
 @pytest.mark.parametrize(("deployed", "kept"), [((), 1), (("int4-g32",), 0)])
@@ -118,7 +120,7 @@ def test_the_guard_rail_holds_the_score_in_each_deployed_format(deployed, kept):
     """A step that keeps the full-precision score but loses it once quantized is kept only without ``deployed``."""
     from lightning_mergeguard.protection.stage2.base import _GuardRail
 
-    w, ctx = _one_row_context()
+    w, ctx, warnings = _one_row_context()
     proxies = iter([50.0, 10.0])  # the stage-1 weights' merge proxy, then the step's (better protected)
     rail = _GuardRail(ctx, lambda: next(proxies), deployed)
     with torch.no_grad():
@@ -126,11 +128,14 @@ def test_the_guard_rail_holds_the_score_in_each_deployed_format(deployed, kept):
     rail.check(1)
     score, report = rail.finish(1)
     assert report["steps_used"] == kept and score == 100.0
-    assert float(w[0, 1]) == pytest.approx(0.45 if kept else 0.6)  # the kept weights are written back
+    assert float(w.detach()[0, 1]) == pytest.approx(0.45 if kept else 0.6)  # the kept weights are written back
     if deployed:
         assert report["deployed_before"] == {"int4-g32": 100.0} and report["deployed_after"] == {"int4-g32": 100.0}
         assert report["checks"][0]["deployed"] == {"int4-g32": 0.0}
+        assert len(warnings) == 1 and "int4-g32 (stage-1 weights 100.0, best check 0.0)" in warnings[0]
+        assert "NOT protected by stage 2" in warnings[0]
     else:
+        assert warnings == []
         assert "deployed_before" not in report and "deployed" not in report["checks"][0]
 
 

@@ -171,6 +171,15 @@ class _GuardRail:
                 for n, p in self.ctx.params.items():
                     self.weights[n].copy_(p)
 
+    def _in_formats(self) -> str:
+        """Where the warning names the deployed formats: a format that costs too much is one more reason."""
+        if not self.deployed:
+            return ""
+        best = [max((c["deployed"][f] for c in self.checks), default=math.nan) for f in self.deployed]
+        named = ", ".join(f"{f} (stage-1 weights {self.deployed_before[f]:.1f}, best check {b:.1f})"
+                          for f, b in zip(self.deployed, best))  # fmt: skip
+        return f" and in each deployed format: {named}"
+
     def finish(self, steps: int) -> tuple[float, dict[str, Any]]:
         """Check the final weights if the last check was earlier, restore the kept weights; (score, report)."""
         if steps and (not self.checks or self.checks[-1]["step"] != steps):
@@ -182,8 +191,8 @@ class _GuardRail:
         if steps_used == 0:
             self.ctx.warn(
                 f"{self.ctx.who}: no stage-2 weights stayed within {self.ctx.tolerance} points while lowering "
-                f"the merge proxy below the weights it started from; kept those (NOT protected by stage 2). "
-                f"{self.ctx.advice}"
+                f"the merge proxy below the weights it started from{self._in_formats()}; kept those (NOT protected "
+                f"by stage 2). {self.ctx.advice}"
             )
         report: dict[str, Any] = {
             "steps_used": steps_used,
