@@ -139,7 +139,8 @@ def test_the_guard_rail_holds_the_score_in_each_deployed_format(deployed, kept):
         assert "deployed_before" not in report and "deployed" not in report["checks"][0]
 
 
-def test_stage2_trains_against_a_deployed_format_and_keeps_full_precision_weights():
+@pytest.mark.parametrize("strategy", ["scale_adversarial", "merge_neighbourhood"])
+def test_stage2_trains_against_a_deployed_format_and_keeps_full_precision_weights(strategy):
     """``deployed=``: the own loss is also taken in the format (logged), the rail scores it, the weights stay float."""
     import itertools
 
@@ -181,7 +182,9 @@ def test_stage2_trains_against_a_deployed_format_and_keeps_full_precision_weight
         before=metric(),
         tolerance=1.5,
     )
-    after, report = ScaleAdversarial(steps=8, lr=0.01, checks=4, deployed="int4-g32").run(ctx)
+    from lightning_mergeguard.protection.stage2 import resolve_stage2
+
+    after, report = resolve_stage2(strategy, steps=8, lr=0.01, checks=4, deployed="int4-g32").run(ctx)
     assert report["deployed_before"]["int4-g32"] == pytest.approx(stage1_int4)
     assert all(set(c["deployed"]) == {"int4-g32"} for c in report["checks"]) and len(report["checks"]) == 4
     assert report["deployed_loss_first"] is not None and report["deployed_loss_last"] is not None
