@@ -52,8 +52,11 @@ def test_strategies_validate_their_own_settings(make, match):
         make()
 
 
-def test_a_strategy_runs_without_a_trainer():
-    """Stage 2 is a pure function of (module, params, reference, batches, metric): no Trainer needed."""
+def _fine_tuned_context(metric=None):
+    """A TinyClassifier fine-tuned away from its reference, and the stage-2 context of its body (tolerance 1.5).
+
+    ``metric(score)`` wraps the validation accuracy (to count calls); returns ``(model, ctx, score)``.
+    """
     import itertools
 
     from lightning_mergeguard.evaluation import default_loss, evaluate
@@ -70,27 +73,36 @@ def test_a_strategy_runs_without_a_trainer():
         opt.step()
     val = list(DataLoader(blobs(128, 1), batch_size=64))
     params = {n: p for n, p in model.named_parameters() if not n.startswith("head")}
-    calls = []
 
-    def metric():
-        calls.append(1)
+    def score():
         return 100 * evaluate(model, val)
 
-    before = metric()
+    scored = metric(score) if metric else score
     ctx = Stage2Context(
         module=model,
         params=params,
         reference={n: reference[n] for n in params},
         batches=itertools.cycle(data),
-        metric=metric,
+        metric=scored,
         loss_fn=default_loss,
-        before=before,
+        before=scored(),
         tolerance=1.5,
     )
+    return model, ctx, score
+
+
+def test_a_strategy_runs_without_a_trainer():
+    """Stage 2 is a pure function of (module, params, reference, batches, metric): no Trainer needed."""
+    calls = []
+
+    def counted(score):
+        return lambda: calls.append(1) or score()
+
+    _, ctx, metric = _fine_tuned_context(counted)
     after, report = ScaleAdversarial(steps=24, lr=0.01).run(ctx)
-    assert before - after <= 1.5 and after == pytest.approx(metric())
+    assert ctx.before - after <= 1.5 and after == pytest.approx(metric())
     assert report["merge_proxy_after"] <= report["merge_proxy_before"]
-    assert len(calls) == 1 + 1 + 2 * 8 + 1  # before, proxy before, 8 checks, and the metric() above
+    assert len(calls) == 1 + 1 + 2 * 8  # before, proxy before, 8 checks
 
 
 def _one_row_context():
@@ -142,26 +154,10 @@ def test_the_guard_rail_holds_the_score_in_each_deployed_format(deployed, kept):
 @pytest.mark.parametrize("strategy", ["scale_adversarial", "merge_neighbourhood"])
 def test_stage2_trains_against_a_deployed_format_and_keeps_full_precision_weights(strategy):
     """``deployed=``: the own loss is also taken in the format (logged), the rail scores it, the weights stay float."""
-    import itertools
-
-    from lightning_mergeguard.evaluation import default_loss, evaluate
-    from lightning_mergeguard.protection.stage2 import Stage2Context
+    from lightning_mergeguard.protection.stage2 import resolve_stage2
     from lightning_mergeguard.quantization import int4_groups, treated_state
 
-    torch.manual_seed(0)
-    model = TinyClassifier()
-    reference = {k: v.detach().clone() for k, v in model.named_parameters()}
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    data = list(DataLoader(blobs(256, 0), batch_size=32))
-    for batch in data * 5:
-        opt.zero_grad()
-        default_loss(model, batch).backward()
-        opt.step()
-    val = list(DataLoader(blobs(128, 1), batch_size=64))
-    params = {n: p for n, p in model.named_parameters() if not n.startswith("head")}
-
-    def metric():
-        return 100 * evaluate(model, val)
+    model, ctx, metric = _fine_tuned_context()
 
     def metric_in(fmt):
         saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -172,18 +168,6 @@ def test_stage2_trains_against_a_deployed_format_and_keeps_full_precision_weight
             model.load_state_dict(saved)
 
     stage1_int4 = metric_in("int4-g32")
-    ctx = Stage2Context(
-        module=model,
-        params=params,
-        reference={n: reference[n] for n in params},
-        batches=itertools.cycle(data),
-        metric=metric,
-        loss_fn=default_loss,
-        before=metric(),
-        tolerance=1.5,
-    )
-    from lightning_mergeguard.protection.stage2 import resolve_stage2
-
     after, report = resolve_stage2(strategy, steps=8, lr=0.01, checks=4, deployed="int4-g32").run(ctx)
     assert report["deployed_before"]["int4-g32"] == pytest.approx(stage1_int4)
     assert all(set(c["deployed"]) == {"int4-g32"} for c in report["checks"]) and len(report["checks"]) == 4
@@ -191,5 +175,5 @@ def test_stage2_trains_against_a_deployed_format_and_keeps_full_precision_weight
     assert after == pytest.approx(metric())  # the kept weights are live, and the model restored to them
     assert report["deployed_after"]["int4-g32"] == pytest.approx(metric_in("int4-g32"))
     assert stage1_int4 - metric_in("int4-g32") <= 1.5
-    w = params["net.0.weight"]
+    w = ctx.params["net.0.weight"]
     assert not torch.equal(w, int4_groups(w.detach()))  # straight-through: the weights are not left quantized
