@@ -276,7 +276,7 @@ def test_protect_module_embeds_a_key_and_the_card_says_so_without_the_secret(tmp
         base,
         batches,
         metric,
-        stage2=ScaleAdversarial(steps=20),
+        stage2=ScaleAdversarial(steps=20, deployed="int8-row"),
         tolerance=5.0,
         release=Release(ownership_key=tmp_path / "k"),
     )
@@ -288,21 +288,35 @@ def test_protect_module_embeds_a_key_and_the_card_says_so_without_the_secret(tmp
         __import__("lightning_mergeguard.protection.verdict", fromlist=["key_paragraph"]).key_paragraph(report)
     )
     assert "ownership key" in card and str(key.secret) not in card
-    assert callable(model_card)
+    kept = report["stage2"]["deployed_after"]["int8-row"]  # the card states the format stage 2 held, with scores
+    assert (
+        f"(stage-1 weights -> protected): int8-row {report['stage2']['deployed_before']['int8-row']:.1f} -> "
+        f"{kept:.1f}." in model_card({**report, "tolerance": 5.0, "refit": False})
+    )
 
 
 def test_the_callback_writes_the_key_and_verify_finds_it(tmp_path):
     from lightning_mergeguard import MergeGuardCallback
     from lightning_mergeguard.protection.stage2 import ScaleAdversarial
+    from lightning_mergeguard.protection.verdict import release_card
     from tests._helpers import TinyClassifier, trainer
 
     torch.manual_seed(0)
     module = TinyClassifier()
     base = {k: v.clone() for k, v in module.state_dict().items()}
     guard = MergeGuardCallback(
-        stage2=ScaleAdversarial(steps=10), tolerance=5.0, release=Release(ownership_key=str(tmp_path / "k"))
+        stage2=ScaleAdversarial(steps=10, lr=0.01, deployed=["int8-row", "fp16"]),
+        tolerance=5.0,
+        release=Release(ownership_key=str(tmp_path / "k")),
     )
     trainer(tmp_path, callbacks=[guard], max_epochs=3).fit(module)
+    assert set(guard.report["deployed_after"]) == {"int8-row", "fp16"}  # the report holds each format's score
+    # this tiny model is still learning, so no stage-2 check lowers the merge proxy: NOT protected, and the card
+    # claims no format; the same report marked protected states each one
+    card = release_card(guard.report, "MergeGuardCallback")
+    assert not guard.report["protected"] and "NOT protected" in card and "formats users deploy" not in card
+    claimed = release_card({**guard.report, "protected": True}, "MergeGuardCallback")
+    assert "formats users deploy (stage-1 weights -> protected): int8-row" in claimed and "fp16" in claimed
     entry = guard.report["ownership_key"]
     assert entry["tensors"] >= 2 and guard.report["score_after"] == entry["score_after_key"]
     verdict = verify_ownership(module.state_dict(), base, WeightKey.load(tmp_path / "k"), check_base=False)

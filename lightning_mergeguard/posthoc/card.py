@@ -5,12 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning_mergeguard.protection.stage2 import (
-    KeepWeights,
-)
-from lightning_mergeguard.protection.verdict import (
-    key_paragraph,
-)
+from lightning_mergeguard.protection.stage2 import KeepWeights
+from lightning_mergeguard.protection.verdict import deployed_sentence, key_paragraph
 
 __all__ = ["model_card"]
 
@@ -56,6 +52,7 @@ def model_card(report: dict[str, Any]) -> str:
     else:
         lines += [
             f"This model was protected against unauthorized merging after training with `mergeguard-protect` {done}",
+            *deployed_sentence(s2)[1:],
             "",
         ]
     if report.get("dtype"):

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -152,6 +153,25 @@ def key_paragraph(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def deployed_sentence(stage2: Mapping[str, Any]) -> list[str]:
+    """The card's line on the weight formats stage 2 kept the own score in (``deployed=``), or nothing.
+
+    Args:
+        stage2: The stage-2 part of a report (``deployed_before`` / ``deployed_after``: format -> score).
+
+    Example:
+        >>> line = deployed_sentence({"deployed_before": {"int4-g128": 91.0}, "deployed_after": {"int4-g128": 100.0}})
+        >>> line[1].split(": ")[1]
+        'int4-g128 91.0 -> 100.0.'
+    """
+    before, after = stage2.get("deployed_before") or {}, stage2.get("deployed_after") or {}
+    if not before:
+        return []
+    scores = ", ".join(f"{f} {before[f]:.1f} -> {after.get(f, math.nan):.1f}" for f in before)
+    return ["", f"Stage 2 also held the own score in the weight formats users deploy (stage-1 weights -> protected): "
+            f"{scores}."]  # fmt: skip
+
+
 def release_card(report: Mapping[str, Any], who: str) -> str:
     """A model-card paragraph for a model protected by ``who``.
 
@@ -169,6 +189,7 @@ def release_card(report: Mapping[str, Any], who: str) -> str:
         lines += [f"**NOT protected.** {who} ran on this model, and {report['not_protected']}.", "", f"({scores}.)"]
     else:
         lines.append(f"Protected against unauthorized merging by {who} (stage 2: {report['method']}; {scores}).")
+        lines += deployed_sentence(report)
     amp = report.get("amplify") or {}
     if amp.get("applied"):
         lines += [

@@ -172,13 +172,14 @@ class _GuardRail:
                     self.weights[n].copy_(p)
 
     def _in_formats(self) -> str:
-        """Where the warning names the deployed formats: a format that costs too much is one more reason."""
-        if not self.deployed:
+        """The deployed formats that no check kept within the tolerance, for the warning (one more reason)."""
+        best = {f: max((c["deployed"][f] for c in self.checks), default=math.nan) for f in self.deployed}
+        lost = {f: b for f, b in best.items() if not self.deployed_before[f] - b <= self.ctx.tolerance}
+        if not lost:
             return ""
-        best = [max((c["deployed"][f] for c in self.checks), default=math.nan) for f in self.deployed]
         named = ", ".join(f"{f} (stage-1 weights {self.deployed_before[f]:.1f}, best check {b:.1f})"
-                          for f, b in zip(self.deployed, best))  # fmt: skip
-        return f" and in each deployed format: {named}"
+                          for f, b in lost.items())  # fmt: skip
+        return f" and within it in each deployed format, which no check was in {named}"
 
     def finish(self, steps: int) -> tuple[float, dict[str, Any]]:
         """Check the final weights if the last check was earlier, restore the kept weights; (score, report)."""
