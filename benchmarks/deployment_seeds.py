@@ -8,8 +8,10 @@ fp16, bf16, int8 per row, 4-bit groups of 32 and 128, GGUF Q8_0 and Q4_0, and 50
 of rank-8 LoRA (lr 1e-4) fine-tuning on the owner's task (``lightning_mergeguard.protection.release.deployment``).
 
 With ``--track llm``, the same on the LLM track of ``benchmarks/stop_or_catch_llm.py`` (SmolLM2-135M, owner task
-``upper``; its owner fine-tunes and releases, cached per seed), exact match on 256 held-out prompts (the
-unprotected SmolLM2 itself loses about 10 points under 4-bit formats, so 64 prompts could not resolve 1 point).
+``upper``; its owner fine-tunes and releases, cached per seed) with the recommended LLM setting, whose stage 2 also
+keeps the owner's score in int4-g128, int4-g32 and GGUF Q4_0 (``ScaleAdversarial(deployed=...)``, 128 validation
+prompts), exact match on 256 held-out prompts (the unprotected SmolLM2 itself loses about 10 points under 4-bit
+groups of 128, so 64 prompts could not resolve 1 point).
 
     python benchmarks/deployment_seeds.py             # seeds 0 1 2, about 20 minutes on 2 CPU cores
     python benchmarks/deployment_seeds.py --track llm --seeds 0  # 8 minutes a seed (6 more to build it)
@@ -119,6 +121,66 @@ def track_parts(track: str, seed: int) -> tuple[dict[str, Any], Any, Any]:
     )
 
 
+LLM_MERGES = ("uniform TA λ=0.3", "TA owner 0.6 / partners 0.1", "TIES (study)")
+"""Merges of the LLM release (``benchmarks/_grid.py`` labels) also run from its int4-g128 copy: stage 2 keeps the
+owner's score in that format, so a free-rider may hope that a merge of the quantized copy escapes."""
+LLM_MERGE_FORMATS = ("none", "int4-g128")
+
+
+def llm_merges(b: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The merges of :data:`LLM_MERGES`: owner exact match (64 prompts) and the key's p-value bound.
+
+    Per merge: the unprotected fine-tune's merge (the baseline) and the release's, as published and from each of
+    :data:`LLM_MERGE_FORMATS`.
+    """
+    import math
+
+    from benchmarks import stop_or_catch_llm as llm
+    from benchmarks._grid import grid_configs, layer_count
+    from lightning_mergeguard.merging import merge
+    from lightning_mergeguard.ownership.weight_key import weight_key_test
+    from lightning_mergeguard.quantization import treated_state
+
+    s = llm.shared()
+    configs = grid_configs(llm.OWNER, list(s["partners"]), llm.LAMBDAS, layers=layer_count(s["pre"]))
+    out: dict[str, dict[str, float]] = {}
+    for label in LLM_MERGES:
+        cfg, used = configs[label]
+        base = s["pre"] if cfg.get("base_model") == "pre" else None
+
+        def merged(owner: dict[str, Any]) -> dict[str, Any]:
+            states = {**{n: s["partners"][n] for n in used}, llm.OWNER: owner}  # noqa: B023 - used at once
+            return merge(cfg, states, base, seed=0, check_base=False)  # noqa: B023
+
+        row = {"unprotected": llm.owner_accuracy(merged(b["unprotected"]))}
+        for fmt in LLM_MERGE_FORMATS:
+            m = merged(b["release"] if fmt == "none" else treated_state(b["release"], fmt))
+            row[fmt] = llm.owner_accuracy(m)
+            bound = weight_key_test(m, s["pre"], b["key"]).log10_p + math.log10(2)  # verify_ownership's bound
+            row[f"{fmt} log10 p"] = min(0.0, bound)
+        out[label] = row
+    return out
+
+
+def merges_table(res: dict[str, Any]) -> str:
+    """Markdown: the LLM merges of each seed, owner exact match unprotected → release (and its int4 copy), log10 p."""
+    rows = []
+    for r in res["seeds"]:
+        for label, v in (r.get("merges") or {}).items():
+            rows.append([str(r["seed"]), label, f"{v['unprotected']:.1f}",
+                         *(f"{v[f]:.1f} (log10 p {v[f + ' log10 p']:.0f})" for f in LLM_MERGE_FORMATS)])  # fmt: skip
+    if not rows:
+        return ""
+    header = ["seed", "merge", "unprotected", *(f"release{'' if f == 'none' else ' in ' + f}" for f in
+                                                  LLM_MERGE_FORMATS)]  # fmt: skip
+    return (
+        "\nMerges of the release and of its int4-g128 copy (owner exact match % on 64 prompts; log10 p: the bound "
+        "2 x p of the key test as published, which verify_ownership's p never exceeds):\n\n"
+        + markdown_table(header, rows)
+        + "\n"
+    )
+
+
 def main() -> None:
     from tqdm.auto import tqdm
 
@@ -131,30 +193,41 @@ def main() -> None:
     name = "deployment_seeds" if args.track == "vision" else "deployment_seeds_llm"
     start = time.perf_counter()
     runs = []
+    command = "python benchmarks/deployment_seeds.py --seeds " + " ".join(map(str, args.seeds))
+    if args.track == "llm":
+        from benchmarks.stop_or_catch_llm import DEPLOYED, VAL_N
+
+        setting = (f"MergeGuardCallback(stage2=ScaleAdversarial(steps=16, lr=1e-4, deployed={list(DEPLOYED)}), "
+                   f"release=Release(ownership_key=...)), tolerance {DEFAULT_TOLERANCE:g} on {VAL_N} validation "
+                   "prompts")  # fmt: skip
+    else:
+        setting = ("MergeGuardCallback(release=Release(ownership_key=...)), every other setting at its default "
+                   f"(tolerance {DEFAULT_TOLERANCE:g})")  # fmt: skip
     for seed in tqdm(args.seeds, desc="deployment over seeds", unit="seed"):
         t0 = time.perf_counter()
         b, acc, finetune = track_parts(args.track, seed)
         out = deployed(b, acc, finetune)
+        if args.track == "llm":
+            out["merges"] = llm_merges(b)
         report = b["report"] or {}
-        runs.append({"seed": seed, **out, "stage2": {k: report.get(k) for k in ("score_before", "score_after")},
+        keys = ("score_before", "score_after", "deployed_before", "deployed_after", "seconds", "validation_passes")
+        runs.append({"seed": seed, **out, "stage2": {k: report.get(k) for k in keys},
                      "seconds": time.perf_counter() - t0})  # fmt: skip
-    command = "python benchmarks/deployment_seeds.py --seeds " + " ".join(map(str, args.seeds))
-    res = {
-        "command": command + ("" if args.track == "vision" else " --track llm"),
-        "environment": environment(),
-        "track": args.track,
-        "baseline": "the unprotected fine-tune of the same seed under the same treatment",
-        "setting": "MergeGuardCallback(release=Release(ownership_key=...)), every other setting at its default "
-        f"(tolerance {DEFAULT_TOLERANCE:g})" + ("; stage 2 16 steps at lr 1e-4" if args.track == "llm" else ""),
-        "treatments": list(TREATMENTS),
-        "bound_points": BOUND,
-        "seeds": runs,
-        "seconds": time.perf_counter() - start,
-    }
-    write_results(name, res)
-    text = table(res)
-    (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
-    plot(res, RESULTS / f"{name}.png")
+        res = {
+            "command": command + ("" if args.track == "vision" else " --track llm"),
+            "environment": environment(),
+            "track": args.track,
+            "baseline": "the unprotected fine-tune of the same seed under the same treatment",
+            "setting": setting,
+            "treatments": list(TREATMENTS),
+            "bound_points": BOUND,
+            "seeds": runs,
+            "seconds": time.perf_counter() - start,
+        }
+        write_results(name, res)  # after every seed: a run stopped early keeps the seeds it finished
+        text = table(res) + merges_table(res)
+        (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
+        plot(res, RESULTS / f"{name}.png")
     print(text)
     worst = max(r["worst_loss"] for r in runs)
     print(f"headline: the release loses at most {worst:+.1f} points of own score to the unprotected fine-tune "

@@ -247,6 +247,18 @@ def test_llm_stop_or_catch_runs_every_cell_and_negative_on_a_tiny_llama(monkeypa
     monkeypatch.setattr(stop_or_catch, "RESULTS", tmp_path)
     bar = SimpleNamespace(update=lambda: None)
     run = llm.run_seed(0, bar)
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import deployment_seeds
+    finally:
+        sys.path.remove(str(ROOT))
+    merges = deployment_seeds.llm_merges(llm.build(0))  # the deployment benchmark's merges of the cached release
+    assert list(merges) == list(deployment_seeds.LLM_MERGES)
+    fields = {"unprotected", "none", "none log10 p", "int4-g128", "int4-g128 log10 p"}
+    assert all(set(v) == fields and v["none log10 p"] <= 0 for v in merges.values())
+    assert all(0 <= v[f] <= 100 for v in merges.values() for f in ("unprotected", "none", "int4-g128"))
+    text = deployment_seeds.merges_table({"seeds": [{"seed": 0, "merges": merges}]})
+    assert "| 0 | uniform TA λ=0.3 |" in text and "release in int4-g128" in text
     attacks = {"as merged", "re-parameterised", "int8 per row", "low-rank 10%"}
     slow = {"repair 1", "repair 2", "removal 2", "removal 3"}
     # (release alone + 3 merges) x 4, 2 attacked x 4 more, and the attacked merge of the release in 4 formats

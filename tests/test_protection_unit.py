@@ -114,7 +114,7 @@ def _one_row_context():
     w = nn.Parameter(torch.tensor([[7.0, 0.6] + [0.0] * 30]))
     warnings: list[str] = []
     ctx = Stage2Context(
-        module=nn.Identity(),
+        module=nn.ParameterDict({"w": w}),
         params={"w": w},
         reference={"w": torch.zeros_like(w)},
         batches=iter(()),
@@ -151,6 +151,20 @@ def test_the_guard_rail_holds_the_score_in_each_deployed_format(deployed, kept):
         assert "deployed_before" not in report and "deployed" not in report["checks"][0]
 
 
+def test_a_deployed_format_quantizes_the_whole_model_not_only_the_weights_stage2_changes():
+    """Users quantize every matrix: a frozen one (embeddings, a head) that loses the score in int4 counts."""
+    from lightning_mergeguard.protection.stage2.base import _GuardRail
+
+    w, ctx, _ = _one_row_context()
+    v = torch.nn.Parameter(torch.ones(2, 32))
+    with torch.no_grad():
+        w[0, 1] = 0.45  # frozen at a value int4-g32 rounds to 0
+    ctx.module = torch.nn.ParameterDict({"w": w, "v": v})
+    ctx.params = {"v": v}  # stage 2 changes only v
+    rail = _GuardRail(ctx, lambda: 50.0, ("int4-g32",))
+    assert rail.deployed_before == {"int4-g32": 0.0} and float(w.detach()[0, 1]) == pytest.approx(0.45)
+
+
 @pytest.mark.parametrize("strategy", ["scale_adversarial", "merge_neighbourhood"])
 def test_stage2_trains_against_a_deployed_format_and_keeps_full_precision_weights(strategy):
     """``deployed=``: the own loss is also taken in the format (logged), the rail scores it, the weights stay float."""
@@ -168,7 +182,9 @@ def test_stage2_trains_against_a_deployed_format_and_keeps_full_precision_weight
             model.load_state_dict(saved)
 
     stage1_int4 = metric_in("int4-g32")
+    head = model.head.weight.detach().clone()  # not a stage-2 parameter: quantized in each deployed step, then put back
     after, report = resolve_stage2(strategy, steps=8, lr=0.01, checks=4, deployed="int4-g32").run(ctx)
+    assert torch.equal(model.head.weight, head)
     assert report["deployed_before"]["int4-g32"] == pytest.approx(stage1_int4)
     assert all(set(c["deployed"]) == {"int4-g32"} for c in report["checks"]) and len(report["checks"]) == 4
     assert report["deployed_loss_first"] is not None and report["deployed_loss_last"] is not None

@@ -212,9 +212,10 @@ def adversarial_loop(
     the guard rail's ``check`` every ``check_every`` steps.
 
     With ``deployed`` weight formats (:data:`lightning_mergeguard.quantization.QUANTIZERS` names), each step also
-    backpropagates the owner's loss at the live weights in one of them, in turn, and adds that gradient to the live
-    weights' (straight-through, as quantization-aware training does): the own score is kept where the owner's users
-    run the model, not only at full precision.
+    backpropagates the owner's loss at the whole model in one of them, in turn (every floating matrix quantized, the
+    frozen ones such as embeddings too, as users deploy it), and adds that gradient to the live weights'
+    (straight-through, as quantization-aware training does): the own score is kept where the owner's users run the
+    model, not only at full precision.
 
     Returns:
         The per-step history (``history`` itself when given, so ``check`` can read it while the loop runs).
@@ -225,6 +226,12 @@ def adversarial_loop(
     history = [] if history is None else history
     it = itertools.cycle(batches)
     keep = [move_batch(b, device) for b in keep_batches]
+    # A deployed format quantizes the whole model: the parameters stage 2 leaves alone too (held by identity, as
+    # their names may differ from ``params``'), whose values are kept once.
+    optimised = {id(p) for p in tensors}
+    others = [p for p in module.parameters() if id(p) not in optimised] if deployed else []
+    with torch.no_grad():
+        kept_others = [p.detach().clone() for p in others]
     with optimising(module, tensors):
         for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
             batch = move_batch(next(it), device)
@@ -234,9 +241,14 @@ def adversarial_loop(
                 live = {n: params[n].detach().clone() for n in names}
             entries: dict[str, float] = {}
             if deployed:
-                write_format_(params, live, deployed[step % len(deployed)])
+                targets = {**params, **{f"\0{i}": p for i, p in enumerate(others)}}
+                values = {**live, **{f"\0{i}": v for i, v in enumerate(kept_others)}}
+                write_format_(targets, values, deployed[step % len(deployed)])
                 at_format = backward_own_loss(module, batch, keep, loss_fn, forward_context)
                 entries["deployed_loss"] = float(mean_across_ranks(at_format, tensors))
+                with torch.no_grad():
+                    for n, target in targets.items():
+                        target.copy_(values[n])
             entries.update(adversary(step, batch, live))
             with torch.no_grad():
                 for n in names:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from abc import ABC, abstractmethod
@@ -96,10 +95,6 @@ class Stage2(ABC):
         return f"{type(self).__name__}({args})"
 
 
-def _write_format(ctx: Stage2Context, fmt: str, live: Mapping[str, Tensor]) -> None:
-    write_format_(ctx.params, live, fmt)
-
-
 def _scores_at(ctx: Stage2Context, writes: Sequence[Callable[[Mapping[str, Tensor]], None]]) -> list[float]:
     """The metric after each ``write(live)`` of other weights into ``ctx.params``; the live weights restored."""
     with torch.no_grad():
@@ -127,8 +122,9 @@ class _GuardRail:
     """Keeps the best checked weights: within tolerance, and protecting better than the stage-1 weights.
 
     A check is eligible if its score is within ``tolerance`` of the starting score and its merge proxy (lower is
-    better protected) is below the stage-1 weights'. With ``deployed`` weight formats, its score in each format must
-    also be within ``tolerance`` of the stage-1 weights' in that format (one validation pass per format and check).
+    better protected) is below the stage-1 weights'. With ``deployed`` weight formats, the whole model's score in each
+    format (every floating matrix quantized, embeddings and heads too, as users deploy it) must also be within
+    ``tolerance`` of the stage-1 weights' in that format (one validation pass per format and check).
     Eligible checks whose proxy is within ``tolerance`` points of the lowest count as equally protective, and the one
     with the best own score is kept (ties: the best mean score in the deployed formats).
     """
@@ -146,9 +142,25 @@ class _GuardRail:
             self.best["deployed"] = dict(self.deployed_before)
 
     def _deployed_scores(self) -> dict[str, float]:
-        """The own score of the live weights in each deployed weight format."""
-        writes = [functools.partial(_write_format, self.ctx, fmt) for fmt in self.deployed]
-        return dict(zip(self.deployed, _scores_at(self.ctx, writes)))
+        """The own score of the whole model in each deployed weight format; the weights restored after.
+
+        Every floating matrix is quantized, as users quantize the model, not only the parameters stage 2 changes.
+        """
+        if not self.deployed:
+            return {}
+        tensors = dict(self.ctx.module.named_parameters())
+        with torch.no_grad():
+            live = {n: p.detach().clone() for n, p in tensors.items()}
+        scores = {}
+        try:
+            for fmt in self.deployed:
+                write_format_(tensors, live, fmt)
+                scores[fmt] = self.ctx.metric()
+        finally:
+            with torch.no_grad():
+                for n, p in tensors.items():
+                    p.copy_(live[n])
+        return scores
 
     def check(self, step: int) -> None:
         """Score the live weights (own score, merge proxy, deployed formats); keep them if the best so far."""
