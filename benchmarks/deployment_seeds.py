@@ -14,7 +14,7 @@ prompts), exact match on 256 held-out prompts (the unprotected SmolLM2 itself lo
 groups of 128, so 64 prompts could not resolve 1 point).
 
     python benchmarks/deployment_seeds.py             # seeds 0 1 2, about 20 minutes on 2 CPU cores
-    python benchmarks/deployment_seeds.py --track llm --seeds 0  # 8 minutes a seed (6 more to build it)
+    python benchmarks/deployment_seeds.py --track llm  # seeds 0 1 2 with their builds: 61 minutes
 
 Writes ``benchmarks/results/deployment_seeds.{json,md,png}`` (``deployment_seeds_llm.*`` with ``--track llm``).
 """
