@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from abc import ABC, abstractmethod
@@ -95,10 +96,18 @@ class Stage2(ABC):
         return f"{type(self).__name__}({args})"
 
 
-def _scores_at(ctx: Stage2Context, writes: Sequence[Callable[[Mapping[str, Tensor]], None]]) -> list[float]:
-    """The metric after each ``write(live)`` of other weights into ``ctx.params``; the live weights restored."""
+def _scores_at(
+    ctx: Stage2Context,
+    writes: Sequence[Callable[[Mapping[str, Tensor]], None]],
+    tensors: Mapping[str, Tensor] | None = None,
+) -> list[float]:
+    """The metric after each ``write(live)`` of other weights; the live weights restored.
+
+    ``tensors`` are the weights written and restored (default ``ctx.params``).
+    """
+    tensors = ctx.params if tensors is None else tensors
     with torch.no_grad():
-        live = {n: p.detach().clone() for n, p in ctx.params.items()}
+        live = {n: p.detach().clone() for n, p in tensors.items()}
     scores = []
     try:
         for write in writes:
@@ -107,7 +116,7 @@ def _scores_at(ctx: Stage2Context, writes: Sequence[Callable[[Mapping[str, Tenso
             scores.append(ctx.metric())
     finally:
         with torch.no_grad():
-            for n, p in ctx.params.items():
+            for n, p in tensors.items():
                 p.copy_(live[n])
     return scores
 
@@ -149,18 +158,8 @@ class _GuardRail:
         if not self.deployed:
             return {}
         tensors = dict(self.ctx.module.named_parameters())
-        with torch.no_grad():
-            live = {n: p.detach().clone() for n, p in tensors.items()}
-        scores = {}
-        try:
-            for fmt in self.deployed:
-                write_format_(tensors, live, fmt)
-                scores[fmt] = self.ctx.metric()
-        finally:
-            with torch.no_grad():
-                for n, p in tensors.items():
-                    p.copy_(live[n])
-        return scores
+        writes = [functools.partial(write_format_, tensors, fmt=fmt) for fmt in self.deployed]
+        return dict(zip(self.deployed, _scores_at(self.ctx, writes, tensors)))
 
     def check(self, step: int) -> None:
         """Score the live weights (own score, merge proxy, deployed formats); keep them if the best so far."""
