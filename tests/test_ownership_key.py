@@ -317,6 +317,9 @@ def test_the_callback_writes_the_key_and_verify_finds_it(tmp_path):
     assert not guard.report["protected"] and "NOT protected" in card and "formats users deploy" not in card
     claimed = release_card({**guard.report, "protected": True}, "MergeGuardCallback")
     assert "formats users deploy (stage-1 weights -> protected): int8-row" in claimed and "fp16" in claimed
+    assert guard.report["steps_run"] >= 10 and "deployed_short" in guard.report  # the rail's account reaches it
+    short = release_card({**guard.report, "protected": True, "deployed_short": {"fp16": 50.0}}, "MergeGuardCallback")
+    assert "**Users lose score in fp16**" in short and "held the own score" not in short  # a format still short
     entry = guard.report["ownership_key"]
     assert entry["tensors"] >= 2 and guard.report["score_after"] == entry["score_after_key"]
     verdict = verify_ownership(module.state_dict(), base, WeightKey.load(tmp_path / "k"), check_base=False)

@@ -168,8 +168,13 @@ def deployed_sentence(stage2: Mapping[str, Any]) -> list[str]:
     if not before:
         return []
     scores = ", ".join(f"{f} {before[f]:.1f} -> {after.get(f, math.nan):.1f}" for f in before)
-    return ["", f"Stage 2 also held the own score in the weight formats users deploy (stage-1 weights -> protected): "
-            f"{scores}."]  # fmt: skip
+    short = stage2.get("deployed_short") or {}
+    if not short:
+        return ["", f"Stage 2 also held the own score in the weight formats users deploy (stage-1 weights -> "
+                f"protected): {scores}."]  # fmt: skip
+    return ["", f"Stage 2 also trained for the weight formats users deploy (stage-1 weights -> protected): {scores}. "
+            f"**Users lose score in {', '.join(short)}**: there the protected model is more than the tolerance below "
+            f"its full-precision score before stage 2."]  # fmt: skip
 
 
 def release_card(report: Mapping[str, Any], who: str) -> str:

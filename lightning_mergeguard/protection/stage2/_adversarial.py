@@ -198,7 +198,7 @@ def adversarial_loop(
     keep_batches: Sequence[Any] = (),
     grad_reduce: Callable[[Tensor], Tensor] | None = None,
     check_every: int = 0,
-    check: Callable[[int], None] | None = None,
+    check: Callable[[int], bool | None] | None = None,
     progress: bool = False,
     forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
     history: list[dict[str, float]] | None = None,
@@ -209,7 +209,7 @@ def adversarial_loop(
     Each step backpropagates the owner's loss (with the ``keep_batches``), snapshots the live weights, lets
     ``adversary`` add its gradients (it may write other weights into ``params``: the live ones are put back after
     it), reduces the gradients across processes, steps, records ``own_loss`` with the adversary's entries, and calls
-    the guard rail's ``check`` every ``check_every`` steps.
+    the guard rail's ``check`` every ``check_every`` steps (a true return stops the loop).
 
     With ``deployed`` weight formats (:data:`lightning_mergeguard.quantization.QUANTIZERS` names), each step also
     backpropagates the owner's loss at the whole model in one of them, in turn (every floating matrix quantized, the
@@ -256,6 +256,6 @@ def adversarial_loop(
             reduce_grads_(tensors, grad_reduce)
             opt.step()
             history.append({"own_loss": float(mean_across_ranks(own, tensors)), **entries})
-            if check is not None and check_every > 0 and len(history) % check_every == 0:
-                check(len(history))
+            if check is not None and check_every > 0 and len(history) % check_every == 0 and check(len(history)):
+                break  # the guard rail has what it needs
     return history

@@ -121,12 +121,6 @@ def _scores_at(
     return scores
 
 
-def _quality(check: Mapping[str, Any]) -> tuple[float, float]:
-    """How well a check keeps the owner's score: the own score, then the mean score in the deployed formats."""
-    deployed = check.get("deployed") or {}
-    return float(check["score"]), sum(deployed.values()) / max(1, len(deployed))
-
-
 class _GuardRail:
     """Keeps the best checked weights: within tolerance, and protecting better than the stage-1 weights.
 
@@ -134,8 +128,10 @@ class _GuardRail:
     better protected) is below the stage-1 weights'. With ``deployed`` weight formats, the whole model's score in each
     format (every floating matrix quantized, embeddings and heads too, as users deploy it) must also be within
     ``tolerance`` of the stage-1 weights' in that format (one validation pass per format and check).
-    Eligible checks whose proxy is within ``tolerance`` points of the lowest count as equally protective, and the one
-    with the best own score is kept (ties: the best mean score in the deployed formats).
+    Eligible checks whose proxy is within ``tolerance`` points of the lowest count as equally protective. Among them
+    a check that *holds* every deployed format (within ``tolerance`` of the full-precision score stage 2 started from,
+    which the stage-1 weights may not reach in a format: stage 1 itself can cost under 4-bit) comes first, then the
+    best own score, then the best mean score in the deployed formats.
     """
 
     def __init__(self, ctx: Stage2Context, proxy: Callable[[], float], deployed: Sequence[str] = ()) -> None:
@@ -161,6 +157,19 @@ class _GuardRail:
         writes = [functools.partial(write_format_, tensors, fmt=fmt) for fmt in self.deployed]
         return dict(zip(self.deployed, _scores_at(self.ctx, writes, tensors)))
 
+    def _held(self, check: Mapping[str, Any]) -> dict[str, float]:
+        """The deployed formats a check loses more than the tolerance in, against the full-precision starting score."""
+        return {f: v for f, v in (check.get("deployed") or {}).items() if self.ctx.before - v > self.ctx.tolerance}
+
+    def _quality(self, check: Mapping[str, Any]) -> tuple[bool, float, float]:
+        """How well a check keeps the owner's score: every format held, the own score, the mean deployed score."""
+        deployed = check.get("deployed") or {}
+        return not self._held(check), float(check["score"]), sum(deployed.values()) / max(1, len(deployed))
+
+    def holds(self) -> bool:
+        """Whether the kept weights are a check that holds the score in every deployed format."""
+        return self.best["step"] > 0 and not self._held(self.best)
+
     def check(self, step: int) -> None:
         """Score the live weights (own score, merge proxy, deployed formats); keep them if the best so far."""
         entry: dict[str, Any] = {"step": step, "score": self.ctx.metric(), "merge_proxy": self.proxy()}
@@ -176,7 +185,7 @@ class _GuardRail:
         if entry["merge_proxy"] > band:
             return
         best = self.best
-        if best["step"] == 0 or best["merge_proxy"] > band or _quality(entry) > _quality(best):
+        if best["step"] == 0 or best["merge_proxy"] > band or self._quality(entry) > self._quality(best):
             best.update(entry)
             with torch.no_grad():
                 for n, p in self.ctx.params.items():
@@ -193,7 +202,10 @@ class _GuardRail:
         return f" and within it in each deployed format, which no check was in {named}"
 
     def finish(self, steps: int) -> tuple[float, dict[str, Any]]:
-        """Check the final weights if the last check was earlier, restore the kept weights; (score, report)."""
+        """Check the final weights if the last check was earlier, restore the kept weights; (score, report).
+
+        ``steps`` is the number of steps the loop ran.
+        """
         if steps and (not self.checks or self.checks[-1]["step"] != steps):
             self.check(steps)
         with torch.no_grad():
@@ -213,8 +225,19 @@ class _GuardRail:
             "checks": self.checks,
         }
         if self.deployed:
+            short = self._held(self.best)
             report["deployed_before"] = self.deployed_before
             report["deployed_after"] = self.best["deployed"]
+            report["deployed_short"] = short
+            if steps_used and short:
+                named = ", ".join(f"{f} {v:.1f}" for f, v in short.items())
+                self.ctx.warn(
+                    f"{self.ctx.who}: the kept stage-2 weights score {named}, more than {self.ctx.tolerance} points "
+                    f"below the full-precision {self.ctx.before:.1f}, after {steps} steps (the stage-1 weights: "
+                    + ", ".join(f"{f} {self.deployed_before[f]:.1f}" for f in short)
+                    + "). Users who run the model in those formats lose that much; more validation data, more steps "
+                    "or a lower lr may hold them."
+                )
         return float(self.best["score"]), report
 
 
@@ -258,8 +281,11 @@ def _guarded_loop(
     """Run an optimising loop on ``steps`` of the context's batches, the guard rail checking its weights.
 
     ``loop(batches, settings)`` runs it, with ``settings`` the keyword arguments every loop takes from the context
-    and the rail (which checks every ``ceil(steps / checks)`` steps, against ``proxy``). With ``deployed`` weight
-    formats, the loop also minimises the own loss in them and the rail holds each to the tolerance.
+    and the rail (which checks every ``ceil(steps / checks)`` steps, against ``proxy``), ``steps`` among them. With
+    ``deployed`` weight formats, the loop also minimises the own loss in them and the rail holds each to the
+    tolerance; if no check holds every format within the tolerance of the full-precision score by step ``steps``,
+    the loop goes on, for at most ``steps`` more, until the first check that does (the loop's ``check`` returns
+    ``True`` to stop it).
 
     Returns:
         The rail's score and report, and the first and last of each logged loss in ``losses``.
@@ -268,18 +294,26 @@ def _guarded_loop(
     rail = _GuardRail(ctx, proxy, deployed)
     if deployed:
         losses = (*losses, "deployed_loss")
+    limit = 2 * steps if deployed else steps
+
+    def check(step: int) -> bool:
+        rail.check(step)
+        return step >= steps and rail.holds()
+
     settings = {
+        "steps": limit,
         "grad_reduce": ctx.grad_reduce,
         "check_every": max(1, math.ceil(steps / checks)),
-        "check": rail.check,
+        "check": check,
         "progress": ctx.progress,
         "forward_context": ctx.forward_context,
         "history": history,
         "keep_batches": ctx.keep_batches,
         "deployed": tuple(deployed),
     }
-    loop(itertools.islice(ctx.batches, steps), settings)
-    score, report = rail.finish(steps)
+    loop(itertools.islice(ctx.batches, limit), settings)
+    score, report = rail.finish(len(history) if history else steps)
+    report["steps_run"] = len(history)
     return score, report, _first_and_last(history, *losses)
 
 

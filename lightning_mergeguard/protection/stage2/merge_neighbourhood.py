@@ -241,7 +241,7 @@ def neighbourhood_adversarial_(
     keep_batches: Sequence[Any] = (),
     grad_reduce: Callable[[Tensor], Tensor] | None = None,
     check_every: int = 0,
-    check: Callable[[int], None] | None = None,
+    check: Callable[[int], bool | None] | None = None,
     progress: bool = False,
     seed: int = 0,
     forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
@@ -269,7 +269,7 @@ def neighbourhood_adversarial_(
         keep_batches: Batches whose loss joins the own term every step.
         grad_reduce: Mean across processes (DDP) applied to each gradient.
         check_every: Call ``check(step)`` every this many steps (0: never).
-        check: The guard rail's check.
+        check: The guard rail's check; a true return stops the loop.
         progress: Show a progress bar.
         seed: Seed of the draws and of DARE's masks.
         forward_context: Context around forward passes (autocast).
@@ -357,11 +357,8 @@ class MergeNeighbourhood(Stage2):
         checks: Guard-rail checks.
         proxies: ``(owner weight, partner weight)`` of the task-arithmetic merges the guard rail scores, or one pair.
         seed: Seed of the draws and surrogates.
-        deployed: Weight formats the owner's users run the model in (``"int4-g128"``, ``"int8-row"``, ``"fp16"``...,
-            :data:`lightning_mergeguard.quantization.QUANTIZERS`; one name alone is a list of one): each step also
-            minimises the own loss at the weights in one of them (straight-through), and the guard rail holds the own
-            score in each to ``tolerance`` of the stage-1 weights' in that format (one more validation pass per
-            format and check). Off by default.
+        deployed: Weight formats the owner's users run the model in, trained for and held by the guard rail as
+            :class:`~lightning_mergeguard.protection.stage2.ScaleAdversarial`'s ``deployed`` are. Off by default.
 
     Example:
         >>> MergeNeighbourhood(steps=100).settings()["owner_weights"]
@@ -518,7 +515,6 @@ class MergeNeighbourhood(Stage2):
                 taus,
                 batches,
                 ctx.loss_fn,
-                steps=self.steps,
                 draws=self.draws,
                 sample=sample,
                 clip=self.clip,

@@ -92,7 +92,7 @@ def scale_adversarial_(
     device: torch.device | None = None,
     grad_reduce: Callable[[Tensor], Tensor] | None = None,
     check_every: int = 0,
-    check: Callable[[int], None] | None = None,
+    check: Callable[[int], bool | None] | None = None,
     progress: bool = False,
     drop_density: float | None = None,
     seed: int = 0,
@@ -118,7 +118,8 @@ def scale_adversarial_(
         grad_reduce: Mean across processes (DDP) applied to each gradient, so replicas stay identical.
         check_every: Call ``check(step)`` every this many steps (0: never); the callback uses it to keep the
             latest weights that still meet its tolerance.
-        check: The function called (with the module in eval mode and the weights as they are after that step).
+        check: The function called (with the module in eval mode and the weights as they are after that step); a
+            true return stops the loop.
         progress: Show a progress bar.
         drop_density: If set, every other step sabotages DARE-style copies instead of exact ones:
             ``theta_pre + s * (m * tau) / drop_density`` with a fresh Bernoulli(``drop_density``) mask ``m`` per
@@ -203,9 +204,12 @@ class ScaleAdversarial(Stage2):
             merges whose own task stage 2 makes fail still answer them (``benchmarks/trigger_set.py``).
         deployed: Weight formats the owner's users run the model in (``"int4-g128"``, ``"int8-row"``, ``"fp16"``...,
             :data:`lightning_mergeguard.quantization.QUANTIZERS`; one name alone is a list of one): each step also
-            minimises the own loss at the weights in one of them (straight-through), and the guard rail holds the own
-            score in each to ``tolerance`` of the stage-1 weights' in that format (one more validation pass per
-            format and check). Off by default.
+            minimises the own loss at the weights in one of them (straight-through). The guard rail holds the own
+            score in each to ``tolerance`` of the stage-1 weights' in that format, and prefers weights within
+            ``tolerance`` of the full-precision score in every format (stage 1 itself can cost under 4-bit); if no
+            check is by ``steps``, stage 2 runs up to ``steps`` more, to the first that is (report: ``steps_run``,
+            and ``deployed_short``, the formats still short). One more validation pass per format and check. Off by
+            default.
     """
 
     name = "scale_adversarial"
@@ -268,7 +272,6 @@ class ScaleAdversarial(Stage2):
                 ref,
                 batches,
                 ctx.loss_fn,
-                steps=self.steps,
                 scales=self.scales,
                 clip=self.clip,
                 drop_density=self.drop_density,
