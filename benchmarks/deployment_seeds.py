@@ -133,32 +133,18 @@ def llm_merges(b: dict[str, Any]) -> dict[str, dict[str, float]]:
     Per merge: the unprotected fine-tune's merge (the baseline) and the release's, as published and from each of
     :data:`LLM_MERGE_FORMATS`.
     """
-    import math
-
     from benchmarks import stop_or_catch_llm as llm
     from benchmarks._grid import grid_configs, layer_count
-    from lightning_mergeguard.merging import merge
-    from lightning_mergeguard.ownership.weight_key import weight_key_test
     from lightning_mergeguard.quantization import treated_state
 
     s = llm.shared()
     configs = grid_configs(llm.OWNER, list(s["partners"]), llm.LAMBDAS, layers=layer_count(s["pre"]))
-    out: dict[str, dict[str, float]] = {}
-    for label in LLM_MERGES:
-        cfg, used = configs[label]
-        base = s["pre"] if cfg.get("base_model") == "pre" else None
-
-        def merged(owner: dict[str, Any]) -> dict[str, Any]:
-            states = {**{n: s["partners"][n] for n in used}, llm.OWNER: owner}  # noqa: B023 - used at once
-            return merge(cfg, states, base, seed=0, check_base=False)  # noqa: B023
-
-        row = {"unprotected": llm.owner_accuracy(merged(b["unprotected"]))}
-        for fmt in LLM_MERGE_FORMATS:
-            m = merged(b["release"] if fmt == "none" else treated_state(b["release"], fmt))
-            row[fmt] = llm.owner_accuracy(m)
-            bound = weight_key_test(m, s["pre"], b["key"]).log10_p + math.log10(2)  # verify_ownership's bound
-            row[f"{fmt} log10 p"] = min(0.0, bound)
-        out[label] = row
+    merges = functools.partial(llm.grid_merges, configs, s["partners"], s["pre"], labels=LLM_MERGES)
+    out = {label: {"unprotected": llm.owner_accuracy(m)} for label, m in merges(b["unprotected"])}
+    for fmt in LLM_MERGE_FORMATS:
+        for label, m in merges(b["release"] if fmt == "none" else treated_state(b["release"], fmt)):
+            out[label][fmt] = llm.owner_accuracy(m)
+            out[label][f"{fmt} log10 p"] = llm.key_bound(m, s["pre"], b["key"])["log10_p"]  # verify_ownership's bound
     return out
 
 

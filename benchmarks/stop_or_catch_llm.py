@@ -220,11 +220,56 @@ def low_rank(state: State, pre: State, names, keep: float = 0.1) -> State:
     return out
 
 
+def independent(k: int) -> State:
+    """The ``k``-th independent fine-tune of the owner's task (other prompts, other seed; the same for every seed).
+
+    Cached under ``.cache/stop-or-catch-llm/independent-<k>-<steps>-<lr>.safetensors``.
+    """
+    from safetensors.torch import load_file
+
+    from lightning_mergeguard.demos.smollm2 import generate_task
+    from lightning_mergeguard.io import save_safetensors
+
+    path = CACHE / "stop-or-catch-llm" / f"independent-{k}-{STEPS}-{LR}.safetensors"
+    if path.is_file():
+        return load_file(path)
+    s = shared()
+    state = train(s["model"], s["tok"], s["pre"], generate_task(OWNER, 8 * STEPS, seed=1000 + k), STEPS, LR, 1000 + k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(path, {n: v.contiguous() for n, v in state.items()})
+    return state
+
+
+def grid_merges(configs, partners: dict[str, State], pre: State, owner: State, labels) -> Iterator[tuple[str, State]]:
+    """``(label, merge)`` of ``owner`` with the partners for each of ``labels`` (``grid_configs`` entries).
+
+    One at a time: a SmolLM2 merge is 540 MB, so no more than one is held.
+    """
+    from lightning_mergeguard.merging import merge
+
+    states = {**partners, OWNER: owner}
+    for label in labels:
+        cfg, used = configs[label]
+        base = pre if cfg.get("base_model") == "pre" else None
+        yield label, merge(cfg, {n: states[n] for n in {OWNER, *used}}, base, seed=0, check_base=False)
+
+
+def key_bound(state: State, pre: State, key) -> dict[str, Any]:
+    """The upper bound ``2 x p`` of ``verify_ownership``'s p-value from the key test as published alone.
+
+    Bonferroni over both tests gives ``2 * min(p_published, p_aligned) <= 2 * p_published``, so a cell caught by the
+    bound is caught by the full test.
+    """
+    from lightning_mergeguard.ownership.weight_key import weight_key_test
+
+    r = weight_key_test(state, pre, key)
+    return {"p": min(1.0, 2 * r.p_value), "log10_p": min(0.0, math.log10(2) + r.log10_p), "aligned": False}
+
+
 def run_seed(seed: int, bar) -> dict[str, Any]:
     from lightning_mergeguard.demos.smollm2 import generate_task
     from lightning_mergeguard.merging import merge
     from lightning_mergeguard.ownership.verify import verify_ownership
-    from lightning_mergeguard.ownership.weight_key import weight_key_test
     from lightning_mergeguard.quantization import treated_state
 
     t0 = time.perf_counter()
@@ -236,17 +281,15 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
     acc = owner_accuracy
 
     def test(state: State, aligned: bool = True) -> dict[str, Any]:
-        """``verify_ownership``'s p-value; ``aligned=False``: its upper bound from the test as published alone.
+        """``verify_ownership``'s p-value; ``aligned=False``: its upper bound (:func:`key_bound`).
 
-        Bonferroni over both tests gives ``2 * min(p_published, p_aligned) <= 2 * p_published``, so a cell caught
-        by the bound is caught by the full test. Negatives always get the full test (a bound would hide a false
-        positive), and so do the re-parameterised cells (where alignment is what finds the key).
+        Negatives always get the full test (a bound would hide a false positive), and so do the re-parameterised
+        cells (where alignment is what finds the key).
         """
         if aligned:
             v = verify_ownership(state, pre, key, module=model, alpha=ALPHA, check_base=False)
             return {"p": v.p_value, "log10_p": v.log10_p, "aligned": True}
-        r = weight_key_test(state, pre, key)
-        return {"p": min(1.0, 2 * r.p_value), "log10_p": min(0.0, math.log10(2) + r.log10_p), "aligned": False}
+        return key_bound(state, pre, key)
 
     configs = grid_configs(OWNER, list(partners), LAMBDAS, layers=layer_count(pre))
     missing = [m for m in MERGES if m not in configs]
@@ -254,12 +297,7 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
         raise SystemExit(f"MERGES names merges the grid does not have: {missing}")
 
     def grid(owner_state: State, labels=MERGES) -> Iterator[tuple[str, State]]:
-        """``(label, merge)`` one at a time: a SmolLM2 merge is 540 MB, so no more than one is held."""
-        states = {**partners, OWNER: owner_state}
-        for label in labels:
-            cfg, used = configs[label]
-            base = pre if cfg.get("base_model") == "pre" else None
-            yield label, merge(cfg, {n: states[n] for n in {OWNER, *used}}, base, seed=0, check_base=False)
+        return grid_merges(configs, partners, pre, owner_state, labels)
 
     def on_owner(state: State, steps: int, lr: float, rows: int, data_seed: int) -> State:
         return train(model, tok, state, generate_task(OWNER, rows, seed=data_seed), steps, lr, seed=7)
@@ -305,10 +343,7 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
     for t, p in partners.items():
         negative(f"partner {t}", p)
     negative("unprotected owner fine-tune (before the key)", b["unprotected"])
-    indep = {
-        k: train(model, tok, pre, generate_task(OWNER, 8 * STEPS, seed=1000 + k), STEPS, LR, seed=1000 + k)
-        for k in range(INDEPENDENT)
-    }
+    indep = {k: independent(k) for k in range(INDEPENDENT)}
     for k, st in indep.items():
         negative(f"independent fine-tune {k}", st)
     for label, merged in grid(indep[0]):
@@ -327,7 +362,10 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
         "release_own": acc(b["release"]),
         "stage2": {
             **{k: report_.get(k) for k in ("score_before", "score_after", "protected", "not_protected")},
-            "steps_used": (report_.get("stage2") or {}).get("steps_used"),
+            **{
+                k: report_.get(k, (report_.get("stage2") or {}).get(k))  # the callback's report is flat
+                for k in ("steps_used", "steps_run", "deployed_after", "deployed_short")
+            },
         },
         "key": {k: v for k, v in (report_.get("ownership_key") or {}).items() if k != "file"},
         "unprotected_best": best,
@@ -364,6 +402,8 @@ def main() -> None:
         "environment": environment(),
         "baseline": "the unprotected fine-tune of the same seed: its best merge on the same merges (stopped = owner "
         "exact match at most 0.5x that); negatives: models never derived from the release",
+        "setting": f"MergeGuardCallback(stage2=ScaleAdversarial(steps={STAGE2_STEPS}, lr=1e-4, deployed="
+        f"{list(DEPLOYED)}), release=Release(ownership_key=...)), guard rail on {VAL_N} validation prompts",
         "alpha": ALPHA,
         "stop": STOP,
         "tolerance": 1.0,

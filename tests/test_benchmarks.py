@@ -273,6 +273,9 @@ def test_llm_stop_or_catch_runs_every_cell_and_negative_on_a_tiny_llama(monkeypa
     assert run["cells"]["release alone | re-parameterised"]["aligned"]  # the full test where alignment matters
     assert not run["cells"]["release alone | as merged"]["aligned"]  # its bound elsewhere
     assert min(n["p"] for n in run["negatives"].values()) > llm.ALPHA
+    assert run["stage2"]["steps_run"] >= 2 and set(run["stage2"]["deployed_after"]) == set(llm.DEPLOYED)
+    trained = sorted(p.name for p in (tmp_path / "cache" / "stop-or-catch-llm").glob("independent-*"))
+    assert trained == [f"independent-{k}-2-{llm.LR}.safetensors" for k in range(3)]  # shared by the seeds: once
     stop_or_catch.report({"seeds": [run], "tolerance": 1.0}, "llm_smoke", track="LLM")
     assert "LLM track" in (tmp_path / "llm_smoke.md").read_text() and (tmp_path / "llm_smoke.png").is_file()
 
