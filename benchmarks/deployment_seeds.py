@@ -4,8 +4,9 @@ The README's recommended setting, ``MergeGuardCallback(release=Release(ownership
 setting at its default (stage 1, the scale-adversarial stage 2, the guard rail's tolerance of 1.0 point), on the
 vision track of ``benchmarks/stop_or_catch.py`` (the open_clip ViT pre-trained here, owner task ``mnist``), per
 seed: the owner-task accuracy of the release and of the unprotected fine-tune of the same seed (the baseline) under
-fp16, bf16, int8 per row, 4-bit groups of 32 and 128, GGUF Q8_0 and Q4_0, and 50 AdamW steps of full (lr 1e-5) and
-of rank-8 LoRA (lr 1e-4) fine-tuning on the owner's task (``lightning_mergeguard.protection.release.deployment``).
+fp16, bf16, int8 per row, 4-bit groups of 32 and 128, GGUF Q8_0, Q4_0 and Q4_K (Q5_0 for rows that are not whole
+blocks of 256, as llama.cpp falls back), and 50 AdamW steps of full (lr 1e-5) and of rank-8 LoRA (lr 1e-4)
+fine-tuning on the owner's task (``lightning_mergeguard.protection.release.deployment``).
 
 With ``--track llm``, the same on the LLM track of ``benchmarks/stop_or_catch_llm.py`` (SmolLM2-135M, owner task
 ``upper``; its owner fine-tunes and releases, cached per seed) with the recommended LLM setting, whose stage 2 also
@@ -14,7 +15,7 @@ prompts), exact match on 256 held-out prompts (the unprotected SmolLM2 itself lo
 groups of 128, so 64 prompts could not resolve 1 point).
 
     python benchmarks/deployment_seeds.py             # seeds 0 1 2, about 20 minutes on 2 CPU cores
-    python benchmarks/deployment_seeds.py --track llm  # seeds 0 1 2 with their builds: 61 minutes
+    python benchmarks/deployment_seeds.py --track llm  # seeds 0 1 2: 61 minutes with their builds, 25 without
 
 Writes ``benchmarks/results/deployment_seeds.{json,md,png}`` (``deployment_seeds_llm.*`` with ``--track llm``).
 """
@@ -33,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import RESULTS, environment, markdown_table, save_png, vit_user_finetune, write_results
 
-TREATMENTS = ("none", "fp16", "bf16", "int8-row", "int4-g32", "int4-g128", "gguf-q8_0", "gguf-q4_0", "finetune",
-              "finetune-lora")  # fmt: skip
+TREATMENTS = ("none", "fp16", "bf16", "int8-row", "int4-g32", "int4-g128", "gguf-q8_0", "gguf-q4_0", "gguf-q4_k",
+              "finetune", "finetune-lora")  # fmt: skip
 BOUND = 1.0  # points of own accuracy the recommended setting may lose to the unprotected model under a treatment
 LLM_EVAL = 256  # held-out prompts of the LLM track's score (one prompt: 0.4 points)
 

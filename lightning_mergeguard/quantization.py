@@ -5,7 +5,12 @@
 - ``int4-g32`` / ``int4-g128``: 4-bit symmetric absmax round-to-nearest in groups of 32 / 128 along the input
   dimension (GPTQ/AWQ-style group size, without their error correction: the plainest 4-bit a user can apply);
 - ``gguf-q8_0`` / ``gguf-q4_0``: the ``gguf`` package's own quantizers (llama.cpp's formats), on matrices whose rows
-  are whole blocks.
+  are whole blocks;
+- ``gguf-q4_k``: llama.cpp's Q4_K, the 4-bit k-quant of the Q4_K_S / Q4_K_M files most GGUF users run (the ``gguf``
+  package only reads it, so :func:`q4_k_roundtrip` writes it): blocks of 256 with 8 sub-blocks of 32, each with a
+  6-bit scale and min found by llama.cpp's weighted search; a matrix whose rows are not whole blocks of 256 goes to
+  Q5_0, as ``llama-quantize`` falls back. Q4_K_M also keeps some matrices in Q6_K; this format does not (its error
+  is that of Q4_K_S, the larger one).
 
 Quantizers act on the floating matrices (2 or more dimensions) as deployments do; norms and biases stay
 (:func:`treated_state`, :func:`write_format_`). The deployment check
@@ -35,6 +40,7 @@ __all__ = [
     "gguf_roundtrip",
     "int4_groups",
     "int8_rows",
+    "q4_k_roundtrip",
     "treated_state",
     "write_format_",
 ]
@@ -88,6 +94,87 @@ def gguf_roundtrip(w: Tensor, kind: str = "Q8_0") -> Tensor:
     return torch.from_numpy(back).reshape(w.shape).to(w.device, w.dtype)
 
 
+def _q4_k_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Q4_K's parts of ``x`` (``(..., 8, 32)``, float32: the sub-blocks of blocks of 256).
+
+    Per sub-block, the scale and min minimise the error weighted by ``rms + |x|`` over 21 candidate grids
+    (``(15 + k / 10 - 1) / range``, and the min-max one), each refined by weighted least squares, as llama.cpp's
+    reference quantizer does; the 8 scales and mins of a block are then stored in 6 bits against two fp16 block
+    scales, and the values re-rounded against the stored ones.
+
+    Returns:
+        ``d`` and ``dmin`` (the fp16 block scales, ``(..., 1)``), ``ls`` and ``lm`` (the 6-bit sub-block scale and
+        min, ``(..., 8)``) and ``q`` (the 4-bit values, ``(..., 8, 32)``): ``x ~ d * ls * q - dmin * lm``.
+    """
+    weight = x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
+    low = x.amin(-1, keepdim=True).clamp(max=0.0)
+    span = x.amax(-1, keepdim=True) - low
+    flat = span == 0
+    span = torch.where(flat, torch.ones_like(span), span)
+    wx = weight * x
+    sum_w, sum_x, sum_x2 = (t.sum(-1, keepdim=True) for t in (weight, wx, wx * x))
+
+    def sums(grid: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Weighted sums of the values rounded on ``grid / span``: q, q^2 and x q (float32, as llama.cpp's)."""
+        q = torch.round(grid / span * (x - low)).clamp(0, 15)
+        wq = weight * q
+        return tuple(t.sum(-1, keepdim=True) for t in (wq, wq * q, wq * x))
+
+    def error(s: Tensor, m: Tensor, sum_l: Tensor, sum_l2: Tensor, sum_xl: Tensor) -> Tensor:
+        """``sum weight * (s q + m - x)^2``, expanded over the sums (no second pass over the values)."""
+        return s * s * sum_l2 + 2 * s * m * sum_l + m * m * sum_w - 2 * s * sum_xl - 2 * m * sum_x + sum_x2
+
+    scale, offset = span / 15, low  # the min-max grid, at its own scale and min
+    best = error(scale, offset, *sums(15.0))
+    for k in range(21):
+        sum_l, sum_l2, sum_xl = sums(14 + 0.1 * k)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        det = torch.where(ok, det, torch.ones_like(det))
+        s, m = (sum_w * sum_xl - sum_x * sum_l) / det, (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive = m > 0  # the min is kept <= 0: refit the scale alone
+        s = torch.where(positive, sum_xl / sum_l2.clamp(min=torch.finfo(x.dtype).tiny), s)
+        m = torch.where(positive, torch.zeros_like(m), m)
+        e = error(s, m, sum_l, sum_l2, sum_xl)
+        better = ok & (e < best)
+        best, scale, offset = (
+            torch.where(better, e, best),
+            torch.where(better, s, scale),
+            torch.where(better, m, offset),
+        )
+    scale = torch.where(flat, torch.zeros_like(scale), scale).clamp(min=0.0).squeeze(-1)
+    mins = (-offset).squeeze(-1)
+    top_s, top_m = scale.amax(-1, keepdim=True), mins.amax(-1, keepdim=True)
+    ls = torch.round(torch.where(top_s > 0, 63 / top_s, 0.0) * scale).clamp(0, 63)
+    lm = torch.round(torch.where(top_m > 0, 63 / top_m, 0.0) * mins).clamp(0, 63)
+    d, dmin = (top_s / 63).half().float(), (top_m / 63).half().float()
+    step, shift = (d * ls).unsqueeze(-1), (dmin * lm).unsqueeze(-1)
+    live = step > 0
+    q = torch.where(live, torch.round((x + shift) / torch.where(live, step, 1.0)).clamp(0, 15), 0.0)
+    return d, dmin, ls, lm, q
+
+
+def q4_k_roundtrip(w: Tensor) -> Tensor:
+    """``w`` written in llama.cpp's Q4_K and read back (Q5_0 where rows are not whole blocks of 256, as llama.cpp).
+
+    Rows that are not whole blocks of 32 either stay as they are (llama.cpp stores them in a float type).
+
+    Example:
+        >>> w = torch.linspace(-1, 1, 256).reshape(1, 256)
+        >>> bool((q4_k_roundtrip(w) - w).abs().max() < 0.07)
+        True
+    """
+    flat = w.detach().float().reshape(w.shape[0], -1)
+    if flat.shape[1] % 256:
+        return gguf_roundtrip(w, "Q5_0")
+    rows = max(1, 2**22 // flat.shape[1])  # a few million values at a time: the search holds ~10 copies of them
+    out = torch.empty_like(flat)
+    for i in range(0, flat.shape[0], rows):
+        d, dmin, ls, lm, q = _q4_k_parts(flat[i : i + rows].reshape(-1, flat.shape[1] // 256, 8, 32))
+        out[i : i + rows] = ((d * ls).unsqueeze(-1) * q - (dmin * lm).unsqueeze(-1)).reshape(-1, flat.shape[1])
+    return out.reshape(w.shape).to(w.dtype)
+
+
 def _cast(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     return lambda w: w.to(dtype).to(w.dtype)
 
@@ -100,6 +187,7 @@ QUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
     "int4-g128": lambda w: int4_groups(w, 128),
     "gguf-q8_0": lambda w: gguf_roundtrip(w, "Q8_0"),
     "gguf-q4_0": lambda w: gguf_roundtrip(w, "Q4_0"),
+    "gguf-q4_k": q4_k_roundtrip,
 }
 """Weight treatments by name: each a pure function of one tensor."""
 

@@ -31,6 +31,54 @@ def test_quantizers_round_to_their_grids():
         treated_state({"w": w}, "int3")
 
 
+def _q4_k_bytes(d, dmin, ls, lm, q):
+    """llama.cpp's ``block_q4_K`` bytes (fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 of nibbles)."""
+    import numpy as np
+
+    ls, lm, q = (t.to(torch.uint8).numpy() for t in (ls, lm, q))
+    scales = np.zeros((*ls.shape[:-1], 12), np.uint8)
+    scales[..., 0:4], scales[..., 4:8] = ls[..., :4], lm[..., :4]
+    scales[..., 8:12] = (ls[..., 4:] & 0xF) | ((lm[..., 4:] & 0xF) << 4)
+    scales[..., 0:4] |= (ls[..., 4:] >> 4) << 6
+    scales[..., 4:8] |= (lm[..., 4:] >> 4) << 6
+    pairs = q.reshape(*q.shape[:-2], 4, 2, 32)  # values 64j..64j+31 in the low nibbles, the next 32 in the high
+    qs = (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).reshape(*q.shape[:-2], 128)
+    halves = [t.half().numpy().view(np.uint8).reshape(*t.shape[:-1], 2) for t in (d, dmin)]
+    return np.concatenate([*halves, scales, qs], axis=-1).reshape(q.shape[0], -1)
+
+
+def test_q4_k_is_llama_cpps_layout_read_back_by_the_gguf_package():
+    """The values are what the gguf package decodes from the Q4_K blocks they come from, and close to the input."""
+    from gguf import GGMLQuantizationType, quants
+
+    from lightning_mergeguard.quantization import _q4_k_parts, q4_k_roundtrip
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 512) * torch.rand(6, 1) * 3
+    w[1, :256] = 0.0  # a flat block
+    w[2] = w[2].abs()  # all positive: the min is held at 0
+    w[3, 5] = 40.0  # one outlier: its sub-block's scale only
+    mine = q4_k_roundtrip(w)
+    blocks = _q4_k_bytes(*_q4_k_parts(w.reshape(6, 2, 8, 32)))
+    assert blocks.shape == (6, 2 * 144)
+    theirs = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType.Q4_K))
+    torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+    assert torch.equal(mine[1, :256], torch.zeros(256))
+    assert float((mine - w)[[0, 4, 5]].norm() / w[[0, 4, 5]].norm()) < 0.1  # 4 bits: about 7% of the norm
+    assert float((mine[3, 64:] - w[3, 64:]).abs().max()) < 0.5 * float(w[3, 64:].abs().max())
+    # the weighted search beats plain min-max rounding of the same sub-blocks
+    x = w[[0, 4, 5]].reshape(-1, 32)
+    low, high = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True)
+    minmax = torch.round((x - low) / (high - low) * 15) * (high - low) / 15 + low
+    assert float((mine[[0, 4, 5]].reshape(-1, 32) - x).norm()) < float((minmax - x).norm())
+    big = torch.randn(2**14 + 3, 256)  # more rows than one chunk of the search
+    d, dmin, ls, lm, q = _q4_k_parts(big.reshape(-1, 1, 8, 32))
+    assert torch.equal(q4_k_roundtrip(big), ((d * ls).unsqueeze(-1) * q - (dmin * lm).unsqueeze(-1)).reshape(-1, 256))
+    # rows that are not whole blocks of 256 fall back to Q5_0, as llama-quantize does
+    narrow = torch.randn(3, 96)
+    torch.testing.assert_close(q4_k_roundtrip(narrow), gguf_roundtrip(narrow, "Q5_0"))
+
+
 def _agreement(model, ids, want):
     with torch.no_grad():
         got = model(ids).logits.argmax(-1)
@@ -55,7 +103,7 @@ def test_the_check_sees_a_release_that_fp16_and_int8_break_and_restores_the_mode
     scores = deployment_check(plain, metric, batches=batches, loss_fn=loss, steps=3)
     assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())  # restored
     assert set(scores) == {"none", "fp16", "bf16", "int8-row", "int4-g32", "int4-g128", "gguf-q8_0", "gguf-q4_0",
-                           "finetune", "finetune-lora"}  # fmt: skip
+                           "gguf-q4_k", "finetune", "finetune-lora"}  # fmt: skip
     assert scores["none"] == 100.0 and min(scores["fp16"], scores["int8-row"], scores["gguf-q8_0"]) >= 90.0
     amplified = tiny_llama(seed=0).eval()
     amplify_module_(amplified, strength=2.0**20, forward=lambda: amplified(ids))

@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     s2.add_argument("--lr", type=float, default=None, help="stage-2 learning rate (the strategy's default: 1e-3 "
                     "scale_adversarial, 5e-4 merge_neighbourhood, as the callback's)")  # fmt: skip
     s2.add_argument("--deployed", nargs="+", default=None, metavar="FORMAT", help="weight formats the model's users "
-                    "run it in (int4-g128, int4-g32, int8-row, fp16, bf16, gguf-q4_0, gguf-q8_0): stage 2 also keeps "
-                    "the own score within --tolerance in each")  # fmt: skip
+                    "run it in (int4-g128, int4-g32, int8-row, fp16, bf16, gguf-q4_0, gguf-q4_k, gguf-q8_0): stage 2 "
+                    "also keeps the own score within --tolerance of the full-precision score in each, running up to "
+                    "twice --steps to get there")  # fmt: skip
     s2.add_argument("--refit-steps", type=int, default=50, help="stage-1 re-fit steps when stage 2 alone keeps no "
                     "step (50; 0: never)")  # fmt: skip
     s2.add_argument("--refit-lr", type=float, default=1e-4, help="AdamW learning rate of that re-fit (1e-4)")

@@ -8,8 +8,10 @@ each treatment, next to the unprotected model under the same treatment:
 - ``int8-row``: LLM.int8-style absmax round-to-nearest per output row;
 - ``int4-g32`` / ``int4-g128``: 4-bit symmetric absmax round-to-nearest in groups of 32 / 128 along the input
   dimension (GPTQ/AWQ-style group size, without their error correction: the plainest 4-bit a user can apply);
-- ``gguf-q8_0`` / ``gguf-q4_0``: the ``gguf`` package's own quantizers (llama.cpp's formats; the package has no
-  quantizer for Q4_K, whose blocks it only reads), on matrices whose rows are whole blocks;
+- ``gguf-q8_0`` / ``gguf-q4_0``: the ``gguf`` package's own quantizers (llama.cpp's formats), on matrices whose rows
+  are whole blocks;
+- ``gguf-q4_k``: llama.cpp's Q4_K (the k-quant of Q4_K_S / Q4_K_M files), written here with llama.cpp's weighted
+  scale search in its block layout (the ``gguf`` package only reads it), Q5_0 where rows are not whole blocks of 256;
 - ``finetune`` / ``finetune-lora``: ``steps`` AdamW steps on the owner's task, of every weight or of rank-8 LoRA
   factors on every ``nn.Linear``.
 
