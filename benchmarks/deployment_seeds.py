@@ -16,6 +16,7 @@ groups of 128, so 64 prompts could not resolve 1 point).
 
     python benchmarks/deployment_seeds.py             # seeds 0 1 2, about 20 minutes on 2 CPU cores
     python benchmarks/deployment_seeds.py --track llm  # seeds 0 1 2: 61 minutes with their builds, 25 without
+    python benchmarks/deployment_seeds.py --track llm --seeds 0 --deployed int4-g128 gguf-q4_k  # another setting
 
 Writes ``benchmarks/results/deployment_seeds.{json,md,png}`` (``deployment_seeds_llm.*`` with ``--track llm``).
 """
@@ -176,13 +177,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (0 1 2)")
     parser.add_argument("--track", choices=["vision", "llm"], default="vision")
+    parser.add_argument("--deployed", nargs="+", default=None, metavar="FORMAT", help="--track llm: the formats the "
+                        "release is trained for, instead of stop_or_catch_llm.DEPLOYED (results: "
+                        "deployment_seeds_llm_<formats>.*)")  # fmt: skip
     args = parser.parse_args()
     name = "deployment_seeds" if args.track == "vision" else "deployment_seeds_llm"
+    if args.deployed is not None:
+        from benchmarks import stop_or_catch_llm
+        from lightning_mergeguard.quantization import check_formats
+
+        if args.track != "llm":
+            raise SystemExit("--deployed is for --track llm (the vision setting trains for no format)")
+        stop_or_catch_llm.DEPLOYED = check_formats(args.deployed)
+        name += "_" + "+".join(stop_or_catch_llm.DEPLOYED)
     start = time.perf_counter()
     runs = []
     command = "python benchmarks/deployment_seeds.py --seeds " + " ".join(map(str, args.seeds))
     if args.track == "llm":
         from benchmarks.stop_or_catch_llm import DEPLOYED, VAL_N
+
+        command += " --deployed " + " ".join(DEPLOYED) if args.deployed is not None else ""
 
         setting = (f"MergeGuardCallback(stage2=ScaleAdversarial(steps=16, lr=1e-4, deployed={list(DEPLOYED)}), "
                    f"release=Release(ownership_key=...)), tolerance {DEFAULT_TOLERANCE:g} on {VAL_N} validation "

@@ -141,7 +141,8 @@ def train(model, tok, state: State, rows, steps: int, lr: float, seed: int, call
 def build(seed: int) -> dict[str, Any]:
     """The owner's unprotected fine-tune and its release (stage 1, stage 2 and the ownership key) for ``seed``.
 
-    Cached under ``.cache/stop-or-catch-llm/seed<seed>/`` (``benchmarks/deployment_seeds.py --track llm`` reuses it).
+    Cached under ``.cache/stop-or-catch-llm/<setting>-seed<seed>/``, the setting being :data:`DEPLOYED` and
+    :data:`VAL_N` (``benchmarks/deployment_seeds.py --track llm`` reuses it; another setting builds its own).
     """
     from safetensors.torch import load_file
 
@@ -150,7 +151,7 @@ def build(seed: int) -> dict[str, Any]:
     from lightning_mergeguard.io import atomic_write_json, save_safetensors
     from lightning_mergeguard.ownership.weight_key import WeightKey
 
-    folder = CACHE / "stop-or-catch-llm" / f"deployed-seed{seed}"
+    folder = CACHE / "stop-or-catch-llm" / f"{'+'.join(DEPLOYED)}-val{VAL_N}-seed{seed}"
     files = {n: folder / f"{n}.safetensors" for n in ("unprotected", "release")}
     if not all(f.is_file() for f in (*files.values(), folder / "owner.key", folder / "report.json")):
         s = shared()
