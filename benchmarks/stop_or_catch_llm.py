@@ -103,23 +103,15 @@ VAL_N = 128
 @functools.lru_cache(maxsize=1)
 def shared() -> dict[str, Any]:
     """The model, tokenizer, theta_pre, the partners, a live copy for scoring and the held-out prompts."""
-    from safetensors.torch import load_file
-
     from lightning_mergeguard.demos.smollm2 import generate_task, load_smollm2
-    from lightning_mergeguard.io import save_safetensors
 
     model, tok = load_smollm2(CACHE / "smollm2-135m")
     pre = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
-    partners = {}
-    for t in TASKS:
-        if t == OWNER:
-            continue
-        path = CACHE / f"protection-llm-{t}-{STEPS}-{LR}.safetensors"  # the same fine-tunes as protection.py
-        if path.is_file():
-            partners[t] = load_file(path)
-        else:
-            partners[t] = train(model, tok, pre, generate_task(t, 8 * STEPS, seed=0), STEPS, LR, seed=0)
-            save_safetensors(path, {k: v.contiguous() for k, v in partners[t].items()})
+    partners = {  # the same fine-tunes as protection.py
+        t: cached_fine_tune(CACHE / f"protection-llm-{t}-{STEPS}-{LR}.safetensors", model, tok, pre, t, seed=0)
+        for t in TASKS
+        if t != OWNER
+    }
     return {
         "model": model,
         "tok": tok,
@@ -128,6 +120,24 @@ def shared() -> dict[str, Any]:
         "live": copy.deepcopy(model),
         "eval": generate_task(OWNER, EVAL_N, seed=99),
     }
+
+
+def cached_fine_tune(path: Path, model, tok, pre: State, task: str, seed: int) -> State:
+    """``STEPS`` steps on ``task`` from ``pre``, cached at ``path``.
+
+    ``8 * STEPS`` prompts drawn with ``seed`` and shuffled with it.
+    """
+    from safetensors.torch import load_file
+
+    from lightning_mergeguard.demos.smollm2 import generate_task
+    from lightning_mergeguard.io import save_safetensors
+
+    if path.is_file():
+        return load_file(path)
+    state = train(model, tok, pre, generate_task(task, 8 * STEPS, seed=seed), STEPS, LR, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(path, {n: v.contiguous() for n, v in state.items()})
+    return state
 
 
 def train(model, tok, state: State, rows, steps: int, lr: float, seed: int, callbacks=(), val=None) -> State:
@@ -226,19 +236,9 @@ def independent(k: int) -> State:
 
     Cached under ``.cache/stop-or-catch-llm/independent-<k>-<steps>-<lr>.safetensors``.
     """
-    from safetensors.torch import load_file
-
-    from lightning_mergeguard.demos.smollm2 import generate_task
-    from lightning_mergeguard.io import save_safetensors
-
-    path = CACHE / "stop-or-catch-llm" / f"independent-{k}-{STEPS}-{LR}.safetensors"
-    if path.is_file():
-        return load_file(path)
     s = shared()
-    state = train(s["model"], s["tok"], s["pre"], generate_task(OWNER, 8 * STEPS, seed=1000 + k), STEPS, LR, 1000 + k)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(path, {n: v.contiguous() for n, v in state.items()})
-    return state
+    path = CACHE / "stop-or-catch-llm" / f"independent-{k}-{STEPS}-{LR}.safetensors"
+    return cached_fine_tune(path, s["model"], s["tok"], s["pre"], OWNER, seed=1000 + k)
 
 
 def grid_merges(configs, partners: dict[str, State], pre: State, owner: State, labels) -> Iterator[tuple[str, State]]:

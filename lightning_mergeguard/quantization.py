@@ -148,10 +148,21 @@ def _q4_k_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     ls = torch.round(torch.where(top_s > 0, 63 / top_s, 0.0) * scale).clamp(0, 63)
     lm = torch.round(torch.where(top_m > 0, 63 / top_m, 0.0) * mins).clamp(0, 63)
     d, dmin = (top_s / 63).half().float(), (top_m / 63).half().float()
-    step, shift = (d * ls).unsqueeze(-1), (dmin * lm).unsqueeze(-1)
+    step, shift = _q4_k_scales(d, dmin, ls, lm)
     live = step > 0
     q = torch.where(live, torch.round((x + shift) / torch.where(live, step, 1.0)).clamp(0, 15), 0.0)
     return d, dmin, ls, lm, q
+
+
+def _q4_k_scales(d: Tensor, dmin: Tensor, ls: Tensor, lm: Tensor) -> tuple[Tensor, Tensor]:
+    """Each sub-block's step and shift, ``(..., 8, 1)``: its values are ``step * q - shift``."""
+    return (d * ls).unsqueeze(-1), (dmin * lm).unsqueeze(-1)
+
+
+def _q4_k_values(d: Tensor, dmin: Tensor, ls: Tensor, lm: Tensor, q: Tensor) -> Tensor:
+    """The values Q4_K's parts (:func:`_q4_k_parts`) decode to, as llama.cpp dequantizes them."""
+    step, shift = _q4_k_scales(d, dmin, ls, lm)
+    return step * q - shift
 
 
 def q4_k_roundtrip(w: Tensor) -> Tensor:
@@ -170,8 +181,8 @@ def q4_k_roundtrip(w: Tensor) -> Tensor:
     rows = max(1, 2**22 // flat.shape[1])  # a few million values at a time: the search holds ~10 copies of them
     out = torch.empty_like(flat)
     for i in range(0, flat.shape[0], rows):
-        d, dmin, ls, lm, q = _q4_k_parts(flat[i : i + rows].reshape(-1, flat.shape[1] // 256, 8, 32))
-        out[i : i + rows] = ((d * ls).unsqueeze(-1) * q - (dmin * lm).unsqueeze(-1)).reshape(-1, flat.shape[1])
+        parts = _q4_k_parts(flat[i : i + rows].reshape(-1, flat.shape[1] // 256, 8, 32))
+        out[i : i + rows] = _q4_k_values(*parts).reshape(-1, flat.shape[1])
     return out.reshape(w.shape).to(w.dtype)
 
 

@@ -51,7 +51,7 @@ def test_q4_k_is_llama_cpps_layout_read_back_by_the_gguf_package():
     """The values are what the gguf package decodes from the Q4_K blocks they come from, and close to the input."""
     from gguf import GGMLQuantizationType, quants
 
-    from lightning_mergeguard.quantization import _q4_k_parts, q4_k_roundtrip
+    from lightning_mergeguard.quantization import _q4_k_parts, _q4_k_values, q4_k_roundtrip
 
     torch.manual_seed(0)
     w = torch.randn(6, 512) * torch.rand(6, 1) * 3
@@ -72,8 +72,7 @@ def test_q4_k_is_llama_cpps_layout_read_back_by_the_gguf_package():
     minmax = torch.round((x - low) / (high - low) * 15) * (high - low) / 15 + low
     assert float((mine[[0, 4, 5]].reshape(-1, 32) - x).norm()) < float((minmax - x).norm())
     big = torch.randn(2**14 + 3, 256)  # more rows than one chunk of the search
-    d, dmin, ls, lm, q = _q4_k_parts(big.reshape(-1, 1, 8, 32))
-    assert torch.equal(q4_k_roundtrip(big), ((d * ls).unsqueeze(-1) * q - (dmin * lm).unsqueeze(-1)).reshape(-1, 256))
+    assert torch.equal(q4_k_roundtrip(big), _q4_k_values(*_q4_k_parts(big.reshape(-1, 1, 8, 32))).reshape(-1, 256))
     # rows that are not whole blocks of 256 fall back to Q5_0, as llama-quantize does
     narrow = torch.randn(3, 96)
     torch.testing.assert_close(q4_k_roundtrip(narrow), gguf_roundtrip(narrow, "Q5_0"))
