@@ -10,13 +10,14 @@ fine-tuning on the owner's task (``lightning_mergeguard.protection.release.deplo
 
 With ``--track llm``, the same on the LLM track of ``benchmarks/stop_or_catch_llm.py`` (SmolLM2-135M, owner task
 ``upper``; its owner fine-tunes and releases, cached per seed) with the recommended LLM setting, whose stage 2 also
-keeps the owner's score in int4-g128, int4-g32 and GGUF Q4_0 (``ScaleAdversarial(deployed=...)``, 128 validation
-prompts), exact match on 256 held-out prompts (the unprotected SmolLM2 itself loses about 10 points under 4-bit
-groups of 128, so 64 prompts could not resolve 1 point).
+keeps the owner's score in int4-g128, int4-g32, GGUF Q4_0 and Q4_K (``ScaleAdversarial(deployed=...)``, 128
+validation prompts), exact match on 256 held-out prompts (the unprotected SmolLM2 itself loses about 10 points under
+4-bit groups of 128, so 64 prompts could not resolve 1 point).
 
     python benchmarks/deployment_seeds.py             # seeds 0 1 2, about 20 minutes on 2 CPU cores
-    python benchmarks/deployment_seeds.py --track llm  # seeds 0 1 2: 61 minutes with their builds, 25 without
+    python benchmarks/deployment_seeds.py --track llm  # seeds 0 1 2: 44 minutes with two builds, 21 without
     python benchmarks/deployment_seeds.py --track llm --seeds 0 --deployed int4-g128 gguf-q4_k  # another setting
+    python benchmarks/deployment_seeds.py --track llm --report-only  # table and plot again from the JSON
 
 Writes ``benchmarks/results/deployment_seeds.{json,md,png}`` (``deployment_seeds_llm.*`` with ``--track llm``).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import time
 from pathlib import Path
@@ -66,6 +68,11 @@ def deployed(b: dict[str, Any], acc, finetune) -> dict[str, Any]:
     return out
 
 
+def title(res: dict[str, Any]) -> str:
+    """What the results measure: the recommended setting, or another one (``--deployed``)."""
+    return "The recommended setting" if res.get("recommended", True) else "Another setting"
+
+
 def table(res: dict[str, Any]) -> str:
     """Markdown: per treatment, the release's accuracy and its loss against the unprotected model, every seed."""
     runs = res["seeds"]
@@ -77,8 +84,9 @@ def table(res: dict[str, Any]) -> str:
     worst = max(r["worst_loss"] for r in runs)
     track = res.get("track", "vision")
     metric = "exact match %" if track == "llm" else "owner-task accuracy %"
+    setting = f"\n\nSetting: `{res['setting']}`." if res.get("setting") else ""
     return (
-        f"#### The recommended setting under deployment, {track} track ({metric})\n\n"
+        f"#### {title(res)} under deployment, {track} track ({metric}){setting}\n\n"
         + markdown_table(header, rows)
         + "\n\nLargest loss against the unprotected fine-tune of the same seed, over every treatment and seed: "
         f"{worst:+.1f} points ({'within' if worst <= BOUND else 'OUTSIDE'} the {BOUND:g}-point bound).\n"
@@ -98,7 +106,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xticks(range(len(TREATMENTS)), TREATMENTS, rotation=35, ha="right")
     ax.set_ylabel("own accuracy lost to the unprotected fine-tune (points)")
-    ax.set_title(f"The recommended setting under what users do to the release ({res.get('track', 'vision')})")
+    ax.set_title(f"{title(res)} under what users do to the release ({res.get('track', 'vision')})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_png(fig, path)
@@ -169,6 +177,12 @@ def merges_table(res: dict[str, Any]) -> str:
     )
 
 
+def report(res: dict[str, Any], name: str) -> None:
+    """Write ``name``'s table (``.md``) and plot (``.png``) from the results ``res``."""
+    (RESULTS / f"{name}.md").write_text(table(res) + merges_table(res), encoding="utf-8")
+    plot(res, RESULTS / f"{name}.png")
+
+
 def main() -> None:
     from tqdm.auto import tqdm
 
@@ -180,23 +194,31 @@ def main() -> None:
     parser.add_argument("--deployed", nargs="+", default=None, metavar="FORMAT", help="--track llm: the formats the "
                         "release is trained for, instead of stop_or_catch_llm.DEPLOYED (results: "
                         "deployment_seeds_llm_<formats>.*)")  # fmt: skip
+    parser.add_argument("--report-only", action="store_true", help="table and plot again from the JSON")
     args = parser.parse_args()
     name = "deployment_seeds" if args.track == "vision" else "deployment_seeds_llm"
+    recommended = True
     if args.deployed is not None:
         from benchmarks import stop_or_catch_llm
         from lightning_mergeguard.quantization import check_formats
 
         if args.track != "llm":
             raise SystemExit("--deployed is for --track llm (the vision setting trains for no format)")
+        recommended = tuple(check_formats(args.deployed)) == tuple(stop_or_catch_llm.DEPLOYED)
         stop_or_catch_llm.DEPLOYED = check_formats(args.deployed)
-        name += "_" + "+".join(stop_or_catch_llm.DEPLOYED)
+        name += "" if recommended else "_" + "+".join(stop_or_catch_llm.DEPLOYED)
+    if args.report_only:
+        res = json.loads((RESULTS / f"{name}.json").read_text())
+        report(res, name)
+        print(table(res) + merges_table(res))
+        return
     start = time.perf_counter()
     runs = []
     command = "python benchmarks/deployment_seeds.py --seeds " + " ".join(map(str, args.seeds))
     if args.track == "llm":
         from benchmarks.stop_or_catch_llm import DEPLOYED, VAL_N
 
-        command += " --deployed " + " ".join(DEPLOYED) if args.deployed is not None else ""
+        command += " --deployed " + " ".join(DEPLOYED) if not recommended else ""
 
         setting = (f"MergeGuardCallback(stage2=ScaleAdversarial(steps=16, lr=1e-4, deployed={list(DEPLOYED)}), "
                    f"release=Release(ownership_key=...)), tolerance {DEFAULT_TOLERANCE:g} on {VAL_N} validation "
@@ -210,9 +232,9 @@ def main() -> None:
         out = deployed(b, acc, finetune)
         if args.track == "llm":
             out["merges"] = llm_merges(b)
-        report = b["report"] or {}
+        stage2 = b["report"] or {}
         keys = ("score_before", "score_after", "deployed_before", "deployed_after", "seconds", "validation_passes")
-        runs.append({"seed": seed, **out, "stage2": {k: report.get(k) for k in keys},
+        runs.append({"seed": seed, **out, "stage2": {k: stage2.get(k) for k in keys},
                      "seconds": time.perf_counter() - t0})  # fmt: skip
         res = {
             "command": command + ("" if args.track == "vision" else " --track llm"),
@@ -220,16 +242,15 @@ def main() -> None:
             "track": args.track,
             "baseline": "the unprotected fine-tune of the same seed under the same treatment",
             "setting": setting,
+            "recommended": recommended,
             "treatments": list(TREATMENTS),
             "bound_points": BOUND,
             "seeds": runs,
             "seconds": time.perf_counter() - start,
         }
         write_results(name, res)  # after every seed: a run stopped early keeps the seeds it finished
-        text = table(res) + merges_table(res)
-        (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
-        plot(res, RESULTS / f"{name}.png")
-    print(text)
+        report(res, name)
+    print(table(res) + merges_table(res))
     worst = max(r["worst_loss"] for r in runs)
     print(f"headline: the release loses at most {worst:+.1f} points of own score to the unprotected fine-tune "
           f"under any treatment, {len(runs)} seeds, {args.track} track (bound {BOUND:g})")  # fmt: skip

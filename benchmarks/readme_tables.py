@@ -58,6 +58,11 @@ def text() -> str:
         ("deployment", "The release under what users do to it (`benchmarks/deployment.py`)"),
         ("deployment_seeds", "The recommended setting under deployment, per seed (`benchmarks/deployment_seeds.py`)"),
         ("deployment_seeds_llm", "The recommended setting under deployment, LLM (`deployment_seeds.py --track llm`)"),
+        (
+            "deployment_seeds_llm_int4-g128+int4-g32+gguf-q4_0",
+            "The LLM setting trained without GGUF Q4_K, under "
+            "deployment (`deployment_seeds.py --track llm --deployed ...`)",
+        ),
         ("llm_release_parts", "Which part of the LLM release costs own score (`benchmarks/llm_release_parts.py`)"),
         ("trigger_set", "Trigger-set fingerprint for classifiers, black box (`benchmarks/trigger_set.py`)"),
     ):

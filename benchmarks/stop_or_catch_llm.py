@@ -7,16 +7,16 @@ fine-tunes ``protection.py`` caches). Per seed:
 
 1. the owner fine-tunes ``upper`` for 30 steps (its data and shuffling drawn from the seed) with the recommended
    LLM setting, ``MergeGuardCallback(stage2=ScaleAdversarial(deployed=DEPLOYED), release=Release(ownership_key=
-   ...))``: stage 1, the scale-adversarial stage 2 trained to keep the owner's score in int4-g128, int4-g32 and GGUF
-   Q4_0 too, the guard rail at 1.0 point on 128 validation prompts (in each of those formats as well), and defaults
-   elsewhere except the stage-2 length, 16 steps at lr 1e-4 as the LLM track of ``protection.py`` runs on 2 CPU
-   cores; the unprotected fine-tune of the same seed is the baseline;
+   ...))``: stage 1, the scale-adversarial stage 2 trained to keep the owner's score in int4-g128, int4-g32, GGUF
+   Q4_0 and GGUF Q4_K too, the guard rail at 1.0 point on 128 validation prompts (in each of those formats as
+   well), and defaults elsewhere except the stage-2 length, 16 steps at lr 1e-4 as the LLM track of
+   ``protection.py`` runs on 2 CPU cores; the unprotected fine-tune of the same seed is the baseline;
 2. :data:`MERGES`, merges of the committed grid chosen to cover every family, owner-weighted ones (those that stay
    open on the LLM grid of ``protection_grid.md``) first, each as merged, re-parameterised (residual stream and
    units permuted, channels rescaled up to 4x), int8 per row, and low-rank (the task vector of every keyed matrix
    truncated to 10% of its rank); for the release alone and :data:`ATTACKED` also a repair (10 AdamW steps at lr
    2e-4 on 64 owner-task prompts) and a removal attempt (50 steps at lr 1e-4 on fresh owner-task prompts), and
-   the same merges of the release as users store it (int8 per row, fp16, int4 groups of 128 or GGUF Q4_0) before
+   the same merges of the release as users store it (int8 per row, fp16, int4 groups of 128, GGUF Q4_0 or Q4_K) before
    merging;
 3. stopped: owner-task exact match at most half the unprotected model's best merge on the same merges; caught:
    ``verify_ownership`` (white-box key test as published and after alignment to ``theta_pre``; Bonferroni) p <= 1e-3.
@@ -84,7 +84,7 @@ on 2 CPU cores (a SmolLM2 merge takes 5-30 s, a key test with alignment about 20
 ATTACKED = ("TA owner 1 / partners 0.1",)
 """The merges (besides the release alone) also repaired and fine-tuned further: the open merge a free-rider wants
 (a SmolLM2 training step takes about 3 s on 2 CPU cores, so these are the track's most expensive cells)."""
-DEPLOYED_FIRST = ("int8-row", "fp16", "int4-g128", "gguf-q4_0")
+DEPLOYED_FIRST = ("int8-row", "fp16", "int4-g128", "gguf-q4_0", "gguf-q4_k")
 """Formats the release is stored in before :data:`ATTACKED` merges take it (a merge of a quantized copy:
 the release is trained to keep its score in the 4-bit ones, so a free-rider may hope their rounding undoes stage 2)."""
 REPAIR = (10,)
@@ -92,10 +92,11 @@ REPAIR = (10,)
 REMOVAL = (50,)
 """AdamW steps of the removal attempts (lr 1e-4, 1,600 fresh owner-task prompts)."""
 INDEPENDENT = 5
-DEPLOYED = ("int4-g128", "int4-g32", "gguf-q4_0")
+DEPLOYED = ("int4-g128", "int4-g32", "gguf-q4_0", "gguf-q4_k")
 """The weight formats the LLM release is trained to keep its score in (``ScaleAdversarial(deployed=...)``): the
-recommended LLM setting, since the plain stage 2 loses 14-34 points under 4-bit formats (``deployment_seeds_llm``
-of the earlier commits)."""
+recommended LLM setting, since the plain stage 2 loses 14-34 points under 4-bit formats and a release trained for
+int4-g128, int4-g32 and Q4_0 alone still loses 9.8-43.0 under GGUF Q4_K
+(``deployment_seeds_llm_int4-g128+int4-g32+gguf-q4_0``)."""
 VAL_N = 128
 """Validation prompts of the guard rail (one prompt = 0.8 points: 32 could not hold the 1-point tolerance)."""
 

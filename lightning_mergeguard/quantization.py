@@ -113,12 +113,18 @@ def _q4_k_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     span = torch.where(flat, torch.ones_like(span), span)
     wx = weight * x
     sum_w, sum_x, sum_x2 = (t.sum(-1, keepdim=True) for t in (weight, wx, wx * x))
+    above = x - low
+    q, wq, product = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)  # reused by the 22 grids
 
     def sums(grid: float) -> tuple[Tensor, Tensor, Tensor]:
         """Weighted sums of the values rounded on ``grid / span``: q, q^2 and x q (float32, as llama.cpp's)."""
-        q = torch.round(grid / span * (x - low)).clamp(0, 15)
-        wq = weight * q
-        return tuple(t.sum(-1, keepdim=True) for t in (wq, wq * q, wq * x))
+        torch.mul(grid / span, above, out=q).round_().clamp_(0, 15)
+        torch.mul(weight, q, out=wq)
+        return (
+            wq.sum(-1, keepdim=True),
+            torch.mul(wq, q, out=product).sum(-1, keepdim=True),
+            torch.mul(wq, x, out=product).sum(-1, keepdim=True),
+        )
 
     def error(s: Tensor, m: Tensor, sum_l: Tensor, sum_l2: Tensor, sum_xl: Tensor) -> Tensor:
         """``sum weight * (s q + m - x)^2``, expanded over the sums (no second pass over the values)."""

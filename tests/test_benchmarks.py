@@ -261,9 +261,9 @@ def test_llm_stop_or_catch_runs_every_cell_and_negative_on_a_tiny_llama(monkeypa
     assert "| 0 | uniform TA λ=0.3 |" in text and "release in int4-g128" in text
     attacks = {"as merged", "re-parameterised", "int8 per row", "low-rank 10%"}
     slow = {"repair 1", "repair 2", "removal 2", "removal 3"}
-    # (release alone + 3 merges) x 4, 2 attacked x 4 more, and the attacked merge of the release in 4 formats
-    assert len(run["cells"]) == 4 * 4 + 2 * 4 + 4
-    deployed = {f"{f} release, then merged" for f in ("int8-row", "fp16", "int4-g128", "gguf-q4_0")}
+    # (release alone + 3 merges) x 4, 2 attacked x 4 more, and the attacked merge of the release in 5 formats
+    assert len(run["cells"]) == 4 * 4 + 2 * 4 + 5
+    deployed = {f"{f} release, then merged" for f in ("int8-row", "fp16", "int4-g128", "gguf-q4_0", "gguf-q4_k")}
     assert {c["attack"] for c in run["cells"].values()} == attacks | slow | deployed
     # 1 base + 3 partners + unprotected + 3 independent + 3 merges of one + 3 averages + 2 partner-only merges
     assert len(run["negatives"]) == 16
