@@ -29,7 +29,7 @@ fine-tunes ``protection.py`` caches). Per seed:
 
 Owner accuracy is exact match of greedy decoding on 64 held-out prompts (one prompt = 1.6 points).
 
-    python benchmarks/stop_or_catch_llm.py --seeds 0          # 28 minutes a seed on 2 CPU cores, ~15 more to build it
+    python benchmarks/stop_or_catch_llm.py --seeds 0          # 16 minutes a seed on 2 CPU cores, 10-15 more to build it
     python benchmarks/stop_or_catch_llm.py --seeds 1 --append  # add a seed to the committed results
     python benchmarks/stop_or_catch_llm.py --report-only      # table and plot again from the JSON
 
