@@ -298,11 +298,12 @@ def test_low_rank_attack_keeps_the_top_of_each_task_vector():
     assert float((kept - u @ v.T).norm() / (u @ v.T).norm()) < 1e-2
 
 
-def test_deployment_seeds_scores_both_models_under_every_treatment_with_the_tracks_finetune():
+def test_deployment_seeds_scores_both_models_under_every_treatment_and_its_table_names_the_setting():
     import torch
 
     sys.path.insert(0, str(ROOT))
     try:
+        from benchmarks import deployment_seeds
         from benchmarks.deployment_seeds import TREATMENTS, deployed
     finally:
         sys.path.remove(str(ROOT))
@@ -319,3 +320,8 @@ def test_deployment_seeds_scores_both_models_under_every_treatment_with_the_trac
     assert out["release"]["fp16"] == 0.0 and out["release"]["bf16"] == 100.0
     assert out["loss"]["fp16"] == 100.0 and out["worst_loss"] == 100.0
     assert sorted(tuned) == [(50, False), (50, False), (50, True), (50, True)]
+    res = {"seeds": [{"seed": 0, **out}], "track": "llm", "setting": "deployed=['int4-g128']"}
+    text = deployment_seeds.table(res)
+    assert text.startswith("#### The recommended setting") and "Setting: `deployed=['int4-g128']`." in text
+    assert "| fp16 | 100.0 → 0.0 | +100.0 |" in text and "OUTSIDE the 1-point bound" in text
+    assert deployment_seeds.table({**res, "recommended": False}).startswith("#### Another setting under deployment")
