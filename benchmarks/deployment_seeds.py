@@ -204,8 +204,9 @@ def main() -> None:
 
         if args.track != "llm":
             raise SystemExit("--deployed is for --track llm (the vision setting trains for no format)")
-        recommended = tuple(check_formats(args.deployed)) == tuple(stop_or_catch_llm.DEPLOYED)
-        stop_or_catch_llm.DEPLOYED = check_formats(args.deployed)
+        formats = tuple(check_formats(args.deployed))
+        recommended = formats == tuple(stop_or_catch_llm.DEPLOYED)
+        stop_or_catch_llm.DEPLOYED = formats
         name += "" if recommended else "_" + "+".join(stop_or_catch_llm.DEPLOYED)
     if args.report_only:
         res = json.loads((RESULTS / f"{name}.json").read_text())
