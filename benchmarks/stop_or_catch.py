@@ -40,6 +40,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,19 @@ def reparameterised(visual, state: State, seed: int) -> State:
     for i, g in enumerate(find_unit_groups(visual)):
         out = permute_units(out, g, draw_permutation(g.units, seed + 1 + i))
     return amplify_state(out, find_symmetries(visual), 4.0, seed=seed)
+
+
+def realigned(release: State, pre: State, partner: tuple[str, State], module) -> Iterator[tuple[str, State]]:
+    """``(attack, release)``: the release as an informed free-rider merges it, re-aligned to an anchor first.
+
+    ``align_to_base`` expresses it in the anchor's coordinates (stream and units permuted, symmetric scales matched
+    to the anchor's norms): what undoes a re-parameterised release, with ``theta_pre`` or any ``partner`` as the
+    anchor. Each alignment runs when its pair is taken. The LLM track (``stop_or_catch_llm.py``) runs these cells.
+    """
+    from lightning_mergeguard.ownership.alignment import align_to_base
+
+    for name, anchor in (("θ_pre", pre), (f"partner {partner[0]}", partner[1])):
+        yield f"release re-aligned to {name}, then merged", align_to_base(release, anchor, module)
 
 
 def low_rank(state: State, pre: State, names, keep: float = 0.1) -> State:
@@ -320,11 +334,24 @@ def plot(res: dict[str, Any], path: Path, track: str = "vision") -> None:
     fig, ax = plt.subplots(figsize=(10, 5))
     colors = {"as merged": "C0", "re-parameterised": "C1", "int8 per row": "C2", "low-rank 10%": "C3",
               "int8-row release, then merged": "C5", "fp16 release, then merged": "C6"}  # fmt: skip
-    present = {c["attack"] for run in res["seeds"] for c in run["cells"].values()}
+
+    def color(attack: str) -> tuple[str, str]:
+        """``(colour, legend label)`` of an attack."""
+        if attack in colors:
+            return colors[attack], attack
+        if attack.startswith("release re-aligned to θ_pre"):
+            return "C7", attack
+        if attack.startswith("release re-aligned"):
+            return "C8", "release re-aligned to a partner, then merged"
+        if attack.endswith("release, then merged"):
+            return "C9", "4-bit release, then merged"
+        return "C4", "repair / removal"
+
+    legend = dict(sorted({color(c["attack"]) for run in res["seeds"] for c in run["cells"].values()}))
     for run in res["seeds"]:
         for cell in run["cells"].values():
             y = min(-cell["log10_p"], 300)
-            ax.scatter(cell["ratio"], max(y, 0.01), s=10, color=colors.get(cell["attack"], "C4"), alpha=0.6)
+            ax.scatter(cell["ratio"], max(y, 0.01), s=10, color=color(cell["attack"])[0], alpha=0.6)
         for neg in run["negatives"].values():
             ax.scatter(0.02, max(-neg["log10_p"], 0.01), s=10, color="k", marker="x")
     ax.set_yscale("symlog", linthresh=1)
@@ -332,11 +359,8 @@ def plot(res: dict[str, Any], path: Path, track: str = "vision") -> None:
     ax.axvline(STOP, color="g", ls="--", lw=1)
     ax.text(STOP + 0.01, 0.3, "stopped ←", color="g")
     ax.text(0.05, 4, "caught ↑ (p ≤ 1e-3)", color="r")
-    for label, c in colors.items():
-        if label in present:
-            ax.scatter([], [], color=c, label=label)
-    if present - set(colors):
-        ax.scatter([], [], color="C4", label="repair / removal")
+    for c, label in legend.items():
+        ax.scatter([], [], color=c, label=label)
     ax.scatter([], [], color="k", marker="x", label="negatives (never derived)")
     ax.set_xlabel("owner-task accuracy / unprotected model's best merge")
     ax.set_ylabel("-log10 p (white-box key test; capped at 300)")

@@ -11,14 +11,17 @@ fine-tunes ``protection.py`` caches). Per seed:
    Q4_0 and GGUF Q4_K too, the guard rail at 1.0 point on 128 validation prompts (in each of those formats as
    well), and defaults elsewhere except the stage-2 length, 16 steps at lr 1e-4 as the LLM track of
    ``protection.py`` runs on 2 CPU cores; the unprotected fine-tune of the same seed is the baseline;
-2. :data:`MERGES`, merges of the committed grid chosen to cover every family, owner-weighted ones (those that stay
-   open on the LLM grid of ``protection_grid.md``) first, each as merged, re-parameterised (residual stream and
-   units permuted, channels rescaled up to 4x), int8 per row, and low-rank (the task vector of every keyed matrix
-   truncated to 10% of its rank); for the release alone and :data:`ATTACKED` also a repair (10 AdamW steps at lr
-   2e-4 on 64 owner-task prompts) and a removal attempt (50 steps at lr 1e-4 on fresh owner-task prompts), and
-   the same merges of the release as users store it (int8 per row, fp16, int4 groups of 128, GGUF Q4_0 or Q4_K) before
-   merging;
-3. stopped: owner-task exact match at most half the unprotected model's best merge on the same merges; caught:
+2. every merge of the committed grid (``benchmarks/_grid.py``, 118 merges on SmolLM2's 30 layers) of the release
+   with the partners, as merged and int8 per row; :data:`MERGES`, 14 of them chosen to cover every family
+   (owner-weighted ones, those that stay open on the LLM grid of ``protection_grid.md``, first), also
+   re-parameterised (residual stream and units permuted, channels rescaled up to 4x), low-rank (the task vector of
+   every keyed matrix truncated to 10% of its rank), and merged from the release re-aligned first to ``theta_pre``
+   and to a partner (``align_to_base``: what undoes a re-parameterised release); for the release alone and
+   :data:`ATTACKED` also a repair (10 and 50 AdamW steps at lr 2e-4 on 64 owner-task prompts) and a removal attempt
+   (50 and 200 steps at lr 1e-4 on fresh owner-task prompts), and the same merges of the release as users store it
+   (int8 per row, fp16, int4 groups of 128, GGUF Q4_0 or Q4_K) before merging;
+3. stopped: owner-task exact match at most half the unprotected model's best merge of the grid (the rest of the grid
+   is not scored once a merge of :data:`MERGES` reaches 100, the ceiling); caught:
    ``verify_ownership`` (white-box key test as published and after alignment to ``theta_pre``; Bonferroni) p <= 1e-3.
    To fit 2 cores, cells that were not re-parameterised get an upper bound of that p-value, twice the test as
    published (so a cell caught by the bound is caught by the full test); re-parameterised cells and every negative
@@ -29,9 +32,10 @@ fine-tunes ``protection.py`` caches). Per seed:
 
 Owner accuracy is exact match of greedy decoding on 64 held-out prompts (one prompt = 1.6 points).
 
-    python benchmarks/stop_or_catch_llm.py --seeds 0          # 16 minutes a seed on 2 CPU cores, 10-15 more to build it
-    python benchmarks/stop_or_catch_llm.py --seeds 1 --append  # add a seed to the committed results
-    python benchmarks/stop_or_catch_llm.py --report-only      # table and plot again from the JSON
+    python benchmarks/stop_or_catch_llm.py --seeds 0               # about 50 minutes a seed on 2 CPU cores (+15 build)
+    python benchmarks/stop_or_catch_llm.py --seeds 1 --append      # add a seed to the committed results
+    python benchmarks/stop_or_catch_llm.py --seeds 0 1 2 --extend  # keep the committed cells, run the ones they lack
+    python benchmarks/stop_or_catch_llm.py --report-only           # table and plot again from the JSON
 
 Writes ``benchmarks/results/stop_or_catch_llm.{json,md,png}``.
 """
@@ -47,7 +51,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +61,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import CACHE, RESULTS, environment, fit_lm, make_guard, write_results
 from benchmarks._grid import grid_configs, layer_count
-from benchmarks.stop_or_catch import ALPHA, STOP, reparameterised, report
+from benchmarks.stop_or_catch import ALPHA, STOP, realigned, reparameterised, report
 
 State = dict[str, Tensor]
 TASKS, OWNER = ("add", "reverse", "upper", "country"), "upper"
@@ -79,18 +83,27 @@ MERGES = (
     "DARE-TIES (study)",
     "SLERP with add",
 )
-"""The merges of the grid (``benchmarks/_grid.py`` labels) this track runs: the whole grid (121 merges) does not fit
-on 2 CPU cores (a SmolLM2 merge takes 5-30 s, a key test with alignment about 20 s)."""
+"""The representative merges of the grid (``benchmarks/_grid.py`` labels): every family, owner-weighted ones first.
+They get every attack; the rest of :data:`GRID` gets the cheap ones (:data:`GRID_ATTACKS`): on 2 CPU cores a
+re-parameterised cell (alignment and the full key test) takes about 25 s and a low-rank one about 10 s, so all four
+on all 118 merges would be over an hour a seed."""
+GRID: tuple[str, ...] | None = None
+"""The merges run as merged and in int8 (``None``: the whole grid, 118 merges on SmolLM2's 30 layers)."""
+GRID_ATTACKS = ("as merged", "int8 per row")
+"""The attacks every merge of :data:`GRID` gets (:data:`MERGES` get all of them)."""
 ATTACKED = ("TA owner 1 / partners 0.1",)
 """The merges (besides the release alone) also repaired and fine-tuned further: the open merge a free-rider wants
 (a SmolLM2 training step takes about 3 s on 2 CPU cores, so these are the track's most expensive cells)."""
 DEPLOYED_FIRST = ("int8-row", "fp16", "int4-g128", "gguf-q4_0", "gguf-q4_k")
 """Formats the release is stored in before :data:`ATTACKED` merges take it (a merge of a quantized copy:
 the release is trained to keep its score in the 4-bit ones, so a free-rider may hope their rounding undoes stage 2)."""
-REPAIR = (10,)
-"""AdamW steps of the repairs (lr 2e-4, 64 owner-task prompts)."""
-REMOVAL = (50,)
-"""AdamW steps of the removal attempts (lr 1e-4, 1,600 fresh owner-task prompts)."""
+REALIGN_PARTNER = "add"
+"""The partner a free-rider without ``theta_pre`` aligns the release to before merging (any partner works as the
+anchor that undoes a re-parameterisation)."""
+REPAIR = (10, 50)
+"""AdamW steps of the repairs (lr 2e-4, 64 owner-task prompts): one run, its weights taken after each count."""
+REMOVAL = (50, 200)
+"""AdamW steps of the removal attempts (lr 1e-4, 1,600 fresh owner-task prompts): one run, taken after each count."""
 INDEPENDENT = 5
 DEPLOYED = ("int4-g128", "int4-g32", "gguf-q4_0", "gguf-q4_k")
 """The weight formats the LLM release is trained to keep its score in (``ScaleAdversarial(deployed=...)``): the
@@ -147,6 +160,30 @@ def train(model, tok, state: State, rows, steps: int, lr: float, seed: int, call
     m.load_state_dict(state, strict=False)
     fit_lm(m, tok, rows, steps, lr, callbacks, val, max_length=32, seed=seed)
     return {k: v.detach().clone() for k, v in m.state_dict().items() if k != "lm_head.weight"}
+
+
+def train_snapshots(model, tok, state: State, rows, steps: tuple[int, ...], lr: float, seed: int) -> dict[int, State]:
+    """One :func:`train` run of ``max(steps)`` steps; ``{n: the state after n steps}`` for each of ``steps``.
+
+    The same as separate runs of each length (constant learning rate, the same seeded shuffling), at the cost of the
+    longest alone.
+    """
+    from lightning.pytorch.callbacks import Callback
+
+    taken: dict[int, State] = {}
+
+    class Snapshot(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step in steps:
+                taken[trainer.global_step] = {
+                    k: v.detach().clone() for k, v in pl_module.model.state_dict().items() if k != "lm_head.weight"
+                }
+
+    train(model, tok, state, rows, max(steps), lr, seed, [Snapshot()])
+    missing = sorted(set(steps) - set(taken))
+    if missing:
+        raise RuntimeError(f"training stopped before steps {missing}")
+    return taken
 
 
 def build(seed: int) -> dict[str, Any]:
@@ -268,7 +305,13 @@ def key_bound(state: State, pre: State, key) -> dict[str, Any]:
     return {"p": min(1.0, 2 * r.p_value), "log10_p": min(0.0, math.log10(2) + r.log10_p), "aligned": False}
 
 
-def run_seed(seed: int, bar) -> dict[str, Any]:
+def run_seed(seed: int, bar, done: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every cell and negative of ``seed``; ``done``: that seed's committed results, whose cells are kept.
+
+    With ``done``, only the cells, negatives and unprotected merges it lacks are computed (``--extend``), except
+    the repairs and removal attempts, which come from one run per merge and are all recomputed; a kept cell that
+    the run gives differently is reported.
+    """
     from lightning_mergeguard.demos.smollm2 import generate_task
     from lightning_mergeguard.merging import merge
     from lightning_mergeguard.ownership.verify import verify_ownership
@@ -279,6 +322,7 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
     model, tok, pre, partners = s["model"], s["tok"], s["pre"], s["partners"]
     b = build(seed)
     key = b["key"]
+    done = done or {}
 
     acc = owner_accuracy
 
@@ -294,17 +338,23 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
         return key_bound(state, pre, key)
 
     configs = grid_configs(OWNER, list(partners), LAMBDAS, layers=layer_count(pre))
-    missing = [m for m in MERGES if m not in configs]
+    labels = list(configs) if GRID is None else list(GRID)
+    missing = [m for m in (*MERGES, *labels) if m not in configs]
     if missing:
-        raise SystemExit(f"MERGES names merges the grid does not have: {missing}")
+        raise SystemExit(f"MERGES or GRID name merges the grid does not have: {missing}")
+    labels = [*MERGES, *(m for m in labels if m not in MERGES)]  # the representatives first
 
-    def grid(owner_state: State, labels=MERGES) -> Iterator[tuple[str, State]]:
-        return grid_merges(configs, partners, pre, owner_state, labels)
+    def grid(owner_state: State, which=MERGES) -> Iterator[tuple[str, State]]:
+        return grid_merges(configs, partners, pre, owner_state, which)
 
-    def on_owner(state: State, steps: int, lr: float, rows: int, data_seed: int) -> State:
-        return train(model, tok, state, generate_task(OWNER, rows, seed=data_seed), steps, lr, seed=7)
+    def on_owner(state: State, steps: tuple[int, ...], lr: float, rows: int, data_seed: int) -> dict[int, State]:
+        return train_snapshots(model, tok, state, generate_task(OWNER, rows, seed=data_seed), steps, lr, seed=7)
 
-    unprotected_grid = {label: acc(m) for label, m in grid(b["unprotected"])}
+    unprotected_grid = dict(done.get("unprotected_grid", {}))
+    for which in (MERGES, labels):  # the representatives first: once one scores 100, no merge can raise the best
+        if max(unprotected_grid.values(), default=0.0) < 100.0:
+            todo = [m for m in which if m not in unprotected_grid]
+            unprotected_grid.update({label: acc(m) for label, m in grid(b["unprotected"], todo)})
     best_label = max(unprotected_grid, key=unprotected_grid.get)
     best = unprotected_grid[best_label]
     treatments = {
@@ -313,33 +363,58 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
         "int8 per row": lambda m: treated_state(m, "int8-row"),
         "low-rank 10%": lambda m: low_rank(m, pre, key.names),
     }
-    expensive = {
-        **{f"repair {n}": functools.partial(on_owner, steps=n, lr=2e-4, rows=64, data_seed=500) for n in REPAIR},
-        **{f"removal {n}": functools.partial(on_owner, steps=n, lr=1e-4, rows=1600, data_seed=501) for n in REMOVAL},
+    expensive = {  # attack name prefix -> (the run's steps, its arguments)
+        "repair": (REPAIR, {"lr": 2e-4, "rows": 64, "data_seed": 500}),
+        "removal": (REMOVAL, {"lr": 1e-4, "rows": 1600, "data_seed": 501}),
     }
-    cells: dict[str, dict[str, Any]] = {}
-    for label, merged in itertools.chain([("release alone", b["release"])], grid(b["release"])):
-        chosen = {**treatments, **(expensive if label in ATTACKED or label == "release alone" else {})}
-        for how, fn in chosen.items():
-            state = fn(merged)
-            a = acc(state)
-            ratio = a / best if best > 0 else math.nan  # nothing to stop if no merge of the unprotected works
-            p = test(state, aligned=how == "re-parameterised")
-            cells[f"{label} | {how}"] = {"merge": label, "attack": how, "owner": a, "ratio": ratio, **p}
-            bar.update()
+    cells: dict[str, dict[str, Any]] = dict(done.get("cells", {}))
+
+    def cell(label: str, how: str, state: State, aligned: bool = False) -> None:
+        a = acc(state)
+        ratio = a / best if best > 0 else math.nan  # nothing to stop if no merge of the unprotected works
+        new = {"merge": label, "attack": how, "owner": a, "ratio": ratio, **test(state, aligned)}
+        old = cells.get(f"{label} | {how}")
+        if old is not None and old["owner"] != a:
+            print(f"seed {seed}, {label} | {how}: owner {old['owner']:.1f} committed, {a:.1f} now")
+        cells[f"{label} | {how}"] = new
+        bar.update()
+
+    release = [("release alone", b["release"])]
+    todo = [m for m in labels if any(f"{m} | {h}" not in cells for h in (treatments if m in MERGES else GRID_ATTACKS))]
+    for label, merged in itertools.chain(release, grid(b["release"], todo)):
+        chosen = treatments if label in MERGES or label == "release alone" else GRID_ATTACKS
+        for how in chosen:
+            if f"{label} | {how}" not in cells:
+                cell(label, how, treatments[how](merged), aligned=how == "re-parameterised")
+    for label, merged in itertools.chain(release, grid(b["release"], ATTACKED)):
+        for name, (steps, kwargs) in expensive.items():
+            if all(f"{label} | {name} {n}" in cells for n in steps) and done.get("attacks_in_one_run"):
+                continue
+            for n, state in on_owner(merged, steps, **kwargs).items():
+                cell(label, f"{name} {n}", state)
     # what users deploy is merged too: the release stored in int8 / fp16 first, then merged (its own cells)
     for fmt in DEPLOYED_FIRST:
+        if all(f"{label} | {fmt} release, then merged" in cells for label in ATTACKED):
+            continue
         for label, merged in grid(treated_state(b["release"], fmt), ATTACKED):
-            a = acc(merged)
-            how, ratio = f"{fmt} release, then merged", a / best if best > 0 else math.nan
-            cells[f"{label} | {how}"] = {"merge": label, "attack": how, "owner": a, "ratio": ratio}
-            cells[f"{label} | {how}"].update(test(merged, False))
-            bar.update()
-    negatives: dict[str, dict[str, Any]] = {}
+            cell(label, f"{fmt} release, then merged", merged)
+    # the informed free-rider undoes any re-parameterisation of the release first, then merges (stop_or_catch.realigned)
+    for how, aligned in realigned(b["release"], pre, (REALIGN_PARTNER, partners[REALIGN_PARTNER]), model):
+        todo = [m for m in ("release alone", *MERGES) if f"{m} | {how}" not in cells]
+        if not todo:
+            continue
+        if "release alone" in todo:
+            cell("release alone", how, aligned)
+        for label, merged in grid(aligned, [m for m in todo if m != "release alone"]):
+            cell(label, how, merged)
+    for c in cells.values():  # kept cells against the best of the grid as it is now
+        c["ratio"] = c["owner"] / best if best > 0 else math.nan
+    negatives: dict[str, dict[str, Any]] = dict(done.get("negatives", {}))
 
-    def negative(name: str, state: State) -> None:
-        negatives[name] = test(state)
-        bar.update()
+    def negative(name: str, state: State | Callable[[], State]) -> None:
+        if name not in negatives:
+            negatives[name] = test(state() if callable(state) else state)
+            bar.update()
 
     negative("theta_pre", pre)
     for t, p in partners.items():
@@ -348,15 +423,17 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
     indep = {k: independent(k) for k in range(INDEPENDENT)}
     for k, st in indep.items():
         negative(f"independent fine-tune {k}", st)
-    for label, merged in grid(indep[0]):
-        negative(f"{label} (independent fine-tune 0 as owner)", merged)
+    as_owner = "{} (independent fine-tune 0 as owner)"
+    for label, merged in grid(indep[0], [m for m in MERGES if as_owner.format(m) not in negatives]):
+        negative(as_owner.format(label), merged)
     for k1, k2 in itertools.combinations(range(min(4, INDEPENDENT)), 2):
-        negative(f"average of independent fine-tunes {k1}, {k2}", {n: (indep[k1][n] + indep[k2][n]) / 2 for n in pre})
+        negative(f"average of independent fine-tunes {k1}, {k2}",
+                 functools.partial(lambda a, b: {n: (a[n] + b[n]) / 2 for n in pre}, indep[k1], indep[k2]))  # fmt: skip
     names = list(partners)
     for lam in LAMBDAS:
         cfg = {"merge_method": "task_arithmetic", "base_model": "pre", "parameters": {"lambda": lam},
                "models": [{"model": n, "parameters": {"weight": 1.0}} for n in names]}  # fmt: skip
-        negative(f"partners alone, TA λ={lam:g}", merge(cfg, partners, pre, check_base=False))
+        negative(f"partners alone, TA λ={lam:g}", functools.partial(merge, cfg, partners, pre, check_base=False))
     report_ = b["report"] or {}
     return {
         "seed": seed,
@@ -375,7 +452,8 @@ def run_seed(seed: int, bar) -> dict[str, Any]:
         "unprotected_grid": unprotected_grid,
         "cells": cells,
         "negatives": negatives,
-        "seconds": time.perf_counter() - t0,
+        "attacks_in_one_run": True,
+        "seconds": time.perf_counter() - t0 + done.get("seconds", 0.0),
     }
 
 
@@ -385,6 +463,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (0)")
     parser.add_argument("--append", action="store_true", help="add these seeds to the committed results file")
+    parser.add_argument("--extend", action="store_true",
+                        help="keep the committed cells of these seeds and run only the ones they lack")  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")
     args = parser.parse_args()
     name = "stop_or_catch_llm"
@@ -393,27 +473,32 @@ def main() -> None:
         report(json.loads(path.read_text()), name, track="LLM")
         return
     start = time.perf_counter()
-    old = json.loads(path.read_text()) if args.append and path.is_file() else None
-    runs = [r for r in (old or {}).get("seeds", []) if r["seed"] not in args.seeds]
-    with tqdm(desc="stop or catch (LLM)", unit="cell") as bar:
-        for seed in args.seeds:
-            runs.append(run_seed(seed, bar))
+    old = json.loads(path.read_text()) if (args.append or args.extend) and path.is_file() else None
+    kept = {r["seed"]: r for r in (old or {}).get("seeds", [])}
+    runs = dict(kept)  # a seed run again replaces its committed results once it is done
     command = "python benchmarks/stop_or_catch_llm.py --seeds " + " ".join(map(str, args.seeds))
-    res = {
-        "command": command if old is None else f"{old['command']}; {command} --append",
-        "environment": environment(),
-        "baseline": "the unprotected fine-tune of the same seed: its best merge on the same merges (stopped = owner "
-        "exact match at most 0.5x that); negatives: models never derived from the release",
-        "setting": f"MergeGuardCallback(stage2=ScaleAdversarial(steps={STAGE2_STEPS}, lr=1e-4, deployed="
-        f"{list(DEPLOYED)}), release=Release(ownership_key=...)), guard rail on {VAL_N} validation prompts",
-        "alpha": ALPHA,
-        "stop": STOP,
-        "tolerance": 1.0,
-        "merges": list(MERGES),
-        "seeds": sorted(runs, key=lambda r: r["seed"]),
-        "seconds": time.perf_counter() - start + (old or {}).get("seconds", 0.0),
-    }
-    write_results(name, res)
+    flag = " --extend" if args.extend else " --append"
+    res: dict[str, Any] = {}
+    with tqdm(desc="stop or catch (LLM)", unit="cell") as bar:
+        for seed in args.seeds:  # written after each seed: a long run keeps what it finished
+            runs[seed] = run_seed(seed, bar, kept.get(seed) if args.extend else None)
+            res = {
+                "command": command if old is None else f"{old['command']}; {command}{flag}",
+                "environment": environment(),
+                "baseline": "the unprotected fine-tune of the same seed: its best merge on the same merges (stopped = "
+                "owner exact match at most 0.5x that); negatives: models never derived from the release",
+                "setting": f"MergeGuardCallback(stage2=ScaleAdversarial(steps={STAGE2_STEPS}, lr=1e-4, deployed="
+                f"{list(DEPLOYED)}), release=Release(ownership_key=...)), guard rail on {VAL_N} validation prompts",
+                "alpha": ALPHA,
+                "stop": STOP,
+                "tolerance": 1.0,
+                "merges": list(MERGES),
+                "grid": "every merge of the grid" if GRID is None else list(GRID),
+                "grid_attacks": list(GRID_ATTACKS),
+                "seeds": [runs[k] for k in sorted(runs)],
+                "seconds": time.perf_counter() - start + (old or {}).get("seconds", 0.0),
+            }
+            write_results(name, res)
     report(res, name, track="LLM")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -218,6 +219,8 @@ def test_llm_stop_or_catch_runs_every_cell_and_negative_on_a_tiny_llama(monkeypa
     """The LLM track end to end on a tiny Llama: each merge under each attack, the negatives, the table."""
     from types import SimpleNamespace
 
+    import torch
+
     from tests._helpers import make_byte_tokenizer, perturbed_state_dict, tiny_llama
 
     sys.path.insert(0, str(ROOT))
@@ -241,6 +244,7 @@ def test_llm_stop_or_catch_runs_every_cell_and_negative_on_a_tiny_llama(monkeypa
     monkeypatch.setattr(llm, "INDEPENDENT", 3)
     monkeypatch.setattr(llm, "VAL_N", 8)
     monkeypatch.setattr(llm, "MERGES", ("TA owner 1 / partners 0.1", "uniform TA λ=0.3", "WA with add"))
+    monkeypatch.setattr(llm, "GRID", ("WA with add", "TIES owner 2x"))  # one more merge, as merged and in int8
     monkeypatch.setattr(llm, "ATTACKED", ("TA owner 1 / partners 0.1",))
     monkeypatch.setattr(llm, "REPAIR", (1, 2))
     monkeypatch.setattr(llm, "REMOVAL", (2, 3))
@@ -261,10 +265,17 @@ def test_llm_stop_or_catch_runs_every_cell_and_negative_on_a_tiny_llama(monkeypa
     assert "| 0 | uniform TA λ=0.3 |" in text and "release in int4-g128" in text
     attacks = {"as merged", "re-parameterised", "int8 per row", "low-rank 10%"}
     slow = {"repair 1", "repair 2", "removal 2", "removal 3"}
-    # (release alone + 3 merges) x 4, 2 attacked x 4 more, and the attacked merge of the release in 5 formats
-    assert len(run["cells"]) == 4 * 4 + 2 * 4 + 5
+    # (release alone + 3 merges) x 4, 1 grid merge x 2, 2 attacked x 4 more, the attacked merge of 5 formats,
+    # the release and 3 merges of it after it is re-aligned to theta_pre and to a partner
+    assert len(run["cells"]) == 4 * 4 + 2 + 2 * 4 + 5 + 2 * 4
+    realigned = {f"release re-aligned to {a}, then merged" for a in ("θ_pre", f"partner {llm.REALIGN_PARTNER}")}
+    for how in realigned:  # aligning the release changes none of its outputs
+        assert run["cells"][f"release alone | {how}"]["owner"] == run["cells"]["release alone | as merged"]["owner"]
+    assert {c["attack"] for c in run["cells"].values() if c["merge"] == "TIES owner 2x"} == set(llm.GRID_ATTACKS)
+    scored = set(run["unprotected_grid"])  # the whole grid, unless a representative reached the ceiling
+    assert set(llm.MERGES) <= scored and (scored == set(llm.MERGES) | set(llm.GRID) or run["unprotected_best"] == 100)
     deployed = {f"{f} release, then merged" for f in ("int8-row", "fp16", "int4-g128", "gguf-q4_0", "gguf-q4_k")}
-    assert {c["attack"] for c in run["cells"].values()} == attacks | slow | deployed
+    assert {c["attack"] for c in run["cells"].values()} == attacks | slow | deployed | realigned
     # 1 base + 3 partners + unprotected + 3 independent + 3 merges of one + 3 averages + 2 partner-only merges
     assert len(run["negatives"]) == 16
     assert all(0.0 <= c["p"] <= 1.0 and math.isfinite(c["log10_p"]) for c in run["cells"].values())
@@ -276,6 +287,23 @@ def test_llm_stop_or_catch_runs_every_cell_and_negative_on_a_tiny_llama(monkeypa
     assert run["stage2"]["steps_run"] >= 2 and set(run["stage2"]["deployed_after"]) == set(llm.DEPLOYED)
     trained = sorted(p.name for p in (tmp_path / "cache" / "stop-or-catch-llm").glob("independent-*"))
     assert trained == [f"independent-{k}-2-{llm.LR}.safetensors" for k in range(3)]  # shared by the seeds: once
+    # the repairs come from one run, its weights taken after 1 and 2 steps: the 1-step cell is a 1-step run
+    rows = generate_task("upper", 64, seed=500)
+    one = llm.train(parts["model"], parts["tok"], llm.build(0)["release"], rows, 1, 2e-4, seed=7)
+    assert run["cells"]["release alone | repair 1"]["owner"] == llm.owner_accuracy(one)
+    taken = llm.train_snapshots(parts["model"], parts["tok"], llm.build(0)["release"], rows, (1, 2), 2e-4, 7)
+    assert sorted(taken) == [1, 2] and all(torch.equal(taken[1][k], v) for k, v in one.items())
+    assert not all(torch.equal(taken[2][k], v) for k, v in one.items())
+    # --extend: a seed's kept cells stay; what it lacks is computed, the same as a full run computes it
+    lacking = copy.deepcopy(run)
+    del lacking["cells"]["TIES owner 2x | int8 per row"], lacking["negatives"]["partner add"]
+    lacking["unprotected_grid"].pop("TIES owner 2x")
+    lacking["cells"]["WA with add | as merged"]["owner"] = -1.0  # a kept cell is not recomputed
+    extended = llm.run_seed(0, bar, lacking)
+    assert extended["cells"].keys() == run["cells"].keys() and extended["negatives"].keys() == run["negatives"].keys()
+    assert extended["cells"]["TIES owner 2x | int8 per row"] == run["cells"]["TIES owner 2x | int8 per row"]
+    assert extended["negatives"]["partner add"] == run["negatives"]["partner add"]
+    assert extended["cells"]["WA with add | as merged"]["owner"] == -1.0
     stop_or_catch.report({"seeds": [run], "tolerance": 1.0}, "llm_smoke", track="LLM")
     assert "LLM track" in (tmp_path / "llm_smoke.md").read_text() and (tmp_path / "llm_smoke.png").is_file()
 
