@@ -308,9 +308,9 @@ def key_bound(state: State, pre: State, key) -> dict[str, Any]:
 def run_seed(seed: int, bar, done: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every cell and negative of ``seed``; ``done``: that seed's committed results, whose cells are kept.
 
-    With ``done``, only the cells, negatives and unprotected merges it lacks are computed (``--extend``), except
-    the repairs and removal attempts, which come from one run per merge and are all recomputed; a kept cell that
-    the run gives differently is reported.
+    With ``done``, only the cells, negatives and unprotected merges it lacks are computed (``--extend``). The repairs
+    and removal attempts of a merge come from one run, so they are all recomputed unless ``done`` already took them
+    that way (``attacks_in_one_run``); a kept cell that the run gives differently is reported.
     """
     from lightning_mergeguard.demos.smollm2 import generate_task
     from lightning_mergeguard.merging import merge
@@ -371,8 +371,7 @@ def run_seed(seed: int, bar, done: dict[str, Any] | None = None) -> dict[str, An
 
     def cell(label: str, how: str, state: State, aligned: bool = False) -> None:
         a = acc(state)
-        ratio = a / best if best > 0 else math.nan  # nothing to stop if no merge of the unprotected works
-        new = {"merge": label, "attack": how, "owner": a, "ratio": ratio, **test(state, aligned)}
+        new = {"merge": label, "attack": how, "owner": a, **test(state, aligned)}  # its ratio: below, with the rest
         old = cells.get(f"{label} | {how}")
         if old is not None and old["owner"] != a:
             print(f"seed {seed}, {label} | {how}: owner {old['owner']:.1f} committed, {a:.1f} now")
@@ -407,8 +406,8 @@ def run_seed(seed: int, bar, done: dict[str, Any] | None = None) -> dict[str, An
             cell("release alone", how, aligned)
         for label, merged in grid(aligned, [m for m in todo if m != "release alone"]):
             cell(label, how, merged)
-    for c in cells.values():  # kept cells against the best of the grid as it is now
-        c["ratio"] = c["owner"] / best if best > 0 else math.nan
+    for c in cells.values():  # every cell, kept ones too, against the best of the grid as it is now
+        c["ratio"] = c["owner"] / best if best > 0 else math.nan  # nothing to stop if no merge of it works
     negatives: dict[str, dict[str, Any]] = dict(done.get("negatives", {}))
 
     def negative(name: str, state: State | Callable[[], State]) -> None:
