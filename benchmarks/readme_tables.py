@@ -53,7 +53,6 @@ def text() -> str:
     out: list[str] = []
     for name, title in (
         ("stop_or_catch", "Stop or catch: every merge is stopped or traced (`benchmarks/stop_or_catch.py`)"),
-        ("stop_or_catch_tolerance1", "Stop or catch at today's default guard rail of 1 point (`--tolerance 1`)"),
         ("stop_or_catch_llm", "Stop or catch, LLM track (`benchmarks/stop_or_catch_llm.py`)"),
         ("deployment", "The release under what users do to it (`benchmarks/deployment.py`)"),
         ("deployment_seeds", "The recommended setting under deployment, per seed (`benchmarks/deployment_seeds.py`)"),

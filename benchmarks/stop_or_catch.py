@@ -4,16 +4,17 @@ Vision track (the open_clip ViT of ``benchmarks/protection.py``: pre-trained her
 ``mnist``, partners ``mnist_rot90``, ``mnist_invert``, ``mnist_hflip``, ``digits``), per seed:
 
 1. the owner fine-tunes with ``MergeGuardCallback(ownership_key=...)``: the default stage 2 (scale-adversarial, at
-   the guard-rail tolerance of 1.5 points that was the default when the committed results were measured), then the
-   secret key (``lightning_mergeguard.ownership.weight_key``); the unprotected fine-tune of the same
-   seed is the baseline;
+   the callback's default guard-rail tolerance of 1 point), then the secret key
+   (``lightning_mergeguard.ownership.weight_key``); the unprotected fine-tune of the same seed is the baseline;
 2. every merge of the committed grid (``benchmarks/_grid.py``: task arithmetic, TIES, DARE, DELLA, Model Stock,
    SCE, Karcher, RAM, Multi-SLERP, NuSLERP, NearSwap, near copies, layer-wise merges...) of the protected release
    with the four partners (none of which stage 2 saw), each also after what a free-rider does to hide or repair it:
    re-parameterised (residual stream and units permuted, channels rescaled up to 4x: the same function), int8
    per-row quantization, a low-rank truncation of the task vector (10% of the rank: the attack on the key's dense
-   part), and for the merges named in ``ATTACKED`` a repair (10 and 50 AdamW steps on 64 owner images) and a removal
-   attempt (50 and 200 steps on the owner's clean training data);
+   part), Gaussian noise (2x to 6x each tensor's task-vector RMS: drowning the key), merged from the release
+   re-aligned first to theta_pre or to a partner (``align_to_base``: the informed free-rider's un-hiding step), and
+   for the merges named in ``ATTACKED`` (every merge with ``--repair-every-merge``) a repair (10 and 50 AdamW steps
+   on 64 owner images) and a removal attempt (50 and 200 steps on the owner's clean training data);
 3. a cell is **stopped** when its owner-task accuracy is at most half the unprotected model's best merge, **caught**
    when ``verify_ownership`` (white-box key test, as published and aligned to theta_pre; Bonferroni) gives
    p <= 1e-3;
@@ -23,10 +24,11 @@ Vision track (the open_clip ViT of ``benchmarks/protection.py``: pre-trained her
 
     python benchmarks/stop_or_catch.py                       # seeds 0 1 2, about an hour on 2 CPU cores
     python benchmarks/stop_or_catch.py --seeds 1 2 --append  # add seeds to the committed results
+    python benchmarks/stop_or_catch.py --seeds 0 --extend --repair-every-merge  # add cells to a committed seed
     python benchmarks/stop_or_catch.py --report-only         # table and plot again from the JSON
-    python benchmarks/stop_or_catch.py --seeds 0 --tolerance 1.0  # at today's default guard rail
 
-Writes ``benchmarks/results/stop_or_catch.{json,md,png}`` (``stop_or_catch_tolerance<T>.*`` with ``--tolerance``).
+Writes ``benchmarks/results/stop_or_catch.{json,md,png}`` (``stop_or_catch_tolerance<T>.*`` with another
+``--tolerance``). The fine-tunes of a seed are cached under ``.cache/stop-or-catch/``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import (
+    CACHE,
     MEASURED_TOLERANCE,
     RESULTS,
     environment,
@@ -58,6 +61,7 @@ from benchmarks._common import (
     write_results,
 )
 from benchmarks._grid import grid_configs, layer_count
+from lightning_mergeguard.protection.stage2.base import DEFAULT_TOLERANCE
 
 State = dict[str, Tensor]
 OWNER = "mnist"
@@ -75,6 +79,10 @@ ATTACKED = (
     "Multi-SLERP owner 0.8",
 )
 INDEPENDENT = 5
+REPAIR, REMOVAL = (10, 50), (50, 200)  # steps; each pair from one run (train_on_owner)
+NOISE = (2, 4, 5, 6)  # Gaussian noise, times each tensor's task-vector RMS: from barely felt to the release stopped
+REALIGN_PARTNER = "mnist_hflip"  # the partner a free-rider re-aligns the release to (theta_pre is the other anchor)
+GRID: tuple[str, ...] | None = None  # the merges of the grid to run (None: all; the smoke test runs a few)
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,31 +97,56 @@ def shared() -> tuple[Any, Any, State, dict[str, State]]:
     return visual, heads, pre, partners
 
 
-def build(seed: int, tolerance: float = MEASURED_TOLERANCE) -> dict[str, Any]:
-    """The shared models, and the owner's unprotected and protected fine-tunes (``seed``).
+def cached_owner_models(folder: Path, make: Callable[[Path], tuple[State, State, dict]], what: str) -> dict[str, Any]:
+    """A seed's ``unprotected`` fine-tune, ``release``, its ``key`` and the callback's ``report``, cached in ``folder``.
 
-    ``tolerance``: the guard rail's (the committed results were measured at 1.5, the callback's default then).
+    ``make(key_file)`` trains them (the callback writing the key to ``key_file``) and returns ``(unprotected,
+    release, report)``; it runs only when ``folder`` lacks a file. ``what`` names the model for the key's names
+    (``"backbone.x"`` or ``"model.x"`` -> ``"x"``).
     """
-    from lightning_mergeguard.demos.vision_tasks import finetune_vit_task
+    from safetensors.torch import load_file
+
+    from lightning_mergeguard.io import atomic_write_json, save_safetensors
     from lightning_mergeguard.ownership.weight_key import WeightKey
 
-    visual, heads, pre, partners = shared()
-    unprotected = finetune_vit_task(visual, heads, OWNER, epochs=EPOCHS, seed=100 + seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        key_file = Path(tmp) / "owner.key"
-        guard = make_guard(progress=False, steps=STAGE2_STEPS, tolerance=tolerance, ownership_key=str(key_file))
-        release = finetune_vit_task(visual, heads, OWNER, callbacks=[guard], epochs=EPOCHS, seed=100 + seed)
-        key = WeightKey.load(key_file).matched_to(release.keys(), what="the tower")  # "backbone.x" -> "x"
+    files = {n: folder / f"{n}.safetensors" for n in ("unprotected", "release")}
+    if not all(f.is_file() for f in (*files.values(), folder / "owner.key", folder / "report.json")):
+        with tempfile.TemporaryDirectory() as tmp:
+            key_file = Path(tmp) / "owner.key"
+            unprotected, release, report = make(key_file)
+            folder.mkdir(parents=True, exist_ok=True)
+            WeightKey.load(key_file).save(folder / "owner.key")
+        for name, state in (("unprotected", unprotected), ("release", release)):
+            save_safetensors(files[name], {k: v.contiguous() for k, v in state.items()})
+        atomic_write_json(folder / "report.json", json.loads(json.dumps(report, default=str)))
+    unprotected, release = (load_file(files[n]) for n in ("unprotected", "release"))
     return {
-        "visual": visual,
-        "heads": heads,
-        "pre": pre,
-        "partners": partners,
         "unprotected": unprotected,
         "release": release,
-        "key": key,
-        "report": guard.report,
+        "key": WeightKey.load(folder / "owner.key").matched_to(release.keys(), what=what),
+        "report": json.loads((folder / "report.json").read_text()),
     }
+
+
+def build(seed: int, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+    """The shared models, and the owner's unprotected and protected fine-tunes (``seed``).
+
+    The two fine-tunes, the key and the callback's report are cached under
+    ``.cache/stop-or-catch/tolerance<T>-epochs<E>-stage2-<S>-seed<seed>/`` (``--extend`` reuses them).
+    """
+    from lightning_mergeguard.demos.vision_tasks import finetune_vit_task
+
+    visual, heads, pre, partners = shared()
+
+    def make(key_file: Path) -> tuple[State, State, dict]:
+        unprotected = finetune_vit_task(visual, heads, OWNER, epochs=EPOCHS, seed=100 + seed)
+        guard = make_guard(progress=False, steps=STAGE2_STEPS, tolerance=tolerance, ownership_key=str(key_file))
+        release = finetune_vit_task(visual, heads, OWNER, callbacks=[guard], epochs=EPOCHS, seed=100 + seed)
+        return unprotected, release, guard.report
+
+    folder = CACHE / "stop-or-catch" / f"tolerance{tolerance:g}-epochs{EPOCHS}-stage2-{STAGE2_STEPS}-seed{seed}"
+    return {"visual": visual, "heads": heads, "pre": pre, "partners": partners,
+            **cached_owner_models(folder, make, what="the tower")}  # fmt: skip
 
 
 def independent_finetune(visual, heads, k: int, steps: int = 280) -> State:
@@ -132,8 +165,15 @@ def independent_finetune(visual, heads, k: int, steps: int = 280) -> State:
     return {k2: v.detach().clone() for k2, v in model.state_dict().items()}
 
 
-def train_on_owner(visual, heads, state: State, steps: int, lr: float, examples: int | None) -> State:
-    """AdamW on the owner's training images: a repair (64 images) or a removal attempt (all of them)."""
+def train_on_owner(
+    visual, heads, state: State, steps: tuple[int, ...], lr: float, examples: int | None
+) -> dict[int, State]:
+    """AdamW on the owner's training images, a repair (64 images) or a removal attempt (all of them, batches of 64).
+
+    One run of ``max(steps)`` steps; returns its weights after each of ``steps``. Nothing depends on the run's length
+    (constant lr, batches drawn in order from one seeded generator), so the weights after ``n`` steps are those of an
+    ``n``-step run.
+    """
     from lightning_mergeguard.demos.vision_tasks import image_task_data
 
     torch.manual_seed(7)
@@ -143,12 +183,15 @@ def train_on_owner(visual, heads, state: State, steps: int, lr: float, examples:
     if examples is not None:
         x, y = x[:examples], y[:examples]
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    for _ in range(steps):
+    taken: dict[int, State] = {}
+    for step in range(1, max(steps) + 1):
         idx = torch.randint(0, len(y), (64,)) if examples is None else torch.arange(len(y))
         opt.zero_grad()
         torch.nn.functional.cross_entropy(heads[OWNER](model(x[idx])), y[idx]).backward()
         opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if step in steps:
+            taken[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return taken
 
 
 def reparameterised(visual, state: State, seed: int) -> State:
@@ -181,6 +224,22 @@ def realigned(release: State, pre: State, partner: tuple[str, State], module) ->
         yield f"release re-aligned to {name}, then merged", align_to_base(release, anchor, module)
 
 
+def noised(state: State, pre: State, scale: float, seed: int) -> State:
+    """Gaussian noise added to every floating tensor, ``scale`` times the RMS of its task vector (``state - pre``).
+
+    What a free-rider adds to drown a watermark: the key's statistic sees the noise as variance.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, w in state.items():
+        if not w.is_floating_point() or w.ndim == 0:
+            out[n] = w
+            continue
+        rms = (w.float() - pre[n].float()).square().mean().sqrt()
+        out[n] = w + (scale * rms * torch.randn(w.shape, generator=gen)).to(w.device, w.dtype)
+    return out
+
+
 def low_rank(state: State, pre: State, names, keep: float = 0.1) -> State:
     """The task vector of every keyed matrix truncated to ``keep`` of its rank (SVD)."""
     out = dict(state)
@@ -192,7 +251,19 @@ def low_rank(state: State, pre: State, names, keep: float = 0.1) -> State:
     return out
 
 
-def run_seed(seed: int, bar, tolerance: float = MEASURED_TOLERANCE) -> dict[str, Any]:
+def run_seed(
+    seed: int,
+    bar,
+    tolerance: float = DEFAULT_TOLERANCE,
+    done: dict[str, Any] | None = None,
+    attacked: tuple[str, ...] | None = ATTACKED,
+) -> dict[str, Any]:
+    """Every cell and negative of ``seed``; ``done``: that seed's committed results, whose cells are kept.
+
+    With ``done``, only the cells, negatives and unprotected merges it lacks are computed (``--extend``); a kept
+    cell is not recomputed. ``attacked``: the merges that are also repaired and fine-tuned further (``None``: every
+    merge of the grid).
+    """
     from lightning_mergeguard.demos.vision_tasks import vit_task_accuracy
     from lightning_mergeguard.merging import merge
     from lightning_mergeguard.ownership.verify import verify_ownership
@@ -202,6 +273,7 @@ def run_seed(seed: int, bar, tolerance: float = MEASURED_TOLERANCE) -> dict[str,
     b = build(seed, tolerance)
     visual, heads, pre, key = b["visual"], b["heads"], b["pre"], b["key"]
     partners = b["partners"]
+    done = done or {}
 
     def acc(state: State) -> float:
         return vit_task_accuracy(visual, heads, state, OWNER)
@@ -210,71 +282,111 @@ def run_seed(seed: int, bar, tolerance: float = MEASURED_TOLERANCE) -> dict[str,
         v = verify_ownership(state, pre, key, module=visual, alpha=ALPHA, check_base=False)
         return {"p": v.p_value, "log10_p": v.log10_p}
 
-    def grid(owner_state: State) -> dict[str, tuple[State, list[str]]]:
+    configs = grid_configs(OWNER, list(partners), LAMBDAS, layers=layer_count(pre))
+    labels = list(configs) if GRID is None else list(GRID)
+    attacked = tuple(labels) if attacked is None else attacked
+    missing = [m for m in attacked if m not in configs]
+    if missing:
+        raise SystemExit(f"ATTACKED names merges the grid does not have: {missing}")
+
+    def grid(owner_state: State, which) -> Iterator[tuple[str, State]]:
+        """``(label, merge)`` of ``owner_state`` with the partners, one merge at a time, for each of ``which``."""
         states = {**partners, OWNER: owner_state}
-        configs = grid_configs(OWNER, list(partners), LAMBDAS, layers=layer_count(owner_state))
-        out = {}
-        for label, (cfg, used) in configs.items():
+        for label in which:
+            cfg, used = configs[label]
             base = pre if cfg.get("base_model") == "pre" else None
-            out[label] = merge(cfg, {n: states[n] for n in {OWNER, *used}}, base, seed=0, check_base=False)
-        return out
+            yield label, merge(cfg, {n: states[n] for n in {OWNER, *used}}, base, seed=0, check_base=False)
 
     # the unprotected model's best merge: the denominator of "stopped"
-    unprotected_grid = {label: acc(s) for label, s in grid(b["unprotected"]).items()}
+    unprotected_grid = dict(done.get("unprotected_grid", {}))
+    todo = [m for m in labels if m not in unprotected_grid]
+    unprotected_grid.update({label: acc(s) for label, s in grid(b["unprotected"], todo)})
     best_label = max(unprotected_grid, key=unprotected_grid.get)
     best = unprotected_grid[best_label]
-    cells: dict[str, dict[str, Any]] = {}
+    cells: dict[str, dict[str, Any]] = dict(done.get("cells", {}))
+
+    def cell(label: str, how: str, state: State) -> None:
+        a = acc(state)
+        cells[f"{label} | {how}"] = {"merge": label, "attack": how, "owner": a, **test(state)}  # ratio: below
+        bar.update()
+
     treatments = {
         "as merged": lambda s: s,
         "re-parameterised": lambda s: reparameterised(visual, s, seed),
         "int8 per row": lambda s: treated_state(s, "int8-row"),
         "low-rank 10%": lambda s: low_rank(s, pre, key.names),
+        **{f"noise {k}x task vector": lambda s, k=k: noised(s, pre, k, seed) for k in NOISE},
     }
-    expensive = {
-        "repair 10": lambda s: train_on_owner(visual, heads, s, 10, 5e-4, 64),
-        "repair 50": lambda s: train_on_owner(visual, heads, s, 50, 5e-4, 64),
-        "removal 50": lambda s: train_on_owner(visual, heads, s, 50, 1e-4, None),
-        "removal 200": lambda s: train_on_owner(visual, heads, s, 200, 1e-4, None),
+    expensive = {  # attack name -> (the run's steps, lr, owner images; None: all, in batches of 64)
+        "repair": (REPAIR, 5e-4, 64),
+        "removal": (REMOVAL, 1e-4, None),
     }
-    merges = {"release alone": b["release"], **grid(b["release"])}
-    for label, merged in merges.items():
-        chosen = {**treatments, **(expensive if label in ATTACKED or label == "release alone" else {})}
-        for how, fn in chosen.items():
-            state = fn(merged)
-            a = acc(state)
-            cells[f"{label} | {how}"] = {"merge": label, "attack": how, "owner": a, "ratio": a / best, **test(state)}
-            bar.update()
-    # negatives
-    negatives: dict[str, dict[str, Any]] = {}
+    release = [("release alone", b["release"])]
 
-    def negative(name: str, state: State) -> None:
-        negatives[name] = test(state)
-        bar.update()
+    def lacking(which, attacks) -> list[str]:
+        return [m for m in which if any(f"{m} | {h}" not in cells for h in attacks)]
+
+    for label, merged in itertools.chain(release, grid(b["release"], lacking(labels, treatments))):
+        for how, fn in treatments.items():
+            if f"{label} | {how}" not in cells:
+                cell(label, how, fn(merged))
+    attacks = [f"{name} {n}" for name, (steps, *_) in expensive.items() for n in steps]
+    for label, merged in itertools.chain(release, grid(b["release"], lacking(attacked, attacks))):
+        for name, (steps, lr, examples) in expensive.items():
+            if any(f"{label} | {name} {n}" not in cells for n in steps):
+                for n, state in train_on_owner(visual, heads, merged, steps, lr, examples).items():
+                    cell(label, f"{name} {n}", state)
+    # the same repairs and removal attempts from theta_pre: what the owner's data gives without the owner's model
+    from_pre = dict(done.get("from_pre", {}))
+    for name, (steps, lr, examples) in expensive.items():
+        if any(f"{name} {n}" not in from_pre for n in steps):
+            taken = train_on_owner(visual, heads, pre, steps, lr, examples)
+            from_pre.update({f"{name} {n}": acc(state) for n, state in taken.items()})
+    # the informed free-rider undoes any re-parameterisation of the release first (anchor: theta_pre or a partner)
+    for how, aligned in realigned(b["release"], pre, (REALIGN_PARTNER, partners[REALIGN_PARTNER]), visual):
+        todo = lacking(labels, [how])
+        if f"release alone | {how}" not in cells:
+            cell("release alone", how, aligned)
+        for label, merged in grid(aligned, todo):
+            cell(label, how, merged)
+    for c in cells.values():  # every cell, kept ones too, against the best of the grid
+        c["ratio"] = c["owner"] / best
+    negatives: dict[str, dict[str, Any]] = dict(done.get("negatives", {}))
+
+    def negative(name: str, state: State | Callable[[], State]) -> None:
+        if name not in negatives:
+            negatives[name] = test(state() if callable(state) else state)
+            bar.update()
 
     negative("theta_pre", pre)
     for t, s in partners.items():
         negative(f"partner {t}", s)
     negative("unprotected owner fine-tune (before the key)", b["unprotected"])
-    indep = {k: independent_finetune(visual, heads, k) for k in range(INDEPENDENT)}
-    for k, s in indep.items():
-        negative(f"independent fine-tune {k}", s)
-    for label, merged in grid(indep[0]).items():
-        negative(f"{label} (independent fine-tune 0 as owner)", merged)
+    indep = functools.cache(lambda k: independent_finetune(visual, heads, k))  # trained only if a negative needs it
+    for k in range(INDEPENDENT):
+        negative(f"independent fine-tune {k}", functools.partial(indep, k))
+    as_owner = "{} (independent fine-tune 0 as owner)"
+    todo = [m for m in labels if as_owner.format(m) not in negatives]
+    for label, merged in grid(indep(0), todo) if todo else ():
+        negative(as_owner.format(label), merged)
     for k1, k2 in itertools.combinations(range(3), 2):
-        avg = {n: (indep[k1][n] + indep[k2][n]) / 2 for n in pre}
-        negative(f"average of independent fine-tunes {k1}, {k2}", avg)
+        negative(f"average of independent fine-tunes {k1}, {k2}",
+                 lambda k1=k1, k2=k2: {n: (indep(k1)[n] + indep(k2)[n]) / 2 for n in pre})  # fmt: skip
     report = b["report"] or {}
     return {
         "seed": seed,
+        "pre_own": acc(pre),  # theta_pre with the owner's head: what a merge must beat to have taken anything
         "unprotected_own": acc(b["unprotected"]),
         "release_own": acc(b["release"]),
         "stage2_score": {"before": report.get("score_before"), "after": report.get("score_after")},
         "key": {k: v for k, v in (report.get("ownership_key") or {}).items() if k != "file"},
         "unprotected_best": best,
         "unprotected_best_merge": best_label,
+        "unprotected_grid": unprotected_grid,
+        "from_pre": from_pre,
         "cells": cells,
         "negatives": negatives,
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0 + done.get("seconds", 0.0),
     }
 
 
@@ -291,7 +403,9 @@ def summary(res: dict[str, Any]) -> tuple[str, list[str]]:
         for name, cell in run["cells"].items():
             counts[classify(cell)] += 1
             if classify(cell) == "neither":
-                neither.append(f"seed {run['seed']}: {name} (owner {cell['owner']:.1f}%, p = {cell['p']:.2g})")
+                pre = run.get("from_pre", {}).get(cell["attack"])
+                same = "" if pre is None else f"; the same {cell['attack']} from θ_pre: {pre:.1f}%"
+                neither.append(f"seed {run['seed']}: {name} (owner {cell['owner']:.1f}%, p = {cell['p']:.2g}{same})")
         neg_min = min(n["p"] for n in run["negatives"].values())
         worst_cell = max((c for c in run["cells"].values() if c["p"] > ALPHA), key=lambda c: c["ratio"], default=None)
         rows.append(
@@ -299,6 +413,7 @@ def summary(res: dict[str, Any]) -> tuple[str, list[str]]:
                 run["seed"],
                 f"{run['unprotected_own']:.1f} → {run['release_own']:.1f}",
                 f"{run['unprotected_best']:.1f}",
+                "–" if run.get("pre_own") is None else f"{run['pre_own']:.1f}",
                 len(run["cells"]),
                 counts["stopped"] + counts["stopped and caught"],
                 counts["caught"] + counts["stopped and caught"],
@@ -313,6 +428,7 @@ def summary(res: dict[str, Any]) -> tuple[str, list[str]]:
         "seed",
         "own accuracy (unprotected → release)",
         "unprotected best merge",
+        "θ_pre on the owner's task",
         "cells",
         "stopped",
         "caught (p ≤ 1e-3)",
@@ -333,7 +449,9 @@ def plot(res: dict[str, Any], path: Path, track: str = "vision") -> None:
 
     fig, ax = plt.subplots(figsize=(10, 5))
     colors = {"as merged": "C0", "re-parameterised": "C1", "int8 per row": "C2", "low-rank 10%": "C3",
-              "int8-row release, then merged": "C5", "fp16 release, then merged": "C6"}  # fmt: skip
+              "int8-row release, then merged": "C5", "fp16 release, then merged": "C6",
+              "noise 2x task vector": "navy", "noise 4x task vector": "tab:brown",
+              "noise 5x task vector": "gold", "noise 6x task vector": "tab:pink"}  # fmt: skip
 
     def color(attack: str) -> tuple[str, str]:
         """``(colour, legend label)`` of an attack."""
@@ -358,6 +476,10 @@ def plot(res: dict[str, Any], path: Path, track: str = "vision") -> None:
     ax.axhline(3, color="r", ls="--", lw=1)
     ax.axvline(STOP, color="g", ls="--", lw=1)
     ax.text(STOP + 0.01, 0.3, "stopped ←", color="g")
+    pre = [r["pre_own"] / r["unprotected_best"] for r in res["seeds"] if r.get("pre_own") is not None]
+    if pre:  # what the base model scores without any merge
+        ax.axvline(sum(pre) / len(pre), color="0.4", ls=":", lw=1)
+        ax.text(sum(pre) / len(pre) + 0.01, 0.1, "θ_pre itself", color="0.4")
     ax.text(0.05, 4, "caught ↑ (p ≤ 1e-3)", color="r")
     for c, label in legend.items():
         ax.scatter([], [], color=c, label=label)
@@ -376,36 +498,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (0 1 2)")
     parser.add_argument("--append", action="store_true", help="add these seeds to the committed results file")
+    parser.add_argument("--extend", action="store_true",
+                        help="keep the committed cells of these seeds and run only the ones they lack")  # fmt: skip
+    parser.add_argument("--repair-every-merge", action="store_true",
+                        help="repair and fine-tune further every merge (default: those in ATTACKED)")  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")
-    parser.add_argument("--tolerance", type=float, default=None, help="the guard rail's tolerance (default: 1.5, "
-                        "as the committed results; another value writes stop_or_catch_tolerance<T>.*)")  # fmt: skip
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help=f"the guard rail's tolerance (default {DEFAULT_TOLERANCE:g}, the callback's; another "
+                        "value writes stop_or_catch_tolerance<T>.*)")  # fmt: skip
     args = parser.parse_args()
-    name = "stop_or_catch" if args.tolerance is None else f"stop_or_catch_tolerance{args.tolerance:g}"
-    tolerance = MEASURED_TOLERANCE if args.tolerance is None else args.tolerance
+    name = "stop_or_catch" if args.tolerance == DEFAULT_TOLERANCE else f"stop_or_catch_tolerance{args.tolerance:g}"
     path = RESULTS / f"{name}.json"
     if args.report_only:
         report(json.loads(path.read_text()), name)
         return
     start = time.perf_counter()
-    old = json.loads(path.read_text()) if args.append and path.is_file() else None
-    runs = [r for r in (old or {}).get("seeds", []) if r["seed"] not in args.seeds]
-    with tqdm(desc="stop or catch", unit="cell") as bar:
-        for seed in args.seeds:
-            runs.append(run_seed(seed, bar, tolerance))
+    old = json.loads(path.read_text()) if (args.append or args.extend) and path.is_file() else None
+    kept = {r["seed"]: r for r in (old or {}).get("seeds", [])}
+    runs = dict(kept)  # a seed run again replaces its committed results once it is done
     command = "python benchmarks/stop_or_catch.py --seeds " + " ".join(map(str, args.seeds))
-    command += "" if args.tolerance is None else f" --tolerance {args.tolerance:g}"
-    res = {
-        "command": command if old is None else f"{old['command']}; {command} --append",
-        "environment": environment(),
-        "baseline": "the unprotected fine-tune of the same seed: its best merge on the same grid (stopped = owner "
-        "accuracy at most 0.5x that); negatives: models never derived from the release",
-        "alpha": ALPHA,
-        "stop": STOP,
-        "tolerance": tolerance,
-        "seeds": sorted(runs, key=lambda r: r["seed"]),
-        "seconds": time.perf_counter() - start + (old or {}).get("seconds", 0.0),
-    }
-    write_results(name, res)
+    command += "" if args.tolerance == DEFAULT_TOLERANCE else f" --tolerance {args.tolerance:g}"
+    command += " --repair-every-merge" if args.repair_every_merge else ""
+    command += " --extend" if args.extend else " --append" if old is not None else ""
+    res: dict[str, Any] = {}
+    with tqdm(desc="stop or catch", unit="cell") as bar:
+        for seed in args.seeds:  # written after each seed: a long run keeps what it finished
+            attacked = None if args.repair_every_merge else ATTACKED
+            runs[seed] = run_seed(seed, bar, args.tolerance, kept.get(seed) if args.extend else None, attacked)
+            res = {
+                "command": command if old is None else f"{old['command']}; {command}",
+                "environment": environment(),
+                "baseline": "the unprotected fine-tune of the same seed: its best merge on the same grid (stopped = "
+                "owner accuracy at most 0.5x that); negatives: models never derived from the release",
+                "alpha": ALPHA,
+                "stop": STOP,
+                "tolerance": args.tolerance,
+                "attacked": "every merge of the grid" if attacked is None else list(attacked),
+                "realign_partner": REALIGN_PARTNER,
+                **({"notes": old["notes"]} if old and "notes" in old else {}),
+                "seeds": [runs[k] for k in sorted(runs)],
+                "seconds": time.perf_counter() - start + (old or {}).get("seconds", 0.0),
+            }
+            write_results(name, res)
     report(res, name)
 
 
@@ -413,7 +547,8 @@ def report(res: dict[str, Any], name: str = "stop_or_catch", track: str = "visio
     """Write ``<name>.md`` (the per-seed table and every cell neither stopped nor caught) and ``<name>.png``."""
     table, neither = summary(res)
     tolerance = res.get("tolerance", MEASURED_TOLERANCE)
-    text = f"#### Stop or catch, {track} track (guard rail at {tolerance:g} points)\n\n" + table + "\n\n"
+    unit = "point" if tolerance == 1 else "points"
+    text = f"#### Stop or catch, {track} track (guard rail at {tolerance:g} {unit})\n\n" + table + "\n\n"
     text += "Cells neither stopped nor caught:\n\n" + ("\n".join(f"- {n}" for n in neither) or "- none") + "\n"
     (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
     plot(res, RESULTS / f"{name}.png", track)

@@ -49,7 +49,6 @@ import itertools
 import json
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,7 +60,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import CACHE, RESULTS, environment, fit_lm, make_guard, write_results
 from benchmarks._grid import grid_configs, layer_count
-from benchmarks.stop_or_catch import ALPHA, STOP, realigned, reparameterised, report
+from benchmarks.stop_or_catch import ALPHA, STOP, cached_owner_models, realigned, reparameterised, report
 
 State = dict[str, Tensor]
 TASKS, OWNER = ("add", "reverse", "upper", "country"), "upper"
@@ -192,34 +191,21 @@ def build(seed: int) -> dict[str, Any]:
     Cached under ``.cache/stop-or-catch-llm/<setting>-seed<seed>/``, the setting being :data:`DEPLOYED` and
     :data:`VAL_N` (``benchmarks/deployment_seeds.py --track llm`` reuses it; another setting builds its own).
     """
-    from safetensors.torch import load_file
-
     from lightning_mergeguard.demos.smollm2 import generate_task
     from lightning_mergeguard.evaluation import answer_exact_match
-    from lightning_mergeguard.io import atomic_write_json, save_safetensors
-    from lightning_mergeguard.ownership.weight_key import WeightKey
 
-    folder = CACHE / "stop-or-catch-llm" / f"{'+'.join(DEPLOYED)}-val{VAL_N}-seed{seed}"
-    files = {n: folder / f"{n}.safetensors" for n in ("unprotected", "release")}
-    if not all(f.is_file() for f in (*files.values(), folder / "owner.key", folder / "report.json")):
+    def make(key_file: Path) -> tuple[State, State, dict]:
         s = shared()
         rows = generate_task(OWNER, 8 * STEPS, seed=100 + seed)
         unprotected = train(s["model"], s["tok"], s["pre"], rows, STEPS, LR, seed=100 + seed)
-        with tempfile.TemporaryDirectory() as tmp:
-            key_file = Path(tmp) / "owner.key"
-            guard = make_guard(progress=False, steps=STAGE2_STEPS, lr=1e-4, eval_batches=VAL_N // 8, deployed=DEPLOYED,
-                               score_fn=answer_exact_match, ownership_key=str(key_file))  # fmt: skip
-            val = generate_task(OWNER, VAL_N, seed=7)
-            release = train(s["model"], s["tok"], s["pre"], rows, STEPS, LR, 100 + seed, [guard], val)
-            folder.mkdir(parents=True, exist_ok=True)
-            WeightKey.load(key_file).save(folder / "owner.key")
-        for name, state in (("unprotected", unprotected), ("release", release)):
-            save_safetensors(files[name], {k: v.contiguous() for k, v in state.items()})
-        atomic_write_json(folder / "report.json", json.loads(json.dumps(guard.report, default=str)))
-    unprotected, release = (load_file(files[n]) for n in ("unprotected", "release"))
-    key = WeightKey.load(folder / "owner.key").matched_to(release.keys(), what="the model")  # "model.x" -> "x"
-    report_ = json.loads((folder / "report.json").read_text())
-    return {"unprotected": unprotected, "release": release, "key": key, "report": report_}
+        guard = make_guard(progress=False, steps=STAGE2_STEPS, lr=1e-4, eval_batches=VAL_N // 8, deployed=DEPLOYED,
+                           score_fn=answer_exact_match, ownership_key=str(key_file))  # fmt: skip
+        val = generate_task(OWNER, VAL_N, seed=7)
+        release = train(s["model"], s["tok"], s["pre"], rows, STEPS, LR, 100 + seed, [guard], val)
+        return unprotected, release, guard.report
+
+    folder = CACHE / "stop-or-catch-llm" / f"{'+'.join(DEPLOYED)}-val{VAL_N}-seed{seed}"
+    return cached_owner_models(folder, make, what="the model")  # "model.x" -> "x"
 
 
 def user_finetune(state: State, steps: int, lora: bool) -> State:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -306,6 +307,105 @@ def test_llm_stop_or_catch_runs_every_cell_and_negative_on_a_tiny_llama(monkeypa
     assert extended["cells"]["WA with add | as merged"]["owner"] == -1.0
     stop_or_catch.report({"seeds": [run], "tolerance": 1.0}, "llm_smoke", track="LLM")
     assert "LLM track" in (tmp_path / "llm_smoke.md").read_text() and (tmp_path / "llm_smoke.png").is_file()
+
+
+@pytest.mark.slow
+def test_vision_stop_or_catch_runs_every_cell_and_negative_on_a_tiny_vit(monkeypatch, tmp_path):
+    """The vision track end to end on a tiny ViT: each merge under each attack, the re-aligned release, --extend."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightning_mergeguard.demos.vision_tasks import VISION_TASKS, fit_task_heads, pretrain_vit
+    from tests._helpers import perturbed_state_dict
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import stop_or_catch as soc
+    finally:
+        sys.path.remove(str(ROOT))
+    visual = pretrain_vit("tiny", epochs=0)
+    heads = fit_task_heads(visual, list(VISION_TASKS), epochs=5)
+    pre = {k: v.detach().clone() for k, v in visual.state_dict().items()}
+    partners = {t: perturbed_state_dict(pre, i, 0.02) for i, t in enumerate(VISION_TASKS) if t != soc.OWNER}
+    monkeypatch.setattr(soc, "shared", lambda: (visual, heads, pre, partners))
+    monkeypatch.setattr(soc, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(soc, "EPOCHS", 1)
+    monkeypatch.setattr(soc, "STAGE2_STEPS", 2)
+    monkeypatch.setattr(soc, "INDEPENDENT", 3)
+    monkeypatch.setattr(soc, "REPAIR", (1, 2))
+    monkeypatch.setattr(soc, "REMOVAL", (2, 3))
+    monkeypatch.setattr(soc, "GRID", ("TA owner 1 / partners 0.1", "uniform TA λ=0.3"))
+    monkeypatch.setattr(soc, "independent_finetune", functools.partial(soc.independent_finetune, steps=2))
+    monkeypatch.setattr(soc, "RESULTS", tmp_path)
+    bar = SimpleNamespace(update=lambda: None)
+    run = soc.run_seed(0, bar, attacked=("TA owner 1 / partners 0.1",))
+    realigned = {f"release re-aligned to {a}, then merged" for a in ("θ_pre", f"partner {soc.REALIGN_PARTNER}")}
+    slow = {"repair 1", "repair 2", "removal 2", "removal 3"}
+    # (release alone + 2 merges) x (4 attacks, the noise scales and 2 re-alignments), and the release and 1 merge
+    # repaired and fine-tuned
+    assert len(run["cells"]) == 3 * (4 + len(soc.NOISE) + 2) + 2 * 4
+    noise = {f"noise {k}x task vector" for k in soc.NOISE}
+    attacks = {"as merged", "re-parameterised", "int8 per row", "low-rank 10%", *noise}
+    assert {c["attack"] for c in run["cells"].values()} == attacks | slow | realigned
+    for how in realigned:  # aligning the release changes none of its outputs
+        assert run["cells"][f"release alone | {how}"]["owner"] == run["cells"]["release alone | as merged"]["owner"]
+    assert set(run["unprotected_grid"]) == set(soc.GRID)
+    assert 0 <= run["pre_own"] <= 100
+    assert set(run["from_pre"]) == slow and all(0 <= a <= 100 for a in run["from_pre"].values())  # the reference
+    assert run["unprotected_best"] == max(run["unprotected_grid"].values())
+    assert all(c["ratio"] == c["owner"] / run["unprotected_best"] for c in run["cells"].values())
+    assert all(0.0 <= c["p"] <= 1.0 and math.isfinite(c["log10_p"]) for c in run["cells"].values())
+    assert run["cells"]["release alone | as merged"]["p"] <= soc.ALPHA  # the release carries its key
+    assert run["cells"]["release alone | re-parameterised"]["p"] <= soc.ALPHA  # alignment undoes the hiding
+    # 1 base + 4 partners + unprotected + 3 independent + 2 merges of one + 3 averages
+    assert len(run["negatives"]) == 14
+    assert min(n["p"] for n in run["negatives"].values()) > soc.ALPHA
+    # the repairs come from one run, its weights taken after 1 and 2 steps: the 1-step weights are a 1-step run's
+    release = soc.build(0)["release"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "stop-or-catch").iterdir()) == [
+        "tolerance1-epochs1-stage2-2-seed0"
+    ]
+    one = soc.train_on_owner(visual, heads, release, (1,), 5e-4, 64)[1]
+    taken = soc.train_on_owner(visual, heads, release, (1, 2), 5e-4, 64)
+    assert sorted(taken) == [1, 2] and all(torch.equal(taken[1][k], v) for k, v in one.items())
+    assert not all(torch.equal(taken[2][k], v) for k, v in one.items())
+    # --extend: a seed's kept cells stay; what it lacks is computed, the same as a full run computes it
+    lacking = copy.deepcopy(run)
+    del lacking["cells"]["uniform TA λ=0.3 | int8 per row"], lacking["negatives"]["partner digits"]
+    del lacking["cells"]["TA owner 1 / partners 0.1 | removal 3"]
+    lacking["unprotected_grid"].pop("uniform TA λ=0.3")
+    lacking["cells"]["TA owner 1 / partners 0.1 | as merged"]["owner"] = -1.0  # a kept cell is not recomputed
+    extended = soc.run_seed(0, bar, done=lacking, attacked=("TA owner 1 / partners 0.1",))
+    assert extended["cells"].keys() == run["cells"].keys() and extended["negatives"].keys() == run["negatives"].keys()
+    for name in ("uniform TA λ=0.3 | int8 per row", "TA owner 1 / partners 0.1 | removal 3"):
+        assert extended["cells"][name] == run["cells"][name]
+    assert extended["negatives"]["partner digits"] == run["negatives"]["partner digits"]
+    assert extended["unprotected_grid"] == run["unprotected_grid"]
+    assert extended["cells"]["TA owner 1 / partners 0.1 | as merged"]["owner"] == -1.0
+    # every merge repaired (attacked=None): the other merge gains its four repair and removal cells
+    everything = soc.run_seed(0, bar, done=run, attacked=None)
+    assert len(everything["cells"]) == len(run["cells"]) + 4
+    soc.report({"seeds": [run], "tolerance": 1.0}, "vision_smoke")
+    assert "vision track" in (tmp_path / "vision_smoke.md").read_text() and (tmp_path / "vision_smoke.png").is_file()
+
+
+def test_noise_attack_adds_noise_in_proportion_to_each_task_vector():
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.stop_or_catch import noised
+    finally:
+        sys.path.remove(str(ROOT))
+    g = torch.Generator().manual_seed(0)
+    pre = {"w": torch.randn(200, 100, generator=g), "b": torch.zeros(100), "step": torch.tensor(3)}
+    state = {"w": pre["w"] + 0.01 * torch.randn(200, 100, generator=g), "b": pre["b"], "step": pre["step"]}
+    out = noised(state, pre, 4.0, seed=1)
+    added = (out["w"] - state["w"]).square().mean().sqrt() / (state["w"] - pre["w"]).square().mean().sqrt()
+    assert abs(float(added) - 4.0) < 0.1  # 4x the task vector's RMS
+    assert torch.equal(out["b"], state["b"]) and torch.equal(out["step"], state["step"])  # no task vector, no noise
+    assert torch.equal(noised(state, pre, 4.0, seed=1)["w"], out["w"])  # seeded
 
 
 def test_low_rank_attack_keeps_the_top_of_each_task_vector():
