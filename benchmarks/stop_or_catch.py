@@ -251,6 +251,22 @@ def low_rank(state: State, pre: State, names, keep: float = 0.1) -> State:
     return out
 
 
+def grid_merges(
+    configs, partners: dict[str, State], pre: State, owner: State, labels, owner_name: str
+) -> Iterator[tuple[str, State]]:
+    """``(label, merge)`` of ``owner`` (``owner_name`` in ``configs``) with the partners, for each of ``labels``.
+
+    ``configs``: ``grid_configs`` entries. One merge at a time, so no more than one is held.
+    """
+    from lightning_mergeguard.merging import merge
+
+    states = {**partners, owner_name: owner}
+    for label in labels:
+        cfg, used = configs[label]
+        base = pre if cfg.get("base_model") == "pre" else None
+        yield label, merge(cfg, {n: states[n] for n in {owner_name, *used}}, base, seed=0, check_base=False)
+
+
 def run_seed(
     seed: int,
     bar,
@@ -265,7 +281,6 @@ def run_seed(
     merge of the grid).
     """
     from lightning_mergeguard.demos.vision_tasks import vit_task_accuracy
-    from lightning_mergeguard.merging import merge
     from lightning_mergeguard.ownership.verify import verify_ownership
     from lightning_mergeguard.quantization import treated_state
 
@@ -290,12 +305,7 @@ def run_seed(
         raise SystemExit(f"ATTACKED names merges the grid does not have: {missing}")
 
     def grid(owner_state: State, which) -> Iterator[tuple[str, State]]:
-        """``(label, merge)`` of ``owner_state`` with the partners, one merge at a time, for each of ``which``."""
-        states = {**partners, OWNER: owner_state}
-        for label in which:
-            cfg, used = configs[label]
-            base = pre if cfg.get("base_model") == "pre" else None
-            yield label, merge(cfg, {n: states[n] for n in {OWNER, *used}}, base, seed=0, check_base=False)
+        return grid_merges(configs, partners, pre, owner_state, which, owner_name=OWNER)
 
     # the unprotected model's best merge: the denominator of "stopped"
     unprotected_grid = dict(done.get("unprotected_grid", {}))

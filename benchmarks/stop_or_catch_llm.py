@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import stop_or_catch
 from benchmarks._common import CACHE, RESULTS, environment, fit_lm, make_guard, write_results
 from benchmarks._grid import grid_configs, layer_count
 from benchmarks.stop_or_catch import ALPHA, STOP, cached_owner_models, realigned, reparameterised, report
@@ -265,18 +266,9 @@ def independent(k: int) -> State:
     return cached_fine_tune(path, s["model"], s["tok"], s["pre"], OWNER, seed=1000 + k)
 
 
-def grid_merges(configs, partners: dict[str, State], pre: State, owner: State, labels) -> Iterator[tuple[str, State]]:
-    """``(label, merge)`` of ``owner`` with the partners for each of ``labels`` (``grid_configs`` entries).
-
-    One at a time: a SmolLM2 merge is 540 MB, so no more than one is held.
-    """
-    from lightning_mergeguard.merging import merge
-
-    states = {**partners, OWNER: owner}
-    for label in labels:
-        cfg, used = configs[label]
-        base = pre if cfg.get("base_model") == "pre" else None
-        yield label, merge(cfg, {n: states[n] for n in {OWNER, *used}}, base, seed=0, check_base=False)
+grid_merges = functools.partial(stop_or_catch.grid_merges, owner_name=OWNER)
+"""``(label, merge)`` of the owner's weights with the partners for each of ``labels``, one at a time (a SmolLM2 merge
+is 540 MB, so no more than one is held); :func:`benchmarks.stop_or_catch.grid_merges` with this track's owner."""
 
 
 def key_bound(state: State, pre: State, key) -> dict[str, Any]:
