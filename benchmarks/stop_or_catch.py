@@ -211,17 +211,20 @@ def reparameterised(visual, state: State, seed: int) -> State:
     return amplify_state(out, find_symmetries(visual), 4.0, seed=seed)
 
 
-def realigned(release: State, pre: State, partner: tuple[str, State], module) -> Iterator[tuple[str, State]]:
-    """``(attack, release)``: the release as an informed free-rider merges it, re-aligned to an anchor first.
+def realigned(
+    release: State, pre: State, partner: tuple[str, State], module
+) -> Iterator[tuple[str, Callable[[], State]]]:
+    """``(attack, align)``: the release as an informed free-rider merges it, re-aligned to an anchor first.
 
-    ``align_to_base`` expresses it in the anchor's coordinates (stream and units permuted, symmetric scales matched
-    to the anchor's norms): what undoes a re-parameterised release, with ``theta_pre`` or any ``partner`` as the
-    anchor. Each alignment runs when its pair is taken. The LLM track (``stop_or_catch_llm.py``) runs these cells.
+    ``align()`` runs ``align_to_base``, which expresses the release in the anchor's coordinates (stream and units
+    permuted, symmetric scales matched to the anchor's norms): what undoes a re-parameterised release, with
+    ``theta_pre`` or any ``partner`` as the anchor. Only a caller that still lacks a cell calls it. The LLM track
+    (``stop_or_catch_llm.py``) runs these cells too.
     """
     from lightning_mergeguard.ownership.alignment import align_to_base
 
     for name, anchor in (("θ_pre", pre), (f"partner {partner[0]}", partner[1])):
-        yield f"release re-aligned to {name}, then merged", align_to_base(release, anchor, module)
+        yield f"release re-aligned to {name}, then merged", functools.partial(align_to_base, release, anchor, module)
 
 
 def noised(state: State, pre: State, scale: float, seed: int) -> State:
@@ -265,6 +268,29 @@ def grid_merges(
         cfg, used = configs[label]
         base = pre if cfg.get("base_model") == "pre" else None
         yield label, merge(cfg, {n: states[n] for n in {owner_name, *used}}, base, seed=0, check_base=False)
+
+
+def negative_models(b: dict[str, Any], configs, labels) -> Iterator[tuple[str, Callable[[], State]]]:
+    """``(name, make)`` of a seed's negatives (``b``: :func:`build`): models never derived from the release.
+
+    theta_pre, the partners, the unprotected owner fine-tune, ``INDEPENDENT`` independent fine-tunes of the owner's
+    task, the merges of ``labels`` with independent fine-tune 0 in the owner's place, and averages of independent
+    fine-tunes. ``make()`` builds one (an independent fine-tune is trained once, when first needed).
+    """
+    visual, heads, pre, partners = b["visual"], b["heads"], b["pre"], b["partners"]
+    yield "theta_pre", lambda: pre
+    for t, s in partners.items():
+        yield f"partner {t}", lambda s=s: s
+    yield "unprotected owner fine-tune (before the key)", lambda: b["unprotected"]
+    indep = functools.cache(lambda k: independent_finetune(visual, heads, k))
+    for k in range(INDEPENDENT):
+        yield f"independent fine-tune {k}", functools.partial(indep, k)
+    for label in labels:
+        yield (f"{label} (independent fine-tune 0 as owner)",
+               lambda label=label: next(grid_merges(configs, partners, pre, indep(0), [label], OWNER))[1])  # fmt: skip
+    for k1, k2 in itertools.combinations(range(3), 2):
+        yield (f"average of independent fine-tunes {k1}, {k2}",
+               lambda k1=k1, k2=k2: {n: (indep(k1)[n] + indep(k2)[n]) / 2 for n in pre})  # fmt: skip
 
 
 def run_seed(
@@ -353,8 +379,11 @@ def run_seed(
             taken = train_on_owner(visual, heads, pre, steps, lr, examples)
             from_pre.update({f"{name} {n}": acc(state) for n, state in taken.items()})
     # the informed free-rider undoes any re-parameterisation of the release first (anchor: theta_pre or a partner)
-    for how, aligned in realigned(b["release"], pre, (REALIGN_PARTNER, partners[REALIGN_PARTNER]), visual):
+    for how, align in realigned(b["release"], pre, (REALIGN_PARTNER, partners[REALIGN_PARTNER]), visual):
         todo = lacking(labels, [how])
+        if not todo and f"release alone | {how}" in cells:
+            continue
+        aligned = align()
         if f"release alone | {how}" not in cells:
             cell("release alone", how, aligned)
         for label, merged in grid(aligned, todo):
@@ -363,25 +392,13 @@ def run_seed(
         c["ratio"] = c["owner"] / best
     negatives: dict[str, dict[str, Any]] = dict(done.get("negatives", {}))
 
-    def negative(name: str, state: State | Callable[[], State]) -> None:
+    def negative(name: str, make: Callable[[], State]) -> None:
         if name not in negatives:
-            negatives[name] = test(state() if callable(state) else state)
+            negatives[name] = test(make())
             bar.update()
 
-    negative("theta_pre", pre)
-    for t, s in partners.items():
-        negative(f"partner {t}", s)
-    negative("unprotected owner fine-tune (before the key)", b["unprotected"])
-    indep = functools.cache(lambda k: independent_finetune(visual, heads, k))  # trained only if a negative needs it
-    for k in range(INDEPENDENT):
-        negative(f"independent fine-tune {k}", functools.partial(indep, k))
-    as_owner = "{} (independent fine-tune 0 as owner)"
-    todo = [m for m in labels if as_owner.format(m) not in negatives]
-    for label, merged in grid(indep(0), todo) if todo else ():
-        negative(as_owner.format(label), merged)
-    for k1, k2 in itertools.combinations(range(3), 2):
-        negative(f"average of independent fine-tunes {k1}, {k2}",
-                 lambda k1=k1, k2=k2: {n: (indep(k1)[n] + indep(k2)[n]) / 2 for n in pre})  # fmt: skip
+    for name, make in negative_models(b, configs, labels):
+        negative(name, make)
     report = b["report"] or {}
     return {
         "seed": seed,

@@ -376,10 +376,11 @@ def run_seed(seed: int, bar, done: dict[str, Any] | None = None) -> dict[str, An
         for label, merged in grid(treated_state(b["release"], fmt), ATTACKED):
             cell(label, f"{fmt} release, then merged", merged)
     # the informed free-rider undoes any re-parameterisation of the release first, then merges (stop_or_catch.realigned)
-    for how, aligned in realigned(b["release"], pre, (REALIGN_PARTNER, partners[REALIGN_PARTNER]), model):
+    for how, align in realigned(b["release"], pre, (REALIGN_PARTNER, partners[REALIGN_PARTNER]), model):
         todo = [m for m in ("release alone", *MERGES) if f"{m} | {how}" not in cells]
         if not todo:
             continue
+        aligned = align()
         if "release alone" in todo:
             cell("release alone", how, aligned)
         for label, merged in grid(aligned, [m for m in todo if m != "release alone"]):

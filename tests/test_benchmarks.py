@@ -388,6 +388,26 @@ def test_vision_stop_or_catch_runs_every_cell_and_negative_on_a_tiny_vit(monkeyp
     assert len(everything["cells"]) == len(run["cells"]) + 4
     soc.report({"seeds": [run], "tolerance": 1.0}, "vision_smoke")
     assert "vision track" in (tmp_path / "vision_smoke.md").read_text() and (tmp_path / "vision_smoke.png").is_file()
+    # key_weighting.py: both weightings on the same cells and negatives; pooled reproduces stop_or_catch exactly
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import key_weighting as kw
+    finally:
+        sys.path.remove(str(ROOT))
+    monkeypatch.setattr(kw, "RESULTS", tmp_path)
+    weighed = kw.run_seed(0, bar, everything)
+    # (release alone + 2 merges) x (as merged, noise) + (release alone + the 2 merges in ATTACKED) x 4
+    assert len(weighed["cells"]) == 3 * 2 + 3 * 4
+    assert weighed["negatives"].keys() == run["negatives"].keys()
+    assert weighed["pooled_vs_committed"]["compared"] == 18 + 14
+    assert weighed["pooled_vs_committed"]["largest_log10_p_difference"] == 0.0
+    for c in weighed["cells"].values():
+        assert c["ratio"] == c["owner"] / everything["unprotected_best"]
+        assert all(0.0 <= c[w]["p"] <= 1.0 and math.isfinite(c[w]["log10_p"]) for w in kw.WEIGHTINGS)
+    assert weighed["cells"]["release alone | as merged"]["snr"]["p"] <= soc.ALPHA
+    assert min(n["snr"]["p"] for n in weighed["negatives"].values()) > soc.ALPHA
+    kw.report({"seeds": [weighed]})
+    assert "snr" in (tmp_path / "key_weighting.md").read_text() and (tmp_path / "key_weighting.png").is_file()
 
 
 def test_noise_attack_adds_noise_in_proportion_to_each_task_vector():

@@ -89,6 +89,81 @@ def test_the_subspace_part_survives_a_low_rank_truncation_that_removes_the_dense
     assert abs(r.z_dense) < 4 < r.z_subspace
 
 
+def _swamped_merge(seed: int = 0):
+    """A keyed release merged at weight 0.3, then four of its six tensors swamped by noise 20x their task vector."""
+    g = torch.Generator().manual_seed(seed)
+    base = {f"t{i}": torch.randn(128, 96, generator=g) for i in range(6)}
+    ft = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    keyed, key = embed_weight_key(ft, base, secret=3)
+    loud = {f"t{i}" for i in range(4)}
+    swamped = {
+        k: base[k] + 0.3 * (keyed[k] - base[k]) + (1.0 if k in loud else 0.01) * torch.randn(base[k].shape, generator=g)
+        for k in base
+    }
+    return base, keyed, key, swamped
+
+
+def test_snr_weighting_finds_a_key_that_noise_swamped_in_some_tensors():
+    """Pooled, the four loud tensors drown the two quiet ones; weighed by signal to noise, the quiet ones speak."""
+    base, _, key, swamped = _swamped_merge()
+    pooled, snr = (weight_key_test(swamped, base, key, weighting=w) for w in ("pooled", "snr"))
+    assert pooled.p_value > 0.05
+    assert snr.log10_p < -10 and snr.z_subspace > 8
+    assert snr.share_subspace == pytest.approx(0.3, abs=0.1)  # the merge's weight on the release
+    assert verify_ownership(swamped, base, key, weighting="snr").derived
+    assert not verify_ownership(swamped, base, key).derived
+
+
+def test_snr_weighting_equals_pooled_on_the_release_and_a_tensor_reset_to_base_cannot_take_it_over():
+    base, keyed, key, _ = _swamped_merge()
+    pooled, snr = (weight_key_test(keyed, base, key, weighting=w) for w in ("pooled", "snr"))
+    assert snr.log10_p == pytest.approx(pooled.log10_p, rel=0.02) and snr.share_subspace == pytest.approx(1.0, abs=0.01)
+    reset = {**keyed, "t0": base["t0"].clone()}  # a zero task vector: its variance is 0, its weight stays bounded
+    pooled, snr = (weight_key_test(reset, base, key, weighting=w) for w in ("pooled", "snr"))
+    assert snr.log10_p < 0.9 * pooled.log10_p < -100
+
+
+def test_snr_weighting_loses_a_layer_wise_merge_whose_keyless_tensors_are_quieter():
+    """Its documented weakness: half the tensors from the release, half from a quieter partner, noise 2x each."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"t{i}": torch.randn(128, 96, generator=g) for i in range(6)}
+    release, key = embed_weight_key(
+        {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}, base, secret=3
+    )
+    partner = {k: v + 0.015 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    layers = {k: release[k] if i < 3 else partner[k] for i, k in enumerate(base)}
+    noisy = {
+        k: w + 2 * (w - base[k]).square().mean().sqrt() * torch.randn(w.shape, generator=g) for k, w in layers.items()
+    }
+    pooled, snr = (weight_key_test(noisy, base, key, weighting=w) for w in ("pooled", "snr"))
+    assert pooled.log10_p < -3 < snr.log10_p
+
+
+def test_snr_weighting_keeps_the_null_calibrated_when_suspects_vary_per_tensor():
+    """300 suspects made without the key, loud in some tensors and quiet in others: p <= 0.05 at most ~5%."""
+    base, _, key, _ = _swamped_merge()
+    ps, zs = [], []
+    for s in range(300):
+        g = torch.Generator().manual_seed(2000 + s)
+        other = {
+            k: v + (0.5 if i < 3 else 0.01) * torch.randn(v.shape, generator=g) for i, (k, v) in enumerate(base.items())
+        }
+        r = weight_key_test(other, base, key, weighting="snr")
+        ps.append(r.p_value)
+        zs += [r.z_dense, r.z_subspace]
+    assert sum(p <= 0.05 for p in ps) / len(ps) <= 0.05 and min(ps) > 1e-3
+    z = torch.tensor(zs)
+    assert abs(float(z.mean())) < 0.15 and 0.8 < float(z.std()) < 1.2
+
+
+def test_an_unknown_weighting_is_refused_by_name():
+    base, keyed, key, _ = _swamped_merge()
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        weight_key_test(keyed, base, key, weighting="SNR")
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        verify_ownership(keyed, base, key, weighting="optimal")
+
+
 def test_the_key_round_trips_through_its_file_and_hides_its_secret(tmp_path):
     base, ft = _base_and_finetune()
     keyed, key = embed_weight_key(ft, base, secret=123456789)

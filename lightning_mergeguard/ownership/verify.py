@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_mergeguard.ownership.stats import bonferroni
-from lightning_mergeguard.ownership.weight_key import WeightKey, weight_key_test
+from lightning_mergeguard.ownership.weight_key import WEIGHTINGS, WeightKey, weight_key_test
 from lightning_mergeguard.validation import is_number
 
 __all__ = ["DEFAULT_ALPHA", "OwnershipVerdict", "verify_ownership"]
@@ -90,6 +90,7 @@ def verify_ownership(
     alpha: float = DEFAULT_ALPHA,
     fingerprint: Mapping[str, float] | None = None,
     check_base: bool = True,
+    weighting: str = "pooled",
 ) -> OwnershipVerdict:
     """Test whether ``suspect`` is derived from the release that carries ``key``.
 
@@ -104,12 +105,17 @@ def verify_ownership(
             :func:`~lightning_mergeguard.ownership.fingerprint.fingerprint_test`) to combine with.
         check_base: Refuse a suspect that is not a fine-tune of ``base`` (median weight cosine; see
             :func:`~lightning_mergeguard.merging.base_check.check_same_base`).
+        weighting: How the key test combines the keyed tensors: ``"pooled"`` (the default and the recommended one)
+            or ``"snr"``, measured weaker where a suspect took only some layers from the owner (see
+            :func:`~lightning_mergeguard.ownership.weight_key.weight_key_test`). Choose before looking at the
+            suspect: trying both and keeping the smaller p-value doubles the false-positive rate.
 
     Returns:
         An :class:`OwnershipVerdict`.
 
     Raises:
-        ValueError: A bad ``alpha``; a suspect of another architecture; a key that does not match ``owner``.
+        ValueError: A bad ``alpha`` or ``weighting``; a suspect of another architecture; a key that does not match
+            ``owner``.
         ForeignBaseError: A suspect that is not a fine-tune of ``base``.
 
     Example:
@@ -123,6 +129,8 @@ def verify_ownership(
     """
     if not is_number(alpha) or not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     key = key.matched_to(suspect.keys())
     if owner is not None:
         own = weight_key_test(owner, base, key)
@@ -131,7 +139,8 @@ def verify_ownership(
                 f"the key does not match the owner's model (its own p-value is {own.p_value:.3g}): another key, "
                 "another base, or a model saved before the key was embedded"
             )
-    raw = weight_key_test(suspect, base, key)  # shapes and names checked here, before anything else
+    # shapes and names are checked here, before anything else
+    raw = weight_key_test(suspect, base, key, weighting=weighting)
     if check_base:
         _check_base(suspect, base, key)
     tests = {"white-box key": raw.as_dict()}
@@ -139,7 +148,8 @@ def verify_ownership(
         from lightning_mergeguard.ownership.alignment import align_to_base
 
         aligned = align_to_base(suspect, base, module)
-        tests["white-box key, aligned to base"] = weight_key_test(aligned, base, key, aligned=True).as_dict()
+        aligned_test = weight_key_test(aligned, base, key, aligned=True, weighting=weighting)
+        tests["white-box key, aligned to base"] = aligned_test.as_dict()
     if fingerprint is not None:
         tests["black-box fingerprint"] = dict(fingerprint)
     usable = [t for t in tests.values() if not math.isnan(t["p_value"])]

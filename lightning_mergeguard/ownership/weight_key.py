@@ -42,6 +42,7 @@ from lightning_mergeguard.ownership.stats import bonferroni, hoeffding_tail, log
 from lightning_mergeguard.validation import is_int, is_number
 
 __all__ = [
+    "WEIGHTINGS",
     "KeyTestResult",
     "WeightKey",
     "embed_key_checked",
@@ -351,9 +352,35 @@ def _without_base_directions(tau: Tensor, base: Tensor, rounds: int = 3) -> Tens
     return tau
 
 
+WEIGHTINGS = ("pooled", "snr")
+"""How :func:`weight_key_test` combines its keyed tensors: one pooled sum, or each weighed by its signal to noise."""
+
+
+def _combine(parts: list[tuple[float, float, float, float]], weighting: str) -> tuple[float, float]:
+    """``(z, share)`` of per-tensor ``(sum, variance, signal, floor)`` terms combined with weights ``w``.
+
+    ``z = sum(w * sum) / sqrt(sum(w**2 * variance))``: with weights fixed given the suspect, ``z`` is a Rademacher
+    sum normalised by its norm, so Hoeffding's bound holds for it. ``"pooled"``: ``w = 1``. ``"snr"``:
+    ``w = signal / (variance + floor)``, the matched filter of a tensor whose noise is its variance, with the
+    release's own variance (``floor``) as a floor so that a tensor reset to ``theta_pre`` cannot take the test over.
+    ``share`` is ``sum(w * sum) / sum(w * signal)``: 1.0 for the release.
+    """
+    num = var = signal = 0.0
+    for total, variance, sig, floor in parts:
+        w = 1.0 if weighting == "pooled" else sig / (variance + floor)
+        num += w * total
+        var += w * w * variance
+        signal += w * sig
+    return (num / math.sqrt(var) if var > 0 else 0.0), (num / signal if signal else 0.0)
+
+
 @torch.no_grad()
 def weight_key_test(
-    suspect: Mapping[str, Tensor], pre: Mapping[str, Tensor], key: WeightKey, aligned: bool = False
+    suspect: Mapping[str, Tensor],
+    pre: Mapping[str, Tensor],
+    key: WeightKey,
+    aligned: bool = False,
+    weighting: str = "pooled",
 ) -> KeyTestResult:
     """Test whether ``suspect`` carries ``key``; align it to ``pre`` first if it may be permuted or rescaled.
 
@@ -364,6 +391,14 @@ def weight_key_test(
         aligned: The suspect was aligned to ``pre`` (:func:`~lightning_mergeguard.ownership.alignment.align_to_base`):
             remove from its task vector the directions a scale estimate's error lies along (each matrix's base rows
             and columns) before testing.
+        weighting: How the keyed tensors' statistics are combined. ``"pooled"`` (the default, and what every
+            committed figure uses) sums every weight's term alike. ``"snr"`` weighs each tensor by the key signal it
+            would carry over the suspect's variance in it, floored at the release's own variance. Both are exact
+            Hoeffding bounds (the weights depend on the suspect and the key's public part, never on the signs), but
+            ``"snr"`` assumes every tensor carries the same share of the key: measured on the vision track
+            (``benchmarks/key_weighting.py``) it gains on owner-heavy merges that were caught anyway, leaves the
+            repaired Model Stock merge as open as before, and loses layer-wise merges under noise, whose keyless
+            tensors it favours. Prefer ``"pooled"``.
 
     Returns:
         A :class:`KeyTestResult`.
@@ -378,9 +413,12 @@ def weight_key_test(
         >>> weight_key_test(pre, pre, key).p_value, weight_key_test(keyed, pre, key).p_value < 1e-6
         (1.0, True)
     """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     _check_suspect(suspect, pre, key)
-    s_dense = var_dense = s_sub = var_sub = 0.0
-    signal_dense = signal_sub = 0.0
+    # per keyed tensor: (sum of sign * statistic, its variance, the release's signal, the release's own variance)
+    dense_parts: list[tuple[float, float, float, float]] = []
+    sub_parts: list[tuple[float, float, float, float]] = []
     for name in key.names:
         s, p = suspect[name], pre[name]
         u, v = key.bases[name]
@@ -393,18 +431,13 @@ def weight_key_test(
         m = tau / rms
         drawn = key.origin.get(name, name)
         dense = _signs(key.secret, "dense", drawn, tuple(tau.shape)).to(m)
-        s_dense += float((dense * m).sum())
-        var_dense += float(m.square().sum())
-        signal_dense += key.dense_signal[name]
+        dense_parts.append((float((dense * m).sum()), float(m.square().sum()), key.dense_signal[name], m.numel()))
         r = u.shape[1]
         proj = (u.to(m).T @ tau @ v.to(m)) / alpha
         proj.fill_diagonal_(0.0)
         k = _subspace_signs(key.secret, drawn, r).to(proj)
-        s_sub += float((k * proj).sum())
-        var_sub += float(proj.square().sum())
-        signal_sub += r * (r - 1)
-    z_dense = s_dense / math.sqrt(var_dense) if var_dense > 0 else 0.0
-    z_sub = s_sub / math.sqrt(var_sub) if var_sub > 0 else 0.0
+        sub_parts.append((float((k * proj).sum()), float(proj.square().sum()), r * (r - 1), r * (r - 1)))
+    (z_dense, share_dense), (z_sub, share_sub) = (_combine(parts, weighting) for parts in (dense_parts, sub_parts))
     p = bonferroni([hoeffding_tail(z_dense), hoeffding_tail(z_sub)])
     log10_p = min(0.0, math.log10(2.0) + min(log10_hoeffding_tail(z_dense), log10_hoeffding_tail(z_sub)))
     return KeyTestResult(
@@ -412,8 +445,8 @@ def weight_key_test(
         log10_p=log10_p,
         z_dense=z_dense,
         z_subspace=z_sub,
-        share_dense=s_dense / signal_dense if signal_dense else 0.0,
-        share_subspace=s_sub / signal_sub if signal_sub else 0.0,
+        share_dense=share_dense,
+        share_subspace=share_sub,
         tensors=len(key.names),
     )
 
