@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/deployment.py
 	$(PY) benchmarks/stop_or_catch.py
 	$(PY) benchmarks/key_weighting.py
+	$(PY) benchmarks/key_strength.py
 
 # For a session lent a GPU: the GPU-marked tests, the FSDP2 tests on the GPUs present (2 needed; else skipped) and the
 # GPU benchmarks, with their output kept under benchmarks/results/ (name the device when committing them).

@@ -55,6 +55,7 @@ def text() -> str:
         ("stop_or_catch", "Stop or catch: every merge is stopped or traced (`benchmarks/stop_or_catch.py`)"),
         ("stop_or_catch_llm", "Stop or catch, LLM track (`benchmarks/stop_or_catch_llm.py`)"),
         ("key_weighting", "Weighing the key test's tensors by signal to noise (`benchmarks/key_weighting.py`)"),
+        ("key_strength", "A stronger key on the open merge (`benchmarks/key_strength.py`)"),
         ("deployment", "The release under what users do to it (`benchmarks/deployment.py`)"),
         ("deployment_seeds", "The recommended setting under deployment, per seed (`benchmarks/deployment_seeds.py`)"),
         ("deployment_seeds_llm", "The recommended setting under deployment, LLM (`deployment_seeds.py --track llm`)"),

@@ -417,6 +417,19 @@ def run_seed(
     }
 
 
+def committed_seeds(seeds: list[int]) -> dict[int, dict[str, Any]]:
+    """``seed -> its committed results`` (``stop_or_catch.json``), for the benchmarks that build on them.
+
+    Raises:
+        SystemExit: If a seed has no committed results.
+    """
+    committed = {r["seed"]: r for r in json.loads((RESULTS / "stop_or_catch.json").read_text())["seeds"]}
+    missing = [s for s in seeds if s not in committed]
+    if missing:
+        raise SystemExit(f"stop_or_catch.json has no seed {missing}: run benchmarks/stop_or_catch.py for it first")
+    return committed
+
+
 def classify(cell: dict[str, Any]) -> str:
     stopped = cell["ratio"] <= STOP
     caught = cell["p"] <= ALPHA

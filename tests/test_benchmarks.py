@@ -408,6 +408,30 @@ def test_vision_stop_or_catch_runs_every_cell_and_negative_on_a_tiny_vit(monkeyp
     assert min(n["snr"]["p"] for n in weighed["negatives"].values()) > soc.ALPHA
     kw.report({"seeds": [weighed]})
     assert "snr" in (tmp_path / "key_weighting.md").read_text() and (tmp_path / "key_weighting.png").is_file()
+    # key_strength.py: the key removed and embedded again; at the release's own strength it is the release
+    from benchmarks import key_strength as ks
+
+    monkeypatch.setattr(ks, "RESULTS", tmp_path)
+    monkeypatch.setattr(ks, "STRENGTHS", (0.05, 0.3))
+    monkeypatch.setattr(ks, "MERGE", "uniform TA λ=0.3")
+    strong = ks.run_seed(0, bar, everything)
+    at_default, stronger = strong["strengths"]["0.05"], strong["strengths"]["0.3"]
+    assert at_default["largest_weight_difference_from_committed"] < 1e-5
+    assert strong["committed_cells_log10_p_difference"] < 0.01 * max(1.0, -at_default["cells"]["as merged"]["log10_p"])
+    assert set(at_default["cells"]) == {
+        "as merged",
+        "repair 1",
+        "repair 2",
+        "removal 2",
+        "removal 3",
+        "noise 6x task vector",
+    }
+    assert stronger["cells"]["as merged"]["log10_p"] < at_default["cells"]["as merged"]["log10_p"]  # more evidence
+    for name, n in at_default["negatives"].items():  # a model made without the key: the same p at every strength
+        assert stronger["negatives"][name]["log10_p"] == pytest.approx(n["log10_p"], abs=1e-6)
+    assert len(at_default["negatives"]) == 1 + 4 + 1 + soc.INDEPENDENT
+    ks.report({"seeds": [strong]})
+    assert "strength" in (tmp_path / "key_strength.md").read_text() and (tmp_path / "key_strength.png").is_file()
 
 
 def test_noise_attack_adds_noise_in_proportion_to_each_task_vector():

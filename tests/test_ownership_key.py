@@ -18,6 +18,8 @@ from lightning_mergeguard.ownership.weight_key import (
     embed_weight_key,
     embed_weight_key_,
     key_tensor_names,
+    remove_weight_key,
+    restrength_weight_key,
     weight_key_test,
 )
 from tests._helpers import perturbed_state_dict, tiny_llama
@@ -162,6 +164,26 @@ def test_an_unknown_weighting_is_refused_by_name():
         weight_key_test(keyed, base, key, weighting="SNR")
     with pytest.raises(ValueError, match="weighting must be one of"):
         verify_ownership(keyed, base, key, weighting="optimal")
+
+
+def test_removing_the_key_gives_back_the_weights_it_was_embedded_into_and_rekeying_works():
+    base, ft = _base_and_finetune(shape=(64, 48))
+    keyed, key = embed_weight_key(ft, base, secret=21, strength=0.05)
+    back = remove_weight_key(keyed, base, key)
+    assert all(torch.allclose(back[k], ft[k], atol=1e-6) for k in ft)
+    assert weight_key_test(back, base, key).p_value > 1e-3  # no key left
+    stronger, key2 = embed_weight_key(back, base, secret=21, strength=0.2)
+    # the dense part's evidence grows with the strength (the subspace part's, on the release itself, does not)
+    assert weight_key_test(stronger, base, key2).z_dense > 3.5 * weight_key_test(keyed, base, key).z_dense
+    same, _ = restrength_weight_key(keyed, base, key, 0.05)  # the same strength: the release back
+    assert all(torch.allclose(same[k], keyed[k], atol=1e-6) for k in ft)
+    stronger, key3 = restrength_weight_key(keyed, base, key, 0.2)
+    assert key3.strength == 0.2 and key3.bases is key.bases
+    assert weight_key_test(stronger, base, key3).z_dense > 3.5 * weight_key_test(keyed, base, key).z_dense
+    with pytest.raises(ValueError, match="lacks"):
+        remove_weight_key({"a": keyed["a"]}, base, key)
+    with pytest.raises(ValueError, match="strength"):
+        restrength_weight_key(keyed, base, key, 0.0)
 
 
 def test_the_key_round_trips_through_its_file_and_hides_its_secret(tmp_path):

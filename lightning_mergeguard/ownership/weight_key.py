@@ -49,6 +49,8 @@ __all__ = [
     "embed_weight_key",
     "embed_weight_key_",
     "key_tensor_names",
+    "remove_weight_key",
+    "restrength_weight_key",
     "weight_key_test",
 ]
 
@@ -285,6 +287,96 @@ def embed_weight_key(
     if not bases:
         raise ValueError("nothing to key: every named tensor equals theta_pre")
     return out, WeightKey(secret, float(strength), bases, scales, signal)
+
+
+def remove_weight_key(state: Mapping[str, Tensor], pre: Mapping[str, Tensor], key: WeightKey) -> dict[str, Tensor]:
+    """The weights ``key`` was embedded into: :func:`embed_weight_key` undone, with the key's secret.
+
+    The subspace part is subtracted, then the dense part divided out (``tau * (1 + strength * s * sign(tau))`` has the
+    sign of ``tau``, so each coordinate inverts exactly). Lets an owner re-key a release (another strength or secret)
+    without training again; exact up to the rounding of the keyed weights' dtype.
+
+    Args:
+        state: The keyed model (the release).
+        pre: ``theta_pre``.
+        key: The key embedded in it (names as ``state``'s; see :meth:`WeightKey.matched_to`).
+
+    Returns:
+        ``state`` with the key removed; tensors the key does not name are ``state``'s own objects.
+
+    Raises:
+        ValueError: As :func:`weight_key_test` for a state or base of another architecture.
+
+    Example:
+        >>> pre = {"w": torch.zeros(32, 32)}
+        >>> w = torch.randn(32, 32)
+        >>> keyed, key = embed_weight_key({"w": w}, pre, secret=7)
+        >>> torch.allclose(remove_weight_key(keyed, pre, key)["w"], w, atol=1e-6)
+        True
+    """
+    _check_suspect(state, pre, key)
+    out = dict(state)
+    for name in key.names:
+        w, p = state[name], pre[name]
+        tau = _matrix(w.double() - p.double().to(w.device))
+        dense, subspace = _key_parts(key, name, tau)
+        tau = tau - key.scales[name][0] * subspace
+        tau = tau / (1.0 + key.strength * dense * torch.sign(tau))
+        out[name] = (p.double().to(w.device) + tau.reshape(w.shape)).to(w.dtype)
+    return out
+
+
+def _key_parts(key: WeightKey, name: str, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dense signs, U K V^T)`` of one keyed tensor, as ``like``'s dtype and device: the key, before its scales."""
+    u, v = key.bases[name]
+    drawn = key.origin.get(name, name)
+    dense = _signs(key.secret, "dense", drawn, tuple(like.shape)).to(like)
+    return dense, u.to(like) @ _subspace_signs(key.secret, drawn, u.shape[1]).to(like) @ v.to(like).T
+
+
+def restrength_weight_key(
+    state: Mapping[str, Tensor], pre: Mapping[str, Tensor], key: WeightKey, strength: float
+) -> tuple[dict[str, Tensor], WeightKey]:
+    """``state``'s key at another ``strength``: the same secret and singular bases, both parts rescaled.
+
+    :func:`remove_weight_key`, then the key embedded again as :func:`embed_weight_key` would at ``strength`` with the
+    bases the key already holds (recomputing them could flip a singular vector's sign). At ``key.strength`` it gives
+    ``state`` back, up to rounding.
+
+    Args:
+        state: The keyed model (the release).
+        pre: ``theta_pre``.
+        key: The key embedded in it.
+        strength: The new strength, in (0, 0.5].
+
+    Returns:
+        ``(state with the key at strength, the key at strength)``.
+
+    Raises:
+        ValueError: On a bad ``strength``, or as :func:`remove_weight_key`.
+
+    Example:
+        >>> pre = {"w": torch.zeros(64, 64)}
+        >>> w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+        >>> keyed, key = embed_weight_key({"w": w}, pre, secret=7)
+        >>> stronger, key2 = restrength_weight_key(keyed, pre, key, 0.2)
+        >>> key2.strength, weight_key_test(stronger, pre, key2).z_dense > 2 * weight_key_test(keyed, pre, key).z_dense
+        (0.2, True)
+    """
+    if not is_number(strength) or not 0.0 < strength <= 0.5:
+        raise ValueError(f"strength must be in (0, 0.5], got {strength!r}")
+    out = remove_weight_key(state, pre, key)
+    ratio = strength / key.strength
+    scales: dict[str, tuple[float, float]] = {}
+    for name in key.names:
+        w, p = out[name], pre[name]
+        alpha, rms = key.scales[name]
+        tau = _matrix(w.float() - p.float().to(w.device))
+        dense, subspace = _key_parts(key, name, tau)
+        out[name] = (w.float() + (strength * dense * tau.abs() + alpha * ratio * subspace).reshape(w.shape)).to(w.dtype)
+        scales[name] = (alpha * ratio, rms)
+    signal = {n: s * ratio for n, s in key.dense_signal.items()}
+    return out, WeightKey(key.secret, float(strength), key.bases, scales, signal, key.origin)
 
 
 @dataclass(frozen=True)
