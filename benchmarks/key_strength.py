@@ -1,10 +1,11 @@
 """Key strength: does a stronger ownership key trace the merge ``stop_or_catch`` leaves open, and at what cost?
 
 ``benchmarks/stop_or_catch.py`` leaves one attack open on the vision track: Model Stock of the release with the four
-partners, repaired for 50 steps on 64 owner images (seeds 0 and 1). The repair drowns the key, whose two parts each
-have 5% of the task vector's norm (``strength=0.05``, the default). Here, per seed, the release's key is removed
-and the same secret embedded again with the same singular bases at each of ``STRENGTHS``
-(``restrength_weight_key``: exact, with the owner's key); for each:
+partners, repaired for 50 steps on 64 owner images (seeds 0 and 1; seed 2's committed results repair seven other
+merges only, and it runs here too). The repair drowns the key, whose two parts each have 5% of the task vector's
+norm (``strength=0.05``, the default). Here, per seed, the release's key is removed and the same secret embedded
+again with the same singular bases at each of ``STRENGTHS`` (``restrength_weight_key``: exact, with the owner's
+key); for each:
 
 1. the cost: the release's own accuracy on the owner's task (the callback's guard rail allows 1 point);
 2. Model Stock of it with the partners: as merged, repaired (10 and 50 steps), fine-tuned further on clean owner
@@ -16,7 +17,7 @@ and the same secret embedded again with the same singular bases at each of ``STR
 
 Strength 0.05 must reproduce the committed release (the largest weight difference is reported) and its cells.
 
-    python benchmarks/key_strength.py --seeds 0 1   # about 12 minutes on 2 CPU cores
+    python benchmarks/key_strength.py --seeds 0 1 2   # about 15 minutes on 2 CPU cores
     python benchmarks/key_strength.py --report-only
 
 Writes ``benchmarks/results/key_strength.{json,md,png}``.
@@ -86,7 +87,9 @@ def run_seed(seed: int, bar, committed: dict[str, Any]) -> dict[str, Any]:
             else None,
         }
     base = runs[f"{key.strength:g}"]
-    drift = [abs(c["log10_p"] - committed["cells"][f"{MERGE} | {how}"]["log10_p"]) for how, c in base["cells"].items()]
+    kept = committed["cells"]  # a seed not repaired on every merge lacks the repaired cells
+    drift = [abs(c["log10_p"] - kept[f"{MERGE} | {how}"]["log10_p"]) for how, c in base["cells"].items()
+             if f"{MERGE} | {how}" in kept]  # fmt: skip
     return {
         "seed": seed,
         "key_strength_of_the_release": key.strength,
@@ -95,7 +98,8 @@ def run_seed(seed: int, bar, committed: dict[str, Any]) -> dict[str, Any]:
         "unprotected_best": committed["unprotected_best"],
         "pre_own": committed.get("pre_own"),
         "strengths": runs,
-        "committed_cells_log10_p_difference": max(drift),
+        "committed_cells_compared": len(drift),
+        "committed_cells_log10_p_difference": max(drift, default=None),
         "seconds": time.perf_counter() - t0,
     }
 
@@ -136,6 +140,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
         own.axhline(run["unprotected_own"], color=f"C{i}", ls=":", lw=1)
     ax.axhline(3, color="r", ls="--", lw=1)
     ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("key strength (each part's norm / task vector's)")
     ax.set_ylabel("-log10 p (caught above the red line)")
     ax.set_title("Evidence on the open merge")
@@ -169,7 +174,7 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds to run (0 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (0 1 2)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")
     args = parser.parse_args()
     path = RESULTS / "key_strength.json"
