@@ -67,8 +67,7 @@ def run_seed(seed: int, bar, committed: dict[str, Any]) -> dict[str, Any]:
         release, k = restrength_weight_key(b["release"], pre, key, strength)
         merged = next(soc.grid_merges(configs, b["partners"], pre, release, [MERGE], owner_name=soc.OWNER))[1]
         states = {"as merged": merged, f"noise {NOISE}x task vector": soc.noised(merged, pre, NOISE, seed)}
-        for name, (steps, lr, examples) in {"repair": (soc.REPAIR, 5e-4, 64),
-                                            "removal": (soc.REMOVAL, 1e-4, None)}.items():  # fmt: skip
+        for name, (steps, lr, examples) in soc.owner_training().items():
             taken = soc.train_on_owner(visual, heads, merged, steps, lr, examples)
             states.update({f"{name} {n}": s for n, s in taken.items()})
         cells = {how: {"owner": acc(s), **test(s, k)} for how, s in states.items()}

@@ -76,8 +76,7 @@ def run_seed(seed: int, bar, committed: dict[str, Any]) -> dict[str, Any]:
         cell(label, "as merged", merged)
         cell(label, noise, soc.noised(merged, pre, NOISE, seed))
         if label == "release alone" or label in attacked:
-            for name, (steps, lr, examples) in {"repair": (soc.REPAIR, 5e-4, 64),
-                                                "removal": (soc.REMOVAL, 1e-4, None)}.items():  # fmt: skip
+            for name, (steps, lr, examples) in soc.owner_training().items():
                 for n, state in soc.train_on_owner(visual, heads, merged, steps, lr, examples).items():
                     cell(label, f"{name} {n}", state)
     negatives = {name: test(make()) for name, make in soc.negative_models(b, configs, labels)}

@@ -293,6 +293,11 @@ def negative_models(b: dict[str, Any], configs, labels) -> Iterator[tuple[str, C
                lambda k1=k1, k2=k2: {n: (indep(k1)[n] + indep(k2)[n]) / 2 for n in pre})  # fmt: skip
 
 
+def owner_training() -> dict[str, tuple[tuple[int, ...], float, int | None]]:
+    """``attack name -> (the run's steps, lr, owner images; None: all, in batches of 64)``: repair and removal."""
+    return {"repair": (REPAIR, 5e-4, 64), "removal": (REMOVAL, 1e-4, None)}
+
+
 def run_seed(
     seed: int,
     bar,
@@ -353,10 +358,7 @@ def run_seed(
         "low-rank 10%": lambda s: low_rank(s, pre, key.names),
         **{f"noise {k}x task vector": lambda s, k=k: noised(s, pre, k, seed) for k in NOISE},
     }
-    expensive = {  # attack name -> (the run's steps, lr, owner images; None: all, in batches of 64)
-        "repair": (REPAIR, 5e-4, 64),
-        "removal": (REMOVAL, 1e-4, None),
-    }
+    expensive = owner_training()
     release = [("release alone", b["release"])]
 
     def lacking(which, attacks) -> list[str]:
