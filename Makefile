@@ -50,8 +50,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/ownership.py
 	$(PY) benchmarks/deployment.py
 	$(PY) benchmarks/stop_or_catch.py
-	$(PY) benchmarks/key_weighting.py
-	$(PY) benchmarks/key_strength.py
+	$(PY) benchmarks/deployment_seeds.py
+	$(PY) benchmarks/key_weighting.py --against stop_or_catch_key0.05
+	$(PY) benchmarks/key_strength.py --against stop_or_catch_key0.05
 
 # For a session lent a GPU: the GPU-marked tests, the FSDP2 tests on the GPUs present (2 needed; else skipped) and the
 # GPU benchmarks, with their output kept under benchmarks/results/ (name the device when committing them).

@@ -64,7 +64,7 @@ def make_guard(**settings: Any):
     return MergeGuardCallback(stage2=strategy, **guard_objects(settings))
 
 
-_RELEASE_KEYS = ("amplify", "permute_residual", "ownership_key", "deployment_check", "dtype")
+_RELEASE_KEYS = ("amplify", "permute_residual", "ownership_key", "key_strength", "deployment_check", "dtype")
 _SELECTION_KEYS = ("include", "exclude", "stage2_exclude")
 
 

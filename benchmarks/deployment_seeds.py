@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import stop_or_catch
 from benchmarks._common import RESULTS, environment, markdown_table, save_png, vit_user_finetune, write_results
 
 TREATMENTS = ("none", "fp16", "bf16", "int8-row", "int4-g32", "int4-g128", "gguf-q8_0", "gguf-q4_0", "gguf-q4_k",
@@ -112,18 +113,19 @@ def plot(res: dict[str, Any], path: Path) -> None:
     save_png(fig, path)
 
 
-def track_parts(track: str, seed: int) -> tuple[dict[str, Any], Any, Any]:
-    """``(built models, accuracy, further fine-tuning)`` of ``track`` at ``seed``."""
+def track_parts(track: str, seed: int, key_strength: float) -> tuple[dict[str, Any], Any, Any]:
+    """``(built models, accuracy, further fine-tuning)`` of ``track`` at ``seed``, keyed at ``key_strength``."""
     from lightning_mergeguard.protection.stage2 import DEFAULT_TOLERANCE
 
     if track == "llm":
         from benchmarks import stop_or_catch_llm as llm
 
+        llm.KEY_STRENGTH = key_strength
         return llm.build(seed), functools.partial(llm.owner_accuracy, rows=LLM_EVAL), llm.user_finetune
     from benchmarks.stop_or_catch import OWNER, build
     from lightning_mergeguard.demos.vision_tasks import vit_task_accuracy
 
-    b = build(seed, tolerance=DEFAULT_TOLERANCE)
+    b = build(seed, tolerance=DEFAULT_TOLERANCE, key_strength=key_strength)
     return (
         b,
         lambda s: vit_task_accuracy(b["visual"], b["heads"], s, OWNER),
@@ -195,6 +197,7 @@ def main() -> None:
                         "release is trained for, instead of stop_or_catch_llm.DEPLOYED (results: "
                         "deployment_seeds_llm_<formats>.*)")  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="table and plot again from the JSON")
+    stop_or_catch.add_key_strength(parser, "deployment_seeds[_llm][_<formats>]")
     args = parser.parse_args()
     name = "deployment_seeds" if args.track == "vision" else "deployment_seeds_llm"
     recommended = True
@@ -208,6 +211,7 @@ def main() -> None:
         recommended = formats == tuple(stop_or_catch_llm.DEPLOYED)
         stop_or_catch_llm.DEPLOYED = formats
         name += "" if recommended else "_" + "+".join(stop_or_catch_llm.DEPLOYED)
+    name += stop_or_catch.key_suffix(args.key_strength)
     if args.report_only:
         res = json.loads((RESULTS / f"{name}.json").read_text())
         report(res, name)
@@ -216,20 +220,23 @@ def main() -> None:
     start = time.perf_counter()
     runs = []
     command = "python benchmarks/deployment_seeds.py --seeds " + " ".join(map(str, args.seeds))
+    command += stop_or_catch.key_flag(args.key_strength)
     if args.track == "llm":
         from benchmarks.stop_or_catch_llm import DEPLOYED, VAL_N
 
         command += " --deployed " + " ".join(DEPLOYED) if not recommended else ""
 
         setting = (f"MergeGuardCallback(stage2=ScaleAdversarial(steps=16, lr=1e-4, deployed={list(DEPLOYED)}), "
-                   f"release=Release(ownership_key=...)), tolerance {DEFAULT_TOLERANCE:g} on {VAL_N} validation "
+                   f"release=Release(ownership_key=..., key_strength={args.key_strength:g})), tolerance "
+                   f"{DEFAULT_TOLERANCE:g} on {VAL_N} validation "
                    "prompts")  # fmt: skip
     else:
-        setting = ("MergeGuardCallback(release=Release(ownership_key=...)), every other setting at its default "
+        setting = (f"MergeGuardCallback(release=Release(ownership_key=..., key_strength={args.key_strength:g})), "
+                   "every other setting at its default "
                    f"(tolerance {DEFAULT_TOLERANCE:g})")  # fmt: skip
     for seed in tqdm(args.seeds, desc="deployment over seeds", unit="seed"):
         t0 = time.perf_counter()
-        b, acc, finetune = track_parts(args.track, seed)
+        b, acc, finetune = track_parts(args.track, seed, args.key_strength)
         out = deployed(b, acc, finetune)
         if args.track == "llm":
             out["merges"] = llm_merges(b)

@@ -1,11 +1,11 @@
 """Key strength: does a stronger ownership key trace the merge ``stop_or_catch`` leaves open, and at what cost?
 
-``benchmarks/stop_or_catch.py`` leaves one attack open on the vision track: Model Stock of the release with the four
-partners, repaired for 50 steps on 64 owner images (seeds 0 and 1; seed 2's committed results repair seven other
-merges only, and it runs here too). The repair drowns the key, whose two parts each have 5% of the task vector's
-norm (``strength=0.05``, the default). Here, per seed, the release's key is removed and the same secret embedded
-again with the same singular bases at each of ``STRENGTHS`` (``restrength_weight_key``: exact, with the owner's
-key); for each:
+``benchmarks/stop_or_catch.py --key-strength 0.05`` (the default key until it was measured here) leaves one attack
+open on the vision track: Model Stock of the release with the four partners, repaired for 50 steps on 64 owner
+images (seeds 0 and 1; seed 2's results there repair seven other merges only, and it runs here too). The repair
+drowns the key, whose two parts each have 5% of the task vector's norm. Here, per seed, the release's key is removed
+and the same secret embedded again with the same singular bases at each of ``STRENGTHS`` (``restrength_weight_key``:
+exact, with the owner's key); for each:
 
 1. the cost: the release's own accuracy on the owner's task (the callback's guard rail allows 1 point);
 2. Model Stock of it with the partners: as merged, repaired (10 and 50 steps), fine-tuned further on clean owner
@@ -15,9 +15,11 @@ key); for each:
    fine-tunes of the owner's task): a model made without the key scores the same at every strength, since the
    test's statistics are normalised (checked, not assumed).
 
-Strength 0.05 must reproduce the committed release (the largest weight difference is reported) and its cells.
+The release's own strength must reproduce the committed release (the largest weight difference is reported) and its
+cells.
 
-    python benchmarks/key_strength.py --seeds 0 1 2   # about 15 minutes on 2 CPU cores
+    python benchmarks/key_strength.py --seeds 0 1 2 --against stop_or_catch_key0.05  # 15 minutes on 2 CPU cores
+    python benchmarks/key_strength.py --seeds 0 1 2  # against the committed default (0.1) releases
     python benchmarks/key_strength.py --report-only
 
 Writes ``benchmarks/results/key_strength.{json,md,png}``.
@@ -49,7 +51,7 @@ def run_seed(seed: int, bar, committed: dict[str, Any]) -> dict[str, Any]:
     from lightning_mergeguard.ownership.weight_key import restrength_weight_key
 
     t0 = time.perf_counter()
-    b = soc.build(seed)
+    b = soc.committed_build(committed)
     visual, heads, pre, key = b["visual"], b["heads"], b["pre"], b["key"]
     configs = grid_configs(soc.OWNER, list(b["partners"]), soc.LAMBDAS, layers=layer_count(pre))
     negatives = [(n, make()) for n, make in soc.negative_models(b, configs, []) if not n.startswith("average")]
@@ -63,7 +65,7 @@ def run_seed(seed: int, bar, committed: dict[str, Any]) -> dict[str, Any]:
         return {"p": v.p_value, "log10_p": v.log10_p}
 
     runs = {}
-    for strength in STRENGTHS:
+    for strength in sorted({*STRENGTHS, key.strength}):  # the release's own strength: the reproduction check
         release, k = restrength_weight_key(b["release"], pre, key, strength)
         merged = next(soc.grid_merges(configs, b["partners"], pre, release, [MERGE], owner_name=soc.OWNER))[1]
         states = {"as merged": merged, f"noise {NOISE}x task vector": soc.noised(merged, pre, NOISE, seed)}
@@ -175,20 +177,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (0 1 2)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")
+    soc.add_against(parser)
     args = parser.parse_args()
     path = RESULTS / "key_strength.json"
     if args.report_only:
         report(json.loads(path.read_text()))
         return
-    committed = soc.committed_seeds(args.seeds)
+    committed = soc.committed_seeds(args.seeds, args.against)
     start, runs = time.perf_counter(), []
     with tqdm(desc="key strength", unit="test") as bar:
         for seed in args.seeds:
             runs.append(run_seed(seed, bar, committed[seed]))
             res = {
-                "command": "python benchmarks/key_strength.py --seeds " + " ".join(map(str, args.seeds)),
+                "command": "python benchmarks/key_strength.py --seeds "
+                + " ".join(map(str, args.seeds))
+                + soc.against_flag(args),
                 "environment": environment(),
-                "baseline": "the committed release (key strength 0.05, the default) and its stop_or_catch cells",
+                "baseline": f"the committed release of {args.against}.json and its cells",
                 "alpha": soc.ALPHA,
                 "stop": soc.STOP,
                 "merge": MERGE,

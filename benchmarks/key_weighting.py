@@ -50,7 +50,7 @@ def run_seed(seed: int, bar, committed: dict[str, Any]) -> dict[str, Any]:
     from lightning_mergeguard.ownership.verify import verify_ownership
 
     t0 = time.perf_counter()
-    b = soc.build(seed)
+    b = soc.committed_build(committed)
     visual, heads, pre, key = b["visual"], b["heads"], b["pre"], b["key"]
     configs = grid_configs(soc.OWNER, list(b["partners"]), soc.LAMBDAS, layers=layer_count(pre))
     labels = list(configs) if soc.GRID is None else list(soc.GRID)
@@ -182,15 +182,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds to run (0 1)")
     parser.add_argument("--append", action="store_true", help="add these seeds to the committed results file")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")
+    soc.add_against(parser)
     args = parser.parse_args()
     path = RESULTS / "key_weighting.json"
     if args.report_only:
         report(json.loads(path.read_text()))
         return
-    committed = soc.committed_seeds(args.seeds)
+    committed = soc.committed_seeds(args.seeds, args.against)
     old = json.loads(path.read_text()) if args.append and path.is_file() else None
     runs = {r["seed"]: r for r in (old or {}).get("seeds", [])}
-    command = "python benchmarks/key_weighting.py --seeds " + " ".join(map(str, args.seeds))
+    command = "python benchmarks/key_weighting.py --seeds " + " ".join(map(str, args.seeds)) + soc.against_flag(args)
     command = command if old is None else f"{old['command']}; {command} --append"
     start = time.perf_counter()
     with tqdm(desc="key weighting", unit="test") as bar:

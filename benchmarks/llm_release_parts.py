@@ -69,17 +69,21 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")
-    if parser.parse_args().report_only:
-        report(json.loads((RESULTS / "llm_release_parts.json").read_text()))
+    llm.stop_or_catch.add_key_strength(parser, "llm_release_parts")
+    args = parser.parse_args()
+    name = "llm_release_parts" + llm.stop_or_catch.key_suffix(args.key_strength)
+    if args.report_only:
+        report(json.loads((RESULTS / f"{name}.json").read_text()), name)
         return
     start = time.perf_counter()
+    llm.KEY_STRENGTH = args.key_strength
     s, b = llm.shared(), llm.build(0)
     pre = s["pre"]
     guard = make_guard(progress=False, stage2="none", eval_batches=4, score_fn=answer_exact_match)
     rows = generate_task(llm.OWNER, 8 * llm.STEPS, seed=100)
     stage1 = llm.train(s["model"], s["tok"], pre, rows, llm.STEPS, llm.LR, 100, [guard],
                        generate_task(llm.OWNER, 32, seed=7))  # fmt: skip
-    keyed, key = embed_weight_key(b["unprotected"], pre, secret=11)
+    keyed, key = embed_weight_key(b["unprotected"], pre, secret=11, strength=args.key_strength)
     variants = {
         "unprotected": b["unprotected"],
         "stage 1 only": stage1,
@@ -104,12 +108,13 @@ def main() -> None:
     res = {
         "baseline": "the unprotected fine-tune of seed 0 under the same treatment",
         "rows": ROWS,
+        "key_strength": args.key_strength,
         "scores": scores,
         "key_only_merges": merges,
         "seconds": time.perf_counter() - start,
     }
-    write_results("llm_release_parts", res)
-    report(res)
+    write_results(name, res)
+    report(res, name)
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -130,20 +135,20 @@ def plot(res: dict[str, Any], path: Path) -> None:
     save_png(fig, path)
 
 
-def report(res: dict[str, Any]) -> None:
-    """Write ``llm_release_parts.md`` and ``.png`` from the results; print the table and the headline."""
+def report(res: dict[str, Any], name: str = "llm_release_parts") -> None:
+    """Write ``<name>.md`` and ``.png`` from the results; print the table and the headline."""
     scores, merges = res["scores"], res["key_only_merges"]
     rows = [[n, *(f"{v[t]:.1f}" for t in TREATMENTS)] for n, v in scores.items()]
     merge_rows = [[k, f"{v['owner']:.1f}", f"{v['log10_p']:.0f}"] for k, v in merges.items()]
     text = (
         f"#### Which part of the LLM release costs own score (seed 0, exact match % on {res['rows']} held-out "
-        "prompts)\n\n"
+        f"prompts, key strength {res.get('key_strength', 0.05):g})\n\n"
         + markdown_table(["variant", *TREATMENTS], rows)
         + "\n\nMerges of the key-only release with the partners (owner exact match % on 64 prompts, log10 p of "
         "verify_ownership):\n\n" + markdown_table(["merge", "owner", "log10 p"], merge_rows) + "\n"
     )
-    (RESULTS / "llm_release_parts.md").write_text(text, encoding="utf-8")
-    plot(res, RESULTS / "llm_release_parts.png")
+    (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
+    plot(res, RESULTS / f"{name}.png")
     print(text)
     worst = {n: max(scores["unprotected"][t] - v[t] for t in TREATMENTS) for n, v in scores.items()}
     print("headline: largest loss against the unprotected model, per variant: " + ", ".join(

@@ -53,18 +53,35 @@ def text() -> str:
     out: list[str] = []
     for name, title in (
         ("stop_or_catch", "Stop or catch: every merge is stopped or traced (`benchmarks/stop_or_catch.py`)"),
-        ("stop_or_catch_llm", "Stop or catch, LLM track (`benchmarks/stop_or_catch_llm.py`)"),
-        ("key_weighting", "Weighing the key test's tensors by signal to noise (`benchmarks/key_weighting.py`)"),
-        ("key_strength", "A stronger key on the open merge (`benchmarks/key_strength.py`)"),
+        (
+            "stop_or_catch_key0.05",
+            "Stop or catch with the former default key, 0.05: every merge repaired on seeds 0 and 1 "
+            "(`stop_or_catch.py --key-strength 0.05`)",
+        ),
+        (
+            "stop_or_catch_llm_key0.05",
+            "Stop or catch, LLM track, key 0.05 (`stop_or_catch_llm.py --key-strength 0.05`)",
+        ),
+        (
+            "key_weighting",
+            "Weighing the key test's tensors by signal to noise, key 0.05 (`benchmarks/key_weighting.py`)",
+        ),
+        ("key_strength", "Key strength on the merge the 0.05 key left open (`benchmarks/key_strength.py`)"),
         ("deployment", "The release under what users do to it (`benchmarks/deployment.py`)"),
         ("deployment_seeds", "The recommended setting under deployment, per seed (`benchmarks/deployment_seeds.py`)"),
-        ("deployment_seeds_llm", "The recommended setting under deployment, LLM (`deployment_seeds.py --track llm`)"),
         (
-            "deployment_seeds_llm_int4-g128+int4-g32+gguf-q4_0",
-            "The LLM setting trained without GGUF Q4_K, under "
-            "deployment (`deployment_seeds.py --track llm --deployed ...`)",
+            "deployment_seeds_llm_key0.05",
+            "The recommended setting under deployment, LLM, key 0.05 (`deployment_seeds.py --track llm`)",
         ),
-        ("llm_release_parts", "Which part of the LLM release costs own score (`benchmarks/llm_release_parts.py`)"),
+        (
+            "deployment_seeds_llm_int4-g128+int4-g32+gguf-q4_0_key0.05",
+            "The LLM setting trained without GGUF Q4_K, under "
+            "deployment, key 0.05 (`deployment_seeds.py --track llm --deployed ...`)",
+        ),
+        (
+            "llm_release_parts_key0.05",
+            "Which part of the LLM release costs own score, key 0.05 (`benchmarks/llm_release_parts.py`)",
+        ),
         ("trigger_set", "Trigger-set fingerprint for classifiers, black box (`benchmarks/trigger_set.py`)"),
     ):
         data = load(name)

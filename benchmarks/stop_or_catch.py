@@ -61,6 +61,7 @@ from benchmarks._common import (
     write_results,
 )
 from benchmarks._grid import grid_configs, layer_count
+from lightning_mergeguard.ownership.weight_key import DEFAULT_STRENGTH
 from lightning_mergeguard.protection.stage2.base import DEFAULT_TOLERANCE
 
 State = dict[str, Tensor]
@@ -77,6 +78,7 @@ ATTACKED = (
     "uniform TA λ=0.3",
     "DARE-TIES (study)",
     "Multi-SLERP owner 0.8",
+    "Model Stock",  # keeps the least of the owner's key: the cell the 0.05 key left open on every seed
 )
 INDEPENDENT = 5
 REPAIR, REMOVAL = (10, 50), (50, 200)  # steps; each pair from one run (train_on_owner)
@@ -128,11 +130,11 @@ def cached_owner_models(folder: Path, make: Callable[[Path], tuple[State, State,
     }
 
 
-def build(seed: int, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+def build(seed: int, tolerance: float = DEFAULT_TOLERANCE, key_strength: float = DEFAULT_STRENGTH) -> dict[str, Any]:
     """The shared models, and the owner's unprotected and protected fine-tunes (``seed``).
 
     The two fine-tunes, the key and the callback's report are cached under
-    ``.cache/stop-or-catch/tolerance<T>-epochs<E>-stage2-<S>-seed<seed>/`` (``--extend`` reuses them).
+    ``.cache/stop-or-catch/tolerance<T>-epochs<E>-stage2-<S>-key<K>-seed<seed>/`` (``--extend`` reuses them).
     """
     from lightning_mergeguard.demos.vision_tasks import finetune_vit_task
 
@@ -140,11 +142,21 @@ def build(seed: int, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
 
     def make(key_file: Path) -> tuple[State, State, dict]:
         unprotected = finetune_vit_task(visual, heads, OWNER, epochs=EPOCHS, seed=100 + seed)
-        guard = make_guard(progress=False, steps=STAGE2_STEPS, tolerance=tolerance, ownership_key=str(key_file))
+        guard = make_guard(
+            progress=False,
+            steps=STAGE2_STEPS,
+            tolerance=tolerance,
+            ownership_key=str(key_file),
+            key_strength=key_strength,
+        )
         release = finetune_vit_task(visual, heads, OWNER, callbacks=[guard], epochs=EPOCHS, seed=100 + seed)
         return unprotected, release, guard.report
 
-    folder = CACHE / "stop-or-catch" / f"tolerance{tolerance:g}-epochs{EPOCHS}-stage2-{STAGE2_STEPS}-seed{seed}"
+    folder = (
+        CACHE
+        / "stop-or-catch"
+        / f"tolerance{tolerance:g}-epochs{EPOCHS}-stage2-{STAGE2_STEPS}-key{key_strength:g}-seed{seed}"
+    )
     return {"visual": visual, "heads": heads, "pre": pre, "partners": partners,
             **cached_owner_models(folder, make, what="the tower")}  # fmt: skip
 
@@ -304,6 +316,7 @@ def run_seed(
     tolerance: float = DEFAULT_TOLERANCE,
     done: dict[str, Any] | None = None,
     attacked: tuple[str, ...] | None = ATTACKED,
+    key_strength: float = DEFAULT_STRENGTH,
 ) -> dict[str, Any]:
     """Every cell and negative of ``seed``; ``done``: that seed's committed results, whose cells are kept.
 
@@ -316,7 +329,7 @@ def run_seed(
     from lightning_mergeguard.quantization import treated_state
 
     t0 = time.perf_counter()
-    b = build(seed, tolerance)
+    b = build(seed, tolerance, key_strength)
     visual, heads, pre, key = b["visual"], b["heads"], b["pre"], b["key"]
     partners = b["partners"]
     done = done or {}
@@ -419,17 +432,50 @@ def run_seed(
     }
 
 
-def committed_seeds(seeds: list[int]) -> dict[int, dict[str, Any]]:
-    """``seed -> its committed results`` (``stop_or_catch.json``), for the benchmarks that build on them.
+def committed_seeds(seeds: list[int], name: str = "stop_or_catch") -> dict[int, dict[str, Any]]:
+    """``seed -> its committed results`` (``<name>.json``), for the benchmarks that build on them.
 
     Raises:
         SystemExit: If a seed has no committed results.
     """
-    committed = {r["seed"]: r for r in json.loads((RESULTS / "stop_or_catch.json").read_text())["seeds"]}
+    committed = {r["seed"]: r for r in json.loads((RESULTS / f"{name}.json").read_text())["seeds"]}
     missing = [s for s in seeds if s not in committed]
     if missing:
-        raise SystemExit(f"stop_or_catch.json has no seed {missing}: run benchmarks/stop_or_catch.py for it first")
+        raise SystemExit(f"{name}.json has no seed {missing}: run benchmarks/stop_or_catch.py for it first")
     return committed
+
+
+def committed_build(run: dict[str, Any]) -> dict[str, Any]:
+    """:func:`build` of a committed seed (``run``: its results), with the key strength its release was made with."""
+    key = run.get("key") or {}
+    return build(run["seed"], key_strength=key.get("requested_strength", key.get("strength", DEFAULT_STRENGTH)))
+
+
+def add_against(parser: argparse.ArgumentParser) -> None:
+    """``--against NAME``: the committed stop_or_catch results (and so the releases) a follow-up benchmark uses."""
+    parser.add_argument("--against", default="stop_or_catch", help="the stop_or_catch results file to build on "
+                        "(default stop_or_catch, the default key; stop_or_catch_key0.05: the 0.05 key)")  # fmt: skip
+
+
+def add_key_strength(parser: argparse.ArgumentParser, writes: str) -> None:
+    """``--key-strength K``: the release's key strength (another than the default writes ``<writes>_key<K>``)."""
+    parser.add_argument("--key-strength", type=float, default=DEFAULT_STRENGTH, help="the ownership key's strength "
+                        f"(default {DEFAULT_STRENGTH:g}, Release's; another writes {writes}_key<K>.*)")  # fmt: skip
+
+
+def key_suffix(strength: float) -> str:
+    """The results-name suffix of a key strength ("" at the default)."""
+    return "" if strength == DEFAULT_STRENGTH else f"_key{strength:g}"
+
+
+def key_flag(strength: float) -> str:
+    """``--key-strength``, as the command line of a results file writes it ("" at the default)."""
+    return "" if strength == DEFAULT_STRENGTH else f" --key-strength {strength:g}"
+
+
+def against_flag(args: argparse.Namespace) -> str:
+    """``--against``, as the command line of a results file writes it ("" at the default)."""
+    return "" if args.against == "stop_or_catch" else f" --against {args.against}"
 
 
 def classify(cell: dict[str, Any]) -> str:
@@ -548,8 +594,10 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"the guard rail's tolerance (default {DEFAULT_TOLERANCE:g}, the callback's; another "
                         "value writes stop_or_catch_tolerance<T>.*)")  # fmt: skip
+    add_key_strength(parser, "stop_or_catch")
     args = parser.parse_args()
     name = "stop_or_catch" if args.tolerance == DEFAULT_TOLERANCE else f"stop_or_catch_tolerance{args.tolerance:g}"
+    name += key_suffix(args.key_strength)
     path = RESULTS / f"{name}.json"
     if args.report_only:
         report(json.loads(path.read_text()), name)
@@ -560,13 +608,15 @@ def main() -> None:
     runs = dict(kept)  # a seed run again replaces its committed results once it is done
     command = "python benchmarks/stop_or_catch.py --seeds " + " ".join(map(str, args.seeds))
     command += "" if args.tolerance == DEFAULT_TOLERANCE else f" --tolerance {args.tolerance:g}"
+    command += key_flag(args.key_strength)
     command += " --repair-every-merge" if args.repair_every_merge else ""
     command += " --extend" if args.extend else " --append" if old is not None else ""
     res: dict[str, Any] = {}
     with tqdm(desc="stop or catch", unit="cell") as bar:
         for seed in args.seeds:  # written after each seed: a long run keeps what it finished
             attacked = None if args.repair_every_merge else ATTACKED
-            runs[seed] = run_seed(seed, bar, args.tolerance, kept.get(seed) if args.extend else None, attacked)
+            done = kept.get(seed) if args.extend else None
+            runs[seed] = run_seed(seed, bar, args.tolerance, done, attacked, args.key_strength)
             res = {
                 "command": command if old is None else f"{old['command']}; {command}",
                 "environment": environment(),
@@ -575,6 +625,7 @@ def main() -> None:
                 "alpha": ALPHA,
                 "stop": STOP,
                 "tolerance": args.tolerance,
+                "key_strength": args.key_strength,
                 "attacked": "every merge of the grid" if attacked is None else list(attacked),
                 "realign_partner": REALIGN_PARTNER,
                 **({"notes": old["notes"]} if old and "notes" in old else {}),
@@ -590,7 +641,9 @@ def report(res: dict[str, Any], name: str = "stop_or_catch", track: str = "visio
     table, neither = summary(res)
     tolerance = res.get("tolerance", MEASURED_TOLERANCE)
     unit = "point" if tolerance == 1 else "points"
-    text = f"#### Stop or catch, {track} track (guard rail at {tolerance:g} {unit})\n\n" + table + "\n\n"
+    key = res.get("key_strength", 0.05)  # results written before the option ran at 0.05
+    text = f"#### Stop or catch, {track} track (guard rail at {tolerance:g} {unit}, key strength {key:g})\n\n"
+    text += table + "\n\n"
     text += "Cells neither stopped nor caught:\n\n" + ("\n".join(f"- {n}" for n in neither) or "- none") + "\n"
     (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
     plot(res, RESULTS / f"{name}.png", track)

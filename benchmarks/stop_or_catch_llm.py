@@ -62,6 +62,7 @@ from benchmarks import stop_or_catch
 from benchmarks._common import CACHE, RESULTS, environment, fit_lm, make_guard, write_results
 from benchmarks._grid import grid_configs, layer_count
 from benchmarks.stop_or_catch import ALPHA, STOP, cached_owner_models, realigned, reparameterised, report
+from lightning_mergeguard.ownership.weight_key import DEFAULT_STRENGTH
 
 State = dict[str, Tensor]
 TASKS, OWNER = ("add", "reverse", "upper", "country"), "upper"
@@ -112,6 +113,8 @@ int4-g128, int4-g32 and Q4_0 alone still loses 9.8-43.0 under GGUF Q4_K
 (``deployment_seeds_llm_int4-g128+int4-g32+gguf-q4_0``)."""
 VAL_N = 128
 """Validation prompts of the guard rail (one prompt = 0.8 points: 32 could not hold the 1-point tolerance)."""
+KEY_STRENGTH = DEFAULT_STRENGTH
+"""The release's ownership key strength (``--key-strength``; ``deployment_seeds.py --track llm`` sets it too)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -189,8 +192,9 @@ def train_snapshots(model, tok, state: State, rows, steps: tuple[int, ...], lr: 
 def build(seed: int) -> dict[str, Any]:
     """The owner's unprotected fine-tune and its release (stage 1, stage 2 and the ownership key) for ``seed``.
 
-    Cached under ``.cache/stop-or-catch-llm/<setting>-seed<seed>/``, the setting being :data:`DEPLOYED` and
-    :data:`VAL_N` (``benchmarks/deployment_seeds.py --track llm`` reuses it; another setting builds its own).
+    Cached under ``.cache/stop-or-catch-llm/<setting>-seed<seed>/``, the setting being :data:`DEPLOYED`,
+    :data:`VAL_N` and :data:`KEY_STRENGTH` (``benchmarks/deployment_seeds.py --track llm`` reuses it; another
+    setting builds its own).
     """
     from lightning_mergeguard.demos.smollm2 import generate_task
     from lightning_mergeguard.evaluation import answer_exact_match
@@ -200,12 +204,13 @@ def build(seed: int) -> dict[str, Any]:
         rows = generate_task(OWNER, 8 * STEPS, seed=100 + seed)
         unprotected = train(s["model"], s["tok"], s["pre"], rows, STEPS, LR, seed=100 + seed)
         guard = make_guard(progress=False, steps=STAGE2_STEPS, lr=1e-4, eval_batches=VAL_N // 8, deployed=DEPLOYED,
-                           score_fn=answer_exact_match, ownership_key=str(key_file))  # fmt: skip
+                           score_fn=answer_exact_match, ownership_key=str(key_file),
+                           key_strength=KEY_STRENGTH)  # fmt: skip
         val = generate_task(OWNER, VAL_N, seed=7)
         release = train(s["model"], s["tok"], s["pre"], rows, STEPS, LR, 100 + seed, [guard], val)
         return unprotected, release, guard.report
 
-    folder = CACHE / "stop-or-catch-llm" / f"{'+'.join(DEPLOYED)}-val{VAL_N}-seed{seed}"
+    folder = CACHE / "stop-or-catch-llm" / f"{'+'.join(DEPLOYED)}-val{VAL_N}-key{KEY_STRENGTH:g}-seed{seed}"
     return cached_owner_models(folder, make, what="the model")  # "model.x" -> "x"
 
 
@@ -444,8 +449,11 @@ def main() -> None:
     parser.add_argument("--extend", action="store_true",
                         help="keep the committed cells of these seeds and run only the ones they lack")  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")
+    stop_or_catch.add_key_strength(parser, "stop_or_catch_llm")
     args = parser.parse_args()
-    name = "stop_or_catch_llm"
+    global KEY_STRENGTH
+    KEY_STRENGTH = args.key_strength
+    name = "stop_or_catch_llm" + stop_or_catch.key_suffix(args.key_strength)
     path = RESULTS / f"{name}.json"
     if args.report_only:
         report(json.loads(path.read_text()), name, track="LLM")
@@ -455,6 +463,7 @@ def main() -> None:
     kept = {r["seed"]: r for r in (old or {}).get("seeds", [])}
     runs = dict(kept)  # a seed run again replaces its committed results once it is done
     command = "python benchmarks/stop_or_catch_llm.py --seeds " + " ".join(map(str, args.seeds))
+    command += stop_or_catch.key_flag(args.key_strength)
     flag = " --extend" if args.extend else " --append"
     res: dict[str, Any] = {}
     with tqdm(desc="stop or catch (LLM)", unit="cell") as bar:
@@ -466,10 +475,12 @@ def main() -> None:
                 "baseline": "the unprotected fine-tune of the same seed: its best merge on the same merges (stopped = "
                 "owner exact match at most 0.5x that); negatives: models never derived from the release",
                 "setting": f"MergeGuardCallback(stage2=ScaleAdversarial(steps={STAGE2_STEPS}, lr=1e-4, deployed="
-                f"{list(DEPLOYED)}), release=Release(ownership_key=...)), guard rail on {VAL_N} validation prompts",
+                f"{list(DEPLOYED)}), release=Release(ownership_key=..., key_strength={KEY_STRENGTH:g})), guard rail on "
+                f"{VAL_N} validation prompts",
                 "alpha": ALPHA,
                 "stop": STOP,
                 "tolerance": 1.0,
+                "key_strength": KEY_STRENGTH,
                 "merges": list(MERGES),
                 "grid": "every merge of the grid" if GRID is None else list(GRID),
                 "grid_attacks": list(GRID_ATTACKS),

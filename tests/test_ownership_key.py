@@ -14,9 +14,13 @@ from lightning_mergeguard.ownership.alignment import align_to_base, find_unit_gr
 from lightning_mergeguard.ownership.stats import binomial_tail, bonferroni, hoeffding_tail, log10_hoeffding_tail
 from lightning_mergeguard.ownership.verify import verify_ownership
 from lightning_mergeguard.ownership.weight_key import (
+    DEFAULT_STRENGTH,
+    MIN_STRENGTH,
     WeightKey,
+    embed_key_checked,
     embed_weight_key,
     embed_weight_key_,
+    key_cost_warning,
     key_tensor_names,
     remove_weight_key,
     restrength_weight_key,
@@ -70,7 +74,8 @@ def test_the_key_is_found_in_the_release_and_in_proportion_in_merges():
     keyed, key = embed_weight_key(ft, base, secret=5)
     assert key_tensor_names(ft, base) == ["a", "b"] and key.names == ["a", "b"]
     rel = {k: (keyed[k] - ft[k]).norm() / (ft[k] - base[k]).norm() for k in ft}
-    assert all(0.05 < float(r) < 0.09 for r in rel.values())  # two parts of 5% each
+    s = DEFAULT_STRENGTH  # two parts of s each, nearly orthogonal: about sqrt(2) s together
+    assert all(s < float(r) < 1.8 * s for r in rel.values())
     assert weight_key_test(keyed, base, key).log10_p < -20
     assert weight_key_test(ft, base, key).p_value > 1e-3  # the same fine-tune before the key: a negative
     other = perturbed_state_dict(base, seed=9, scale=0.05)
@@ -82,7 +87,7 @@ def test_the_key_is_found_in_the_release_and_in_proportion_in_merges():
 
 def test_the_subspace_part_survives_a_low_rank_truncation_that_removes_the_dense_part():
     base, ft = _base_and_finetune(shape=(64, 64))
-    keyed, key = embed_weight_key(ft, base, secret=5, rank=8)
+    keyed, key = embed_weight_key(ft, base, secret=5, rank=8, strength=0.05)  # a weak key: the dense part goes
     cut = {}
     for k in base:
         u, s, vh = torch.linalg.svd(keyed[k] - base[k])
@@ -130,8 +135,8 @@ def test_snr_weighting_loses_a_layer_wise_merge_whose_keyless_tensors_are_quiete
     g = torch.Generator().manual_seed(0)
     base = {f"t{i}": torch.randn(128, 96, generator=g) for i in range(6)}
     release, key = embed_weight_key(
-        {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}, base, secret=3
-    )
+        {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}, base, secret=3, strength=0.05
+    )  # the strength benchmarks/key_weighting.py measured it at
     partner = {k: v + 0.015 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     layers = {k: release[k] if i < 3 else partner[k] for i, k in enumerate(base)}
     noisy = {
@@ -301,7 +306,7 @@ def test_a_merge_hidden_behind_a_reparameterisation_is_caught_after_alignment():
 def test_removing_the_base_directions_recovers_what_a_scale_estimate_error_hides():
     """An aligned suspect keeps ``(s_hat - s) * theta_pre`` per channel; the aligned test removes those directions."""
     base, ft = _base_and_finetune(shape=(96, 80), scale=0.02)
-    release, key = embed_weight_key(ft, base, secret=3)
+    release, key = embed_weight_key(ft, base, secret=3, strength=0.05)  # a weak key, where the error shows most
     g = torch.Generator().manual_seed(1)
     off = {k: (1 + 0.01 * torch.randn(v.shape[0], 1, generator=g)) * v for k, v in release.items()}  # 1% row errors
     plain, projected = weight_key_test(off, base, key), weight_key_test(off, base, key, aligned=True)
@@ -379,6 +384,8 @@ def test_protect_module_embeds_a_key_and_the_card_says_so_without_the_secret(tmp
     )
     entry = report["ownership_key"]
     assert entry["tensors"] >= 2 and report["score_after"] == entry["score_after_key"]
+    assert entry["tries"][0][0] == DEFAULT_STRENGTH and entry["within_tolerance"]  # the rail counted the key
+    assert report["score_before"] - entry["score_after_key"] <= 5.0
     key = WeightKey.load(tmp_path / "k")
     assert verify_ownership(model.state_dict(), base, key, check_base=False).derived
     card = "\n".join(
@@ -476,3 +483,78 @@ def test_the_key_alone_is_embedded_but_never_reported_as_protection(tmp_path):
         trainer(
             tmp_path, callbacks=[MergeGuardCallback(stage2="none", release=Release(ownership_key=str(tmp_path / "k2")))]
         ).fit(TinyClassifier())
+
+
+# ------------------------------------------------------------------ the guard rail counts the key's cost
+def _live(seed: int = 0):
+    base, ft = _base_and_finetune(seed, shape=(64, 48))
+    return base, {k: torch.nn.Parameter(v.clone()) for k, v in ft.items()}
+
+
+def test_the_key_is_halved_until_stage_2_and_the_key_fit_the_tolerance():
+    base, params = _live()
+    ft = {k: p.detach().clone() for k, p in params.items()}
+
+    def metric() -> float:  # a score that loses 100 points per unit of relative change: 0.1 -> ~14, 0.025 -> ~3.5
+        rel = sum(float((params[k] - ft[k]).norm() / (ft[k] - base[k]).norm()) for k in ft) / len(ft)
+        return 90.0 - 100.0 * rel
+
+    entry = embed_key_checked(params, base, None, metric, secret=4, lowest=80.0)
+    assert entry["requested_strength"] == DEFAULT_STRENGTH and entry["strength"] == DEFAULT_STRENGTH / 2
+    assert [s for s, _ in entry["tries"]] == [DEFAULT_STRENGTH, DEFAULT_STRENGTH / 2]
+    assert entry["tries"][0][1] < 80.0 <= entry["score_after_key"] and entry["within_tolerance"]
+    # the live weights hold exactly the key at the kept strength: the same as embedding it there directly
+    direct, _ = embed_weight_key(ft, base, secret=4, strength=DEFAULT_STRENGTH / 2)
+    for k in ft:
+        torch.testing.assert_close(params[k].detach(), direct[k], atol=1e-6, rtol=0)
+    warning = key_cost_warning(entry, 90.0, 10.0)
+    assert "weakened to strength 0.05 (asked: 0.1)" in warning
+
+
+def test_a_key_that_never_fits_stops_at_the_floor_and_says_so():
+    base, params = _live(1)
+    entry = embed_key_checked(params, base, None, lambda: 0.0, secret=4, lowest=50.0)
+    assert entry["strength"] == MIN_STRENGTH and not entry["within_tolerance"] and len(entry["tries"]) == 3
+    assert "more than the tolerance (1) even at strength 0.025" in key_cost_warning(entry, 60.0, 1.0)
+    # without a floor score nothing is halved, and a key that fits is not touched either
+    base, params = _live(2)
+    assert embed_key_checked(params, base, None, lambda: 0.0, secret=4)["tries"] == [[DEFAULT_STRENGTH, 0.0]]
+    base, params = _live(3)
+    fits = embed_key_checked(params, base, None, lambda: 90.0, secret=4, strength=0.3, lowest=89.0)
+    assert fits["strength"] == 0.3 and key_cost_warning(fits, 90.0, 1.0) is None
+
+
+@pytest.mark.parametrize("bad", [0.0, 0.01, 0.6, True, "0.1", float("nan")])
+def test_release_key_strength_is_validated(bad):
+    with pytest.raises(ValueError, match=r"key_strength must be a number in \[0.025, 0.5\]"):
+        Release(ownership_key="owner.key", key_strength=bad)
+    assert Release(key_strength=0.2).settings()["key_strength"] == 0.2 and Release().key_strength == DEFAULT_STRENGTH
+
+
+def test_the_callback_and_protect_module_hand_the_guard_rail_to_the_key(tmp_path, monkeypatch):
+    """Both entry points pass the strength asked for and the lowest score allowed, and warn on what comes back."""
+    from lightning_mergeguard import MergeGuardCallback
+    from lightning_mergeguard.ownership import weight_key
+    from lightning_mergeguard.protection.stage2 import ScaleAdversarial
+    from tests._helpers import TinyClassifier, trainer
+
+    seen = {}
+    real = weight_key.embed_key_checked
+
+    def spy(*args, **kwargs):
+        entry = real(*args, **kwargs)
+        seen.update(kwargs)
+        return {**entry, "within_tolerance": False}  # as if even the floor cost too much
+
+    monkeypatch.setattr(weight_key, "embed_key_checked", spy)
+    torch.manual_seed(0)
+    guard = MergeGuardCallback(
+        stage2=ScaleAdversarial(steps=4, lr=0.01),
+        tolerance=3.0,
+        progress=False,
+        release=Release(ownership_key=str(tmp_path / "k"), key_strength=0.2),
+    )
+    with pytest.warns(UserWarning, match="ownership key costs .* more than the tolerance \\(3\\)"):
+        trainer(tmp_path, callbacks=[guard], max_epochs=2).fit(TinyClassifier())
+    assert seen["strength"] == 0.2 and seen["lowest"] == pytest.approx(guard.report["score_before"] - 3.0)
+    assert guard.report["ownership_key"]["requested_strength"] == 0.2

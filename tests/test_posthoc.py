@@ -693,6 +693,12 @@ def test_one_command_line_style_and_help_before_torch(checkpoints, tmp_path, cap
 
     deployed = _call(_arguments(_protect_args(checkpoints, tmp_path, "--deployed", "int4-g32", "int8-row")))["stage2"]
     assert type(deployed).__name__ == "ScaleAdversarial" and deployed.deployed == ("int4-g32", "int8-row")
+    assert _call(_arguments(_protect_args(checkpoints, tmp_path)))["release"].key_strength == 0.1  # Release's
+    assert (
+        _call(_arguments(_protect_args(checkpoints, tmp_path, "--key-strength", "0.2")))["release"].key_strength == 0.2
+    )
+    with pytest.raises(ConfigError, match="key_strength must be a number in"):
+        _call(_arguments(_protect_args(checkpoints, tmp_path, "--key-strength", "0.9")))
     one = tmp_path / "deployed.yaml"
     one.write_text("deployed: int4-g128\n")  # a config's plain string is one format
     assert _call(_arguments(["--config", str(one), *_protect_args(checkpoints, tmp_path)]))["stage2"].deployed == (

@@ -647,12 +647,16 @@ class MergeGuardCallback(ResumableCallback):
 
     def _embed_key(self, trainer: pl.Trainer, ctx: Stage2Context) -> dict[str, Any]:
         """Embed the ownership key (the same secret on every rank) and write it on rank zero."""
-        from lightning_mergeguard.ownership.weight_key import embed_key_checked
+        from lightning_mergeguard.ownership.weight_key import embed_key_checked, key_cost_warning
 
         secret = trainer.strategy.broadcast(_secrets.randbits(63))
         path = self.release.ownership_key if trainer.is_global_zero else None
         names = {n: p for n, p in ctx.params.items() if n in self._params}  # the fine-tuned weights only
-        entry = embed_key_checked(names, ctx.reference, path, ctx.metric, secret=secret)
+        entry = embed_key_checked(names, ctx.reference, path, ctx.metric, secret=secret,
+                                  strength=self.release.key_strength, lowest=ctx.before - ctx.tolerance)  # fmt: skip
+        warning = key_cost_warning(entry, ctx.before, ctx.tolerance)
+        if warning is not None:
+            rank_zero_warn(f"MergeGuardCallback: {warning}.")
         rank_zero_info(f"MergeGuardCallback: ownership key embedded in {entry['tensors']} tensors, written to {path}")
         return entry
 

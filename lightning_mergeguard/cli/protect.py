@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_switch(s2, "permute-residual", False, "with --amplify, also permute the residual stream's channels")
     s2.add_argument("--ownership-key", metavar="KEY_FILE", help="embed a fresh secret ownership key after stage 2 "
                     "and write it to this file (keep it secret; test suspects with mergeguard-verify)")  # fmt: skip
+    s2.add_argument("--key-strength", type=float, default=None, help="the key's size, a fraction of each matrix's "
+                    "update (default 0.1, Release's; halved down to 0.025 where stage 2 and the key would cost more "
+                    "than --tolerance)")  # fmt: skip
     run_ = p.add_argument_group("running")
     run_.add_argument("--batch-size", type=int, default=8, help="batch size of the owner's data (8)")
     run_.add_argument("--max-length", type=int, default=64, help="token budget of a prompt plus answer (64)")
@@ -127,8 +130,10 @@ def _call(args: dict[str, Any]) -> dict[str, Any]:
 
     args = dict(args)
     try:
-        args["release"] = Release(**{k: args.pop(k) for k in ("ownership_key", "deployment_check", "amplify",
-                                                               "permute_residual", "dtype")})  # fmt: skip
+        if args.get("key_strength", 0) is None:
+            del args["key_strength"]  # Release's default
+        fields = ("ownership_key", "key_strength", "deployment_check", "amplify", "permute_residual", "dtype")
+        args["release"] = Release(**{k: args.pop(k) for k in fields if k in args})
     except ValueError as err:
         raise ConfigError(str(err)) from None
     args["data"] = OwnerData(args.pop("data"), **{k: args.pop(k) for k in ("batch_size", "max_length", "max_rows",

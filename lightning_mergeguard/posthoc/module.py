@@ -12,7 +12,7 @@ from lightning_mergeguard.callbacks._common import repeat
 from lightning_mergeguard.errors import IncompatibleModelsError
 from lightning_mergeguard.evaluation import LossFn, default_loss
 from lightning_mergeguard.merging.sources import match_names, open_source
-from lightning_mergeguard.ownership.weight_key import embed_key_checked
+from lightning_mergeguard.ownership.weight_key import embed_key_checked, key_cost_warning
 from lightning_mergeguard.parameters import ParameterSelection, parameter_selection, refuse_non_finite
 from lightning_mergeguard.protection.release.amplify import amplify_checked
 from lightning_mergeguard.protection.release.deployment import deployment_check
@@ -142,7 +142,16 @@ def protect_module(
         report["score_after"] = metric(module)
     changed = weights_changed(start, module.state_dict())  # by stage 2 or the re-fit; the key protects nothing
     if release.ownership_key is not None:
-        report["ownership_key"] = embed_key_checked(params, ctx.reference, release.ownership_key, counted)
+        report["ownership_key"] = embed_key_checked(
+            params,
+            ctx.reference,
+            release.ownership_key,
+            counted,
+            strength=release.key_strength,
+            lowest=before - tolerance,
+        )
+        if (warning := key_cost_warning(report["ownership_key"], before, tolerance)) is not None:
+            ctx.warn(f"{who}: {warning}.")
         report["score_after"] = report["ownership_key"]["score_after_key"]
     if release.amplify is not None:
         report["score_after"], report["amplify"] = amplify_checked(

@@ -140,16 +140,24 @@ def key_paragraph(report: Mapping[str, Any]) -> list[str]:
     Example:
         >>> key_paragraph({})
         []
+        >>> key_paragraph({"ownership_key": {"tensors": 4, "strength": 0.05, "requested_strength": 0.1}})[1][-60:]
+        "10% to keep the own score within the guard rail's tolerance."
     """
     key = report.get("ownership_key") or {}
     if not key.get("tensors"):
         return []
+    asked = key.get("requested_strength", key["strength"])
+    weaker = (
+        f" It was weakened from {100 * asked:g}% to keep the own score within the guard rail's tolerance."
+        if asked > key["strength"]
+        else ""
+    )
     return [
         "",
         f"Carries a secret ownership key in {key['tensors']} weight matrices (about {100 * key['strength']:g}% of "
         "each one's fine-tuning update): the owner can test any model, a merge included, for it with "
         "`mergeguard-verify` (a p-value under the null that the model was made without this release). The key "
-        "itself is not published.",
+        f"itself is not published.{weaker}",
     ]
 
 

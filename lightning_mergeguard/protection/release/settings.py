@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_mergeguard.ownership.weight_key import DEFAULT_STRENGTH, MIN_STRENGTH
 from lightning_mergeguard.protection.release.residual import check_permute_residual
 from lightning_mergeguard.protection.release.symmetry import check_strength
 
@@ -26,9 +27,14 @@ class Release:
 
     Args:
         ownership_key: A file path: after stage 2 (before ``amplify``), embed a fresh secret ownership key in the
-            protected weight matrices (:mod:`~lightning_mergeguard.ownership.weight_key`; about 5% of each one's
-            update, one more validation pass) and write the key there. Keep that file secret; test any suspect model
-            for the key with ``mergeguard-verify`` or :func:`~lightning_mergeguard.ownership.verify_ownership`.
+            protected weight matrices (:mod:`~lightning_mergeguard.ownership.weight_key`; ``key_strength`` of
+            each one's update, one more validation pass) and write the key there. Keep that file secret; test any
+            suspect model for the key with ``mergeguard-verify`` or
+            :func:`~lightning_mergeguard.ownership.verify_ownership`.
+        key_strength: The key's size, as a fraction of each matrix's fine-tuning update (default 0.1, in
+            ``[0.025, 0.5]``). Stronger keys are read in more merges and cost more own accuracy
+            (``benchmarks/results/key_strength.md``); the guard rail halves the key, down to 0.025, where stage 2
+            and the key together would cost more than the tolerance, and the report says which strength was kept.
         deployment_check: Score the fine-tune and the protected model under what users do to a release (fp16,
             bf16, int8 per row, 4-bit groups, GGUF Q8_0/Q4_0, 50 steps of full and LoRA fine-tuning;
             :mod:`~lightning_mergeguard.protection.release.deployment`), into the report's ``deployment`` entry and
@@ -52,6 +58,7 @@ class Release:
     """
 
     ownership_key: str | os.PathLike[str] | None = None
+    key_strength: float = DEFAULT_STRENGTH
     deployment_check: bool = False
     amplify: float | None = None
     permute_residual: bool = False
@@ -63,6 +70,10 @@ class Release:
             raise ValueError(f"ownership_key must be a file path (where the secret key is written), got {key!r}")
         if key is not None and os.path.isdir(key):
             raise ValueError(f"ownership_key {key!r} is a directory; give a file path such as 'owner.key'")
+        ks = self.key_strength
+        if isinstance(ks, bool) or not isinstance(ks, (int, float)) or not MIN_STRENGTH <= ks <= 0.5:
+            raise ValueError(f"key_strength must be a number in [{MIN_STRENGTH:g}, 0.5], got {ks!r}")
+        object.__setattr__(self, "key_strength", float(ks))
         if not isinstance(self.deployment_check, bool):
             raise ValueError(f"deployment_check must be True or False, got {self.deployment_check!r}")
         if self.amplify is not None:
@@ -91,6 +102,7 @@ class Release:
         key = self.ownership_key
         return {
             "ownership_key": os.fspath(key) if key is not None else None,
+            "key_strength": self.key_strength,
             "deployment_check": self.deployment_check,
             "amplify": self.amplify,
             "permute_residual": self.permute_residual,
