@@ -58,6 +58,7 @@ def text() -> str:
             "Stop or catch with the former default key, 0.05: every merge repaired on seeds 0 and 1 "
             "(`stop_or_catch.py --key-strength 0.05`)",
         ),
+        ("stop_or_catch_llm", "Stop or catch, LLM track (`benchmarks/stop_or_catch_llm.py`)"),
         (
             "stop_or_catch_llm_key0.05",
             "Stop or catch, LLM track, key 0.05 (`stop_or_catch_llm.py --key-strength 0.05`)",
@@ -69,9 +70,10 @@ def text() -> str:
         ("key_strength", "Key strength on the merge the 0.05 key left open (`benchmarks/key_strength.py`)"),
         ("deployment", "The release under what users do to it (`benchmarks/deployment.py`)"),
         ("deployment_seeds", "The recommended setting under deployment, per seed (`benchmarks/deployment_seeds.py`)"),
+        ("deployment_seeds_llm", "LLM under deployment, the recommended setting (`deployment_seeds.py --track llm`)"),
         (
             "deployment_seeds_llm_key0.05",
-            "The recommended setting under deployment, LLM, key 0.05 (`deployment_seeds.py --track llm`)",
+            "LLM under deployment with the former 0.05 key (`deployment_seeds.py --track llm --key-strength 0.05`)",
         ),
         (
             "deployment_seeds_llm_int4-g128+int4-g32+gguf-q4_0_key0.05",
