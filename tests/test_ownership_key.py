@@ -558,3 +558,58 @@ def test_the_callback_and_protect_module_hand_the_guard_rail_to_the_key(tmp_path
         trainer(tmp_path, callbacks=[guard], max_epochs=2).fit(TinyClassifier())
     assert seen["strength"] == 0.2 and seen["lowest"] == pytest.approx(guard.report["score_before"] - 3.0)
     assert guard.report["ownership_key"]["requested_strength"] == 0.2
+
+
+def test_the_key_is_checked_in_the_deployed_formats_too():
+    """A key that fits at full precision but costs too much in a deployed format is halved as well."""
+    base, params = _live(4)
+    ft = {k: p.detach().clone() for k, p in params.items()}
+
+    def in_formats() -> dict[str, float]:  # only int4 feels the key: 100 points per unit of relative change
+        rel = sum(float((params[k] - ft[k]).norm() / (ft[k] - base[k]).norm()) for k in ft) / len(ft)
+        return {"int4-g128": 90.0 - 100.0 * rel, "fp16": 90.0}
+
+    entry = embed_key_checked(
+        params, base, None, lambda: 90.0, secret=4, lowest=89.0, formats=in_formats, format_lowest={"int4-g128": 80.0}
+    )
+    assert [t[0] for t in entry["tries"]] == [DEFAULT_STRENGTH, DEFAULT_STRENGTH / 2] and entry["within_tolerance"]
+    assert entry["tries"][0][2]["int4-g128"] < 80.0 <= entry["deployed_after_key"]["int4-g128"]
+    assert entry["deployed_lowest"] == {"int4-g128": 80.0} and entry["score_after_key"] == 90.0
+    # a format no strength can hold: the floor, and the warning names the format
+    base, params = _live(5)
+    entry = embed_key_checked(
+        params, base, None, lambda: 90.0, secret=4, lowest=89.0,
+        formats=lambda: {"int4-g128": 10.0}, format_lowest={"int4-g128": 80.0},
+    )  # fmt: skip
+    assert entry["strength"] == MIN_STRENGTH and not entry["within_tolerance"]
+    assert "leaves int4-g128 10.0 (lowest allowed 80.0)" in key_cost_warning(entry, 90.0, 1.0)
+
+
+def test_the_callback_checks_the_key_in_the_formats_stage_2_holds(tmp_path, monkeypatch):
+    from lightning_mergeguard import MergeGuardCallback
+    from lightning_mergeguard.ownership import weight_key
+    from lightning_mergeguard.protection.stage2 import ScaleAdversarial
+    from tests._helpers import TinyClassifier, trainer
+
+    seen = {}
+    real = weight_key.embed_key_checked
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weight_key, "embed_key_checked", spy)
+    torch.manual_seed(0)
+    guard = MergeGuardCallback(
+        stage2=ScaleAdversarial(steps=2, lr=0.01, deployed=["int8-row"]),
+        tolerance=3.0,
+        progress=False,
+        release=Release(ownership_key=str(tmp_path / "k")),
+    )
+    trainer(tmp_path, callbacks=[guard], max_epochs=2).fit(TinyClassifier())
+    before, after = guard.report["score_before"], guard.report["deployed_after"]["int8-row"]
+    want = before - 3.0 if after >= before - 3.0 else after - 3.0
+    assert seen["format_lowest"] == {"int8-row": pytest.approx(want)}
+    key = guard.report["ownership_key"]
+    assert set(key["deployed_after_key"]) == {"int8-row"} and len(key["tries"][0]) == 3
+    assert key["deployed_after_key"]["int8-row"] >= want and key["within_tolerance"]

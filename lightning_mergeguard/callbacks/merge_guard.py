@@ -607,7 +607,7 @@ class MergeGuardCallback(ResumableCallback):
             params = self.selection.select_stage2(pl_module)
             ctx, after, extra, tau, moved = self._run_stage2(trainer, pl_module, params)
             if self.release.ownership_key is not None:
-                extra["ownership_key"] = self._embed_key(trainer, ctx)
+                extra["ownership_key"] = self._embed_key(trainer, ctx, extra)
                 after = extra["ownership_key"]["score_after_key"]
             if self.release.amplify is not None:
                 # only the fine-tuned weights (include/exclude), as selected at fit start
@@ -645,15 +645,20 @@ class MergeGuardCallback(ResumableCallback):
         self.stage2_done = True
         self._publish(trainer, pl_module)
 
-    def _embed_key(self, trainer: pl.Trainer, ctx: Stage2Context) -> dict[str, Any]:
-        """Embed the ownership key (the same secret on every rank) and write it on rank zero."""
+    def _embed_key(self, trainer: pl.Trainer, ctx: Stage2Context, stage2_report: dict[str, Any]) -> dict[str, Any]:
+        """Embed the ownership key (the same secret on every rank) and write it on rank zero.
+
+        The guard rail checks it at full precision and in the formats stage 2 was told users deploy.
+        """
         from lightning_mergeguard.ownership.weight_key import embed_key_checked, key_cost_warning
+        from lightning_mergeguard.protection.stage2.base import key_format_checks
 
         secret = trainer.strategy.broadcast(_secrets.randbits(63))
         path = self.release.ownership_key if trainer.is_global_zero else None
         names = {n: p for n, p in ctx.params.items() if n in self._params}  # the fine-tuned weights only
         entry = embed_key_checked(names, ctx.reference, path, ctx.metric, secret=secret,
-                                  strength=self.release.key_strength, lowest=ctx.before - ctx.tolerance)  # fmt: skip
+                                  strength=self.release.key_strength, lowest=ctx.before - ctx.tolerance,
+                                  **key_format_checks(ctx, stage2_report))  # fmt: skip
         warning = key_cost_warning(entry, ctx.before, ctx.tolerance)
         if warning is not None:
             rank_zero_warn(f"MergeGuardCallback: {warning}.")

@@ -31,7 +31,7 @@ import json
 import math
 import os
 import secrets as _secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -598,6 +598,8 @@ def embed_key_checked(
     secret: int | None = None,
     strength: float = DEFAULT_STRENGTH,
     lowest: float | None = None,
+    formats: Callable[[], Mapping[str, float]] | None = None,
+    format_lowest: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Embed a key in place (:func:`embed_weight_key_`), score the model, and write the key to ``path``.
 
@@ -614,12 +616,16 @@ def embed_key_checked(
         secret: The sign seed (``None``: 63 random bits; every process of a distributed run must pass the same).
         strength: The strength asked for.
         lowest: The lowest score the release may have (``None``: no check).
+        formats: ``() -> {format: score}`` of the live weights in the formats users deploy (``None``: full
+            precision only); scored with every try.
+        format_lowest: The lowest score the release may have in each of those formats.
 
     Returns:
         The report entry: ``file``, ``tensors``, ``strength`` (kept), ``requested_strength``, ``rank``,
-        ``score_after_key`` (``metric()`` with the kept key), ``tries`` (``[strength, score]`` per pass) and
-        ``within_tolerance`` (``False`` when even :data:`MIN_STRENGTH` costs more than allowed: see
-        :func:`key_cost_warning`).
+        ``score_after_key`` (``metric()`` with the kept key), ``tries`` (``[strength, score]`` per pass, with
+        ``{format: score}`` third when ``formats`` is given), ``within_tolerance`` (``False`` when even
+        :data:`MIN_STRENGTH` costs more than allowed: see :func:`key_cost_warning`) and, with ``formats``,
+        ``deployed_after_key`` and ``deployed_lowest``.
 
     Example:
         >>> w = torch.nn.Parameter(torch.randn(16, 16))
@@ -627,14 +633,27 @@ def embed_key_checked(
         >>> entry["strength"], entry["within_tolerance"]
         (0.1, True)
     """
+    floors = dict(format_lowest or {})
+
+    def score(strength_now: float) -> list[Any]:
+        entry: list[Any] = [strength_now, float(metric())]
+        if formats is not None:
+            entry.append({f: float(v) for f, v in formats().items()})
+        return entry
+
+    def fits(entry: list[Any]) -> bool:
+        in_formats = entry[2] if len(entry) > 2 else {}
+        short = [f for f, low in floors.items() if f in in_formats and in_formats[f] < low]
+        return (lowest is None or entry[1] >= lowest) and not short
+
     key = embed_weight_key_(params, reference, secret=secret, strength=strength)
-    tries = [[key.strength, float(metric())]]
-    while lowest is not None and tries[-1][1] < lowest and key.strength / 2 >= MIN_STRENGTH:
+    tries = [score(key.strength)]
+    while not fits(tries[-1]) and key.strength / 2 >= MIN_STRENGTH:
         state = {n: params[n].detach() for n in key.names}
         keyed, key = restrength_weight_key(state, reference, key, key.strength / 2)
         for name in key.names:
             params[name].copy_(keyed[name])
-        tries.append([key.strength, float(metric())])
+        tries.append(score(key.strength))
     if path is not None:
         key.save(path)
     return {
@@ -645,7 +664,8 @@ def embed_key_checked(
         "rank": DEFAULT_RANK,
         "score_after_key": tries[-1][1],
         "tries": tries,
-        "within_tolerance": lowest is None or tries[-1][1] >= lowest,
+        "within_tolerance": fits(tries[-1]),
+        **({"deployed_after_key": tries[-1][2], "deployed_lowest": floors} if formats is not None else {}),
     }
 
 
@@ -659,10 +679,16 @@ def key_cost_warning(entry: Mapping[str, Any], before: float, tolerance: float) 
     """
     drop = before - entry["score_after_key"]
     if not entry.get("within_tolerance", True):
+        lows = entry.get("deployed_lowest") or {}
+        in_formats = entry.get("deployed_after_key") or {}
+        short = ", ".join(
+            f"{f} {v:.1f} (lowest allowed {lows[f]:.1f})" for f, v in in_formats.items() if f in lows and v < lows[f]
+        )
         return (
-            f"the ownership key costs {drop:.2f} points of the own score with stage 2, more than the tolerance "
-            f"({tolerance:g}) even at strength {entry['strength']:g}; the release keeps it (merges stay traceable), "
-            "but validate on more data or raise the tolerance"
+            f"the ownership key costs {drop:.2f} points of the own score with stage 2"
+            + (f" and leaves {short}" if short else "")
+            + f", more than the tolerance ({tolerance:g}) even at strength {entry['strength']:g}; the release "
+            "keeps it (merges stay traceable), but validate on more data or raise the tolerance"
         )
     if entry["strength"] < entry.get("requested_strength", entry["strength"]):
         return (

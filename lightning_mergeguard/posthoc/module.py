@@ -23,6 +23,7 @@ from lightning_mergeguard.protection.stage2 import (
     Stage2,
     Stage2Context,
 )
+from lightning_mergeguard.protection.stage2.base import key_format_checks
 from lightning_mergeguard.protection.verdict import (
     not_protected_reason,
     weights_changed,
@@ -149,6 +150,7 @@ def protect_module(
             counted,
             strength=release.key_strength,
             lowest=before - tolerance,
+            **key_format_checks(ctx, extra),
         )
         if (warning := key_cost_warning(report["ownership_key"], before, tolerance)) is not None:
             ctx.warn(f"{who}: {warning}.")

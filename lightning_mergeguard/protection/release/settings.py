@@ -34,7 +34,8 @@ class Release:
         key_strength: The key's size, as a fraction of each matrix's fine-tuning update (default 0.1, in
             ``[0.025, 0.5]``). Stronger keys are read in more merges and cost more own accuracy
             (``benchmarks/results/key_strength.md``); the guard rail halves the key, down to 0.025, where stage 2
-            and the key together would cost more than the tolerance, and the report says which strength was kept.
+            and the key together would cost more than the tolerance (in each ``deployed`` format of stage 2 too), and
+            the report says which strength was kept.
         deployment_check: Score the fine-tune and the protected model under what users do to a release (fp16,
             bf16, int8 per row, 4-bit groups, GGUF Q8_0/Q4_0, 50 steps of full and LoRA fine-tuning;
             :mod:`~lightning_mergeguard.protection.release.deployment`), into the report's ``deployment`` entry and

@@ -121,6 +121,41 @@ def _scores_at(
     return scores
 
 
+def deployed_scores(ctx: Stage2Context, formats: Sequence[str]) -> dict[str, float]:
+    """The own score (``ctx.metric``) of the whole model in each weight format; the weights restored after.
+
+    Every floating matrix is quantized, as users quantize the model, not only the parameters stage 2 changes.
+    """
+    if not formats:
+        return {}
+    tensors = dict(ctx.module.named_parameters())
+    writes = [functools.partial(write_format_, tensors, fmt=fmt) for fmt in formats]
+    return dict(zip(formats, _scores_at(ctx, writes, tensors)))
+
+
+def key_format_checks(ctx: Stage2Context, stage2_report: Mapping[str, Any]) -> dict[str, Any]:
+    """The ownership key's guard rail in the deployed formats, as ``embed_key_checked``'s keyword arguments.
+
+    ``formats`` and ``format_lowest`` for :func:`~lightning_mergeguard.ownership.weight_key.embed_key_checked`
+    (``{}`` when stage 2 had no ``deployed``).
+
+    In a format stage 2 held (within the tolerance of the full-precision score it started from) the key may not take
+    the score below that rail; in a format stage 2 left short, not more than the tolerance below where it left it.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> ctx = SimpleNamespace(before=100.0, tolerance=1.0)
+        >>> key_format_checks(ctx, {"deployed_after": {"int4-g128": 100.0, "gguf-q4_k": 90.0}})["format_lowest"]
+        {'int4-g128': 99.0, 'gguf-q4_k': 89.0}
+    """
+    after = stage2_report.get("deployed_after") or {}
+    if not after:
+        return {}
+    rail = ctx.before - ctx.tolerance
+    lowest = {f: rail if v >= rail else v - ctx.tolerance for f, v in after.items()}
+    return {"formats": functools.partial(deployed_scores, ctx, tuple(after)), "format_lowest": lowest}
+
+
 class _GuardRail:
     """Keeps the best checked weights: within tolerance, and protecting better than the stage-1 weights.
 
@@ -147,15 +182,8 @@ class _GuardRail:
             self.best["deployed"] = dict(self.deployed_before)
 
     def _deployed_scores(self) -> dict[str, float]:
-        """The own score of the whole model in each deployed weight format; the weights restored after.
-
-        Every floating matrix is quantized, as users quantize the model, not only the parameters stage 2 changes.
-        """
-        if not self.deployed:
-            return {}
-        tensors = dict(self.ctx.module.named_parameters())
-        writes = [functools.partial(write_format_, tensors, fmt=fmt) for fmt in self.deployed]
-        return dict(zip(self.deployed, _scores_at(self.ctx, writes, tensors)))
+        """The own score of the whole model in each deployed weight format (:func:`deployed_scores`)."""
+        return deployed_scores(self.ctx, self.deployed)
 
     def _held(self, check: Mapping[str, Any]) -> dict[str, float]:
         """The deployed formats a check loses more than the tolerance in, against the full-precision starting score."""
