@@ -650,18 +650,12 @@ class MergeGuardCallback(ResumableCallback):
 
         The guard rail checks it at full precision and in the formats stage 2 was told users deploy.
         """
-        from lightning_mergeguard.ownership.weight_key import embed_key_checked, key_cost_warning
-        from lightning_mergeguard.protection.stage2.base import key_format_checks
+        from lightning_mergeguard.protection.release.key import embed_release_key
 
         secret = trainer.strategy.broadcast(_secrets.randbits(63))
         path = self.release.ownership_key if trainer.is_global_zero else None
         names = {n: p for n, p in ctx.params.items() if n in self._params}  # the fine-tuned weights only
-        entry = embed_key_checked(names, ctx.reference, path, ctx.metric, secret=secret,
-                                  strength=self.release.key_strength, lowest=ctx.before - ctx.tolerance,
-                                  **key_format_checks(ctx, stage2_report))  # fmt: skip
-        warning = key_cost_warning(entry, ctx.before, ctx.tolerance)
-        if warning is not None:
-            rank_zero_warn(f"MergeGuardCallback: {warning}.")
+        entry = embed_release_key(names, ctx, stage2_report, path, self.release.key_strength, secret=secret)
         rank_zero_info(f"MergeGuardCallback: ownership key embedded in {entry['tensors']} tensors, written to {path}")
         return entry
 

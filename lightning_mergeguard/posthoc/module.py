@@ -12,10 +12,10 @@ from lightning_mergeguard.callbacks._common import repeat
 from lightning_mergeguard.errors import IncompatibleModelsError
 from lightning_mergeguard.evaluation import LossFn, default_loss
 from lightning_mergeguard.merging.sources import match_names, open_source
-from lightning_mergeguard.ownership.weight_key import embed_key_checked, key_cost_warning
 from lightning_mergeguard.parameters import ParameterSelection, parameter_selection, refuse_non_finite
 from lightning_mergeguard.protection.release.amplify import amplify_checked
 from lightning_mergeguard.protection.release.deployment import deployment_check
+from lightning_mergeguard.protection.release.key import embed_release_key
 from lightning_mergeguard.protection.release.settings import Release, release_settings
 from lightning_mergeguard.protection.stage2 import (
     DEFAULT_TOLERANCE,
@@ -23,7 +23,6 @@ from lightning_mergeguard.protection.stage2 import (
     Stage2,
     Stage2Context,
 )
-from lightning_mergeguard.protection.stage2.base import key_format_checks
 from lightning_mergeguard.protection.verdict import (
     not_protected_reason,
     weights_changed,
@@ -143,17 +142,7 @@ def protect_module(
         report["score_after"] = metric(module)
     changed = weights_changed(start, module.state_dict())  # by stage 2 or the re-fit; the key protects nothing
     if release.ownership_key is not None:
-        report["ownership_key"] = embed_key_checked(
-            params,
-            ctx.reference,
-            release.ownership_key,
-            counted,
-            strength=release.key_strength,
-            lowest=before - tolerance,
-            **key_format_checks(ctx, extra),
-        )
-        if (warning := key_cost_warning(report["ownership_key"], before, tolerance)) is not None:
-            ctx.warn(f"{who}: {warning}.")
+        report["ownership_key"] = embed_release_key(params, ctx, extra, release.ownership_key, release.key_strength)
         report["score_after"] = report["ownership_key"]["score_after_key"]
     if release.amplify is not None:
         report["score_after"], report["amplify"] = amplify_checked(

@@ -133,29 +133,6 @@ def deployed_scores(ctx: Stage2Context, formats: Sequence[str]) -> dict[str, flo
     return dict(zip(formats, _scores_at(ctx, writes, tensors)))
 
 
-def key_format_checks(ctx: Stage2Context, stage2_report: Mapping[str, Any]) -> dict[str, Any]:
-    """The ownership key's guard rail in the deployed formats, as ``embed_key_checked``'s keyword arguments.
-
-    ``formats`` and ``format_lowest`` for :func:`~lightning_mergeguard.ownership.weight_key.embed_key_checked`
-    (``{}`` when stage 2 had no ``deployed``).
-
-    In a format stage 2 held (within the tolerance of the full-precision score it started from) the key may not take
-    the score below that rail; in a format stage 2 left short, not more than the tolerance below where it left it.
-
-    Example:
-        >>> from types import SimpleNamespace
-        >>> ctx = SimpleNamespace(before=100.0, tolerance=1.0)
-        >>> key_format_checks(ctx, {"deployed_after": {"int4-g128": 100.0, "gguf-q4_k": 90.0}})["format_lowest"]
-        {'int4-g128': 99.0, 'gguf-q4_k': 89.0}
-    """
-    after = stage2_report.get("deployed_after") or {}
-    if not after:
-        return {}
-    rail = ctx.before - ctx.tolerance
-    lowest = {f: rail if v >= rail else v - ctx.tolerance for f, v in after.items()}
-    return {"formats": functools.partial(deployed_scores, ctx, tuple(after)), "format_lowest": lowest}
-
-
 class _GuardRail:
     """Keeps the best checked weights: within tolerance, and protecting better than the stage-1 weights.
 
